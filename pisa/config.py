@@ -1,0 +1,398 @@
+"""Validated configuration: one pydantic model per concern, defaults from the paper.
+
+A training config (`ExperimentConfig`) is what one Ray Train run needs; a study
+(`pisa.study`) wraps one with a search space. Relative paths are resolved against the
+directory the YAML file was loaded from's working directory at load time, because Ray
+workers run in other working directories.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "ISRPConfig",
+    "ISRNConfig",
+    "CARLConfig",
+    "ModelConfig",
+    "SyntheticConfig",
+    "DataConfig",
+    "TrainConfig",
+    "TrackingConfig",
+    "ExperimentConfig",
+    "load_yaml",
+    "apply_overrides",
+    "load_config",
+    "parse_config",
+    "flatten",
+    "SCHEDULES",
+    "format_validation_error",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PowerK = Annotated[float, Field(gt=0, description="power of the non-linear mapping, > 0")]
+Bias = Annotated[float, Field(ge=0, lt=1, description="shift of the non-linear mapping, in [0, 1)")]
+
+Detector = Literal["faster_rcnn", "mask_rcnn", "retinanet", "ssd300", "ssd512"]
+Backbone = Literal[
+    "resnet50_fpn", "resnext101_32x4d_fpn", "resnet18_fpn", "mobilenet_v3_fpn", "vgg16"
+]
+SamplerName = Literal["random", "ohem", "ohem_1to3", "score_hlr"]
+
+
+class ISRPConfig(_Strict):
+    """ISR-P: IoU-HLR reweighting of positives (paper default k=2, b=0)."""
+
+    enabled: bool = False
+    k: PowerK = 2.0
+    bias: Bias = 0.0
+
+
+class ISRNConfig(_Strict):
+    """ISR-N: Score-HLR sampling of negatives; used when `sampler: score_hlr` (k=0.5, b=0)."""
+
+    k: PowerK = 0.5
+    bias: Bias = 0.0
+    score_thr: float = Field(0.05, ge=0, lt=1)
+    iou_thr: float = Field(0.5, gt=0, le=1)
+
+
+class CARLConfig(_Strict):
+    """CARL: classification-aware regression loss (paper default k=1, b=0.2)."""
+
+    enabled: bool = False
+    k: PowerK = 1.0
+    bias: Bias = 0.2
+
+
+class ModelConfig(_Strict):
+    """Which detector, which backbone, which PISA parts."""
+
+    detector: Detector = "faster_rcnn"
+    backbone: Backbone = "resnet50_fpn"
+    num_classes: int | None = Field(
+        None, ge=1, description="foreground classes; None = taken from the dataset"
+    )
+    pretrained_backbone: str | None = Field(
+        None,
+        description="torchvision weights enum (e.g. 'ResNet50_Weights.IMAGENET1K_V1') or a local .pth file",
+    )
+    norm: Literal["auto", "frozen_bn", "bn", "gn"] = Field(
+        "auto", description="auto: frozen BN with pretrained weights, trainable BN from scratch"
+    )
+    trainable_backbone_layers: int = Field(3, ge=0, le=5)
+    min_size: int = Field(800, ge=32)
+    max_size: int = Field(1333, ge=32)
+    # two-stage
+    rpn_pre_nms_top_n_train: int = Field(2000, ge=1)
+    rpn_post_nms_top_n_train: int = Field(2000, ge=1, description="proposals per image for training")
+    rpn_pre_nms_top_n_test: int = Field(1000, ge=1)
+    rpn_post_nms_top_n_test: int = Field(1000, ge=1)
+    rpn_batch_size_per_image: int = Field(256, ge=1)
+    rois_per_image: int = Field(512, ge=1, description="RoIs sampled per image")
+    pos_fraction: float = Field(0.25, gt=0, le=1)
+    sampler: SamplerName = "random"
+    # PISA
+    isr_p: ISRPConfig = ISRPConfig()
+    isr_n: ISRNConfig = ISRNConfig()
+    carl: CARLConfig = CARLConfig()
+    # inference
+    score_thresh: float = Field(0.05, ge=0, lt=1)
+    detections_per_img: int = Field(100, ge=1)
+    diagnostics: bool = Field(True, description="keep the last step's ISR-P/CARL weights for logging")
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "ModelConfig":
+        two_stage = self.detector in ("faster_rcnn", "mask_rcnn")
+        if not two_stage and self.sampler != "random":
+            raise ValueError(
+                f"sampler '{self.sampler}' needs a two-stage detector (faster_rcnn, mask_rcnn); "
+                f"'{self.detector}' samples no RoIs (the paper uses no ISR-N for single-stage models)"
+            )
+        if self.detector.startswith("ssd") and self.backbone != "vgg16":
+            raise ValueError(f"detector '{self.detector}' needs backbone 'vgg16'")
+        if self.backbone == "vgg16" and not self.detector.startswith("ssd"):
+            raise ValueError("backbone 'vgg16' is only for ssd300/ssd512")
+        if self.max_size < self.min_size:
+            raise ValueError("max_size must be >= min_size")
+        return self
+
+    @property
+    def isr_n_enabled(self) -> bool:
+        return self.sampler == "score_hlr"
+
+
+class SyntheticConfig(_Strict):
+    """Generate the synthetic COCO dataset into `out` if it is missing."""
+
+    out: Path
+    train: int = Field(64, ge=1)
+    val: int = Field(16, ge=1)
+    seed: int = 0
+    image_size: int = Field(128, ge=32)
+
+
+class DataConfig(_Strict):
+    """A COCO-format dataset: image folders and annotation JSON files."""
+
+    train_images: Path | None = None
+    train_annotations: Path | None = None
+    val_images: Path | None = None
+    val_annotations: Path | None = None
+    synthetic: SyntheticConfig | None = Field(
+        None, description="if set, the four paths default to the generated dataset"
+    )
+    bad_boxes: Literal["error", "skip"] = "error"
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per Ray worker")
+    val_limit: int | None = Field(None, ge=1, description="evaluate on the first N val images only")
+    train_limit: int | None = Field(None, ge=1, description="train on the first N train images only")
+
+    @model_validator(mode="after")
+    def _fill_from_synthetic(self) -> "DataConfig":
+        if self.synthetic is not None:
+            out = self.synthetic.out
+            defaults = {
+                "train_images": out / "train",
+                "train_annotations": out / "train.json",
+                "val_images": out / "val",
+                "val_annotations": out / "val.json",
+            }
+            for key, value in defaults.items():
+                if getattr(self, key) is None:
+                    object.__setattr__(self, key, value)
+        missing = [
+            k
+            for k in ("train_images", "train_annotations", "val_images", "val_annotations")
+            if getattr(self, k) is None
+        ]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)} (or set 'synthetic')")
+        return self
+
+
+Schedule = Literal["1x", "2x", "ssd", "custom"]
+
+# The paper's schedules (supplement, Appendix B). base_batch is the total batch the LR is for.
+SCHEDULES: dict[str, dict[str, Any]] = {
+    "1x": dict(epochs=12, lr=0.02, base_batch=16, milestones=[8, 11], momentum=0.9,
+               weight_decay=1e-4, warmup_iters=500, warmup_ratio=0.001),
+    "2x": dict(epochs=24, lr=0.02, base_batch=16, milestones=[16, 22], momentum=0.9,
+               weight_decay=1e-4, warmup_iters=500, warmup_ratio=0.001),
+    "ssd": dict(epochs=120, lr=1e-3, base_batch=64, milestones=[80, 110], momentum=0.9,
+                weight_decay=5e-4, warmup_iters=500, warmup_ratio=0.001),
+}
+
+
+class TrainConfig(_Strict):
+    """Schedule and scaling. `schedule` picks a paper preset; other fields override it."""
+
+    schedule: Schedule = "1x"
+    epochs: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0, description="LR at base_batch; scaled linearly to the real batch")
+    base_batch: int | None = Field(None, ge=1)
+    milestones: list[int] | None = None
+    gamma: float = Field(0.1, gt=0, le=1)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    weight_decay: float | None = Field(None, ge=0)
+    warmup_iters: int | None = Field(None, ge=0)
+    warmup_ratio: float | None = Field(None, gt=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)
+    workers: int = Field(8, ge=1, description="Ray Train workers (one GPU each when use_gpu)")
+    use_gpu: bool = True
+    images_per_worker: int = Field(2, ge=1)
+    amp: bool = Field(True, description="mixed precision (GPU only)")
+    channels_last: bool = Field(True, description="channels_last memory format (GPU only)")
+    seed: int = 0
+    log_every: int = Field(20, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> "TrainConfig":
+        if self.schedule == "custom":
+            for key in ("epochs", "lr"):
+                if getattr(self, key) is None:
+                    raise ValueError(f"schedule 'custom' needs '{key}'")
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        """The effective schedule: the preset with this config's overrides applied."""
+        out = dict(SCHEDULES.get(self.schedule, SCHEDULES["1x"]))
+        if self.schedule == "custom":
+            out["milestones"] = []
+        for key in ("epochs", "lr", "base_batch", "milestones", "momentum", "weight_decay",
+                    "warmup_iters", "warmup_ratio"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        out["gamma"] = self.gamma
+        out["total_batch"] = self.workers * self.images_per_worker
+        out["scaled_lr"] = out["lr"] * out["total_batch"] / out["base_batch"]
+        return out
+
+
+class TrackingConfig(_Strict):
+    """Where MLflow logs. None: $MLFLOW_TRACKING_URI, else a SQLite file in the working dir."""
+
+    uri: str | None = None
+    experiment: str = "pisa"
+    log_checkpoint: bool = True
+
+    def resolved_uri(self) -> str:
+        if self.uri:
+            return self.uri
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        if env:
+            return env
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+class ExperimentConfig(_Strict):
+    """One training run: detector + data + schedule + tracking."""
+
+    name: str = "pisa"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage_path: Path = Field(Path("ray_results"), description="Ray checkpoints and results")
+
+    def resolve_paths(self, base: Path | None = None) -> "ExperimentConfig":
+        """Absolute paths everywhere (Ray workers run in another working directory)."""
+        base = Path(base or Path.cwd())
+
+        def fix(p: Path | None) -> Path | None:
+            if p is None:
+                return None
+            p = Path(os.path.expanduser(str(p)))
+            return p if p.is_absolute() else (base / p).resolve()
+
+        data = self.data.model_copy()
+        for key in ("train_images", "train_annotations", "val_images", "val_annotations"):
+            object.__setattr__(data, key, fix(getattr(data, key)))
+        if data.synthetic is not None:
+            syn = data.synthetic.model_copy()
+            object.__setattr__(syn, "out", fix(syn.out))
+            object.__setattr__(data, "synthetic", syn)
+        out = self.model_copy(update={"data": data, "storage_path": fix(self.storage_path)})
+        tracking = out.tracking
+        if tracking.uri and tracking.uri.startswith("sqlite:///") and not tracking.uri.startswith("sqlite:////"):
+            rel = tracking.uri[len("sqlite:///"):]
+            out = out.model_copy(
+                update={"tracking": tracking.model_copy(update={"uri": f"sqlite:///{fix(Path(rel))}"})}
+            )
+        if out.model.pretrained_backbone and (
+            out.model.pretrained_backbone.endswith((".pth", ".pt"))
+        ):
+            out = out.model_copy(
+                update={"model": out.model.model_copy(
+                    update={"pretrained_backbone": str(fix(Path(out.model.pretrained_backbone)))}
+                )}
+            )
+        return out
+
+    def flat_params(self) -> dict[str, Any]:
+        """The whole config flattened to dotted keys (MLflow params)."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping safely; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML scalars (1e-3, true, [8, 11])."""
+    data = _deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config ({exc.error_count()} error{'s' if exc.error_count() > 1 else ''})"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load, override and validate a training config; paths come back absolute."""
+    data = apply_overrides(load_yaml(path), overrides)
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+    return cfg.resolve_paths()

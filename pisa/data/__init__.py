@@ -1,0 +1,58 @@
+"""Datasets for detection: validated COCO loading, v2 transforms, a synthetic shapes set.
+
+`build_dataset` is the one entry point training and evaluation use, so every Ray worker
+builds its data the same way from a `DataConfig`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pisa.data.coco import BOX_TOLERANCE, CocoDetection, DataError, load_coco_json
+from pisa.data.synthetic import CLASSES, ensure_synthetic, generate_synthetic, synth_command
+from pisa.data.transforms import DetectionTransform, build_transforms, collate_fn
+
+__all__ = [
+    "BOX_TOLERANCE",
+    "CLASSES",
+    "CocoDetection",
+    "DataError",
+    "DetectionTransform",
+    "build_dataset",
+    "build_transforms",
+    "collate_fn",
+    "ensure_synthetic",
+    "generate_synthetic",
+    "load_coco_json",
+    "synth_command",
+]
+
+
+def build_dataset(
+    cfg,
+    split: Literal["train", "val"],
+    train: bool,
+    with_masks: bool = False,
+    max_size: int | None = None,
+) -> CocoDetection:
+    """The `split` of a `DataConfig` as a dataset; generates the synthetic set first if needed.
+
+    `train` switches on random flipping (`cfg.flip_prob`); `cfg.train_limit`/`cfg.val_limit`
+    keep the first N images (sorted by image id) of the split.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if cfg.synthetic is not None:
+        ensure_synthetic(cfg.synthetic)
+    images: Path = getattr(cfg, f"{split}_images")
+    annotations: Path = getattr(cfg, f"{split}_annotations")
+    limit = cfg.train_limit if split == "train" else cfg.val_limit
+    return CocoDetection(
+        images,
+        annotations,
+        transforms=build_transforms(train, flip_prob=cfg.flip_prob, max_size=max_size),
+        with_masks=with_masks,
+        bad_boxes=cfg.bad_boxes,
+        limit=limit,
+    )

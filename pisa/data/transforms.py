@@ -1,0 +1,79 @@
+"""Detection transforms on torchvision.transforms.v2 tv_tensors, plus the batch collate.
+
+Boxes and masks travel as `tv_tensors` so flips and resizes move them with the image.
+No normalization and no final resize here: the detector's GeneralizedRCNNTransform does both;
+the optional `max_size` cap only saves decode/collate time on large images.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+__all__ = ["DetectionTransform", "build_transforms", "collate_fn"]
+
+
+class DetectionTransform:
+    """`(PIL image, target) -> (float CHW image in [0,1], target)` with optional cap and flip.
+
+    `max_size` shrinks images whose longer side exceeds it (never enlarges); boxes, masks and
+    `area` are scaled along, `orig_size` keeps the file's size so predictions can be mapped back.
+    """
+
+    def __init__(self, flip_prob: float = 0.0, max_size: int | None = None) -> None:
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        if max_size is not None and max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        self.flip_prob = flip_prob
+        self.max_size = max_size
+        self.flip = v2.RandomHorizontalFlip(p=flip_prob)
+
+    def __repr__(self) -> str:
+        return f"DetectionTransform(flip_prob={self.flip_prob}, max_size={self.max_size})"
+
+    def __call__(
+        self, image: Image.Image | torch.Tensor, target: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        img = F.to_image(image)
+        height, width = img.shape[-2:]
+        target = dict(target)
+        target["boxes"] = tv_tensors.BoundingBoxes(
+            target["boxes"], format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=(height, width)
+        )
+        if "masks" in target:
+            target["masks"] = tv_tensors.Mask(target["masks"])
+
+        if self.max_size is not None and max(height, width) > self.max_size:
+            scale = self.max_size / max(height, width)
+            new_size = [max(1, round(height * scale)), max(1, round(width * scale))]
+            img, target = v2.Resize(new_size, antialias=True)(img, target)
+            if "area" in target:
+                sy, sx = new_size[0] / height, new_size[1] / width
+                target["area"] = target["area"] * (sx * sy)
+
+        if self.flip_prob > 0:
+            img, target = self.flip(img, target)
+
+        img = F.to_dtype(img, torch.float32, scale=True)
+        target["boxes"] = target["boxes"].as_subclass(torch.Tensor)
+        if "masks" in target:
+            target["masks"] = target["masks"].as_subclass(torch.Tensor)
+        return img.as_subclass(torch.Tensor), target
+
+
+def build_transforms(train: bool, flip_prob: float = 0.5, max_size: int | None = None) -> DetectionTransform:
+    """Training: random horizontal flip with `flip_prob`; evaluation: no randomness."""
+    return DetectionTransform(flip_prob=flip_prob if train else 0.0, max_size=max_size)
+
+
+def collate_fn(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Keep variable image sizes: detectors take a list of images and a list of targets."""
+    images = [item[0] for item in batch]
+    targets = [item[1] for item in batch]
+    return images, targets

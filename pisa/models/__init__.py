@@ -1,0 +1,6 @@
+"""Detectors: torchvision models with PISA heads, built from a `ModelConfig`."""
+
+from pisa.models.backbones import build_backbone
+from pisa.models.builder import build_detector
+
+__all__ = ["build_backbone", "build_detector"]

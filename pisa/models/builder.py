@@ -1,0 +1,99 @@
+"""`build_detector`: a `ModelConfig` in, a torchvision detector with PISA heads out.
+
+`num_classes` counts foreground classes everywhere in `pisa`; torchvision's two-stage
+models count the background too, so they get `num_classes + 1`.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+
+from pisa.config import ModelConfig
+from pisa.models.backbones import build_backbone
+from pisa.models.roi_heads import PisaRoIHeads
+
+__all__ = ["build_detector", "collect_diagnostics", "DiagnosticsMixin", "PisaFasterRCNN", "PisaMaskRCNN"]
+
+
+def collect_diagnostics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The last training step's PISA tensors of every head in `model`, on the CPU.
+
+    Heads keep a `pisa_diagnostics` dict (on their device, to avoid a sync per step);
+    the copy to the CPU happens only here, when the training loop asks for it.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    for module in model.modules():
+        diag = module.__dict__.get("pisa_diagnostics")
+        if isinstance(diag, dict):
+            merged.update({k: v.detach().cpu() for k, v in diag.items() if isinstance(v, torch.Tensor)})
+    return merged
+
+
+class DiagnosticsMixin:
+    """Gives a detector `pisa_diagnostics()`: the merged dict of its heads (empty if none)."""
+
+    def pisa_diagnostics(self) -> dict[str, torch.Tensor]:
+        return collect_diagnostics(self)
+
+
+class PisaFasterRCNN(DiagnosticsMixin, FasterRCNN):
+    """Faster R-CNN whose RoI heads train with a PISA sampler and losses."""
+
+
+class PisaMaskRCNN(DiagnosticsMixin, MaskRCNN):
+    """Mask R-CNN whose RoI heads train with a PISA sampler and losses."""
+
+
+def _two_stage(cls: type[FasterRCNN], cfg: ModelConfig, num_classes: int) -> FasterRCNN:
+    model = cls(
+        build_backbone(cfg),
+        num_classes=num_classes + 1,
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+        box_batch_size_per_image=cfg.rois_per_image,
+        box_positive_fraction=cfg.pos_fraction,
+        box_score_thresh=cfg.score_thresh,
+        box_detections_per_img=cfg.detections_per_img,
+    )
+    model.roi_heads = PisaRoIHeads.from_torchvision(model.roi_heads, cfg)
+    return model
+
+
+def _ensure_diagnostics(model: nn.Module) -> nn.Module:
+    """Detectors built elsewhere get `pisa_diagnostics()` if they lack it."""
+    if not callable(getattr(model, "pisa_diagnostics", None)):
+        model.pisa_diagnostics = types.MethodType(collect_diagnostics, model)
+    return model
+
+
+def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> nn.Module:
+    """The configured detector; `num_classes` (foreground) overrides `cfg.num_classes`."""
+    num_classes = num_classes if num_classes is not None else cfg.num_classes
+    if num_classes is None:
+        raise ValueError("num_classes is not set: give it in model.num_classes or take it from the dataset")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    match cfg.detector:
+        case "faster_rcnn":
+            return _two_stage(PisaFasterRCNN, cfg, num_classes)
+        case "mask_rcnn":
+            return _two_stage(PisaMaskRCNN, cfg, num_classes)
+        case "retinanet":
+            from pisa.models.retinanet import build_retinanet
+
+            return _ensure_diagnostics(build_retinanet(cfg, num_classes))
+        case "ssd300" | "ssd512":
+            from pisa.models.ssd import build_ssd
+
+            return _ensure_diagnostics(build_ssd(cfg, num_classes))
+        case other:
+            raise ValueError(f"unknown detector {other!r}")

@@ -1,0 +1,284 @@
+"""Two-stage RoI heads with PISA training: pluggable RoI sampler, ISR-P, ISR-N and CARL.
+
+Inference is torchvision's `RoIHeads` unchanged; only the training path differs:
+proposals (plus the GT boxes) are matched as in torchvision, sampled by a `pisa.sampling`
+sampler (OHEM / Score-HLR rank all proposals with one batched no-grad pass of the box
+head), and the classification loss becomes a per-RoI weighted cross-entropy (ISR-N
+weights on negatives, ISR-P weights on positives). CARL is added as its own loss term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
+
+from pisa.config import ModelConfig
+from pisa.ops import carl_loss, iou_hlr, isr_p_weights
+from pisa.sampling import RoIStats, build_sampler
+
+__all__ = ["PisaRoIHeads", "paired_iou"]
+
+_BETA = 1.0 / 9.0  # torchvision's fastrcnn_loss smooth-L1 beta
+
+
+def paired_iou(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
+    """IoU of a[i] with b[i] (aligned pairs), (N,)."""
+    lt = torch.max(a[:, :2], b[:, :2])
+    rb = torch.min(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(dim=1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(dim=1)
+    return inter / (area_a + area_b - inter).clamp(min=eps)
+
+
+@dataclass
+class _Samples:
+    """The sampled RoIs of a batch, concatenated over images (per-image lists where needed)."""
+
+    proposals: list[Tensor]  # per image (S_i, 4)
+    matched_idxs: list[Tensor]  # per image (S_i,), index of the matched GT in its image
+    labels: Tensor  # (S,)
+    regression_targets: Tensor  # (S, 4)
+    gt_boxes: Tensor  # (S, 4) matched GT box
+    gt_inds: Tensor  # (S,) matched GT index, unique across the batch
+    label_weights: Tensor  # (S,) ISR-N weights on negatives, 1 elsewhere
+
+
+class PisaRoIHeads(RoIHeads):
+    """torchvision `RoIHeads` whose training step samples and weighs RoIs the PISA way."""
+
+    def __init__(self, *args, cfg: ModelConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sampler = build_sampler(cfg)
+        self.isr_p = cfg.isr_p
+        self.carl = cfg.carl
+        self.keep_diagnostics = cfg.diagnostics
+        self.pisa_diagnostics: dict[str, Tensor] = {}
+
+    @classmethod
+    def from_torchvision(cls, heads: RoIHeads, cfg: ModelConfig) -> "PisaRoIHeads":
+        """Wrap the modules and settings of an existing torchvision `RoIHeads`."""
+        new = cls(
+            heads.box_roi_pool,
+            heads.box_head,
+            heads.box_predictor,
+            heads.proposal_matcher.high_threshold,
+            heads.proposal_matcher.low_threshold,
+            heads.fg_bg_sampler.batch_size_per_image,
+            heads.fg_bg_sampler.positive_fraction,
+            heads.box_coder.weights,
+            heads.score_thresh,
+            heads.nms_thresh,
+            heads.detections_per_img,
+            mask_roi_pool=heads.mask_roi_pool,
+            mask_head=heads.mask_head,
+            mask_predictor=heads.mask_predictor,
+            cfg=cfg,
+        )
+        return new
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def roi_stats(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        labels: list[Tensor],
+        regression_targets: list[Tensor],
+    ) -> list[RoIStats]:
+        """Box-head predictions over all proposals of all images, in one batched pass."""
+        counts = [p.shape[0] for p in proposals]
+        feats = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        logits, deltas = self.box_predictor(feats)
+        logits = logits.float()
+        n, num_classes = logits.shape
+        deltas = deltas.float().reshape(n, num_classes, 4)
+        labels_all = torch.cat(labels)
+        targets = torch.cat(regression_targets).float()
+        rows = torch.arange(n, device=logits.device)
+
+        target_cls = labels_all.clamp(min=0)
+        cls_loss = F.cross_entropy(logits, target_cls, reduction="none")
+        reg = F.smooth_l1_loss(deltas[rows, target_cls], targets, beta=_BETA, reduction="none").sum(1)
+        loss = cls_loss + reg * (labels_all > 0)
+        bg_loss = F.cross_entropy(logits, torch.zeros_like(target_cls), reduction="none")
+        fg_score, fg_cls = logits.softmax(-1)[:, 1:].max(dim=1)
+        fg_cls = fg_cls + 1
+        boxes = torch.cat(proposals).float()
+        pred_boxes = self.box_coder.decode_single(deltas[rows, fg_cls], boxes)
+
+        if self.keep_diagnostics:
+            self.pisa_diagnostics["roi_loss"] = loss
+            self.pisa_diagnostics["roi_labels"] = labels_all
+            self.pisa_diagnostics["num_proposals"] = torch.tensor(counts)
+        return [
+            RoIStats(loss=l, bg_loss=b, fg_score=s, pred_boxes=p)
+            for l, b, s, p in zip(
+                loss.split(counts), bg_loss.split(counts), fg_score.split(counts), pred_boxes.split(counts)
+            )
+        ]
+
+    def select_pisa_samples(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+    ) -> _Samples:
+        """Match proposals (+ GTs) to GTs as torchvision does, then sample with `self.sampler`."""
+        self.check_targets(targets)
+        dtype, device = proposals[0].dtype, proposals[0].device
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        gt_labels = [t["labels"] for t in targets]
+        proposals = self.add_gt_proposals(proposals, gt_boxes)
+        matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
+        matched_boxes = [
+            (g if g.numel() else torch.zeros((1, 4), dtype=dtype, device=device))[m]
+            for g, m in zip(gt_boxes, matched_idxs)
+        ]
+        regression_targets = list(self.box_coder.encode(matched_boxes, proposals))
+
+        if self.sampler.needs_stats:
+            stats = self.roi_stats(features, proposals, image_shapes, labels, regression_targets)
+        else:
+            stats = [None] * len(proposals)
+
+        gt_offset = 0
+        out_props, out_matched, out = [], [], {k: [] for k in ("labels", "targets", "gt", "gt_inds", "w")}
+        num_sampled, sampled_global, base = [], [], 0
+        for i, stat in enumerate(stats):
+            result = self.sampler(labels[i], stat)
+            inds = torch.cat([result.pos_inds, result.neg_inds])
+            weights = torch.ones(inds.numel(), dtype=torch.float32, device=device)
+            if result.neg_weights is not None:
+                weights[result.pos_inds.numel():] = result.neg_weights.float()
+            out_props.append(proposals[i][inds])
+            out_matched.append(matched_idxs[i][inds])
+            out["labels"].append(labels[i][inds])
+            out["targets"].append(regression_targets[i][inds])
+            out["gt"].append(matched_boxes[i][inds])
+            out["gt_inds"].append(matched_idxs[i][inds] + gt_offset)
+            out["w"].append(weights)
+            gt_offset += gt_boxes[i].shape[0]
+            num_sampled.append(inds.numel())
+            sampled_global.append(inds + base)
+            base += proposals[i].shape[0]
+
+        if self.keep_diagnostics:
+            # indices into the concatenated proposals (+ GTs) of the batch, as in `roi_loss`
+            self.pisa_diagnostics["sampled_inds"] = torch.cat(sampled_global)
+            self.pisa_diagnostics["num_sampled"] = torch.tensor(num_sampled)
+        return _Samples(
+            proposals=out_props,
+            matched_idxs=out_matched,
+            labels=torch.cat(out["labels"]),
+            regression_targets=torch.cat(out["targets"]),
+            gt_boxes=torch.cat(out["gt"]),
+            gt_inds=torch.cat(out["gt_inds"]),
+            label_weights=torch.cat(out["w"]),
+        )
+
+    # ------------------------------------------------------------------ losses
+
+    def pisa_box_loss(self, class_logits: Tensor, box_regression: Tensor, s: _Samples) -> dict[str, Tensor]:
+        """Weighted CE + smooth-L1 (+ CARL), each normalized by the number of sampled RoIs."""
+        labels = s.labels
+        num = max(labels.numel(), 1)
+        cls_loss = F.cross_entropy(class_logits, labels, reduction="none")
+        weights = s.label_weights.to(cls_loss.dtype)
+
+        pos = torch.where(labels > 0)[0]
+        labels_pos = labels[pos]
+        n = class_logits.shape[0]
+        deltas_pos = box_regression.reshape(n, -1, 4)[pos, labels_pos]
+        reg_pos = F.smooth_l1_loss(deltas_pos, s.regression_targets[pos], beta=_BETA, reduction="none")
+        diag = self.pisa_diagnostics if self.keep_diagnostics else {}
+
+        if self.isr_p.enabled and pos.numel() > 0:
+            proposals = torch.cat(s.proposals)
+            with torch.no_grad():
+                pred = self.box_coder.decode_single(deltas_pos.detach().float(), proposals[pos].float())
+                ious = paired_iou(pred, s.gt_boxes[pos].float())
+            pos_cls_loss = cls_loss[pos].detach()
+            w_pos = isr_p_weights(
+                ious, labels_pos, s.gt_inds[pos], pos_cls_loss, k=self.isr_p.k, bias=self.isr_p.bias
+            )
+            weights = weights.clone()
+            weights[pos] = w_pos.to(weights.dtype)
+            if self.keep_diagnostics:
+                diag.update(
+                    isr_p_weights=w_pos,
+                    iou_hlr=iou_hlr(ious, labels_pos, s.gt_inds[pos]),
+                    isr_p_ious=ious,
+                    isr_p_labels=labels_pos,
+                    isr_p_gt_inds=s.gt_inds[pos],
+                    isr_p_cls_loss=pos_cls_loss,
+                )
+        if self.keep_diagnostics and s.label_weights.ne(1).any():
+            diag["isr_n_weights"] = s.label_weights[labels == 0]
+
+        losses = {
+            "loss_classifier": (cls_loss * weights).sum() / num,
+            "loss_box_reg": reg_pos.sum() / num,
+        }
+        if self.carl.enabled:
+            prob = class_logits.softmax(-1)[pos, labels_pos]
+            losses["loss_carl"] = carl_loss(prob, reg_pos, k=self.carl.k, bias=self.carl.bias, avg_factor=num)
+            if self.keep_diagnostics and pos.numel() > 0:
+                v = (self.carl.bias + (1 - self.carl.bias) * prob.detach().float()).pow(self.carl.k)
+                diag["carl_weights"] = v * (v.numel() / v.sum())
+        if self.keep_diagnostics:
+            diag["num_pos"] = torch.tensor(pos.numel())
+            diag["label_weights"] = weights.detach()
+        return losses
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        if targets is None:
+            raise ValueError("targets should not be None in training")
+        for t in targets:
+            if not t["boxes"].is_floating_point():
+                raise TypeError(f"target boxes must be of float type, got {t['boxes'].dtype}")
+            if t["labels"].dtype != torch.int64:
+                raise TypeError(f"target labels must be of int64 type, got {t['labels'].dtype}")
+
+        if self.keep_diagnostics:
+            self.pisa_diagnostics = {}
+        samples = self.select_pisa_samples(features, proposals, image_shapes, targets)
+        box_features = self.box_head(self.box_roi_pool(features, samples.proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        losses = self.pisa_box_loss(class_logits, box_regression, samples)
+
+        if self.has_mask():
+            counts = [p.shape[0] for p in samples.proposals]
+            mask_proposals, pos_matched_idxs = [], []
+            for props, matched, labels in zip(samples.proposals, samples.matched_idxs, samples.labels.split(counts)):
+                pos = torch.where(labels > 0)[0]
+                mask_proposals.append(props[pos])
+                pos_matched_idxs.append(matched[pos])
+            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
+            losses["loss_mask"] = maskrcnn_loss(
+                mask_logits,
+                mask_proposals,
+                [t["masks"] for t in targets],
+                [t["labels"] for t in targets],
+                pos_matched_idxs,
+            )
+        if self.keep_diagnostics:
+            self.pisa_diagnostics = {k: v.detach() for k, v in self.pisa_diagnostics.items()}
+        return [], losses

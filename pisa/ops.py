@@ -1,0 +1,234 @@
+"""PISA maths as pure tensor functions: IoU-HLR, ISR-P, CARL, Score-HLR.
+
+Everything here is vectorized: ranks "within a group" are computed with stable sorts
+(a lexicographic sort built from successive stable sorts) and segment offsets, so
+the cost does not grow with the number of classes, ground truths or NMS groups.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou, nms
+
+__all__ = [
+    "lexsort",
+    "rank_within_groups",
+    "iou_hlr",
+    "isr_p_weights",
+    "carl_loss",
+    "nms_groups",
+    "score_hlr",
+    "score_hlr_weights",
+]
+
+
+def lexsort(*keys: Tensor) -> Tensor:
+    """Indices that sort by keys[0], then keys[1], ... (all ascending, stable)."""
+    order = torch.arange(keys[0].numel(), device=keys[0].device)
+    for key in reversed(keys):
+        order = order[torch.sort(key[order], stable=True).indices]
+    return order
+
+
+def rank_within_groups(groups: Tensor, *keys: Tensor) -> Tensor:
+    """Position of each element inside its group when the group is sorted by `keys`.
+
+    `groups` is any integer labelling; ties of all keys keep input order.
+    """
+    n = groups.numel()
+    if n == 0:
+        return groups.new_zeros(0, dtype=torch.long)
+    order = lexsort(groups, *keys)
+    sorted_groups = groups[order]
+    # start of each element's group in sorted order: running max of group-start positions
+    position = torch.arange(n, device=groups.device)
+    is_start = torch.ones(n, dtype=torch.bool, device=groups.device)
+    is_start[1:] = sorted_groups[1:] != sorted_groups[:-1]
+    starts = torch.cummax(torch.where(is_start, position, torch.zeros_like(position)), 0).values
+    rank = torch.empty(n, dtype=torch.long, device=groups.device)
+    rank[order] = position - starts
+    return rank
+
+
+def iou_hlr(ious: Tensor, labels: Tensor, gt_inds: Tensor) -> Tensor:
+    """IoU hierarchical local rank of positives (0 = most important).
+
+    Step 1 (IoU-LR): rank the samples of each ground truth by IoU, descending.
+    Step 2: inside each class, order by IoU-LR, then by IoU descending.
+    `gt_inds` must identify ground truths uniquely across the batch.
+    """
+    ious = ious.detach().float()
+    n = ious.numel()
+    if n == 0:
+        return labels.new_zeros(0, dtype=torch.long)
+    # One integer sort key per step (exact, no float ties): group * n^2 + ... + IoU order.
+    iou_order = _dense_rank(-ious)
+    gt = gt_inds.long() - gt_inds.min()
+    cls = labels.long() - labels.min()
+    if (int(cls.max()) + 1) * n * n >= 2**62 or (int(gt.max()) + 1) * n >= 2**62:
+        local_rank = rank_within_groups(gt_inds, -ious)
+        return rank_within_groups(labels, local_rank, -ious)
+    local_rank = _rank_by_key(gt, gt * n + iou_order)
+    return _rank_by_key(cls, (cls * n + local_rank) * n + iou_order)
+
+
+def _dense_rank(values: Tensor) -> Tensor:
+    """Position of each element in the stable ascending sort of `values`."""
+    order = torch.sort(values, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return rank
+
+
+def _rank_by_key(groups: Tensor, key: Tensor) -> Tensor:
+    """Rank inside each group by a unique integer `key` that sorts groups first."""
+    n = key.numel()
+    order = torch.sort(key).indices
+    sorted_groups = groups[order]
+    position = torch.arange(n, device=key.device)
+    is_start = torch.ones(n, dtype=torch.bool, device=key.device)
+    is_start[1:] = sorted_groups[1:] != sorted_groups[:-1]
+    starts = torch.cummax(torch.where(is_start, position, torch.zeros_like(position)), 0).values
+    rank = torch.empty_like(order)
+    rank[order] = position - starts
+    return rank
+
+
+@torch.no_grad()
+def isr_p_weights(
+    ious: Tensor,
+    labels: Tensor,
+    gt_inds: Tensor,
+    cls_loss: Tensor,
+    k: float = 2.0,
+    bias: float = 0.0,
+    label_weights: Tensor | None = None,
+) -> Tensor:
+    """ISR-P: importance weights of the positives from their IoU-HLR.
+
+    `w = lw * (M - hlr) / M` (M: most positives of one class), then
+    `(bias + (1 - bias) w) ** k`, then rescaled so the positives' weighted
+    classification loss equals the original one (ISR-P moves attention, not magnitude).
+    """
+    n = ious.numel()
+    ious = ious.detach().float()
+    if label_weights is None:
+        label_weights = ious.new_ones(n)
+    label_weights = label_weights.detach().float()
+    if n == 0:
+        return label_weights.clone()
+    hlr = iou_hlr(ious, labels, gt_inds)
+    max_per_class = torch.bincount(labels.long()).max().to(ious.dtype)
+    weights = label_weights * (max_per_class - hlr.to(ious.dtype)) / max_per_class
+    weights = (bias + (1.0 - bias) * weights).pow(k)
+    loss = cls_loss.detach().float()
+    if loss.dim() > 1:
+        loss = loss.sum(dim=tuple(range(1, loss.dim())))
+    original = (label_weights * loss).sum()
+    reweighted = (weights * loss).sum()
+    ratio = torch.where(reweighted > 0, original / reweighted.clamp_min(1e-12), torch.ones_like(original))
+    return weights * ratio
+
+
+def carl_loss(
+    cls_prob: Tensor,
+    reg_loss: Tensor,
+    k: float = 1.0,
+    bias: float = 0.2,
+    avg_factor: float | Tensor | None = None,
+) -> Tensor:
+    """CARL: regression loss of positives weighted by their classification score.
+
+    `v = (bias + (1 - bias) p) ** k`, `c = n v / sum(v)`, loss = `sum(c * reg) / avg_factor`.
+    Gradients flow into `cls_prob`: a positive with a large regression loss is pushed
+    to a higher score (Appendix A: dL/dp_i is proportional to L_i for k = 1).
+    """
+    n = cls_prob.numel()
+    if n == 0:
+        return reg_loss.sum() * 0.0 + cls_prob.sum() * 0.0
+    v = (bias + (1.0 - bias) * cls_prob).pow(k)
+    c = v * (n / v.sum())
+    if reg_loss.dim() > 1:
+        c = c.reshape(-1, *([1] * (reg_loss.dim() - 1)))
+    if avg_factor is None:
+        avg_factor = n
+    return (c * reg_loss).sum() / avg_factor
+
+
+def nms_groups(boxes: Tensor, scores: Tensor, iou_thr: float = 0.5) -> Tensor:
+    """Group id of each box under greedy NMS: a kept box and the boxes it suppresses.
+
+    A suppressed box belongs to the highest-scoring kept box overlapping it above
+    `iou_thr` (exactly the one that suppresses it in greedy NMS). Group ids are the
+    positions of the leaders in score order.
+    """
+    n = boxes.shape[0]
+    if n == 0:
+        return boxes.new_zeros(0, dtype=torch.long)
+    boxes = boxes.detach().float()
+    scores = scores.detach().float()
+    keep = nms(boxes, scores, iou_thr)  # leaders, in descending score order
+    leader = torch.empty(n, dtype=torch.long, device=boxes.device)
+    leader[keep] = torch.arange(keep.numel(), device=boxes.device)
+    suppressed = torch.ones(n, dtype=torch.bool, device=boxes.device)
+    suppressed[keep] = False
+    followers = torch.nonzero(suppressed).flatten()
+    if followers.numel() > 0:
+        overlaps = box_iou(boxes[keep], boxes[followers]) > iou_thr  # (K, S)
+        matched = overlaps.any(dim=0)
+        # the first (best-scoring) kept box overlapping a follower is its suppressor
+        first = overlaps.to(torch.uint8).argmax(dim=0)
+        # degenerate boxes (NaN IoU) match nothing: each becomes its own group
+        own = keep.numel() + torch.arange(followers.numel(), device=boxes.device)
+        leader[followers] = torch.where(matched, first, own)
+    return leader
+
+
+def score_hlr(boxes: Tensor, scores: Tensor, iou_thr: float = 0.5) -> Tensor:
+    """Score hierarchical local rank of negatives (0 = most important).
+
+    Boxes are grouped by NMS matching; a box's local rank is its score rank inside
+    its group; the HLR orders all boxes by (local rank, score descending).
+    """
+    n = boxes.shape[0]
+    if n == 0:
+        return boxes.new_zeros(0, dtype=torch.long)
+    scores = scores.detach().float()
+    groups = nms_groups(boxes, scores, iou_thr)
+    score_order = _dense_rank(-scores)
+    local_rank = _rank_by_key(groups, groups * n + score_order)
+    return _dense_rank(local_rank * n + score_order)
+
+
+@torch.no_grad()
+def score_hlr_weights(
+    hlr: Tensor,
+    loss: Tensor,
+    num_expected: int,
+    num_valid: int,
+    k: float = 0.5,
+    bias: float = 0.0,
+    num_random: int = 0,
+) -> Tensor:
+    """ISR-N weights of the selected negatives.
+
+    `hlr`/`loss` cover the selected negatives ranked by Score-HLR (first `len(hlr)`)
+    followed by `num_random` randomly drawn low-score ones whose losses are appended
+    to `loss`. `w = (up - hlr) / up` with `up = max(num_expected, num_valid)`; random
+    picks get the smallest HLR weight; then `(bias + (1 - bias) w) ** k`, rescaled to
+    keep the selected negatives' loss sum.
+    """
+    up = float(max(num_expected, num_valid))
+    w_hlr = (up - hlr.float()) / up
+    if num_random > 0:
+        fill = w_hlr.min() if w_hlr.numel() > 0 else w_hlr.new_tensor(1.0)
+        weights = torch.cat([w_hlr, fill.expand(num_random)])
+    else:
+        weights = w_hlr
+    weights = (bias + (1.0 - bias) * weights).pow(k)
+    loss = loss.detach().float()
+    original = loss.sum()
+    reweighted = (weights * loss).sum()
+    ratio = torch.where(reweighted > 0, original / reweighted.clamp_min(1e-12), torch.ones_like(original))
+    return weights * ratio

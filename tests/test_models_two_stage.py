@@ -1,0 +1,369 @@
+"""Two-stage detectors with PISA heads: samplers, ISR-P/ISR-N/CARL, backbones (tiny, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from pisa.config import ModelConfig
+from pisa.models import build_backbone, build_detector
+from pisa.models.backbones import BackboneLoadError
+from pisa.models.roi_heads import PisaRoIHeads, _Samples
+from pisa.ops import carl_loss, isr_p_weights
+
+SIZE = 128
+ROIS = 64
+NUM_CLASSES = 3
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    base = dict(
+        backbone="resnet18_fpn",
+        min_size=SIZE,
+        max_size=SIZE,
+        rpn_pre_nms_top_n_train=600,
+        rpn_post_nms_top_n_train=300,
+        rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_test=100,
+        rois_per_image=ROIS,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def make_batch(seed: int = 0, masks: bool = False, empty_second: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for i in range(2):
+        images.append(torch.rand(3, SIZE, SIZE, generator=g))
+        k = 0 if (empty_second and i == 1) else int(torch.randint(1, 4, (1,), generator=g))
+        xy = torch.rand(k, 2, generator=g) * 80
+        wh = torch.rand(k, 2, generator=g) * 40 + 8
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        target = {"boxes": boxes, "labels": torch.randint(1, NUM_CLASSES + 1, (k,), generator=g)}
+        if masks:
+            m = torch.zeros(k, SIZE, SIZE, dtype=torch.uint8)
+            for j, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
+                m[j, y0:y1, x0:x1] = 1
+            target["masks"] = m
+        targets.append(target)
+    return images, targets
+
+
+def train_step(cfg: ModelConfig, seed: int = 0, **batch_kwargs):
+    torch.manual_seed(seed)
+    model = build_detector(cfg, NUM_CLASSES)
+    model.train()
+    images, targets = make_batch(seed, **batch_kwargs)
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    return model, losses
+
+
+def backbone_grad(model: nn.Module) -> torch.Tensor | None:
+    return model.backbone.body.layer4[0].conv1.weight.grad
+
+
+# ---------------------------------------------------------------- training step
+
+
+@pytest.mark.parametrize("carl", [False, True])
+@pytest.mark.parametrize("isr_p", [False, True])
+@pytest.mark.parametrize("sampler", ["random", "ohem", "ohem_1to3", "score_hlr"])
+def test_faster_rcnn_training_step(sampler, isr_p, carl):
+    cfg = tiny_cfg(sampler=sampler, isr_p={"enabled": isr_p}, carl={"enabled": carl})
+    model, losses = train_step(cfg)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    assert ("loss_carl" in losses) == carl
+    assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} <= set(losses)
+    grad = backbone_grad(model)
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+    diag = model.pisa_diagnostics()
+    assert diag["num_sampled"].tolist() == [ROIS, ROIS]
+    assert ("isr_p_weights" in diag) == isr_p
+    assert ("carl_weights" in diag) == carl
+    if sampler == "score_hlr":
+        assert "isr_n_weights" in diag
+    assert all(v.device.type == "cpu" and not v.requires_grad for v in diag.values())
+
+
+@pytest.mark.parametrize("sampler", ["ohem", "score_hlr"])
+def test_mask_rcnn_training_and_inference(sampler):
+    cfg = tiny_cfg(detector="mask_rcnn", sampler=sampler, isr_p={"enabled": True}, carl={"enabled": True})
+    model, losses = train_step(cfg, masks=True)
+    assert {"loss_mask", "loss_carl", "loss_classifier"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    assert backbone_grad(model).abs().sum() > 0
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad.abs().sum() > 0
+
+    model.eval()
+    with torch.no_grad():
+        out = model(make_batch(1)[0])
+    assert len(out) == 2
+    for det in out:
+        assert {"boxes", "labels", "scores", "masks"} <= set(det)
+        assert det["masks"].shape[1:] == (1, SIZE, SIZE)
+
+
+def test_background_only_image_trains():
+    cfg = tiny_cfg(sampler="score_hlr", isr_p={"enabled": True}, carl={"enabled": True})
+    model, losses = train_step(cfg, empty_second=True)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+
+
+def test_eval_matches_torchvision():
+    """Inference is torchvision's: same weights give the same detections."""
+    cfg = tiny_cfg(sampler="score_hlr", isr_p={"enabled": True}, carl={"enabled": True}, score_thresh=0.0)
+    torch.manual_seed(0)
+    model = build_detector(cfg, NUM_CLASSES).eval()
+    reference = FasterRCNN(
+        model.backbone, num_classes=NUM_CLASSES + 1, min_size=SIZE, max_size=SIZE,
+        rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100, box_score_thresh=0.0,
+    ).eval()
+    reference.load_state_dict(model.state_dict())
+    images = make_batch(3)[0]
+    with torch.no_grad():
+        ours, theirs = model(images), reference(images)
+    assert len(ours) == 2
+    for a, b in zip(ours, theirs):
+        assert set(a) == {"boxes", "labels", "scores"}
+        assert a["boxes"].shape[0] > 0
+        for key in a:
+            torch.testing.assert_close(a[key], b[key])
+
+
+# ---------------------------------------------------------------- PISA internals
+
+
+def test_isr_p_weights_match_ops():
+    cfg = tiny_cfg(sampler="random", isr_p={"enabled": True, "k": 2.0, "bias": 0.1})
+    model, _ = train_step(cfg, seed=4)
+    d = model.pisa_diagnostics()
+    expected = isr_p_weights(
+        d["isr_p_ious"], d["isr_p_labels"], d["isr_p_gt_inds"], d["isr_p_cls_loss"], k=2.0, bias=0.1
+    )
+    torch.testing.assert_close(d["isr_p_weights"], expected)
+    # positives carry the ISR-P weights, negatives keep 1 without ISR-N
+    assert (d["label_weights"] > 0).all()
+    assert torch.isclose(d["label_weights"].sum() - d["isr_p_weights"].sum(),
+                         torch.tensor(float(2 * ROIS - d["isr_p_weights"].numel())))
+    # GT indices are unique across images: each image's GTs get their own range
+    _, targets = make_batch(4)
+    assert d["isr_p_gt_inds"].max() < sum(t["boxes"].shape[0] for t in targets)
+    assert ((d["isr_p_ious"] >= 0) & (d["isr_p_ious"] <= 1)).all()
+
+
+@pytest.mark.parametrize("sampler", ["ohem", "ohem_1to3"])
+def test_ohem_keeps_highest_loss(sampler):
+    model, _ = train_step(tiny_cfg(sampler=sampler))
+    d = model.pisa_diagnostics()
+    loss, labels = d["roi_loss"], d["roi_labels"]
+    sampled = torch.zeros(loss.numel(), dtype=torch.bool)
+    sampled[d["sampled_inds"]] = True
+    assert d["sampled_inds"].unique().numel() == d["sampled_inds"].numel() == 2 * ROIS
+    start = 0
+    for count in d["num_proposals"].tolist():
+        sl = slice(start, start + count)
+        start += count
+        groups = [labels[sl] >= 0] if sampler == "ohem" else [labels[sl] > 0, labels[sl] == 0]
+        for group in groups:
+            chosen, left = loss[sl][group & sampled[sl]], loss[sl][group & ~sampled[sl]]
+            assert not (sampled[sl] & (labels[sl] < 0)).any()
+            if chosen.numel() and left.numel():
+                assert chosen.min() >= left.max() - 1e-6
+    assert start == loss.numel()
+
+
+def _synthetic_samples(heads: PisaRoIHeads, n: int = 40, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 60
+    proposals = torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 30], 1)
+    gt = proposals + torch.randn(n, 4, generator=g)
+    labels = torch.randint(0, NUM_CLASSES + 1, (n,), generator=g)
+    labels[:4] = torch.tensor([1, 2, 1, 3])
+    samples = _Samples(
+        proposals=[proposals[:25], proposals[25:]],
+        matched_idxs=[torch.zeros(25, dtype=torch.long), torch.zeros(n - 25, dtype=torch.long)],
+        labels=labels,
+        regression_targets=heads.box_coder.encode_single(gt, proposals),
+        gt_boxes=gt,
+        gt_inds=torch.randint(0, 5, (n,), generator=g),
+        label_weights=torch.ones(n),
+    )
+    logits = torch.randn(n, NUM_CLASSES + 1, generator=g, requires_grad=True)
+    deltas = torch.randn(n, 4 * (NUM_CLASSES + 1), generator=g, requires_grad=True)
+    return samples, logits, deltas
+
+
+def test_plain_losses_equal_torchvision():
+    model = build_detector(tiny_cfg(), NUM_CLASSES)
+    heads = model.roi_heads
+    samples, logits, deltas = _synthetic_samples(heads)
+    ours = heads.pisa_box_loss(logits, deltas, samples)
+    cls, box = fastrcnn_loss(logits, deltas, [samples.labels], [samples.regression_targets])
+    torch.testing.assert_close(ours["loss_classifier"], cls)
+    torch.testing.assert_close(ours["loss_box_reg"], box)
+    assert "loss_carl" not in ours
+
+
+def test_carl_loss_is_added_and_reaches_scores():
+    model = build_detector(tiny_cfg(carl={"enabled": True, "k": 1.0, "bias": 0.2}), NUM_CLASSES)
+    heads = model.roi_heads
+    samples, logits, deltas = _synthetic_samples(heads)
+    ours = heads.pisa_box_loss(logits, deltas, samples)
+    _, box = fastrcnn_loss(logits, deltas, [samples.labels], [samples.regression_targets])
+    torch.testing.assert_close(ours["loss_box_reg"], box)  # the box loss stays
+
+    pos = torch.where(samples.labels > 0)[0]
+    lab = samples.labels[pos]
+    reg = torch.nn.functional.smooth_l1_loss(
+        deltas.reshape(len(samples.labels), -1, 4)[pos, lab], samples.regression_targets[pos],
+        beta=1 / 9, reduction="none",
+    )
+    expected = carl_loss(logits.softmax(-1)[pos, lab], reg, k=1.0, bias=0.2, avg_factor=len(samples.labels))
+    torch.testing.assert_close(ours["loss_carl"], expected)
+    ours["loss_carl"].backward()
+    assert logits.grad[pos].abs().sum() > 0
+
+
+def test_isr_n_weights_apply_to_negatives():
+    model = build_detector(tiny_cfg(), NUM_CLASSES)
+    heads = model.roi_heads
+    samples, logits, deltas = _synthetic_samples(heads)
+    neg = samples.labels == 0
+    samples.label_weights[neg] = torch.linspace(0.5, 1.5, int(neg.sum()))
+    ours = heads.pisa_box_loss(logits, deltas, samples)
+    ce = torch.nn.functional.cross_entropy(logits, samples.labels, reduction="none")
+    torch.testing.assert_close(ours["loss_classifier"], (ce * samples.label_weights).sum() / len(ce))
+
+
+# ---------------------------------------------------------------- builder
+
+
+def test_build_detector_num_classes():
+    with pytest.raises(ValueError, match="num_classes"):
+        build_detector(tiny_cfg())
+    model = build_detector(tiny_cfg(num_classes=5))
+    assert model.roi_heads.box_predictor.cls_score.out_features == 6
+    model = build_detector(tiny_cfg(num_classes=5), 2)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3
+    assert isinstance(model.roi_heads, PisaRoIHeads)
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == ROIS
+    assert model.rpn._post_nms_top_n["training"] == 300
+    assert model.pisa_diagnostics() == {}
+
+
+# ---------------------------------------------------------------- backbones
+
+
+def _saved_trunk(tmp_path, wrap):
+    torch.manual_seed(123)
+    trunk = ResNet(BasicBlock, [2, 2, 2, 2])
+    state = trunk.state_dict()
+    path = tmp_path / "trunk.pth"
+    torch.save(wrap(state), path)
+    return state, path
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda s: s,
+        lambda s: {"state_dict": {"module." + k: v for k, v in s.items()}},
+        lambda s: {"model": {"backbone.body." + k: v for k, v in s.items()}, "epoch": 3},
+    ],
+    ids=["plain", "state_dict+module", "model+backbone.body"],
+)
+def test_backbone_loads_local_file(tmp_path, wrap):
+    state, path = _saved_trunk(tmp_path, wrap)
+    body = build_backbone(tiny_cfg(pretrained_backbone=str(path), trainable_backbone_layers=3)).body
+    own = body.state_dict()
+    for key in ("conv1.weight", "layer1.0.conv1.weight", "layer4.1.conv2.weight", "layer4.1.bn2.running_var",
+                "bn1.weight"):
+        torch.testing.assert_close(own[key], state[key], rtol=0, atol=0)
+    assert isinstance(body.bn1, FrozenBatchNorm2d)  # auto + pretrained = frozen BN
+    assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
+    assert body.layer2[0].conv1.weight.requires_grad and body.layer4[0].conv1.weight.requires_grad
+
+
+def test_backbone_bad_file_errors(tmp_path):
+    other = tmp_path / "other.pth"
+    torch.save({"state_dict": nn.Linear(4, 4).state_dict()}, other)
+    with pytest.raises(BackboneLoadError, match="other.pth"):
+        build_backbone(tiny_cfg(pretrained_backbone=str(other)))
+    # another architecture: same names, other shapes
+    r50 = tmp_path / "r50.pth"
+    torch.save(build_backbone(tiny_cfg(backbone="resnet50_fpn")).body.state_dict(), r50)
+    with pytest.raises(BackboneLoadError, match="r50.pth"):
+        build_backbone(tiny_cfg(pretrained_backbone=str(r50)))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneLoadError, match="junk.pt"):
+        build_backbone(tiny_cfg(pretrained_backbone=str(junk)))
+    with pytest.raises(BackboneLoadError, match="missing.pth"):
+        build_backbone(tiny_cfg(pretrained_backbone=str(tmp_path / "missing.pth")))
+    with pytest.raises(BackboneLoadError, match="neither"):
+        build_backbone(tiny_cfg(pretrained_backbone="NoSuch_Weights.X"))
+
+
+def test_mobilenet_loads_full_model_checkpoint(tmp_path):
+    from torchvision.models import mobilenet_v3_large
+
+    torch.manual_seed(7)
+    full = mobilenet_v3_large(weights=None)
+    path = tmp_path / "mnv3.pth"
+    torch.save(full.state_dict(), path)
+    body = build_backbone(tiny_cfg(backbone="mobilenet_v3_fpn", pretrained_backbone=str(path))).body
+    torch.testing.assert_close(body.state_dict()["4.block.0.0.weight"], full.features[4].block[0][0].weight)
+
+
+@pytest.mark.parametrize(
+    ("norm", "kind", "absent"),
+    [
+        ("bn", nn.BatchNorm2d, FrozenBatchNorm2d),
+        ("auto", nn.BatchNorm2d, FrozenBatchNorm2d),
+        ("gn", nn.GroupNorm, nn.BatchNorm2d),
+        ("frozen_bn", FrozenBatchNorm2d, nn.BatchNorm2d),
+    ],
+)
+@pytest.mark.parametrize("backbone", ["resnet18_fpn", "mobilenet_v3_fpn"])
+def test_norm_choices(norm, kind, absent, backbone):
+    bb = build_backbone(tiny_cfg(backbone=backbone, norm=norm))
+    modules = list(bb.body.modules())
+    assert any(isinstance(m, kind) for m in modules)
+    assert not any(isinstance(m, absent) for m in modules)
+    if norm == "gn":
+        assert any(isinstance(m, nn.GroupNorm) for m in bb.fpn.modules())
+    # from scratch every trunk parameter trains
+    assert all(p.requires_grad for p in bb.parameters())
+    out = bb(torch.rand(2, 3, 64, 64))
+    assert list(out) == ["0", "1", "2", "3", "pool"] and out["0"].shape == (2, 256, 16, 16)
+
+
+def test_resnext101_32x4d():
+    bb = build_backbone(tiny_cfg(backbone="resnext101_32x4d_fpn"))
+    body = bb.body
+    assert len(body.layer3) == 23
+    first, last = body.layer1[0], body.layer4[0]
+    assert first.conv2.groups == 32 and first.conv2.in_channels == 128 and first.conv2.out_channels == 128
+    assert first.conv2.weight.shape == (128, 4, 3, 3)  # 4 channels per group
+    assert last.conv2.groups == 32 and last.conv2.out_channels == 1024 and last.conv3.out_channels == 2048
+    assert bb.in_channels_list == [256, 512, 1024, 2048]
+    with torch.no_grad():
+        out = bb(torch.rand(1, 3, 64, 64))
+    assert out["3"].shape == (1, 256, 2, 2)
+
+
+def test_backbone_for_single_stage_levels():
+    """P3-P7 as RetinaNet uses them: stages 2-4 plus P6/P7."""
+    bb = build_backbone(tiny_cfg(), returned_layers=(2, 3, 4), extra_blocks=LastLevelP6P7(256, 256))
+    assert bb.out_channels == 256 and bb.in_channels_list == [128, 256, 512]
+    out = bb(torch.rand(1, 3, 128, 128))
+    assert [v.shape[-1] for v in out.values()] == [16, 8, 4, 2, 1]
