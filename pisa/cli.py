@@ -27,7 +27,37 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=128)
     synth.set_defaults(func=_data_synth)
+
+    train = sub.add_parser("train", help="train one config with Ray Train, tracked in MLflow")
+    train.add_argument("config", help="training config YAML")
+    _add_set(train)
+    train.add_argument("--workers", type=int, help="Ray Train workers (default: the config's, 8)")
+    train.add_argument("--cpu", action="store_true", help="train on CPU workers (gloo backend)")
+    train.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+    train.add_argument("--resume", help="checkpoint directory or file to continue from")
+    train.add_argument("--run-name", help="MLflow run name")
+    train.set_defaults(func=_train)
     return parser
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set model.isr_p.k=1.5 (repeatable)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import run_training, summary_json
+
+    overrides = list(args.overrides)
+    if args.workers:
+        overrides.append(f"train.workers={args.workers}")
+    if args.cpu:
+        overrides.append("train.use_gpu=false")
+    cfg = load_config(args.config, overrides)
+    outcome = run_training(cfg, address=args.address, run_name=args.run_name, resume_from=args.resume)
+    print(summary_json(outcome))
+    return 0 if outcome.status == "FINISHED" else 1
 
 
 def _data_synth(args: argparse.Namespace) -> int:
@@ -48,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (ValueError, RuntimeError) as exc:
+        if type(exc).__name__ in ("DataError", "TrackingError", "BackboneLoadError"):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -2,8 +2,9 @@
 
 It lets every part of the pipeline (training, PISA sampling, COCO evaluation, studies) run in
 seconds on a CPU without downloading anything. The same seed gives byte-identical JSON and PNG
-files. Shapes never share pixels, so each box is tight around the visible shape and each polygon
-is exactly what was drawn; their boxes may still overlap (IoU-HLR needs crowded neighbourhoods).
+files (for a given numpy/Pillow/pycocotools install). Shapes never share pixels, so each box is
+tight around the visible shape and each polygon is exactly what was drawn (pycocotools
+rasterizes it); their boxes may still overlap (IoU-HLR needs crowded neighbourhoods).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _rasterize(poly: np.ndarray, size: int) -> np.ndarray:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Muted, low-contrast texture: a tinted grey, a few smooth waves, pixel noise."""
+    """Muted, low-contrast texture: a tinted grey plus a few smooth waves (noise comes later)."""
     base = rng.uniform(95, 165) + rng.uniform(-12, 12, size=3)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
     tex = np.zeros((size, size))
@@ -77,7 +78,10 @@ def _make_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[d
             s = float(obj_size) * (0.93 ** _attempt)  # shrink if it does not fit
             if s < 6:
                 break
-            angle = float(rng.uniform(-math.pi / 9, math.pi / 9) if kind == "square" else rng.uniform(0, 2 * math.pi))
+            if kind == "square":
+                angle = float(rng.uniform(-math.pi / 9, math.pi / 9))
+            else:
+                angle = float(rng.uniform(0, 2 * math.pi))
             half = min(s * 0.5 + 1, size / 2)
             if objects and rng.random() < 0.6:  # near a neighbour, so boxes overlap
                 other = objects[int(rng.integers(0, len(objects)))]["box"]
@@ -95,7 +99,7 @@ def _make_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[d
             grown[:-1] |= mask[1:]
             grown[:, 1:] |= grown[:, :-1].copy()
             grown[:, :-1] |= grown[:, 1:].copy()
-            if (grown & occupied).any():
+            if not mask.any() or (grown & occupied).any():
                 continue
             occupied |= mask
             ys, xs = np.nonzero(mask)

@@ -124,21 +124,27 @@ def load_trunk_weights(
     """Load the matching tensors of `state` into `trunk`; returns how many matched.
 
     Keys are matched after stripping 'module.' / 'backbone.body.' prefixes; tensors of
-    another shape are skipped. Raises if fewer than half of the trunk's tensors matched
-    (a checkpoint of another architecture would otherwise load silently as nothing).
+    another shape are skipped. Raises if the matched tensors hold fewer than half of the
+    trunk's weights (counted in elements, so that a checkpoint of another depth or width,
+    whose small norm vectors happen to fit, is not loaded as a few scattered layers).
     """
     state = _clean_state_dict(state, extra_prefixes)
     own = {k: v for k, v in trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
     usable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-    if len(usable) < len(own) / 2:
+    total = sum(v.numel() for v in own.values())
+    matched = sum(own[k].numel() for k in usable)
+    if matched < total / 2:
         shape_mismatch = sum(1 for k, v in state.items() if k in own and v.shape != own[k].shape)
         raise BackboneLoadError(
             f"pretrained backbone {source} matches only {len(usable)} of the trunk's {len(own)} "
-            f"tensors ({shape_mismatch} with another shape, {len(state)} in the file): "
-            f"wrong architecture or key layout?"
+            f"tensors ({matched / max(total, 1):.0%} of its weights; {shape_mismatch} tensors with "
+            f"another shape, {len(state)} in the file): wrong architecture or key layout?"
         )
     trunk.load_state_dict(usable, strict=False)
-    log.info("loaded %d of %d trunk tensors from %s", len(usable), len(own), source)
+    log.info(
+        "loaded %d of %d trunk tensors (%.0f%% of the weights) from %s",
+        len(usable), len(own), 100 * matched / max(total, 1), source,
+    )
     return len(usable)
 
 

@@ -90,8 +90,10 @@ def _vgg16(spec: str | None) -> nn.Module:
         vgg = torchvision.models.vgg16(weights=None)
         state = torch.load(path, map_location="cpu", weights_only=True)
         for key in ("state_dict", "model"):
-            if isinstance(state.get(key), dict):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
+        if not isinstance(state, dict):
+            raise ValueError(f"pretrained_backbone {path} holds a {type(state).__name__}, not a state_dict")
         state = {k.removeprefix("module."): v for k, v in state.items()}
         own = vgg.state_dict()
         features = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}

@@ -1,0 +1,369 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+One epoch = train on this worker's shard, evaluate the val set (sharded, gathered,
+COCOeval on rank 0, broadcast), then `ray.train.report` the metrics with a checkpoint
+(model, optimizer, scheduler, scaler, epoch). RNGs are re-seeded from (seed, epoch,
+rank) at every epoch start, so a run resumed from the epoch-N checkpoint continues
+exactly like the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ExperimentConfig
+
+CHECKPOINT_FILE = "checkpoint.pt"
+DIAGNOSTICS_FILE = "diagnostics.pt"
+MAX_DIAGNOSTIC_VALUES = 50_000
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: a loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def lr_factor(iteration: int, iters_per_epoch: int, schedule: dict[str, Any]) -> float:
+    """Multiplier of the scaled LR at a global iteration: linear warm-up, then steps."""
+    epoch = iteration // max(1, iters_per_epoch)
+    factor = schedule["gamma"] ** sum(epoch >= m for m in schedule["milestones"])
+    warmup = schedule["warmup_iters"]
+    if warmup and iteration < warmup:
+        ratio = schedule["warmup_ratio"]
+        factor *= ratio + (1.0 - ratio) * iteration / warmup
+    return factor
+
+
+def build_optimizer(model: nn.Module, schedule: dict[str, Any]) -> torch.optim.Optimizer:
+    """SGD as in the paper; no weight decay on norms and biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": schedule["weight_decay"]},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=schedule["scaled_lr"],
+        momentum=schedule["momentum"],
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + rank) % 2**31
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _to_device(images, targets, device, channels_last: bool):
+    images = [img.to(device, non_blocking=True) for img in images]
+    if channels_last:
+        images = [img.contiguous(memory_format=torch.channels_last) for img in images]
+    targets = [
+        {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+        for t in targets
+    ]
+    return images, targets
+
+
+def _is_rank0() -> bool:
+    import ray.train
+
+    return ray.train.get_context().get_world_rank() == 0
+
+
+def _log(msg: str) -> None:
+    print(f"[pisa] {msg}", flush=True)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _broadcast(obj: Any) -> Any:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int) -> None:
+    """Fault injection for tests: 'EPOCH:ITER:MARKER' kills rank 0 once, mid-epoch."""
+    if not spec:
+        return
+    e, i, marker = spec.split(":", 2)
+    if epoch == int(e) and iteration == int(i) and not Path(marker).exists() and _is_rank0():
+        Path(marker).write_text("killed\n")
+        _log(f"fault injection: killing this worker at epoch {epoch} iteration {iteration}")
+        os._exit(1)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, device, rank: int, world: int, batch_size: int,
+             iou_types: tuple[str, ...]) -> dict[str, float]:
+    """COCO metrics of the whole val set: each rank predicts a strided shard."""
+    from .evaluation import evaluate_coco, gather_predictions
+
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    indices = list(range(rank, len(dataset), world))
+    preds: list[dict[str, Any]] = []
+    for start in range(0, len(indices), batch_size):
+        items = [dataset[i] for i in indices[start:start + batch_size]]
+        images = [img.to(device) for img, _ in items]
+        outputs = net(images)
+        for (_, target), out in zip(items, outputs):
+            pred = {k: v.detach().cpu() for k, v in out.items()}
+            pred["image_id"] = int(target["image_id"])
+            if "masks" in pred:
+                pred["masks"] = pred["masks"].float()
+            preds.append(pred)
+    net.train(was_training)
+    preds = gather_predictions(preds)
+    metrics = None
+    if rank == 0:
+        image_ids = [int(dataset.ids[i]) for i in range(len(dataset))] if hasattr(dataset, "ids") else None
+        metrics = evaluate_coco(dataset.coco, preds, dataset.label_to_cat_id, iou_types, image_ids=image_ids)
+    return _broadcast(metrics)
+
+
+# ---------------------------------------------------------------- checkpoint
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, scaler, epoch: int,
+                    iteration: int, cfg: ExperimentConfig, metrics: dict[str, float]) -> Path:
+    state = {
+        "model": _unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "epoch": epoch,
+        "iteration": iteration,
+        "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        "num_classes": None,
+    }
+    path = directory / CHECKPOINT_FILE
+    torch.save(state, path)
+    (directory / "config.json").write_text(cfg.model_dump_json(indent=2))
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Checkpoints may come from a shared store: load tensors only (`weights_only=True`)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; `config["experiment"]` is an `ExperimentConfig` dump."""
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader
+
+    from .data import build_dataset, collate_fn
+    from .models import build_detector
+
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    seed_everything(cfg.train.seed)
+
+    with_masks = cfg.model.detector == "mask_rcnn"
+    iou_types = ("bbox", "segm") if with_masks else ("bbox",)
+    train_set = build_dataset(cfg.data, "train", train=True, with_masks=with_masks)
+    val_set = build_dataset(cfg.data, "val", train=False)
+    model = build_detector(cfg.model, num_classes=train_set.num_classes)
+    if on_gpu and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    schedule = cfg.train.resolved()
+    schedule["total_batch"] = world * cfg.train.images_per_worker
+    schedule["scaled_lr"] = schedule["lr"] * schedule["total_batch"] / schedule["base_batch"]
+
+    # Mask R-CNN's mask branch is idle in a step without positives
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": cfg.model.detector == "mask_rcnn"}
+    )
+    optimizer = build_optimizer(model, schedule)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    loader = DataLoader(
+        train_set, batch_size=cfg.train.images_per_worker, shuffle=True, collate_fn=collate_fn,
+        num_workers=cfg.data.num_workers, generator=generator, drop_last=False,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+    loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=True, move_to_device=False)
+    iters_per_epoch = len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, iters_per_epoch, schedule)
+    )
+    use_amp = on_gpu and cfg.train.amp
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    start_epoch, iteration = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    resume_path = config.get("resume_from")
+    state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(d)
+    elif resume_path:
+        state = load_checkpoint(resume_path)
+    if state is not None:
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, iteration = int(state["epoch"]) + 1, int(state["iteration"])
+        if rank == 0:
+            _log(f"resumed from epoch {start_epoch} (iteration {iteration})")
+
+    epochs = schedule["epochs"]
+    if rank == 0:
+        _log(f"{cfg.model.detector}/{cfg.model.backbone} sampler={cfg.model.sampler} "
+             f"isr_p={cfg.model.isr_p.enabled} carl={cfg.model.carl.enabled}: {len(train_set)} train / "
+             f"{len(val_set)} val images, {world} worker(s) x {cfg.train.images_per_worker} img, "
+             f"lr {schedule['scaled_lr']:.4g}, {epochs} epochs x {iters_per_epoch} iters on {device}")
+    faults = config.get("faults") or {}
+    inject_nan_at, kill_at = faults.get("nan_at"), faults.get("kill_at")
+
+    for epoch in range(start_epoch, epochs):
+        seed_everything(epoch_seed(cfg.train.seed, epoch, rank))
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        model.train()
+        sums: dict[str, float] = defaultdict(float)
+        diag: dict[str, list[torch.Tensor]] = defaultdict(list)
+        n_steps, n_images = 0, 0
+        t_epoch = time.perf_counter()
+        for step, (images, targets) in enumerate(loader):
+            _maybe_inject_failure(kill_at, epoch, step)
+            images, targets = _to_device(images, targets, device, on_gpu and cfg.train.channels_last)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                losses = model(images, targets)
+            loss = sum(losses.values())
+            if inject_nan_at is not None and iteration == int(inject_nan_at):
+                loss = loss * float("nan")
+            if not torch.isfinite(loss):
+                detail = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+                raise NonFiniteLossError(
+                    f"non-finite loss at epoch {epoch + 1} iteration {step + 1} "
+                    f"(global {iteration}): total={float(loss)} ({detail}); lower the LR "
+                    f"(train.lr) or enable train.grad_clip"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                if cfg.train.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if cfg.train.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                optimizer.step()
+            scheduler.step()
+            iteration += 1
+            n_steps += 1
+            n_images += len(images)
+            sums["loss"] += float(loss.detach())
+            for k, v in losses.items():
+                sums[k] += float(v.detach())
+            if rank == 0 and cfg.model.diagnostics and step % 5 == 0:  # sampled: a copy syncs the GPU
+                for k, v in _unwrap(model).pisa_diagnostics().items():
+                    if torch.is_tensor(v) and v.is_floating_point() and sum(x.numel() for x in diag[k]) < MAX_DIAGNOSTIC_VALUES:
+                        diag[k].append(v.detach().float().flatten().cpu())
+            if rank == 0 and (step + 1) % cfg.train.log_every == 0:
+                elapsed = time.perf_counter() - t_epoch
+                remaining = (iters_per_epoch - step - 1) + (epochs - epoch - 1) * iters_per_epoch
+                _log(f"epoch {epoch + 1}/{epochs} iter {step + 1}/{iters_per_epoch} "
+                     f"loss {sums['loss'] / n_steps:.4f} lr {optimizer.param_groups[0]['lr']:.4g} "
+                     f"{n_images * world / elapsed:.1f} img/s eta {_fmt_eta(elapsed / (step + 1) * remaining)}")
+        train_time = time.perf_counter() - t_epoch
+        metrics = {f"train_{k}" if k != "loss" else "train_loss": v / max(1, n_steps) for k, v in sums.items()}
+        metrics = _all_reduce_mean(metrics)
+        t_eval = time.perf_counter()
+        metrics.update(evaluate(model, val_set, device, rank, world, cfg.train.images_per_worker, iou_types))
+        metrics.update(
+            epoch=epoch + 1,
+            iteration=iteration,
+            lr=optimizer.param_groups[0]["lr"],
+            images_per_sec=n_images * world / max(train_time, 1e-9),
+            time_train_s=train_time,
+            time_eval_s=time.perf_counter() - t_eval,
+        )
+        diag_t = {k: torch.cat(v) for k, v in diag.items() if v}
+        for k, v in diag_t.items():
+            metrics[f"pisa_{k}_mean"] = float(v.mean())
+            metrics[f"pisa_{k}_max"] = float(v.max())
+        if rank == 0:
+            _log(f"epoch {epoch + 1}/{epochs} done: loss {metrics.get('train_loss', float('nan')):.4f} "
+                 f"bbox_mAP {metrics.get('bbox_mAP', 0.0):.4f} ({train_time:.1f}s train)")
+        if rank == 0:
+            with tempfile.TemporaryDirectory(prefix="pisa-ckpt-") as tmp:
+                save_checkpoint(Path(tmp), model, optimizer, scheduler, scaler, epoch, iteration, cfg, metrics)
+                if diag_t:
+                    torch.save(diag_t, Path(tmp) / DIAGNOSTICS_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+
+def finite(metrics: dict[str, Any]) -> bool:
+    return all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))

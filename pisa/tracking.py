@@ -1,0 +1,196 @@
+"""MLflow: runs, params, metrics and artifacts, written by one process at a time.
+
+Runs are addressed by id through `MlflowClient` (no global "active run"), so the
+same code serves a single training (logged from the Ray Train controller) and a
+study (logged from the Tune driver: one parent run, one nested child per trial).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value is 6000 characters
+NESTED_TAG = "mlflow.parentRunId"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store can't be used; raised before any training starts."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast with a clear message when the tracking store can't be reached."""
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]
+    if scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user-given URI)
+                if resp.status >= 400:
+                    raise TrackingError(f"MLflow server {uri} answered {resp.status} on /health")
+        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(
+                f"MLflow tracking server {uri} is not reachable ({reason}); start it "
+                f"(e.g. `mlflow server --host 127.0.0.1 --port 5000`) or set tracking.uri / "
+                f"MLFLOW_TRACKING_URI"
+            ) from None
+    elif scheme == "sqlite":
+        path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if path is not None:
+            parent = path.parent if str(path) else Path.cwd()
+            if not parent.exists():
+                try:
+                    parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise TrackingError(f"MLflow store {uri}: can't create {parent}: {exc}") from None
+            if not os.access(parent, os.W_OK):
+                raise TrackingError(f"MLflow store {uri}: {parent} is not writable")
+    elif scheme in ("postgresql", "mysql", "mssql"):
+        try:
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(timeout)}
+                                              if scheme == "postgresql" else {})
+            with engine.connect():
+                pass
+            engine.dispose()
+        except Exception as exc:  # driver errors vary by backend
+            raise TrackingError(f"MLflow database {_redact(uri)} is not reachable: {exc}") from None
+    elif scheme in ("", "file"):
+        path = Path(parsed.path if scheme == "file" else uri)
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise TrackingError(f"MLflow store {uri} is not writable")
+    else:
+        raise TrackingError(f"unsupported MLflow tracking URI scheme {scheme!r} in {_redact(uri)}")
+
+
+def _redact(uri: str) -> str:
+    """The URI without its password, for messages."""
+    parsed = urlparse(uri)
+    if parsed.password:
+        return uri.replace(f":{parsed.password}@", ":***@")
+    return uri
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def get_or_create_experiment(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        # keep artifacts next to the SQLite file, not in whatever directory a process runs in
+        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # created concurrently
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def start_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Create a run (nested under `parent_run_id` if given) and log its params."""
+    c = client(uri)
+    tags = dict(tags or {})
+    if parent_run_id:
+        tags[NESTED_TAG] = parent_run_id
+    run = c.create_run(get_or_create_experiment(uri, experiment), run_name=run_name, tags=tags)
+    if params:
+        log_params(uri, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+    c = client(uri)
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i:i + 100])
+
+
+def _param_value(value: Any) -> str:
+    text = "None" if value is None else str(value)
+    return text[:MAX_PARAM_LEN]
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    """Log the numeric, finite-or-not entries of `metrics` at `step`."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, int(step))
+        for k, v in sorted(metrics.items())
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    c = client(uri)
+    for i in range(0, len(items), 500):
+        c.log_batch(run_id, metrics=items[i:i + 500])
+
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    client(uri).log_text(run_id, text, artifact_file)
+
+
+def log_artifacts(uri: str, run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
+    c = client(uri)
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            c.log_artifacts(run_id, str(p), artifact_path)
+        elif p.exists():
+            c.log_artifact(run_id, str(p), artifact_path)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    c = client(uri)
+    for k, v in tags.items():
+        c.set_tag(run_id, k, str(v)[:5000])
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """status: FINISHED, FAILED or KILLED (MLflow's terminal states)."""
+    client(uri).set_terminated(run_id, status)
+
+
+def find_runs(uri: str, experiment: str, filter_string: str = "", max_results: int = 1000) -> list:
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=max_results)
+
+
+def tempdir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="pisa-mlflow-")

@@ -1,0 +1,212 @@
+"""`pisa train`: one training as a Ray Train `TorchTrainer`, tracked in MLflow.
+
+The driver validates everything that can fail fast (config, dataset, tracking store)
+before Ray starts; the Ray Train controller then logs each epoch's metrics to the MLflow
+run as they arrive (one writer), and the driver logs the final checkpoint and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import tracking
+from .config import ExperimentConfig
+from .engine import CHECKPOINT_FILE, DIAGNOSTICS_FILE, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str | None
+    status: str  # FINISHED | FAILED
+    metrics: dict[str, Any] = field(default_factory=dict)
+    checkpoint_dir: str | None = None
+    error: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def config_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def prepare_data(cfg: ExperimentConfig) -> int:
+    """Generate the synthetic set if asked, and validate the annotations once on the driver,
+    so a corrupt file fails before any worker starts. Returns the number of classes."""
+    from .data import build_dataset, ensure_synthetic
+
+    if cfg.data.synthetic is not None:
+        ensure_synthetic(cfg.data.synthetic)
+    train = build_dataset(cfg.data, "train", train=False)
+    build_dataset(cfg.data, "val", train=False)
+    return train.num_classes
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1"}
+    kwargs: dict[str, Any] = dict(
+        address=address, include_dashboard=False, log_to_driver=True,
+        runtime_env={"env_vars": env}, ignore_reinit_error=True,
+    )
+    if address is None:
+        kwargs["num_cpus"] = num_cpus or os.cpu_count()
+        kwargs.pop("address")
+    ray.init(**kwargs)
+
+
+def scaling_config(cfg: ExperimentConfig):
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=cfg.train.workers,
+        use_gpu=cfg.train.use_gpu,
+        resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.train.use_gpu else {})},
+    )
+
+
+def build_trainer(cfg: ExperimentConfig, *, name: str, callbacks=(), resume_from: str | None = None,
+                  faults: dict[str, Any] | None = None):
+    """The `TorchTrainer` of one training: gloo on CPU, NCCL on GPU."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    loop_config: dict[str, Any] = {"experiment": cfg.model_dump(mode="json")}
+    if resume_from:
+        loop_config["resume_from"] = str(resume_from)
+    if faults:
+        loop_config["faults"] = dict(faults)  # test-only fault injection (nan_at, kill_at)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(cfg.storage_path),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def _mlflow_callback(uri: str, run_id: str):
+    """A Ray Train callback (runs in the controller) logging each epoch to MLflow."""
+    from ray.train import UserCallback
+
+    class MlflowEpochLogger(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if not metrics:
+                return
+            m = metrics[0]
+            step = int(m.get("epoch", 0))
+            tracking.log_metrics(uri, run_id, m, step=step)
+
+    return MlflowEpochLogger()
+
+
+def diagnostics_plot(diag_file: Path, out_png: Path) -> Path | None:
+    """Histograms of the last epoch's PISA weights (ISR-P, ISR-N, CARL)."""
+    import torch
+
+    if not diag_file.exists():
+        return None
+    data = torch.load(diag_file, map_location="cpu", weights_only=True)
+    keys = [k for k, v in data.items() if v.numel() > 0]
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        ax.hist(data[k].numpy(), bins=50, color="#3572b0")
+        ax.set_title(k)
+        ax.set_xlabel("value")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png
+
+
+def log_final_artifacts(uri: str, run_id: str, checkpoint_dir: str | None, log_checkpoint: bool) -> None:
+    if not checkpoint_dir:
+        return
+    ckpt = Path(checkpoint_dir)
+    with tempfile.TemporaryDirectory(prefix="pisa-art-") as tmp:
+        png = diagnostics_plot(ckpt / DIAGNOSTICS_FILE, Path(tmp) / "pisa_weights.png")
+        if png is not None:
+            tracking.log_artifacts(uri, run_id, [png], "plots")
+    if log_checkpoint and (ckpt / CHECKPOINT_FILE).exists():
+        tracking.log_artifacts(uri, run_id, [ckpt / CHECKPOINT_FILE, ckpt / "config.json"], "checkpoint")
+
+
+def run_training(
+    cfg: ExperimentConfig,
+    *,
+    address: str | None = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    resume_from: str | None = None,
+    faults: dict[str, Any] | None = None,
+) -> TrainOutcome:
+    """Train one config end to end and track it in MLflow; never raises for a failed fit."""
+    uri = cfg.tracking.resolved_uri()
+    tracking.check_reachable(uri)
+    num_classes = prepare_data(cfg)
+    init_ray(address)
+    name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    params = cfg.flat_params()
+    params["data.num_classes"] = num_classes
+    run_id = tracking.start_run(uri, cfg.tracking.experiment, name, params=params,
+                                tags={"pisa.kind": "train", **(tags or {})})
+    tracking.log_text(uri, run_id, config_yaml(cfg), "config.yaml")
+    print(f"[pisa] MLflow run {run_id} in {uri}", flush=True)
+    trainer = build_trainer(cfg, name=name, callbacks=[_mlflow_callback(uri, run_id)],
+                            resume_from=resume_from, faults=faults)
+    try:
+        result = trainer.fit()
+        error = getattr(result, "error", None)
+    except Exception as exc:  # TrainingFailedError and friends
+        result, error = None, exc
+    checkpoint_dir = result.checkpoint.path if result is not None and result.checkpoint else None
+    metrics = dict(result.metrics or {}) if result is not None else {}
+    if error is not None:
+        message = _root_message(error)
+        tracking.set_tags(uri, run_id, {"pisa.error": message})
+        tracking.end_run(uri, run_id, "FAILED")
+        print(f"[pisa] training failed: {message}", flush=True)
+        return TrainOutcome(run_id, "FAILED", metrics, checkpoint_dir, message)
+    log_final_artifacts(uri, run_id, checkpoint_dir, cfg.tracking.log_checkpoint)
+    tracking.end_run(uri, run_id, "FINISHED")
+    return TrainOutcome(run_id, "FINISHED", metrics, checkpoint_dir)
+
+
+def _root_message(error: BaseException) -> str:
+    """The innermost worker error, one line, without Ray's wrapping."""
+    text = str(error)
+    for marker in ("NonFiniteLossError: ", "DataError: ", "BackboneLoadError: "):
+        if marker in text:
+            return marker.rstrip(": ") + ": " + text.split(marker, 1)[1].strip().splitlines()[0]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def summary_json(outcome: TrainOutcome) -> str:
+    return json.dumps({"run_id": outcome.run_id, "status": outcome.status,
+                       "metrics": outcome.metrics, "error": outcome.error}, indent=2, default=str)
