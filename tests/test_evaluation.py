@@ -17,7 +17,6 @@ from pycocotools.cocoeval import COCOeval
 
 from pisa.data import CocoDetection
 from pisa.evaluation import (
-    METRIC_NAMES,
     evaluate_coco,
     evaluate_coco_detailed,
     gather_predictions,

@@ -160,6 +160,23 @@ def test_isr_p_weights_match_ops():
     assert ((d["isr_p_ious"] >= 0) & (d["isr_p_ious"] <= 1)).all()
 
 
+def test_gt_inds_unique_across_images():
+    heads = build_detector(tiny_cfg(), NUM_CLASSES).roi_heads.train()
+    _, targets = make_batch(5)
+    counts = [t["boxes"].shape[0] for t in targets]
+    proposals = [t["boxes"] + 0.5 for t in targets]  # one positive proposal per GT (plus the GTs)
+    samples = heads.select_pisa_samples({}, proposals, [(SIZE, SIZE)] * 2, targets)
+    pos = samples.labels > 0
+    per_image = [m.numel() for m in samples.matched_idxs]
+    first = torch.arange(samples.labels.numel()) < per_image[0]
+    assert sorted(samples.gt_inds[pos & first].tolist()) == sorted(list(range(counts[0])) * 2)
+    assert sorted(samples.gt_inds[pos & ~first].tolist()) == sorted(
+        list(range(counts[0], counts[0] + counts[1])) * 2
+    )
+    all_gt = torch.cat([t["boxes"] for t in targets])
+    torch.testing.assert_close(samples.gt_boxes[pos], all_gt[samples.gt_inds[pos]])
+
+
 @pytest.mark.parametrize("sampler", ["ohem", "ohem_1to3"])
 def test_ohem_keeps_highest_loss(sampler):
     model, _ = train_step(tiny_cfg(sampler=sampler))
@@ -298,11 +315,10 @@ def test_backbone_bad_file_errors(tmp_path):
     torch.save({"state_dict": nn.Linear(4, 4).state_dict()}, other)
     with pytest.raises(BackboneLoadError, match="other.pth"):
         build_backbone(tiny_cfg(pretrained_backbone=str(other)))
-    # another architecture: same names, other shapes
-    r50 = tmp_path / "r50.pth"
-    torch.save(build_backbone(tiny_cfg(backbone="resnet50_fpn")).body.state_dict(), r50)
-    with pytest.raises(BackboneLoadError, match="r50.pth"):
-        build_backbone(tiny_cfg(pretrained_backbone=str(r50)))
+    # another architecture: same key names, mostly other shapes (ResNet-18 file, ResNet-50 trunk)
+    _, r18 = _saved_trunk(tmp_path, lambda s: s)
+    with pytest.raises(BackboneLoadError, match="trunk.pth"):
+        build_backbone(tiny_cfg(backbone="resnet50_fpn", pretrained_backbone=str(r18)))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(BackboneLoadError, match="junk.pt"):

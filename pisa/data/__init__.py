@@ -7,11 +7,14 @@ builds its data the same way from a `DataConfig`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pisa.data.coco import BOX_TOLERANCE, CocoDetection, DataError, load_coco_json
 from pisa.data.synthetic import CLASSES, ensure_synthetic, generate_synthetic, synth_command
 from pisa.data.transforms import DetectionTransform, build_transforms, collate_fn
+
+if TYPE_CHECKING:
+    from pisa.config import DataConfig
 
 __all__ = [
     "BOX_TOLERANCE",
@@ -30,7 +33,7 @@ __all__ = [
 
 
 def build_dataset(
-    cfg,
+    cfg: DataConfig,
     split: Literal["train", "val"],
     train: bool,
     with_masks: bool = False,

@@ -15,11 +15,14 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+if TYPE_CHECKING:
+    from pisa.config import SyntheticConfig
 
 __all__ = ["CLASSES", "generate_synthetic", "ensure_synthetic", "synth_command"]
 
@@ -177,7 +180,7 @@ def _meta(n_train: int, n_val: int, seed: int, image_size: int) -> dict[str, int
             "image_size": image_size}
 
 
-def ensure_synthetic(cfg: Any) -> Path:
+def ensure_synthetic(cfg: SyntheticConfig) -> Path:
     """Generate the dataset described by a `SyntheticConfig` unless it is already there.
 
     Safe when several Ray workers call it at once: each generates into a private temporary

@@ -1,0 +1,123 @@
+"""Ray Train engine end to end on CPU: 2 gloo workers, COCO metrics, MLflow, resume, faults."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_experiment
+from pisa import tracking
+from pisa.config import parse_config
+from pisa.engine import lr_factor
+from pisa.train import TrainOutcome, run_training
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_local, synthetic_dir, work) -> tuple[TrainOutcome, dict]:
+    cfg = parse_config(tiny_experiment(synthetic_dir, work))
+    outcome = run_training(cfg, run_name="full")
+    return outcome, cfg
+
+
+def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in tracking.client(uri).get_metric_history(run_id, key)]
+
+
+def test_two_workers_train_and_report_coco_metrics(full_run):
+    outcome, cfg = full_run
+    assert outcome.status == "FINISHED", outcome.error
+    assert outcome.metrics["epoch"] == 2
+    for key in ("bbox_mAP", "bbox_mAP_50", "bbox_AR_100", "train_loss", "train_loss_carl", "lr", "images_per_sec"):
+        assert key in outcome.metrics
+    assert 0.0 <= outcome.metrics["bbox_mAP"] <= 1.0
+    assert outcome.metrics["train_loss"] > 0
+    assert Path(outcome.checkpoint_dir, "checkpoint.pt").exists()
+
+
+def test_mlflow_run_has_params_metrics_and_artifacts(full_run):
+    outcome, cfg = full_run
+    uri = cfg.tracking.resolved_uri()
+    c = tracking.client(uri)
+    run = c.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.isr_p.k"] == "2.0" and params["model.carl.bias"] == "0.2"
+    assert params["train.workers"] == "2" and params["data.num_classes"] == "3"
+    assert [s for s, _ in _history(uri, outcome.run_id, "bbox_mAP")] == [1, 2]
+    assert len(_history(uri, outcome.run_id, "train_loss")) == 2
+    artifacts = {a.path for a in c.list_artifacts(outcome.run_id)}
+    assert {"config.yaml", "checkpoint", "plots"} <= artifacts
+    assert {a.path for a in c.list_artifacts(outcome.run_id, "checkpoint")} == {
+        "checkpoint/checkpoint.pt", "checkpoint/config.json"}
+
+
+def test_resume_from_epoch_one_matches_uninterrupted(full_run, synthetic_dir, work):
+    outcome, cfg = full_run
+    epoch1 = sorted(Path(outcome.checkpoint_dir).parent.glob("checkpoint_*"))[0]
+    import torch
+
+    assert torch.load(epoch1 / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    resumed = run_training(parse_config(tiny_experiment(synthetic_dir, work)), run_name="resumed",
+                           resume_from=str(epoch1))
+    assert resumed.status == "FINISHED", resumed.error
+    assert resumed.metrics["epoch"] == 2
+    for key in ("train_loss", "train_loss_classifier", "bbox_mAP", "bbox_AR_100"):
+        assert resumed.metrics[key] == pytest.approx(outcome.metrics[key], rel=1e-6, abs=1e-9), key
+
+
+def test_killed_worker_is_restarted_from_last_checkpoint(ray_local, synthetic_dir, work, tmp_path):
+    cfg = parse_config(tiny_experiment(synthetic_dir, work, max_failures=1))
+    marker = tmp_path / "killed"
+    outcome = run_training(cfg, run_name="killed", faults={"kill_at": f"1:1:{marker}"})
+    assert marker.exists(), "the fault was not injected"
+    assert outcome.status == "FINISHED", outcome.error
+    assert outcome.metrics["epoch"] == 2
+    uri = cfg.tracking.resolved_uri()
+    # epoch 1 was reported once before the kill; epoch 2 after the restart
+    assert [s for s, _ in _history(uri, outcome.run_id, "bbox_mAP")] == [1, 2]
+
+
+def test_non_finite_loss_stops_with_clear_error(ray_local, synthetic_dir, work):
+    cfg = parse_config(tiny_experiment(synthetic_dir, work, epochs=1))
+    outcome = run_training(cfg, run_name="nan", faults={"nan_at": 1})
+    assert outcome.status == "FAILED"
+    assert "non-finite loss" in outcome.error and "iteration" in outcome.error
+    run = tracking.client(cfg.tracking.resolved_uri()).get_run(outcome.run_id)
+    assert run.info.status == "FAILED" and "non-finite" in run.data.tags["pisa.error"]
+
+
+def test_unreachable_tracking_server_fails_fast(synthetic_dir, work):
+    data = tiny_experiment(synthetic_dir, work)
+    data["tracking"]["uri"] = "http://127.0.0.1:9"  # nothing listens on the discard port
+    cfg = parse_config(data)
+    start = time.perf_counter()
+    with pytest.raises(tracking.TrackingError, match="not reachable"):
+        run_training(cfg)
+    assert time.perf_counter() - start < 15
+
+
+def test_lr_schedule_warmup_and_steps():
+    sched = {"gamma": 0.1, "milestones": [8, 11], "warmup_iters": 500, "warmup_ratio": 0.001}
+    assert lr_factor(0, 100, sched) == pytest.approx(0.001)
+    assert lr_factor(250, 100, sched) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert lr_factor(799, 100, sched) == 1.0
+    assert lr_factor(800, 100, sched) == pytest.approx(0.1)
+    assert lr_factor(1100, 100, sched) == pytest.approx(0.01)
+
+
+def test_linear_lr_scaling():
+    cfg = parse_config({"data": {"synthetic": {"out": "x"}}, "train": {"workers": 4, "images_per_worker": 2}})
+    r = cfg.train.resolved()
+    assert r["epochs"] == 12 and r["milestones"] == [8, 11]
+    assert r["scaled_lr"] == pytest.approx(0.02 * 8 / 16)
+    ssd = parse_config({"data": {"synthetic": {"out": "x"}}, "train": {"schedule": "ssd", "images_per_worker": 8}})
+    assert ssd.train.resolved()["scaled_lr"] == pytest.approx(1e-3) and ssd.train.resolved()["epochs"] == 120
