@@ -37,7 +37,107 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", help="checkpoint directory or file to continue from")
     train.add_argument("--run-name", help="MLflow run name")
     train.set_defaults(func=_train)
+
+    study = sub.add_parser("study", help="hyperparameter studies (Ray Tune + Optuna)").add_subparsers(
+        dest="study_command", metavar="ACTION")
+    run = study.add_parser("run", help="run a study file")
+    run.add_argument("study", help="study YAML (see studies/)")
+    _add_set(run)
+    run.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+    run.set_defaults(func=_study_run)
+    resume = study.add_parser("resume", help="continue an interrupted study")
+    resume.add_argument("name", help="study name (or its directory)")
+    resume.add_argument("--storage-path", default="ray_results")
+    resume.add_argument("--address")
+    resume.set_defaults(func=_study_resume)
+    best = study.add_parser("best", help="rank the trials; write the best trial's config")
+    best.add_argument("name")
+    best.add_argument("--storage-path", default="ray_results")
+    best.add_argument("--out", help="write the best trial's training config here (e.g. best.yaml)")
+    best.set_defaults(func=_study_best)
+    report = study.add_parser("report", help="(re)make the study's plots and tables in MLflow")
+    report.add_argument("name")
+    report.add_argument("--storage-path", default="ray_results")
+    report.set_defaults(func=_study_report)
+
+    rep = sub.add_parser("reproduce", help="retrain a run's config (RUN_ID or best.yaml) and compare")
+    rep.add_argument("source", help="an MLflow run id or a config YAML written by `pisa study best`")
+    rep.add_argument("--tracking-uri", help="where RUN_ID lives (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    rep.add_argument("--address")
+    _add_set(rep)
+    rep.set_defaults(func=_reproduce)
     return parser
+
+
+def _finish_study(outcome) -> int:
+    from .report import format_ranking
+
+    print(format_ranking(outcome, outcome.metric, limit=20))
+    best = outcome.best
+    if best is not None:
+        params = ", ".join(f"{k}={v}" for k, v in best.params.items())
+        print(f"best trial: {best.trial_id} ({params}): {outcome.metric} {best.metric:.4f}, MLflow run {best.run_id}")
+    uri = outcome.tracking_uri
+    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+    print(f"compare the trials in the MLflow UI:  {ui}")
+    if outcome.interrupted:
+        print(f"study interrupted: continue it with `pisa study resume {outcome.name}`")
+        return 130
+    return 0
+
+
+def _study_run(args: argparse.Namespace) -> int:
+    from .study import run_study
+    from .study_config import load_study
+
+    study = load_study(args.study, args.overrides)
+    return _finish_study(run_study(study, address=args.address))
+
+
+def _study_resume(args: argparse.Namespace) -> int:
+    from .study import resume_study
+
+    return _finish_study(resume_study(args.name, storage_path=args.storage_path, address=args.address))
+
+
+def _study_best(args: argparse.Namespace) -> int:
+    from .report import format_ranking
+    from .reproduce import write_best
+    from .study import load_state, outcome_from_state
+
+    state = load_state(args.name, args.storage_path)
+    outcome = outcome_from_state(args.name, args.storage_path)
+    print(format_ranking(outcome, state["metric"]))
+    best = outcome.best
+    if best is None:
+        print("no trial has finished yet", file=sys.stderr)
+        return 1
+    print(f"best: {best.trial_id} {state['metric']}={best.metric:.4f} run {best.run_id}")
+    if args.out:
+        path = write_best(state["tracking_uri"], best.run_id, args.out, state["metric"], best.metric)
+        print(f"wrote {path}; reproduce it with: pisa reproduce {path}")
+    return 0
+
+
+def _study_report(args: argparse.Namespace) -> int:
+    from .report import log_study_report
+    from .study import load_state, outcome_from_state
+    from .study_config import load_study
+
+    state = load_state(args.name, args.storage_path)
+    outcome = outcome_from_state(args.name, args.storage_path)
+    names = log_study_report(outcome, load_study(state["study_file"]))
+    print(f"logged {', '.join(names)} to MLflow run {state['parent_run_id']}")
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import format_comparison, reproduce
+
+    result = reproduce(args.source, tracking_uri=args.tracking_uri, address=args.address,
+                       overrides=args.overrides)
+    print(format_comparison(result))
+    return 0 if result["status"] == "FINISHED" else 1
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -83,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise
+    except (FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -396,3 +396,99 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> ExperimentCo
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
     return cfg.resolve_paths()
+
+
+# ---------------------------------------------------------------- studies
+
+# The paper's PISA defaults, evaluated first in every study (`points_to_evaluate: paper`).
+PAPER_DEFAULTS: dict[str, Any] = {
+    "model.isr_p.enabled": True, "model.isr_p.k": 2.0, "model.isr_p.bias": 0.0,
+    "model.carl.enabled": True, "model.carl.k": 1.0, "model.carl.bias": 0.2,
+    "model.isr_n.k": 0.5, "model.isr_n.bias": 0.0, "model.sampler": "score_hlr",
+}
+# The baseline: PISA off (`points_to_evaluate: paper+baseline`).
+BASELINE: dict[str, Any] = {
+    "model.isr_p.enabled": False, "model.carl.enabled": False, "model.sampler": "random",
+}
+
+
+class Uniform(_Strict):
+    type: Literal["uniform"]
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _order(self):
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        return self
+
+
+class LogUniform(Uniform):
+    type: Literal["loguniform"]  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _positive(self):
+        if self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.low}")
+        return self
+
+
+class IntRange(_Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+
+    @model_validator(mode="after")
+    def _order(self):
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        return self
+
+
+class Choice(_Strict):
+    type: Literal["choice"]
+    values: list[Any] = Field(min_length=1)
+
+
+Distribution = Annotated[Uniform | LogUniform | IntRange | Choice, Field(discriminator="type")]
+
+
+class SchedulerConfig(_Strict):
+    """ASHA stops weak trials early (by epoch); FIFO runs every trial to the end."""
+
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1, description="epochs every trial gets before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class TrialResources(_Strict):
+    workers: int = Field(8, ge=1, description="Ray Train workers per trial")
+    gpus_per_worker: float = Field(1.0, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class StudyConfig(_Strict):
+    """A base training config + a search space + the search settings."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    base: Path | None = Field(None, description="training config YAML, relative to the study file")
+    experiment: dict[str, Any] = Field(default_factory=dict, description="inline config / overrides of base")
+    search_space: dict[str, Distribution] = Field(min_length=1)
+    metric: str = "bbox_mAP"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    resources_per_trial: TrialResources = TrialResources()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    seed: int = 0
+    points_to_evaluate: Literal["paper", "paper+baseline", "none"] | list[dict[str, Any]] = "paper"
+    max_failures: int = Field(0, ge=0, description="retries of a crashed trial")
+
+    @field_validator("search_space")
+    @classmethod
+    def _keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if not key or any(not part.isidentifier() for part in key.split(".")):
+                raise ValueError(f"search_space key {key!r} is not a dotted config field")
+        return v

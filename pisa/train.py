@@ -51,18 +51,28 @@ def prepare_data(cfg: ExperimentConfig) -> int:
     return train.num_classes
 
 
+DRIVER_RESOURCE = "pisa_trial_driver"
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1"}
+    env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1",
+           # slow machines need more than Ray's 60 s to start a worker process
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}
+    os.environ.update(env)
     kwargs: dict[str, Any] = dict(
-        address=address, include_dashboard=False, log_to_driver=True,
-        runtime_env={"env_vars": env}, ignore_reinit_error=True,
+        address=address, log_to_driver=True, runtime_env={"env_vars": env}, ignore_reinit_error=True,
     )
     if address is None:
+        # Ray Train's placement-group cleanup uses the state API, served by the dashboard
+        # process; it listens on 127.0.0.1 only.
+        kwargs["include_dashboard"] = True
+        kwargs["dashboard_host"] = "127.0.0.1"
         kwargs["num_cpus"] = num_cpus or os.cpu_count()
+        kwargs["resources"] = {DRIVER_RESOURCE: 10_000}
         kwargs.pop("address")
     ray.init(**kwargs)
 

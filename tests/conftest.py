@@ -76,3 +76,208 @@ def ray_local():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------- PostgreSQL + MLflow server
+# A throwaway PostgreSQL server and a real `mlflow server` on top of it, both on 127.0.0.1,
+# started once per session and always stopped. The MLflow server gets the database password
+# from PGPASSWORD (libpq), never on its command line, as in docker/compose.yaml.
+
+PG_USER = "pisa"
+PG_SYSTEM_USER = "pisa-pg"  # created when the tests run as root and no `postgres` user exists
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_pg_bin() -> Path:
+    """The directory holding initdb/pg_ctl: `$PISA_PG_BIN`, the newest /usr/lib/postgresql/*/bin, or PATH."""
+    import glob
+    import shutil
+
+    candidates = []
+    if os.environ.get("PISA_PG_BIN"):
+        candidates.append(Path(os.environ["PISA_PG_BIN"]))
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin"),
+                      key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+                      reverse=True)
+    candidates += [Path(p) for p in versions]
+    on_path = shutil.which("initdb")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent)
+    for c in candidates:
+        if (c / "initdb").is_file() and (c / "pg_ctl").is_file():
+            return c
+    pytest.fail(
+        "PostgreSQL server binaries (initdb, pg_ctl) not found in $PISA_PG_BIN, "
+        "/usr/lib/postgresql/*/bin or PATH. Install them, e.g. `apt-get install postgresql` "
+        "(.ci/run does this on Debian).",
+        pytrace=False,
+    )
+
+
+def _server_user() -> str | None:
+    """PostgreSQL refuses to run as root: the account to run it as, None when not root."""
+    import pwd
+    import subprocess
+
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", PG_SYSTEM_USER):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            pass
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    PG_SYSTEM_USER], check=True)
+    return PG_SYSTEM_USER
+
+
+class PostgresServer:
+    """A running PostgreSQL server on 127.0.0.1 with password authentication."""
+
+    def __init__(self, bin_dir: Path, root: Path, port: int, password: str, run_as: str | None):
+        self.bin_dir, self.root, self.port, self.password, self.run_as = bin_dir, root, port, password, run_as
+        self.host, self.user = "127.0.0.1", PG_USER
+        self.data_dir, self.log_file = root / "data", root / "postgres.log"
+
+    def _cmd(self, *args: str) -> list[str]:
+        return (["runuser", "-u", self.run_as, "--"] if self.run_as else []) + list(args)
+
+    def _run(self, *args: str, timeout: float = 120) -> None:
+        import subprocess
+
+        proc = subprocess.run(self._cmd(*args), capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            log = self.log_file.read_text()[-3000:] if self.log_file.exists() else ""
+            pytest.fail(f"{' '.join(args[:2])} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}\n{log}",
+                        pytrace=False)
+
+    def start(self) -> None:
+        pwfile = self.root / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        self._run(str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.user,
+                  "--auth=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8", "--no-locale")
+        pwfile.unlink()
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file),
+                  "-o", f"-h {self.host} -p {self.port} -k {self.root}", "-w", "-t", "60", "start")
+
+    def stop(self) -> None:
+        import subprocess
+
+        subprocess.run(self._cmd(str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast",
+                                 "-w", "-t", "30", "stop"), capture_output=True, timeout=60)
+
+    def uri(self, database: str = "postgres", with_password: bool = False) -> str:
+        secret = f":{self.password}" if with_password else ""
+        return f"postgresql://{self.user}{secret}@{self.host}:{self.port}/{database}"
+
+    def connect(self, database: str = "postgres", autocommit: bool = False):
+        import psycopg
+
+        return psycopg.connect(host=self.host, port=self.port, user=self.user, password=self.password,
+                               dbname=database, connect_timeout=10, autocommit=autocommit)
+
+    def query(self, sql: str, params: tuple = (), database: str = "postgres") -> list[tuple]:
+        conn = self.connect(database)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchall()
+        finally:
+            conn.close()
+
+    def create_database(self, name: str) -> str:
+        conn = self.connect(autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+        return name
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server on 127.0.0.1:<free port>; fails (not skips) without binaries."""
+    import secrets
+    import shutil
+    import tempfile
+
+    bin_dir = find_pg_bin()
+    run_as = _server_user()
+    # not under pytest's tmp dir: that one is private to the current user (mode 700)
+    root = Path(tempfile.mkdtemp(prefix="pisa-pg-"))
+    if run_as:
+        shutil.chown(root, run_as)
+    server = PostgresServer(bin_dir, root, free_port(), secrets.token_urlsafe(16), run_as)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class MlflowServer:
+    def __init__(self, uri: str, artifacts: Path, log_file: Path, process):
+        self.uri, self.artifacts, self.log_file, self.process = uri, artifacts, log_file, process
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_pg(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory):
+    """`mlflow server` with a PostgreSQL backend store and proxied artifacts in a tmp dir."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    database = postgres_server.create_database("mlflow")
+    work = tmp_path_factory.mktemp("mlflow-server")
+    artifacts = work / "artifacts"
+    log_file = work / "mlflow-server.log"
+    port = free_port()
+    # user and password from libpq's environment, the URI holds neither (as in docker/compose.yaml)
+    env = {**os.environ, "PGUSER": postgres_server.user, "PGPASSWORD": postgres_server.password}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    backend = f"postgresql://{postgres_server.host}:{postgres_server.port}/{database}"
+    cmd = [sys.executable, "-m", "mlflow", "server",
+           "--backend-store-uri", backend,
+           "--artifacts-destination", str(artifacts),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work,
+                                start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited ({proc.returncode}):\n{log_file.read_text()[-4000:]}",
+                            pytrace=False)
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy after 120 s:\n{log_file.read_text()[-4000:]}",
+                            pytrace=False)
+            time.sleep(0.5)
+        yield MlflowServer(uri, artifacts, log_file, proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn workers
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)

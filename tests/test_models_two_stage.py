@@ -383,3 +383,20 @@ def test_backbone_for_single_stage_levels():
     assert bb.out_channels == 256 and bb.in_channels_list == [128, 256, 512]
     out = bb(torch.rand(1, 3, 128, 128))
     assert [v.shape[-1] for v in out.values()] == [16, 8, 4, 2, 1]
+
+
+def test_diagnostics_off_keeps_nothing():
+    model, _ = train_step(tiny_cfg(diagnostics=False, sampler="ohem", isr_p={"enabled": True}))
+    assert model.pisa_diagnostics() == {}
+
+
+def test_mixed_precision_training_step():
+    """Under autocast (bf16 on CPU, as fp16 on GPU) the PISA losses stay float32 and finite."""
+    cfg = tiny_cfg(sampler="score_hlr", isr_p={"enabled": True}, carl={"enabled": True})
+    torch.manual_seed(0)
+    model = build_detector(cfg, NUM_CLASSES).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(*make_batch(0))
+    sum(losses.values()).backward()
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values()), losses
+    assert backbone_grad(model).abs().sum() > 0

@@ -160,7 +160,13 @@ def _pretrained_state(spec: str) -> tuple[Mapping[str, torch.Tensor], str]:
             f"pretrained_backbone {spec!r} is neither a local .pth/.pt file nor a torchvision "
             f"weights name like 'ResNet50_Weights.IMAGENET1K_V1'"
         ) from exc
-    return weights.get_state_dict(progress=False), spec
+    try:
+        return weights.get_state_dict(progress=False), spec
+    except Exception as exc:  # offline machine, interrupted download
+        raise BackboneLoadError(
+            f"could not fetch torchvision weights {spec} ({exc}); on a machine without network, "
+            f"save them once with torch.save(model.state_dict(), 'file.pth') and pass the file"
+        ) from exc
 
 
 def build_backbone(

@@ -1,0 +1,165 @@
+"""Time one training step of a detector with PISA against the same detector without it.
+
+A step is forward + backward + SGD step on one batch. The variants are built from the
+same seed (identical weights), see the same batch, and are timed round-robin (one step
+of each variant per round), so machine noise hits them alike; the report gives the
+median step time of each variant and its ratio to the baseline, measured in this run.
+
+Variants:
+  baseline       random RoI sampling (two-stage) / plain focal loss (RetinaNet), no ISR-P, no CARL
+  isr_p+carl     ISR-P reweighting of positives + CARL
+  isr_p+carl+isr_n  the same + ISR-N (Score-HLR sampling of negatives; two-stage only)
+
+    python benchmarks/bench_step.py --device cpu --backbone mobilenet_v3_fpn --size 256 \\
+        --proposals 500 --rois 128 --steps 20
+    python benchmarks/bench_step.py --device cuda              # paper sizes: 2000 proposals, 512 RoIs
+
+On CUDA the steps run under fp16 autocast with a GradScaler and channels_last, timed
+between `torch.cuda.synchronize()` calls; img/s is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pisa.config import ModelConfig
+from pisa.data import collate_fn, generate_synthetic
+from pisa.data.coco import CocoDetection
+from pisa.data.transforms import build_transforms
+from pisa.models import build_detector
+
+
+def variants(detector: str) -> dict[str, dict]:
+    out = {
+        "baseline": dict(sampler="random", isr_p={"enabled": False}, carl={"enabled": False}),
+        "isr_p+carl": dict(sampler="random", isr_p={"enabled": True}, carl={"enabled": True}),
+    }
+    if detector == "faster_rcnn":
+        out["isr_p+carl+isr_n"] = dict(sampler="score_hlr", isr_p={"enabled": True}, carl={"enabled": True})
+    return out
+
+
+def model_config(args: argparse.Namespace, **pisa) -> ModelConfig:
+    return ModelConfig(
+        detector=args.detector,
+        backbone=args.backbone,
+        norm=args.norm,
+        min_size=args.size,
+        max_size=args.size,
+        rpn_pre_nms_top_n_train=args.proposals,
+        rpn_post_nms_top_n_train=args.proposals,
+        rois_per_image=args.rois,
+        diagnostics=False,
+        **pisa,
+    )
+
+
+def make_batch(args: argparse.Namespace, work: Path):
+    """`args.batch` synthetic shapes images of `args.size` px with their targets."""
+    generate_synthetic(work, n_train=args.batch, n_val=1, seed=args.seed, image_size=args.size)
+    ds = CocoDetection(work / "train", work / "train.json", transforms=build_transforms(train=False))
+    return collate_fn([ds[i] for i in range(len(ds))])
+
+
+class Runner:
+    """One variant: its model, optimizer and (on CUDA) AMP scaler."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int, device: torch.device, seed: int):
+        torch.manual_seed(seed)
+        self.model = build_detector(cfg, num_classes=num_classes).to(device).train()
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # a small LR keeps the variants' weights close over the run
+        self.optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+        self.scaler = torch.amp.GradScaler("cuda") if self.cuda else None
+        self.times: list[float] = []
+
+    def step(self, images, targets) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.cuda):
+            losses = self.model(images, targets)
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--detector", choices=("faster_rcnn", "retinanet"), default="faster_rcnn")
+    parser.add_argument("--backbone", default="resnet50_fpn",
+                        choices=("resnet50_fpn", "resnet18_fpn", "mobilenet_v3_fpn", "resnext101_32x4d_fpn"))
+    parser.add_argument("--norm", default="bn", choices=("bn", "gn", "frozen_bn"))
+    parser.add_argument("--size", type=int, default=800, help="image side (min_size = max_size)")
+    parser.add_argument("--batch", type=int, default=2, help="images per step")
+    parser.add_argument("--proposals", type=int, default=2000, help="RPN proposals per image (train)")
+    parser.add_argument("--rois", type=int, default=512, help="RoIs sampled per image")
+    parser.add_argument("--steps", type=int, default=20, help="timed rounds (one step of each variant)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
+        images, targets = make_batch(args, Path(tmp))
+    num_classes = 3
+    images = [img.to(device) for img in images]
+    if device.type == "cuda":
+        images = [img.contiguous(memory_format=torch.channels_last) for img in images]
+    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+
+    runners = {name: Runner(model_config(args, **pisa), num_classes, device, args.seed)
+               for name, pisa in variants(args.detector).items()}
+
+    for rnd in range(args.warmup + args.steps):
+        for runner in runners.values():
+            torch.manual_seed(args.seed + rnd)  # same random sampling draws for every variant
+            t = runner.step(images, targets)
+            if rnd >= args.warmup:
+                runner.times.append(t)
+
+    where = torch.cuda.get_device_name(0) if device.type == "cuda" else (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    amp = ", fp16 autocast + channels_last" if device.type == "cuda" else ""
+    print(f"{args.detector} / {args.backbone} ({args.norm}), {args.batch} x {args.size}px, "
+          f"{args.proposals} proposals, {args.rois} RoIs/img; {args.steps} rounds after {args.warmup} "
+          f"warm-up; torch {torch.__version__} on {args.device} ({where}{amp})")
+    base = runners["baseline"].times
+    base_med = statistics.median(base)
+    print(f"{'variant':<18} {'median ms':>10} {'min ms':>8} {'img/s':>7} {'ratio':>7} {'paired':>7}")
+    for name, runner in runners.items():
+        med = statistics.median(runner.times)
+        paired = statistics.median(t / b for t, b in zip(runner.times, base))
+        print(f"{name:<18} {med * 1e3:10.1f} {min(runner.times) * 1e3:8.1f} {args.batch / med:7.2f} "
+              f"{med / base_med:6.3f}x {paired:6.3f}x")
+    print("ratio: median step time / baseline median; paired: median over rounds of step / baseline step")
+
+
+if __name__ == "__main__":
+    main()

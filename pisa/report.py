@@ -1,0 +1,164 @@
+"""Plots and tables of a study: trials table, Optuna parameter importances, k-b contours.
+
+The Optuna study is rebuilt from the MLflow trials (their searched params and best
+metric), so a report can be made again at any time, e.g. `pisa study report NAME`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import tracking
+
+CONTOUR_PAIRS = [("model.isr_p.k", "model.isr_p.bias"), ("model.carl.k", "model.carl.bias"),
+                 ("model.isr_n.k", "model.isr_n.bias")]
+
+
+def trials_rows(outcome) -> list[dict[str, Any]]:
+    keys = sorted({k for t in outcome.trials for k in t.params})
+    rows = []
+    for rank, t in enumerate(outcome.trials, 1):
+        row = {"rank": rank, "trial": t.trial_id, "status": t.status, "epochs": t.epochs,
+               "metric": t.metric, "run_id": t.run_id}
+        row.update({k: t.params.get(k) for k in keys})
+        if t.error:
+            row["error"] = t.error
+        rows.append(row)
+    return rows
+
+
+def write_table(outcome, out_dir: Path) -> list[Path]:
+    rows = trials_rows(outcome)
+    fields = sorted({k for r in rows for k in r}, key=lambda k: (list(rows[0]).index(k) if rows and k in rows[0] else 99, k))
+    csv_path = out_dir / "trials.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    html_path = out_dir / "trials.html"
+    import pandas as pd
+
+    pd.DataFrame(rows, columns=fields).to_html(html_path, index=False, float_format=lambda v: f"{v:.4f}")
+    return [csv_path, html_path]
+
+
+def _parse(value: str | None) -> Any:
+    if value is None:
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"True": True, "False": False}.get(value, value)
+
+
+def optuna_study(outcome, study):
+    """The finished trials as an Optuna study, for Optuna's own visualizations."""
+    import optuna
+
+    from .config import Choice, IntRange, LogUniform
+
+    dists = {}
+    for key, d in study.cfg.search_space.items():
+        if isinstance(d, Choice):
+            dists[key] = optuna.distributions.CategoricalDistribution([str(v) for v in d.values])
+        elif isinstance(d, IntRange):
+            dists[key] = optuna.distributions.IntDistribution(d.low, d.high)
+        else:
+            dists[key] = optuna.distributions.FloatDistribution(d.low, d.high, log=isinstance(d, LogUniform))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ostudy = optuna.create_study(direction="maximize" if study.cfg.mode == "max" else "minimize")
+    for t in outcome.trials:
+        if t.status == "failed" or t.metric is None or not math.isfinite(t.metric):
+            continue
+        params = {}
+        for key, dist in dists.items():
+            raw = t.params.get(key)
+            if raw is None:
+                break
+            params[key] = raw if isinstance(dist, optuna.distributions.CategoricalDistribution) else _parse(raw)
+        else:
+            ostudy.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=t.metric))
+    return ostudy
+
+
+def write_plots(outcome, study, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    ostudy = optuna_study(outcome, study)
+    paths: list[Path] = []
+    if len(ostudy.trials) >= 2 and len(study.cfg.search_space) >= 1:
+        try:
+            ax = ovm.plot_param_importances(
+                ostudy, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+                if hasattr(optuna.importance, "PedAnovaImportanceEvaluator") else None)
+            path = out_dir / "param_importances.png"
+            ax.figure.tight_layout()
+            ax.figure.savefig(path, dpi=90)
+            plt.close(ax.figure)
+            paths.append(path)
+        except Exception as exc:  # too few distinct trials for an importance estimate
+            print(f"[pisa] parameter importances skipped: {exc}", flush=True)
+    space = set(study.cfg.search_space)
+    for x, y in CONTOUR_PAIRS:
+        if {x, y} <= space and len(ostudy.trials) >= 3:
+            try:
+                ax = ovm.plot_contour(ostudy, params=[x, y])
+                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                path = out_dir / f"contour_{x.split('.')[1]}.png"
+                fig.savefig(path, dpi=90)
+                plt.close(fig)
+                paths.append(path)
+            except Exception as exc:
+                print(f"[pisa] contour {x}/{y} skipped: {exc}", flush=True)
+    return paths
+
+
+def log_study_report(outcome, study) -> list[str]:
+    """Write the table and plots, log them to the parent run; returns the artifact names."""
+    with tempfile.TemporaryDirectory(prefix="pisa-report-") as tmp:
+        out = Path(tmp)
+        files = write_table(outcome, out) + write_plots(outcome, study, out)
+        summary = format_ranking(outcome, study.cfg.metric)
+        (out / "summary.txt").write_text(summary)
+        files.append(out / "summary.txt")
+        tracking.log_artifacts(outcome.tracking_uri, outcome.parent_run_id, files, "report")
+        best = outcome.best
+        if best is not None and best.metric is not None:
+            tracking.log_metrics(outcome.tracking_uri, outcome.parent_run_id, {f"best_{study.cfg.metric}": best.metric}, 0)
+            tracking.set_tags(outcome.tracking_uri, outcome.parent_run_id, {"pisa.best_run_id": best.run_id})
+        return [f.name for f in files]
+
+
+def format_ranking(outcome, metric: str, limit: int | None = None) -> str:
+    """The ranked trials as a plain-text table (also what `pisa study best` prints)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = sorted({k for t in outcome.trials for k in t.params})
+    table = Table(title=f"study {outcome.name}: trials ranked by {metric}")
+    for col in ["#", "trial", "status", "epochs", metric] + [k.replace("model.", "") for k in keys]:
+        table.add_column(col)
+    for rank, t in enumerate(outcome.trials[:limit] if limit else outcome.trials, 1):
+        table.add_row(str(rank), t.trial_id, t.status, str(t.epochs),
+                      "-" if t.metric is None else f"{t.metric:.4f}",
+                      *[_fmt(t.params.get(k)) for k in keys])
+    buf = io.StringIO()
+    Console(file=buf, width=200, force_terminal=False, color_system=None).print(table)
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> str:
+    p = _parse(v) if isinstance(v, str) else v
+    return f"{p:.4g}" if isinstance(p, float) else str(p)

@@ -1,0 +1,103 @@
+"""`pisa study best` and `pisa reproduce`: the best trial's config out, a rerun in.
+
+A best-config file is a plain training config YAML with a comment header naming the
+run it came from, so `pisa reproduce best.yaml` can link the new run to the original.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import tracking
+from .config import ConfigError, load_config, parse_config
+
+HEADER = re.compile(r"^# pisa-source: run_id=(?P<run>[0-9a-f]+) tracking_uri=(?P<uri>\S+)", re.M)
+COMPARED = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "train_loss")
+
+
+def run_config_text(uri: str, run_id: str) -> str:
+    with tempfile.TemporaryDirectory(prefix="pisa-cfg-") as tmp:
+        try:
+            path = tracking.client(uri).download_artifacts(run_id, "config.yaml", tmp)
+        except Exception as exc:
+            raise ConfigError(f"run {run_id} in {uri} has no config.yaml artifact ({exc})") from None
+        return Path(path).read_text()
+
+
+def write_best(uri: str, run_id: str, out: str | Path, metric: str, value: float | None) -> Path:
+    text = run_config_text(uri, run_id)
+    header = (f"# pisa-source: run_id={run_id} tracking_uri={uri}\n"
+              f"# best trial of its study by {metric}: {value}\n"
+              f"# reproduce with: pisa reproduce {Path(out).name}\n")
+    out = Path(out)
+    out.write_text(header + text)
+    return out
+
+
+def _history_at(uri: str, run_id: str, key: str, step: int | None) -> float | None:
+    hist = tracking.client(uri).get_metric_history(run_id, key)
+    if not hist:
+        return None
+    if step is None:
+        return max(hist, key=lambda m: (m.step, m.timestamp)).value
+    at = [m for m in hist if m.step == step]
+    return at[-1].value if at else None
+
+
+def reproduce(source: str, *, tracking_uri: str | None = None, address: str | None = None,
+              overrides: list[str] | None = None) -> dict[str, Any]:
+    """Retrain a run's config (same seed) as a new, linked MLflow run; compare metrics."""
+    from .train import run_training
+
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        cfg = load_config(path, overrides)
+        m = HEADER.search(path.read_text())
+        original, uri = (m.group("run"), m.group("uri")) if m else (None, None)
+    else:
+        original = source
+        from .config import TrackingConfig
+
+        uri = tracking_uri or TrackingConfig().resolved_uri()
+        import yaml
+
+        from .config import apply_overrides
+
+        data = apply_overrides(yaml.safe_load(run_config_text(uri, original)), overrides)
+        cfg = parse_config(data, source=f"run {original}")
+    tags = {"pisa.kind": "reproduce"}
+    if original:
+        tags.update({"pisa.reproduces": original,
+                     "mlflow.note.content": f"Reproduction of run {original} ({uri})"})
+    outcome = run_training(cfg, address=address, run_name=f"reproduce {original[:8] if original else path.stem}", tags=tags)
+    rows = []
+    new_uri = cfg.tracking.resolved_uri()
+    epochs_orig = None
+    if original and uri:
+        run = tracking.client(uri).get_run(original)
+        epochs_orig = int(run.data.metrics.get("epoch", 0)) or None
+    for key in COMPARED:
+        new = _history_at(new_uri, outcome.run_id, key, epochs_orig) if outcome.run_id else None
+        old = _history_at(uri, original, key, epochs_orig) if original and uri else None
+        if new is None and old is None:
+            continue
+        rows.append((key, old, new))
+    return {"run_id": outcome.run_id, "status": outcome.status, "original": original,
+            "epoch": epochs_orig, "rows": rows, "error": outcome.error}
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    lines = [f"original run {result['original'] or '-'} vs reproduction {result['run_id']} "
+             f"(at epoch {result['epoch'] or 'last'}):",
+             f"  {'metric':<14}{'original':>12}{'reproduced':>12}{'diff':>12}"]
+    for key, old, new in result["rows"]:
+        diff = (new - old) if (old is not None and new is not None) else None
+        lines.append(f"  {key:<14}{_f(old):>12}{_f(new):>12}{_f(diff):>12}")
+    return "\n".join(lines)
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"

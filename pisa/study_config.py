@@ -1,0 +1,167 @@
+"""Loading and checking a study file before anything starts.
+
+Every value the search can produce is checked against the training config's own
+schema (bounds of k, b, lr, the sampler names...), so a bad range fails here, with the
+study file and the field named, not in trial 7 an hour later.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .config import (
+    BASELINE,
+    PAPER_DEFAULTS,
+    Choice,
+    ConfigError,
+    ExperimentConfig,
+    IntRange,
+    StudyConfig,
+    _deepcopy,
+    apply_overrides,
+    format_validation_error,
+    load_yaml,
+    parse_config,
+)
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"'{part}' in {key!r} is not a config section")
+        node = child
+    node[parts[-1]] = value
+
+
+def get_dotted(data: dict[str, Any], key: str, default: Any = None) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = _deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = _deepcopy(v)
+    return out
+
+
+class Study:
+    """A validated study: its config, the resolved base experiment dict, its source file."""
+
+    def __init__(self, cfg: StudyConfig, base: dict[str, Any], source: Path):
+        self.cfg = cfg
+        self.base = base  # an ExperimentConfig dump, paths absolute
+        self.source = source
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def experiment(self, params: dict[str, Any]) -> ExperimentConfig:
+        """The training config of one trial: the base with the sampled values set."""
+        data = _deepcopy(self.base)
+        for key, value in params.items():
+            set_dotted(data, key, value)
+        return parse_config(data, source=f"{self.source} (trial params {params})")
+
+    def initial_points(self) -> list[dict[str, Any]]:
+        """Points evaluated before Optuna proposes: the paper's defaults (and the baseline)."""
+        spec = self.cfg.points_to_evaluate
+        if isinstance(spec, list):
+            raw = spec
+        elif spec == "none":
+            raw = []
+        else:
+            raw = [PAPER_DEFAULTS] + ([BASELINE] if spec == "paper+baseline" else [])
+        points = []
+        for point in raw:
+            full = {}
+            for key, dist in self.cfg.search_space.items():
+                value = point.get(key, get_dotted(self.base, key))
+                full[key] = _fit(value, dist, key)
+            if full not in points:
+                points.append(full)
+        return points[: self.cfg.num_samples]
+
+
+def _fit(value: Any, dist: Any, key: str) -> Any:
+    """`value` if the distribution can produce it, else its closest admissible value."""
+    if isinstance(dist, Choice):
+        return value if value in dist.values else dist.values[0]
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        value = (dist.low + dist.high) / 2 if not isinstance(dist, IntRange) else dist.low
+    value = min(max(value, dist.low), dist.high)
+    return int(value) if isinstance(dist, IntRange) else float(value)
+
+
+def _candidates(dist: Any) -> list[Any]:
+    if isinstance(dist, Choice):
+        return list(dist.values)
+    if isinstance(dist, IntRange):
+        return [dist.low, dist.high]
+    mid = math.sqrt(dist.low * dist.high) if dist.type == "loguniform" else (dist.low + dist.high) / 2
+    return [dist.low, mid, dist.high]
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
+    """Read, validate and check a study file; errors name the file and the field."""
+    path = Path(path).resolve()
+    data = load_yaml(path)
+    # `--set` keys that are study fields go to the study, the rest to its training config
+    study_fields = set(StudyConfig.model_fields) - {"experiment"}
+    study_over = [o for o in overrides or [] if o.split("=", 1)[0].split(".")[0].strip() in study_fields]
+    exp_over = [o for o in overrides or [] if o not in study_over]
+    data = apply_overrides(data, study_over)
+    try:
+        cfg = StudyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from None
+
+    base: dict[str, Any] = {}
+    if cfg.base is not None:
+        base_path = cfg.base if cfg.base.is_absolute() else (path.parent / cfg.base)
+        base = load_yaml(base_path)
+    base = merge(base, cfg.experiment)
+    base = apply_overrides(base, exp_over)
+    base.setdefault("name", cfg.name)
+    # trial resources come from the study, not the base config
+    set_dotted(base, "train.workers", cfg.resources_per_trial.workers)
+    set_dotted(base, "train.use_gpu", cfg.resources_per_trial.gpus_per_worker > 0)
+    resolved = parse_config(base, source=f"{path} (experiment)")
+    base = resolved.model_dump(mode="json")
+    study = Study(cfg, base, path)
+
+    # every admissible extreme of the space must give a valid training config
+    for key, dist in cfg.search_space.items():
+        if get_dotted(base, key, default=KeyError) is KeyError:
+            raise ConfigError(f"{path}: search_space.{key}: no such config field")
+        for value in _candidates(dist):
+            data = _deepcopy(base)
+            set_dotted(data, key, value)
+            try:
+                ExperimentConfig.model_validate(data)
+            except ValidationError as exc:
+                errs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                raise ConfigError(f"{path}: search_space.{key}: value {value!r} is invalid ({errs})") from None
+    for point in study.initial_points():
+        study.experiment(point)
+    if isinstance(cfg.points_to_evaluate, list):
+        for i, point in enumerate(cfg.points_to_evaluate):
+            unknown = sorted(set(point) - set(cfg.search_space))
+            if unknown:
+                raise ConfigError(f"{path}: points_to_evaluate[{i}]: {unknown} not in search_space")
+    return study
