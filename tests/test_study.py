@@ -1,0 +1,261 @@
+"""Studies end to end on CPU: real Ray Tune + Optuna + ASHA, real MLflow (SQLite and server)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, tiny_experiment
+from pisa import tracking
+from pisa.config import PAPER_DEFAULTS
+from pisa.study import collect, load_state, run_study, resume_study
+from pisa.study_config import load_study
+
+PISA = [sys.executable, "-m", "pisa.cli"]
+
+
+def write_study(tmp: Path, data_dir: Path, name: str, uri: str | None = None, **study) -> Path:
+    base = tiny_experiment(data_dir, tmp)
+    if uri:
+        base["tracking"]["uri"] = uri
+    (tmp / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {
+        "name": name, "base": "base.yaml",
+        "search_space": {
+            "model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0},
+            "model.isr_p.bias": {"type": "uniform", "low": 0.0, "high": 0.5},
+        },
+        "num_samples": 4, "max_concurrent_trials": 2,
+        "resources_per_trial": {"workers": 1, "gpus_per_worker": 0},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "seed": 0, **study,
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def children(uri: str, experiment: str, parent: str):
+    return tracking.find_runs(uri, experiment, f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+# ---------------------------------------------------------------- a study in MLflow (SQLite)
+
+
+@pytest.fixture(scope="module")
+def sqlite_study(ray_local, synthetic_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    study = load_study(write_study(tmp, synthetic_dir, "four"))
+    outcome = run_study(study)
+    return study, outcome
+
+
+@pytest.mark.slow
+def test_study_logs_one_parent_and_one_child_per_trial(sqlite_study):
+    study, outcome = sqlite_study
+    uri = outcome.tracking_uri
+    runs = children(uri, "tests", outcome.parent_run_id)
+    assert len(runs) == 4
+    parent = tracking.client(uri).get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["pisa.kind"] == "study"
+    arts = {a.path for a in tracking.client(uri).list_artifacts(outcome.parent_run_id, "report")}
+    assert {"report/trials.csv", "report/trials.html", "report/summary.txt"} <= arts
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["pisa.status"] in ("finished", "stopped_early")
+        k, b = float(run.data.params["model.isr_p.k"]), float(run.data.params["model.isr_p.bias"])
+        assert 0.5 <= k <= 3.0 and 0.0 <= b <= 0.5
+        hist = tracking.client(uri).get_metric_history(run.info.run_id, "bbox_mAP")
+        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == list(range(1, len(hist) + 1))
+        assert len(hist) >= 1
+        # the whole config is logged with the same names in every trial
+        assert run.data.params["train.seed"] == "0" and "model.carl.k" in run.data.params
+
+
+@pytest.mark.slow
+def test_paper_defaults_first_then_optuna_proposals(sqlite_study):
+    study, outcome = sqlite_study
+    points = [(float(t.params["model.isr_p.k"]), float(t.params["model.isr_p.bias"])) for t in outcome.trials]
+    paper = (PAPER_DEFAULTS["model.isr_p.k"], PAPER_DEFAULTS["model.isr_p.bias"])
+    assert points.count(paper) == 1
+    proposed = [p for p in points if p != paper]
+    assert len(set(proposed)) == 3  # Optuna proposed three distinct, non-initial points
+    for k, b in proposed:
+        assert 0.5 <= k <= 3.0 and 0.0 <= b <= 0.5
+
+
+@pytest.mark.slow
+def test_asha_ranks_and_best_reproduces_exactly(sqlite_study, tmp_path):
+    study, outcome = sqlite_study
+    finished = [t for t in outcome.trials if t.status == "finished"]
+    assert finished, "ASHA let no trial finish"
+    state = load_state(study.name, study.base["storage_path"])
+    out = tmp_path / "best.yaml"
+    cli = subprocess.run(PISA + ["study", "best", state["dir"], "--out", str(out)], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert cli.returncode == 0, cli.stderr
+    assert "best:" in cli.stdout and out.exists()
+    best = outcome.best
+    assert f"run_id={best.run_id}" in out.read_text()
+
+    from pisa.reproduce import reproduce
+
+    target = finished[0]
+    result = reproduce(target.run_id, tracking_uri=outcome.tracking_uri)
+    assert result["status"] == "FINISHED"
+    rows = {k: (old, new) for k, old, new in result["rows"]}
+    old, new = rows["bbox_mAP"]
+    assert old is not None and new == pytest.approx(old, abs=1e-9)
+    assert rows["train_loss"][1] == pytest.approx(rows["train_loss"][0], rel=1e-6)
+    run = tracking.client(outcome.tracking_uri).get_run(result["run_id"])
+    assert run.data.tags["pisa.reproduces"] == target.run_id
+
+
+# ---------------------------------------------------------------- a real MLflow server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+         "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
+        stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            tracking.check_reachable(uri, timeout=2)
+            break
+        except tracking.TrackingError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"mlflow server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
+            time.sleep(1)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_study_against_mlflow_server_with_a_diverging_trial(ray_local, synthetic_dir, mlflow_server, tmp_path):
+    path = write_study(
+        tmp_path, synthetic_dir, "server", uri=mlflow_server,
+        search_space={"train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e6}},
+        num_samples=2, points_to_evaluate=[{"train.lr": 1e6}, {"train.lr": 0.02}],
+    )
+    outcome = run_study(load_study(path))
+    runs = children(mlflow_server, "tests", outcome.parent_run_id)
+    assert len(runs) == 2
+    by_lr = {float(r.data.params["train.lr"]): r for r in runs}
+    diverged, healthy = by_lr[1e6], by_lr[0.02]
+    assert diverged.info.status == "FAILED" and diverged.data.tags["pisa.status"] == "failed"
+    assert "non-finite loss" in diverged.data.tags["pisa.error"]
+    assert healthy.info.status == "FINISHED"
+    assert len(tracking.client(mlflow_server).get_metric_history(healthy.info.run_id, "bbox_mAP")) == 2
+
+
+# ---------------------------------------------------------------- interrupt and resume
+
+
+@pytest.mark.slow
+def test_interrupted_study_resumes_without_duplicate_runs(synthetic_dir, tmp_path):
+    path = write_study(tmp_path, synthetic_dir, "resumable", num_samples=3, max_concurrent_trials=1,
+                       scheduler={"type": "fifo"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen(PISA + ["study", "run", str(path)], cwd=tmp_path, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    state_file = tmp_path / "ray_results" / "resumable" / "pisa_study.json"
+    deadline = time.time() + 420
+    try:
+        while time.time() < deadline:  # interrupt once the first trial has finished
+            if state_file.exists():
+                import json
+
+                parent = json.loads(state_file.read_text())["parent_run_id"]
+                done = [r for r in children(uri, "tests", parent) if r.info.status == "FINISHED"]
+                if done:
+                    break
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(2)
+        else:
+            pytest.fail("no trial finished in time")
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = children(uri, "tests", parent)
+    assert 1 <= len([r for r in before if r.info.status == "FINISHED"]) < 3
+
+    resumed = subprocess.run(PISA + ["study", "resume", "resumable"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = children(uri, "tests", parent)
+    trial_ids = [r.data.tags["pisa.trial_id"] for r in after]
+    assert len(after) == 3 and len(set(trial_ids)) == 3
+    assert all(r.info.status == "FINISHED" for r in after)
+    finished_first = {r.info.run_id for r in before if r.info.status == "FINISHED"}
+    for run in after:  # trials that had finished were not trained again
+        if run.info.run_id in finished_first:
+            assert len(tracking.client(uri).get_metric_history(run.info.run_id, "bbox_mAP")) == 2
+
+
+# ---------------------------------------------------------------- invalid study files
+
+
+BAD_STUDIES = [
+    ({"bogus": 1}, "bogus: unknown key"),
+    ({"search_space": {"model.isr_p.k": {"type": "uniform", "low": 0.0, "high": 2.0}}},
+     "search_space.model.isr_p.k: value 0.0 is invalid"),
+    ({"search_space": {"model.carl.bias": {"type": "uniform", "low": 0.0, "high": 1.5}}},
+     "search_space.model.carl.bias: value 1.5 is invalid"),
+    ({"search_space": {"model.isr_p.kk": {"type": "uniform", "low": 0.5, "high": 2.0}}},
+     "search_space.model.isr_p.kk: no such config field"),
+    ({"search_space": {"model.sampler": {"type": "choice", "values": ["random", "fancy"]}}},
+     "search_space.model.sampler: value 'fancy' is invalid"),
+    ({"experiment": {"model": {"detector": "yolo"}}}, "model.detector: Input should be"),
+    ({"search_space": {"model.isr_p.k": {"type": "uniform", "low": 3.0, "high": 1.0}}}, "must be < high"),
+    ({"num_samples": 0}, "num_samples: Input should be greater than or equal to 1"),
+    ({"scheduler": {"type": "hyperband"}}, "scheduler.type"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_STUDIES)
+def test_invalid_study_fails_before_anything_starts(synthetic_dir, tmp_path, change, message):
+    path = write_study(tmp_path, synthetic_dir, "bad")
+    spec = yaml.safe_load(path.read_text())
+    spec.update(change)
+    path.write_text(yaml.safe_dump(spec))
+    res = subprocess.run(PISA + ["study", "run", str(path)], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert message in res.stderr and str(path) in res.stderr
+    assert not (tmp_path / "ray_results" / "bad").exists()
+    assert "Started a local Ray instance" not in res.stderr
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nsearch_space:\n  model.isr_p.k: {type: uniform, low: 1\n")
+    res = subprocess.run(PISA + ["study", "run", str(path)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and f"{path}:" in res.stderr and "invalid YAML" in res.stderr
