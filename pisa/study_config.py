@@ -26,18 +26,8 @@ from .config import (
     format_validation_error,
     load_yaml,
     parse_config,
+    set_dotted,
 )
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"'{part}' in {key!r} is not a config section")
-        node = child
-    node[parts[-1]] = value
 
 
 def get_dotted(data: dict[str, Any], key: str, default: Any = None) -> Any:

@@ -42,3 +42,25 @@ def test_training_run_is_stored_in_postgres(ray_local, synthetic_dir, postgres_s
     steps = postgres_server.query(
         "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'bbox_mAP' ORDER BY step", (outcome.run_id,), db)
     assert steps == [(1,)]
+
+
+def test_two_trial_study_is_stored_in_postgres(ray_local, synthetic_dir, postgres_server, mlflow_server_pg,
+                                               tmp_path):
+    from test_study import children, write_study
+
+    from pisa.study import run_study
+    from pisa.study_config import load_study
+
+    path = write_study(tmp_path, synthetic_dir, "pg-study", uri=mlflow_server_pg.uri, num_samples=2,
+                       scheduler={"type": "fifo"})
+    outcome = run_study(load_study(path))
+    runs = children(mlflow_server_pg.uri, "tests", outcome.parent_run_id)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    ids = tuple(r.info.run_id for r in runs)
+    rows = postgres_server.query(
+        "SELECT count(*) FROM tags WHERE key = 'mlflow.parentRunId' AND value = %s AND run_uuid IN %s",
+        (outcome.parent_run_id, ids), "mlflow")
+    assert rows == [(2,)]
+    (n,), = postgres_server.query(
+        "SELECT count(*) FROM metrics WHERE key = 'bbox_mAP' AND run_uuid IN %s", (ids,), "mlflow")
+    assert n == 4  # 2 trials x 2 epochs
