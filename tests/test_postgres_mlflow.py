@@ -56,11 +56,11 @@ def test_two_trial_study_is_stored_in_postgres(ray_local, synthetic_dir, postgre
     outcome = run_study(load_study(path))
     runs = children(mlflow_server_pg.uri, "tests", outcome.parent_run_id)
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    ids = tuple(r.info.run_id for r in runs)
+    ids = [r.info.run_id for r in runs]
     rows = postgres_server.query(
-        "SELECT count(*) FROM tags WHERE key = 'mlflow.parentRunId' AND value = %s AND run_uuid IN %s",
+        "SELECT count(*) FROM tags WHERE key = 'mlflow.parentRunId' AND value = %s AND run_uuid = ANY(%s)",
         (outcome.parent_run_id, ids), "mlflow")
     assert rows == [(2,)]
     (n,), = postgres_server.query(
-        "SELECT count(*) FROM metrics WHERE key = 'bbox_mAP' AND run_uuid IN %s", (ids,), "mlflow")
+        "SELECT count(*) FROM metrics WHERE key = 'bbox_mAP' AND run_uuid = ANY(%s)", (ids,), "mlflow")
     assert n == 4  # 2 trials x 2 epochs

@@ -1,0 +1,192 @@
+"""Detection quality on BCCD: the random-sampling baseline against PISA, same budget, same seeds.
+
+Every variant trains the same small detector (`configs/bccd_cpu.yaml`, optionally reduced
+with `--set`) for the same number of epochs on the same images, once per seed, with
+`pisa.train.run_training` (one Ray Train worker), and is evaluated on the same val
+images. Variants:
+
+  baseline  random RoI sampling, ISR-P off, CARL off
+  pisa      the paper's defaults: ISR-P (k=2, b=0), CARL (k=1, b=0.2),
+            ISR-N = Score-HLR sampling (k=0.5, b=0)
+  best      (with `--best best.yaml`, a config written by `pisa study best`) the PISA
+            settings of that file (`model.sampler`, `model.isr_p`, `model.isr_n`,
+            `model.carl`); everything else stays the base config's
+
+The runs go round-robin over the seeds (seed 0 of every variant, then seed 1, ...) so
+that load on the machine hits the variants alike and a run cut short by `--max-minutes`
+leaves complete pairs. The report gives the final-epoch val bbox_mAP and bbox_mAP_50 as
+mean +- sample std over the seeds, and each variant's difference to the baseline (of the
+means, and paired by seed). MLflow logs into a temporary SQLite store.
+
+    python benchmarks/bench_quality.py --seeds 0 1 2 \\
+        --set train.epochs=3 --set train.milestones=[2] --set data.train_limit=120 --set data.val_limit=40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "bccd_cpu.yaml"
+METRICS = ("bbox_mAP", "bbox_mAP_50")
+
+BASELINE = ["model.sampler=random", "model.isr_p.enabled=false", "model.carl.enabled=false"]
+PAPER = [
+    "model.sampler=score_hlr", "model.isr_n.k=0.5", "model.isr_n.bias=0.0",
+    "model.isr_p.enabled=true", "model.isr_p.k=2.0", "model.isr_p.bias=0.0",
+    "model.carl.enabled=true", "model.carl.k=1.0", "model.carl.bias=0.2",
+]
+PISA_KEYS = ("isr_p", "isr_n", "carl")
+
+
+def best_overrides(path: Path) -> list[str]:
+    """The PISA settings of a best-trial config, as overrides of the base config."""
+    model = (yaml.safe_load(path.read_text()) or {}).get("model", {})
+    out = [f"model.sampler={model['sampler']}"] if "sampler" in model else []
+    for part in PISA_KEYS:
+        for key, value in (model.get(part) or {}).items():
+            out.append(f"model.{part}.{key}={json.dumps(value)}")
+    if not out:
+        raise SystemExit(f"{path}: no model.sampler / isr_p / isr_n / carl settings found")
+    return out
+
+
+def data_overrides(bccd: Path) -> list[str]:
+    return [f"data.train_images={bccd / 'images'}", f"data.train_annotations={bccd / 'train.json'}",
+            f"data.val_images={bccd / 'images'}", f"data.val_annotations={bccd / 'val.json'}"]
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt(mean: float | None, std: float | None, signed: bool = False) -> str:
+    if mean is None:
+        return "-"
+    m = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+    return m + (f" +- {std:.4f}" if std is not None else "")
+
+
+def report(runs: list[dict], variants: list[str], seeds: list[int]) -> None:
+    ok = [r for r in runs if r["status"] == "FINISHED"]
+    print(f"\n{'variant':<10}{'runs':>5}  " + "".join(f"{m + ' (mean +- std)':<28}" for m in METRICS)
+          + "per seed " + METRICS[0] + "                min/run")
+    for v in variants:
+        rows = [r for r in ok if r["variant"] == v]
+        cells = "".join(f"{fmt(*mean_std([r['metrics'][m] for r in rows])):<28}" for m in METRICS)
+        per_seed = " ".join(f"{r['seed']}:{r['metrics'][METRICS[0]]:.4f}" for r in rows)
+        minutes = statistics.fmean(r["wall_s"] for r in rows) / 60 if rows else float("nan")
+        print(f"{v:<10}{len(rows):>5}  {cells}{per_seed:<31}{minutes:.1f}")
+    failed = [r for r in runs if r["status"] != "FINISHED"]
+    for r in failed:
+        print(f"  FAILED {r['variant']} seed {r['seed']}: {r.get('error')}")
+    base = {r["seed"]: r for r in ok if r["variant"] == "baseline"}
+    for v in variants:
+        if v == "baseline":
+            continue
+        rows = {r["seed"]: r for r in ok if r["variant"] == v}
+        paired = sorted(set(rows) & set(base))
+        for m in METRICS:
+            diff_means = None
+            if rows and base:
+                diff_means = (statistics.fmean(r["metrics"][m] for r in rows.values())
+                              - statistics.fmean(r["metrics"][m] for r in base.values()))
+            diffs = [rows[s]["metrics"][m] - base[s]["metrics"][m] for s in paired]
+            wins = sum(d > 0 for d in diffs)
+            print(f"{v} - baseline {m}: {fmt(diff_means, None, signed=True)} (difference of the means); "
+                  f"paired over {len(paired)} seed(s): {fmt(*mean_std(diffs), signed=True)}, "
+                  f"{v} ahead in {wins} of {len(paired)}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bccd", type=Path, default=REPO.parent / "shared" / "datasets" / "bccd",
+                        help="BCCD folder (images/, train.json, val.json)")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="base training config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the base config for every variant (repeatable)")
+    parser.add_argument("--best", type=Path, help="a config written by `pisa study best`: a third variant")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max-minutes", type=float, help="start no new training after this many minutes")
+    parser.add_argument("--keep", action="store_true", help="keep the MLflow store and Ray results")
+    parser.add_argument("--json", type=Path, help="also write every run's metrics here")
+    args = parser.parse_args()
+
+    bccd = args.bccd.resolve()
+    for needed in (bccd / "images", bccd / "train.json", bccd / "val.json"):
+        if not needed.exists():
+            raise SystemExit(f"BCCD not found: {needed} is missing (use --bccd DIR)")
+    variants = {"baseline": BASELINE, "pisa": PAPER}
+    if args.best:
+        variants["best"] = best_overrides(args.best)
+
+    import torch
+
+    from pisa.config import load_config
+    from pisa.train import run_training
+
+    work = Path(tempfile.mkdtemp(prefix="pisa-bench-quality-"))
+    common = data_overrides(bccd) + list(args.overrides)
+    tail = [f"tracking.uri=sqlite:///{work / 'mlflow.db'}", "tracking.experiment=bench-quality",
+            f"storage_path={work / 'ray_results'}", "train.workers=1", "train.use_gpu=false"]
+    probe = load_config(args.config, common + tail)
+    sched = probe.train.resolved()
+    print(f"config {args.config} + {args.overrides or 'no overrides'}")
+    print(f"budget per run: {sched['epochs']} epochs, milestones {sched['milestones']}, "
+          f"train_limit {probe.data.train_limit}, val_limit {probe.data.val_limit}, "
+          f"{probe.train.workers} worker x {probe.train.images_per_worker} images, "
+          f"{probe.model.min_size}-{probe.model.max_size} px, backbone {probe.model.backbone} "
+          f"(pretrained: {probe.model.pretrained_backbone or 'no'})")
+    print(f"variants: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in variants.items()))
+    print(f"seeds {args.seeds}; torch {torch.__version__}, {os.cpu_count()} CPUs "
+          f"({platform.processor() or platform.machine()}), load average {os.getloadavg()[0]:.1f}")
+
+    runs: list[dict] = []
+    start = time.time()
+    stopped = False
+    for seed in args.seeds:
+        for name, over in variants.items():
+            if args.max_minutes and (time.time() - start) / 60 >= args.max_minutes:
+                stopped = True
+                break
+            cfg = load_config(args.config, common + over + [f"train.seed={seed}"] + tail)
+            t0 = time.time()
+            outcome = run_training(cfg, run_name=f"{name}-seed{seed}", tags={"pisa.bench_variant": name})
+            wall = time.time() - t0
+            row = {"variant": name, "seed": seed, "status": outcome.status, "wall_s": wall,
+                   "run_id": outcome.run_id, "error": outcome.error,
+                   "metrics": {m: outcome.metrics.get(m) for m in METRICS + ("epoch", "train_loss")}}
+            runs.append(row)
+            print(f"[bench] {name} seed {seed}: {outcome.status} "
+                  + " ".join(f"{m}={row['metrics'][m]}" for m in METRICS) + f" in {wall:.0f} s", flush=True)
+        if stopped:
+            break
+    if stopped:
+        print(f"\nstopped after {args.max_minutes} min: {len(runs)} of "
+              f"{len(args.seeds) * len(variants)} trainings ran")
+    print(f"\ntotal {(time.time() - start) / 60:.1f} min")
+    report(runs, list(variants), args.seeds)
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=2, default=str))
+    if args.keep:
+        print(f"kept {work} (MLflow: sqlite:///{work / 'mlflow.db'})")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(r["status"] == "FINISHED" for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
