@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# each demo is a new study (a name with a time stamp); `pisa study best quickstart-...` after
 demo: $(STAMP)
-	$(PY) -m pisa.cli study run studies/quickstart.yaml
+	$(PY) -m pisa.cli study run studies/quickstart.yaml --set name=quickstart-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
