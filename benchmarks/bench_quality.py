@@ -120,6 +120,8 @@ def main() -> int:
                         help="override a field of the base config for every variant (repeatable)")
     parser.add_argument("--best", type=Path, help="a config written by `pisa study best`: a third variant")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", choices=["baseline", "pisa", "best"],
+                        help="which variants to train (default: baseline, pisa, and best with --best)")
     parser.add_argument("--max-minutes", type=float, help="start no new training after this many minutes")
     parser.add_argument("--keep", action="store_true", help="keep the MLflow store and Ray results")
     parser.add_argument("--json", type=Path, help="also write every run's metrics here")
@@ -132,6 +134,10 @@ def main() -> int:
     variants = {"baseline": BASELINE, "pisa": PAPER}
     if args.best:
         variants["best"] = best_overrides(args.best)
+    if args.variants:
+        if "best" in args.variants and not args.best:
+            raise SystemExit("variant 'best' needs --best best.yaml")
+        variants = {k: v for k, v in variants.items() if k in args.variants}
 
     import torch
 
@@ -168,10 +174,12 @@ def main() -> int:
             wall = time.time() - t0
             row = {"variant": name, "seed": seed, "status": outcome.status, "wall_s": wall,
                    "run_id": outcome.run_id, "error": outcome.error,
-                   "metrics": {m: outcome.metrics.get(m) for m in METRICS + ("epoch", "train_loss")}}
+                   "metrics": {m: outcome.metrics.get(m) for m in METRICS + ("epoch", "train_loss", "time_train_s",
+                                                                        "time_eval_s", "images_per_sec")}}
             runs.append(row)
             print(f"[bench] {name} seed {seed}: {outcome.status} "
-                  + " ".join(f"{m}={row['metrics'][m]}" for m in METRICS) + f" in {wall:.0f} s", flush=True)
+                  + " ".join(f"{m}={row['metrics'][m]}" for m in METRICS) + f" in {wall:.0f} s (last epoch: "
+                  f"train {row['metrics']['time_train_s']} s, eval {row['metrics']['time_eval_s']} s)", flush=True)
         if stopped:
             break
     if stopped:

@@ -74,6 +74,7 @@ class Runner:
     def __init__(self, cfg: ModelConfig, num_classes: int, device: torch.device, seed: int):
         torch.manual_seed(seed)
         self.model = build_detector(cfg, num_classes=num_classes).to(device).train()
+        self.device_type = device.type
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -87,7 +88,7 @@ class Runner:
         if self.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.cuda):
+        with torch.autocast(self.device_type, dtype=torch.float16, enabled=self.cuda):
             losses = self.model(images, targets)
         loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -147,8 +148,9 @@ def main() -> None:
     where = torch.cuda.get_device_name(0) if device.type == "cuda" else (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     amp = ", fp16 autocast + channels_last" if device.type == "cuda" else ""
+    rois = f"{args.proposals} proposals, {args.rois} RoIs/img; " if args.detector == "faster_rcnn" else ""
     print(f"{args.detector} / {args.backbone} ({args.norm}), {args.batch} x {args.size}px, "
-          f"{args.proposals} proposals, {args.rois} RoIs/img; {args.steps} rounds after {args.warmup} "
+          f"{rois}{args.steps} rounds after {args.warmup} "
           f"warm-up; torch {torch.__version__} on {args.device} ({where}{amp})")
     base = runners["baseline"].times
     base_med = statistics.median(base)

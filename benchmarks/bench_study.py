@@ -264,10 +264,23 @@ def print_comparison(asha: dict, fifo: dict) -> None:
     best_ratio = (asha["best"] / fifo["best"]) if asha["best"] is not None and fifo["best"] else None
     print(f"  ASHA / FIFO: trial-epochs {ratio_e:.2f}x, wall {ratio_w:.2f}x, best {asha['metric']} "
           f"{_f(best_ratio, '{:.2f}')}x ({_f(asha['best'], '{:.4f}')} vs {_f(fifo['best'], '{:.4f}')})")
-    same = [(a["params"], b["params"]) for a, b in zip(sorted(asha["trials"], key=lambda t: t["trial_id"]),
-                                                       sorted(fifo["trials"], key=lambda t: t["trial_id"]))]
-    pts = sum(1 for a, b in same if a == b)
-    print(f"  identical sampled points in both studies: {pts} of {len(same)}")
+    a_pts, f_pts = {_point(t) for t in asha["trials"]}, {_point(t) for t in fifo["trials"]}
+    print(f"  sampled points common to both studies: {len(a_pts & f_pts)} of {len(f_pts)}")
+    final = {_point(t): t["metric"] for t in fifo["trials"]}
+    for t in sorted(asha["trials"], key=lambda t: t["start"]):
+        if t["status"] == "stopped_early" and final.get(_point(t)) is not None:
+            print(f"    ASHA stopped {t['trial_id']} after {t['epochs']} epoch(s) at {_f(t['metric'], '{:.4f}')}; "
+                  f"FIFO trained the same point to {_f(final[_point(t)], '{:.4f}')}")
+
+
+def _point(trial: dict) -> tuple:
+    def norm(v):
+        try:
+            return f"{float(v):.6g}"
+        except (TypeError, ValueError):
+            return str(v)
+
+    return tuple(sorted((k, norm(v)) for k, v in trial["params"].items()))
 
 
 # ---------------------------------------------------------------- main

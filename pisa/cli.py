@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import __version__
 from .config import ConfigError
@@ -78,7 +79,10 @@ def _finish_study(outcome) -> int:
         params = ", ".join(f"{k}={v}" for k, v in best.params.items())
         print(f"best trial: {best.trial_id} ({params}): {outcome.metric} {best.metric:.4f}, MLflow run {best.run_id}")
     uri = outcome.tracking_uri
-    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    mlflow_cmd = str(mlflow_bin) if mlflow_bin.exists() else "mlflow"
+    ui = (f"{mlflow_cmd} ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000"
+          if not uri.startswith("http") else f"open {uri}")
     print(f"compare the trials in the MLflow UI:  {ui}")
     if outcome.interrupted:
         print(f"study interrupted: continue it with `pisa study resume {outcome.name}`")

@@ -22,10 +22,11 @@ pytestmark = pytest.mark.slow
 
 QUICKSTART = REPO / "configs" / "quickstart_trial.yaml"
 
-# measured: bbox_mAP __SYN_MEASURED__ after 4 epochs (__SYN_SECONDS__ s with Ray start-up)
-SYNTHETIC_MIN_MAP = __SYN_THRESHOLD__
-# measured: bbox_mAP __BCCD_MEASURED__ (__BCCD_SECONDS__ s with Ray start-up)
-BCCD_MIN_MAP = __BCCD_THRESHOLD__
+# measured on a shared 2-core CPU: bbox_mAP 0.221 after 4 epochs (0.029 / 0.067 / 0.132 / 0.221;
+# deterministic), 107 s train + 11 s eval, ~190 s with Ray start-up under load
+SYNTHETIC_MIN_MAP = 0.10
+# measured: bbox_mAP 0.124 (AP50 ~0.34), 72 s train + 9 s eval, ~100 s with Ray start-up
+BCCD_MIN_MAP = 0.05
 
 
 def _tracking(work: Path, experiment: str) -> list[str]:
@@ -49,12 +50,13 @@ def test_quickstart_trial_learns_synthetic_shapes(ray_local, tmp_path):
 
 
 def bccd_experiment(bccd: Path, work: Path) -> dict:
-    """Faster R-CNN (MobileNetV3-FPN from scratch, trainable BN) with PISA on BCCD, small inputs."""
+    """Faster R-CNN (ResNet-18-FPN from scratch, trainable BN) with PISA: one epoch of 64 BCCD
+    train images at 224x299 (32 steps), evaluated on the first 24 val images."""
     return {
         "name": "bccd-learning",
         "model": {
-            "detector": "faster_rcnn", "backbone": "__BCCD_BACKBONE__", "norm": "bn",
-            "min_size": __BCCD_MIN__, "max_size": __BCCD_MAX__,
+            "detector": "faster_rcnn", "backbone": "resnet18_fpn", "norm": "bn",
+            "min_size": 224, "max_size": 299,
             "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300,
             "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 300,
             "rois_per_image": 128, "sampler": "score_hlr",
@@ -63,11 +65,11 @@ def bccd_experiment(bccd: Path, work: Path) -> dict:
         "data": {
             "train_images": str(bccd / "images"), "train_annotations": str(bccd / "train.json"),
             "val_images": str(bccd / "images"), "val_annotations": str(bccd / "val.json"),
-            "val_limit": __BCCD_VAL_LIMIT__,
+            "train_limit": 64, "val_limit": 24,
         },
         "train": {
-            "schedule": "custom", "epochs": __BCCD_EPOCHS__, "lr": 0.01, "base_batch": 2,
-            "milestones": [__BCCD_MILESTONE__], "warmup_iters": 30, "grad_clip": 5.0,
+            "schedule": "custom", "epochs": 1, "lr": 0.01, "base_batch": 2,
+            "milestones": [], "warmup_iters": 30, "grad_clip": 5.0,
             "workers": 1, "use_gpu": False, "images_per_worker": 2, "log_every": 20, "seed": 0,
         },
         "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "learning",
