@@ -27,6 +27,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_hlr.py
+	$(PY) benchmarks/bench_step.py --device cpu --threads 1 --steps 6 --warmup 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -9,7 +9,6 @@ exactly like the uninterrupted run.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import tempfile
@@ -188,7 +187,6 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, scaler, epoch:
         "epoch": epoch,
         "iteration": iteration,
         "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-        "num_classes": None,
     }
     path = directory / CHECKPOINT_FILE
     torch.save(state, path)
@@ -364,6 +362,3 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics, checkpoint=None)
 
-
-def finite(metrics: dict[str, Any]) -> bool:
-    return all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
