@@ -74,7 +74,23 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         kwargs["num_cpus"] = num_cpus or os.cpu_count()
         kwargs["resources"] = {DRIVER_RESOURCE: 10_000}
         kwargs.pop("address")
-    ray.init(**kwargs)
+        # Ray Train's placement-group cleaner finds its cluster by address; with another
+        # local Ray instance on the machine (a second study, a notebook) that look-up is
+        # ambiguous and placement groups leak. So fix the GCS port and tell every worker.
+        import socket
+
+        from ray.util import get_node_ip_address
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        env = {**env, "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}
+        kwargs["runtime_env"] = {"env_vars": env}
+    try:
+        ray.init(**kwargs)
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
 def scaling_config(cfg: ExperimentConfig):

@@ -185,7 +185,9 @@ def build_backbone(
     if norm == "frozen_bn" and not cfg.pretrained_backbone:
         log.warning("norm 'frozen_bn' without pretrained weights: the BN layers are identities and never learn")
     is_mobilenet = cfg.backbone == "mobilenet_v3_fpn"
-    bn_args = dict(bn_eps=0.001, bn_momentum=0.01) if is_mobilenet else {}
+    # MobileNetV3's own BN settings suit its pretrained statistics; from scratch their slow
+    # momentum (0.01) leaves the running statistics far behind the weights in short runs
+    bn_args = dict(bn_eps=0.001, bn_momentum=0.01) if is_mobilenet and cfg.pretrained_backbone else {}
     trunk_norm, fpn_norm = _norm_layers(norm, **bn_args)
     model = _build_trunk(cfg.backbone, trunk_norm)
 
