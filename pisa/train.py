@@ -60,6 +60,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1",
+           # Ray Train's print() patch logs even prints a library sends to a redirected
+           # stdout (COCOeval's tables) and doubles the progress lines: keep plain print
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
            # slow machines need more than Ray's 60 s to start a worker process
            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}
     os.environ.update(env)
