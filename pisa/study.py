@@ -183,9 +183,14 @@ class MlflowStudyLogger(Callback):
         tags = {"pisa.status": status, "pisa.epochs": epochs}
         if status == "stopped_early":
             tags["pisa.stopped_by"] = f"{self.study.cfg.scheduler.type} scheduler after epoch {epochs}"
+        # the best epoch from MLflow's history: also right for a trial resumed mid-way
+        history = [m.value for m in tracking.client(self.uri).get_metric_history(run_id, self.study.cfg.metric)
+                   if math.isfinite(m.value)]
+        if history:
+            value = max(history) if self.study.cfg.mode == "max" else min(history)
+            tags[f"pisa.best_{self.study.cfg.metric}"] = f"{value:.6g}"
         best = self.best.get(trial.trial_id)
         if best is not None:
-            tags[f"pisa.best_{self.study.cfg.metric}"] = f"{best[0]:.6g}"
             self._log_checkpoint(run_id, best[1])
         tracking.set_tags(self.uri, run_id, tags)
         tracking.end_run(self.uri, run_id, "FINISHED")
