@@ -220,7 +220,7 @@ def _short(v: Any) -> str:
 
 
 def _trial_error(trial) -> str:
-    from .train import _root_message
+    from .train import root_message
 
     text = ""
     path = getattr(trial, "error_file", None) or getattr(getattr(trial, "run_metadata", None), "error_filename", None)
@@ -228,11 +228,7 @@ def _trial_error(trial) -> str:
         text = Path(path).read_text()
     if not text:
         text = str(getattr(trial, "error_msg", "") or "trial failed")
-
-    class _E(Exception):
-        pass
-
-    return _root_message(_E(text))
+    return root_message(text)
 
 
 # ---------------------------------------------------------------- running

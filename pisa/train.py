@@ -216,7 +216,7 @@ def run_training(
     checkpoint_dir = result.checkpoint.path if result is not None and result.checkpoint else None
     metrics = dict(result.metrics or {}) if result is not None else {}
     if error is not None:
-        message = _root_message(error)
+        message = root_message(str(error))
         tracking.set_tags(uri, run_id, {"pisa.error": message})
         tracking.end_run(uri, run_id, "FAILED")
         print(f"[pisa] training failed: {message}", flush=True)
@@ -226,14 +226,13 @@ def run_training(
     return TrainOutcome(run_id, "FINISHED", metrics, checkpoint_dir)
 
 
-def _root_message(error: BaseException) -> str:
-    """The innermost worker error, one line, without Ray's wrapping."""
-    text = str(error)
+def root_message(text: str) -> str:
+    """The innermost worker error of a (Ray-wrapped) error text, one line."""
     for marker in ("NonFiniteLossError: ", "DataError: ", "BackboneLoadError: "):
         if marker in text:
             return marker.rstrip(": ") + ": " + text.split(marker, 1)[1].strip().splitlines()[0]
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(error).__name__
+    return lines[-1] if lines else "unknown error"
 
 
 def summary_json(outcome: TrainOutcome) -> str:
