@@ -228,9 +228,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_detector(cfg.model, num_classes=train_set.num_classes)
     if on_gpu and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    schedule = cfg.train.resolved()
-    schedule["total_batch"] = world * cfg.train.images_per_worker
-    schedule["scaled_lr"] = schedule["lr"] * schedule["total_batch"] / schedule["base_batch"]
+    schedule = cfg.train.resolved()  # world == cfg.train.workers: the LR is scaled for it
 
     # Mask R-CNN's mask branch is idle in a step without positives
     model = ray.train.torch.prepare_model(

@@ -39,14 +39,19 @@ def rank_within_groups(groups: Tensor, *keys: Tensor) -> Tensor:
     n = groups.numel()
     if n == 0:
         return groups.new_zeros(0, dtype=torch.long)
-    order = lexsort(groups, *keys)
+    return _rank_in_sorted(groups, lexsort(groups, *keys))
+
+
+def _rank_in_sorted(groups: Tensor, order: Tensor) -> Tensor:
+    """Rank of each element inside its group, given an `order` that sorts groups together."""
+    n = order.numel()
     sorted_groups = groups[order]
     # start of each element's group in sorted order: running max of group-start positions
-    position = torch.arange(n, device=groups.device)
-    is_start = torch.ones(n, dtype=torch.bool, device=groups.device)
+    position = torch.arange(n, device=order.device)
+    is_start = torch.ones(n, dtype=torch.bool, device=order.device)
     is_start[1:] = sorted_groups[1:] != sorted_groups[:-1]
     starts = torch.cummax(torch.where(is_start, position, torch.zeros_like(position)), 0).values
-    rank = torch.empty(n, dtype=torch.long, device=groups.device)
+    rank = torch.empty_like(order)
     rank[order] = position - starts
     return rank
 
@@ -83,16 +88,7 @@ def _dense_rank(values: Tensor) -> Tensor:
 
 def _rank_by_key(groups: Tensor, key: Tensor) -> Tensor:
     """Rank inside each group by a unique integer `key` that sorts groups first."""
-    n = key.numel()
-    order = torch.sort(key).indices
-    sorted_groups = groups[order]
-    position = torch.arange(n, device=key.device)
-    is_start = torch.ones(n, dtype=torch.bool, device=key.device)
-    is_start[1:] = sorted_groups[1:] != sorted_groups[:-1]
-    starts = torch.cummax(torch.where(is_start, position, torch.zeros_like(position)), 0).values
-    rank = torch.empty_like(order)
-    rank[order] = position - starts
-    return rank
+    return _rank_in_sorted(groups, torch.sort(key).indices)
 
 
 @torch.no_grad()

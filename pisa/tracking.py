@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -191,6 +190,3 @@ def find_runs(uri: str, experiment: str, filter_string: str = "", max_results: i
         return []
     return c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=max_results)
 
-
-def tempdir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="pisa-mlflow-")
