@@ -261,6 +261,12 @@ def load_state(name_or_dir: str, storage_path: str | Path = "ray_results") -> di
     )
 
 
+def _trainable(study: Study):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(run_trial, study=study), trial_driver_resources())
+
+
 def _tuner(study: Study, uri: str, parent_run_id: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -277,7 +283,7 @@ def _tuner(study: Study, uri: str, parent_run_id: str):
                                   reduction_factor=cfg.scheduler.reduction_factor)
     else:
         scheduler = FIFOScheduler()
-    trainable = tune.with_resources(tune.with_parameters(run_trial, study=study), trial_driver_resources())
+    trainable = _trainable(study)
     return tune.Tuner(
         trainable,
         param_space=tune_space(study),
@@ -334,7 +340,7 @@ def resume_study(name: str, *, storage_path: str | Path = "ray_results", address
     tracking.check_reachable(uri)
     init_ray(address)
     tracking.client(uri).update_run(state["parent_run_id"], status="RUNNING")
-    trainable = tune.with_resources(tune.with_parameters(run_trial, study=study), trial_driver_resources())
+    trainable = _trainable(study)
     tuner = tune.Tuner.restore(state["dir"], trainable=trainable, resume_unfinished=True,
                                resume_errored=False, restart_errored=False)
     print(f"[pisa] resuming study {study.name} from {state['dir']}", flush=True)
