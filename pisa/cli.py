@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError
+from .errors import PisaError
 
 EXIT_USAGE = 2
 
@@ -179,17 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
+    except PisaError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ValueError, RuntimeError) as exc:
-        if type(exc).__name__ in ("DataError", "TrackingError", "BackboneLoadError"):
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        raise
-    except (FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -21,14 +21,11 @@ import torch
 from torch import nn
 
 from .config import ExperimentConfig
+from .errors import NonFiniteLossError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DIAGNOSTICS_FILE = "diagnostics.pt"
 MAX_DIAGNOSTIC_VALUES = 50_000
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training diverged: a loss became NaN or infinite."""
 
 
 # ---------------------------------------------------------------- schedule

@@ -19,6 +19,7 @@ from typing import Any
 from ray.tune import Callback
 
 from . import tracking
+from .errors import StudyError
 from .config import Choice, IntRange, LogUniform, flatten
 from .study_config import Study, load_study
 
@@ -220,15 +221,21 @@ def _short(v: Any) -> str:
 
 
 def _trial_error(trial) -> str:
-    from .train import root_message
+    """One line on why a trial failed, from the exception Tune pickled for it."""
+    from .errors import one_line
 
+    try:
+        error = trial.get_pickled_error()
+    except Exception:  # an error that can't be unpickled here: fall back to its text
+        error = None
+    if error is not None:
+        return one_line(error)
     text = ""
-    path = getattr(trial, "error_file", None) or getattr(getattr(trial, "run_metadata", None), "error_filename", None)
+    path = getattr(trial, "error_file", None)
     if path and Path(path).exists():
         text = Path(path).read_text()
-    if not text:
-        text = str(getattr(trial, "error_msg", "") or "trial failed")
-    return root_message(text)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else "trial failed"
 
 
 # ---------------------------------------------------------------- running
@@ -256,7 +263,7 @@ def load_state(name_or_dir: str, storage_path: str | Path = "ray_results") -> di
             state = json.loads((c / STATE_FILE).read_text())
             state["dir"] = str(c.resolve())
             return state
-    raise FileNotFoundError(
+    raise StudyError(
         f"no study {name_or_dir!r}: looked for {STATE_FILE} in " + ", ".join(str(c) for c in candidates)
     )
 
@@ -305,7 +312,7 @@ def run_study(study: Study, *, address: str | None = None) -> StudyOutcome:
     uri = study.experiment({}).tracking.resolved_uri()
     tracking.check_reachable(uri)
     if _state_path(study).exists() and (study_dir(study) / "tuner.pkl").exists():
-        raise FileExistsError(
+        raise StudyError(
             f"study {study.name!r} already exists in {study_dir(study)}: continue it with "
             f"`pisa study resume {study.name}` or choose another name (--set name=...)"
         )

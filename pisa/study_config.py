@@ -154,4 +154,21 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
             unknown = sorted(set(point) - set(cfg.search_space))
             if unknown:
                 raise ConfigError(f"{path}: points_to_evaluate[{i}]: {unknown} not in search_space")
+            for key, value in point.items():
+                problem = _outside(value, cfg.search_space[key])
+                if problem:
+                    raise ConfigError(f"{path}: points_to_evaluate[{i}].{key}: {value!r} {problem}")
     return study
+
+
+def _outside(value: Any, dist: Any) -> str | None:
+    """Why `dist` can't produce `value` (a point Optuna would silently clamp), or None."""
+    if isinstance(dist, Choice):
+        return None if value in dist.values else f"is not one of {dist.values}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"is not a number (search space {dist.type} [{dist.low}, {dist.high}])"
+    if isinstance(dist, IntRange) and value != int(value):
+        return f"is not an integer (search space int [{dist.low}, {dist.high}])"
+    if not dist.low <= value <= dist.high:
+        return f"is outside the search space {dist.type} [{dist.low}, {dist.high}]"
+    return None

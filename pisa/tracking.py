@@ -16,14 +16,12 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlparse
 
+from .errors import TrackingError
+
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value is 6000 characters
 NESTED_TAG = "mlflow.parentRunId"
-
-
-class TrackingError(RuntimeError):
-    """The MLflow tracking store can't be used; raised before any training starts."""
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -21,6 +21,7 @@ import yaml
 from . import tracking
 from .config import ExperimentConfig
 from .engine import CHECKPOINT_FILE, DIAGNOSTICS_FILE, train_loop_per_worker
+from .errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ def run_training(
     checkpoint_dir = result.checkpoint.path if result is not None and result.checkpoint else None
     metrics = dict(result.metrics or {}) if result is not None else {}
     if error is not None:
-        message = root_message(str(error))
+        message = one_line(error)
         tracking.set_tags(uri, run_id, {"pisa.error": message})
         tracking.end_run(uri, run_id, "FAILED")
         print(f"[pisa] training failed: {message}", flush=True)
@@ -224,15 +225,6 @@ def run_training(
     log_final_artifacts(uri, run_id, checkpoint_dir, cfg.tracking.log_checkpoint)
     tracking.end_run(uri, run_id, "FINISHED")
     return TrainOutcome(run_id, "FINISHED", metrics, checkpoint_dir)
-
-
-def root_message(text: str) -> str:
-    """The innermost worker error of a (Ray-wrapped) error text, one line."""
-    for marker in ("NonFiniteLossError: ", "DataError: ", "BackboneLoadError: "):
-        if marker in text:
-            return marker.rstrip(": ") + ": " + text.split(marker, 1)[1].strip().splitlines()[0]
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "unknown error"
 
 
 def summary_json(outcome: TrainOutcome) -> str:

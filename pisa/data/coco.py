@@ -23,6 +23,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from pisa.errors import DataError
+
 __all__ = ["DataError", "CocoDetection", "load_coco_json", "BOX_TOLERANCE"]
 
 log = logging.getLogger(__name__)
@@ -33,10 +35,6 @@ BOX_TOLERANCE = 1.0
 _IMAGE_KEYS = ("id", "file_name", "width", "height")
 _ANN_KEYS = ("id", "image_id", "category_id", "bbox")
 _CAT_KEYS = ("id", "name")
-
-
-class DataError(ValueError):
-    """A dataset file is unusable; the message names the file and the offending id."""
 
 
 def _quiet_coco(dataset: dict[str, Any]) -> COCO:

@@ -29,16 +29,13 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pisa.config import ModelConfig
+from pisa.errors import BackboneLoadError
 
 __all__ = ["build_backbone", "resolve_norm", "load_trunk_weights", "BackboneLoadError"]
 
 log = logging.getLogger(__name__)
 
 _STRIP_PREFIXES = ("module.", "backbone.body.", "body.")
-
-
-class BackboneLoadError(RuntimeError):
-    """A pretrained backbone checkpoint could not be used."""
 
 
 def _group_norm(num_channels: int, groups: int = 32) -> nn.GroupNorm:

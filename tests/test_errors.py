@@ -1,0 +1,93 @@
+"""The error family: one line, the file and field named, the exit code the kind of error."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.train import WorkerGroupError
+
+from pisa.cli import main
+from pisa.errors import (
+    BackboneLoadError,
+    ConfigError,
+    DataError,
+    NonFiniteLossError,
+    StudyError,
+    TrackingError,
+    find_pisa_error,
+    one_line,
+)
+
+
+@pytest.mark.parametrize("cls,code", [(ConfigError, 2), (DataError, 2), (BackboneLoadError, 2),
+                                      (StudyError, 2), (TrackingError, 1), (NonFiniteLossError, 1)])
+def test_exit_code_is_the_kind_of_error(cls, code):
+    assert cls("x").exit_code == code
+
+
+def test_a_worker_error_is_found_inside_rays_wrappers():
+    inner = NonFiniteLossError("non-finite loss at epoch 1 iteration 3")
+    wrapped = WorkerGroupError("rank 1 failed", {1: inner, 0: RuntimeError("collateral")})
+    # the driver receives the error pickled: the chain must survive the round trip
+    outer = RuntimeError("trial failed")
+    outer.__cause__ = pickle.loads(pickle.dumps(wrapped))
+    found = find_pisa_error(outer)
+    assert isinstance(found, NonFiniteLossError) and "epoch 1 iteration 3" in str(found)
+    assert one_line(outer) == "NonFiniteLossError: non-finite loss at epoch 1 iteration 3"
+
+
+def test_an_unknown_error_is_its_last_line():
+    assert one_line(RuntimeError("Traceback ...\n  line\nOSError: disk full\n")) == "OSError: disk full"
+    assert find_pisa_error(ValueError("plain")) is None
+
+
+def _study(tmp_path: Path, **extra) -> Path:
+    spec = {
+        "name": "bad", "experiment": {"data": {"synthetic": {"out": str(tmp_path / "data")}}},
+        "search_space": {"model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0}},
+        **extra,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _run(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_binary_study_file_is_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "garbage.yaml"
+    path.write_bytes(b"name: x\n\xff\xfe\x00\x81binary")
+    code, err = _run(capsys, "study", "run", str(path))
+    assert code == 2 and err.count("\n") == 0
+    assert str(path) in err and "not a UTF-8 text file" in err
+
+
+def test_directory_given_as_study_file(tmp_path, capsys):
+    code, err = _run(capsys, "study", "run", str(tmp_path))
+    assert code == 2 and err == f"error: {tmp_path}: is a directory, expected a YAML file"
+
+
+def test_directory_given_as_base_file(tmp_path, capsys):
+    (tmp_path / "base").mkdir()
+    code, err = _run(capsys, "study", "run", str(_study(tmp_path, base="base")))
+    assert code == 2 and f"{tmp_path / 'base'}: is a directory" in err
+
+
+def test_point_outside_the_search_space_is_refused_not_clamped(tmp_path, capsys):
+    path = _study(tmp_path, points_to_evaluate=[{"model.isr_p.k": -5}])
+    code, err = _run(capsys, "study", "run", str(path))
+    assert code == 2 and err.count("\n") == 0
+    assert f"{path}: points_to_evaluate[0].model.isr_p.k: -5 is outside the search space" in err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "ray_results").exists()
+
+
+def test_unknown_study_name_is_exit_2(tmp_path, capsys):
+    code, err = _run(capsys, "study", "best", "nope", "--storage-path", str(tmp_path))
+    assert code == 2 and "no study 'nope'" in err
