@@ -5,7 +5,6 @@ Fast: nothing trains, nothing is downloaded, no dataset is read.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -249,7 +248,5 @@ def test_large_configs_build_without_weights(name: str, classes: int):
     from pisa.models import build_detector
 
     c = load_config(REPO / "configs" / name, ["model.pretrained_backbone=null"])
-    start = time.perf_counter()
     model = build_detector(c.model, num_classes=classes)
-    assert time.perf_counter() - start < 30
     assert sum(p.numel() for p in model.parameters()) > 10_000_000

@@ -263,11 +263,9 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
 
 def test_unreachable_tracking_server_fails_before_any_trial(synthetic_dir, tmp_path):
     path = write_study(tmp_path, synthetic_dir, "offline", uri="http://127.0.0.1:9")
-    start = time.perf_counter()
     res = subprocess.run(PISA + ["study", "run", str(path)], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
     assert res.returncode == 1
     assert "MLflow tracking server http://127.0.0.1:9 is not reachable" in res.stderr
     assert "Started a local Ray instance" not in res.stderr + res.stdout
     assert not (tmp_path / "ray_results").exists()
-    assert time.perf_counter() - start < 60

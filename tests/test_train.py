@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -99,10 +98,9 @@ def test_unreachable_tracking_server_fails_fast(synthetic_dir, work):
     data = tiny_experiment(synthetic_dir, work)
     data["tracking"]["uri"] = "http://127.0.0.1:9"  # nothing listens on the discard port
     cfg = parse_config(data)
-    start = time.perf_counter()
     with pytest.raises(tracking.TrackingError, match="not reachable"):
         run_training(cfg)
-    assert time.perf_counter() - start < 15
+    assert not cfg.storage_path.exists()  # failed before Ray Train wrote anything
 
 
 def test_lr_schedule_warmup_and_steps():
