@@ -224,10 +224,15 @@ def _trial_error(trial) -> str:
     """One line on why a trial failed, from the exception Tune pickled for it."""
     from .errors import one_line
 
-    try:
-        error = trial.get_pickled_error()
-    except Exception:  # an error that can't be unpickled here: fall back to its text
-        error = None
+    error = None
+    pickled = getattr(trial, "pickled_error_file", None)  # written locally before callbacks run
+    if pickled and Path(pickled).exists():
+        from ray import cloudpickle
+
+        try:
+            error = cloudpickle.loads(Path(pickled).read_bytes())
+        except Exception:  # an error that can't be unpickled here: fall back to its text
+            error = None
     if error is not None:
         return one_line(error)
     text = ""

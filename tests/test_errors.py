@@ -91,3 +91,25 @@ def test_point_outside_the_search_space_is_refused_not_clamped(tmp_path, capsys)
 def test_unknown_study_name_is_exit_2(tmp_path, capsys):
     code, err = _run(capsys, "study", "best", "nope", "--storage-path", str(tmp_path))
     assert code == 2 and "no study 'nope'" in err
+
+
+@pytest.mark.slow
+def test_a_failed_tune_trial_is_explained_by_its_pisa_error(ray_local, tmp_path):
+    """The study's MLflow callback reads a failed trial's error as Tune pickled it."""
+    from ray import tune
+
+    from pisa.study import _trial_error
+
+    messages: list[str] = []
+
+    def fails_in_a_worker(config):  # defined here: Ray ships it by value, not by module name
+        raise WorkerGroupError("rank 0 failed", {0: NonFiniteLossError("non-finite loss at epoch 1 iteration 2")})
+
+    class Grab(tune.Callback):
+        def on_trial_error(self, iteration, trials, trial, **info):
+            messages.append(_trial_error(trial))
+
+    trainable = tune.with_resources(fails_in_a_worker, {"CPU": 0.01})
+    tune.Tuner(trainable, run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=[Grab()],
+                                                    verbose=0)).fit()
+    assert messages == ["NonFiniteLossError: non-finite loss at epoch 1 iteration 2"]
