@@ -141,6 +141,13 @@ def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int) -> None:
         os._exit(1)
 
 
+def _read_diagnostics(model: nn.Module, into: dict[str, list[torch.Tensor]]) -> None:
+    """Append the last step's float PISA diagnostics (on the device) to `into`, on the CPU."""
+    for k, v in _unwrap(model).pisa_diagnostics().items():
+        if v.is_floating_point() and sum(x.numel() for x in into[k]) < MAX_DIAGNOSTIC_VALUES:
+            into[k].append(v.float().flatten().cpu())
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -321,10 +328,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sums["loss"] += float(loss.detach())
             for k, v in losses.items():
                 sums[k] += float(v.detach())
-            if rank == 0 and cfg.model.diagnostics and step % 5 == 0:  # sampled: a copy syncs the GPU
-                for k, v in _unwrap(model).pisa_diagnostics().items():
-                    if torch.is_tensor(v) and v.is_floating_point() and sum(x.numel() for x in diag[k]) < MAX_DIAGNOSTIC_VALUES:
-                        diag[k].append(v.detach().float().flatten().cpu())
+            if rank == 0 and cfg.model.diagnostics and (
+                (step + 1) % cfg.train.log_every == 0 or step + 1 == iters_per_epoch
+            ):  # once per logging interval (and at the epoch's end): the copy syncs the GPU
+                _read_diagnostics(model, diag)
             if rank == 0 and (step + 1) % cfg.train.log_every == 0:
                 elapsed = time.perf_counter() - t_epoch
                 remaining = (iters_per_epoch - step - 1) + (epochs - epoch - 1) * iters_per_epoch
