@@ -155,7 +155,7 @@ def _read_diagnostics(model: nn.Module, into: dict[str, list[torch.Tensor]]) -> 
 def evaluate(model: nn.Module, dataset, device, rank: int, world: int, batch_size: int,
              iou_types: tuple[str, ...]) -> dict[str, float]:
     """COCO metrics of the whole val set: each rank predicts a strided shard."""
-    from .evaluation import evaluate_coco, gather_predictions
+    from .evaluation import encode_masks, evaluate_coco, gather_predictions
 
     net = _unwrap(model)
     was_training = net.training
@@ -167,10 +167,9 @@ def evaluate(model: nn.Module, dataset, device, rank: int, world: int, batch_siz
         images = [img.to(device) for img, _ in items]
         outputs = net(images)
         for (_, target), out in zip(items, outputs):
-            pred = {k: v.detach().cpu() for k, v in out.items()}
+            out = encode_masks(out)  # masks -> RLEs here, per batch: only RLEs are kept and gathered
+            pred = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in out.items()}
             pred["image_id"] = int(target["image_id"])
-            if "masks" in pred:
-                pred["masks"] = pred["masks"].float()
             preds.append(pred)
     net.train(was_training)
     preds = gather_predictions(preds)
