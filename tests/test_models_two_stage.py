@@ -395,3 +395,41 @@ def test_mixed_precision_training_step():
     sum(losses.values()).backward()
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values()), losses
     assert backbone_grad(model).abs().sum() > 0
+
+
+@pytest.mark.parametrize("sampler", ["score_hlr", "ohem"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_sampled_rois_reuse_the_ranking_pass(sampler, autocast):
+    """Reusing the ranking pass's pooled features and head outputs for the sampled RoIs gives
+    the losses and gradients of a second forward pass over them."""
+    import copy
+
+    cfg = tiny_cfg(sampler=sampler, isr_p={"enabled": True}, carl={"enabled": True})
+    torch.manual_seed(0)
+    reused = build_detector(cfg, NUM_CLASSES).train()
+    recomputed = copy.deepcopy(reused)
+    recomputed.roi_heads.reuse_ranking_pass = False
+    images, targets = make_batch(2)
+    results = []
+    for model in (reused, recomputed):
+        torch.manual_seed(5)  # same random draws in the samplers
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            losses = model(images, targets)
+        sum(losses.values()).backward()
+        results.append((losses, model))
+    (l_a, a), (l_b, b) = results
+    assert set(l_a) == set(l_b)
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-4, atol=1e-6)
+    for key in l_a:
+        torch.testing.assert_close(l_a[key], l_b[key], **tol)
+    grads_b = dict(b.named_parameters())
+    checked = 0
+    for name, p in a.named_parameters():
+        if p.grad is None:
+            assert grads_b[name].grad is None, name
+            continue
+        scale = grads_b[name].grad.abs().max().clamp(min=1e-12)
+        torch.testing.assert_close(p.grad / scale, grads_b[name].grad / scale, **tol)
+        checked += 1
+    assert checked > 20
+    assert a.roi_heads.box_head.fc6.weight.grad.abs().sum() > 0

@@ -17,6 +17,7 @@ from torch import Tensor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
 
 from pisa.config import BoxLossConfig, ModelConfig
+from pisa.models.box_head_reuse import HeadPass, can_reuse, forward_all, reuse_sampled
 from pisa.models.pisa_loss import PisaLoss, box_loss_fn
 from pisa.sampling import RoIStats, build_sampler
 
@@ -36,6 +37,8 @@ class _Samples:
     gt_boxes: Tensor  # (S, 4) matched GT box
     gt_inds: Tensor  # (S,) matched GT index, unique across the batch
     label_weights: Tensor  # (S,) ISR-N weights on negatives, 1 elsewhere
+    head_pass: HeadPass | None = None  # the ranking pass over all proposals, when there was one
+    rows: Tensor | None = None  # (S,) the sampled RoIs' rows in `head_pass`
 
 
 class PisaRoIHeads(RoIHeads):
@@ -46,6 +49,7 @@ class PisaRoIHeads(RoIHeads):
         self.sampler = build_sampler(cfg)
         self.pisa = PisaLoss(cfg.isr_p, cfg.carl, cfg.diagnostics)
         self.box_loss = box_loss_fn(cfg.box_loss, TORCHVISION_BOX_LOSS)
+        self.reuse_ranking_pass = True  # sampled RoIs take their head outputs from the ranking pass
 
     @classmethod
     def from_torchvision(cls, heads: RoIHeads, cfg: ModelConfig) -> "PisaRoIHeads":
@@ -79,11 +83,18 @@ class PisaRoIHeads(RoIHeads):
         image_shapes: list[tuple[int, int]],
         labels: list[Tensor],
         regression_targets: list[Tensor],
-    ) -> list[RoIStats]:
-        """Box-head predictions over all proposals of all images, in one batched pass."""
+    ) -> tuple[list[RoIStats], HeadPass | None]:
+        """Box-head predictions over all proposals of all images, in one batched pass (and
+        that pass's activations, when the head's layout lets the sampled RoIs reuse them)."""
         counts = [p.shape[0] for p in proposals]
-        feats = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        logits, deltas = self.box_predictor(feats)
+        head_pass = None
+        if self.reuse_ranking_pass and can_reuse(self.box_roi_pool, self.box_head, self.box_predictor):
+            head_pass = forward_all(self.box_roi_pool, self.box_head, self.box_predictor, features, proposals,
+                                    image_shapes)
+            logits, deltas = head_pass.logits, head_pass.deltas
+        else:
+            feats = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+            logits, deltas = self.box_predictor(feats)
         logits = logits.float()
         n, num_classes = logits.shape
         deltas = deltas.float().reshape(n, num_classes, 4)
@@ -102,12 +113,13 @@ class PisaRoIHeads(RoIHeads):
         pred_boxes = self.box_coder.decode_single(deltas[rows, fg_cls], boxes)
 
         self.pisa.note(roi_loss=loss, roi_labels=labels_all, num_proposals=torch.tensor(counts))
-        return [
+        stats = [
             RoIStats(loss=l, bg_loss=b, fg_score=s, pred_boxes=p)
             for l, b, s, p in zip(
                 loss.split(counts), bg_loss.split(counts), fg_score.split(counts), pred_boxes.split(counts)
             )
         ]
+        return stats, head_pass
 
     def select_pisa_samples(
         self,
@@ -129,8 +141,9 @@ class PisaRoIHeads(RoIHeads):
         ]
         regression_targets = list(self.box_coder.encode(matched_boxes, proposals))
 
+        head_pass = None
         if self.sampler.needs_stats:
-            stats = self.roi_stats(features, proposals, image_shapes, labels, regression_targets)
+            stats, head_pass = self.roi_stats(features, proposals, image_shapes, labels, regression_targets)
         else:
             stats = [None] * len(proposals)
 
@@ -156,7 +169,8 @@ class PisaRoIHeads(RoIHeads):
             base += proposals[i].shape[0]
 
         # indices into the concatenated proposals (+ GTs) of the batch, as in `roi_loss`
-        self.pisa.note(sampled_inds=torch.cat(sampled_global), num_sampled=torch.tensor(num_sampled))
+        rows = torch.cat(sampled_global)
+        self.pisa.note(sampled_inds=rows, num_sampled=torch.tensor(num_sampled))
         return _Samples(
             proposals=out_props,
             matched_idxs=out_matched,
@@ -165,6 +179,8 @@ class PisaRoIHeads(RoIHeads):
             gt_boxes=torch.cat(out["gt"]),
             gt_inds=torch.cat(out["gt_inds"]),
             label_weights=torch.cat(out["w"]),
+            head_pass=head_pass,
+            rows=rows,
         )
 
     # ------------------------------------------------------------------ losses
@@ -223,8 +239,14 @@ class PisaRoIHeads(RoIHeads):
 
         self.pisa.start_step()
         samples = self.select_pisa_samples(features, proposals, image_shapes, targets)
-        box_features = self.box_head(self.box_roi_pool(features, samples.proposals, image_shapes))
-        class_logits, box_regression = self.box_predictor(box_features)
+        if samples.head_pass is not None:
+            class_logits, box_regression = reuse_sampled(
+                self.box_roi_pool, self.box_head, self.box_predictor, features, samples.proposals,
+                samples.head_pass, samples.rows,
+            )
+        else:
+            box_features = self.box_head(self.box_roi_pool(features, samples.proposals, image_shapes))
+            class_logits, box_regression = self.box_predictor(box_features)
         losses = self.pisa_box_loss(class_logits, box_regression, samples)
 
         if self.has_mask():
