@@ -15,13 +15,23 @@ from functools import partial
 import torch
 from torch import nn
 from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead, _default_anchorgen
+from torchvision.models.detection.retinanet import (
+    RetinaNet,
+    RetinaNetHead,
+    _default_anchorgen,
+)
 from torchvision.ops import sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from pisa.config import BoxLossConfig, CARLConfig, ISRPConfig, ModelConfig
 from pisa.models.backbones import build_backbone, resolve_norm
-from pisa.models.pisa_loss import AnchorPositives, DiagnosticsMixin, PisaLoss, box_loss_fn, mean_over_workers
+from pisa.models.pisa_loss import (
+    AnchorPositives,
+    DiagnosticsMixin,
+    PisaLoss,
+    box_loss_fn,
+    mean_over_workers,
+)
 
 __all__ = ["PISARetinaNetHead", "PISARetinaNet", "build_retinanet", "TORCHVISION_BOX_LOSS"]
 

@@ -19,7 +19,12 @@ from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD, SSDHead, _vgg_extractor, _xavier_init
 
 from pisa.config import BoxLossConfig, CARLConfig, ISRPConfig, ModelConfig
-from pisa.models.pisa_loss import AnchorPositives, DiagnosticsMixin, PisaLoss, box_loss_fn
+from pisa.models.pisa_loss import (
+    AnchorPositives,
+    DiagnosticsMixin,
+    PisaLoss,
+    box_loss_fn,
+)
 
 __all__ = ["PISASSDHead", "PISASSD", "build_ssd", "ssd_feature_sizes", "SSD_SPECS", "TORCHVISION_BOX_LOSS"]
 
