@@ -212,17 +212,17 @@ def test_mean_over_workers_without_process_group():
 
 
 def test_ssd_isr_p_by_hand():
-    """1 image, 4 anchors: p0 (shifted 0.5 px: IoU 95/105), p1 (shifted 2 px: IoU 80/120), both
-    on one GT of class 1; n0, n1 negatives (both mined: 3 per positive allowed)."""
+    """1 image, 10 anchors: p0 (shifted 0.5 px: IoU 95/105), p1 (shifted 2 px: IoU 80/120), both
+    on one GT of class 1; 8 negatives of which hard mining keeps 3 per positive (6, all ln 4)."""
     head = PISASSDHead([8], [1], 4, isr_p=ISRPConfig(enabled=True))
     box = torch.tensor([0.0, 0.0, 10.0, 10.0])
-    anchors = [torch.stack([box, box, box + 30, box + 50])]
+    anchors = [torch.stack([box, box] + [box + 30 + 5 * i for i in range(8)])]
     targets = [{"boxes": box[None].clone(), "labels": torch.tensor([1])}]
-    matched = [torch.tensor([0, 0, -1, -1])]
-    deltas = torch.zeros(1, 4, 4)
+    matched = [torch.tensor([0, 0] + [-1] * 8)]
+    deltas = torch.zeros(1, 10, 4)
     deltas[0, 0, 0] = 0.5  # 0.5 * 10 / 10 px
     deltas[0, 1, 0] = 2.0
-    logits = torch.zeros(1, 4, 4, requires_grad=True)
+    logits = torch.zeros(1, 10, 4, requires_grad=True)
     outputs = {"cls_logits": logits, "bbox_regression": deltas.requires_grad_()}
     losses = head.compute_loss(targets, outputs, anchors, matched, BoxCoder((10.0, 10.0, 5.0, 5.0)), 3.0)
     # beta 1 smooth-L1 (torchvision's SSD, the reference's too), 2 positives
@@ -231,7 +231,7 @@ def test_ssd_isr_p_by_hand():
     d = head.pisa.record
     torch.testing.assert_close(d.isr_p_weights, torch.tensor([1.6, 0.4]))
     torch.testing.assert_close(d.ious, torch.tensor([95 / 105, 80 / 120]))
-    assert losses["classification"].item() == pytest.approx(4 * LN4 / 2, rel=1e-5)
+    assert losses["classification"].item() == pytest.approx((1.6 + 0.4 + 6) * LN4 / 2, rel=1e-5)
     losses["classification"].backward()
     torch.testing.assert_close(logits.grad[0, 0], 1.6 * (torch.full((4,), 0.25) - torch.tensor([0.0, 1, 0, 0])) / 2)
 
