@@ -8,7 +8,10 @@ median step time of each variant and its ratio to the baseline, measured in this
 Variants:
   baseline       random RoI sampling (two-stage) / plain focal loss (RetinaNet), no ISR-P, no CARL
   isr_p+carl     ISR-P reweighting of positives + CARL
-  isr_p+carl+isr_n  the same + ISR-N (Score-HLR sampling of negatives; two-stage only)
+  isr_p+carl+isr_n  the same + ISR-N (Score-HLR sampling of negatives; two-stage only); the
+                 sampled RoIs reuse the ranking pass's pooled features and head outputs
+  isr_n_2nd_pass the same, with a second pooling + box-head pass over the sampled RoIs
+                 (`--second-pass`: the cost the reuse saves)
 
     python benchmarks/bench_step.py --device cpu --backbone mobilenet_v3_fpn --size 256 \\
         --proposals 500 --rois 128 --steps 20
@@ -36,13 +39,15 @@ from pisa.data.transforms import build_transforms
 from pisa.models import build_detector
 
 
-def variants(detector: str) -> dict[str, dict]:
+def variants(detector: str, second_pass: bool = False) -> dict[str, dict]:
     out = {
         "baseline": dict(sampler="random", isr_p={"enabled": False}, carl={"enabled": False}),
         "isr_p+carl": dict(sampler="random", isr_p={"enabled": True}, carl={"enabled": True}),
     }
     if detector == "faster_rcnn":
         out["isr_p+carl+isr_n"] = dict(sampler="score_hlr", isr_p={"enabled": True}, carl={"enabled": True})
+        if second_pass:
+            out["isr_n_2nd_pass"] = dict(out["isr_p+carl+isr_n"])
     return out
 
 
@@ -119,6 +124,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--second-pass", action="store_true",
+                        help="also time ISR-N with a second head pass over the sampled RoIs (no reuse)")
     args = parser.parse_args()
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -136,7 +143,9 @@ def main() -> None:
     targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
 
     runners = {name: Runner(model_config(args, **pisa), num_classes, device, args.seed)
-               for name, pisa in variants(args.detector).items()}
+               for name, pisa in variants(args.detector, args.second_pass).items()}
+    if "isr_n_2nd_pass" in runners:
+        runners["isr_n_2nd_pass"].model.roi_heads.reuse_ranking_pass = False
 
     for rnd in range(args.warmup + args.steps):
         for runner in runners.values():

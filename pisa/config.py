@@ -22,6 +22,7 @@ __all__ = [
     "ISRPConfig",
     "ISRNConfig",
     "CARLConfig",
+    "BoxLossConfig",
     "ModelConfig",
     "SyntheticConfig",
     "DataConfig",
@@ -77,6 +78,14 @@ class CARLConfig(_Strict):
     bias: Bias = 0.2
 
 
+class BoxLossConfig(_Strict):
+    """Box regression loss (and the loss CARL weights). Unset in `model.box_loss`: the
+    detector's torchvision loss (two-stage smooth-L1 beta 1/9, RetinaNet L1, SSD smooth-L1 beta 1)."""
+
+    type: Literal["smooth_l1", "l1"] = "smooth_l1"
+    beta: float = Field(1.0, gt=0, description="smooth-L1 transition point (unused by l1)")
+
+
 class ModelConfig(_Strict):
     """Which detector, which backbone, which PISA parts."""
 
@@ -108,6 +117,9 @@ class ModelConfig(_Strict):
     isr_p: ISRPConfig = ISRPConfig()
     isr_n: ISRNConfig = ISRNConfig()
     carl: CARLConfig = CARLConfig()
+    box_loss: BoxLossConfig | None = Field(
+        None, description="box regression loss; None keeps the detector's torchvision loss"
+    )
     # inference
     score_thresh: float = Field(0.05, ge=0, lt=1)
     detections_per_img: int = Field(100, ge=1)
@@ -156,6 +168,11 @@ class DataConfig(_Strict):
     )
     bad_boxes: Literal["error", "skip"] = "error"
     flip_prob: float = Field(0.5, ge=0, le=1)
+    augment: Literal["flip", "ssd"] = Field(
+        "flip",
+        description="training augmentation: flip only, or SSD's photometric distortion + zoom-out "
+        "+ min-IoU crop + flip",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per Ray worker")
     val_limit: int | None = Field(None, ge=1, description="evaluate on the first N val images only")
     train_limit: int | None = Field(None, ge=1, description="train on the first N train images only")

@@ -138,6 +138,13 @@ def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int) -> None:
         os._exit(1)
 
 
+def _read_diagnostics(model: nn.Module, into: dict[str, list[torch.Tensor]]) -> None:
+    """Append the last step's float PISA diagnostics (on the device) to `into`, on the CPU."""
+    for k, v in _unwrap(model).pisa_diagnostics().items():
+        if v.is_floating_point() and sum(x.numel() for x in into[k]) < MAX_DIAGNOSTIC_VALUES:
+            into[k].append(v.float().flatten().cpu())
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -145,7 +152,7 @@ def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int) -> None:
 def evaluate(model: nn.Module, dataset, device, rank: int, world: int, batch_size: int,
              iou_types: tuple[str, ...]) -> dict[str, float]:
     """COCO metrics of the whole val set: each rank predicts a strided shard."""
-    from .evaluation import evaluate_coco, gather_predictions
+    from .evaluation import encode_masks, evaluate_coco, gather_predictions
 
     net = _unwrap(model)
     was_training = net.training
@@ -157,10 +164,9 @@ def evaluate(model: nn.Module, dataset, device, rank: int, world: int, batch_siz
         images = [img.to(device) for img, _ in items]
         outputs = net(images)
         for (_, target), out in zip(items, outputs):
-            pred = {k: v.detach().cpu() for k, v in out.items()}
+            out = encode_masks(out)  # masks -> RLEs here, per batch: only RLEs are kept and gathered
+            pred = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in out.items()}
             pred["image_id"] = int(target["image_id"])
-            if "masks" in pred:
-                pred["masks"] = pred["masks"].float()
             preds.append(pred)
     net.train(was_training)
     preds = gather_predictions(preds)
@@ -318,10 +324,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sums["loss"] += float(loss.detach())
             for k, v in losses.items():
                 sums[k] += float(v.detach())
-            if rank == 0 and cfg.model.diagnostics and step % 5 == 0:  # sampled: a copy syncs the GPU
-                for k, v in _unwrap(model).pisa_diagnostics().items():
-                    if torch.is_tensor(v) and v.is_floating_point() and sum(x.numel() for x in diag[k]) < MAX_DIAGNOSTIC_VALUES:
-                        diag[k].append(v.detach().float().flatten().cpu())
+            if rank == 0 and cfg.model.diagnostics and (
+                (step + 1) % cfg.train.log_every == 0 or step + 1 == iters_per_epoch
+            ):  # once per logging interval (and at the epoch's end): the copy syncs the GPU
+                _read_diagnostics(model, diag)
             if rank == 0 and (step + 1) % cfg.train.log_every == 0:
                 elapsed = time.perf_counter() - t_epoch
                 remaining = (iters_per_epoch - step - 1) + (epochs - epoch - 1) * iters_per_epoch

@@ -7,6 +7,11 @@ and names the 12 summary numbers per IoU type (`bbox_mAP`, `segm_AR_100`, ...).
 Empty areas: COCOeval reports -1 for an area range (or metric) without ground truth; that value
 is kept for fidelity with pycocotools. NaN never comes back (a non-finite value becomes -1).
 With no predictions at all every metric is 0.0 (COCOeval cannot load an empty result list).
+
+Per class, `bbox_AP_<class name>` (and `segm_AP_...`) is AP@[.5:.95] from COCOeval's precision
+array (all areas, 100 detections): the numbers whose mean over classes with ground truth is
+`bbox_mAP`. Mask predictions travel as RLEs (`encode_masks`, on each worker per batch), never as
+full-resolution float masks.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import copy
 import io
 import logging
 import math
+import re
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -30,7 +36,9 @@ __all__ = [
     "predictions_to_coco_results",
     "evaluate_coco",
     "evaluate_coco_detailed",
+    "encode_masks",
     "gather_predictions",
+    "per_class_key",
     "rescale_prediction",
 ]
 
@@ -50,6 +58,30 @@ def metric_keys(iou_types: Iterable[str] = ("bbox",)) -> list[str]:
     return [f"{t}_{name}" for t in iou_types for name in METRIC_NAMES]
 
 
+def per_class_key(iou_type: str, class_name: str) -> str:
+    """MLflow-safe per-class metric name, e.g. `bbox_AP_traffic_light`."""
+    return f"{iou_type}_AP_{re.sub(r'[^A-Za-z0-9_.-]+', '_', class_name.strip()) or 'unnamed'}"
+
+
+def encode_masks(pred: dict[str, Any], mask_threshold: float = 0.5) -> dict[str, Any]:
+    """`pred` with its (N,1,H,W) mask probabilities replaced by N COCO RLEs under `rles`.
+
+    Thresholded where the masks are (GPU included), so only a uint8 copy reaches the host; an
+    RLE of a typical instance is a few hundred bytes against H*W*4 for the float mask.
+    """
+    if "masks" not in pred:
+        return pred
+    out = {k: v for k, v in pred.items() if k != "masks"}
+    binary = (pred["masks"].detach() > mask_threshold).to(torch.uint8).cpu().numpy()
+    if binary.ndim == 4:
+        binary = binary[:, 0]
+    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0))) if len(binary) else []
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    out["rles"] = list(rles)
+    return out
+
+
 def _as_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
@@ -65,9 +97,9 @@ def predictions_to_coco_results(
     """COCO result dicts for one IoU type.
 
     bbox: `{"image_id", "category_id", "bbox": [x, y, w, h], "score"}` from xyxy boxes.
-    segm: `{"image_id", "category_id", "segmentation": RLE, "score"}` from `masks` (N,1,H,W)
-    probabilities thresholded at `mask_threshold` (no "bbox" key: pycocotools would then
-    treat the results as boxes).
+    segm: `{"image_id", "category_id", "segmentation": RLE, "score"}` from `rles` (see
+    `encode_masks`) or from `masks` (N,1,H,W) probabilities thresholded at `mask_threshold`
+    (no "bbox" key: pycocotools would then treat the results as boxes).
     """
     if iou_type not in _IOU_TYPES:
         raise ValueError(f"iou_type must be one of {_IOU_TYPES}, got {iou_type!r}")
@@ -93,6 +125,12 @@ def predictions_to_coco_results(
                     "bbox": [x1, y1, x2 - x1, y2 - y1],
                     "score": score,
                 })
+        elif "rles" in pred:
+            rles = pred["rles"]
+            if len(rles) != len(scores):
+                raise ValueError(f"image id {image_id}: {len(rles)} masks but {len(scores)} scores")
+            for rle, cat, score in zip(rles, cat_ids, scores.tolist()):
+                results.append({"image_id": image_id, "category_id": cat, "segmentation": rle, "score": score})
         else:
             if "masks" not in pred:
                 raise ValueError(f"image id {image_id}: segm evaluation needs 'masks' in predictions")
@@ -126,8 +164,12 @@ def _check_images(coco_gt: COCO, predictions: Sequence[dict[str, Any]], iou_type
         info = coco_gt.imgs.get(image_id)
         if info is None:
             raise ValueError(f"prediction for image id {image_id}, which is not in the ground truth")
+        sizes = []
         if "segm" in iou_types and "masks" in pred and len(pred["masks"]):
-            h, w = tuple(pred["masks"].shape[-2:])
+            sizes.append(tuple(pred["masks"].shape[-2:]))
+        if "segm" in iou_types and pred.get("rles"):
+            sizes.extend(tuple(int(v) for v in rle["size"]) for rle in pred["rles"])
+        for h, w in dict.fromkeys(sizes):  # each distinct size once, in order
             if (h, w) != (int(info["height"]), int(info["width"])):
                 raise ValueError(
                     f"image id {image_id}: masks are {w}x{h} but the image is "
@@ -158,10 +200,12 @@ def evaluate_coco_detailed(
 
     metrics: dict[str, float] = {}
     texts: list[str] = []
+    cat_ids = sorted(coco_gt.cats)
     for iou_type in iou_types:
         results = predictions_to_coco_results(predictions, label_to_cat_id, iou_type)
         if not results:
             metrics.update({f"{iou_type}_{name}": 0.0 for name in METRIC_NAMES})
+            metrics.update({per_class_key(iou_type, str(coco_gt.cats[c]["name"])): 0.0 for c in cat_ids})
             texts.append(f"{iou_type}: no predictions, all metrics 0.0")
             continue
         buf = io.StringIO()
@@ -176,9 +220,21 @@ def evaluate_coco_detailed(
         texts.append(f"{iou_type}:\n{buf.getvalue()}")
         for name, value in zip(METRIC_NAMES, evaluator.stats.tolist()):
             metrics[f"{iou_type}_{name}"] = float(value) if math.isfinite(value) else -1.0
+        metrics.update(_per_class_ap(evaluator, coco_gt, iou_type))
     summary = "\n".join(texts)
     log.debug("COCO evaluation\n%s", summary)
     return metrics, summary
+
+
+def _per_class_ap(evaluator: COCOeval, coco_gt: COCO, iou_type: str) -> dict[str, float]:
+    """AP@[.5:.95] per category (all areas, max detections 100); -1 for a class without GT."""
+    precision = evaluator.eval["precision"]  # (T IoUs, R recalls, K classes, A areas, M max dets)
+    out: dict[str, float] = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        valid = p[p > -1]
+        out[per_class_key(iou_type, str(coco_gt.cats[cat_id]["name"]))] = float(valid.mean()) if valid.size else -1.0
+    return out
 
 
 def evaluate_coco(

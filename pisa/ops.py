@@ -16,6 +16,7 @@ __all__ = [
     "rank_within_groups",
     "iou_hlr",
     "isr_p_weights",
+    "carl_weights",
     "carl_loss",
     "nms_groups",
     "score_hlr",
@@ -100,12 +101,14 @@ def isr_p_weights(
     k: float = 2.0,
     bias: float = 0.0,
     label_weights: Tensor | None = None,
+    hlr: Tensor | None = None,
 ) -> Tensor:
     """ISR-P: importance weights of the positives from their IoU-HLR.
 
     `w = lw * (M - hlr) / M` (M: most positives of one class), then
     `(bias + (1 - bias) w) ** k`, then rescaled so the positives' weighted
     classification loss equals the original one (ISR-P moves attention, not magnitude).
+    `hlr` passes an IoU-HLR already computed from the same inputs.
     """
     n = ious.numel()
     ious = ious.detach().float()
@@ -114,7 +117,8 @@ def isr_p_weights(
     label_weights = label_weights.detach().float()
     if n == 0:
         return label_weights.clone()
-    hlr = iou_hlr(ious, labels, gt_inds)
+    if hlr is None:
+        hlr = iou_hlr(ious, labels, gt_inds)
     max_per_class = torch.bincount(labels.long()).max().to(ious.dtype)
     weights = label_weights * (max_per_class - hlr.to(ious.dtype)) / max_per_class
     weights = (bias + (1.0 - bias) * weights).pow(k)
@@ -125,6 +129,12 @@ def isr_p_weights(
     reweighted = (weights * loss).sum()
     ratio = torch.where(reweighted > 0, original / reweighted.clamp_min(1e-12), torch.ones_like(original))
     return weights * ratio
+
+
+def carl_weights(cls_prob: Tensor, k: float = 1.0, bias: float = 0.2) -> Tensor:
+    """CARL's per-positive factors `c = n v / sum(v)` with `v = (bias + (1 - bias) p) ** k` (mean 1)."""
+    v = (bias + (1.0 - bias) * cls_prob).pow(k)
+    return v * (cls_prob.numel() / v.sum())
 
 
 def carl_loss(
@@ -143,8 +153,7 @@ def carl_loss(
     n = cls_prob.numel()
     if n == 0:
         return reg_loss.sum() * 0.0 + cls_prob.sum() * 0.0
-    v = (bias + (1.0 - bias) * cls_prob).pow(k)
-    c = v * (n / v.sum())
+    c = carl_weights(cls_prob, k, bias)
     if reg_loss.dim() > 1:
         c = c.reshape(-1, *([1] * (reg_loss.dim() - 1)))
     if avg_factor is None:

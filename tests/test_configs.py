@@ -21,23 +21,31 @@ COCO_CONFIGS = [
     "faster_rcnn_r50_fpn_1x_ohem.yaml",
     "faster_rcnn_r50_fpn_1x_ohem_1to3.yaml",
     "faster_rcnn_r50_fpn_1x_pisa.yaml",
+    "faster_rcnn_x101_32x4d_fpn_1x_random.yaml",
     "faster_rcnn_x101_32x4d_fpn_1x_pisa.yaml",
+    "mask_rcnn_r50_fpn_1x_random.yaml",
     "mask_rcnn_r50_fpn_1x_pisa.yaml",
     "retinanet_r50_fpn_1x_baseline.yaml",
     "retinanet_r50_fpn_1x_pisa.yaml",
+    "retinanet_x101_32x4d_fpn_1x_baseline.yaml",
+    "retinanet_x101_32x4d_fpn_1x_pisa.yaml",
     "ssd300_baseline.yaml",
     "ssd300_pisa.yaml",
+    "ssd512_baseline.yaml",
     "ssd512_pisa.yaml",
 ]
-SSD_CONFIGS = ["ssd300_baseline.yaml", "ssd300_pisa.yaml", "ssd512_pisa.yaml"]
-PISA_CONFIGS = [
-    "faster_rcnn_r50_fpn_1x_pisa.yaml",
-    "faster_rcnn_x101_32x4d_fpn_1x_pisa.yaml",
-    "mask_rcnn_r50_fpn_1x_pisa.yaml",
-    "retinanet_r50_fpn_1x_pisa.yaml",
-    "ssd300_pisa.yaml",
-    "ssd512_pisa.yaml",
-]
+SSD_CONFIGS = ["ssd300_baseline.yaml", "ssd300_pisa.yaml", "ssd512_baseline.yaml", "ssd512_pisa.yaml"]
+# every PISA config, its baseline, and the paper's box APs (baseline, PISA)
+PAIRS = {
+    "faster_rcnn_r50_fpn_1x_pisa.yaml": ("faster_rcnn_r50_fpn_1x_random.yaml", "36.4", "38.4"),
+    "faster_rcnn_x101_32x4d_fpn_1x_pisa.yaml": ("faster_rcnn_x101_32x4d_fpn_1x_random.yaml", "40.1", "41.9"),
+    "mask_rcnn_r50_fpn_1x_pisa.yaml": ("mask_rcnn_r50_fpn_1x_random.yaml", "37.3", "39.1"),
+    "retinanet_r50_fpn_1x_pisa.yaml": ("retinanet_r50_fpn_1x_baseline.yaml", "35.6", "36.9"),
+    "retinanet_x101_32x4d_fpn_1x_pisa.yaml": ("retinanet_x101_32x4d_fpn_1x_baseline.yaml", "39.0", "40.7"),
+    "ssd300_pisa.yaml": ("ssd300_baseline.yaml", "25.6", "27.6"),
+    "ssd512_pisa.yaml": ("ssd512_baseline.yaml", "29.3", "31.8"),
+}
+PISA_CONFIGS = sorted(PAIRS)
 SHIPPED_STUDIES = [
     "faster_rcnn_r50_coco.yaml",
     "retinanet_r50_coco.yaml",
@@ -82,7 +90,8 @@ def test_faster_rcnn_pisa_has_the_paper_settings():
 
 
 def test_faster_rcnn_variants_differ_only_in_sampling_and_pisa():
-    pisa_parts = ("sampler", "isr_p", "isr_n", "carl")
+    # and in test-time proposals: 2000 in the reference PISA configs, 1000 in its baselines
+    pisa_parts = ("sampler", "isr_p", "isr_n", "carl", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test")
     pisa = cfg("faster_rcnn_r50_fpn_1x_pisa.yaml").model.model_dump(exclude=set(pisa_parts))
     expected = {
         "faster_rcnn_r50_fpn_1x_random.yaml": "random",
@@ -96,8 +105,43 @@ def test_faster_rcnn_variants_differ_only_in_sampling_and_pisa():
         assert m.model_dump(exclude=set(pisa_parts)) == pisa, name
 
 
+def _header(name: str) -> str:
+    text = (REPO / "configs" / name).read_text()
+    return "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+
+
+@pytest.mark.parametrize("name", PISA_CONFIGS)
+def test_every_pisa_config_has_a_baseline_and_states_the_reference(name: str):
+    baseline, base_ap, pisa_ap = PAIRS[name]
+    for file, ap in ((name, pisa_ap), (baseline, base_ap)):
+        header = _header(file)
+        assert "Reference set-up:" in header, file
+        assert f"Paper box AP: {ap}" in header or f"Paper AP: box {ap}" in header, file
+    pisa, base = cfg(name).model, cfg(baseline).model
+    assert not base.isr_p.enabled and not base.carl.enabled and base.sampler == "random"
+    assert pisa.isr_p.enabled and pisa.carl.enabled
+    differ = {"sampler", "isr_p", "isr_n", "carl", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test"}
+    assert pisa.model_dump(exclude=differ) == base.model_dump(exclude=differ)
+    assert cfg(name).data == cfg(baseline).data
+
+
+def test_box_losses_and_test_proposals_follow_the_reference():
+    for name in PISA_CONFIGS:
+        m = cfg(name).model
+        if m.detector in ("faster_rcnn", "mask_rcnn"):
+            assert (m.box_loss.type, m.box_loss.beta) == ("smooth_l1", 1.0), name
+            assert m.rpn_pre_nms_top_n_test == m.rpn_post_nms_top_n_test == 2000, name
+        elif m.detector == "retinanet":
+            assert (m.box_loss.type, m.box_loss.beta) == ("smooth_l1", 0.11), name
+        else:  # SSD: torchvision's smooth-L1 beta 1 is the reference's
+            assert m.box_loss is None, name
+            assert m.trainable_backbone_layers == 5, name
+            assert cfg(name).data.augment == "ssd", name
+
+
 def test_single_stage_pisa_configs_use_no_isr_n():
-    for name in ("retinanet_r50_fpn_1x_pisa.yaml", "ssd300_pisa.yaml", "ssd512_pisa.yaml"):
+    for name in ("retinanet_r50_fpn_1x_pisa.yaml", "retinanet_x101_32x4d_fpn_1x_pisa.yaml", "ssd300_pisa.yaml",
+                 "ssd512_pisa.yaml"):
         m = cfg(name).model
         assert m.sampler == "random" and not m.isr_n_enabled, name
         assert (m.isr_p.enabled, m.isr_p.k, m.isr_p.bias) == (True, 2.0, 0.0), name

@@ -399,3 +399,57 @@ def test_bccd_build_dataset_with_limit(bccd_dir: Path) -> None:
     assert len(val) == 5 and val.ids == sorted(val.coco.imgs)[:5]
     image, target = val[0]
     assert image.shape == (3, 480, 640) and target["image_id"] == val.ids[0]
+
+
+# ---------------------------------------------------------------- SSD augmentation preset
+
+
+def _ssd_sample():
+    from PIL import Image as PILImage
+
+    image = PILImage.new("RGB", (120, 90), (200, 30, 30))
+    target = {
+        "boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0], [70.0, 20.0, 110.0, 80.0], [1.0, 80.0, 6.0, 88.0]]),
+        "labels": torch.tensor([1, 2, 3]),
+        "area": torch.tensor([2000.0, 2400.0, 40.0]),
+        "iscrowd": torch.zeros(3, dtype=torch.int64),
+        "image_id": 7,
+    }
+    return image, target
+
+
+def test_ssd_augmentation_keeps_boxes_valid_and_drops_cropped_ones():
+    from pisa.data.transforms import build_transforms
+
+    transform = build_transforms(train=True, flip_prob=0.5, augment="ssd")
+    torch.manual_seed(0)
+    dropped, zoomed, kept_all = 0, 0, 0
+    for _ in range(150):
+        image, target = _ssd_sample()
+        img, out = transform(image, target)
+        h, w = img.shape[-2:]
+        boxes = out["boxes"]
+        assert type(boxes) is torch.Tensor and img.dtype == torch.float32
+        assert len(boxes) == len(out["labels"]) == len(out["area"]) == len(out["iscrowd"])
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
+        assert (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        torch.testing.assert_close(out["area"], (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+        labels = out["labels"].tolist()
+        assert len(set(labels)) == len(labels) and set(labels) <= {1, 2, 3}
+        dropped += len(labels) < 3
+        kept_all += len(labels) == 3
+        zoomed += max(h, w) > 120
+    # the crop removes boxes in some draws, the zoom-out enlarges the canvas in others
+    assert dropped > 5 and kept_all > 5 and zoomed > 5
+
+
+def test_augment_preset_from_config(tmp_path):
+    from pisa.config import DataConfig
+    from pisa.data import build_dataset
+
+    cfg = DataConfig(synthetic={"out": tmp_path / "syn", "train": 2, "val": 1, "image_size": 64}, augment="ssd")
+    assert build_dataset(cfg, "train", train=True).transforms.augment == "ssd"
+    assert build_dataset(cfg, "val", train=False).transforms.augment == "flip"
+    with pytest.raises(ValueError, match="augment"):
+        DataConfig(synthetic={"out": tmp_path / "syn"}, augment="mosaic")

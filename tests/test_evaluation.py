@@ -17,6 +17,7 @@ from pycocotools.cocoeval import COCOeval
 
 from pisa.data import CocoDetection
 from pisa.evaluation import (
+    encode_masks,
     evaluate_coco,
     evaluate_coco_detailed,
     gather_predictions,
@@ -108,7 +109,8 @@ def test_ground_truth_as_predictions_scores_one(synthetic_dir: Path) -> None:
     ds = CocoDetection(synthetic_dir / "val", synthetic_dir / "val.json")
     label_of = {c: l for l, c in ds.label_to_cat_id.items()}
     metrics = evaluate_coco(ds.coco, gt_as_predictions(ds.coco, label_of), ds.label_to_cat_id)
-    assert sorted(metrics) == sorted(metric_keys(("bbox",)))
+    per_class = [f"bbox_AP_{name}" for name in ds.cat_names]
+    assert sorted(metrics) == sorted(metric_keys(("bbox",)) + per_class)
     assert metrics["bbox_mAP"] == pytest.approx(1.0)
     assert metrics["bbox_mAP_50"] == pytest.approx(1.0) and metrics["bbox_mAP_75"] == pytest.approx(1.0)
     assert metrics["bbox_AR_100"] == pytest.approx(1.0)
@@ -135,7 +137,7 @@ def test_matches_direct_pycocotools_call() -> None:
         reference.accumulate()
         reference.summarize()
     expected = dict(zip(metric_keys(("bbox",)), reference.stats.tolist()))
-    assert metrics == expected  # exactly the same numbers
+    assert {k: metrics[k] for k in expected} == expected  # exactly the same numbers
     assert 0.3 < metrics["bbox_mAP"] < 0.9 and metrics["bbox_mAP_50"] > metrics["bbox_mAP_75"]
     assert "Average Precision" in summary
 
@@ -160,6 +162,7 @@ def test_image_ids_restrict_evaluation() -> None:
 def test_no_predictions_gives_zeros_not_a_crash() -> None:
     gt = handmade_gt()
     expected = {k: 0.0 for k in metric_keys(("bbox", "segm"))}
+    expected.update({f"{t}_AP_{c}": 0.0 for t in ("bbox", "segm") for c in ("a", "b")})
     assert evaluate_coco(gt, [], LABEL_TO_CAT, iou_types=("bbox", "segm")) == expected
     empty = [{"image_id": i, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
               "labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 1, 100, 200)}
@@ -243,3 +246,91 @@ def test_gather_across_two_processes_dedupes_padding(tmp_path: Path) -> None:
     assert [p["image_id"] for p in out] == [1, 2, 3, 4, 5]
     assert out[0]["labels"].tolist() == [1]  # the first copy (rank 0's) is kept
     assert [p["boxes"][0, 0].item() for p in out] == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+# ---------------------------------------------------------------- per class, RLE masks
+
+
+def test_per_class_ap_by_hand_and_its_mean_is_map() -> None:
+    """Class a (id 3): its 4 GTs all found exactly -> AP 1. Class b (id 8): of its 3 GTs only
+    one is found, by the second-ranked detection after a false positive; COCO's interpolated
+    precision is then 0.5 up to recall 1/3 and 0 beyond: AP = 0.5 * 34 / 101 at every IoU."""
+    gt = handmade_gt()
+    boxes_a = {1: [[10.0, 10, 30, 30], [50, 20, 110, 70]], 2: [[150.0, 10, 180, 40]], 3: [[20.0, 30, 130, 90]]}
+    preds = []
+    for image_id in (1, 2, 3):
+        b = boxes_a[image_id]
+        labels = [1] * len(b)
+        scores = [0.9] * len(b)
+        if image_id == 1:
+            b = b + [[0.0, 60, 10, 70]]  # false positive of class b, ranked first
+            labels, scores = labels + [2], scores + [0.8]
+        if image_id == 2:
+            b = b + [[100.0, 40, 140, 80]]  # exact hit on one class-b GT
+            labels, scores = labels + [2], scores + [0.7]
+        preds.append({"image_id": image_id, "boxes": torch.tensor(b), "scores": torch.tensor(scores),
+                      "labels": torch.tensor(labels)})
+    metrics = evaluate_coco(gt, preds, LABEL_TO_CAT)
+    assert metrics["bbox_AP_a"] == pytest.approx(1.0)
+    assert metrics["bbox_AP_b"] == pytest.approx(0.5 * 34 / 101)
+    assert (metrics["bbox_AP_a"] + metrics["bbox_AP_b"]) / 2 == pytest.approx(metrics["bbox_mAP"])
+
+
+def test_per_class_ap_of_a_class_without_ground_truth_is_left_out_of_the_mean() -> None:
+    gt = handmade_gt()
+    gt.dataset["categories"].append({"id": 9, "name": "traffic light"})
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    metrics = evaluate_coco(gt, handmade_predictions(), {**LABEL_TO_CAT, 3: 9})
+    assert metrics["bbox_AP_traffic_light"] == -1.0  # no GT: COCOeval's -1, not in the mean
+    assert (metrics["bbox_AP_a"] + metrics["bbox_AP_b"]) / 2 == pytest.approx(metrics["bbox_mAP"])
+
+
+def test_encoded_masks_give_the_same_segm_ap(synthetic_dir: Path) -> None:
+    ds = CocoDetection(synthetic_dir / "val", synthetic_dir / "val.json")
+    label_of = {c: l for l, c in ds.label_to_cat_id.items()}
+    preds = gt_as_predictions(ds.coco, label_of, with_masks=True)
+    # damage the masks a little so that segm AP is not trivially 1
+    for p in preds:
+        if len(p["masks"]):
+            p["masks"][0, 0, :, : p["masks"].shape[-1] // 2] = 0.0
+    before = evaluate_coco(ds.coco, preds, ds.label_to_cat_id, iou_types=("bbox", "segm"))
+    encoded = [encode_masks(p) for p in preds]
+    for p, e in zip(preds, encoded):
+        assert "masks" not in e and len(e["rles"]) == len(p["masks"])
+        assert all(isinstance(r["counts"], str) and list(r["size"]) == list(p["masks"].shape[-2:]) for r in e["rles"])
+    after = evaluate_coco(ds.coco, encoded, ds.label_to_cat_id, iou_types=("bbox", "segm"))
+    assert after == before and before["segm_mAP"] < 0.99
+
+
+_GATHER_RLE_SCRIPT = """
+import pickle, sys, torch, torch.distributed as dist
+from pisa.evaluation import encode_masks, gather_predictions
+rank, init_file, result_file = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=2)
+masks = torch.zeros(3, 1, 480, 640)
+masks[:, :, 100:200, 100:300] = 0.9
+pred = {"image_id": rank + 1, "boxes": torch.zeros(3, 4), "scores": torch.ones(3),
+        "labels": torch.ones(3, dtype=torch.int64), "masks": masks}
+out = gather_predictions([encode_masks(pred)])
+if rank == 1:
+    torch.save({"out": out, "bytes": len(pickle.dumps(out))}, result_file)
+dist.destroy_process_group()
+"""
+
+
+def test_gathered_mask_predictions_are_rles(tmp_path: Path) -> None:
+    init_file, result_file = tmp_path / "init", tmp_path / "out.pt"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", _GATHER_RLE_SCRIPT, str(rank), str(init_file),
+                               str(result_file)], env=env) for rank in (0, 1)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    got = torch.load(result_file, weights_only=False)
+    out = got["out"]
+    assert [p["image_id"] for p in out] == [1, 2]
+    for pred in out:
+        assert "masks" not in pred and len(pred["rles"]) == 3
+        assert all(isinstance(r, dict) and r["size"] == [480, 640] and isinstance(r["counts"], str)
+                   for r in pred["rles"])
+    # 2 images x 3 masks of 480x640 would be 7.4 MB as float32; the RLEs are a few kB
+    assert got["bytes"] < 10_000

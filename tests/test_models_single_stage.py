@@ -42,8 +42,8 @@ def _model(detector: str, isr_p: bool, carl: bool) -> torch.nn.Module:
         build = build_retinanet if detector == "retinanet" else build_ssd
         _MODELS[detector] = build(cfg, NUM_CLASSES)
     model = _MODELS[detector]
-    model.head.isr_p = ISRPConfig(enabled=isr_p)
-    model.head.carl = CARLConfig(enabled=carl)
+    model.head.pisa.isr_p = ISRPConfig(enabled=isr_p)
+    model.head.pisa.carl = CARLConfig(enabled=carl)
     model.zero_grad(set_to_none=True)
     return model
 
@@ -207,8 +207,9 @@ def test_vgg16_loads_local_state_dict(tmp_path):
 
 @pytest.mark.parametrize("detector", DETECTORS)
 def test_plain_loss_equals_torchvision(detector):
+    """RetinaNet normalises by the batch's positives, torchvision per image: equal for one image."""
     model = _model(detector, False, False)
-    inputs = _loss_inputs(model, detector, 2)
+    inputs = _loss_inputs(model, detector, 1 if detector == "retinanet" else 2)
     ours = _compute_loss(model, detector, *inputs)
     ref = _reference_loss(model, detector, *inputs)
     assert set(ours) == set(ref)
@@ -263,7 +264,7 @@ def test_isr_p_keeps_positive_loss_magnitude(detector):
     # one image: negatives untouched and positives' sum kept -> the whole loss is unchanged
     single = _loss_inputs(model, detector, 1)
     with_isr_p = _compute_loss(model, detector, *single)["classification"]
-    model.head.isr_p = ISRPConfig(enabled=False)
+    model.head.pisa.isr_p = ISRPConfig(enabled=False)
     without = _compute_loss(model, detector, *single)["classification"]
     torch.testing.assert_close(with_isr_p, without, rtol=1e-4, atol=1e-4)
 

@@ -41,7 +41,8 @@ def build_dataset(
 ) -> CocoDetection:
     """The `split` of a `DataConfig` as a dataset; generates the synthetic set first if needed.
 
-    `train` switches on random flipping (`cfg.flip_prob`); `cfg.train_limit`/`cfg.val_limit`
+    `train` switches on the `cfg.augment` preset (random flipping with `cfg.flip_prob`, and
+    SSD's photometric distortion, zoom-out and crop for `ssd`); `cfg.train_limit`/`cfg.val_limit`
     keep the first N images (sorted by image id) of the split.
     """
     if split not in ("train", "val"):
@@ -54,7 +55,7 @@ def build_dataset(
     return CocoDetection(
         images,
         annotations,
-        transforms=build_transforms(train, flip_prob=cfg.flip_prob, max_size=max_size),
+        transforms=build_transforms(train, flip_prob=cfg.flip_prob, max_size=max_size, augment=cfg.augment),
         with_masks=with_masks,
         bad_boxes=cfg.bad_boxes,
         limit=limit,

@@ -3,6 +3,11 @@
 Boxes and masks travel as `tv_tensors` so flips and resizes move them with the image.
 No normalization and no final resize here: the detector's GeneralizedRCNNTransform does both;
 the optional `max_size` cap only saves decode/collate time on large images.
+
+Augmentation presets (`data.augment`): `flip` (horizontal flip only, the two-stage and RetinaNet
+set-ups) and `ssd`, the SSD papers' data set-up as torchvision's SSD reference builds it:
+photometric distortion, zoom-out onto a mean-coloured canvas (1-4x), a random crop with a
+minimum IoU to the boxes, then flip; boxes the crop removes are dropped with their labels.
 """
 
 from __future__ import annotations
@@ -15,7 +20,27 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["DetectionTransform", "build_transforms", "collate_fn"]
+__all__ = ["AUGMENT_PRESETS", "DetectionTransform", "build_transforms", "collate_fn", "ssd_augmentation"]
+
+AUGMENT_PRESETS = ("flip", "ssd")
+_PER_BOX = ("labels", "area", "iscrowd")
+_SSD_FILL = (123, 117, 104)  # ImageNet mean in uint8 units: the zoom-out canvas colour
+
+
+def _per_box_targets(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """The target fields that SanitizeBoundingBoxes must filter along with the boxes."""
+    target = inputs[1] if isinstance(inputs, tuple) else inputs
+    return tuple(target[k] for k in _PER_BOX if k in target)
+
+
+def ssd_augmentation() -> v2.Compose:
+    """Photometric distortion, zoom-out 1-4x, min-IoU crop, and dropping of emptied boxes."""
+    return v2.Compose([
+        v2.RandomPhotometricDistort(p=0.5),
+        v2.RandomZoomOut(fill={tv_tensors.Image: _SSD_FILL, tv_tensors.Mask: 0}, side_range=(1.0, 4.0), p=0.5),
+        v2.RandomIoUCrop(),
+        v2.SanitizeBoundingBoxes(labels_getter=_per_box_targets),
+    ])
 
 
 class DetectionTransform:
@@ -25,7 +50,9 @@ class DetectionTransform:
     `area` are scaled along, `orig_size` keeps the file's size so predictions can be mapped back.
     """
 
-    def __init__(self, flip_prob: float = 0.0, max_size: int | None = None) -> None:
+    def __init__(self, flip_prob: float = 0.0, max_size: int | None = None, augment: str = "flip") -> None:
+        if augment not in AUGMENT_PRESETS:
+            raise ValueError(f"augment must be one of {AUGMENT_PRESETS}, got {augment!r}")
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         if max_size is not None and max_size < 1:
@@ -33,9 +60,11 @@ class DetectionTransform:
         self.flip_prob = flip_prob
         self.max_size = max_size
         self.flip = v2.RandomHorizontalFlip(p=flip_prob)
+        self.augment = augment
+        self.ssd = ssd_augmentation() if augment == "ssd" else None
 
     def __repr__(self) -> str:
-        return f"DetectionTransform(flip_prob={self.flip_prob}, max_size={self.max_size})"
+        return f"DetectionTransform(flip_prob={self.flip_prob}, max_size={self.max_size}, augment={self.augment!r})"
 
     def __call__(
         self, image: Image.Image | torch.Tensor, target: dict[str, Any]
@@ -57,6 +86,12 @@ class DetectionTransform:
                 sy, sx = new_size[0] / height, new_size[1] / width
                 target["area"] = target["area"] * (sx * sy)
 
+        if self.ssd is not None:
+            img, target = self.ssd(img, target)
+            boxes = target["boxes"].as_subclass(torch.Tensor)
+            if "area" in target:  # the boxes were cropped and rescaled: their area is the box's
+                target["area"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
         if self.flip_prob > 0:
             img, target = self.flip(img, target)
 
@@ -67,9 +102,14 @@ class DetectionTransform:
         return img.as_subclass(torch.Tensor), target
 
 
-def build_transforms(train: bool, flip_prob: float = 0.5, max_size: int | None = None) -> DetectionTransform:
-    """Training: random horizontal flip with `flip_prob`; evaluation: no randomness."""
-    return DetectionTransform(flip_prob=flip_prob if train else 0.0, max_size=max_size)
+def build_transforms(
+    train: bool, flip_prob: float = 0.5, max_size: int | None = None, augment: str = "flip"
+) -> DetectionTransform:
+    """Training: the `augment` preset (random horizontal flip with `flip_prob`, plus SSD's
+    photometric distortion, zoom-out and crop for `ssd`); evaluation: no randomness."""
+    if train:
+        return DetectionTransform(flip_prob=flip_prob, max_size=max_size, augment=augment)
+    return DetectionTransform(flip_prob=0.0, max_size=max_size)
 
 
 def collate_fn(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:

@@ -6,38 +6,15 @@ models count the background too, so they get `num_classes + 1`.
 
 from __future__ import annotations
 
-import types
-
-import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 
 from pisa.config import ModelConfig
 from pisa.models.backbones import build_backbone
+from pisa.models.pisa_loss import DiagnosticsMixin, collect_diagnostics
 from pisa.models.roi_heads import PisaRoIHeads
 
 __all__ = ["build_detector", "collect_diagnostics", "DiagnosticsMixin", "PisaFasterRCNN", "PisaMaskRCNN"]
-
-
-def collect_diagnostics(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The last training step's PISA tensors of every head in `model`, on the CPU.
-
-    Heads keep a `pisa_diagnostics` dict (on their device, to avoid a sync per step);
-    the copy to the CPU happens only here, when the training loop asks for it.
-    """
-    merged: dict[str, torch.Tensor] = {}
-    for module in model.modules():
-        diag = module.__dict__.get("pisa_diagnostics")
-        if isinstance(diag, dict):
-            merged.update({k: v.detach().cpu() for k, v in diag.items() if isinstance(v, torch.Tensor)})
-    return merged
-
-
-class DiagnosticsMixin:
-    """Gives a detector `pisa_diagnostics()`: the merged dict of its heads (empty if none)."""
-
-    def pisa_diagnostics(self) -> dict[str, torch.Tensor]:
-        return collect_diagnostics(self)
 
 
 class PisaFasterRCNN(DiagnosticsMixin, FasterRCNN):
@@ -68,13 +45,6 @@ def _two_stage(cls: type[FasterRCNN], cfg: ModelConfig, num_classes: int) -> Fas
     return model
 
 
-def _ensure_diagnostics(model: nn.Module) -> nn.Module:
-    """Detectors built elsewhere get `pisa_diagnostics()` if they lack it."""
-    if not callable(getattr(model, "pisa_diagnostics", None)):
-        model.pisa_diagnostics = types.MethodType(collect_diagnostics, model)
-    return model
-
-
 def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> nn.Module:
     """The configured detector; `num_classes` (foreground) overrides `cfg.num_classes`."""
     num_classes = num_classes if num_classes is not None else cfg.num_classes
@@ -90,10 +60,10 @@ def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> nn.Modul
         case "retinanet":
             from pisa.models.retinanet import build_retinanet
 
-            return _ensure_diagnostics(build_retinanet(cfg, num_classes))
+            return build_retinanet(cfg, num_classes)
         case "ssd300" | "ssd512":
             from pisa.models.ssd import build_ssd
 
-            return _ensure_diagnostics(build_ssd(cfg, num_classes))
+            return build_ssd(cfg, num_classes)
         case other:
             raise ValueError(f"unknown detector {other!r}")

@@ -2,8 +2,10 @@
 
 The head replaces torchvision's per-image loss loops with one pass over the whole batch,
 because ISR-P ranks positives across images (IoU-HLR groups by class over the batch).
-Normalisation stays torchvision's: each image's losses are divided by its number of
-foreground anchors, then averaged over images. Single-stage models get no ISR-N.
+As in the reference PISA RetinaNet, the classification, box and CARL losses are divided by
+the positives of the whole batch averaged over the workers (`num_total_pos`), not per
+image: only then does ISR-P's "keep the positives' total loss" hold for the batch loss.
+Single-stage models get no ISR-N.
 """
 
 from __future__ import annotations
@@ -11,74 +13,35 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead, _default_anchorgen
+from torchvision.models.detection.retinanet import (
+    RetinaNet,
+    RetinaNetHead,
+    _default_anchorgen,
+)
 from torchvision.ops import sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from pisa.config import CARLConfig, ISRPConfig, ModelConfig
+from pisa.config import BoxLossConfig, CARLConfig, ISRPConfig, ModelConfig
 from pisa.models.backbones import build_backbone, resolve_norm
-from pisa.ops import carl_loss, iou_hlr, isr_p_weights
+from pisa.models.pisa_loss import (
+    AnchorPositives,
+    DiagnosticsMixin,
+    PisaLoss,
+    box_loss_fn,
+    mean_over_workers,
+)
 
-__all__ = [
-    "aligned_box_iou",
-    "Positives",
-    "PISARetinaNetHead",
-    "PISARetinaNet",
-    "build_retinanet",
-]
+__all__ = ["PISARetinaNetHead", "PISARetinaNet", "build_retinanet", "TORCHVISION_BOX_LOSS"]
 
-
-def aligned_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of each box in `boxes1` with the box at the same row of `boxes2` (x1y1x2y2)."""
-    lt = torch.max(boxes1[:, :2], boxes2[:, :2])
-    rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(dim=1)
-    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(dim=1)
-    return inter / (area1 + area2 - inter).clamp(min=1e-6)
-
-
-class Positives:
-    """The foreground anchors of a batch, flattened: which image, which anchor, which GT.
-
-    `gt_inds` index the concatenation of all images' GTs, so they are unique across the
-    batch as IoU-HLR requires.
-    """
-
-    def __init__(self, targets: list[dict[str, Tensor]], matched_idxs: list[Tensor]):
-        matched = torch.stack(matched_idxs)  # (N, A)
-        self.matched = matched
-        self.mask = matched >= 0
-        self.img_idx, self.anchor_idx = self.mask.nonzero(as_tuple=True)
-        counts = torch.tensor([len(t["boxes"]) for t in targets], device=matched.device)
-        offsets = torch.cumsum(counts, 0) - counts
-        self.gt_inds = offsets[self.img_idx] + matched[self.img_idx, self.anchor_idx]
-        all_boxes = torch.cat([t["boxes"] for t in targets])
-        all_labels = torch.cat([t["labels"] for t in targets])
-        self.gt_boxes = all_boxes[self.gt_inds]
-        self.labels = all_labels[self.gt_inds].long()
-        self.num_per_image = self.mask.sum(1)  # (N,)
-
-    def __len__(self) -> int:
-        return int(self.img_idx.numel())
-
-    def select(self, per_anchor: Tensor) -> Tensor:
-        """Rows of a (N, A, ...) tensor at the positives."""
-        return per_anchor[self.img_idx, self.anchor_idx]
-
-    def sum_per_image(self, values: Tensor, num_images: int) -> Tensor:
-        """Sum of per-positive values (P,) into (N,) image totals."""
-        return values.new_zeros(num_images).index_add_(0, self.img_idx, values)
+TORCHVISION_BOX_LOSS = BoxLossConfig(type="l1")  # torchvision's RetinaNet regression loss
 
 
 class PISARetinaNetHead(RetinaNetHead):
-    """torchvision's RetinaNet head whose loss applies ISR-P and CARL.
+    """torchvision's RetinaNet head whose loss applies ISR-P and CARL, batch-normalised.
 
-    With both disabled the losses equal torchvision's. `pisa_diagnostics` holds the last
-    training step's ISR-P inputs and weights and the CARL weights (detached, CPU).
+    With both disabled and one image per batch the losses equal torchvision's.
     """
 
     def __init__(
@@ -90,68 +53,50 @@ class PISARetinaNetHead(RetinaNetHead):
         isr_p: ISRPConfig | None = None,
         carl: CARLConfig | None = None,
         diagnostics: bool = True,
+        box_loss: BoxLossConfig | None = None,
     ):
         super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm_layer)
-        self.isr_p = isr_p or ISRPConfig()
-        self.carl = carl or CARLConfig()
-        self.diagnostics = diagnostics
-        self.pisa_diagnostics: dict[str, Tensor] = {}
+        self.pisa = PisaLoss(isr_p, carl, diagnostics)
+        self.box_loss = box_loss_fn(box_loss, TORCHVISION_BOX_LOSS)
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
-        cls_logits = head_outputs["cls_logits"]  # (N, A, C)
-        bbox_regression = head_outputs["bbox_regression"]  # (N, A, 4)
+        cls_logits = head_outputs["cls_logits"].float()  # (N, A, C)
+        bbox_regression = head_outputs["bbox_regression"].float()  # (N, A, 4)
         box_coder = self.regression_head.box_coder
-        num_images = cls_logits.shape[0]
-        pos = Positives(targets, matched_idxs)
-        per_image_norm = pos.num_per_image.clamp(min=1).to(cls_logits.dtype)
-        diag: dict[str, Tensor] = {}
+        self.pisa.start_step()
+        pos = AnchorPositives(targets, matched_idxs)
+        num_total_pos = mean_over_workers(len(pos), cls_logits.device)
 
         # classification: per-anchor focal loss summed over classes, ignored anchors dropped
         gt_classes_target = torch.zeros_like(cls_logits)
         gt_classes_target[pos.img_idx, pos.anchor_idx, pos.labels] = 1.0
         focal = sigmoid_focal_loss(cls_logits, gt_classes_target, reduction="none").sum(-1)  # (N, A)
-        valid = pos.matched != det_utils.Matcher.BETWEEN_THRESHOLDS
-        weights = valid.to(focal.dtype)
+        weights = (pos.matched != det_utils.Matcher.BETWEEN_THRESHOLDS).to(focal.dtype)
 
-        # regression: L1 on the encoded targets, per positive (P, 4)
-        pos_anchors = pos.select(torch.stack(anchors))
+        # regression on the encoded targets, per positive (P, 4)
+        pos_anchors = pos.select(torch.stack(anchors)).float()
         pos_deltas = pos.select(bbox_regression)
-        target_deltas = box_coder.encode_single(pos.gt_boxes, pos_anchors)
-        reg_loss = F.l1_loss(pos_deltas, target_deltas, reduction="none")
+        target_deltas = box_coder.encode_single(pos.gt_boxes.float(), pos_anchors)
+        reg_loss = self.box_loss(pos_deltas, target_deltas)
 
-        if self.isr_p.enabled and len(pos) > 0:
-            with torch.no_grad():
-                pred_boxes = box_coder.decode_single(pos_deltas.detach(), pos_anchors)
-                ious = aligned_box_iou(pred_boxes, pos.gt_boxes)
-            pos_cls_loss = pos.select(focal).detach()
-            w = isr_p_weights(ious, pos.labels, pos.gt_inds, pos_cls_loss, k=self.isr_p.k, bias=self.isr_p.bias)
+        w = self.pisa.positive_weights(
+            box_coder, pos_deltas, pos_anchors, pos.gt_boxes, pos.labels, pos.gt_inds, pos.select(focal)
+        )
+        if w is not None:
             weights = weights.index_put((pos.img_idx, pos.anchor_idx), w.to(weights.dtype))
-            if self.diagnostics:
-                diag.update(
-                    ious=ious, labels=pos.labels, gt_inds=pos.gt_inds, cls_loss=pos_cls_loss,
-                    isr_p_weights=w, iou_hlr=iou_hlr(ious, pos.labels, pos.gt_inds),
-                )
 
-        cls_per_image = (focal * weights).sum(1) / per_image_norm
-        reg_per_image = pos.sum_per_image(reg_loss.sum(1), num_images) / per_image_norm
-        losses = {"classification": cls_per_image.mean(), "bbox_regression": reg_per_image.mean()}
-
-        if self.carl.enabled:
-            cls_prob = torch.sigmoid(cls_logits[pos.img_idx, pos.anchor_idx, pos.labels])
-            losses["loss_carl"] = carl_loss(
-                cls_prob, reg_loss, k=self.carl.k, bias=self.carl.bias, avg_factor=max(1, len(pos))
-            )
-            if self.diagnostics and len(pos) > 0:
-                with torch.no_grad():
-                    v = (self.carl.bias + (1.0 - self.carl.bias) * cls_prob).pow(self.carl.k)
-                    diag["carl_weights"] = v * (len(pos) / v.sum())
-
-        if self.diagnostics:
-            self.pisa_diagnostics = {k: v.detach().cpu() for k, v in diag.items()}
+        losses = {
+            "classification": (focal * weights).sum() / num_total_pos,
+            "bbox_regression": reg_loss.sum() / num_total_pos,
+        }
+        cls_prob = torch.sigmoid(cls_logits[pos.img_idx, pos.anchor_idx, pos.labels])
+        carl = self.pisa.carl_term(cls_prob, reg_loss, avg_factor=num_total_pos)
+        if carl is not None:
+            losses["loss_carl"] = carl
         return losses
 
 
-class PISARetinaNet(RetinaNet):
+class PISARetinaNet(DiagnosticsMixin, RetinaNet):
     """torchvision RetinaNet that never detects logit 0 (background) and exposes PISA diagnostics."""
 
     def postprocess_detections(self, head_outputs, anchors, image_shapes):
@@ -160,9 +105,6 @@ class PISARetinaNet(RetinaNet):
             cl[..., 0] = float("-inf")
         head_outputs = {**head_outputs, "cls_logits": no_background}
         return super().postprocess_detections(head_outputs, anchors, image_shapes)
-
-    def pisa_diagnostics(self) -> dict[str, Tensor]:
-        return dict(getattr(self.head, "pisa_diagnostics", {}))
 
 
 def build_retinanet(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -183,6 +125,7 @@ def build_retinanet(cfg: ModelConfig, num_classes: int) -> nn.Module:
         isr_p=cfg.isr_p,
         carl=cfg.carl,
         diagnostics=cfg.diagnostics,
+        box_loss=cfg.box_loss,
     )
     return PISARetinaNet(
         backbone,

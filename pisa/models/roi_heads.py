@@ -16,23 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
 
-from pisa.config import ModelConfig
-from pisa.ops import carl_loss, iou_hlr, isr_p_weights
+from pisa.config import BoxLossConfig, ModelConfig
+from pisa.models.box_head_reuse import HeadPass, can_reuse, forward_all, reuse_sampled
+from pisa.models.pisa_loss import PisaLoss, box_loss_fn
 from pisa.sampling import RoIStats, build_sampler
 
-__all__ = ["PisaRoIHeads", "paired_iou"]
+__all__ = ["PisaRoIHeads", "TORCHVISION_BOX_LOSS"]
 
-_BETA = 1.0 / 9.0  # torchvision's fastrcnn_loss smooth-L1 beta
-
-
-def paired_iou(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
-    """IoU of a[i] with b[i] (aligned pairs), (N,)."""
-    lt = torch.max(a[:, :2], b[:, :2])
-    rb = torch.min(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(dim=1)
-    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(dim=1)
-    return inter / (area_a + area_b - inter).clamp(min=eps)
+TORCHVISION_BOX_LOSS = BoxLossConfig(type="smooth_l1", beta=1.0 / 9.0)  # torchvision's fastrcnn_loss
 
 
 @dataclass
@@ -46,6 +37,8 @@ class _Samples:
     gt_boxes: Tensor  # (S, 4) matched GT box
     gt_inds: Tensor  # (S,) matched GT index, unique across the batch
     label_weights: Tensor  # (S,) ISR-N weights on negatives, 1 elsewhere
+    head_pass: HeadPass | None = None  # the ranking pass over all proposals, when there was one
+    rows: Tensor | None = None  # (S,) the sampled RoIs' rows in `head_pass`
 
 
 class PisaRoIHeads(RoIHeads):
@@ -54,10 +47,9 @@ class PisaRoIHeads(RoIHeads):
     def __init__(self, *args, cfg: ModelConfig, **kwargs):
         super().__init__(*args, **kwargs)
         self.sampler = build_sampler(cfg)
-        self.isr_p = cfg.isr_p
-        self.carl = cfg.carl
-        self.keep_diagnostics = cfg.diagnostics
-        self.pisa_diagnostics: dict[str, Tensor] = {}
+        self.pisa = PisaLoss(cfg.isr_p, cfg.carl, cfg.diagnostics)
+        self.box_loss = box_loss_fn(cfg.box_loss, TORCHVISION_BOX_LOSS)
+        self.reuse_ranking_pass = True  # sampled RoIs take their head outputs from the ranking pass
 
     @classmethod
     def from_torchvision(cls, heads: RoIHeads, cfg: ModelConfig) -> "PisaRoIHeads":
@@ -91,11 +83,18 @@ class PisaRoIHeads(RoIHeads):
         image_shapes: list[tuple[int, int]],
         labels: list[Tensor],
         regression_targets: list[Tensor],
-    ) -> list[RoIStats]:
-        """Box-head predictions over all proposals of all images, in one batched pass."""
+    ) -> tuple[list[RoIStats], HeadPass | None]:
+        """Box-head predictions over all proposals of all images, in one batched pass (and
+        that pass's activations, when the head's layout lets the sampled RoIs reuse them)."""
         counts = [p.shape[0] for p in proposals]
-        feats = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        logits, deltas = self.box_predictor(feats)
+        head_pass = None
+        if self.reuse_ranking_pass and can_reuse(self.box_roi_pool, self.box_head, self.box_predictor):
+            head_pass = forward_all(self.box_roi_pool, self.box_head, self.box_predictor, features, proposals,
+                                    image_shapes)
+            logits, deltas = head_pass.logits, head_pass.deltas
+        else:
+            feats = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+            logits, deltas = self.box_predictor(feats)
         logits = logits.float()
         n, num_classes = logits.shape
         deltas = deltas.float().reshape(n, num_classes, 4)
@@ -105,7 +104,7 @@ class PisaRoIHeads(RoIHeads):
 
         target_cls = labels_all.clamp(min=0)
         cls_loss = F.cross_entropy(logits, target_cls, reduction="none")
-        reg = F.smooth_l1_loss(deltas[rows, target_cls], targets, beta=_BETA, reduction="none").sum(1)
+        reg = self.box_loss(deltas[rows, target_cls], targets).sum(1)
         loss = cls_loss + reg * (labels_all > 0)
         bg_loss = F.cross_entropy(logits, torch.zeros_like(target_cls), reduction="none")
         fg_score, fg_cls = logits.softmax(-1)[:, 1:].max(dim=1)
@@ -113,16 +112,14 @@ class PisaRoIHeads(RoIHeads):
         boxes = torch.cat(proposals).float()
         pred_boxes = self.box_coder.decode_single(deltas[rows, fg_cls], boxes)
 
-        if self.keep_diagnostics:
-            self.pisa_diagnostics["roi_loss"] = loss
-            self.pisa_diagnostics["roi_labels"] = labels_all
-            self.pisa_diagnostics["num_proposals"] = torch.tensor(counts)
-        return [
+        self.pisa.note(roi_loss=loss, roi_labels=labels_all, num_proposals=torch.tensor(counts))
+        stats = [
             RoIStats(loss=l, bg_loss=b, fg_score=s, pred_boxes=p)
             for l, b, s, p in zip(
                 loss.split(counts), bg_loss.split(counts), fg_score.split(counts), pred_boxes.split(counts)
             )
         ]
+        return stats, head_pass
 
     def select_pisa_samples(
         self,
@@ -144,8 +141,9 @@ class PisaRoIHeads(RoIHeads):
         ]
         regression_targets = list(self.box_coder.encode(matched_boxes, proposals))
 
+        head_pass = None
         if self.sampler.needs_stats:
-            stats = self.roi_stats(features, proposals, image_shapes, labels, regression_targets)
+            stats, head_pass = self.roi_stats(features, proposals, image_shapes, labels, regression_targets)
         else:
             stats = [None] * len(proposals)
 
@@ -170,10 +168,9 @@ class PisaRoIHeads(RoIHeads):
             sampled_global.append(inds + base)
             base += proposals[i].shape[0]
 
-        if self.keep_diagnostics:
-            # indices into the concatenated proposals (+ GTs) of the batch, as in `roi_loss`
-            self.pisa_diagnostics["sampled_inds"] = torch.cat(sampled_global)
-            self.pisa_diagnostics["num_sampled"] = torch.tensor(num_sampled)
+        # indices into the concatenated proposals (+ GTs) of the batch, as in `roi_loss`
+        rows = torch.cat(sampled_global)
+        self.pisa.note(sampled_inds=rows, num_sampled=torch.tensor(num_sampled))
         return _Samples(
             proposals=out_props,
             matched_idxs=out_matched,
@@ -182,12 +179,15 @@ class PisaRoIHeads(RoIHeads):
             gt_boxes=torch.cat(out["gt"]),
             gt_inds=torch.cat(out["gt_inds"]),
             label_weights=torch.cat(out["w"]),
+            head_pass=head_pass,
+            rows=rows,
         )
 
     # ------------------------------------------------------------------ losses
 
     def pisa_box_loss(self, class_logits: Tensor, box_regression: Tensor, s: _Samples) -> dict[str, Tensor]:
-        """Weighted CE + smooth-L1 (+ CARL), each normalized by the number of sampled RoIs."""
+        """Weighted CE + box loss (+ CARL), each normalized by the number of sampled RoIs."""
+        class_logits = class_logits.float()
         labels = s.labels
         num = max(labels.numel(), 1)
         cls_loss = F.cross_entropy(class_logits, labels, reduction="none")
@@ -197,45 +197,25 @@ class PisaRoIHeads(RoIHeads):
         labels_pos = labels[pos]
         n = class_logits.shape[0]
         deltas_pos = box_regression.reshape(n, -1, 4)[pos, labels_pos]
-        reg_pos = F.smooth_l1_loss(deltas_pos, s.regression_targets[pos], beta=_BETA, reduction="none")
-        diag = self.pisa_diagnostics if self.keep_diagnostics else {}
+        reg_pos = self.box_loss(deltas_pos, s.regression_targets[pos])
 
-        if self.isr_p.enabled and pos.numel() > 0:
-            proposals = torch.cat(s.proposals)
-            with torch.no_grad():
-                pred = self.box_coder.decode_single(deltas_pos.detach().float(), proposals[pos].float())
-                ious = paired_iou(pred, s.gt_boxes[pos].float())
-            pos_cls_loss = cls_loss[pos].detach()
-            w_pos = isr_p_weights(
-                ious, labels_pos, s.gt_inds[pos], pos_cls_loss, k=self.isr_p.k, bias=self.isr_p.bias
-            )
+        w_pos = self.pisa.positive_weights(
+            self.box_coder, deltas_pos, torch.cat(s.proposals)[pos], s.gt_boxes[pos],
+            labels_pos, s.gt_inds[pos], cls_loss[pos],
+        )
+        if w_pos is not None:
             weights = weights.clone()
             weights[pos] = w_pos.to(weights.dtype)
-            if self.keep_diagnostics:
-                diag.update(
-                    isr_p_weights=w_pos,
-                    iou_hlr=iou_hlr(ious, labels_pos, s.gt_inds[pos]),
-                    isr_p_ious=ious,
-                    isr_p_labels=labels_pos,
-                    isr_p_gt_inds=s.gt_inds[pos],
-                    isr_p_cls_loss=pos_cls_loss,
-                )
-        if self.keep_diagnostics and s.label_weights.ne(1).any():
-            diag["isr_n_weights"] = s.label_weights[labels == 0]
+        if s.label_weights.ne(1).any():
+            self.pisa.note(isr_n_weights=s.label_weights[labels == 0])
 
         losses = {
             "loss_classifier": (cls_loss * weights).sum() / num,
             "loss_box_reg": reg_pos.sum() / num,
         }
-        if self.carl.enabled:
-            prob = class_logits.softmax(-1)[pos, labels_pos]
-            losses["loss_carl"] = carl_loss(prob, reg_pos, k=self.carl.k, bias=self.carl.bias, avg_factor=num)
-            if self.keep_diagnostics and pos.numel() > 0:
-                v = (self.carl.bias + (1 - self.carl.bias) * prob.detach().float()).pow(self.carl.k)
-                diag["carl_weights"] = v * (v.numel() / v.sum())
-        if self.keep_diagnostics:
-            diag["num_pos"] = torch.tensor(pos.numel())
-            diag["label_weights"] = weights.detach()
+        carl = self.pisa.carl_term(class_logits.softmax(-1)[pos, labels_pos], reg_pos, avg_factor=num)
+        if carl is not None:
+            losses["loss_carl"] = carl
         return losses
 
     # ------------------------------------------------------------------ forward
@@ -257,11 +237,16 @@ class PisaRoIHeads(RoIHeads):
             if t["labels"].dtype != torch.int64:
                 raise TypeError(f"target labels must be of int64 type, got {t['labels'].dtype}")
 
-        if self.keep_diagnostics:
-            self.pisa_diagnostics = {}
+        self.pisa.start_step()
         samples = self.select_pisa_samples(features, proposals, image_shapes, targets)
-        box_features = self.box_head(self.box_roi_pool(features, samples.proposals, image_shapes))
-        class_logits, box_regression = self.box_predictor(box_features)
+        if samples.head_pass is not None:
+            class_logits, box_regression = reuse_sampled(
+                self.box_roi_pool, self.box_head, self.box_predictor, features, samples.proposals,
+                samples.head_pass, samples.rows,
+            )
+        else:
+            box_features = self.box_head(self.box_roi_pool(features, samples.proposals, image_shapes))
+            class_logits, box_regression = self.box_predictor(box_features)
         losses = self.pisa_box_loss(class_logits, box_regression, samples)
 
         if self.has_mask():
@@ -279,6 +264,4 @@ class PisaRoIHeads(RoIHeads):
                 [t["labels"] for t in targets],
                 pos_matched_idxs,
             )
-        if self.keep_diagnostics:
-            self.pisa_diagnostics = {k: v.detach() for k, v in self.pisa_diagnostics.items()}
         return [], losses

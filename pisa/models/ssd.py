@@ -18,11 +18,17 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD, SSDHead, _vgg_extractor, _xavier_init
 
-from pisa.config import CARLConfig, ISRPConfig, ModelConfig
-from pisa.models.retinanet import Positives, aligned_box_iou
-from pisa.ops import carl_loss, iou_hlr, isr_p_weights
+from pisa.config import BoxLossConfig, CARLConfig, ISRPConfig, ModelConfig
+from pisa.models.pisa_loss import (
+    AnchorPositives,
+    DiagnosticsMixin,
+    PisaLoss,
+    box_loss_fn,
+)
 
-__all__ = ["PISASSDHead", "PISASSD", "build_ssd", "ssd_feature_sizes", "SSD_SPECS"]
+__all__ = ["PISASSDHead", "PISASSD", "build_ssd", "ssd_feature_sizes", "SSD_SPECS", "TORCHVISION_BOX_LOSS"]
+
+TORCHVISION_BOX_LOSS = BoxLossConfig(type="smooth_l1", beta=1.0)  # torchvision's (and the reference's) SSD loss
 
 # nominal input size, aspect ratios, scales (fraction of the input; one more than maps), steps (px)
 SSD_SPECS = {
@@ -124,9 +130,8 @@ def build_vgg_backbone(cfg: ModelConfig) -> nn.Module:
 class PISASSDHead(SSDHead):
     """torchvision's SSD head plus the SSD loss with ISR-P and CARL.
 
-    With both disabled the losses equal torchvision's `SSD.compute_loss`.
-    `pisa_diagnostics` holds the last training step's ISR-P inputs and weights and the
-    CARL weights (detached, CPU).
+    With both disabled the losses equal torchvision's `SSD.compute_loss` (normalised by the
+    positives of the batch, as the reference SSD).
     """
 
     def __init__(
@@ -137,12 +142,11 @@ class PISASSDHead(SSDHead):
         isr_p: ISRPConfig | None = None,
         carl: CARLConfig | None = None,
         diagnostics: bool = True,
+        box_loss: BoxLossConfig | None = None,
     ):
         super().__init__(in_channels, num_anchors, num_classes)
-        self.isr_p = isr_p or ISRPConfig()
-        self.carl = carl or CARLConfig()
-        self.diagnostics = diagnostics
-        self.pisa_diagnostics: dict[str, Tensor] = {}
+        self.pisa = PisaLoss(isr_p, carl, diagnostics)
+        self.box_loss = box_loss_fn(box_loss, TORCHVISION_BOX_LOSS)
 
     def compute_loss(
         self,
@@ -153,17 +157,16 @@ class PISASSDHead(SSDHead):
         box_coder: det_utils.BoxCoder,
         neg_to_pos_ratio: float,
     ) -> dict[str, Tensor]:
-        cls_logits = head_outputs["cls_logits"]  # (N, A, C+1)
-        bbox_regression = head_outputs["bbox_regression"]  # (N, A, 4)
-        pos = Positives(targets, matched_idxs)
-        num_pos = len(pos)
-        normalizer = max(1, num_pos)
-        diag: dict[str, Tensor] = {}
+        cls_logits = head_outputs["cls_logits"].float()  # (N, A, C+1)
+        bbox_regression = head_outputs["bbox_regression"].float()  # (N, A, 4)
+        self.pisa.start_step()
+        pos = AnchorPositives(targets, matched_idxs)
+        normalizer = max(1, len(pos))
 
-        pos_anchors = pos.select(torch.stack(anchors))
+        pos_anchors = pos.select(torch.stack(anchors)).float()
         pos_deltas = pos.select(bbox_regression)
-        target_deltas = box_coder.encode_single(pos.gt_boxes, pos_anchors)
-        reg_loss = F.smooth_l1_loss(pos_deltas, target_deltas, reduction="none")  # (P, 4)
+        target_deltas = box_coder.encode_single(pos.gt_boxes.float(), pos_anchors)
+        reg_loss = self.box_loss(pos_deltas, target_deltas)  # (P, 4)
 
         cls_targets = torch.zeros(pos.mask.shape, dtype=torch.long, device=cls_logits.device)
         cls_targets[pos.img_idx, pos.anchor_idx] = pos.labels
@@ -172,19 +175,11 @@ class PISASSDHead(SSDHead):
             cls_logits.reshape(-1, num_classes), cls_targets.reshape(-1), reduction="none"
         ).view(cls_targets.shape)  # (N, A)
         pos_cls_loss = pos.select(cls_loss)
-
-        if self.isr_p.enabled and num_pos > 0:
-            with torch.no_grad():
-                pred_boxes = box_coder.decode_single(pos_deltas.detach(), pos_anchors)
-                ious = aligned_box_iou(pred_boxes, pos.gt_boxes)
-            unweighted = pos_cls_loss.detach()
-            w = isr_p_weights(ious, pos.labels, pos.gt_inds, unweighted, k=self.isr_p.k, bias=self.isr_p.bias)
+        w = self.pisa.positive_weights(
+            box_coder, pos_deltas, pos_anchors, pos.gt_boxes, pos.labels, pos.gt_inds, pos_cls_loss
+        )
+        if w is not None:
             pos_cls_loss = pos_cls_loss * w.to(pos_cls_loss.dtype)
-            if self.diagnostics:
-                diag.update(
-                    ious=ious, labels=pos.labels, gt_inds=pos.gt_inds, cls_loss=unweighted,
-                    isr_p_weights=w, iou_hlr=iou_hlr(ious, pos.labels, pos.gt_inds),
-                )
 
         # hard negative mining on the (never reweighted) negatives, as torchvision's SSD
         num_negative = neg_to_pos_ratio * pos.mask.sum(1, keepdim=True)
@@ -197,29 +192,20 @@ class PISASSDHead(SSDHead):
             "bbox_regression": reg_loss.sum() / normalizer,
             "classification": (pos_cls_loss.sum() + cls_loss[hard_negatives].sum()) / normalizer,
         }
-        if self.carl.enabled:
-            cls_prob = F.softmax(pos.select(cls_logits), dim=-1).gather(1, pos.labels[:, None]).squeeze(1)
-            losses["loss_carl"] = carl_loss(cls_prob, reg_loss, k=self.carl.k, bias=self.carl.bias, avg_factor=normalizer)
-            if self.diagnostics and num_pos > 0:
-                with torch.no_grad():
-                    v = (self.carl.bias + (1.0 - self.carl.bias) * cls_prob).pow(self.carl.k)
-                    diag["carl_weights"] = v * (num_pos / v.sum())
-
-        if self.diagnostics:
-            self.pisa_diagnostics = {k: v.detach().cpu() for k, v in diag.items()}
+        cls_prob = F.softmax(pos.select(cls_logits), dim=-1).gather(1, pos.labels[:, None]).squeeze(1)
+        carl = self.pisa.carl_term(cls_prob, reg_loss, avg_factor=normalizer)
+        if carl is not None:
+            losses["loss_carl"] = carl
         return losses
 
 
-class PISASSD(SSD):
+class PISASSD(DiagnosticsMixin, SSD):
     """torchvision SSD whose loss is computed by the PISA head."""
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
         return self.head.compute_loss(
             targets, head_outputs, anchors, matched_idxs, self.box_coder, self.neg_to_pos_ratio
         )
-
-    def pisa_diagnostics(self) -> dict[str, Tensor]:
-        return dict(getattr(self.head, "pisa_diagnostics", {}))
 
 
 def build_ssd(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -249,6 +235,7 @@ def build_ssd(cfg: ModelConfig, num_classes: int) -> nn.Module:
         isr_p=cfg.isr_p,
         carl=cfg.carl,
         diagnostics=cfg.diagnostics,
+        box_loss=cfg.box_loss,
     )
     return PISASSD(
         backbone,
