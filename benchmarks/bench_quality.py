@@ -113,7 +113,7 @@ def report(runs: list[dict], variants: list[str], seeds: list[int]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bccd", type=Path, default=REPO.parent / "shared" / "datasets" / "bccd",
+    parser.add_argument("--bccd", type=Path, default=REPO / "datasets" / "bccd",
                         help="BCCD folder (images/, train.json, val.json)")
     parser.add_argument("--config", type=Path, default=CONFIG, help="base training config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
