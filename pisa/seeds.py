@@ -37,8 +37,8 @@ def mean_report(reports: dict[int, dict[str, Any]], metric: str) -> dict[str, An
     for s in seeds:
         if metric in reports[s]:
             out[seed_key(s, metric)] = float(reports[s][metric])
-    values = [reports[s][metric] for s in seeds if metric in reports[s]]
-    if len(values) > 1:
+    values = [float(reports[s][metric]) for s in seeds if metric in reports[s]]
+    if len(values) > 1 and all(math.isfinite(v) for v in values):
         out[f"{metric}_seed_std"] = statistics.stdev(values)
     out["epoch"] = int(reports[seeds[0]].get("epoch", 0))
     out["seeds"] = len(seeds)
