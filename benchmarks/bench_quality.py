@@ -16,7 +16,10 @@ images. Variants:
 
 The runs go round-robin over the seeds (seed 0 of every variant, then seed 1, ...) so
 that load on the machine hits the variants alike and a run cut short by `--max-minutes`
-leaves complete pairs. The report gives the final-epoch val bbox_mAP and bbox_mAP_50 as
+leaves complete pairs. With `--parallel` the variants of a seed train at the same time
+(a thread and a Ray Train run each, one local Ray): under changing load on a shared
+machine every variant of a pair sees the same load, and an idle 2-core machine is used
+fully (one training uses one core). The report gives the final-epoch val bbox_mAP and bbox_mAP_50 as
 mean +- sample std over the seeds, and each variant's difference to the baseline (of the
 means, and paired by seed). MLflow logs into a temporary SQLite store. With `--json`, the file is rewritten after every
 finished training (runs so far, each with its per-epoch val history, plus the command,
@@ -37,7 +40,9 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -175,6 +180,8 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", choices=["baseline", "pisa", "isr_carl", "best"],
                         help="which variants to train (default: baseline, pisa, and best with --best)")
     parser.add_argument("--max-minutes", type=float, help="start no new training after this many minutes")
+    parser.add_argument("--parallel", action="store_true",
+                        help="train the variants of a seed at the same time (one Ray Train run each)")
     parser.add_argument("--keep", action="store_true", help="keep the MLflow store and Ray results")
     parser.add_argument("--json", type=Path, help="write every run's metrics here, after each run")
     args = parser.parse_args()
@@ -223,27 +230,48 @@ def main() -> int:
     runs: list[dict] = []
     start = time.time()
     stopped = False
+    lock = threading.Lock()
+
+    def train(name: str, over: list[str], seed: int) -> dict:
+        # one SQLite store per variant: parallel trainings never write the same file
+        store = [f"tracking.uri=sqlite:///{work / f'mlflow-{name}.db'}"]
+        cfg = load_config(args.config, common + over + [f"train.seed={seed}"] + tail + store)
+        t0 = time.time()
+        outcome = run_training(cfg, run_name=f"{name}-seed{seed}", tags={"pisa.bench_variant": name})
+        wall = time.time() - t0
+        row = {"variant": name, "seed": seed, "status": outcome.status, "wall_s": wall,
+               "run_id": outcome.run_id, "error": outcome.error,
+               "metrics": {m: outcome.metrics.get(m) for m in METRICS + ("epoch", "train_loss", "time_train_s",
+                                                                    "time_eval_s", "images_per_sec")}}
+        row["history"] = epoch_history(cfg.tracking.resolved_uri(), outcome.run_id)
+        row["load_average"] = os.getloadavg()[0]
+        with lock:
+            runs.append(row)
+            if args.json:
+                write_json(args.json, meta, runs)
+        print(f"[bench] {name} seed {seed}: {outcome.status} "
+              + " ".join(f"{m}={row['metrics'][m]}" for m in METRICS) + f" in {wall:.0f} s (last epoch: "
+              f"train {row['metrics']['time_train_s']} s, eval {row['metrics']['time_eval_s']} s)", flush=True)
+        return row
+
+    if args.parallel:
+        from pisa.train import init_ray
+
+        init_ray(num_cpus=max(os.cpu_count() or 1, len(variants)))  # one CPU slot per variant
     for seed in args.seeds:
+        if args.max_minutes and (time.time() - start) / 60 >= args.max_minutes:
+            stopped = True
+            break
+        if args.parallel:
+            # every variant of a seed at once: they share the machine's load alike
+            with ThreadPoolExecutor(len(variants)) as pool:
+                list(pool.map(lambda item: train(item[0], item[1], seed), variants.items()))
+            continue
         for name, over in variants.items():
             if args.max_minutes and (time.time() - start) / 60 >= args.max_minutes:
                 stopped = True
                 break
-            cfg = load_config(args.config, common + over + [f"train.seed={seed}"] + tail)
-            t0 = time.time()
-            outcome = run_training(cfg, run_name=f"{name}-seed{seed}", tags={"pisa.bench_variant": name})
-            wall = time.time() - t0
-            row = {"variant": name, "seed": seed, "status": outcome.status, "wall_s": wall,
-                   "run_id": outcome.run_id, "error": outcome.error,
-                   "metrics": {m: outcome.metrics.get(m) for m in METRICS + ("epoch", "train_loss", "time_train_s",
-                                                                        "time_eval_s", "images_per_sec")}}
-            row["history"] = epoch_history(probe.tracking.resolved_uri(), outcome.run_id)
-            row["load_average"] = os.getloadavg()[0]
-            runs.append(row)
-            if args.json:
-                write_json(args.json, meta, runs)
-            print(f"[bench] {name} seed {seed}: {outcome.status} "
-                  + " ".join(f"{m}={row['metrics'][m]}" for m in METRICS) + f" in {wall:.0f} s (last epoch: "
-                  f"train {row['metrics']['time_train_s']} s, eval {row['metrics']['time_eval_s']} s)", flush=True)
+            train(name, over, seed)
         if stopped:
             break
     if stopped:
