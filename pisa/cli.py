@@ -56,6 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     best.add_argument("--storage-path", default="ray_results")
     best.add_argument("--out", help="write the best trial's training config here (e.g. best.yaml)")
     best.set_defaults(func=_study_best)
+    val = study.add_parser("validate", help="retrain the top points, the baseline and the paper's defaults "
+                                            "over N seeds; compare with confidence intervals")
+    val.add_argument("name", help="study name (or its directory)")
+    val.add_argument("--top", type=int, default=3, help="how many of the best trials to re-check (default 3)")
+    val.add_argument("--seeds", type=int, default=5, help="seeds per variant, the same for all (default 5)")
+    val.add_argument("--first-seed", type=int,
+                     help="first seed (default: the one after the seeds the study trained with)")
+    val.add_argument("--storage-path", default="ray_results")
+    val.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+    val.set_defaults(func=_study_validate)
     report = study.add_parser("report", help="(re)make the study's plots and tables in MLflow")
     report.add_argument("name")
     report.add_argument("--storage-path", default="ray_results")
@@ -117,10 +127,42 @@ def _study_best(args: argparse.Namespace) -> int:
         print("no trial has finished yet", file=sys.stderr)
         return 1
     print(f"best: {best.trial_id} {state['metric']}={best.metric:.4f} run {best.run_id}")
+    print(_noise_note(outcome, args.name))
     if args.out:
         path = write_best(state["tracking_uri"], best.run_id, args.out, state["metric"], best.metric)
         print(f"wrote {path}; reproduce it with: pisa reproduce {path}")
     return 0
+
+
+def _noise_note(outcome, name: str) -> str:
+    """Whether the winner's lead over the runner-up is larger than the seed noise."""
+    from .stats import paired
+
+    ranked = [t for t in outcome.trials if t.status != "failed" and t.metric is not None]
+    if len(ranked) < 2:
+        return "only one ranked trial: nothing to compare it with"
+    first, second = ranked[0], ranked[1]
+    gap = first.metric - second.metric
+    check = f"check with `pisa study validate {name} --top 2 --seeds 5`"
+    p = paired(first.seed_values, second.seed_values)
+    if p.difference.ci_low is None:
+        return (f"one seed per point: the gap to the runner-up ({second.trial_id}, {gap:+.4f}) cannot be told "
+                f"from seed noise; {check}")
+    d = p.difference
+    span = f"paired difference {d.mean:+.4f}, 95% CI [{d.ci_low:+.4f}, {d.ci_high:+.4f}] over {len(p.seeds)} seeds"
+    if p.significant:
+        return f"the winner is ahead of the runner-up ({second.trial_id}) beyond the seed noise: {span}"
+    return f"the winner is within the noise of the runner-up ({second.trial_id}): {span}; {check}"
+
+
+def _study_validate(args: argparse.Namespace) -> int:
+    from .validate import format_validation, validate_study
+
+    result = validate_study(args.name, top=args.top, seeds=args.seeds, storage_path=args.storage_path,
+                            first_seed=args.first_seed, address=args.address)
+    print(format_validation(result))
+    print(f"logged to MLflow run {result.run_id} ({result.tracking_uri})")
+    return 0 if result.ok else 1
 
 
 def _study_report(args: argparse.Namespace) -> int:

@@ -508,6 +508,8 @@ class StudyConfig(_Strict):
     seed: int = 0
     points_to_evaluate: Literal["paper", "paper+baseline", "none"] | list[dict[str, Any]] = "paper"
     max_failures: int = Field(0, ge=0, description="retries of a crashed trial")
+    seeds: int = Field(1, ge=1, description="trainings per point, seeds train.seed, +1, ...; "
+                                            "the trial's metric is their mean")
 
     @field_validator("search_space")
     @classmethod

@@ -19,12 +19,14 @@ from typing import Any
 from ray.tune import Callback
 
 from . import tracking
+from .config import Choice, ConfigError, IntRange, LogUniform, flatten
 from .errors import StudyError
-from .config import Choice, IntRange, LogUniform, flatten
+from .seeds import SEED_PREFIX, seed_key
 from .study_config import Study, load_study
 
 STATE_FILE = "pisa_study.json"
 TRIAL_TAG = "pisa.trial_id"
+SEED_VALUES_TAG = "pisa.seed_values"  # {seed: metric} of a multi-seed trial, at its best epoch
 
 
 
@@ -53,6 +55,7 @@ class TrialSummary:
     epochs: int
     params: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    seed_values: dict[int, float] = field(default_factory=dict)  # empty for one seed per point
 
 
 @dataclass
@@ -111,6 +114,11 @@ def run_trial(config: dict[str, Any], study: Study) -> None:
     exp = study.experiment(params)
     trial_id = tune.get_context().get_trial_id()
     exp = exp.model_copy(update={"storage_path": study_dir(study) / "trials"})
+    if study.cfg.seeds > 1:
+        from .seeds import fit_seeds
+
+        fit_seeds(exp, trial_id, study.seeds(), study.cfg.metric)
+        return
     # same name on a restart: Ray Train resumes from this trial's latest checkpoint
     trainer = build_trainer(exp, name=trial_id, callbacks=[TuneReportCallback()])
     trainer.fit()
@@ -166,7 +174,8 @@ class MlflowStudyLogger(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        metrics = {k: v for k, v in result.items() if k in _REPORTED or k.startswith(("bbox_", "segm_", "train_", "pisa_"))}
+        metrics = {k: v for k, v in result.items()
+                   if k in _REPORTED or k.startswith(("bbox_", "segm_", "train_", "pisa_", SEED_PREFIX))}
         tracking.log_metrics(self.uri, run_id, metrics, step=epoch)
         self.last[trial.trial_id] = dict(result)
         value = result.get(self.study.cfg.metric)
@@ -190,11 +199,28 @@ class MlflowStudyLogger(Callback):
         if history:
             value = max(history) if self.study.cfg.mode == "max" else min(history)
             tags[f"pisa.best_{self.study.cfg.metric}"] = f"{value:.6g}"
+        if self.study.cfg.seeds > 1:
+            tags[SEED_VALUES_TAG] = json.dumps(self._seed_values(run_id))
         best = self.best.get(trial.trial_id)
         if best is not None:
             self._log_checkpoint(run_id, best[1])
         tracking.set_tags(self.uri, run_id, tags)
         tracking.end_run(self.uri, run_id, "FINISHED")
+
+    def _seed_values(self, run_id: str) -> dict[str, float]:
+        """Each seed's metric at the epoch where the seed mean was best."""
+        client = tracking.client(self.uri)
+        metric, sign = self.study.cfg.metric, 1 if self.study.cfg.mode == "max" else -1
+        mean = [m for m in client.get_metric_history(run_id, metric) if math.isfinite(m.value)]
+        if not mean:
+            return {}
+        step = max(mean, key=lambda m: (sign * m.value, -m.step)).step
+        out = {}
+        for seed in self.study.seeds():
+            for m in client.get_metric_history(run_id, seed_key(seed, metric)):
+                if m.step == step:
+                    out[str(seed)] = m.value
+        return out
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
@@ -279,6 +305,29 @@ def _trainable(study: Study):
     return tune.with_resources(tune.with_parameters(run_trial, study=study), trial_driver_resources())
 
 
+def concurrent_trials(study: Study) -> int:
+    """How many trials run at once. A point with N seeds trains N runs side by side, so
+    fewer points fit the cluster at a time; a point that cannot fit at all is an error
+    (its seeds would wait for each other forever)."""
+    cfg = study.cfg
+    if cfg.seeds == 1:
+        return cfg.max_concurrent_trials
+    import ray
+
+    workers = cfg.resources_per_trial.workers
+    kind = "GPU" if cfg.resources_per_trial.gpus_per_worker > 0 else "CPU"
+    need = cfg.seeds * workers
+    have = int(ray.cluster_resources().get(kind, 0))
+    if have < need:
+        raise ConfigError(f"{study.source}: seeds: {cfg.seeds} seeds x {workers} worker(s) train at once and "
+                          f"need {need} {kind}s; the Ray cluster has {have}")
+    fits = min(cfg.max_concurrent_trials, have // need)
+    if fits < cfg.max_concurrent_trials:
+        print(f"[pisa] {fits} trial(s) at a time, not {cfg.max_concurrent_trials}: each trains {cfg.seeds} seeds "
+              f"at once ({need} {kind}s) and the cluster has {have}", flush=True)
+    return fits
+
+
 def _tuner(study: Study, uri: str, parent_run_id: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -288,7 +337,7 @@ def _tuner(study: Study, uri: str, parent_run_id: str):
     cfg = study.cfg
     epochs = int(study.experiment({}).train.resolved()["epochs"])
     searcher = OptunaSearch(points_to_evaluate=study.initial_points() or None, seed=cfg.seed)
-    searcher = ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent_trials)
+    searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrent_trials(study))
     if cfg.scheduler.type == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs,
                                   grace_period=min(cfg.scheduler.grace_period, epochs),
@@ -323,6 +372,7 @@ def run_study(study: Study, *, address: str | None = None) -> StudyOutcome:
         )
     prepare_data(study.experiment({}))
     init_ray(address)
+    concurrent_trials(study)  # a point that cannot fit the cluster fails before any run exists
     experiment = study.base["tracking"]["experiment"]
     parent = tracking.start_run(
         uri, experiment, f"study {study.name}",
@@ -362,7 +412,8 @@ def resume_study(name: str, *, storage_path: str | Path = "ray_results", address
 def _print_start(study: Study, uri: str) -> None:
     cfg = study.cfg
     print(f"[pisa] study {study.name}: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at a time, "
-          f"{cfg.scheduler.type} scheduler, metric {cfg.metric} ({cfg.mode}); "
+          f"{cfg.scheduler.type} scheduler, metric {cfg.metric} ({cfg.mode})"
+          f"{f' = mean over seeds {study.seeds()}' if cfg.seeds > 1 else ''}; "
           f"searching {', '.join(cfg.search_space)}", flush=True)
     print(f"[pisa] MLflow: {uri}", flush=True)
 
@@ -408,6 +459,7 @@ def collect(name: str, uri: str, experiment: str, parent: str, metric: str, mode
             run_id=run.info.run_id, trial_id=tags.get(TRIAL_TAG, ""), name=run.info.run_name or "",
             status=status, metric=value, epochs=int(float(tags.get("pisa.epochs", run.data.metrics.get("epoch", 0) or 0))),
             params={k: run.data.params.get(k) for k in searched}, error=tags.get("pisa.error"),
+            seed_values={int(k): float(v) for k, v in json.loads(tags.get(SEED_VALUES_TAG, "{}")).items()},
         ))
     sign = -1 if mode == "max" else 1
     trials.sort(key=lambda t: (t.status == "failed", t.metric is None,

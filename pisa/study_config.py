@@ -61,6 +61,11 @@ class Study:
     def name(self) -> str:
         return self.cfg.name
 
+    def seeds(self) -> list[int]:
+        """The seeds every point trains with: the base config's `train.seed` and the next ones."""
+        first = int(get_dotted(self.base, "train.seed", 0))
+        return list(range(first, first + self.cfg.seeds))
+
     def experiment(self, params: dict[str, Any]) -> ExperimentConfig:
         """The training config of one trial: the base with the sampled values set."""
         data = _deepcopy(self.base)

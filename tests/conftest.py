@@ -11,9 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def find_bccd() -> Path:
-    """`$PISA_BCCD_DIR`, else `<repo>/../shared/datasets/bccd` (CI keeps shared/ beside the clone)."""
+    """`$PISA_BCCD_DIR`, else the copy that ships with the repository (`datasets/bccd`)."""
     env = os.environ.get("PISA_BCCD_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "datasets" / "bccd"
+    return Path(env) if env else REPO / "datasets" / "bccd"
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,7 @@ def bccd_dir() -> Path:
     if not all(p.exists() for p in needed):
         pytest.fail(
             f"BCCD dataset not found at {path} (needs train.json, val.json, images/). "
-            "Put shared/datasets/bccd beside the repository or set PISA_BCCD_DIR.",
+            "It ships in datasets/bccd; set PISA_BCCD_DIR to use another copy.",
             pytrace=False,
         )
     return path

@@ -205,7 +205,7 @@ def test_bccd_cpu_config():
     s = t.resolved()
     assert s["epochs"] == 4 and s["warmup_iters"] < 292 // t.images_per_worker
     assert d.val_limit == 40
-    assert d.train_images == (Path.cwd() / "../shared/datasets/bccd/images").resolve()
+    assert d.train_images == (Path.cwd() / "datasets/bccd/images").resolve()
     assert d.val_annotations.name == "val.json" and d.train_annotations.name == "train.json"
 
 
