@@ -252,6 +252,8 @@ class TrackingConfig(_Strict):
     uri: str | None = None
     experiment: str = "pisa"
     log_checkpoint: bool = True
+    system_metrics_interval_s: float = Field(
+        10.0, ge=0, description="MLflow system metrics (CPU, memory, GPU) sampling interval; 0 = off")
 
     def resolved_uri(self) -> str:
         if self.uri:
@@ -489,6 +491,8 @@ class StudyConfig(_Strict):
     seed: int = 0
     points_to_evaluate: Literal["paper", "paper+baseline", "none"] | list[dict[str, Any]] = "paper"
     max_failures: int = Field(0, ge=0, description="retries of a crashed trial")
+    optuna_storage: str | None = Field(
+        None, description="Optuna RDB URL (default: optuna.db beside a SQLite MLflow store, else in storage_path)")
 
     @field_validator("search_space")
     @classmethod
