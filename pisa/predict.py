@@ -131,17 +131,22 @@ def load_detector(ref: str, tracking_uri: str | None = None) -> Detector:
     raise PredictInputError(f"model {ref!r}: not a models:/ URI, an MLflow run id or an existing checkpoint")
 
 
-def _resolved_uri(tracking_uri: str | None) -> str:
+def _resolved_uri(tracking_uri: str | None, ref: str) -> str:
+    """The store to look `ref` up in; a SQLite file that isn't there is an error, not a new store."""
     from .config import TrackingConfig
 
-    return tracking_uri or TrackingConfig().resolved_uri()
+    uri = tracking_uri or TrackingConfig().resolved_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise PredictInputError(f"model {ref!r}: no MLflow store at {uri[len('sqlite:///'):]} "
+                                f"(give --tracking-uri or MLFLOW_TRACKING_URI)")
+    return uri
 
 
 def _load_pyfunc(ref: str, tracking_uri: str | None) -> Detector:
     from .registry import load_pyfunc
 
     try:
-        model = load_pyfunc(ref, _resolved_uri(tracking_uri))
+        model = load_pyfunc(ref, _resolved_uri(tracking_uri, ref))
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PredictInputError(f"model {ref!r}: {message}") from None
@@ -152,7 +157,7 @@ def _load_run(run_id: str, tracking_uri: str | None) -> Detector:
     from . import tracking
     from .registry import logged_model_uri
 
-    uri = _resolved_uri(tracking_uri)
+    uri = _resolved_uri(tracking_uri, run_id)
     try:
         tracking.client(uri).get_run(run_id)
     except Exception:

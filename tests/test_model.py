@@ -153,10 +153,12 @@ def test_predict_from_run_id_and_checkpoint_match_the_registered_model(trained, 
 
 
 @pytest.mark.parametrize("case", ["missing image", "not an image", "unknown models uri", "unknown run id",
-                                  "no such checkpoint"])
+                                  "no such checkpoint", "no such store"])
 def test_predict_bad_input_is_one_line_and_exit_2(case, synthetic_dir, tmp_path, capsys):
     image = str(val_images(synthetic_dir, 1)[0])
     uri = f"sqlite:///{tmp_path / 'empty.db'}"
+    tracking.get_or_create_experiment(uri, "tests")  # a store that exists, without that model or run
+    capsys.readouterr()
     text_file = tmp_path / "notes.png"
     text_file.write_text("not pixels")
     args = {
@@ -165,13 +167,16 @@ def test_predict_bad_input_is_one_line_and_exit_2(case, synthetic_dir, tmp_path,
         "unknown models uri": ["models:/nope@champion", image],
         "unknown run id": ["0123456789abcdef0123456789abcdef", image],
         "no such checkpoint": [str(tmp_path / "ckpt" / "checkpoint.pt"), image],
+        "no such store": ["models:/x@champion", image, "--tracking-uri", f"sqlite:///{tmp_path / 'no.db'}"],
     }[case]
-    rc = main(["predict", *args, "--tracking-uri", uri])
+    rc = main(["predict", *args] + ([] if "--tracking-uri" in args else ["--tracking-uri", uri]))
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
     expected = {"missing image": "nope.png", "not an image": "notes.png", "unknown models uri": "nope",
-                "unknown run id": "0123456789abcdef", "no such checkpoint": "model"}[case]
+                "unknown run id": "0123456789abcdef", "no such checkpoint": "model",
+                "no such store": "no MLflow store"}[case]
+    assert not (tmp_path / "no.db").exists()
     assert expected in err
 
 
