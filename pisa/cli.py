@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster address (default: a local cluster)")
     train.add_argument("--resume", help="checkpoint directory or file to continue from")
     train.add_argument("--run-name", help="MLflow run name")
+    _add_register(train, "the config's name")
     train.set_defaults(func=_train)
 
     study = sub.add_parser("study", help="hyperparameter studies (Ray Tune + Optuna)").add_subparsers(
@@ -55,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     best.add_argument("name")
     best.add_argument("--storage-path", default="ray_results")
     best.add_argument("--out", help="write the best trial's training config here (e.g. best.yaml)")
+    _add_register(best, "the study's name")
+    listing = study.add_parser("list", help="the studies under a storage path: status, trials, best metric")
+    listing.add_argument("--storage-path", default="ray_results")
+    listing.set_defaults(func=_study_list)
     best.set_defaults(func=_study_best)
     val = study.add_parser("validate", help="retrain the top points, the baseline and the paper's defaults "
                                             "over N seeds; compare with confidence intervals")
@@ -70,6 +75,17 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("name")
     report.add_argument("--storage-path", default="ray_results")
     report.set_defaults(func=_study_report)
+
+    pred = sub.add_parser("predict", help="run a trained detector on images: COCO results JSON, drawn PNGs")
+    pred.add_argument("model", help="models:/NAME@champion, an MLflow run id, or a checkpoint file/directory")
+    pred.add_argument("images", nargs="+", help="image files")
+    pred.add_argument("--out", help="COCO results JSON to write (e.g. preds.json)")
+    pred.add_argument("--draw", metavar="DIR", help="write each image with its detections drawn, as DIR/NAME.png")
+    pred.add_argument("--score-thr", type=float, default=0.3, help="keep detections scoring at least this (0.3)")
+    pred.add_argument("--annotations", help="COCO file whose image ids the results should use")
+    pred.add_argument("--tracking-uri", help="MLflow store of models:/ URIs and run ids "
+                                             "(default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    pred.set_defaults(func=_predict)
 
     rep = sub.add_parser("reproduce", help="retrain a run's config (RUN_ID or best.yaml) and compare")
     rep.add_argument("source", help="an MLflow run id or a config YAML written by `pisa study best`")
@@ -97,6 +113,58 @@ def _finish_study(outcome) -> int:
     if outcome.interrupted:
         print(f"study interrupted: continue it with `pisa study resume {outcome.name}`")
         return 130
+    if outcome.all_failed:
+        error, count = outcome.most_common_error()
+        print(f"error: all {len(outcome.trials)} trials of study {outcome.name} failed; "
+              f"the most common error ({count} of {len(outcome.trials)}): {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_register(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--register", nargs="?", const="", default=None, metavar="MODEL_NAME",
+                   help=f"log the weights as an MLflow model, register it (default name: {default}) "
+                        f"and set its alias 'champion'")
+
+
+def _print_registered(registered) -> None:
+    print(f"registered {registered.model_uri} (version {registered.version}) from run {registered.run_id}; "
+          f"use it with: pisa predict {registered.model_uri} IMAGE...")
+
+
+def _study_list(args: argparse.Namespace) -> int:
+    from .study import list_studies
+
+    rows = list_studies(args.storage_path)
+    if not rows:
+        print(f"no studies under {args.storage_path}")
+        return 0
+    header = f"{'study':<32} {'status':<14} {'trials':>9} {'failed':>6}  {'best':>8}  metric"
+    print(header)
+    for r in rows:
+        total = r.num_samples if r.num_samples is not None else "?"
+        best = f"{r.best:.4f}" if r.best is not None else "-"
+        print(f"{r.name:<32} {r.status:<14} {f'{r.trials_done}/{total}':>9} {r.trials_failed:>6}  {best:>8}  {r.metric}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import PredictInputError, predict_files
+
+    try:
+        run = predict_files(args.model, args.images, out=args.out, draw_dir=args.draw,
+                            score_thr=args.score_thr, annotations=args.annotations,
+                            tracking_uri=args.tracking_uri)
+    except PredictInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{len(run.results)} detections (score >= {args.score_thr}) in {run.num_images} images"
+          + (f"; wrote {args.out}" if args.out else "")
+          + (f"; drew {len(run.drawn)} images into {args.draw}" if args.draw else ""))
+    if not args.out and not args.draw:
+        import json
+
+        print(json.dumps(run.results))
     return 0
 
 
@@ -131,6 +199,10 @@ def _study_best(args: argparse.Namespace) -> int:
     if args.out:
         path = write_best(state["tracking_uri"], best.run_id, args.out, state["metric"], best.metric)
         print(f"wrote {path}; reproduce it with: pisa reproduce {path}")
+    if args.register is not None:
+        from .registry import register_run
+
+        _print_registered(register_run(state["tracking_uri"], best.run_id, args.register or state["name"]))
     return 0
 
 
@@ -203,7 +275,18 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     outcome = run_training(cfg, address=args.address, run_name=args.run_name, resume_from=args.resume)
     print(summary_json(outcome))
-    return 0 if outcome.status == "FINISHED" else 1
+    if outcome.status != "FINISHED":
+        return 1
+    if args.register is not None and not outcome.checkpoint_dir:
+        print("nothing to register: the training left no checkpoint", file=sys.stderr)
+        return 1
+    if args.register is not None:
+        from .registry import log_detector_model
+
+        registered = log_detector_model(cfg.tracking.resolved_uri(), outcome.run_id, outcome.checkpoint_dir,
+                                        args.register or cfg.name)
+        _print_registered(registered)
+    return 0
 
 
 def _data_synth(args: argparse.Namespace) -> int:

@@ -267,6 +267,8 @@ class TrackingConfig(_Strict):
     uri: str | None = None
     experiment: str = "pisa"
     log_checkpoint: bool = True
+    system_metrics_interval_s: float = Field(
+        10.0, ge=0, description="MLflow system metrics (CPU, memory, GPU) sampling interval; 0 = off")
 
     def resolved_uri(self) -> str:
         if self.uri:
@@ -510,6 +512,8 @@ class StudyConfig(_Strict):
     max_failures: int = Field(0, ge=0, description="retries of a crashed trial")
     seeds: int = Field(1, ge=1, description="trainings per point, seeds train.seed, +1, ...; "
                                             "the trial's metric is their mean")
+    optuna_storage: str | None = Field(
+        None, description="Optuna RDB URL (default: optuna.db beside a SQLite MLflow store, else in storage_path)")
 
     @field_validator("search_space")
     @classmethod

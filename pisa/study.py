@@ -18,7 +18,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from . import tracking
+from . import lineage, tracking
 from .config import Choice, ConfigError, IntRange, LogUniform, flatten
 from .errors import StudyError
 from .seeds import SEED_PREFIX, seed_key
@@ -66,6 +66,17 @@ class StudyOutcome:
     trials: list[TrialSummary]
     metric: str = "bbox_mAP"
     interrupted: bool = False
+
+    @property
+    def all_failed(self) -> bool:
+        return bool(self.trials) and all(t.status == "failed" for t in self.trials)
+
+    def most_common_error(self) -> tuple[str, int]:
+        """The error most failed trials ended with, and how many."""
+        from collections import Counter
+
+        errors = Counter(t.error or "unknown error" for t in self.trials if t.status == "failed")
+        return errors.most_common(1)[0] if errors else ("", 0)
 
     @property
     def best(self) -> TrialSummary | None:
@@ -139,6 +150,7 @@ class MlflowStudyLogger(Callback):
         self.runs: dict[str, str] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.best: dict[str, tuple[float, str | None]] = {}
+        self.system_metrics: dict[str, lineage.SystemMetrics] = {}
 
     def setup(self, **info):
         for run in tracking.find_runs(self.uri, self.study.base["tracking"]["experiment"],
@@ -164,12 +176,26 @@ class MlflowStudyLogger(Callback):
         from .train import config_yaml
 
         tracking.log_text(self.uri, run_id, config_yaml(exp), "config.yaml")
+        lineage.log_datasets(self.uri, run_id, exp.data)
         self.runs[trial.trial_id] = run_id
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        resumed = trial.trial_id in self.runs
         run_id = self._run_for(trial)
         tracking.client(self.uri).update_run(run_id, status="RUNNING")
+        self._stop_system_metrics(trial.trial_id)
+        interval = float(self.study.base["tracking"].get("system_metrics_interval_s", 0) or 0)
+        self.system_metrics[trial.trial_id] = lineage.SystemMetrics(self.uri, run_id, interval, resume=resumed)
+
+    def _stop_system_metrics(self, trial_id: str) -> None:
+        monitor = self.system_metrics.pop(trial_id, None)
+        if monitor is not None:
+            monitor.stop()
+
+    def on_experiment_end(self, trials, **info):
+        for trial_id in list(self.system_metrics):
+            self._stop_system_metrics(trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
@@ -205,6 +231,7 @@ class MlflowStudyLogger(Callback):
         if best is not None:
             self._log_checkpoint(run_id, best[1])
         tracking.set_tags(self.uri, run_id, tags)
+        self._stop_system_metrics(trial.trial_id)
         tracking.end_run(self.uri, run_id, "FINISHED")
 
     def _seed_values(self, run_id: str) -> dict[str, float]:
@@ -226,6 +253,7 @@ class MlflowStudyLogger(Callback):
         run_id = self._run_for(trial)
         message = _trial_error(trial)
         tracking.set_tags(self.uri, run_id, {"pisa.status": "failed", "pisa.error": message})
+        self._stop_system_metrics(trial.trial_id)
         tracking.end_run(self.uri, run_id, "FAILED")
 
     def _log_checkpoint(self, run_id: str, path: str | None) -> None:
@@ -283,6 +311,8 @@ def _save_state(study: Study, parent_run_id: str, uri: str) -> None:
         "name": study.name, "parent_run_id": parent_run_id, "tracking_uri": uri,
         "experiment": study.base["tracking"]["experiment"], "study_file": str(study.source),
         "metric": study.cfg.metric, "mode": study.cfg.mode, "created": time.time(),
+        "num_samples": study.cfg.num_samples,
+        "optuna_storage": tracking._redact(optuna_url(study, uri) or "") or None,
     }, indent=2))
 
 
@@ -297,6 +327,13 @@ def load_state(name_or_dir: str, storage_path: str | Path = "ray_results") -> di
     raise StudyError(
         f"no study {name_or_dir!r}: looked for {STATE_FILE} in " + ", ".join(str(c) for c in candidates)
     )
+
+
+def optuna_url(study: Study, uri: str) -> str | None:
+    """The study's Optuna storage: the study file's, else beside the MLflow store."""
+    from .optuna_storage import default_storage_url
+
+    return study.cfg.optuna_storage or default_storage_url(uri, study.base["storage_path"])
 
 
 def _trainable(study: Study):
@@ -332,11 +369,13 @@ def _tuner(study: Study, uri: str, parent_run_id: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+    from .optuna_storage import PruningOptunaSearch, open_storage
 
     cfg = study.cfg
     epochs = int(study.experiment({}).train.resolved()["epochs"])
-    searcher = OptunaSearch(points_to_evaluate=study.initial_points() or None, seed=cfg.seed)
+    searcher = PruningOptunaSearch(points_to_evaluate=study.initial_points() or None, seed=cfg.seed,
+                                   study_name=study.name, storage=open_storage(optuna_url(study, uri)),
+                                   time_attr="epoch", max_t=epochs)
     searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrent_trials(study))
     if cfg.scheduler.type == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs,
@@ -416,6 +455,10 @@ def _print_start(study: Study, uri: str) -> None:
           f"{f' = mean over seeds {study.seeds()}' if cfg.seeds > 1 else ''}; "
           f"searching {', '.join(cfg.search_space)}", flush=True)
     print(f"[pisa] MLflow: {uri}", flush=True)
+    url = optuna_url(study, uri)
+    if url:
+        shown = tracking._redact(url)
+        print(f"[pisa] Optuna: {shown}  (see it with `optuna-dashboard {shown}`)", flush=True)
 
 
 def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
@@ -436,13 +479,89 @@ def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
         log_study_report(outcome, study)
     except Exception as exc:  # a plot must never cost the study's results
         print(f"[pisa] report skipped: {exc}", flush=True)
+    summarize_parent(uri, parent, outcome)
     if interrupted:
         tracking.set_tags(uri, parent, {"pisa.status": "interrupted"})
         tracking.end_run(uri, parent, "KILLED")
+    elif outcome.all_failed:
+        error, count = outcome.most_common_error()
+        tracking.set_tags(uri, parent, {"pisa.status": "failed",
+                                        "pisa.error": f"all {len(outcome.trials)} trials failed; "
+                                                      f"{count} with: {error}"})
+        tracking.end_run(uri, parent, "FAILED")
     else:
         tracking.set_tags(uri, parent, {"pisa.status": "finished"})
         tracking.end_run(uri, parent, "FINISHED")
     return outcome
+
+
+def summarize_parent(uri: str, parent: str, outcome: StudyOutcome) -> None:
+    """Put "what won" on the study's own run: the best value as a metric, the best trial's
+    params as `best.*` tags, its run id as a tag, and a note linking to it."""
+    best = outcome.best
+    if best is None:
+        return
+    c = tracking.client(uri)
+    experiment_id = c.get_run(parent).info.experiment_id
+    tracking.log_metrics(uri, parent, {f"best_{outcome.metric}": best.metric}, step=0)
+    tags = {"pisa.best_run_id": best.run_id, "pisa.best_trial": best.trial_id,
+            f"pisa.best_{outcome.metric}": f"{best.metric:.6g}",
+            **{f"best.{k}": v for k, v in best.params.items()}}
+    params = ", ".join(f"`{k}` = {v}" for k, v in best.params.items())
+    tags["mlflow.note.content"] = (
+        f"**Best trial**: [{best.name or best.trial_id}](#/experiments/{experiment_id}/runs/{best.run_id}) "
+        f"with {outcome.metric} = {best.metric:.4f} ({params}).\n\n"
+        f"{sum(t.status != 'failed' for t in outcome.trials)} of {len(outcome.trials)} trials ran; "
+        f"use it with `pisa study best {outcome.name} --register`.")
+    tracking.set_tags(uri, parent, tags)
+    try:  # params are write-once: a resumed study with a new winner keeps the tags only
+        tracking.log_params(uri, parent, {f"best.{k}": v for k, v in best.params.items()})
+    except Exception:
+        pass
+
+
+@dataclass
+class StudyListing:
+    """One line of `pisa study list`."""
+
+    name: str
+    status: str
+    trials_done: int
+    trials_failed: int
+    num_samples: int | None
+    metric: str
+    best: float | None
+    tracking_uri: str
+
+
+def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]:
+    """The studies under `storage_path` (one directory each), newest first, read from MLflow."""
+    root = Path(storage_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no study storage at {root}")
+    states = []
+    for path in root.glob(f"*/{STATE_FILE}"):
+        try:
+            states.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    states.sort(key=lambda st: st.get("created", 0), reverse=True)
+    out = []
+    for st in states:
+        uri, parent = st["tracking_uri"], st["parent_run_id"]
+        try:
+            run = tracking.client(uri).get_run(parent)
+            status = ("running" if run.info.status == "RUNNING"
+                      else run.data.tags.get("pisa.status") or run.info.status.lower())
+            outcome = collect(st["name"], uri, st["experiment"], parent, st["metric"], st["mode"])
+            done = [t for t in outcome.trials if t.status in ("finished", "stopped_early", "failed")]
+            failed = sum(t.status == "failed" for t in outcome.trials)
+            best = outcome.best.metric if outcome.best else None
+        except Exception as exc:  # an unreachable store must not hide the other studies
+            status, done, failed, best = f"unknown ({type(exc).__name__})", [], 0, None
+        out.append(StudyListing(st["name"], status, len(done), failed, st.get("num_samples"),
+                                st["metric"], best, uri))
+    return out
 
 
 def collect(name: str, uri: str, experiment: str, parent: str, metric: str, mode: str) -> StudyOutcome:

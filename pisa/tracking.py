@@ -114,9 +114,11 @@ def start_run(
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
 ) -> str:
-    """Create a run (nested under `parent_run_id` if given) and log its params."""
+    """Create a run (nested under `parent_run_id` if given) with its lineage tags and params."""
+    from .lineage import lineage_tags
+
     c = client(uri)
-    tags = dict(tags or {})
+    tags = {**lineage_tags(), **(tags or {})}
     if parent_run_id:
         tags[NESTED_TAG] = parent_run_id
     run = c.create_run(get_or_create_experiment(uri, experiment), run_name=run_name, tags=tags)

@@ -206,14 +206,20 @@ def run_training(
     run_id = tracking.start_run(uri, cfg.tracking.experiment, name, params=params,
                                 tags={"pisa.kind": "train", **(tags or {})})
     tracking.log_text(uri, run_id, config_yaml(cfg), "config.yaml")
+    from .lineage import SystemMetrics, log_datasets
+
+    log_datasets(uri, run_id, cfg.data)
     print(f"[pisa] MLflow run {run_id} in {uri}", flush=True)
     trainer = build_trainer(cfg, name=name, callbacks=[_mlflow_callback(uri, run_id)],
                             resume_from=resume_from, faults=faults)
+    system_metrics = SystemMetrics(uri, run_id, cfg.tracking.system_metrics_interval_s)
     try:
         result = trainer.fit()
         error = getattr(result, "error", None)
     except Exception as exc:  # TrainingFailedError and friends
         result, error = None, exc
+    finally:
+        system_metrics.stop()
     checkpoint_dir = result.checkpoint.path if result is not None and result.checkpoint else None
     metrics = dict(result.metrics or {}) if result is not None else {}
     if error is not None:

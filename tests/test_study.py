@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -53,7 +54,8 @@ def children(uri: str, experiment: str, parent: str):
 @pytest.fixture(scope="module")
 def sqlite_study(ray_local, synthetic_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
-    study = load_study(write_study(tmp, synthetic_dir, "four"))
+    study = load_study(write_study(tmp, synthetic_dir, "four",
+                                   experiment={"tracking": {"system_metrics_interval_s": 2}}))
     outcome = run_study(study)
     return study, outcome
 
@@ -269,3 +271,90 @@ def test_unreachable_tracking_server_fails_before_any_trial(synthetic_dir, tmp_p
     assert "MLflow tracking server http://127.0.0.1:9 is not reachable" in res.stderr
     assert "Started a local Ray instance" not in res.stderr + res.stdout
     assert not (tmp_path / "ray_results").exists()
+
+
+# ---------------------------------------------------------------- from the study to its winner
+
+
+@pytest.mark.slow
+def test_optuna_storage_holds_the_trials_with_asha_stopped_ones_pruned(sqlite_study):
+    import optuna
+    from optuna.trial import TrialState
+
+    study, outcome = sqlite_study
+    url = f"sqlite:///{Path(outcome.tracking_uri[len('sqlite:///'):]).parent / 'optuna.db'}"
+    assert load_state(study.name, study.base["storage_path"])["optuna_storage"] == url
+    stored = optuna.load_study(study_name=study.name, storage=url).trials
+    assert len(stored) == 4
+    stopped = [t for t in outcome.trials if t.status == "stopped_early"]
+    assert stopped, "ASHA stopped no trial: nothing to check"
+    for ot in stored:
+        match = [t for t in outcome.trials
+                 if all(float(t.params[k]) == pytest.approx(v) for k, v in ot.params.items())]
+        assert len(match) == 1, ot.params
+        trial = match[0]
+        if trial.status == "stopped_early":
+            assert ot.state == TrialState.PRUNED and ot.value is None
+            assert max(ot.intermediate_values) == trial.epochs < 2
+        else:
+            assert trial.status == "finished" and ot.state == TrialState.COMPLETE
+            assert ot.value is not None
+
+
+@pytest.mark.slow
+def test_trial_runs_carry_lineage_datasets_and_system_metrics(sqlite_study, synthetic_dir):
+    import ray
+
+    _, outcome = sqlite_study
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    for run in children(outcome.tracking_uri, "tests", outcome.parent_run_id):
+        tags = run.data.tags
+        assert tags["mlflow.source.git.commit"] == commit and tags["mlflow.user"] and tags["mlflow.source.name"]
+        assert tags["pisa.version.ray"] == ray.__version__
+        inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}
+        assert set(inputs) == {"train", "val"}
+        assert json.loads(inputs["val"].source)["uri"] == str((synthetic_dir / "val.json").resolve())
+        assert "system/cpu_utilization_percentage" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_parent_run_names_the_best_trial(sqlite_study):
+    _, outcome = sqlite_study
+    c = tracking.client(outcome.tracking_uri)
+    best_value, best_run = max(
+        (max(m.value for m in c.get_metric_history(r.info.run_id, "bbox_mAP")), r)
+        for r in children(outcome.tracking_uri, "tests", outcome.parent_run_id)
+    )  # ties: any of them may win, the value must match
+    parent = c.get_run(outcome.parent_run_id)
+    assert parent.data.metrics["best_bbox_mAP"] == pytest.approx(best_value)
+    winner = c.get_run(parent.data.tags["pisa.best_run_id"])
+    assert max(m.value for m in c.get_metric_history(winner.info.run_id, "bbox_mAP")) == pytest.approx(best_value)
+    for key in ("model.isr_p.k", "model.isr_p.bias"):
+        assert parent.data.params[f"best.{key}"] == winner.data.params[key]
+    assert winner.info.run_id in parent.data.tags["mlflow.note.content"]
+
+
+@pytest.mark.slow
+def test_study_list_shows_status_trials_and_best(sqlite_study, capsys):
+    from pisa.cli import main
+
+    study, outcome = sqlite_study
+    assert main(["study", "list", "--storage-path", str(study.base["storage_path"])]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("four "))
+    assert line.split()[1:4] == ["finished", "4/4", "0"]
+    assert f"{outcome.best.metric:.4f}" in line
+
+
+@pytest.mark.slow
+def test_study_whose_trials_all_fail_exits_nonzero_with_the_common_error(ray_local, synthetic_dir, tmp_path, capsys):
+    from pisa.cli import main
+
+    path = write_study(tmp_path, synthetic_dir, "doomed", num_samples=2, points_to_evaluate="none",
+                       scheduler={"type": "fifo"},
+                       search_space={"train.lr": {"type": "loguniform", "low": 5e5, "high": 1e6}})
+    assert main(["study", "run", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "all 2 trials of study doomed failed" in err and "non-finite loss" in err
+    state = load_state("doomed", tmp_path / "ray_results")
+    parent = tracking.client(state["tracking_uri"]).get_run(state["parent_run_id"])
+    assert parent.info.status == "FAILED" and "non-finite loss" in parent.data.tags["pisa.error"]
