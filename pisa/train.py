@@ -36,7 +36,10 @@ class TrainOutcome:
 
 
 def config_yaml(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    data = cfg.model_dump(mode="json")
+    if data["tracking"]["uri"]:  # credentials come from the environment, never from a file
+        data["tracking"]["uri"] = tracking.public_uri(data["tracking"]["uri"])
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def prepare_data(cfg: ExperimentConfig) -> int:
@@ -97,18 +100,23 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def scaling_config(cfg: ExperimentConfig):
+    """Workers with the CPUs and (fractions of) GPUs each one asks for."""
     from ray.train import ScalingConfig
 
-    return ScalingConfig(
-        num_workers=cfg.train.workers,
-        use_gpu=cfg.train.use_gpu,
-        resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.train.use_gpu else {})},
-    )
+    resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    resources.update(cfg.train.resources_per_worker)
+    return ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+                         resources_per_worker=resources)
 
 
 def build_trainer(cfg: ExperimentConfig, *, name: str, callbacks=(), resume_from: str | None = None,
-                  faults: dict[str, Any] | None = None):
-    """The `TorchTrainer` of one training: gloo on CPU, NCCL on GPU."""
+                  faults: dict[str, Any] | None = None,
+                  checkpoint_score: tuple[str, str] | None = ("bbox_mAP", "max")):
+    """The `TorchTrainer` of one training: gloo on CPU, NCCL on GPU. Ray keeps the
+    `keep_checkpoints` best by `checkpoint_score` (metric, mode) and always the latest,
+    which a restart resumes from."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -126,7 +134,11 @@ def build_trainer(cfg: ExperimentConfig, *, name: str, callbacks=(), resume_from
             name=name,
             storage_path=str(cfg.storage_path),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=checkpoint_score[0] if checkpoint_score else None,
+                checkpoint_score_order=checkpoint_score[1] if checkpoint_score else "max",
+            ),
             callbacks=list(callbacks),
         ),
     )
@@ -176,13 +188,14 @@ def diagnostics_plot(diag_file: Path, out_png: Path) -> Path | None:
 def log_final_artifacts(uri: str, run_id: str, checkpoint_dir: str | None, log_checkpoint: bool) -> None:
     if not checkpoint_dir:
         return
-    ckpt = Path(checkpoint_dir)
-    with tempfile.TemporaryDirectory(prefix="pisa-art-") as tmp:
+    from . import storage
+
+    with storage.local_copy(checkpoint_dir) as ckpt, tempfile.TemporaryDirectory(prefix="pisa-art-") as tmp:
         png = diagnostics_plot(ckpt / DIAGNOSTICS_FILE, Path(tmp) / "pisa_weights.png")
         if png is not None:
             tracking.log_artifacts(uri, run_id, [png], "plots")
-    if log_checkpoint and (ckpt / CHECKPOINT_FILE).exists():
-        tracking.log_artifacts(uri, run_id, [ckpt / CHECKPOINT_FILE, ckpt / "config.json"], "checkpoint")
+        if log_checkpoint and (ckpt / CHECKPOINT_FILE).exists():
+            tracking.log_artifacts(uri, run_id, [ckpt / CHECKPOINT_FILE, ckpt / "config.json"], "checkpoint")
 
 
 def run_training(
@@ -195,7 +208,10 @@ def run_training(
     faults: dict[str, Any] | None = None,
 ) -> TrainOutcome:
     """Train one config end to end and track it in MLflow; never raises for a failed fit."""
+    from .cluster import check_cluster_setup
+
     uri = cfg.tracking.resolved_uri()
+    check_cluster_setup(address, uri, cfg.storage_path, "config")
     tracking.check_reachable(uri)
     num_classes = prepare_data(cfg)
     init_ray(address)
@@ -205,7 +221,7 @@ def run_training(
     run_id = tracking.start_run(uri, cfg.tracking.experiment, name, params=params,
                                 tags={"pisa.kind": "train", **(tags or {})})
     tracking.log_text(uri, run_id, config_yaml(cfg), "config.yaml")
-    print(f"[pisa] MLflow run {run_id} in {uri}", flush=True)
+    print(f"[pisa] MLflow run {run_id} in {tracking.redact(uri)}", flush=True)
     trainer = build_trainer(cfg, name=name, callbacks=[_mlflow_callback(uri, run_id)],
                             resume_from=resume_from, faults=faults)
     try:
@@ -213,7 +229,10 @@ def run_training(
         error = getattr(result, "error", None)
     except Exception as exc:  # TrainingFailedError and friends
         result, error = None, exc
-    checkpoint_dir = result.checkpoint.path if result is not None and result.checkpoint else None
+    from .storage import location_of
+
+    checkpoint_dir = (location_of(result.checkpoint.path, cfg.storage_path)
+                      if result is not None and result.checkpoint else None)
     metrics = dict(result.metrics or {}) if result is not None else {}
     if error is not None:
         message = root_message(str(error))
