@@ -124,7 +124,8 @@ def _check_login(uri: str, timeout: float) -> None:
         token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout):  # noqa: S310 (user-given URI)
+        # password hashing makes a login slower than /health: a longer wait
+        with urllib.request.urlopen(request, timeout=max(timeout, 30.0)):  # noqa: S310 (user-given URI)
             pass
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):

@@ -83,20 +83,34 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # Ray Train's placement-group cleaner finds its cluster by address; with another
         # local Ray instance on the machine (a second study, a notebook) that look-up is
         # ambiguous and placement groups leak. So fix the GCS port and tell every worker.
-        import socket
-
         from ray.util import get_node_ip_address
+    for attempt in range(3):
+        if address is None:
+            port = _free_port()
+            os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+            kwargs["runtime_env"] = {"env_vars": {**env, "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}}
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as exc:  # Ray gives a local node 30 s to register: a busy machine needs more
+            if address is not None or "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            print("[pisa] the local Ray node was slow to start; trying again", flush=True)
+            ray.shutdown()
+        finally:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
+
+def _free_port() -> int:
+    """A free port outside Ray's default worker port range (10002-19999)."""
+    import socket
+
+    while True:
         with socket.socket() as sock:
             sock.bind(("", 0))
             port = sock.getsockname()[1]
-        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-        env = {**env, "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}
-        kwargs["runtime_env"] = {"env_vars": env}
-    try:
-        ray.init(**kwargs)
-    finally:
-        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        if not 10002 <= port <= 19999:
+            return port
 
 
 def scaling_config(cfg: ExperimentConfig):
