@@ -114,9 +114,7 @@ def run_trial(config: dict[str, Any], study: Study) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import build_trainer
-
-    from .train import root_message
+    from .train import build_trainer, root_message
 
     params = trial_params(study, config)
     exp = study.experiment(params)
@@ -254,8 +252,6 @@ class MlflowStudyLogger(Callback):
             files = [ckpt / CHECKPOINT_FILE, ckpt / "config.json"]
             if files[0].exists():
                 tracking.log_artifacts(self.uri, run_id, [f for f in files if f.exists()], "checkpoint")
-
-
 
 
 _REPORTED = {"epoch", "iteration", "lr", "images_per_sec", "time_train_s", "time_eval_s"}
