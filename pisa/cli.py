@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("name", help="study name (or its directory)")
     resume.add_argument("--storage-path", default="ray_results")
     resume.add_argument("--address")
+    resume.add_argument("--retry-failed", action="store_true",
+                        help="also continue failed trials from their last checkpoint")
     resume.set_defaults(func=_study_resume)
     best = study.add_parser("best", help="rank the trials; write the best trial's config")
     best.add_argument("name")
@@ -96,22 +98,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _finish_study(outcome) -> int:
+def _finish_study(outcome, storage_path: str | None = None) -> int:
     from .report import format_ranking
+    from .tracking import public_uri
 
     print(format_ranking(outcome, outcome.metric, limit=20))
     best = outcome.best
     if best is not None:
         params = ", ".join(f"{k}={v}" for k, v in best.params.items())
         print(f"best trial: {best.trial_id} ({params}): {outcome.metric} {best.metric:.4f}, MLflow run {best.run_id}")
-    uri = outcome.tracking_uri
+    uri = public_uri(outcome.tracking_uri)
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     mlflow_cmd = str(mlflow_bin) if mlflow_bin.exists() else "mlflow"
     ui = (f"{mlflow_cmd} ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000"
           if not uri.startswith("http") else f"open {uri}")
     print(f"compare the trials in the MLflow UI:  {ui}")
     if outcome.interrupted:
-        print(f"study interrupted: continue it with `pisa study resume {outcome.name}`")
+        where = f" --storage-path {storage_path}" if storage_path and storage_path != "ray_results" else ""
+        print(f"study interrupted: continue it with `pisa study resume {outcome.name}{where}`")
         return 130
     if outcome.all_failed:
         error, count = outcome.most_common_error()
@@ -173,13 +177,15 @@ def _study_run(args: argparse.Namespace) -> int:
     from .study_config import load_study
 
     study = load_study(args.study, args.overrides)
-    return _finish_study(run_study(study, address=args.address))
+    return _finish_study(run_study(study, address=args.address), study.base["storage_path"])
 
 
 def _study_resume(args: argparse.Namespace) -> int:
     from .study import resume_study
 
-    return _finish_study(resume_study(args.name, storage_path=args.storage_path, address=args.address))
+    outcome = resume_study(args.name, storage_path=args.storage_path, address=args.address,
+                           retry_failed=args.retry_failed)
+    return _finish_study(outcome, args.storage_path)
 
 
 def _study_best(args: argparse.Namespace) -> int:
@@ -239,12 +245,11 @@ def _study_validate(args: argparse.Namespace) -> int:
 
 def _study_report(args: argparse.Namespace) -> int:
     from .report import log_study_report
-    from .study import load_state, outcome_from_state
-    from .study_config import load_study
+    from .study import load_state, outcome_from_state, study_from_state
 
     state = load_state(args.name, args.storage_path)
     outcome = outcome_from_state(args.name, args.storage_path)
-    names = log_study_report(outcome, load_study(state["study_file"]))
+    names = log_study_report(outcome, study_from_state(state))
     print(f"logged {', '.join(names)} to MLflow run {state['parent_run_id']}")
     return 0
 

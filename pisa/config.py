@@ -227,14 +227,19 @@ class TrainConfig(_Strict):
     warmup_iters: int | None = Field(None, ge=0)
     warmup_ratio: float | None = Field(None, gt=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
-    workers: int = Field(8, ge=1, description="Ray Train workers (one GPU each when use_gpu)")
+    workers: int = Field(8, ge=1, description="Ray Train workers")
     use_gpu: bool = True
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu (fractions share one)")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources per worker, e.g. a node label {node_a: 0.01}")
     images_per_worker: int = Field(2, ge=1)
     amp: bool = Field(True, description="mixed precision (GPU only)")
     channels_last: bool = Field(True, description="channels_last memory format (GPU only)")
     seed: int = 0
     log_every: int = Field(20, ge=1)
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(3, ge=-1, description="restarts of the worker group from the last "
+                              "checkpoint after a lost worker (-1: no limit)")
     keep_checkpoints: int = Field(2, ge=1)
 
     @model_validator(mode="after")
@@ -287,7 +292,8 @@ class ExperimentConfig(_Strict):
     data: DataConfig
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
-    storage_path: Path = Field(Path("ray_results"), description="Ray checkpoints and results")
+    storage_path: str = Field("ray_results", description="Ray checkpoints and study state: a directory "
+                              "or a pyarrow.fs URI (s3://bucket/path, gs://..., file://...)")
 
     def resolve_paths(self, base: Path | None = None) -> "ExperimentConfig":
         """Absolute paths everywhere (Ray workers run in another working directory)."""
@@ -306,7 +312,9 @@ class ExperimentConfig(_Strict):
             syn = data.synthetic.model_copy()
             object.__setattr__(syn, "out", fix(syn.out))
             object.__setattr__(data, "synthetic", syn)
-        out = self.model_copy(update={"data": data, "storage_path": fix(self.storage_path)})
+        from .storage import normalize
+
+        out = self.model_copy(update={"data": data, "storage_path": normalize(self.storage_path, base)})
         tracking = out.tracking
         if tracking.uri and tracking.uri.startswith("sqlite:///") and not tracking.uri.startswith("sqlite:////"):
             rel = tracking.uri[len("sqlite:///"):]
@@ -490,8 +498,10 @@ class SchedulerConfig(_Strict):
 
 class TrialResources(_Strict):
     workers: int = Field(8, ge=1, description="Ray Train workers per trial")
-    gpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(1.0, ge=0, description="0: CPU workers; fractions share a GPU")
     cpus_per_worker: float = Field(1.0, gt=0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per worker (e.g. a node or accelerator label)")
 
 
 class StudyConfig(_Strict):
@@ -509,7 +519,7 @@ class StudyConfig(_Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     seed: int = 0
     points_to_evaluate: Literal["paper", "paper+baseline", "none"] | list[dict[str, Any]] = "paper"
-    max_failures: int = Field(0, ge=0, description="retries of a crashed trial")
+    max_failures: int = Field(3, ge=0, description="retries of a crashed trial, from its last checkpoint")
     seeds: int = Field(1, ge=1, description="trainings per point, seeds train.seed, +1, ...; "
                                             "the trial's metric is their mean")
     optuna_storage: str | None = Field(

@@ -127,8 +127,17 @@ def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int) -> None:
-    """Fault injection for tests: 'EPOCH:ITER:MARKER' kills rank 0 once, mid-epoch."""
+def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int, stall: str | None = None) -> None:
+    """Fault injection for tests: 'EPOCH:ITER:MARKER' kills rank 0 once, mid-epoch; `stall`
+    ('EPOCH:ITER:PIDFILE') makes rank 0 write its pid and wait there once, for a test to
+    SIGKILL it from outside."""
+    if stall:
+        e, i, pidfile = stall.split(":", 2)
+        if epoch == int(e) and iteration == int(i) and not Path(pidfile).exists() and _is_rank0():
+            Path(pidfile).with_suffix(".tmp").write_text(f"{os.getpid()}\n")
+            Path(pidfile).with_suffix(".tmp").rename(pidfile)
+            _log(f"fault injection: worker {os.getpid()} waits at epoch {epoch} iteration {iteration}")
+            time.sleep(600)
     if not spec:
         return
     e, i, marker = spec.split(":", 2)
@@ -278,7 +287,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
              f"{len(val_set)} val images, {world} worker(s) x {cfg.train.images_per_worker} img, "
              f"lr {schedule['scaled_lr']:.4g}, {epochs} epochs x {iters_per_epoch} iters on {device}")
     faults = config.get("faults") or {}
-    inject_nan_at, kill_at = faults.get("nan_at"), faults.get("kill_at")
+    inject_nan_at, kill_at, stall_at = faults.get("nan_at"), faults.get("kill_at"), faults.get("stall_at")
 
     for epoch in range(start_epoch, epochs):
         seed_everything(epoch_seed(cfg.train.seed, epoch, rank))
@@ -290,7 +299,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         n_steps, n_images = 0, 0
         t_epoch = time.perf_counter()
         for step, (images, targets) in enumerate(loader):
-            _maybe_inject_failure(kill_at, epoch, step)
+            _maybe_inject_failure(kill_at, epoch, step, stall_at)
             images, targets = _to_device(images, targets, device, on_gpu and cfg.train.channels_last)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 losses = model(images, targets)

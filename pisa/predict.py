@@ -161,7 +161,7 @@ def _load_run(run_id: str, tracking_uri: str | None) -> Detector:
     try:
         tracking.client(uri).get_run(run_id)
     except Exception:
-        raise PredictInputError(f"model {run_id!r}: no such MLflow run in {tracking._redact(uri)}") from None
+        raise PredictInputError(f"model {run_id!r}: no such MLflow run in {tracking.redact(uri)}") from None
     model_uri = logged_model_uri(uri, run_id)
     if model_uri is not None:
         return _load_pyfunc(model_uri, uri)

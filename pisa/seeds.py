@@ -72,7 +72,8 @@ def fit_seeds(exp, name: str, seeds: list[int], metric: str) -> None:
     from ray import tune
     from ray.util.queue import Empty, Queue
 
-    from .train import build_trainer, root_message
+    from .errors import one_line
+    from .train import build_trainer
 
     queue = Queue(actor_options={"num_cpus": 0})
     errors: dict[int, str] = {}
@@ -83,9 +84,9 @@ def fit_seeds(exp, name: str, seeds: list[int], metric: str) -> None:
         try:
             result = build_trainer(cfg, name=f"{name}-seed{seed}", callbacks=[_seed_callback(queue, seed)]).fit()
             if getattr(result, "error", None) is not None:
-                errors[seed] = root_message(str(result.error))
+                errors[seed] = one_line(result.error)
         except Exception as exc:  # TrainingFailedError and friends
-            errors[seed] = root_message(str(exc))
+            errors[seed] = one_line(exc)
         finally:
             done.add(seed)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +19,19 @@ from typing import Any
 
 from ray.tune import Callback
 
-from . import lineage, tracking
+from . import lineage, storage, tracking
 from .config import Choice, ConfigError, IntRange, LogUniform, flatten
-from .errors import StudyError
+from .errors import BackboneLoadError, DataError, NonFiniteLossError, StudyError, find_pisa_error, one_line
 from .seeds import SEED_PREFIX, seed_key
 from .study_config import Study, load_study
 
 STATE_FILE = "pisa_study.json"
 TRIAL_TAG = "pisa.trial_id"
 SEED_VALUES_TAG = "pisa.seed_values"  # {seed: metric} of a multi-seed trial, at its best epoch
+FAILED_MARK = "pisa_failed.txt"  # a trial that failed for a reason a restart can't fix
+FAULTS_ENV = "PISA_FAULTS"  # fault injection for recovery tests (JSON, see engine)
+# errors that fail the same way on every restart: the trial is not retried
+DETERMINISTIC_ERRORS = (NonFiniteLossError, DataError, BackboneLoadError)
 
 
 
@@ -103,8 +108,13 @@ def tune_space(study: Study) -> dict[str, Any]:
     return space
 
 
-def study_dir(study: Study) -> Path:
-    return Path(study.base["storage_path"]) / study.name
+def study_dir(study: Study) -> str:
+    """The study's directory: a local path or a URI (see `pisa.storage`)."""
+    return storage.join(study.base["storage_path"], study.name)
+
+
+def trial_storage(study: Study) -> str:
+    return storage.join(study_dir(study), "trials")
 
 
 def trial_params(study: Study, config: dict[str, Any]) -> dict[str, Any]:
@@ -124,15 +134,25 @@ def run_trial(config: dict[str, Any], study: Study) -> None:
     params = trial_params(study, config)
     exp = study.experiment(params)
     trial_id = tune.get_context().get_trial_id()
-    exp = exp.model_copy(update={"storage_path": study_dir(study) / "trials"})
+    exp = exp.model_copy(update={"storage_path": trial_storage(study)})
+    mark = storage.join(trial_storage(study), trial_id, FAILED_MARK)
+    if storage.exists(mark):  # a retry of a trial that can only fail again
+        raise RuntimeError(storage.read_text(mark))
     if study.cfg.seeds > 1:
         from .seeds import fit_seeds
 
         fit_seeds(exp, trial_id, study.seeds(), study.cfg.metric)
         return
+    faults = json.loads(os.environ.get(FAULTS_ENV) or "null")
     # same name on a restart: Ray Train resumes from this trial's latest checkpoint
-    trainer = build_trainer(exp, name=trial_id, callbacks=[TuneReportCallback()])
-    trainer.fit()
+    trainer = build_trainer(exp, name=trial_id, callbacks=[TuneReportCallback()], faults=faults,
+                            checkpoint_score=(study.cfg.metric, study.cfg.mode))
+    try:
+        trainer.fit()
+    except Exception as exc:
+        if isinstance(find_pisa_error(exc), DETERMINISTIC_ERRORS):
+            storage.write_text(mark, one_line(exc))
+        raise
 
 
 # ---------------------------------------------------------------- MLflow, from the driver
@@ -183,7 +203,11 @@ class MlflowStudyLogger(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         resumed = trial.trial_id in self.runs
         run_id = self._run_for(trial)
-        tracking.client(self.uri).update_run(run_id, status="RUNNING")
+        c = tracking.client(self.uri)
+        if "pisa.error" in c.get_run(run_id).data.tags:  # a failed trial, retried
+            c.delete_tag(run_id, "pisa.error")
+            c.set_tag(run_id, "pisa.status", "running")
+        c.update_run(run_id, status="RUNNING")
         self._stop_system_metrics(trial.trial_id)
         interval = float(self.study.base["tracking"].get("system_metrics_interval_s", 0) or 0)
         self.system_metrics[trial.trial_id] = lineage.SystemMetrics(self.uri, run_id, interval, resume=resumed)
@@ -192,10 +216,6 @@ class MlflowStudyLogger(Callback):
         monitor = self.system_metrics.pop(trial_id, None)
         if monitor is not None:
             monitor.stop()
-
-    def on_experiment_end(self, trials, **info):
-        for trial_id in list(self.system_metrics):
-            self._stop_system_metrics(trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
@@ -249,6 +269,22 @@ class MlflowStudyLogger(Callback):
                     out[str(seed)] = m.value
         return out
 
+    def on_experiment_end(self, trials, **info):
+        """Stop the system-metrics monitors. A driver killed between creating a trial's run and
+        saving Tune's state leaves a run for a trial the resumed search never knew: remove it,
+        one child run per trial."""
+        for trial_id in list(self.system_metrics):
+            self._stop_system_metrics(trial_id)
+        known = {t.trial_id for t in trials}
+        c = tracking.client(self.uri)
+        for run in tracking.find_runs(self.uri, self.study.base["tracking"]["experiment"],
+                                      f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"):
+            trial_id = run.data.tags.get(TRIAL_TAG)
+            if trial_id not in known and run.info.status == "RUNNING":
+                print(f"[pisa] removing MLflow run {run.info.run_id} of trial {trial_id}, lost with "
+                      f"the previous driver before it was saved (restarted as a new trial)", flush=True)
+                c.delete_run(run.info.run_id)
+
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
         message = _trial_error(trial)
@@ -261,10 +297,14 @@ class MlflowStudyLogger(Callback):
 
         if not path or not self.study.base["tracking"].get("log_checkpoint", True):
             return
-        ckpt = Path(path)
-        files = [ckpt / CHECKPOINT_FILE, ckpt / "config.json"]
-        if files[0].exists():
-            tracking.log_artifacts(self.uri, run_id, [f for f in files if f.exists()], "checkpoint")
+        location = storage.location_of(path, self.study.base["storage_path"])
+        if not storage.exists(location):
+            print(f"[pisa] checkpoint {storage.display(location)} is gone; not logged to MLflow", flush=True)
+            return
+        with storage.local_copy(location) as ckpt:
+            files = [ckpt / CHECKPOINT_FILE, ckpt / "config.json"]
+            if files[0].exists():
+                tracking.log_artifacts(self.uri, run_id, [f for f in files if f.exists()], "checkpoint")
 
 
 _REPORTED = {"epoch", "iteration", "lr", "images_per_sec", "time_train_s", "time_eval_s"}
@@ -300,32 +340,42 @@ def _trial_error(trial) -> str:
 # ---------------------------------------------------------------- running
 
 
-def _state_path(study: Study) -> Path:
-    return study_dir(study) / STATE_FILE
+def _state_path(study: Study) -> str:
+    return storage.join(study_dir(study), STATE_FILE)
 
 
 def _save_state(study: Study, parent_run_id: str, uri: str) -> None:
-    path = _state_path(study)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "name": study.name, "parent_run_id": parent_run_id, "tracking_uri": uri,
+    """The study's bookkeeping and its resolved definition (overrides applied), so a resume
+    needs neither the study file nor the `--set` items it was started with."""
+    storage.write_text(_state_path(study), json.dumps({
+        "name": study.name, "parent_run_id": parent_run_id, "tracking_uri": tracking.public_uri(uri),
         "experiment": study.base["tracking"]["experiment"], "study_file": str(study.source),
         "metric": study.cfg.metric, "mode": study.cfg.mode, "created": time.time(),
         "num_samples": study.cfg.num_samples,
-        "optuna_storage": tracking._redact(optuna_url(study, uri) or "") or None,
+        "optuna_storage": tracking.public_uri(optuna_url(study, uri) or "") or None,
+        "storage_path": study.base["storage_path"], "resolved": _redacted(study.resolved()),
     }, indent=2))
 
 
+def _redacted(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _redacted(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_redacted(v) for v in data]
+    return tracking.public_uri(data) if isinstance(data, str) and "://" in data else data
+
+
 def load_state(name_or_dir: str, storage_path: str | Path = "ray_results") -> dict[str, Any]:
-    """The bookkeeping of a study by name (under `storage_path`) or by directory."""
-    candidates = [Path(name_or_dir), Path(storage_path) / name_or_dir]
+    """The bookkeeping of a study by name (under `storage_path`) or by directory or URI."""
+    candidates = [storage.normalize(name_or_dir), storage.join(storage.normalize(storage_path), name_or_dir)]
     for c in candidates:
-        if (c / STATE_FILE).exists():
-            state = json.loads((c / STATE_FILE).read_text())
-            state["dir"] = str(c.resolve())
+        if storage.exists(storage.join(c, STATE_FILE)):
+            state = json.loads(storage.read_text(storage.join(c, STATE_FILE)))
+            state["dir"] = c
             return state
     raise StudyError(
-        f"no study {name_or_dir!r}: looked for {STATE_FILE} in " + ", ".join(str(c) for c in candidates)
+        f"no study {name_or_dir!r}: looked for {STATE_FILE} in "
+        + ", ".join(storage.display(c) for c in candidates)
     )
 
 
@@ -334,6 +384,15 @@ def optuna_url(study: Study, uri: str) -> str | None:
     from .optuna_storage import default_storage_url
 
     return study.cfg.optuna_storage or default_storage_url(uri, study.base["storage_path"])
+
+
+def study_from_state(state: dict[str, Any]) -> Study:
+    """The study as it was started (overrides included); from its file for older states."""
+    if "resolved" in state:
+        study = Study.from_resolved(state["resolved"])
+        study.base["tracking"]["uri"] = state["tracking_uri"]  # the store it started with
+        return study
+    return load_study(state["study_file"])
 
 
 def _trainable(study: Study):
@@ -390,8 +449,9 @@ def _tuner(study: Study, uri: str, parent_run_id: str):
         tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, search_alg=searcher,
                                     scheduler=scheduler, num_samples=cfg.num_samples),
         run_config=tune.RunConfig(
-            name=study.name, storage_path=str(Path(study.base["storage_path"])),
-            callbacks=[MlflowStudyLogger(study, uri, parent_run_id)],
+            name=study.name, storage_path=study.base["storage_path"],
+            # the logger is saved with the experiment: no credentials in it (they're in the env)
+            callbacks=[MlflowStudyLogger(study, tracking.public_uri(uri), parent_run_id)],
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             verbose=1,
         ),
@@ -402,11 +462,14 @@ def run_study(study: Study, *, address: str | None = None) -> StudyOutcome:
     """Run a study from the start; the tracking store is checked before any trial."""
     from .train import init_ray, prepare_data, config_yaml
 
+    from .cluster import check_cluster_setup
+
     uri = study.experiment({}).tracking.resolved_uri()
+    notes = check_cluster_setup(address, uri, study.base["storage_path"], str(study.source))
     tracking.check_reachable(uri)
-    if _state_path(study).exists() and (study_dir(study) / "tuner.pkl").exists():
+    if storage.exists(_state_path(study)) and storage.exists(storage.join(study_dir(study), "tuner.pkl")):
         raise StudyError(
-            f"study {study.name!r} already exists in {study_dir(study)}: continue it with "
+            f"study {study.name!r} already exists in {storage.display(study_dir(study))}: continue it with "
             f"`pisa study resume {study.name}` or choose another name (--set name=...)"
         )
     prepare_data(study.experiment({}))
@@ -423,29 +486,50 @@ def run_study(study: Study, *, address: str | None = None) -> StudyOutcome:
     tracking.log_text(uri, parent, config_yaml(study.experiment({})), "base_config.yaml")
     _save_state(study, parent, uri)
     _print_start(study, uri)
+    for note in notes:
+        print(f"[pisa] note: {note}", flush=True)
     tuner = _tuner(study, uri, parent)
     return _fit_and_finish(study, tuner, uri, parent)
 
 
 def resume_study(name: str, *, storage_path: str | Path = "ray_results", address: str | None = None,
-                 overrides: list[str] | None = None) -> StudyOutcome:
-    """Continue an interrupted study: finished trials stay, unfinished ones restart from
-    their last checkpoint, errored ones stay failed."""
+                 retry_failed: bool = False) -> StudyOutcome:
+    """Continue an interrupted study as it was started (its `--set` overrides included):
+    finished trials stay, unfinished ones restart from their last checkpoint, failed ones
+    stay failed unless `retry_failed` (then they continue from their last checkpoint)."""
     from ray import tune
 
     from .train import init_ray
 
+    from .cluster import check_cluster_setup
+
     state = load_state(name, storage_path)
-    study = load_study(state["study_file"], overrides)
+    study = study_from_state(state)
     uri = state["tracking_uri"]
+    check_cluster_setup(address, uri, study.base["storage_path"], storage.display(state["dir"]))
     tracking.check_reachable(uri)
     init_ray(address)
+    if retry_failed:  # their errors may have been fixed (data, a node); let them run again
+        _clear_failed_marks(study)
     tracking.client(uri).update_run(state["parent_run_id"], status="RUNNING")
     trainable = _trainable(study)
     tuner = tune.Tuner.restore(state["dir"], trainable=trainable, resume_unfinished=True,
-                               resume_errored=False, restart_errored=False)
-    print(f"[pisa] resuming study {study.name} from {state['dir']}", flush=True)
+                               resume_errored=retry_failed, restart_errored=False)
+    print(f"[pisa] resuming study {study.name} from {storage.display(state['dir'])}"
+          + (" (retrying failed trials)" if retry_failed else ""), flush=True)
     return _fit_and_finish(study, tuner, uri, state["parent_run_id"])
+
+
+def _clear_failed_marks(study: Study) -> None:
+    import pyarrow.fs as pafs
+
+    root = trial_storage(study)
+    if not storage.exists(root):
+        return
+    fs, path = storage._fs(root)
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        if info.type == pafs.FileType.Directory:
+            storage.delete(storage.join(root, info.base_name, FAILED_MARK))
 
 
 def _print_start(study: Study, uri: str) -> None:
@@ -454,10 +538,11 @@ def _print_start(study: Study, uri: str) -> None:
           f"{cfg.scheduler.type} scheduler, metric {cfg.metric} ({cfg.mode})"
           f"{f' = mean over seeds {study.seeds()}' if cfg.seeds > 1 else ''}; "
           f"searching {', '.join(cfg.search_space)}", flush=True)
-    print(f"[pisa] MLflow: {uri}", flush=True)
+    print(f"[pisa] MLflow: {tracking.redact(uri)}", flush=True)
+    print(f"[pisa] storage: {storage.display(study_dir(study))}", flush=True)
     url = optuna_url(study, uri)
     if url:
-        shown = tracking._redact(url)
+        shown = tracking.redact(url)
         print(f"[pisa] Optuna: {shown}  (see it with `optuna-dashboard {shown}`)", flush=True)
 
 
