@@ -153,15 +153,11 @@ def _study_list(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import PredictInputError, predict_files
+    from .predict import predict_files
 
-    try:
-        run = predict_files(args.model, args.images, out=args.out, draw_dir=args.draw,
-                            score_thr=args.score_thr, annotations=args.annotations,
-                            tracking_uri=args.tracking_uri)
-    except PredictInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    run = predict_files(args.model, args.images, out=args.out, draw_dir=args.draw,
+                        score_thr=args.score_thr, annotations=args.annotations,
+                        tracking_uri=args.tracking_uri)
     print(f"{len(run.results)} detections (score >= {args.score_thr}) in {run.num_images} images"
           + (f"; wrote {args.out}" if args.out else "")
           + (f"; drew {len(run.drawn)} images into {args.draw}" if args.draw else ""))

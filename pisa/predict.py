@@ -18,11 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import EXIT_BAD_INPUT, PisaError
+
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-class PredictInputError(ValueError):
+class PredictInputError(PisaError, ValueError):
     """A model reference or image that can't be used; one line, naming what is wrong."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 @dataclass(frozen=True)

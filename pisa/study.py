@@ -623,7 +623,7 @@ def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]
     """The studies under `storage_path` (one directory each), newest first, read from MLflow."""
     root = Path(storage_path)
     if not root.is_dir():
-        raise FileNotFoundError(f"no study storage at {root}")
+        raise StudyError(f"no study storage at {root}")
     states = []
     for path in root.glob(f"*/{STATE_FILE}"):
         try:

@@ -113,19 +113,15 @@ def validation_seeds(study, seeds: int, first_seed: int | None) -> list[int]:
 def validate_study(name: str, *, top: int, seeds: int, storage_path: str | Path = "ray_results",
                    first_seed: int | None = None, address: str | None = None) -> Validation:
     """Train every variant on every seed (seed by seed), log and return the comparison."""
-    from .study import load_state, outcome_from_state, study_dir
-    from .study_config import load_study
+    from .study import load_state, outcome_from_state, study_dir, study_from_state
     from .train import run_training
 
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be at least 1 (2 or more for an interval)")
     if top < 0:
         raise ConfigError(f"--top {top}: must be 0 or more")
-    try:
-        state = load_state(name, storage_path)
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from None
-    study = load_study(state["study_file"])
+    state = load_state(name, storage_path)
+    study = study_from_state(state)
     outcome = outcome_from_state(name, storage_path)
     variants = plan(study, outcome, top)
     seed_list = validation_seeds(study, seeds, first_seed)
