@@ -489,6 +489,9 @@ class StudyConfig(_Strict):
     seed: int = 0
     points_to_evaluate: Literal["paper", "paper+baseline", "none"] | list[dict[str, Any]] = "paper"
     max_failures: int = Field(0, ge=0, description="retries of a crashed trial")
+    trial_process: Literal["auto", "ray_train"] = Field(
+        "auto", description="auto: a 1-worker trial trains in its Tune trial's own process (fast "
+        "start), more workers use Ray Train; ray_train: every trial is a Ray Train run")
 
     @field_validator("search_space")
     @classmethod

@@ -1,7 +1,10 @@
 """`pisa study`: a Ray Tune search over PISA's parameters, every trial tracked in MLflow.
 
-One trial = one Ray Train run (a `TorchTrainer` fitted inside a Tune function
-trainable that holds no CPU itself). Optuna's TPE proposes the points (the paper's
+A 1-worker trial trains in its Tune trial's own process (`TuneTrialSession`): no Ray
+Train controller or worker group to start, and Tune reuses the trial actors, so the
+next trial starts with torch already imported. A multi-worker trial is one Ray Train
+run (a `TorchTrainer` fitted inside a Tune function trainable that holds no CPU
+itself); `trial_process: ray_train` forces that path for every trial. Optuna's TPE proposes the points (the paper's
 defaults first), ASHA stops weak trials by epoch, and a Tune callback on the driver
 logs everything to MLflow: one parent run per study, one nested child run per trial,
 so a SQLite store is only ever written by this one process.
@@ -99,15 +102,28 @@ def trial_params(study: Study, config: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the trainable
 
 
+def trains_in_trial(study: Study) -> bool:
+    """Whether the study's trials train in the Tune trial's own process (1 worker each)."""
+    return study.cfg.trial_process == "auto" and study.cfg.resources_per_trial.workers == 1
+
+
 def run_trial(config: dict[str, Any], study: Study) -> None:
-    """Tune function trainable: fit one `TorchTrainer`; its reports reach Tune directly."""
+    """Tune function trainable: train one point, reporting every epoch to Tune."""
     from ray import tune
+
+    params = trial_params(study, config)
+    exp = study.experiment(params)
+    if trains_in_trial(study):
+        from .engine import run_worker
+        from .session import TuneTrialSession
+
+        run_worker({"experiment": exp.model_dump(mode="json")}, TuneTrialSession(exp.train.use_gpu))
+        return
+
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .train import build_trainer
 
-    params = trial_params(study, config)
-    exp = study.experiment(params)
     trial_id = tune.get_context().get_trial_id()
     exp = exp.model_copy(update={"storage_path": study_dir(study) / "trials"})
     # same name on a restart: Ray Train resumes from this trial's latest checkpoint
@@ -174,6 +190,14 @@ class MlflowStudyLogger(Callback):
             best = self.best.get(trial.trial_id)
             if best is None or sign * value > sign * best[0]:
                 self.best[trial.trial_id] = (float(value), result.get("checkpoint_path"))
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        """A trial that trains in its own process reports its checkpoints to Tune itself:
+        the one saved with the best result so far becomes that trial's best."""
+        best = self.best.get(trial.trial_id)
+        last = self.last.get(trial.trial_id, {})
+        if best is not None and best[1] is None and last.get(self.study.cfg.metric) == best[0]:
+            self.best[trial.trial_id] = (best[0], checkpoint.path)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
@@ -261,10 +285,18 @@ def load_state(name_or_dir: str, storage_path: str | Path = "ray_results") -> di
     )
 
 
+def trial_resources(study: Study) -> dict[str, float]:
+    """A trial that trains in its own process holds its worker's CPUs (and GPU) itself."""
+    if not trains_in_trial(study):
+        return trial_driver_resources()
+    res = study.cfg.resources_per_trial
+    return {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
+
+
 def _trainable(study: Study):
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(run_trial, study=study), trial_driver_resources())
+    return tune.with_resources(tune.with_parameters(run_trial, study=study), trial_resources(study))
 
 
 def _tuner(study: Study, uri: str, parent_run_id: str):
@@ -288,11 +320,15 @@ def _tuner(study: Study, uri: str, parent_run_id: str):
         trainable,
         param_space=tune_space(study),
         tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, search_alg=searcher,
-                                    scheduler=scheduler, num_samples=cfg.num_samples),
+                                    scheduler=scheduler, num_samples=cfg.num_samples,
+                                    # a reused trial actor has torch and the data loaded already
+                                    reuse_actors=trains_in_trial(study)),
         run_config=tune.RunConfig(
             name=study.name, storage_path=str(Path(study.base["storage_path"])),
             callbacks=[MlflowStudyLogger(study, uri, parent_run_id)],
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=study.experiment({}).train.keep_checkpoints),
             verbose=1,
         ),
     )
