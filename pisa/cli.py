@@ -45,11 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("study", help="study YAML (see studies/)")
     _add_set(run)
     run.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="show Ray's own output (worker logs, Tune's result tables) on the console")
     run.set_defaults(func=_study_run)
     resume = study.add_parser("resume", help="continue an interrupted study")
     resume.add_argument("name", help="study name (or its directory)")
     resume.add_argument("--storage-path", default="ray_results")
     resume.add_argument("--address")
+    resume.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output on the console")
     resume.set_defaults(func=_study_resume)
     best = study.add_parser("best", help="rank the trials; write the best trial's config")
     best.add_argument("name")
@@ -95,13 +98,14 @@ def _study_run(args: argparse.Namespace) -> int:
     from .study_config import load_study
 
     study = load_study(args.study, args.overrides)
-    return _finish_study(run_study(study, address=args.address))
+    return _finish_study(run_study(study, address=args.address, verbose=args.verbose))
 
 
 def _study_resume(args: argparse.Namespace) -> int:
     from .study import resume_study
 
-    return _finish_study(resume_study(args.name, storage_path=args.storage_path, address=args.address))
+    return _finish_study(resume_study(args.name, storage_path=args.storage_path, address=args.address,
+                                      verbose=args.verbose))
 
 
 def _study_best(args: argparse.Namespace) -> int:

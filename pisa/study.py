@@ -23,9 +23,11 @@ from ray.tune import Callback
 
 from . import tracking
 from .config import Choice, IntRange, LogUniform, flatten
+from .console import StudyConsole
 from .study_config import Study, load_study
 
 STATE_FILE = "pisa_study.json"
+STATUS_EVERY_S = 120.0  # Tune's trial table on the console, at most this often
 TRIAL_TAG = "pisa.trial_id"
 
 
@@ -299,7 +301,7 @@ def _trainable(study: Study):
     return tune.with_resources(tune.with_parameters(run_trial, study=study), trial_resources(study))
 
 
-def _tuner(study: Study, uri: str, parent_run_id: str):
+def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -325,16 +327,19 @@ def _tuner(study: Study, uri: str, parent_run_id: str):
                                     reuse_actors=trains_in_trial(study)),
         run_config=tune.RunConfig(
             name=study.name, storage_path=str(Path(study.base["storage_path"])),
-            callbacks=[MlflowStudyLogger(study, uri, parent_run_id)],
+            callbacks=[MlflowStudyLogger(study, uri, parent_run_id),
+                       StudyConsole(study, status_every_s=math.inf if verbose else STATUS_EVERY_S)],
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=study.experiment({}).train.keep_checkpoints),
-            verbose=1,
+            # each trial's stdout/stderr in its directory under the Ray results directory
+            log_to_file=True,
+            verbose=1 if verbose else 0,
         ),
     )
 
 
-def run_study(study: Study, *, address: str | None = None) -> StudyOutcome:
+def run_study(study: Study, *, address: str | None = None, verbose: bool = False) -> StudyOutcome:
     """Run a study from the start; the tracking store is checked before any trial."""
     from .train import init_ray, prepare_data, config_yaml
 
@@ -346,7 +351,7 @@ def run_study(study: Study, *, address: str | None = None) -> StudyOutcome:
             f"`pisa study resume {study.name}` or choose another name (--set name=...)"
         )
     prepare_data(study.experiment({}))
-    init_ray(address)
+    init_ray(address, verbose=verbose)
     experiment = study.base["tracking"]["experiment"]
     parent = tracking.start_run(
         uri, experiment, f"study {study.name}",
@@ -358,12 +363,12 @@ def run_study(study: Study, *, address: str | None = None) -> StudyOutcome:
     tracking.log_text(uri, parent, config_yaml(study.experiment({})), "base_config.yaml")
     _save_state(study, parent, uri)
     _print_start(study, uri)
-    tuner = _tuner(study, uri, parent)
+    tuner = _tuner(study, uri, parent, verbose)
     return _fit_and_finish(study, tuner, uri, parent)
 
 
 def resume_study(name: str, *, storage_path: str | Path = "ray_results", address: str | None = None,
-                 overrides: list[str] | None = None) -> StudyOutcome:
+                 overrides: list[str] | None = None, verbose: bool = False) -> StudyOutcome:
     """Continue an interrupted study: finished trials stay, unfinished ones restart from
     their last checkpoint, errored ones stay failed."""
     from ray import tune
@@ -374,7 +379,7 @@ def resume_study(name: str, *, storage_path: str | Path = "ray_results", address
     study = load_study(state["study_file"], overrides)
     uri = state["tracking_uri"]
     tracking.check_reachable(uri)
-    init_ray(address)
+    init_ray(address, verbose=verbose)
     tracking.client(uri).update_run(state["parent_run_id"], status="RUNNING")
     trainable = _trainable(study)
     tuner = tune.Tuner.restore(state["dir"], trainable=trainable, resume_unfinished=True,

@@ -54,11 +54,16 @@ def prepare_data(cfg: ExperimentConfig) -> int:
 DRIVER_RESOURCE = "pisa_trial_driver"
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = True) -> None:
+    """Start (or join) Ray. `verbose=False` keeps Ray's own output off the console: workers'
+    output is not forwarded to the driver (Tune writes each trial's to its directory) and
+    only Ray's warnings are shown."""
     import ray
 
     if ray.is_initialized():
         return
+    if not verbose:
+        quiet_libraries()
     env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1",
            # Ray Train's print() patch logs even prints a library sends to a redirected
            # stdout (COCOeval's tables) and doubles the progress lines: keep plain print
@@ -67,7 +72,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}
     os.environ.update(env)
     kwargs: dict[str, Any] = dict(
-        address=address, log_to_driver=True, runtime_env={"env_vars": env}, ignore_reinit_error=True,
+        address=address, log_to_driver=verbose, runtime_env={"env_vars": env}, ignore_reinit_error=True,
+        logging_level=logging.INFO if verbose else logging.WARNING,
     )
     if address is None:
         # Ray Train's placement-group cleanup uses the state API, served by the dashboard
@@ -94,6 +100,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(**kwargs)
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def quiet_libraries() -> None:
+    """Warnings only from the libraries a study drives (Ray, MLflow's store migrations)."""
+    for name in ("ray", "mlflow", "alembic", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def scaling_config(cfg: ExperimentConfig):
