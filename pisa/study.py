@@ -343,6 +343,10 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
     """Run a study from the start; the tracking store is checked before any trial."""
     from .train import init_ray, prepare_data, config_yaml
 
+    from .train import quiet_libraries
+
+    if not verbose:
+        quiet_libraries()
     uri = study.experiment({}).tracking.resolved_uri()
     tracking.check_reachable(uri)
     if _state_path(study).exists() and (study_dir(study) / "tuner.pkl").exists():

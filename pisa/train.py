@@ -104,8 +104,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
 
 def quiet_libraries() -> None:
     """Warnings only from the libraries a study drives (Ray, MLflow's store migrations)."""
-    for name in ("ray", "mlflow", "alembic", "optuna"):
+    for name in ("ray", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    import optuna  # its logger configures itself on first use: ask it
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def scaling_config(cfg: ExperimentConfig):
