@@ -355,7 +355,7 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
             f"`pisa study resume {study.name}` or choose another name (--set name=...)"
         )
     prepare_data(study.experiment({}))
-    init_ray(address, verbose=verbose)
+    init_ray(address, verbose=verbose, dashboard=not trains_in_trial(study))
     experiment = study.base["tracking"]["experiment"]
     parent = tracking.start_run(
         uri, experiment, f"study {study.name}",

@@ -54,10 +54,12 @@ def prepare_data(cfg: ExperimentConfig) -> int:
 DRIVER_RESOURCE = "pisa_trial_driver"
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = True) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = True,
+             dashboard: bool = True) -> None:
     """Start (or join) Ray. `verbose=False` keeps Ray's own output off the console: workers'
     output is not forwarded to the driver (Tune writes each trial's to its directory) and
-    only Ray's warnings are shown."""
+    only Ray's warnings are shown. `dashboard=False` (nothing runs Ray Train) saves a local
+    cluster the dashboard process."""
     import ray
 
     if ray.is_initialized():
@@ -78,7 +80,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     if address is None:
         # Ray Train's placement-group cleanup uses the state API, served by the dashboard
         # process; it listens on 127.0.0.1 only.
-        kwargs["include_dashboard"] = True
+        kwargs["include_dashboard"] = dashboard
         kwargs["dashboard_host"] = "127.0.0.1"
         kwargs["num_cpus"] = num_cpus or os.cpu_count()
         kwargs["resources"] = {DRIVER_RESOURCE: 10_000}
