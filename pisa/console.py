@@ -89,10 +89,13 @@ class StudyConsole(Callback):
         try:  # Tune's own trial table, printed here at a calm interval
             from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter
 
+            from .study import tune_space
+
             self.table = TuneTerminalReporter(AirVerbosity.DEFAULT, num_samples=self.total, metric=self.metric,
-                                              mode=self.study.cfg.mode)
+                                              mode=self.study.cfg.mode, config=tune_space(self.study))
             self.table.setup(start_time=self.start, total_samples=self.total)
             self.table._heartbeat_freq = 0  # this callback keeps the interval
+            self.table._inferred_metric = ["epoch", self.metric, "train_loss"]  # not the first 4 keys
         except Exception:  # an internal Ray API: without it the progress lines remain
             self.table = None
 

@@ -150,10 +150,17 @@ def _one_trial_histories(tmp: Path, data_dir: Path, name: str, trial_process: st
 
 
 @pytest.mark.slow
-def test_in_trial_and_ray_train_paths_give_the_recorded_metrics(ray_local, synthetic_dir, tmp_path):
+def test_in_trial_and_ray_train_paths_give_the_recorded_metrics(ray_local, synthetic_dir, tmp_path, capfd):
     """A 1-worker trial trains in the Tune trial's own process; forced onto Ray Train, the
     same seed gives the same per-epoch metrics, and both match the recorded numbers."""
     in_trial = _one_trial_histories(tmp_path / "a", synthetic_dir, "in-trial", "auto")
+    console = capfd.readouterr().out
+    # the console: one line per trial event and a progress line, no Ray Train report dicts
+    assert "[pisa] trial 1/1 started: isr_p.k=2" in console
+    assert "[pisa] trial 1/1 epoch 2/2: bbox_mAP " in console
+    assert "[pisa] trial 1/1 finished 2 epochs: best bbox_mAP " in console
+    assert "[pisa] progress: 1/1 trials done (0 stopped early, 0 failed)" in console
+    assert "TrainingReport(" not in console
     ray_train = _one_trial_histories(tmp_path / "b", synthetic_dir, "ray-train", "ray_train")
     assert in_trial == ray_train
     for key, values in RECORDED.items():
