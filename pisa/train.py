@@ -52,7 +52,6 @@ def prepare_data(cfg: ExperimentConfig) -> int:
 
 
 DRIVER_RESOURCE = "pisa_trial_driver"
-LOCAL_START_ATTEMPTS = 3
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = True,
@@ -100,17 +99,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         env = {**env, "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}
         kwargs["runtime_env"] = {"env_vars": env}
     try:
-        for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
-            try:
-                ray.init(**kwargs)
-                break
-            except Exception as exc:
-                # a loaded machine can miss Ray's fixed 30 s wait for a new local node
-                if address is not None or "timed out during startup" not in str(exc) or attempt == LOCAL_START_ATTEMPTS:
-                    raise
-                log.warning("local Ray node did not start in time (attempt %d of %d); retrying",
-                            attempt, LOCAL_START_ATTEMPTS)
-                ray.shutdown()
+        ray.init(**kwargs)
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
