@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("study", help="study YAML (see studies/)")
     _add_set(run)
     run.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="show Ray's own output (worker logs, Tune's result tables) on the console")
     run.set_defaults(func=_study_run)
     resume = study.add_parser("resume", help="continue an interrupted study")
     resume.add_argument("name", help="study name (or its directory)")
@@ -53,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--address")
     resume.add_argument("--retry-failed", action="store_true",
                         help="also continue failed trials from their last checkpoint")
+    resume.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output on the console")
     resume.set_defaults(func=_study_resume)
     best = study.add_parser("best", help="rank the trials; write the best trial's config")
     best.add_argument("name")
@@ -173,14 +176,14 @@ def _study_run(args: argparse.Namespace) -> int:
     from .study_config import load_study
 
     study = load_study(args.study, args.overrides)
-    return _finish_study(run_study(study, address=args.address), study.base["storage_path"])
+    return _finish_study(run_study(study, address=args.address, verbose=args.verbose), study.base["storage_path"])
 
 
 def _study_resume(args: argparse.Namespace) -> int:
     from .study import resume_study
 
     outcome = resume_study(args.name, storage_path=args.storage_path, address=args.address,
-                           retry_failed=args.retry_failed)
+                           retry_failed=args.retry_failed, verbose=args.verbose)
     return _finish_study(outcome, args.storage_path)
 
 

@@ -524,6 +524,9 @@ class StudyConfig(_Strict):
                                             "the trial's metric is their mean")
     optuna_storage: str | None = Field(
         None, description="Optuna RDB URL (default: optuna.db beside a SQLite MLflow store, else in storage_path)")
+    trial_process: Literal["auto", "ray_train"] = Field(
+        "auto", description="auto: a 1-worker trial trains in its Tune trial's own process (fast "
+        "start), more workers use Ray Train; ray_train: every trial is a Ray Train run")
 
     @field_validator("search_space")
     @classmethod

@@ -1,7 +1,7 @@
-"""The per-worker training loop that Ray Train runs on every worker.
+"""The per-worker training loop: on every Ray Train worker, or in a 1-worker Tune trial.
 
 One epoch = train on this worker's shard, evaluate the val set (sharded, gathered,
-COCOeval on rank 0, broadcast), then `ray.train.report` the metrics with a checkpoint
+COCOeval on rank 0, broadcast), then report the metrics with a checkpoint
 (model, optimizer, scheduler, scaler, epoch). RNGs are re-seeded from (seed, epoch,
 rank) at every epoch start, so a run resumed from the epoch-N checkpoint continues
 exactly like the uninterrupted run.
@@ -15,13 +15,16 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .config import ExperimentConfig
 from .errors import NonFiniteLossError
+
+if TYPE_CHECKING:
+    from .session import TrainSession
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DIAGNOSTICS_FILE = "diagnostics.pt"
@@ -90,12 +93,6 @@ def _to_device(images, targets, device, channels_last: bool):
     return images, targets
 
 
-def _is_rank0() -> bool:
-    import ray.train
-
-    return ray.train.get_context().get_world_rank() == 0
-
-
 def _log(msg: str) -> None:
     print(f"[pisa] {msg}", flush=True)
 
@@ -127,13 +124,14 @@ def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int, stall: str | None = None) -> None:
+def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int, rank: int,
+                          stall: str | None = None) -> None:
     """Fault injection for tests: 'EPOCH:ITER:MARKER' kills rank 0 once, mid-epoch; `stall`
     ('EPOCH:ITER:PIDFILE') makes rank 0 write its pid and wait there once, for a test to
     SIGKILL it from outside."""
     if stall:
         e, i, pidfile = stall.split(":", 2)
-        if epoch == int(e) and iteration == int(i) and not Path(pidfile).exists() and _is_rank0():
+        if epoch == int(e) and iteration == int(i) and not Path(pidfile).exists() and rank == 0:
             Path(pidfile).with_suffix(".tmp").write_text(f"{os.getpid()}\n")
             Path(pidfile).with_suffix(".tmp").rename(pidfile)
             _log(f"fault injection: worker {os.getpid()} waits at epoch {epoch} iteration {iteration}")
@@ -141,7 +139,7 @@ def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int, stall: s
     if not spec:
         return
     e, i, marker = spec.split(":", 2)
-    if epoch == int(e) and iteration == int(i) and not Path(marker).exists() and _is_rank0():
+    if epoch == int(e) and iteration == int(i) and not Path(marker).exists() and rank == 0:
         Path(marker).write_text("killed\n")
         _log(f"fault injection: killing this worker at epoch {epoch} iteration {iteration}")
         os._exit(1)
@@ -219,17 +217,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config["experiment"]` is an `ExperimentConfig` dump."""
-    import ray.train
-    import ray.train.torch
+    from .session import RayTrainSession
+
+    run_worker(config, RayTrainSession())
+
+
+def run_worker(config: dict[str, Any], session: TrainSession) -> None:
+    """One worker's training: on a Ray Train worker or in a Tune trial's own process."""
     from torch.utils.data import DataLoader
 
     from .data import build_dataset, collate_fn
     from .models import build_detector
 
     cfg = ExperimentConfig.model_validate(config["experiment"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world = session.rank, session.world_size
+    device = session.device()
     on_gpu = device.type == "cuda"
     seed_everything(cfg.train.seed)
 
@@ -243,9 +245,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     schedule = cfg.train.resolved()  # world == cfg.train.workers: the LR is scaled for it
 
     # Mask R-CNN's mask branch is idle in a step without positives
-    model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": cfg.model.detector == "mask_rcnn"}
-    )
+    model = session.prepare_model(model, find_unused_parameters=cfg.model.detector == "mask_rcnn")
     optimizer = build_optimizer(model, schedule)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     loader = DataLoader(
@@ -253,7 +253,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         num_workers=cfg.data.num_workers, generator=generator, drop_last=False,
         persistent_workers=cfg.data.num_workers > 0,
     )
-    loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=True, move_to_device=False)
+    loader = session.prepare_loader(loader)
     iters_per_epoch = len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it, iters_per_epoch, schedule)
@@ -262,13 +262,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
     start_epoch, iteration = 0, 0
-    checkpoint = ray.train.get_checkpoint()
     resume_path = config.get("resume_from")
     state = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_checkpoint(d)
-    elif resume_path:
+    with session.restored_checkpoint() as restored:
+        if restored is not None:
+            state = load_checkpoint(restored)
+    if state is None and resume_path:
         state = load_checkpoint(resume_path)
     if state is not None:
         _unwrap(model).load_state_dict(state["model"])
@@ -299,7 +298,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         n_steps, n_images = 0, 0
         t_epoch = time.perf_counter()
         for step, (images, targets) in enumerate(loader):
-            _maybe_inject_failure(kill_at, epoch, step, stall_at)
+            _maybe_inject_failure(kill_at, epoch, step, rank, stall_at)
             images, targets = _to_device(images, targets, device, on_gpu and cfg.train.channels_last)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 losses = model(images, targets)
@@ -368,7 +367,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_checkpoint(Path(tmp), model, optimizer, scheduler, scaler, epoch, iteration, cfg, metrics)
                 if diag_t:
                     torch.save(diag_t, Path(tmp) / DIAGNOSTICS_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                session.report(metrics, Path(tmp))
         else:
-            ray.train.report(metrics, checkpoint=None)
+            session.report(metrics, None)
 

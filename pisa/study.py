@@ -1,7 +1,10 @@
 """`pisa study`: a Ray Tune search over PISA's parameters, every trial tracked in MLflow.
 
-One trial = one Ray Train run (a `TorchTrainer` fitted inside a Tune function
-trainable that holds no CPU itself). Optuna's TPE proposes the points (the paper's
+A 1-worker trial trains in its Tune trial's own process (`TuneTrialSession`): no Ray
+Train controller or worker group to start, and Tune reuses the trial actors, so the
+next trial starts with torch already imported. A multi-worker trial is one Ray Train
+run (a `TorchTrainer` fitted inside a Tune function trainable that holds no CPU
+itself); `trial_process: ray_train` forces that path for every trial. Optuna's TPE proposes the points (the paper's
 defaults first), ASHA stops weak trials by epoch, and a Tune callback on the driver
 logs everything to MLflow: one parent run per study, one nested child run per trial,
 so a SQLite store is only ever written by this one process.
@@ -23,9 +26,11 @@ from . import lineage, storage, tracking
 from .config import Choice, ConfigError, IntRange, LogUniform, flatten
 from .errors import BackboneLoadError, DataError, NonFiniteLossError, StudyError, find_pisa_error, one_line
 from .seeds import SEED_PREFIX, seed_key
+from .console import StudyConsole
 from .study_config import Study, load_study
 
 STATE_FILE = "pisa_study.json"
+STATUS_EVERY_S = 120.0  # Tune's trial table on the console, at most this often
 TRIAL_TAG = "pisa.trial_id"
 SEED_VALUES_TAG = "pisa.seed_values"  # {seed: metric} of a multi-seed trial, at its best epoch
 FAILED_MARK = "pisa_failed.txt"  # a trial that failed for a reason a restart can't fix
@@ -124,12 +129,16 @@ def trial_params(study: Study, config: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the trainable
 
 
-def run_trial(config: dict[str, Any], study: Study) -> None:
-    """Tune function trainable: fit one `TorchTrainer`; its reports reach Tune directly."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+def trains_in_trial(study: Study) -> bool:
+    """Whether the study's trials train in the Tune trial's own process (1 worker, 1 seed each;
+    a point with several seeds drives one Ray Train run per seed)."""
+    return (study.cfg.trial_process == "auto" and study.cfg.resources_per_trial.workers == 1
+            and study.cfg.seeds == 1)
 
-    from .train import build_trainer
+
+def run_trial(config: dict[str, Any], study: Study) -> None:
+    """Tune function trainable: train one point, reporting every epoch to Tune."""
+    from ray import tune
 
     params = trial_params(study, config)
     exp = study.experiment(params)
@@ -144,11 +153,23 @@ def run_trial(config: dict[str, Any], study: Study) -> None:
         fit_seeds(exp, trial_id, study.seeds(), study.cfg.metric)
         return
     faults = json.loads(os.environ.get(FAULTS_ENV) or "null")
-    # same name on a restart: Ray Train resumes from this trial's latest checkpoint
-    trainer = build_trainer(exp, name=trial_id, callbacks=[TuneReportCallback()], faults=faults,
-                            checkpoint_score=(study.cfg.metric, study.cfg.mode))
     try:
-        trainer.fit()
+        if trains_in_trial(study):
+            from .engine import run_worker
+            from .session import TuneTrialSession
+
+            # a restarted trial resumes from its latest Tune checkpoint (the session's)
+            run_worker({"experiment": exp.model_dump(mode="json"), "faults": faults or {}},
+                       TuneTrialSession(exp.train.use_gpu))
+        else:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            from .train import build_trainer
+
+            # same name on a restart: Ray Train resumes from this trial's latest checkpoint
+            trainer = build_trainer(exp, name=trial_id, callbacks=[TuneReportCallback()], faults=faults,
+                                    checkpoint_score=(study.cfg.metric, study.cfg.mode))
+            trainer.fit()
     except Exception as exc:
         if isinstance(find_pisa_error(exc), DETERMINISTIC_ERRORS):
             storage.write_text(mark, one_line(exc))
@@ -230,6 +251,14 @@ class MlflowStudyLogger(Callback):
             best = self.best.get(trial.trial_id)
             if best is None or sign * value > sign * best[0]:
                 self.best[trial.trial_id] = (float(value), result.get("checkpoint_path"))
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        """A trial that trains in its own process reports its checkpoints to Tune itself:
+        the one saved with the best result so far becomes that trial's best."""
+        best = self.best.get(trial.trial_id)
+        last = self.last.get(trial.trial_id, {})
+        if best is not None and best[1] is None and last.get(self.study.cfg.metric) == best[0]:
+            self.best[trial.trial_id] = (best[0], checkpoint.path)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
@@ -395,10 +424,18 @@ def study_from_state(state: dict[str, Any]) -> Study:
     return load_study(state["study_file"])
 
 
+def trial_resources(study: Study) -> dict[str, float]:
+    """A trial that trains in its own process holds its worker's CPUs (and GPU) itself."""
+    if not trains_in_trial(study):
+        return trial_driver_resources()
+    res = study.cfg.resources_per_trial
+    return {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
+
+
 def _trainable(study: Study):
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(run_trial, study=study), trial_driver_resources())
+    return tune.with_resources(tune.with_parameters(run_trial, study=study), trial_resources(study))
 
 
 def concurrent_trials(study: Study) -> int:
@@ -424,7 +461,7 @@ def concurrent_trials(study: Study) -> int:
     return fits
 
 
-def _tuner(study: Study, uri: str, parent_run_id: str):
+def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -447,23 +484,34 @@ def _tuner(study: Study, uri: str, parent_run_id: str):
         trainable,
         param_space=tune_space(study),
         tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, search_alg=searcher,
-                                    scheduler=scheduler, num_samples=cfg.num_samples),
+                                    scheduler=scheduler, num_samples=cfg.num_samples,
+                                    # a reused trial actor has torch and the data loaded already
+                                    reuse_actors=trains_in_trial(study)),
         run_config=tune.RunConfig(
             name=study.name, storage_path=study.base["storage_path"],
             # the logger is saved with the experiment: no credentials in it (they're in the env)
-            callbacks=[MlflowStudyLogger(study, tracking.public_uri(uri), parent_run_id)],
+            callbacks=[MlflowStudyLogger(study, tracking.public_uri(uri), parent_run_id),
+                       StudyConsole(study, status_every_s=math.inf if verbose else STATUS_EVERY_S)],
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            verbose=1,
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=study.experiment({}).train.keep_checkpoints),
+            # each trial's stdout/stderr in its directory under the Ray results directory
+            log_to_file=True,
+            verbose=1 if verbose else 0,
         ),
     )
 
 
-def run_study(study: Study, *, address: str | None = None) -> StudyOutcome:
+def run_study(study: Study, *, address: str | None = None, verbose: bool = False) -> StudyOutcome:
     """Run a study from the start; the tracking store is checked before any trial."""
     from .train import init_ray, prepare_data, config_yaml
 
     from .cluster import check_cluster_setup
 
+    from .train import quiet_libraries
+
+    if not verbose:
+        quiet_libraries()
     uri = study.experiment({}).tracking.resolved_uri()
     notes = check_cluster_setup(address, uri, study.base["storage_path"], str(study.source))
     tracking.check_reachable(uri)
@@ -473,7 +521,7 @@ def run_study(study: Study, *, address: str | None = None) -> StudyOutcome:
             f"`pisa study resume {study.name}` or choose another name (--set name=...)"
         )
     prepare_data(study.experiment({}))
-    init_ray(address)
+    init_ray(address, verbose=verbose, dashboard=not trains_in_trial(study))
     concurrent_trials(study)  # a point that cannot fit the cluster fails before any run exists
     experiment = study.base["tracking"]["experiment"]
     parent = tracking.start_run(
@@ -488,12 +536,12 @@ def run_study(study: Study, *, address: str | None = None) -> StudyOutcome:
     _print_start(study, uri)
     for note in notes:
         print(f"[pisa] note: {note}", flush=True)
-    tuner = _tuner(study, uri, parent)
+    tuner = _tuner(study, uri, parent, verbose)
     return _fit_and_finish(study, tuner, uri, parent)
 
 
 def resume_study(name: str, *, storage_path: str | Path = "ray_results", address: str | None = None,
-                 retry_failed: bool = False) -> StudyOutcome:
+                 retry_failed: bool = False, verbose: bool = False) -> StudyOutcome:
     """Continue an interrupted study as it was started (its `--set` overrides included):
     finished trials stay, unfinished ones restart from their last checkpoint, failed ones
     stay failed unless `retry_failed` (then they continue from their last checkpoint)."""
@@ -508,7 +556,7 @@ def resume_study(name: str, *, storage_path: str | Path = "ray_results", address
     uri = state["tracking_uri"]
     check_cluster_setup(address, uri, study.base["storage_path"], storage.display(state["dir"]))
     tracking.check_reachable(uri)
-    init_ray(address)
+    init_ray(address, verbose=verbose, dashboard=not trains_in_trial(study))
     if retry_failed:  # their errors may have been fixed (data, a node); let them run again
         _clear_failed_marks(study)
     tracking.client(uri).update_run(state["parent_run_id"], status="RUNNING")

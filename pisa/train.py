@@ -58,11 +58,18 @@ def prepare_data(cfg: ExperimentConfig) -> int:
 DRIVER_RESOURCE = "pisa_trial_driver"
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = True,
+             dashboard: bool = True) -> None:
+    """Start (or join) Ray. `verbose=False` keeps Ray's own output off the console: workers'
+    output is not forwarded to the driver (Tune writes each trial's to its directory) and
+    only Ray's warnings are shown. `dashboard=False` (nothing runs Ray Train) saves a local
+    cluster the dashboard process."""
     import ray
 
     if ray.is_initialized():
         return
+    if not verbose:
+        quiet_libraries()
     env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1",
            # Ray Train's print() patch logs even prints a library sends to a redirected
            # stdout (COCOeval's tables) and doubles the progress lines: keep plain print
@@ -71,12 +78,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}
     os.environ.update(env)
     kwargs: dict[str, Any] = dict(
-        address=address, log_to_driver=True, runtime_env={"env_vars": env}, ignore_reinit_error=True,
+        address=address, log_to_driver=verbose, runtime_env={"env_vars": env}, ignore_reinit_error=True,
+        logging_level=logging.INFO if verbose else logging.WARNING,
     )
     if address is None:
         # Ray Train's placement-group cleanup uses the state API, served by the dashboard
         # process; it listens on 127.0.0.1 only.
-        kwargs["include_dashboard"] = True
+        kwargs["include_dashboard"] = dashboard
         kwargs["dashboard_host"] = "127.0.0.1"
         kwargs["num_cpus"] = num_cpus or os.cpu_count()
         kwargs["resources"] = {DRIVER_RESOURCE: 10_000}
@@ -112,6 +120,15 @@ def _free_port() -> int:
             port = sock.getsockname()[1]
         if not 10002 <= port <= 19999:
             return port
+
+
+def quiet_libraries() -> None:
+    """Warnings only from the libraries a study drives (Ray, MLflow's store migrations)."""
+    for name in ("ray", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import optuna  # its logger configures itself on first use: ask it
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def scaling_config(cfg: ExperimentConfig):

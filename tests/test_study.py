@@ -17,7 +17,7 @@ import yaml
 from conftest import REPO, tiny_experiment
 from pisa import tracking
 from pisa.config import PAPER_DEFAULTS
-from pisa.study import collect, load_state, run_study, resume_study
+from pisa.study import collect, load_state, resume_study, run_study, study_dir
 from pisa.study_config import load_study
 
 PISA = [sys.executable, "-m", "pisa.cli"]
@@ -119,6 +119,54 @@ def test_asha_ranks_and_best_reproduces_exactly(sqlite_study, tmp_path):
     assert rows["train_loss"][1] == pytest.approx(rows["train_loss"][0], rel=1e-6)
     run = tracking.client(outcome.tracking_uri).get_run(result["run_id"])
     assert run.data.tags["pisa.reproduces"] == target.run_id
+
+
+# ---------------------------------------------------------------- the two trial paths
+
+# Per-epoch metrics of the tiny config (conftest.tiny_experiment with 1 worker, seed 0,
+# the 24/8-image synthetic set) recorded from a 1-worker Ray Train run (`run_training`)
+# before trials could train in their own process (x86_64, torch 2.14.1 PyPI CPU build).
+RECORDED = {
+    "train_loss": [3.9089675545692444, 3.1584234833717346],
+    "train_loss_classifier": [1.291586995124817, 0.8878414630889893],
+    "train_loss_box_reg": [0.6040397062897682, 0.4701584279537201],
+    "bbox_mAP": [0.05676567656765675, 0.027797219377110126],
+    "bbox_AR_100": [0.0722222222222222, 0.11944444444444444],
+}
+
+
+def _one_trial_histories(tmp: Path, data_dir: Path, name: str, trial_process: str) -> dict[str, list[float]]:
+    tmp.mkdir()
+    path = write_study(tmp, data_dir, name, num_samples=1, max_concurrent_trials=1,
+                       search_space={"model.isr_p.k": {"type": "choice", "values": [2.0]}},
+                       scheduler={"type": "fifo"}, trial_process=trial_process)
+    study = load_study(path)
+    outcome = run_study(study)
+    # only a Ray Train trial writes a Ray Train run of its own under the study's trials/
+    assert (study_dir(study) / "trials").exists() == (trial_process == "ray_train")
+    (trial,) = outcome.trials
+    assert trial.status == "finished", trial.error
+    c = tracking.client(outcome.tracking_uri)
+    return {k: [m.value for m in sorted(c.get_metric_history(trial.run_id, k), key=lambda m: m.step)]
+            for k in RECORDED}
+
+
+@pytest.mark.slow
+def test_in_trial_and_ray_train_paths_give_the_recorded_metrics(ray_local, synthetic_dir, tmp_path, capfd):
+    """A 1-worker trial trains in the Tune trial's own process; forced onto Ray Train, the
+    same seed gives the same per-epoch metrics, and both match the recorded numbers."""
+    in_trial = _one_trial_histories(tmp_path / "a", synthetic_dir, "in-trial", "auto")
+    console = capfd.readouterr().out
+    # the console: one line per trial event and a progress line, no Ray Train report dicts
+    assert "[pisa] trial 1/1 started: isr_p.k=2" in console
+    assert "[pisa] trial 1/1 epoch 2/2: bbox_mAP " in console
+    assert "[pisa] trial 1/1 finished 2 epochs: best bbox_mAP " in console
+    assert "[pisa] progress: 1/1 trials done (0 stopped early, 0 failed)" in console
+    assert "TrainingReport(" not in console
+    ray_train = _one_trial_histories(tmp_path / "b", synthetic_dir, "ray-train", "ray_train")
+    assert in_trial == ray_train
+    for key, values in RECORDED.items():
+        assert in_trial[key] == pytest.approx(values, rel=1e-5, abs=1e-6), key
 
 
 # ---------------------------------------------------------------- a real MLflow server
