@@ -20,15 +20,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DevicePlan",
-    "plan_for",
-    "autocast_dtype",
-    "needs_grad_scaler",
-    "use_sync_batchnorm",
-    "process_group_backend",
     "apply_channels_last",
+    "autocast_dtype",
     "convert_sync_batchnorm",
     "make_grad_scaler",
+    "needs_grad_scaler",
     "optimizer_step",
+    "plan_for",
+    "process_group_backend",
+    "use_sync_batchnorm",
 ]
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -89,7 +89,7 @@ def process_group_backend(use_gpu: bool) -> str:
     return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
 
 
-def plan_for(train: "TrainConfig", device_type: str, world: int) -> DevicePlan:
+def plan_for(train: TrainConfig, device_type: str, world: int) -> DevicePlan:
     dtype = autocast_dtype(train.amp, train.amp_dtype, device_type)
     return DevicePlan(
         device_type=device_type,

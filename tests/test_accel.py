@@ -14,12 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_experiment
 from torch import nn
 
-from conftest import tiny_experiment
-from pisa.accel import (apply_channels_last, autocast_dtype, convert_sync_batchnorm, make_grad_scaler,
-                        needs_grad_scaler, optimizer_step, plan_for, process_group_backend,
-                        use_sync_batchnorm)
+from pisa.accel import (
+    apply_channels_last,
+    autocast_dtype,
+    convert_sync_batchnorm,
+    make_grad_scaler,
+    needs_grad_scaler,
+    optimizer_step,
+    plan_for,
+    process_group_backend,
+    use_sync_batchnorm,
+)
 from pisa.config import ModelConfig, TrainConfig, parse_config
 from pisa.engine import _to_device, build_train_loader, seed_loader_for_epoch
 from pisa.models import build_detector
