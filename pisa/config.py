@@ -234,8 +234,13 @@ class TrainConfig(_Strict):
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="extra Ray resources per worker, e.g. a node label {node_a: 0.01}")
     images_per_worker: int = Field(2, ge=1)
-    amp: bool = Field(True, description="mixed precision (GPU only)")
-    channels_last: bool = Field(True, description="channels_last memory format (GPU only)")
+    amp: bool | Literal["auto"] = Field(
+        "auto", description="mixed precision: auto = on GPU only; true = on CPU too (bfloat16 there)")
+    amp_dtype: Literal["auto", "float16", "bfloat16"] = Field(
+        "auto", description="autocast dtype: auto = float16 (+ GradScaler) on GPU, bfloat16 on CPU")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="channels_last memory format: auto = on GPU only; true = on CPU too")
+    sync_bn: bool = Field(True, description="SyncBatchNorm for trainable BN in multi-GPU training")
     seed: int = 0
     log_every: int = Field(20, ge=1)
     max_failures: int = Field(3, ge=-1, description="restarts of the worker group from the last "

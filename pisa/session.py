@@ -1,7 +1,7 @@
 """Where the per-worker training loop runs: a Ray Train worker or a Tune trial itself.
 
 `pisa.engine.run_worker` speaks only to a `TrainSession`: its rank and world size, the
-device, how to place the model and the data loader, how to report an epoch (metrics and
+device, how to place the model, how to report an epoch (metrics and
 a checkpoint directory) and where to resume from. Two implementations:
 
 - `RayTrainSession`: one worker of a Ray Train `TorchTrainer` (any number of workers,
@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 
 class TrainSession(Protocol):
@@ -36,8 +35,6 @@ class TrainSession(Protocol):
     def device(self) -> torch.device: ...
 
     def prepare_model(self, model: nn.Module, find_unused_parameters: bool) -> nn.Module: ...
-
-    def prepare_loader(self, loader: DataLoader) -> DataLoader: ...
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
 
@@ -75,11 +72,6 @@ class RayTrainSession:
         return ray.train.torch.prepare_model(
             model, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters})
 
-    def prepare_loader(self, loader: DataLoader) -> DataLoader:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=True, move_to_device=False)
-
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train
 
@@ -110,9 +102,6 @@ class TuneTrialSession:
 
     def prepare_model(self, model: nn.Module, find_unused_parameters: bool) -> nn.Module:
         return model.to(self.device())
-
-    def prepare_loader(self, loader: DataLoader) -> DataLoader:
-        return loader
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         from ray import tune

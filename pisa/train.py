@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from . import tracking
+from .accel import process_group_backend
 from .config import ExperimentConfig
 from .engine import CHECKPOINT_FILE, DIAGNOSTICS_FILE, train_loop_per_worker
 from .errors import one_line
@@ -146,7 +147,8 @@ def scaling_config(cfg: ExperimentConfig):
 def build_trainer(cfg: ExperimentConfig, *, name: str, callbacks=(), resume_from: str | None = None,
                   faults: dict[str, Any] | None = None,
                   checkpoint_score: tuple[str, str] | None = ("bbox_mAP", "max")):
-    """The `TorchTrainer` of one training: gloo on CPU, NCCL on GPU. Ray keeps the
+    """The `TorchTrainer` of one training: gloo on CPU; NCCL for CUDA tensors plus gloo for
+    the CPU collectives on GPU (`pisa.accel.process_group_backend`). Ray keeps the
     `keep_checkpoints` best by `checkpoint_score` (metric, mode) and always the latest,
     which a restart resumes from."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -160,7 +162,7 @@ def build_trainer(cfg: ExperimentConfig, *, name: str, callbacks=(), resume_from
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(cfg.train.use_gpu)),
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=name,
