@@ -429,7 +429,8 @@ def trial_resources(study: Study) -> dict[str, float]:
     if not trains_in_trial(study):
         return trial_driver_resources()
     res = study.cfg.resources_per_trial
-    return {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
+    return {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {}),
+            **res.resources_per_worker}
 
 
 def _trainable(study: Study):

@@ -72,7 +72,8 @@ def _study_file(work: Path, synthetic_dir: Path, uri: str) -> Path:
             "search_space": {"model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0}},
             "resources_per_trial": {"workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 0.5,
                                     "resources_per_worker": {NODE_RESOURCE: 1}},
-            "scheduler": {"type": "fifo"}}
+            # Ray Train workers spread over the nodes are what is tested here
+            "trial_process": "ray_train", "scheduler": {"type": "fifo"}}
     path = work / "cluster.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

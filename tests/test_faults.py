@@ -69,7 +69,8 @@ def test_killed_worker_then_killed_driver_then_resume_with_overrides(synthetic_d
     spec = {"name": "from-file", "base": "base.yaml", "num_samples": 4, "max_concurrent_trials": 1,
             "search_space": {"model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0}},
             "resources_per_trial": {"workers": 1, "gpus_per_worker": 0},
-            "scheduler": {"type": "asha"}}
+            # a Ray Train worker is what a cluster loses: its restart is what is tested here
+            "trial_process": "ray_train", "scheduler": {"type": "asha"}}
     study_file = tmp_path / "study.yaml"
     study_file.write_text(yaml.safe_dump(spec))
     # the overrides the resume must keep; `epoch` (min) makes the best checkpoint the oldest one
