@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import cast
 
 from . import __version__
 from .errors import PisaError
@@ -287,7 +288,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.register is not None:
         from .registry import log_detector_model
 
-        registered = log_detector_model(cfg.tracking.resolved_uri(), outcome.run_id, outcome.checkpoint_dir,
+        registered = log_detector_model(cfg.tracking.resolved_uri(), cast(str, outcome.run_id),
+                                        cast(str, outcome.checkpoint_dir),
                                         args.register or cfg.name)
         _print_registered(registered)
     return 0

@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from .config import ExperimentConfig
 from .errors import NonFiniteLossError
 
 if TYPE_CHECKING:
+    from .models.pisa_loss import DiagnosticsMixin
     from .session import TrainSession
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -52,7 +53,8 @@ def lr_factor(iteration: int, iters_per_epoch: int, schedule: dict[str, Any]) ->
 
 def build_optimizer(model: nn.Module, schedule: dict[str, Any]) -> torch.optim.Optimizer:
     """SGD as in the paper; no weight decay on norms and biases."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -84,7 +86,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    return cast(nn.Module, model.module) if hasattr(model, "module") else model
 
 
 def _to_device(images, targets, device):
@@ -151,7 +153,7 @@ def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int, rank: in
 
 def _read_diagnostics(model: nn.Module, into: dict[str, list[torch.Tensor]]) -> None:
     """Append the last step's float PISA diagnostics (on the device) to `into`, on the CPU."""
-    for k, v in _unwrap(model).pisa_diagnostics().items():
+    for k, v in cast("DiagnosticsMixin", _unwrap(model)).pisa_diagnostics().items():
         if v.is_floating_point() and sum(x.numel() for x in into[k]) < MAX_DIAGNOSTIC_VALUES:
             into[k].append(v.float().flatten().cpu())
 
@@ -173,7 +175,7 @@ def build_train_loader(dataset, cfg: ExperimentConfig, rank: int, world: int, pl
 
     from .data import collate_fn
 
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+    sampler: DistributedSampler[Any] = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                  seed=cfg.train.seed, drop_last=False)
     return DataLoader(
         dataset, batch_size=cfg.train.images_per_worker, sampler=sampler, collate_fn=collate_fn,

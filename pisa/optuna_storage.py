@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlparse
 
 from ray.tune.search.optuna import OptunaSearch
+
+if TYPE_CHECKING:
+    import optuna
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +66,8 @@ class PruningOptunaSearch(OptunaSearch):
             return super().on_trial_complete(trial_id, result=result, error=error)
         ot_trial = self._ot_trials[trial_id]
         try:
-            ot_trial.set_user_attr("stopped_at_" + self._time_attr, int(stopped_at))
-            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            ot_trial.set_user_attr("stopped_at_" + self._time_attr, int(cast(float, stopped_at)))
+            cast("optuna.Study", self._ot_study).tell(ot_trial, state=TrialState.PRUNED)
         except Exception as exc:  # e.g. a NaN intermediate value: Optuna's bookkeeping only
             log.warning("Optuna trial of %s not marked pruned: %s", trial_id, exc)
         self._completed_trials.add(trial_id)

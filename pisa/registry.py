@@ -28,7 +28,7 @@ CLASSES_FILE = "classes.json"
 IMAGE_COLUMN = "image"
 
 
-class PisaDetectorModel(mlflow.pyfunc.PythonModel):
+class PisaDetectorModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]  # mlflow does not type its re-export
     """Input: a DataFrame with an `image` column of encoded image bytes (PNG, JPEG...).
     Output: one row per image with `boxes` ([x1, y1, x2, y2] pixels), `labels` (1..C),
     `category_ids` (the COCO ids), `names` and `scores`."""

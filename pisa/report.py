@@ -100,6 +100,7 @@ def write_plots(outcome, study, out_dir: Path) -> list[Path]:
 
     ostudy = optuna_study(outcome, study)
     paths: list[Path] = []
+    ax: Any  # an Axes, or from plot_contour an array of them
     if len(ostudy.trials) >= 2 and len(study.cfg.search_space) >= 1:
         try:
             ax = ovm.plot_param_importances(

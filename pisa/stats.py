@@ -102,7 +102,7 @@ class Paired:
     def significant(self) -> bool:
         """True when the interval of the paired difference excludes zero."""
         d = self.difference
-        return d.ci_low is not None and (d.ci_low > 0 or d.ci_high < 0)
+        return d.ci_low is not None and d.ci_high is not None and (d.ci_low > 0 or d.ci_high < 0)
 
 
 def paired(variant: dict[int, float], baseline: dict[int, float], confidence: float = 0.95,

@@ -464,18 +464,18 @@ def concurrent_trials(study: Study) -> int:
 
 def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+    from ray.tune.search import ConcurrencyLimiter, Searcher
     from .optuna_storage import PruningOptunaSearch, open_storage
 
     cfg = study.cfg
     epochs = int(study.experiment({}).train.resolved()["epochs"])
-    searcher = PruningOptunaSearch(points_to_evaluate=study.initial_points() or None, seed=cfg.seed,
+    searcher: Searcher = PruningOptunaSearch(points_to_evaluate=study.initial_points() or None, seed=cfg.seed,
                                    study_name=study.name, storage=open_storage(optuna_url(study, uri)),
                                    time_attr="epoch", max_t=epochs)
     searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrent_trials(study))
     if cfg.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs,
+        scheduler: TrialScheduler = ASHAScheduler(time_attr="epoch", max_t=epochs,
                                   grace_period=min(cfg.scheduler.grace_period, epochs),
                                   reduction_factor=cfg.scheduler.reduction_factor)
     else:

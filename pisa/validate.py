@@ -41,7 +41,7 @@ class VariantResult:
     variant: Variant
     values: dict[int, float] = field(default_factory=dict)  # seed -> final-epoch metric
     failed: dict[int, str] = field(default_factory=dict)  # seed -> error
-    run_ids: dict[int, str] = field(default_factory=dict)
+    run_ids: dict[int, str | None] = field(default_factory=dict)
     summary: Summary | None = None
     vs_baseline: Paired | None = None  # None for the baseline itself
 
@@ -113,6 +113,7 @@ def validation_seeds(study, seeds: int, first_seed: int | None) -> list[int]:
 def validate_study(name: str, *, top: int, seeds: int, storage_path: str | Path = "ray_results",
                    first_seed: int | None = None, address: str | None = None) -> Validation:
     """Train every variant on every seed (seed by seed), log and return the comparison."""
+    from .storage import join
     from .study import load_state, outcome_from_state, study_dir, study_from_state
     from .train import run_training
 
@@ -138,7 +139,7 @@ def validate_study(name: str, *, top: int, seeds: int, storage_path: str | Path 
     print(f"[pisa] validating study {state['name']}: {len(variants)} variants x seeds {seed_list}, "
           f"final-epoch {metric}; MLflow run {run_id}", flush=True)
     results = [VariantResult(v) for v in variants]
-    storage = study_dir(study) / f"validation-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = join(study_dir(study), f"validation-{time.strftime('%Y%m%d-%H%M%S')}")
     total, done = len(variants) * len(seed_list), 0
     for seed in seed_list:  # seed-major: a validation cut short leaves complete pairs
         for r in results:
@@ -191,7 +192,7 @@ def verdict(p: Paired | None, mode: str) -> str:
         return "too few seeds"
     if not p.significant:
         return "no significant difference"
-    better = d.ci_low > 0 if mode == "max" else d.ci_high < 0
+    better = d.ci_low > 0 if mode == "max" else d.ci_high is not None and d.ci_high < 0
     return "better" if better else "worse"
 
 
