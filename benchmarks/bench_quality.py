@@ -8,15 +8,23 @@ images. Variants:
   baseline  random RoI sampling, ISR-P off, CARL off
   pisa      the paper's defaults: ISR-P (k=2, b=0), CARL (k=1, b=0.2),
             ISR-N = Score-HLR sampling (k=0.5, b=0)
+  isr_carl  ISR-P (k=2, b=0) and CARL (k=1, b=0.2) with random sampling: PISA without
+            Score-HLR (the part that costs ~1.3x step time on a CPU)
   best      (with `--best best.yaml`, a config written by `pisa study best`) the PISA
             settings of that file (`model.sampler`, `model.isr_p`, `model.isr_n`,
             `model.carl`); everything else stays the base config's
 
 The runs go round-robin over the seeds (seed 0 of every variant, then seed 1, ...) so
 that load on the machine hits the variants alike and a run cut short by `--max-minutes`
-leaves complete pairs. The report gives the final-epoch val bbox_mAP and bbox_mAP_50 as
+leaves complete pairs. With `--parallel` the variants of a seed train at the same time
+(a thread and a Ray Train run each, one local Ray): under changing load on a shared
+machine every variant of a pair sees the same load, and an idle 2-core machine is used
+fully (one training uses one core). The report gives the final-epoch val bbox_mAP and bbox_mAP_50 as
 mean +- sample std over the seeds, and each variant's difference to the baseline (of the
-means, and paired by seed). MLflow logs into a temporary SQLite store.
+means, and paired by seed). MLflow logs into a temporary SQLite store. With `--json`, the file is rewritten after every
+finished training (runs so far, each with its per-epoch val history, plus the command,
+commit and machine), so a run cut short still leaves data; `benchmarks/render_quality.py`
+turns it into the table with confidence intervals and a plot.
 
     python benchmarks/bench_quality.py --seeds 0 1 2 \\
         --set train.epochs=3 --set train.milestones=[2] --set data.train_limit=120 --set data.val_limit=40
@@ -32,7 +40,9 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -47,7 +57,13 @@ PAPER = [
     "model.isr_p.enabled=true", "model.isr_p.k=2.0", "model.isr_p.bias=0.0",
     "model.carl.enabled=true", "model.carl.k=1.0", "model.carl.bias=0.2",
 ]
+ISR_CARL = [
+    "model.sampler=random",
+    "model.isr_p.enabled=true", "model.isr_p.k=2.0", "model.isr_p.bias=0.0",
+    "model.carl.enabled=true", "model.carl.k=1.0", "model.carl.bias=0.2",
+]
 PISA_KEYS = ("isr_p", "isr_n", "carl")
+HISTORY_KEYS = ("bbox_mAP", "bbox_mAP_50", "train_loss", "time_train_s", "time_eval_s")
 
 
 def best_overrides(path: Path) -> list[str]:
@@ -60,6 +76,47 @@ def best_overrides(path: Path) -> list[str]:
     if not out:
         raise SystemExit(f"{path}: no model.sampler / isr_p / isr_n / carl settings found")
     return out
+
+
+def epoch_history(uri: str, run_id: str | None) -> dict[str, list[float]]:
+    """Per-epoch values of HISTORY_KEYS from the run's MLflow history (ordered by epoch)."""
+    if not run_id:
+        return {}
+    from pisa import tracking
+
+    client = tracking.client(uri)
+    out = {}
+    for key in HISTORY_KEYS:
+        points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        out[key] = [m.value for m in points]
+    return out
+
+
+def machine() -> dict:
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except OSError:
+        commit = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "commit": commit}
+
+
+def write_json(path: Path, meta: dict, runs: list[dict]) -> None:
+    """Atomic rewrite: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2, default=str))
+    tmp.replace(path)
 
 
 def data_overrides(bccd: Path) -> list[str]:
@@ -120,11 +177,13 @@ def main() -> int:
                         help="override a field of the base config for every variant (repeatable)")
     parser.add_argument("--best", type=Path, help="a config written by `pisa study best`: a third variant")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", choices=["baseline", "pisa", "best"],
+    parser.add_argument("--variants", nargs="+", choices=["baseline", "pisa", "isr_carl", "best"],
                         help="which variants to train (default: baseline, pisa, and best with --best)")
     parser.add_argument("--max-minutes", type=float, help="start no new training after this many minutes")
+    parser.add_argument("--parallel", action="store_true",
+                        help="train the variants of a seed at the same time (one Ray Train run each)")
     parser.add_argument("--keep", action="store_true", help="keep the MLflow store and Ray results")
-    parser.add_argument("--json", type=Path, help="also write every run's metrics here")
+    parser.add_argument("--json", type=Path, help="write every run's metrics here, after each run")
     args = parser.parse_args()
 
     bccd = args.bccd.resolve()
@@ -132,12 +191,14 @@ def main() -> int:
         if not needed.exists():
             raise SystemExit(f"BCCD not found: {needed} is missing (use --bccd DIR)")
     variants = {"baseline": BASELINE, "pisa": PAPER}
+    if args.variants and "isr_carl" in args.variants:
+        variants["isr_carl"] = ISR_CARL
     if args.best:
         variants["best"] = best_overrides(args.best)
     if args.variants:
         if "best" in args.variants and not args.best:
             raise SystemExit("variant 'best' needs --best best.yaml")
-        variants = {k: v for k, v in variants.items() if k in args.variants}
+        variants = {k: variants[k] for k in args.variants}
 
     import torch
 
@@ -160,26 +221,57 @@ def main() -> int:
     print(f"seeds {args.seeds}; torch {torch.__version__}, {os.cpu_count()} CPUs "
           f"({platform.processor() or platform.machine()}), load average {os.getloadavg()[0]:.1f}")
 
+    meta = {"argv": sys.argv, "config": str(args.config), "overrides": args.overrides, "seeds": args.seeds,
+            "variants": {k: v for k, v in variants.items()}, "budget": {k: sched[k] for k in (
+                "epochs", "milestones", "scaled_lr", "warmup_iters", "total_batch")},
+            "train_limit": probe.data.train_limit, "val_limit": probe.data.val_limit,
+            "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **machine()}
     runs: list[dict] = []
     start = time.time()
     stopped = False
+    lock = threading.Lock()
+
+    def train(name: str, over: list[str], seed: int) -> dict:
+        # one SQLite store per variant: parallel trainings never write the same file
+        store = [f"tracking.uri=sqlite:///{work / f'mlflow-{name}.db'}"]
+        cfg = load_config(args.config, common + over + [f"train.seed={seed}"] + tail + store)
+        t0 = time.time()
+        outcome = run_training(cfg, run_name=f"{name}-seed{seed}", tags={"pisa.bench_variant": name})
+        wall = time.time() - t0
+        row = {"variant": name, "seed": seed, "status": outcome.status, "wall_s": wall,
+               "run_id": outcome.run_id, "error": outcome.error,
+               "metrics": {m: outcome.metrics.get(m) for m in METRICS + ("epoch", "train_loss", "time_train_s",
+                                                                    "time_eval_s", "images_per_sec")}}
+        row["history"] = epoch_history(cfg.tracking.resolved_uri(), outcome.run_id)
+        row["load_average"] = os.getloadavg()[0]
+        with lock:
+            runs.append(row)
+            if args.json:
+                write_json(args.json, meta, runs)
+        print(f"[bench] {name} seed {seed}: {outcome.status} "
+              + " ".join(f"{m}={row['metrics'][m]}" for m in METRICS) + f" in {wall:.0f} s (last epoch: "
+              f"train {row['metrics']['time_train_s']} s, eval {row['metrics']['time_eval_s']} s)", flush=True)
+        return row
+
+    if args.parallel:
+        from pisa.train import init_ray
+
+        init_ray(num_cpus=max(os.cpu_count() or 1, len(variants)))  # one CPU slot per variant
     for seed in args.seeds:
+        if args.max_minutes and (time.time() - start) / 60 >= args.max_minutes:
+            stopped = True
+            break
+        if args.parallel:
+            # every variant of a seed at once: they share the machine's load alike
+            with ThreadPoolExecutor(len(variants)) as pool:
+                list(pool.map(lambda item: train(item[0], item[1], seed), variants.items()))
+            continue
         for name, over in variants.items():
             if args.max_minutes and (time.time() - start) / 60 >= args.max_minutes:
                 stopped = True
                 break
-            cfg = load_config(args.config, common + over + [f"train.seed={seed}"] + tail)
-            t0 = time.time()
-            outcome = run_training(cfg, run_name=f"{name}-seed{seed}", tags={"pisa.bench_variant": name})
-            wall = time.time() - t0
-            row = {"variant": name, "seed": seed, "status": outcome.status, "wall_s": wall,
-                   "run_id": outcome.run_id, "error": outcome.error,
-                   "metrics": {m: outcome.metrics.get(m) for m in METRICS + ("epoch", "train_loss", "time_train_s",
-                                                                        "time_eval_s", "images_per_sec")}}
-            runs.append(row)
-            print(f"[bench] {name} seed {seed}: {outcome.status} "
-                  + " ".join(f"{m}={row['metrics'][m]}" for m in METRICS) + f" in {wall:.0f} s (last epoch: "
-                  f"train {row['metrics']['time_train_s']} s, eval {row['metrics']['time_eval_s']} s)", flush=True)
+            train(name, over, seed)
         if stopped:
             break
     if stopped:
@@ -188,7 +280,8 @@ def main() -> int:
     print(f"\ntotal {(time.time() - start) / 60:.1f} min")
     report(runs, list(variants), args.seeds)
     if args.json:
-        args.json.write_text(json.dumps(runs, indent=2, default=str))
+        meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        write_json(args.json, meta, runs)
     if args.keep:
         print(f"kept {work} (MLflow: sqlite:///{work / 'mlflow.db'})")
     else:

@@ -17,8 +17,9 @@ Variants:
         --proposals 500 --rois 128 --steps 20
     python benchmarks/bench_step.py --device cuda              # paper sizes: 2000 proposals, 512 RoIs
 
-On CUDA the steps run under fp16 autocast with a GradScaler and channels_last, timed
-between `torch.cuda.synchronize()` calls; img/s is reported too.
+On CUDA the steps run as training runs them (`pisa.accel`): fp16 autocast with a GradScaler
+and a channels_last model, timed between `torch.cuda.synchronize()` calls; img/s is reported
+too. `--amp` and `--channels-last` turn the same on for CPU (bfloat16 autocast there).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from pisa.config import ModelConfig
+from pisa.accel import DevicePlan, apply_channels_last, make_grad_scaler, optimizer_step, plan_for
+from pisa.config import ModelConfig, TrainConfig
 from pisa.data import collate_fn, generate_synthetic
 from pisa.data.coco import CocoDetection
 from pisa.data.transforms import build_transforms
@@ -74,36 +76,30 @@ def make_batch(args: argparse.Namespace, work: Path):
 
 
 class Runner:
-    """One variant: its model, optimizer and (on CUDA) AMP scaler."""
+    """One variant: its model, optimizer and the training's device plan (AMP, scaler, format)."""
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, device: torch.device, seed: int):
+    def __init__(self, cfg: ModelConfig, num_classes: int, device: torch.device, seed: int, plan: DevicePlan):
         torch.manual_seed(seed)
         self.model = build_detector(cfg, num_classes=num_classes).to(device).train()
         self.device_type = device.type
         self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.plan = plan
+        if plan.channels_last:  # on the model: the per-image inputs are 3-D, batched inside it
+            self.model = apply_channels_last(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # a small LR keeps the variants' weights close over the run
         self.optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-        self.scaler = torch.amp.GradScaler("cuda") if self.cuda else None
+        self.scaler = make_grad_scaler(plan)
         self.times: list[float] = []
 
     def step(self, images, targets) -> float:
         if self.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast(self.device_type, dtype=torch.float16, enabled=self.cuda):
+        with torch.autocast(self.device_type, dtype=self.plan.autocast_dtype, enabled=self.plan.amp):
             losses = self.model(images, targets)
         loss = sum(losses.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        optimizer_step(loss, self.model, self.optimizer, self.scaler, grad_clip=None)
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -126,6 +122,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--second-pass", action="store_true",
                         help="also time ISR-N with a second head pass over the sampled RoIs (no reuse)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="autocast (default: on CUDA only; bfloat16 on CPU)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels_last model (default: on CUDA only)")
     args = parser.parse_args()
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -137,12 +137,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         images, targets = make_batch(args, Path(tmp))
     num_classes = 3
-    images = [img.to(device) for img in images]
-    if device.type == "cuda":
-        images = [img.contiguous(memory_format=torch.channels_last) for img in images]
+    images = [img.to(device) for img in images]  # 3-D: the model batches them
     targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    auto = lambda flag: "auto" if flag is None else flag  # noqa: E731
+    plan = plan_for(TrainConfig(amp=auto(args.amp), channels_last=auto(args.channels_last)), device.type, 1)
 
-    runners = {name: Runner(model_config(args, **pisa), num_classes, device, args.seed)
+    runners = {name: Runner(model_config(args, **pisa), num_classes, device, args.seed, plan)
                for name, pisa in variants(args.detector, args.second_pass).items()}
     if "isr_n_2nd_pass" in runners:
         runners["isr_n_2nd_pass"].model.roi_heads.reuse_ranking_pass = False
@@ -156,7 +156,8 @@ def main() -> None:
 
     where = torch.cuda.get_device_name(0) if device.type == "cuda" else (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    amp = ", fp16 autocast + channels_last" if device.type == "cuda" else ""
+    amp = (f", {str(plan.autocast_dtype).removeprefix('torch.')} autocast" if plan.amp else "") + (
+        " + channels_last" if plan.channels_last else "")
     rois = f"{args.proposals} proposals, {args.rois} RoIs/img; " if args.detector == "faster_rcnn" else ""
     print(f"{args.detector} / {args.backbone} ({args.norm}), {args.batch} x {args.size}px, "
           f"{rois}{args.steps} rounds after {args.warmup} "

@@ -8,7 +8,7 @@ overhead (Ray / Tune / Train start-up, MLflow logging, scheduling, idle trial sl
                             / (wall seconds x max_concurrent_trials)
 
 `wall` is the `run_study` call (data check, Ray start, MLflow parent run, the Tune fit,
-the study report), measured in a fresh process per study. The goal is <= 5%. The
+the study report), measured in a fresh process per study. The goal is <= 15%. The
 overhead is further split into time inside the trials (a trial's MLflow run, from its
 start to its end, minus its training) and time outside them (driver start-up, empty
 trial slots, the report), and each trial's fixed start-up is given as the time from
@@ -48,7 +48,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "studies" / "quickstart.yaml"
-GOAL = 0.05
+GOAL = 0.15
 
 
 # ---------------------------------------------------------------- the built-in study
@@ -273,6 +273,18 @@ def print_comparison(asha: dict, fifo: dict) -> None:
                   f"FIFO trained the same point to {_f(final[_point(t)], '{:.4f}')}")
 
 
+def print_trial_process_comparison(old: dict, new: dict) -> None:
+    def med(r):
+        s = [t["startup_s"] for t in r["trials"] if t["startup_s"] is not None]
+        return statistics.median(s) if s else None
+
+    print(f"\n=== trial process: Ray Train per trial vs in the Tune trial ({new['scheduler']} run)")
+    print(f"  {'path':<12}{'wall s':>9}{'overhead':>10}{'start-up median s':>19}{'trial-epochs':>14}")
+    for label, r in (("ray_train", old), ("in-trial", new)):
+        print(f"  {label:<12}{r['wall']:>9.1f}{100 * r['overhead']:>9.1f}%{_f(med(r)):>19}{r['trial_epochs']:>14}")
+    print(f"  in-trial / ray_train: wall {new['wall'] / old['wall']:.2f}x")
+
+
 def _point(trial: dict) -> tuple:
     def norm(v):
         try:
@@ -296,6 +308,9 @@ def main() -> int:
     parser.add_argument("--num-samples", type=int, help="number of trials (overrides num_samples)")
     parser.add_argument("--compare-schedulers", action="store_true",
                         help="run the same search with ASHA and with FIFO")
+    parser.add_argument("--compare-trial-process", action="store_true",
+                        help="first run the study with every trial on Ray Train (trial_process=ray_train, "
+                        "the old path), then as configured (1-worker trials in the Tune trial's process)")
     parser.add_argument("--keep", action="store_true", help="keep the studies' working dirs (MLflow stores)")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -326,16 +341,21 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.1f}")
 
     results = []
+    if args.compare_trial_process:
+        results.append(run_one("raytrain", study_path, overrides + ["trial_process=ray_train"], args.keep, load_cwd))
+        print_study(results[-1])
     if args.compare_schedulers:
         asha = run_one("asha", study_path, overrides + ["scheduler.type=asha"], args.keep, load_cwd)
         fifo = run_one("fifo", study_path, overrides + ["scheduler.type=fifo"], args.keep, load_cwd)
-        results = [asha, fifo]
-        for r in results:
+        results += [asha, fifo]
+        for r in (asha, fifo):
             print_study(r)
         print_comparison(asha, fifo)
     else:
-        results = [run_one("run", study_path, overrides, args.keep, load_cwd)]
-        print_study(results[0])
+        results.append(run_one("run", study_path, overrides, args.keep, load_cwd))
+        print_study(results[-1])
+    if args.compare_trial_process:
+        print_trial_process_comparison(results[0], results[1])
     if args.keep:
         for r in results:
             print(f"kept {r['workdir']} (MLflow: sqlite:///{r['workdir']}/mlflow.db)")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start a Ray worker node that owns PISA_GPUS_PER_WORKER GPUs (default 1) of the ones it sees.
+# Start a Ray worker node that owns PISA_GPUS_PER_WORKER GPUs (default all) of the ones it sees.
 #
 #   docker/ray-worker.sh --address=ray-head:6379 [more `ray start` options]
 #
@@ -7,11 +7,12 @@
 # `--scale ray-worker=N` each container sees all the host's GPUs. Each replica claims free
 # GPUs by holding an exclusive lock per GPU UUID under PISA_GPU_LOCK_DIR (on the volume all
 # replicas share) for as long as its `ray start` runs, and exposes only those through
-# CUDA_VISIBLE_DEVICES. PISA_GPUS_PER_WORKER=all gives one worker every visible GPU.
+# CUDA_VISIBLE_DEVICES. PISA_GPUS_PER_WORKER=all (the default) gives one worker every
+# visible GPU: the layout NCCL is fast in (one network namespace and /dev/shm per host).
 # Without a GPU the node joins as a CPU-only worker.
 set -euo pipefail
 
-per_worker="${PISA_GPUS_PER_WORKER:-1}"
+per_worker="${PISA_GPUS_PER_WORKER:-all}"
 lock_dir="${PISA_GPU_LOCK_DIR:-/data/.gpu-locks}"
 
 gpus=()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import cast
 
 from . import __version__
 from .errors import PisaError
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster address (default: a local cluster)")
     train.add_argument("--resume", help="checkpoint directory or file to continue from")
     train.add_argument("--run-name", help="MLflow run name")
+    _add_register(train, "the config's name")
     train.set_defaults(func=_train)
 
     study = sub.add_parser("study", help="hyperparameter studies (Ray Tune + Optuna)").add_subparsers(
@@ -45,21 +47,51 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("study", help="study YAML (see studies/)")
     _add_set(run)
     run.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="show Ray's own output (worker logs, Tune's result tables) on the console")
     run.set_defaults(func=_study_run)
     resume = study.add_parser("resume", help="continue an interrupted study")
     resume.add_argument("name", help="study name (or its directory)")
     resume.add_argument("--storage-path", default="ray_results")
     resume.add_argument("--address")
+    resume.add_argument("--retry-failed", action="store_true",
+                        help="also continue failed trials from their last checkpoint")
+    resume.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output on the console")
     resume.set_defaults(func=_study_resume)
     best = study.add_parser("best", help="rank the trials; write the best trial's config")
     best.add_argument("name")
     best.add_argument("--storage-path", default="ray_results")
     best.add_argument("--out", help="write the best trial's training config here (e.g. best.yaml)")
+    _add_register(best, "the study's name")
+    listing = study.add_parser("list", help="the studies under a storage path: status, trials, best metric")
+    listing.add_argument("--storage-path", default="ray_results")
+    listing.set_defaults(func=_study_list)
     best.set_defaults(func=_study_best)
+    val = study.add_parser("validate", help="retrain the top points, the baseline and the paper's defaults "
+                                            "over N seeds; compare with confidence intervals")
+    val.add_argument("name", help="study name (or its directory)")
+    val.add_argument("--top", type=int, default=3, help="how many of the best trials to re-check (default 3)")
+    val.add_argument("--seeds", type=int, default=5, help="seeds per variant, the same for all (default 5)")
+    val.add_argument("--first-seed", type=int,
+                     help="first seed (default: the one after the seeds the study trained with)")
+    val.add_argument("--storage-path", default="ray_results")
+    val.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+    val.set_defaults(func=_study_validate)
     report = study.add_parser("report", help="(re)make the study's plots and tables in MLflow")
     report.add_argument("name")
     report.add_argument("--storage-path", default="ray_results")
     report.set_defaults(func=_study_report)
+
+    pred = sub.add_parser("predict", help="run a trained detector on images: COCO results JSON, drawn PNGs")
+    pred.add_argument("model", help="models:/NAME@champion, an MLflow run id, or a checkpoint file/directory")
+    pred.add_argument("images", nargs="+", help="image files")
+    pred.add_argument("--out", help="COCO results JSON to write (e.g. preds.json)")
+    pred.add_argument("--draw", metavar="DIR", help="write each image with its detections drawn, as DIR/NAME.png")
+    pred.add_argument("--score-thr", type=float, default=0.3, help="keep detections scoring at least this (0.3)")
+    pred.add_argument("--annotations", help="COCO file whose image ids the results should use")
+    pred.add_argument("--tracking-uri", help="MLflow store of models:/ URIs and run ids "
+                                             "(default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    pred.set_defaults(func=_predict)
 
     rep = sub.add_parser("reproduce", help="retrain a run's config (RUN_ID or best.yaml) and compare")
     rep.add_argument("source", help="an MLflow run id or a config YAML written by `pisa study best`")
@@ -70,23 +102,73 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _finish_study(outcome) -> int:
+def _finish_study(outcome, storage_path: str | None = None) -> int:
     from .report import format_ranking
+    from .tracking import public_uri
 
     print(format_ranking(outcome, outcome.metric, limit=20))
     best = outcome.best
     if best is not None:
         params = ", ".join(f"{k}={v}" for k, v in best.params.items())
         print(f"best trial: {best.trial_id} ({params}): {outcome.metric} {best.metric:.4f}, MLflow run {best.run_id}")
-    uri = outcome.tracking_uri
+    uri = public_uri(outcome.tracking_uri)
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     mlflow_cmd = str(mlflow_bin) if mlflow_bin.exists() else "mlflow"
     ui = (f"{mlflow_cmd} ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000"
           if not uri.startswith("http") else f"open {uri}")
     print(f"compare the trials in the MLflow UI:  {ui}")
     if outcome.interrupted:
-        print(f"study interrupted: continue it with `pisa study resume {outcome.name}`")
+        where = f" --storage-path {storage_path}" if storage_path and storage_path != "ray_results" else ""
+        print(f"study interrupted: continue it with `pisa study resume {outcome.name}{where}`")
         return 130
+    if outcome.all_failed:
+        error, count = outcome.most_common_error()
+        print(f"error: all {len(outcome.trials)} trials of study {outcome.name} failed; "
+              f"the most common error ({count} of {len(outcome.trials)}): {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_register(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--register", nargs="?", const="", default=None, metavar="MODEL_NAME",
+                   help=f"log the weights as an MLflow model, register it (default name: {default}) "
+                        f"and set its alias 'champion'")
+
+
+def _print_registered(registered) -> None:
+    print(f"registered {registered.model_uri} (version {registered.version}) from run {registered.run_id}; "
+          f"use it with: pisa predict {registered.model_uri} IMAGE...")
+
+
+def _study_list(args: argparse.Namespace) -> int:
+    from .study import list_studies
+
+    rows = list_studies(args.storage_path)
+    if not rows:
+        print(f"no studies under {args.storage_path}")
+        return 0
+    header = f"{'study':<32} {'status':<14} {'trials':>9} {'failed':>6}  {'best':>8}  metric"
+    print(header)
+    for r in rows:
+        total = r.num_samples if r.num_samples is not None else "?"
+        best = f"{r.best:.4f}" if r.best is not None else "-"
+        print(f"{r.name:<32} {r.status:<14} {f'{r.trials_done}/{total}':>9} {r.trials_failed:>6}  {best:>8}  {r.metric}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import predict_files
+
+    run = predict_files(args.model, args.images, out=args.out, draw_dir=args.draw,
+                        score_thr=args.score_thr, annotations=args.annotations,
+                        tracking_uri=args.tracking_uri)
+    print(f"{len(run.results)} detections (score >= {args.score_thr}) in {run.num_images} images"
+          + (f"; wrote {args.out}" if args.out else "")
+          + (f"; drew {len(run.drawn)} images into {args.draw}" if args.draw else ""))
+    if not args.out and not args.draw:
+        import json
+
+        print(json.dumps(run.results))
     return 0
 
 
@@ -95,13 +177,15 @@ def _study_run(args: argparse.Namespace) -> int:
     from .study_config import load_study
 
     study = load_study(args.study, args.overrides)
-    return _finish_study(run_study(study, address=args.address))
+    return _finish_study(run_study(study, address=args.address, verbose=args.verbose), study.base["storage_path"])
 
 
 def _study_resume(args: argparse.Namespace) -> int:
     from .study import resume_study
 
-    return _finish_study(resume_study(args.name, storage_path=args.storage_path, address=args.address))
+    outcome = resume_study(args.name, storage_path=args.storage_path, address=args.address,
+                           retry_failed=args.retry_failed, verbose=args.verbose)
+    return _finish_study(outcome, args.storage_path)
 
 
 def _study_best(args: argparse.Namespace) -> int:
@@ -117,20 +201,55 @@ def _study_best(args: argparse.Namespace) -> int:
         print("no trial has finished yet", file=sys.stderr)
         return 1
     print(f"best: {best.trial_id} {state['metric']}={best.metric:.4f} run {best.run_id}")
+    print(_noise_note(outcome, args.name))
     if args.out:
         path = write_best(state["tracking_uri"], best.run_id, args.out, state["metric"], best.metric)
         print(f"wrote {path}; reproduce it with: pisa reproduce {path}")
+    if args.register is not None:
+        from .registry import register_run
+
+        _print_registered(register_run(state["tracking_uri"], best.run_id, args.register or state["name"]))
     return 0
+
+
+def _noise_note(outcome, name: str) -> str:
+    """Whether the winner's lead over the runner-up is larger than the seed noise."""
+    from .stats import paired
+
+    ranked = [t for t in outcome.trials if t.status != "failed" and t.metric is not None]
+    if len(ranked) < 2:
+        return "only one ranked trial: nothing to compare it with"
+    first, second = ranked[0], ranked[1]
+    gap = first.metric - second.metric
+    check = f"check with `pisa study validate {name} --top 2 --seeds 5`"
+    p = paired(first.seed_values, second.seed_values)
+    if p.difference.ci_low is None:
+        return (f"one seed per point: the gap to the runner-up ({second.trial_id}, {gap:+.4f}) cannot be told "
+                f"from seed noise; {check}")
+    d = p.difference
+    span = f"paired difference {d.mean:+.4f}, 95% CI [{d.ci_low:+.4f}, {d.ci_high:+.4f}] over {len(p.seeds)} seeds"
+    if p.significant:
+        return f"the winner is ahead of the runner-up ({second.trial_id}) beyond the seed noise: {span}"
+    return f"the winner is within the noise of the runner-up ({second.trial_id}): {span}; {check}"
+
+
+def _study_validate(args: argparse.Namespace) -> int:
+    from .validate import format_validation, validate_study
+
+    result = validate_study(args.name, top=args.top, seeds=args.seeds, storage_path=args.storage_path,
+                            first_seed=args.first_seed, address=args.address)
+    print(format_validation(result))
+    print(f"logged to MLflow run {result.run_id} ({result.tracking_uri})")
+    return 0 if result.ok else 1
 
 
 def _study_report(args: argparse.Namespace) -> int:
     from .report import log_study_report
-    from .study import load_state, outcome_from_state
-    from .study_config import load_study
+    from .study import load_state, outcome_from_state, study_from_state
 
     state = load_state(args.name, args.storage_path)
     outcome = outcome_from_state(args.name, args.storage_path)
-    names = log_study_report(outcome, load_study(state["study_file"]))
+    names = log_study_report(outcome, study_from_state(state))
     print(f"logged {', '.join(names)} to MLflow run {state['parent_run_id']}")
     return 0
 
@@ -161,7 +280,19 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     outcome = run_training(cfg, address=args.address, run_name=args.run_name, resume_from=args.resume)
     print(summary_json(outcome))
-    return 0 if outcome.status == "FINISHED" else 1
+    if outcome.status != "FINISHED":
+        return 1
+    if args.register is not None and not outcome.checkpoint_dir:
+        print("nothing to register: the training left no checkpoint", file=sys.stderr)
+        return 1
+    if args.register is not None:
+        from .registry import log_detector_model
+
+        registered = log_detector_model(cfg.tracking.resolved_uri(), cast(str, outcome.run_id),
+                                        cast(str, outcome.checkpoint_dir),
+                                        args.register or cfg.name)
+        _print_registered(registered)
+    return 0
 
 
 def _data_synth(args: argparse.Namespace) -> int:

@@ -227,14 +227,24 @@ class TrainConfig(_Strict):
     warmup_iters: int | None = Field(None, ge=0)
     warmup_ratio: float | None = Field(None, gt=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
-    workers: int = Field(8, ge=1, description="Ray Train workers (one GPU each when use_gpu)")
+    workers: int = Field(8, ge=1, description="Ray Train workers")
     use_gpu: bool = True
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu (fractions share one)")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources per worker, e.g. a node label {node_a: 0.01}")
     images_per_worker: int = Field(2, ge=1)
-    amp: bool = Field(True, description="mixed precision (GPU only)")
-    channels_last: bool = Field(True, description="channels_last memory format (GPU only)")
+    amp: bool | Literal["auto"] = Field(
+        "auto", description="mixed precision: auto = on GPU only; true = on CPU too (bfloat16 there)")
+    amp_dtype: Literal["auto", "float16", "bfloat16"] = Field(
+        "auto", description="autocast dtype: auto = float16 (+ GradScaler) on GPU, bfloat16 on CPU")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="channels_last memory format: auto = on GPU only; true = on CPU too")
+    sync_bn: bool = Field(True, description="SyncBatchNorm for trainable BN in multi-GPU training")
     seed: int = 0
     log_every: int = Field(20, ge=1)
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(3, ge=-1, description="restarts of the worker group from the last "
+                              "checkpoint after a lost worker (-1: no limit)")
     keep_checkpoints: int = Field(2, ge=1)
 
     @model_validator(mode="after")
@@ -267,6 +277,8 @@ class TrackingConfig(_Strict):
     uri: str | None = None
     experiment: str = "pisa"
     log_checkpoint: bool = True
+    system_metrics_interval_s: float = Field(
+        10.0, ge=0, description="MLflow system metrics (CPU, memory, GPU) sampling interval; 0 = off")
 
     def resolved_uri(self) -> str:
         if self.uri:
@@ -285,7 +297,8 @@ class ExperimentConfig(_Strict):
     data: DataConfig
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
-    storage_path: Path = Field(Path("ray_results"), description="Ray checkpoints and results")
+    storage_path: str = Field("ray_results", description="Ray checkpoints and study state: a directory "
+                              "or a pyarrow.fs URI (s3://bucket/path, gs://..., file://...)")
 
     def resolve_paths(self, base: Path | None = None) -> "ExperimentConfig":
         """Absolute paths everywhere (Ray workers run in another working directory)."""
@@ -304,7 +317,9 @@ class ExperimentConfig(_Strict):
             syn = data.synthetic.model_copy()
             object.__setattr__(syn, "out", fix(syn.out))
             object.__setattr__(data, "synthetic", syn)
-        out = self.model_copy(update={"data": data, "storage_path": fix(self.storage_path)})
+        from .storage import normalize
+
+        out = self.model_copy(update={"data": data, "storage_path": normalize(self.storage_path, base)})
         tracking = out.tracking
         if tracking.uri and tracking.uri.startswith("sqlite:///") and not tracking.uri.startswith("sqlite:////"):
             rel = tracking.uri[len("sqlite:///"):]
@@ -488,8 +503,10 @@ class SchedulerConfig(_Strict):
 
 class TrialResources(_Strict):
     workers: int = Field(8, ge=1, description="Ray Train workers per trial")
-    gpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(1.0, ge=0, description="0: CPU workers; fractions share a GPU")
     cpus_per_worker: float = Field(1.0, gt=0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per worker (e.g. a node or accelerator label)")
 
 
 class StudyConfig(_Strict):
@@ -507,7 +524,14 @@ class StudyConfig(_Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     seed: int = 0
     points_to_evaluate: Literal["paper", "paper+baseline", "none"] | list[dict[str, Any]] = "paper"
-    max_failures: int = Field(0, ge=0, description="retries of a crashed trial")
+    max_failures: int = Field(3, ge=0, description="retries of a crashed trial, from its last checkpoint")
+    seeds: int = Field(1, ge=1, description="trainings per point, seeds train.seed, +1, ...; "
+                                            "the trial's metric is their mean")
+    optuna_storage: str | None = Field(
+        None, description="Optuna RDB URL (default: optuna.db beside a SQLite MLflow store, else in storage_path)")
+    trial_process: Literal["auto", "ray_train"] = Field(
+        "auto", description="auto: a 1-worker trial trains in its Tune trial's own process (fast "
+        "start), more workers use Ray Train; ray_train: every trial is a Ray Train run")
 
     @field_validator("search_space")
     @classmethod

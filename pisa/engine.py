@@ -1,10 +1,13 @@
-"""The per-worker training loop that Ray Train runs on every worker.
+"""The per-worker training loop: on every Ray Train worker, or in a 1-worker Tune trial.
 
 One epoch = train on this worker's shard, evaluate the val set (sharded, gathered,
-COCOeval on rank 0, broadcast), then `ray.train.report` the metrics with a checkpoint
+COCOeval on rank 0, broadcast), then report the metrics with a checkpoint
 (model, optimizer, scheduler, scaler, epoch). RNGs are re-seeded from (seed, epoch,
-rank) at every epoch start, so a run resumed from the epoch-N checkpoint continues
-exactly like the uninterrupted run.
+rank) at every epoch start, and so are the data order (a DistributedSampler seeded from
+`train.seed`) and the DataLoader workers' augmentation draws (the loader's generator), so a
+run resumed from the epoch-N checkpoint continues exactly like the uninterrupted run.
+Device choices (AMP dtype, GradScaler, channels_last, SyncBatchNorm) come from
+`pisa.accel.plan_for`, the same code on CPU and GPU.
 """
 
 from __future__ import annotations
@@ -15,13 +18,19 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
+from .accel import (DevicePlan, apply_channels_last, convert_sync_batchnorm, make_grad_scaler,
+                    optimizer_step, plan_for)
 from .config import ExperimentConfig
 from .errors import NonFiniteLossError
+
+if TYPE_CHECKING:
+    from .models.pisa_loss import DiagnosticsMixin
+    from .session import TrainSession
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DIAGNOSTICS_FILE = "diagnostics.pt"
@@ -44,7 +53,8 @@ def lr_factor(iteration: int, iters_per_epoch: int, schedule: dict[str, Any]) ->
 
 def build_optimizer(model: nn.Module, schedule: dict[str, Any]) -> torch.optim.Optimizer:
     """SGD as in the paper; no weight decay on norms and biases."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -76,24 +86,17 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    return cast(nn.Module, model.module) if hasattr(model, "module") else model
 
 
-def _to_device(images, targets, device, channels_last: bool):
+def _to_device(images, targets, device):
+    """Per-image tensors stay 3-D: the model batches them (and sets their memory format)."""
     images = [img.to(device, non_blocking=True) for img in images]
-    if channels_last:
-        images = [img.contiguous(memory_format=torch.channels_last) for img in images]
     targets = [
         {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
         for t in targets
     ]
     return images, targets
-
-
-def _is_rank0() -> bool:
-    import ray.train
-
-    return ray.train.get_context().get_world_rank() == 0
 
 
 def _log(msg: str) -> None:
@@ -127,12 +130,22 @@ def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int) -> None:
-    """Fault injection for tests: 'EPOCH:ITER:MARKER' kills rank 0 once, mid-epoch."""
+def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int, rank: int,
+                          stall: str | None = None) -> None:
+    """Fault injection for tests: 'EPOCH:ITER:MARKER' kills rank 0 once, mid-epoch; `stall`
+    ('EPOCH:ITER:PIDFILE') makes rank 0 write its pid and wait there once, for a test to
+    SIGKILL it from outside."""
+    if stall:
+        e, i, pidfile = stall.split(":", 2)
+        if epoch == int(e) and iteration == int(i) and not Path(pidfile).exists() and rank == 0:
+            Path(pidfile).with_suffix(".tmp").write_text(f"{os.getpid()}\n")
+            Path(pidfile).with_suffix(".tmp").rename(pidfile)
+            _log(f"fault injection: worker {os.getpid()} waits at epoch {epoch} iteration {iteration}")
+            time.sleep(600)
     if not spec:
         return
     e, i, marker = spec.split(":", 2)
-    if epoch == int(e) and iteration == int(i) and not Path(marker).exists() and _is_rank0():
+    if epoch == int(e) and iteration == int(i) and not Path(marker).exists() and rank == 0:
         Path(marker).write_text("killed\n")
         _log(f"fault injection: killing this worker at epoch {epoch} iteration {iteration}")
         os._exit(1)
@@ -140,9 +153,41 @@ def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int) -> None:
 
 def _read_diagnostics(model: nn.Module, into: dict[str, list[torch.Tensor]]) -> None:
     """Append the last step's float PISA diagnostics (on the device) to `into`, on the CPU."""
-    for k, v in _unwrap(model).pisa_diagnostics().items():
+    for k, v in cast("DiagnosticsMixin", _unwrap(model)).pisa_diagnostics().items():
         if v.is_floating_point() and sum(x.numel() for x in into[k]) < MAX_DIAGNOSTIC_VALUES:
             into[k].append(v.float().flatten().cpu())
+
+
+# ---------------------------------------------------------------- data
+
+
+def build_train_loader(dataset, cfg: ExperimentConfig, rank: int, world: int, plan: DevicePlan):
+    """This worker's shard of the training set, in an order fixed by (train.seed, epoch).
+
+    The DistributedSampler is built here rather than by Ray's `prepare_data_loader`, which
+    seeds it with 0 whatever `train.seed` says. Loader workers are not persistent: each
+    epoch starts new ones whose seeds come from the generator `seed_loader_for_epoch` sets,
+    so epoch N's augmentation draws do not depend on how many epochs ran before in this
+    process (a resumed run replays them exactly).
+    """
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from .data import collate_fn
+
+    sampler: DistributedSampler[Any] = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=cfg.train.seed, drop_last=False)
+    return DataLoader(
+        dataset, batch_size=cfg.train.images_per_worker, sampler=sampler, collate_fn=collate_fn,
+        num_workers=cfg.data.num_workers, generator=torch.Generator(), drop_last=False,
+        pin_memory=plan.pin_memory,  # pinned host memory: the non_blocking copies overlap
+    )
+
+
+def seed_loader_for_epoch(loader, seed: int, epoch: int, rank: int) -> None:
+    """The epoch's data order (sampler) and the loader workers' RNG seeds (generator)."""
+    loader.sampler.set_epoch(epoch)
+    loader.generator.manual_seed(epoch_seed(seed, epoch, rank))
 
 
 # ---------------------------------------------------------------- evaluation
@@ -210,18 +255,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config["experiment"]` is an `ExperimentConfig` dump."""
-    import ray.train
-    import ray.train.torch
-    from torch.utils.data import DataLoader
+    from .session import RayTrainSession
 
-    from .data import build_dataset, collate_fn
+    run_worker(config, RayTrainSession())
+
+
+def run_worker(config: dict[str, Any], session: TrainSession) -> None:
+    """One worker's training: on a Ray Train worker or in a Tune trial's own process."""
+
+    from .data import build_dataset
     from .models import build_detector
 
     cfg = ExperimentConfig.model_validate(config["experiment"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
+    rank, world = session.rank, session.world_size
+    device = session.device()
+    plan = plan_for(cfg.train, device.type, world)
     seed_everything(cfg.train.seed)
 
     with_masks = cfg.model.detector == "mask_rcnn"
@@ -229,37 +277,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_set = build_dataset(cfg.data, "train", train=True, with_masks=with_masks)
     val_set = build_dataset(cfg.data, "val", train=False)
     model = build_detector(cfg.model, num_classes=train_set.num_classes)
-    if on_gpu and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    if plan.sync_batchnorm:
+        model = convert_sync_batchnorm(model)
+    if plan.channels_last:
+        model = apply_channels_last(model)
     schedule = cfg.train.resolved()  # world == cfg.train.workers: the LR is scaled for it
 
     # Mask R-CNN's mask branch is idle in a step without positives
-    model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": cfg.model.detector == "mask_rcnn"}
-    )
+    model = session.prepare_model(model, find_unused_parameters=cfg.model.detector == "mask_rcnn")
     optimizer = build_optimizer(model, schedule)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    loader = DataLoader(
-        train_set, batch_size=cfg.train.images_per_worker, shuffle=True, collate_fn=collate_fn,
-        num_workers=cfg.data.num_workers, generator=generator, drop_last=False,
-        persistent_workers=cfg.data.num_workers > 0,
-    )
-    loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=True, move_to_device=False)
+    loader = build_train_loader(train_set, cfg, rank, world, plan)
     iters_per_epoch = len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it, iters_per_epoch, schedule)
     )
-    use_amp = on_gpu and cfg.train.amp
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    scaler = make_grad_scaler(plan)
 
     start_epoch, iteration = 0, 0
-    checkpoint = ray.train.get_checkpoint()
     resume_path = config.get("resume_from")
     state = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_checkpoint(d)
-    elif resume_path:
+    with session.restored_checkpoint() as restored:
+        if restored is not None:
+            state = load_checkpoint(restored)
+    if state is None and resume_path:
         state = load_checkpoint(resume_path)
     if state is not None:
         _unwrap(model).load_state_dict(state["model"])
@@ -276,23 +316,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _log(f"{cfg.model.detector}/{cfg.model.backbone} sampler={cfg.model.sampler} "
              f"isr_p={cfg.model.isr_p.enabled} carl={cfg.model.carl.enabled}: {len(train_set)} train / "
              f"{len(val_set)} val images, {world} worker(s) x {cfg.train.images_per_worker} img, "
-             f"lr {schedule['scaled_lr']:.4g}, {epochs} epochs x {iters_per_epoch} iters on {device}")
+             f"lr {schedule['scaled_lr']:.4g}, {epochs} epochs x {iters_per_epoch} iters on {device} "
+             f"(amp {plan.autocast_dtype or 'off'}, channels_last {plan.channels_last}, "
+             f"sync BN {plan.sync_batchnorm}, {cfg.data.num_workers} loader workers)")
     faults = config.get("faults") or {}
-    inject_nan_at, kill_at = faults.get("nan_at"), faults.get("kill_at")
+    inject_nan_at, kill_at, stall_at = faults.get("nan_at"), faults.get("kill_at"), faults.get("stall_at")
 
     for epoch in range(start_epoch, epochs):
         seed_everything(epoch_seed(cfg.train.seed, epoch, rank))
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+        seed_loader_for_epoch(loader, cfg.train.seed, epoch, rank)
         model.train()
         sums: dict[str, float] = defaultdict(float)
         diag: dict[str, list[torch.Tensor]] = defaultdict(list)
         n_steps, n_images = 0, 0
         t_epoch = time.perf_counter()
         for step, (images, targets) in enumerate(loader):
-            _maybe_inject_failure(kill_at, epoch, step)
-            images, targets = _to_device(images, targets, device, on_gpu and cfg.train.channels_last)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            _maybe_inject_failure(kill_at, epoch, step, rank, stall_at)
+            images, targets = _to_device(images, targets, device)
+            with torch.autocast(device.type, dtype=plan.autocast_dtype, enabled=plan.amp):
                 losses = model(images, targets)
             loss = sum(losses.values())
             if inject_nan_at is not None and iteration == int(inject_nan_at):
@@ -304,19 +345,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     f"(global {iteration}): total={float(loss)} ({detail}); lower the LR "
                     f"(train.lr) or enable train.grad_clip"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if cfg.train.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                if cfg.train.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
+            optimizer_step(loss, model, optimizer, scaler, cfg.train.grad_clip)
             scheduler.step()
             iteration += 1
             n_steps += 1
@@ -359,7 +388,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_checkpoint(Path(tmp), model, optimizer, scheduler, scaler, epoch, iteration, cfg, metrics)
                 if diag_t:
                     torch.save(diag_t, Path(tmp) / DIAGNOSTICS_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                session.report(metrics, Path(tmp))
         else:
-            ray.train.report(metrics, checkpoint=None)
+            session.report(metrics, None)
 

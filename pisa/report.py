@@ -26,6 +26,8 @@ def trials_rows(outcome) -> list[dict[str, Any]]:
         row = {"rank": rank, "trial": t.trial_id, "status": t.status, "epochs": t.epochs,
                "metric": t.metric, "run_id": t.run_id}
         row.update({k: t.params.get(k) for k in keys})
+        if t.seed_values:
+            row["seed_values"] = " ".join(f"{s}:{v:.6g}" for s, v in sorted(t.seed_values.items()))
         if t.error:
             row["error"] = t.error
         rows.append(row)
@@ -98,6 +100,7 @@ def write_plots(outcome, study, out_dir: Path) -> list[Path]:
 
     ostudy = optuna_study(outcome, study)
     paths: list[Path] = []
+    ax: Any  # an Axes, or from plot_contour an array of them
     if len(ostudy.trials) >= 2 and len(study.cfg.search_space) >= 1:
         try:
             ax = ovm.plot_param_importances(
@@ -148,11 +151,15 @@ def format_ranking(outcome, metric: str, limit: int | None = None) -> str:
 
     keys = sorted({k for t in outcome.trials for k in t.params})
     table = Table(title=f"study {outcome.name}: trials ranked by {metric}")
-    for col in ["#", "trial", "status", "epochs", metric] + [k.replace("model.", "") for k in keys]:
+    seeded = any(t.seed_values for t in outcome.trials)
+    extra = ["per seed"] if seeded else []
+    for col in ["#", "trial", "status", "epochs", metric + (" (seed mean)" if seeded else "")] + extra \
+            + [k.replace("model.", "") for k in keys]:
         table.add_column(col)
     for rank, t in enumerate(outcome.trials[:limit] if limit else outcome.trials, 1):
+        per_seed = [" ".join(f"{v:.4f}" for _, v in sorted(t.seed_values.items())) or "-"] if seeded else []
         table.add_row(str(rank), t.trial_id, t.status, str(t.epochs),
-                      "-" if t.metric is None else f"{t.metric:.4f}",
+                      "-" if t.metric is None else f"{t.metric:.4f}", *per_seed,
                       *[_fmt(t.params.get(k)) for k in keys])
     buf = io.StringIO()
     Console(file=buf, width=200, force_terminal=False, color_system=None).print(table)

@@ -79,10 +79,18 @@ def reproduce(source: str, *, tracking_uri: str | None = None, address: str | No
     if original and uri:
         run = tracking.client(uri).get_run(original)
         epochs_orig = int(run.data.metrics.get("epoch", 0)) or None
+    from .seeds import seed_key
+
+    # a multi-seed trial logs the seed mean; its own value for this seed is `seed_<S>/<key>`
+    # (the study metric only): compare with that, and not with means of other metrics
+    multi_seed = bool(original and uri and [k for k in tracking.client(uri).get_run(original).data.metrics
+                                            if k.startswith("seed_")])
     for key in COMPARED:
         new = _history_at(new_uri, outcome.run_id, key, epochs_orig) if outcome.run_id else None
-        old = _history_at(uri, original, key, epochs_orig) if original and uri else None
-        if new is None and old is None:
+        old = None
+        if original and uri:
+            old = _history_at(uri, original, seed_key(cfg.train.seed, key) if multi_seed else key, epochs_orig)
+        if (new is None and old is None) or (multi_seed and old is None):
             continue
         rows.append((key, old, new))
     return {"run_id": outcome.run_id, "status": outcome.status, "original": original,

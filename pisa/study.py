@@ -1,7 +1,10 @@
 """`pisa study`: a Ray Tune search over PISA's parameters, every trial tracked in MLflow.
 
-One trial = one Ray Train run (a `TorchTrainer` fitted inside a Tune function
-trainable that holds no CPU itself). Optuna's TPE proposes the points (the paper's
+A 1-worker trial trains in its Tune trial's own process (`TuneTrialSession`): no Ray
+Train controller or worker group to start, and Tune reuses the trial actors, so the
+next trial starts with torch already imported. A multi-worker trial is one Ray Train
+run (a `TorchTrainer` fitted inside a Tune function trainable that holds no CPU
+itself); `trial_process: ray_train` forces that path for every trial. Optuna's TPE proposes the points (the paper's
 defaults first), ASHA stops weak trials by epoch, and a Tune callback on the driver
 logs everything to MLflow: one parent run per study, one nested child run per trial,
 so a SQLite store is only ever written by this one process.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +22,21 @@ from typing import Any
 
 from ray.tune import Callback
 
-from . import tracking
-from .errors import StudyError
-from .config import Choice, IntRange, LogUniform, flatten
+from . import lineage, storage, tracking
+from .config import Choice, ConfigError, IntRange, LogUniform, flatten
+from .errors import BackboneLoadError, DataError, NonFiniteLossError, StudyError, find_pisa_error, one_line
+from .seeds import SEED_PREFIX, seed_key
+from .console import StudyConsole
 from .study_config import Study, load_study
 
 STATE_FILE = "pisa_study.json"
+STATUS_EVERY_S = 120.0  # Tune's trial table on the console, at most this often
 TRIAL_TAG = "pisa.trial_id"
+SEED_VALUES_TAG = "pisa.seed_values"  # {seed: metric} of a multi-seed trial, at its best epoch
+FAILED_MARK = "pisa_failed.txt"  # a trial that failed for a reason a restart can't fix
+FAULTS_ENV = "PISA_FAULTS"  # fault injection for recovery tests (JSON, see engine)
+# errors that fail the same way on every restart: the trial is not retried
+DETERMINISTIC_ERRORS = (NonFiniteLossError, DataError, BackboneLoadError)
 
 
 
@@ -53,6 +65,7 @@ class TrialSummary:
     epochs: int
     params: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    seed_values: dict[int, float] = field(default_factory=dict)  # empty for one seed per point
 
 
 @dataclass
@@ -63,6 +76,17 @@ class StudyOutcome:
     trials: list[TrialSummary]
     metric: str = "bbox_mAP"
     interrupted: bool = False
+
+    @property
+    def all_failed(self) -> bool:
+        return bool(self.trials) and all(t.status == "failed" for t in self.trials)
+
+    def most_common_error(self) -> tuple[str, int]:
+        """The error most failed trials ended with, and how many."""
+        from collections import Counter
+
+        errors = Counter(t.error or "unknown error" for t in self.trials if t.status == "failed")
+        return errors.most_common(1)[0] if errors else ("", 0)
 
     @property
     def best(self) -> TrialSummary | None:
@@ -89,8 +113,13 @@ def tune_space(study: Study) -> dict[str, Any]:
     return space
 
 
-def study_dir(study: Study) -> Path:
-    return Path(study.base["storage_path"]) / study.name
+def study_dir(study: Study) -> str:
+    """The study's directory: a local path or a URI (see `pisa.storage`)."""
+    return storage.join(study.base["storage_path"], study.name)
+
+
+def trial_storage(study: Study) -> str:
+    return storage.join(study_dir(study), "trials")
 
 
 def trial_params(study: Study, config: dict[str, Any]) -> dict[str, Any]:
@@ -100,20 +129,51 @@ def trial_params(study: Study, config: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the trainable
 
 
-def run_trial(config: dict[str, Any], study: Study) -> None:
-    """Tune function trainable: fit one `TorchTrainer`; its reports reach Tune directly."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+def trains_in_trial(study: Study) -> bool:
+    """Whether the study's trials train in the Tune trial's own process (1 worker, 1 seed each;
+    a point with several seeds drives one Ray Train run per seed)."""
+    return (study.cfg.trial_process == "auto" and study.cfg.resources_per_trial.workers == 1
+            and study.cfg.seeds == 1)
 
-    from .train import build_trainer
+
+def run_trial(config: dict[str, Any], study: Study) -> None:
+    """Tune function trainable: train one point, reporting every epoch to Tune."""
+    from ray import tune
 
     params = trial_params(study, config)
     exp = study.experiment(params)
     trial_id = tune.get_context().get_trial_id()
-    exp = exp.model_copy(update={"storage_path": study_dir(study) / "trials"})
-    # same name on a restart: Ray Train resumes from this trial's latest checkpoint
-    trainer = build_trainer(exp, name=trial_id, callbacks=[TuneReportCallback()])
-    trainer.fit()
+    exp = exp.model_copy(update={"storage_path": trial_storage(study)})
+    mark = storage.join(trial_storage(study), trial_id, FAILED_MARK)
+    if storage.exists(mark):  # a retry of a trial that can only fail again
+        raise RuntimeError(storage.read_text(mark))
+    if study.cfg.seeds > 1:
+        from .seeds import fit_seeds
+
+        fit_seeds(exp, trial_id, study.seeds(), study.cfg.metric)
+        return
+    faults = json.loads(os.environ.get(FAULTS_ENV) or "null")
+    try:
+        if trains_in_trial(study):
+            from .engine import run_worker
+            from .session import TuneTrialSession
+
+            # a restarted trial resumes from its latest Tune checkpoint (the session's)
+            run_worker({"experiment": exp.model_dump(mode="json"), "faults": faults or {}},
+                       TuneTrialSession(exp.train.use_gpu))
+        else:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            from .train import build_trainer
+
+            # same name on a restart: Ray Train resumes from this trial's latest checkpoint
+            trainer = build_trainer(exp, name=trial_id, callbacks=[TuneReportCallback()], faults=faults,
+                                    checkpoint_score=(study.cfg.metric, study.cfg.mode))
+            trainer.fit()
+    except Exception as exc:
+        if isinstance(find_pisa_error(exc), DETERMINISTIC_ERRORS):
+            storage.write_text(mark, one_line(exc))
+        raise
 
 
 # ---------------------------------------------------------------- MLflow, from the driver
@@ -131,6 +191,7 @@ class MlflowStudyLogger(Callback):
         self.runs: dict[str, str] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.best: dict[str, tuple[float, str | None]] = {}
+        self.system_metrics: dict[str, lineage.SystemMetrics] = {}
 
     def setup(self, **info):
         for run in tracking.find_runs(self.uri, self.study.base["tracking"]["experiment"],
@@ -156,17 +217,32 @@ class MlflowStudyLogger(Callback):
         from .train import config_yaml
 
         tracking.log_text(self.uri, run_id, config_yaml(exp), "config.yaml")
+        lineage.log_datasets(self.uri, run_id, exp.data)
         self.runs[trial.trial_id] = run_id
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        resumed = trial.trial_id in self.runs
         run_id = self._run_for(trial)
-        tracking.client(self.uri).update_run(run_id, status="RUNNING")
+        c = tracking.client(self.uri)
+        if "pisa.error" in c.get_run(run_id).data.tags:  # a failed trial, retried
+            c.delete_tag(run_id, "pisa.error")
+            c.set_tag(run_id, "pisa.status", "running")
+        c.update_run(run_id, status="RUNNING")
+        self._stop_system_metrics(trial.trial_id)
+        interval = float(self.study.base["tracking"].get("system_metrics_interval_s", 0) or 0)
+        self.system_metrics[trial.trial_id] = lineage.SystemMetrics(self.uri, run_id, interval, resume=resumed)
+
+    def _stop_system_metrics(self, trial_id: str) -> None:
+        monitor = self.system_metrics.pop(trial_id, None)
+        if monitor is not None:
+            monitor.stop()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        metrics = {k: v for k, v in result.items() if k in _REPORTED or k.startswith(("bbox_", "segm_", "train_", "pisa_"))}
+        metrics = {k: v for k, v in result.items()
+                   if k in _REPORTED or k.startswith(("bbox_", "segm_", "train_", "pisa_", SEED_PREFIX))}
         tracking.log_metrics(self.uri, run_id, metrics, step=epoch)
         self.last[trial.trial_id] = dict(result)
         value = result.get(self.study.cfg.metric)
@@ -175,6 +251,14 @@ class MlflowStudyLogger(Callback):
             best = self.best.get(trial.trial_id)
             if best is None or sign * value > sign * best[0]:
                 self.best[trial.trial_id] = (float(value), result.get("checkpoint_path"))
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        """A trial that trains in its own process reports its checkpoints to Tune itself:
+        the one saved with the best result so far becomes that trial's best."""
+        best = self.best.get(trial.trial_id)
+        last = self.last.get(trial.trial_id, {})
+        if best is not None and best[1] is None and last.get(self.study.cfg.metric) == best[0]:
+            self.best[trial.trial_id] = (best[0], checkpoint.path)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
@@ -190,16 +274,51 @@ class MlflowStudyLogger(Callback):
         if history:
             value = max(history) if self.study.cfg.mode == "max" else min(history)
             tags[f"pisa.best_{self.study.cfg.metric}"] = f"{value:.6g}"
+        if self.study.cfg.seeds > 1:
+            tags[SEED_VALUES_TAG] = json.dumps(self._seed_values(run_id))
         best = self.best.get(trial.trial_id)
         if best is not None:
             self._log_checkpoint(run_id, best[1])
         tracking.set_tags(self.uri, run_id, tags)
+        self._stop_system_metrics(trial.trial_id)
         tracking.end_run(self.uri, run_id, "FINISHED")
+
+    def _seed_values(self, run_id: str) -> dict[str, float]:
+        """Each seed's metric at the epoch where the seed mean was best."""
+        client = tracking.client(self.uri)
+        metric, sign = self.study.cfg.metric, 1 if self.study.cfg.mode == "max" else -1
+        mean = [m for m in client.get_metric_history(run_id, metric) if math.isfinite(m.value)]
+        if not mean:
+            return {}
+        step = max(mean, key=lambda m: (sign * m.value, -m.step)).step
+        out = {}
+        for seed in self.study.seeds():
+            for m in client.get_metric_history(run_id, seed_key(seed, metric)):
+                if m.step == step:
+                    out[str(seed)] = m.value
+        return out
+
+    def on_experiment_end(self, trials, **info):
+        """Stop the system-metrics monitors. A driver killed between creating a trial's run and
+        saving Tune's state leaves a run for a trial the resumed search never knew: remove it,
+        one child run per trial."""
+        for trial_id in list(self.system_metrics):
+            self._stop_system_metrics(trial_id)
+        known = {t.trial_id for t in trials}
+        c = tracking.client(self.uri)
+        for run in tracking.find_runs(self.uri, self.study.base["tracking"]["experiment"],
+                                      f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"):
+            trial_id = run.data.tags.get(TRIAL_TAG)
+            if trial_id not in known and run.info.status == "RUNNING":
+                print(f"[pisa] removing MLflow run {run.info.run_id} of trial {trial_id}, lost with "
+                      f"the previous driver before it was saved (restarted as a new trial)", flush=True)
+                c.delete_run(run.info.run_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
         message = _trial_error(trial)
         tracking.set_tags(self.uri, run_id, {"pisa.status": "failed", "pisa.error": message})
+        self._stop_system_metrics(trial.trial_id)
         tracking.end_run(self.uri, run_id, "FAILED")
 
     def _log_checkpoint(self, run_id: str, path: str | None) -> None:
@@ -207,10 +326,14 @@ class MlflowStudyLogger(Callback):
 
         if not path or not self.study.base["tracking"].get("log_checkpoint", True):
             return
-        ckpt = Path(path)
-        files = [ckpt / CHECKPOINT_FILE, ckpt / "config.json"]
-        if files[0].exists():
-            tracking.log_artifacts(self.uri, run_id, [f for f in files if f.exists()], "checkpoint")
+        location = storage.location_of(path, self.study.base["storage_path"])
+        if not storage.exists(location):
+            print(f"[pisa] checkpoint {storage.display(location)} is gone; not logged to MLflow", flush=True)
+            return
+        with storage.local_copy(location) as ckpt:
+            files = [ckpt / CHECKPOINT_FILE, ckpt / "config.json"]
+            if files[0].exists():
+                tracking.log_artifacts(self.uri, run_id, [f for f in files if f.exists()], "checkpoint")
 
 
 _REPORTED = {"epoch", "iteration", "lr", "images_per_sec", "time_train_s", "time_eval_s"}
@@ -246,51 +369,113 @@ def _trial_error(trial) -> str:
 # ---------------------------------------------------------------- running
 
 
-def _state_path(study: Study) -> Path:
-    return study_dir(study) / STATE_FILE
+def _state_path(study: Study) -> str:
+    return storage.join(study_dir(study), STATE_FILE)
 
 
 def _save_state(study: Study, parent_run_id: str, uri: str) -> None:
-    path = _state_path(study)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "name": study.name, "parent_run_id": parent_run_id, "tracking_uri": uri,
+    """The study's bookkeeping and its resolved definition (overrides applied), so a resume
+    needs neither the study file nor the `--set` items it was started with."""
+    storage.write_text(_state_path(study), json.dumps({
+        "name": study.name, "parent_run_id": parent_run_id, "tracking_uri": tracking.public_uri(uri),
         "experiment": study.base["tracking"]["experiment"], "study_file": str(study.source),
         "metric": study.cfg.metric, "mode": study.cfg.mode, "created": time.time(),
+        "num_samples": study.cfg.num_samples,
+        "optuna_storage": tracking.public_uri(optuna_url(study, uri) or "") or None,
+        "storage_path": study.base["storage_path"], "resolved": _redacted(study.resolved()),
     }, indent=2))
 
 
+def _redacted(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _redacted(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_redacted(v) for v in data]
+    return tracking.public_uri(data) if isinstance(data, str) and "://" in data else data
+
+
 def load_state(name_or_dir: str, storage_path: str | Path = "ray_results") -> dict[str, Any]:
-    """The bookkeeping of a study by name (under `storage_path`) or by directory."""
-    candidates = [Path(name_or_dir), Path(storage_path) / name_or_dir]
+    """The bookkeeping of a study by name (under `storage_path`) or by directory or URI."""
+    candidates = [storage.normalize(name_or_dir), storage.join(storage.normalize(storage_path), name_or_dir)]
     for c in candidates:
-        if (c / STATE_FILE).exists():
-            state = json.loads((c / STATE_FILE).read_text())
-            state["dir"] = str(c.resolve())
+        if storage.exists(storage.join(c, STATE_FILE)):
+            state = json.loads(storage.read_text(storage.join(c, STATE_FILE)))
+            state["dir"] = c
             return state
     raise StudyError(
-        f"no study {name_or_dir!r}: looked for {STATE_FILE} in " + ", ".join(str(c) for c in candidates)
+        f"no study {name_or_dir!r}: looked for {STATE_FILE} in "
+        + ", ".join(storage.display(c) for c in candidates)
     )
+
+
+def optuna_url(study: Study, uri: str) -> str | None:
+    """The study's Optuna storage: the study file's, else beside the MLflow store."""
+    from .optuna_storage import default_storage_url
+
+    return study.cfg.optuna_storage or default_storage_url(uri, study.base["storage_path"])
+
+
+def study_from_state(state: dict[str, Any]) -> Study:
+    """The study as it was started (overrides included); from its file for older states."""
+    if "resolved" in state:
+        study = Study.from_resolved(state["resolved"])
+        study.base["tracking"]["uri"] = state["tracking_uri"]  # the store it started with
+        return study
+    return load_study(state["study_file"])
+
+
+def trial_resources(study: Study) -> dict[str, float]:
+    """A trial that trains in its own process holds its worker's CPUs (and GPU) itself."""
+    if not trains_in_trial(study):
+        return trial_driver_resources()
+    res = study.cfg.resources_per_trial
+    return {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {}),
+            **res.resources_per_worker}
 
 
 def _trainable(study: Study):
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(run_trial, study=study), trial_driver_resources())
+    return tune.with_resources(tune.with_parameters(run_trial, study=study), trial_resources(study))
 
 
-def _tuner(study: Study, uri: str, parent_run_id: str):
+def concurrent_trials(study: Study) -> int:
+    """How many trials run at once. A point with N seeds trains N runs side by side, so
+    fewer points fit the cluster at a time; a point that cannot fit at all is an error
+    (its seeds would wait for each other forever)."""
+    cfg = study.cfg
+    if cfg.seeds == 1:
+        return cfg.max_concurrent_trials
+    import ray
+
+    workers = cfg.resources_per_trial.workers
+    kind = "GPU" if cfg.resources_per_trial.gpus_per_worker > 0 else "CPU"
+    need = cfg.seeds * workers
+    have = int(ray.cluster_resources().get(kind, 0))
+    if have < need:
+        raise ConfigError(f"{study.source}: seeds: {cfg.seeds} seeds x {workers} worker(s) train at once and "
+                          f"need {need} {kind}s; the Ray cluster has {have}")
+    fits = min(cfg.max_concurrent_trials, have // need)
+    if fits < cfg.max_concurrent_trials:
+        print(f"[pisa] {fits} trial(s) at a time, not {cfg.max_concurrent_trials}: each trains {cfg.seeds} seeds "
+              f"at once ({need} {kind}s) and the cluster has {have}", flush=True)
+    return fits
+
+
+def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+    from ray.tune.search import ConcurrencyLimiter, Searcher
+    from .optuna_storage import PruningOptunaSearch, open_storage
 
     cfg = study.cfg
     epochs = int(study.experiment({}).train.resolved()["epochs"])
-    searcher = OptunaSearch(points_to_evaluate=study.initial_points() or None, seed=cfg.seed)
-    searcher = ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent_trials)
+    searcher: Searcher = PruningOptunaSearch(points_to_evaluate=study.initial_points() or None, seed=cfg.seed,
+                                   study_name=study.name, storage=open_storage(optuna_url(study, uri)),
+                                   time_attr="epoch", max_t=epochs)
+    searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrent_trials(study))
     if cfg.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs,
+        scheduler: TrialScheduler = ASHAScheduler(time_attr="epoch", max_t=epochs,
                                   grace_period=min(cfg.scheduler.grace_period, epochs),
                                   reduction_factor=cfg.scheduler.reduction_factor)
     else:
@@ -300,29 +485,45 @@ def _tuner(study: Study, uri: str, parent_run_id: str):
         trainable,
         param_space=tune_space(study),
         tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, search_alg=searcher,
-                                    scheduler=scheduler, num_samples=cfg.num_samples),
+                                    scheduler=scheduler, num_samples=cfg.num_samples,
+                                    # a reused trial actor has torch and the data loaded already
+                                    reuse_actors=trains_in_trial(study)),
         run_config=tune.RunConfig(
-            name=study.name, storage_path=str(Path(study.base["storage_path"])),
-            callbacks=[MlflowStudyLogger(study, uri, parent_run_id)],
+            name=study.name, storage_path=study.base["storage_path"],
+            # the logger is saved with the experiment: no credentials in it (they're in the env)
+            callbacks=[MlflowStudyLogger(study, tracking.public_uri(uri), parent_run_id),
+                       StudyConsole(study, status_every_s=math.inf if verbose else STATUS_EVERY_S)],
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            verbose=1,
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=study.experiment({}).train.keep_checkpoints),
+            # each trial's stdout/stderr in its directory under the Ray results directory
+            log_to_file=True,
+            verbose=1 if verbose else 0,
         ),
     )
 
 
-def run_study(study: Study, *, address: str | None = None) -> StudyOutcome:
+def run_study(study: Study, *, address: str | None = None, verbose: bool = False) -> StudyOutcome:
     """Run a study from the start; the tracking store is checked before any trial."""
     from .train import init_ray, prepare_data, config_yaml
 
+    from .cluster import check_cluster_setup
+
+    from .train import quiet_libraries
+
+    if not verbose:
+        quiet_libraries()
     uri = study.experiment({}).tracking.resolved_uri()
+    notes = check_cluster_setup(address, uri, study.base["storage_path"], str(study.source))
     tracking.check_reachable(uri)
-    if _state_path(study).exists() and (study_dir(study) / "tuner.pkl").exists():
+    if storage.exists(_state_path(study)) and storage.exists(storage.join(study_dir(study), "tuner.pkl")):
         raise StudyError(
-            f"study {study.name!r} already exists in {study_dir(study)}: continue it with "
+            f"study {study.name!r} already exists in {storage.display(study_dir(study))}: continue it with "
             f"`pisa study resume {study.name}` or choose another name (--set name=...)"
         )
     prepare_data(study.experiment({}))
-    init_ray(address)
+    init_ray(address, verbose=verbose, dashboard=not trains_in_trial(study))
+    concurrent_trials(study)  # a point that cannot fit the cluster fails before any run exists
     experiment = study.base["tracking"]["experiment"]
     parent = tracking.start_run(
         uri, experiment, f"study {study.name}",
@@ -334,37 +535,64 @@ def run_study(study: Study, *, address: str | None = None) -> StudyOutcome:
     tracking.log_text(uri, parent, config_yaml(study.experiment({})), "base_config.yaml")
     _save_state(study, parent, uri)
     _print_start(study, uri)
-    tuner = _tuner(study, uri, parent)
+    for note in notes:
+        print(f"[pisa] note: {note}", flush=True)
+    tuner = _tuner(study, uri, parent, verbose)
     return _fit_and_finish(study, tuner, uri, parent)
 
 
 def resume_study(name: str, *, storage_path: str | Path = "ray_results", address: str | None = None,
-                 overrides: list[str] | None = None) -> StudyOutcome:
-    """Continue an interrupted study: finished trials stay, unfinished ones restart from
-    their last checkpoint, errored ones stay failed."""
+                 retry_failed: bool = False, verbose: bool = False) -> StudyOutcome:
+    """Continue an interrupted study as it was started (its `--set` overrides included):
+    finished trials stay, unfinished ones restart from their last checkpoint, failed ones
+    stay failed unless `retry_failed` (then they continue from their last checkpoint)."""
     from ray import tune
 
     from .train import init_ray
 
+    from .cluster import check_cluster_setup
+
     state = load_state(name, storage_path)
-    study = load_study(state["study_file"], overrides)
+    study = study_from_state(state)
     uri = state["tracking_uri"]
+    check_cluster_setup(address, uri, study.base["storage_path"], storage.display(state["dir"]))
     tracking.check_reachable(uri)
-    init_ray(address)
+    init_ray(address, verbose=verbose, dashboard=not trains_in_trial(study))
+    if retry_failed:  # their errors may have been fixed (data, a node); let them run again
+        _clear_failed_marks(study)
     tracking.client(uri).update_run(state["parent_run_id"], status="RUNNING")
     trainable = _trainable(study)
     tuner = tune.Tuner.restore(state["dir"], trainable=trainable, resume_unfinished=True,
-                               resume_errored=False, restart_errored=False)
-    print(f"[pisa] resuming study {study.name} from {state['dir']}", flush=True)
+                               resume_errored=retry_failed, restart_errored=False)
+    print(f"[pisa] resuming study {study.name} from {storage.display(state['dir'])}"
+          + (" (retrying failed trials)" if retry_failed else ""), flush=True)
     return _fit_and_finish(study, tuner, uri, state["parent_run_id"])
+
+
+def _clear_failed_marks(study: Study) -> None:
+    import pyarrow.fs as pafs
+
+    root = trial_storage(study)
+    if not storage.exists(root):
+        return
+    fs, path = storage._fs(root)
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        if info.type == pafs.FileType.Directory:
+            storage.delete(storage.join(root, info.base_name, FAILED_MARK))
 
 
 def _print_start(study: Study, uri: str) -> None:
     cfg = study.cfg
     print(f"[pisa] study {study.name}: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at a time, "
-          f"{cfg.scheduler.type} scheduler, metric {cfg.metric} ({cfg.mode}); "
+          f"{cfg.scheduler.type} scheduler, metric {cfg.metric} ({cfg.mode})"
+          f"{f' = mean over seeds {study.seeds()}' if cfg.seeds > 1 else ''}; "
           f"searching {', '.join(cfg.search_space)}", flush=True)
-    print(f"[pisa] MLflow: {uri}", flush=True)
+    print(f"[pisa] MLflow: {tracking.redact(uri)}", flush=True)
+    print(f"[pisa] storage: {storage.display(study_dir(study))}", flush=True)
+    url = optuna_url(study, uri)
+    if url:
+        shown = tracking.redact(url)
+        print(f"[pisa] Optuna: {shown}  (see it with `optuna-dashboard {shown}`)", flush=True)
 
 
 def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
@@ -385,13 +613,89 @@ def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
         log_study_report(outcome, study)
     except Exception as exc:  # a plot must never cost the study's results
         print(f"[pisa] report skipped: {exc}", flush=True)
+    summarize_parent(uri, parent, outcome)
     if interrupted:
         tracking.set_tags(uri, parent, {"pisa.status": "interrupted"})
         tracking.end_run(uri, parent, "KILLED")
+    elif outcome.all_failed:
+        error, count = outcome.most_common_error()
+        tracking.set_tags(uri, parent, {"pisa.status": "failed",
+                                        "pisa.error": f"all {len(outcome.trials)} trials failed; "
+                                                      f"{count} with: {error}"})
+        tracking.end_run(uri, parent, "FAILED")
     else:
         tracking.set_tags(uri, parent, {"pisa.status": "finished"})
         tracking.end_run(uri, parent, "FINISHED")
     return outcome
+
+
+def summarize_parent(uri: str, parent: str, outcome: StudyOutcome) -> None:
+    """Put "what won" on the study's own run: the best value as a metric, the best trial's
+    params as `best.*` tags, its run id as a tag, and a note linking to it."""
+    best = outcome.best
+    if best is None:
+        return
+    c = tracking.client(uri)
+    experiment_id = c.get_run(parent).info.experiment_id
+    tracking.log_metrics(uri, parent, {f"best_{outcome.metric}": best.metric}, step=0)
+    tags = {"pisa.best_run_id": best.run_id, "pisa.best_trial": best.trial_id,
+            f"pisa.best_{outcome.metric}": f"{best.metric:.6g}",
+            **{f"best.{k}": v for k, v in best.params.items()}}
+    params = ", ".join(f"`{k}` = {v}" for k, v in best.params.items())
+    tags["mlflow.note.content"] = (
+        f"**Best trial**: [{best.name or best.trial_id}](#/experiments/{experiment_id}/runs/{best.run_id}) "
+        f"with {outcome.metric} = {best.metric:.4f} ({params}).\n\n"
+        f"{sum(t.status != 'failed' for t in outcome.trials)} of {len(outcome.trials)} trials ran; "
+        f"use it with `pisa study best {outcome.name} --register`.")
+    tracking.set_tags(uri, parent, tags)
+    try:  # params are write-once: a resumed study with a new winner keeps the tags only
+        tracking.log_params(uri, parent, {f"best.{k}": v for k, v in best.params.items()})
+    except Exception:
+        pass
+
+
+@dataclass
+class StudyListing:
+    """One line of `pisa study list`."""
+
+    name: str
+    status: str
+    trials_done: int
+    trials_failed: int
+    num_samples: int | None
+    metric: str
+    best: float | None
+    tracking_uri: str
+
+
+def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]:
+    """The studies under `storage_path` (one directory each), newest first, read from MLflow."""
+    root = Path(storage_path)
+    if not root.is_dir():
+        raise StudyError(f"no study storage at {root}")
+    states = []
+    for path in root.glob(f"*/{STATE_FILE}"):
+        try:
+            states.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    states.sort(key=lambda st: st.get("created", 0), reverse=True)
+    out = []
+    for st in states:
+        uri, parent = st["tracking_uri"], st["parent_run_id"]
+        try:
+            run = tracking.client(uri).get_run(parent)
+            status = ("running" if run.info.status == "RUNNING"
+                      else run.data.tags.get("pisa.status") or run.info.status.lower())
+            outcome = collect(st["name"], uri, st["experiment"], parent, st["metric"], st["mode"])
+            done = [t for t in outcome.trials if t.status in ("finished", "stopped_early", "failed")]
+            failed = sum(t.status == "failed" for t in outcome.trials)
+            best = outcome.best.metric if outcome.best else None
+        except Exception as exc:  # an unreachable store must not hide the other studies
+            status, done, failed, best = f"unknown ({type(exc).__name__})", [], 0, None
+        out.append(StudyListing(st["name"], status, len(done), failed, st.get("num_samples"),
+                                st["metric"], best, uri))
+    return out
 
 
 def collect(name: str, uri: str, experiment: str, parent: str, metric: str, mode: str) -> StudyOutcome:
@@ -408,6 +712,7 @@ def collect(name: str, uri: str, experiment: str, parent: str, metric: str, mode
             run_id=run.info.run_id, trial_id=tags.get(TRIAL_TAG, ""), name=run.info.run_name or "",
             status=status, metric=value, epochs=int(float(tags.get("pisa.epochs", run.data.metrics.get("epoch", 0) or 0))),
             params={k: run.data.params.get(k) for k in searched}, error=tags.get("pisa.error"),
+            seed_values={int(k): float(v) for k, v in json.loads(tags.get(SEED_VALUES_TAG, "{}")).items()},
         ))
     sign = -1 if mode == "max" else 1
     trials.sort(key=lambda t: (t.status == "failed", t.metric is None,

@@ -52,14 +52,30 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 class Study:
     """A validated study: its config, the resolved base experiment dict, its source file."""
 
-    def __init__(self, cfg: StudyConfig, base: dict[str, Any], source: Path):
+    def __init__(self, cfg: StudyConfig, base: dict[str, Any], source: Path, overrides: list[str] | None = None):
         self.cfg = cfg
         self.base = base  # an ExperimentConfig dump, paths absolute
         self.source = source
+        self.overrides = list(overrides or [])  # `--set` items, kept with the study's state
+
+    def resolved(self) -> dict[str, Any]:
+        """Everything needed to rebuild this study without its file (saved with its state)."""
+        return {"study": self.cfg.model_dump(mode="json"), "base": self.base,
+                "source": str(self.source), "overrides": self.overrides}
+
+    @classmethod
+    def from_resolved(cls, data: dict[str, Any]) -> "Study":
+        return cls(StudyConfig.model_validate(data["study"]), data["base"], Path(data["source"]),
+                   data.get("overrides"))
 
     @property
     def name(self) -> str:
         return self.cfg.name
+
+    def seeds(self) -> list[int]:
+        """The seeds every point trains with: the base config's `train.seed` and the next ones."""
+        first = int(get_dotted(self.base, "train.seed", 0))
+        return list(range(first, first + self.cfg.seeds))
 
     def experiment(self, params: dict[str, Any]) -> ExperimentConfig:
         """The training config of one trial: the base with the sampled values set."""
@@ -131,9 +147,14 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     # trial resources come from the study, not the base config
     set_dotted(base, "train.workers", cfg.resources_per_trial.workers)
     set_dotted(base, "train.use_gpu", cfg.resources_per_trial.gpus_per_worker > 0)
+    set_dotted(base, "train.cpus_per_worker", cfg.resources_per_trial.cpus_per_worker)
+    if cfg.resources_per_trial.resources_per_worker:
+        set_dotted(base, "train.resources_per_worker", cfg.resources_per_trial.resources_per_worker)
+    if cfg.resources_per_trial.gpus_per_worker > 0:
+        set_dotted(base, "train.gpus_per_worker", cfg.resources_per_trial.gpus_per_worker)
     resolved = parse_config(base, source=f"{path} (experiment)")
     base = resolved.model_dump(mode="json")
-    study = Study(cfg, base, path)
+    study = Study(cfg, base, path, overrides)
 
     # every admissible extreme of the space must give a valid training config
     for key, dist in cfg.search_space.items():

@@ -24,8 +24,44 @@ MAX_PARAM_LEN = 6000  # MLflow's limit on a param value is 6000 characters
 NESTED_TAG = "mlflow.parentRunId"
 
 
+USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+
+
+def redact(uri: str) -> str:
+    """The URI with its password masked, for messages and logs."""
+    parsed = urlparse(uri)
+    if parsed.password:
+        return uri.replace(f":{parsed.password}@", ":***@", 1)
+    return uri
+
+
+def public_uri(uri: str) -> str:
+    """The URI without user and password: what is stored (state, params, config.yaml).
+    Credentials travel in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+    parsed = urlparse(uri)
+    if parsed.username is None and parsed.password is None:
+        return uri
+    host = parsed.hostname or ""
+    netloc = f"{host}:{parsed.port}" if parsed.port else host
+    return parsed._replace(netloc=netloc).geturl()
+
+
+def _use_credentials(uri: str) -> str:
+    """An http(s) URI with `user:password@` hands its credentials to MLflow the way MLflow
+    reads them (the environment) and is used without them."""
+    parsed = urlparse(uri)
+    if parsed.scheme.startswith("http") and parsed.username:
+        os.environ.setdefault(USERNAME_ENV, parsed.username)
+        if parsed.password:
+            os.environ.setdefault(PASSWORD_ENV, parsed.password)
+        return public_uri(uri)
+    return uri
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast with a clear message when the tracking store can't be reached."""
+    """Fail fast with a clear message when the tracking store can't be reached, or refuses
+    the credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+    uri = _use_credentials(uri)
     parsed = urlparse(uri)
     scheme = parsed.scheme.split("+")[0]
     if scheme in ("http", "https"):
@@ -41,6 +77,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 f"(e.g. `mlflow server --host 127.0.0.1 --port 5000`) or set tracking.uri / "
                 f"MLFLOW_TRACKING_URI"
             ) from None
+        _check_login(uri, timeout)
     elif scheme == "sqlite":
         path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
         if path is not None:
@@ -62,28 +99,47 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 pass
             engine.dispose()
         except Exception as exc:  # driver errors vary by backend
-            raise TrackingError(f"MLflow database {_redact(uri)} is not reachable: {exc}") from None
+            raise TrackingError(f"MLflow database {redact(uri)} is not reachable: {exc}") from None
     elif scheme in ("", "file"):
         path = Path(parsed.path if scheme == "file" else uri)
         path.mkdir(parents=True, exist_ok=True)
         if not os.access(path, os.W_OK):
             raise TrackingError(f"MLflow store {uri} is not writable")
     else:
-        raise TrackingError(f"unsupported MLflow tracking URI scheme {scheme!r} in {_redact(uri)}")
+        raise TrackingError(f"unsupported MLflow tracking URI scheme {scheme!r} in {redact(uri)}")
 
 
-def _redact(uri: str) -> str:
-    """The URI without its password, for messages."""
-    parsed = urlparse(uri)
-    if parsed.password:
-        return uri.replace(f":{parsed.password}@", ":***@")
-    return uri
+_redact = redact
+
+
+def _check_login(uri: str, timeout: float) -> None:
+    """A server with a login answers 401 without (or with wrong) credentials: say so now."""
+    import base64
+
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password = os.environ.get(USERNAME_ENV), os.environ.get(PASSWORD_ENV)
+    if user:
+        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        # password hashing makes a login slower than /health: a longer wait
+        with urllib.request.urlopen(request, timeout=max(timeout, 30.0)):  # noqa: S310 (user-given URI)
+            pass
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            who = f"user {user!r}" if user else "no credentials"
+            raise TrackingError(
+                f"MLflow server {uri} refused {who} ({exc.code}); set {USERNAME_ENV} and "
+                f"{PASSWORD_ENV}"
+            ) from None
+    except (urllib.error.URLError, OSError):
+        pass  # reachability was checked above; older servers may lack this endpoint
 
 
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=_use_credentials(uri))
 
 
 def get_or_create_experiment(uri: str, name: str) -> str:
@@ -114,9 +170,11 @@ def start_run(
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
 ) -> str:
-    """Create a run (nested under `parent_run_id` if given) and log its params."""
+    """Create a run (nested under `parent_run_id` if given) with its lineage tags and params."""
+    from .lineage import lineage_tags
+
     c = client(uri)
-    tags = dict(tags or {})
+    tags = {**lineage_tags(), **(tags or {})}
     if parent_run_id:
         tags[NESTED_TAG] = parent_run_id
     run = c.create_run(get_or_create_experiment(uri, experiment), run_name=run_name, tags=tags)
@@ -136,6 +194,8 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
 
 def _param_value(value: Any) -> str:
     text = "None" if value is None else str(value)
+    if "://" in text:
+        text = public_uri(text)
     return text[:MAX_PARAM_LEN]
 
 

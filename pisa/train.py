@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from . import tracking
+from .accel import process_group_backend
 from .config import ExperimentConfig
 from .engine import CHECKPOINT_FILE, DIAGNOSTICS_FILE, train_loop_per_worker
 from .errors import one_line
@@ -37,7 +38,10 @@ class TrainOutcome:
 
 
 def config_yaml(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    data = cfg.model_dump(mode="json")
+    if data["tracking"]["uri"]:  # credentials come from the environment, never from a file
+        data["tracking"]["uri"] = tracking.public_uri(data["tracking"]["uri"])
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def prepare_data(cfg: ExperimentConfig) -> int:
@@ -55,11 +59,18 @@ def prepare_data(cfg: ExperimentConfig) -> int:
 DRIVER_RESOURCE = "pisa_trial_driver"
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = True,
+             dashboard: bool = True) -> None:
+    """Start (or join) Ray. `verbose=False` keeps Ray's own output off the console: workers'
+    output is not forwarded to the driver (Tune writes each trial's to its directory) and
+    only Ray's warnings are shown. `dashboard=False` (nothing runs Ray Train) saves a local
+    cluster the dashboard process."""
     import ray
 
     if ray.is_initialized():
         return
+    if not verbose:
+        quiet_libraries()
     env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1",
            # Ray Train's print() patch logs even prints a library sends to a redirected
            # stdout (COCOeval's tables) and doubles the progress lines: keep plain print
@@ -68,12 +79,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}
     os.environ.update(env)
     kwargs: dict[str, Any] = dict(
-        address=address, log_to_driver=True, runtime_env={"env_vars": env}, ignore_reinit_error=True,
+        address=address, log_to_driver=verbose, runtime_env={"env_vars": env}, ignore_reinit_error=True,
+        logging_level=logging.INFO if verbose else logging.WARNING,
     )
     if address is None:
         # Ray Train's placement-group cleanup uses the state API, served by the dashboard
         # process; it listens on 127.0.0.1 only.
-        kwargs["include_dashboard"] = True
+        kwargs["include_dashboard"] = dashboard
         kwargs["dashboard_host"] = "127.0.0.1"
         kwargs["num_cpus"] = num_cpus or os.cpu_count()
         kwargs["resources"] = {DRIVER_RESOURCE: 10_000}
@@ -81,35 +93,64 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # Ray Train's placement-group cleaner finds its cluster by address; with another
         # local Ray instance on the machine (a second study, a notebook) that look-up is
         # ambiguous and placement groups leak. So fix the GCS port and tell every worker.
-        import socket
-
         from ray.util import get_node_ip_address
+    for attempt in range(3):
+        if address is None:
+            port = _free_port()
+            os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+            kwargs["runtime_env"] = {"env_vars": {**env, "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}}
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as exc:  # Ray gives a local node 30 s to register: a busy machine needs more
+            if address is not None or "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            print("[pisa] the local Ray node was slow to start; trying again", flush=True)
+            ray.shutdown()
+        finally:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
+
+def _free_port() -> int:
+    """A free port outside Ray's default worker port range (10002-19999)."""
+    import socket
+
+    while True:
         with socket.socket() as sock:
             sock.bind(("", 0))
             port = sock.getsockname()[1]
-        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-        env = {**env, "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}
-        kwargs["runtime_env"] = {"env_vars": env}
-    try:
-        ray.init(**kwargs)
-    finally:
-        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        if not 10002 <= port <= 19999:
+            return port
+
+
+def quiet_libraries() -> None:
+    """Warnings only from the libraries a study drives (Ray, MLflow's store migrations)."""
+    for name in ("ray", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import optuna  # its logger configures itself on first use: ask it
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def scaling_config(cfg: ExperimentConfig):
+    """Workers with the CPUs and (fractions of) GPUs each one asks for."""
     from ray.train import ScalingConfig
 
-    return ScalingConfig(
-        num_workers=cfg.train.workers,
-        use_gpu=cfg.train.use_gpu,
-        resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.train.use_gpu else {})},
-    )
+    resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    resources.update(cfg.train.resources_per_worker)
+    return ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+                         resources_per_worker=resources)
 
 
 def build_trainer(cfg: ExperimentConfig, *, name: str, callbacks=(), resume_from: str | None = None,
-                  faults: dict[str, Any] | None = None):
-    """The `TorchTrainer` of one training: gloo on CPU, NCCL on GPU."""
+                  faults: dict[str, Any] | None = None,
+                  checkpoint_score: tuple[str, str] | None = ("bbox_mAP", "max")):
+    """The `TorchTrainer` of one training: gloo on CPU; NCCL for CUDA tensors plus gloo for
+    the CPU collectives on GPU (`pisa.accel.process_group_backend`). Ray keeps the
+    `keep_checkpoints` best by `checkpoint_score` (metric, mode) and always the latest,
+    which a restart resumes from."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -121,13 +162,17 @@ def build_trainer(cfg: ExperimentConfig, *, name: str, callbacks=(), resume_from
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(cfg.train.use_gpu)),
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=name,
             storage_path=str(cfg.storage_path),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=checkpoint_score[0] if checkpoint_score else None,
+                checkpoint_score_order=checkpoint_score[1] if checkpoint_score else "max",
+            ),
             callbacks=list(callbacks),
         ),
     )
@@ -177,13 +222,14 @@ def diagnostics_plot(diag_file: Path, out_png: Path) -> Path | None:
 def log_final_artifacts(uri: str, run_id: str, checkpoint_dir: str | None, log_checkpoint: bool) -> None:
     if not checkpoint_dir:
         return
-    ckpt = Path(checkpoint_dir)
-    with tempfile.TemporaryDirectory(prefix="pisa-art-") as tmp:
+    from . import storage
+
+    with storage.local_copy(checkpoint_dir) as ckpt, tempfile.TemporaryDirectory(prefix="pisa-art-") as tmp:
         png = diagnostics_plot(ckpt / DIAGNOSTICS_FILE, Path(tmp) / "pisa_weights.png")
         if png is not None:
             tracking.log_artifacts(uri, run_id, [png], "plots")
-    if log_checkpoint and (ckpt / CHECKPOINT_FILE).exists():
-        tracking.log_artifacts(uri, run_id, [ckpt / CHECKPOINT_FILE, ckpt / "config.json"], "checkpoint")
+        if log_checkpoint and (ckpt / CHECKPOINT_FILE).exists():
+            tracking.log_artifacts(uri, run_id, [ckpt / CHECKPOINT_FILE, ckpt / "config.json"], "checkpoint")
 
 
 def run_training(
@@ -196,7 +242,10 @@ def run_training(
     faults: dict[str, Any] | None = None,
 ) -> TrainOutcome:
     """Train one config end to end and track it in MLflow; never raises for a failed fit."""
+    from .cluster import check_cluster_setup
+
     uri = cfg.tracking.resolved_uri()
+    check_cluster_setup(address, uri, cfg.storage_path, "config")
     tracking.check_reachable(uri)
     num_classes = prepare_data(cfg)
     init_ray(address)
@@ -206,15 +255,24 @@ def run_training(
     run_id = tracking.start_run(uri, cfg.tracking.experiment, name, params=params,
                                 tags={"pisa.kind": "train", **(tags or {})})
     tracking.log_text(uri, run_id, config_yaml(cfg), "config.yaml")
-    print(f"[pisa] MLflow run {run_id} in {uri}", flush=True)
+    from .lineage import SystemMetrics, log_datasets
+
+    log_datasets(uri, run_id, cfg.data)
+    print(f"[pisa] MLflow run {run_id} in {tracking.redact(uri)}", flush=True)
     trainer = build_trainer(cfg, name=name, callbacks=[_mlflow_callback(uri, run_id)],
                             resume_from=resume_from, faults=faults)
+    system_metrics = SystemMetrics(uri, run_id, cfg.tracking.system_metrics_interval_s)
     try:
         result = trainer.fit()
         error = getattr(result, "error", None)
     except Exception as exc:  # TrainingFailedError and friends
         result, error = None, exc
-    checkpoint_dir = result.checkpoint.path if result is not None and result.checkpoint else None
+    finally:
+        system_metrics.stop()
+    from .storage import location_of
+
+    checkpoint_dir = (location_of(result.checkpoint.path, cfg.storage_path)
+                      if result is not None and result.checkpoint else None)
     metrics = dict(result.metrics or {}) if result is not None else {}
     if error is not None:
         message = one_line(error)

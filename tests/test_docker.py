@@ -234,6 +234,21 @@ def test_services_are_wired_together(services):
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?")
 
 
+def test_one_gpu_worker_container_per_host_holds_every_gpu(services):
+    """Training workers of one host share a container: NCCL over NVLink/shared memory,
+    not over sockets between per-GPU containers."""
+    worker = services["ray-worker"]
+    env = _environment(worker)
+    assert interpolate(env["PISA_GPUS_PER_WORKER"]) == "all"
+    assert read_env_file(ENV_EXAMPLE)["PISA_GPUS_PER_WORKER"] == "all"
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"
+    assert "replicas" not in (worker.get("deploy") or {})
+    shm = interpolate(worker["shm_size"])
+    assert shm.endswith("gb") and int(shm[:-2]) >= 8, shm
+    readme = (DOCKER / "README.md").read_text()
+    assert "NCCL" in readme and "--scale ray-worker=2" not in readme
+
+
 # ---------------------------------------------------------------- Dockerfile
 
 
@@ -302,6 +317,7 @@ def _start_worker(env: dict[str, str]) -> subprocess.Popen:
 
 
 def test_scaled_workers_claim_distinct_gpus(fake_node):
+    fake_node = {**fake_node, "PISA_GPUS_PER_WORKER": "1"}
     procs = []
     try:
         seen = []
@@ -328,13 +344,14 @@ def test_scaled_workers_claim_distinct_gpus(fake_node):
 
 
 def test_worker_with_all_gpus_or_none(fake_node):
-    p = _start_worker({**fake_node, "PISA_GPUS_PER_WORKER": "all"})
-    try:
-        assert p.stdout.readline().strip() == \
-            "CUDA_VISIBLE_DEVICES=0,1 start --address=ray-head:6379 --num-gpus=2 --block"
-    finally:
-        p.kill()
-        p.wait(timeout=10)
+    for env in ({**fake_node, "PISA_GPUS_PER_WORKER": "all"}, fake_node):  # `all` is the default
+        p = _start_worker(env)
+        try:
+            assert p.stdout.readline().strip() == \
+                "CUDA_VISIBLE_DEVICES=0,1 start --address=ray-head:6379 --num-gpus=2 --block"
+        finally:
+            p.kill()
+            p.wait(timeout=10)
     # no usable GPU: nvidia-smi fails (no driver) -> a CPU-only node
     (Path(fake_node["PATH"].split(":")[0]) / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")
     start = time.monotonic()
@@ -388,7 +405,7 @@ def test_ray_cluster_example_runs_the_image_without_inline_secrets():
 
 def test_docker_readme_documents_the_workflow():
     readme = (DOCKER / "README.md").read_text()
-    for needle in ("docker compose --env-file docker/.env -f docker/compose.yaml up -d --scale ray-worker=2",
+    for needle in ("docker compose --env-file docker/.env -f docker/compose.yaml up -d\n",
                    "pisa study run", "--address auto", "http://127.0.0.1:5000", "TORCH_INDEX_URL",
                    "ray up", "KubeRay", "kuberay-rayjob.yaml", "ray-cluster.example.yaml"):
         assert needle in readme, needle

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import yaml
 from conftest import REPO, tiny_experiment
 from pisa import tracking
 from pisa.config import PAPER_DEFAULTS
-from pisa.study import collect, load_state, run_study, resume_study
+from pisa.study import collect, load_state, resume_study, run_study, study_dir
 from pisa.study_config import load_study
 
 PISA = [sys.executable, "-m", "pisa.cli"]
@@ -53,7 +54,8 @@ def children(uri: str, experiment: str, parent: str):
 @pytest.fixture(scope="module")
 def sqlite_study(ray_local, synthetic_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
-    study = load_study(write_study(tmp, synthetic_dir, "four"))
+    study = load_study(write_study(tmp, synthetic_dir, "four",
+                                   experiment={"tracking": {"system_metrics_interval_s": 2}}))
     outcome = run_study(study)
     return study, outcome
 
@@ -117,6 +119,54 @@ def test_asha_ranks_and_best_reproduces_exactly(sqlite_study, tmp_path):
     assert rows["train_loss"][1] == pytest.approx(rows["train_loss"][0], rel=1e-6)
     run = tracking.client(outcome.tracking_uri).get_run(result["run_id"])
     assert run.data.tags["pisa.reproduces"] == target.run_id
+
+
+# ---------------------------------------------------------------- the two trial paths
+
+# Per-epoch metrics of the tiny config (conftest.tiny_experiment with 1 worker, seed 0,
+# the 24/8-image synthetic set) recorded from a 1-worker Ray Train run (`run_training`)
+# before trials could train in their own process (x86_64, torch 2.14.1 PyPI CPU build).
+RECORDED = {
+    "train_loss": [3.9089675545692444, 3.1584234833717346],
+    "train_loss_classifier": [1.291586995124817, 0.8878414630889893],
+    "train_loss_box_reg": [0.6040397062897682, 0.4701584279537201],
+    "bbox_mAP": [0.05676567656765675, 0.027797219377110126],
+    "bbox_AR_100": [0.0722222222222222, 0.11944444444444444],
+}
+
+
+def _one_trial_histories(tmp: Path, data_dir: Path, name: str, trial_process: str) -> dict[str, list[float]]:
+    tmp.mkdir()
+    path = write_study(tmp, data_dir, name, num_samples=1, max_concurrent_trials=1,
+                       search_space={"model.isr_p.k": {"type": "choice", "values": [2.0]}},
+                       scheduler={"type": "fifo"}, trial_process=trial_process)
+    study = load_study(path)
+    outcome = run_study(study)
+    # only a Ray Train trial writes a Ray Train run of its own under the study's trials/
+    assert (study_dir(study) / "trials").exists() == (trial_process == "ray_train")
+    (trial,) = outcome.trials
+    assert trial.status == "finished", trial.error
+    c = tracking.client(outcome.tracking_uri)
+    return {k: [m.value for m in sorted(c.get_metric_history(trial.run_id, k), key=lambda m: m.step)]
+            for k in RECORDED}
+
+
+@pytest.mark.slow
+def test_in_trial_and_ray_train_paths_give_the_recorded_metrics(ray_local, synthetic_dir, tmp_path, capfd):
+    """A 1-worker trial trains in the Tune trial's own process; forced onto Ray Train, the
+    same seed gives the same per-epoch metrics, and both match the recorded numbers."""
+    in_trial = _one_trial_histories(tmp_path / "a", synthetic_dir, "in-trial", "auto")
+    console = capfd.readouterr().out
+    # the console: one line per trial event and a progress line, no Ray Train report dicts
+    assert "[pisa] trial 1/1 started: isr_p.k=2" in console
+    assert "[pisa] trial 1/1 epoch 2/2: bbox_mAP " in console
+    assert "[pisa] trial 1/1 finished 2 epochs: best bbox_mAP " in console
+    assert "[pisa] progress: 1/1 trials done (0 stopped early, 0 failed)" in console
+    assert "TrainingReport(" not in console
+    ray_train = _one_trial_histories(tmp_path / "b", synthetic_dir, "ray-train", "ray_train")
+    assert in_trial == ray_train
+    for key, values in RECORDED.items():
+        assert in_trial[key] == pytest.approx(values, rel=1e-5, abs=1e-6), key
 
 
 # ---------------------------------------------------------------- a real MLflow server
@@ -269,3 +319,90 @@ def test_unreachable_tracking_server_fails_before_any_trial(synthetic_dir, tmp_p
     assert "MLflow tracking server http://127.0.0.1:9 is not reachable" in res.stderr
     assert "Started a local Ray instance" not in res.stderr + res.stdout
     assert not (tmp_path / "ray_results").exists()
+
+
+# ---------------------------------------------------------------- from the study to its winner
+
+
+@pytest.mark.slow
+def test_optuna_storage_holds_the_trials_with_asha_stopped_ones_pruned(sqlite_study):
+    import optuna
+    from optuna.trial import TrialState
+
+    study, outcome = sqlite_study
+    url = f"sqlite:///{Path(outcome.tracking_uri[len('sqlite:///'):]).parent / 'optuna.db'}"
+    assert load_state(study.name, study.base["storage_path"])["optuna_storage"] == url
+    stored = optuna.load_study(study_name=study.name, storage=url).trials
+    assert len(stored) == 4
+    stopped = [t for t in outcome.trials if t.status == "stopped_early"]
+    assert stopped, "ASHA stopped no trial: nothing to check"
+    for ot in stored:
+        match = [t for t in outcome.trials
+                 if all(float(t.params[k]) == pytest.approx(v) for k, v in ot.params.items())]
+        assert len(match) == 1, ot.params
+        trial = match[0]
+        if trial.status == "stopped_early":
+            assert ot.state == TrialState.PRUNED and ot.value is None
+            assert max(ot.intermediate_values) == trial.epochs < 2
+        else:
+            assert trial.status == "finished" and ot.state == TrialState.COMPLETE
+            assert ot.value is not None
+
+
+@pytest.mark.slow
+def test_trial_runs_carry_lineage_datasets_and_system_metrics(sqlite_study, synthetic_dir):
+    import ray
+
+    _, outcome = sqlite_study
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    for run in children(outcome.tracking_uri, "tests", outcome.parent_run_id):
+        tags = run.data.tags
+        assert tags["mlflow.source.git.commit"] == commit and tags["mlflow.user"] and tags["mlflow.source.name"]
+        assert tags["pisa.version.ray"] == ray.__version__
+        inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}
+        assert set(inputs) == {"train", "val"}
+        assert json.loads(inputs["val"].source)["uri"] == str((synthetic_dir / "val.json").resolve())
+        assert "system/cpu_utilization_percentage" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_parent_run_names_the_best_trial(sqlite_study):
+    _, outcome = sqlite_study
+    c = tracking.client(outcome.tracking_uri)
+    best_value, best_run = max(
+        (max(m.value for m in c.get_metric_history(r.info.run_id, "bbox_mAP")), r)
+        for r in children(outcome.tracking_uri, "tests", outcome.parent_run_id)
+    )  # ties: any of them may win, the value must match
+    parent = c.get_run(outcome.parent_run_id)
+    assert parent.data.metrics["best_bbox_mAP"] == pytest.approx(best_value)
+    winner = c.get_run(parent.data.tags["pisa.best_run_id"])
+    assert max(m.value for m in c.get_metric_history(winner.info.run_id, "bbox_mAP")) == pytest.approx(best_value)
+    for key in ("model.isr_p.k", "model.isr_p.bias"):
+        assert parent.data.params[f"best.{key}"] == winner.data.params[key]
+    assert winner.info.run_id in parent.data.tags["mlflow.note.content"]
+
+
+@pytest.mark.slow
+def test_study_list_shows_status_trials_and_best(sqlite_study, capsys):
+    from pisa.cli import main
+
+    study, outcome = sqlite_study
+    assert main(["study", "list", "--storage-path", str(study.base["storage_path"])]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("four "))
+    assert line.split()[1:4] == ["finished", "4/4", "0"]
+    assert f"{outcome.best.metric:.4f}" in line
+
+
+@pytest.mark.slow
+def test_study_whose_trials_all_fail_exits_nonzero_with_the_common_error(ray_local, synthetic_dir, tmp_path, capsys):
+    from pisa.cli import main
+
+    path = write_study(tmp_path, synthetic_dir, "doomed", num_samples=2, points_to_evaluate="none",
+                       scheduler={"type": "fifo"},
+                       search_space={"train.lr": {"type": "loguniform", "low": 5e5, "high": 1e6}})
+    assert main(["study", "run", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "all 2 trials of study doomed failed" in err and "non-finite loss" in err
+    state = load_state("doomed", tmp_path / "ray_results")
+    parent = tracking.client(state["tracking_uri"]).get_run(state["parent_run_id"])
+    assert parent.info.status == "FAILED" and "non-finite loss" in parent.data.tags["pisa.error"]

@@ -20,9 +20,15 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("train")
 
 
+def with_loader_workers(data: dict, num_workers: int = 2) -> dict:
+    """The config with DataLoader worker processes, as every paper config has."""
+    data["data"]["num_workers"] = num_workers
+    return data
+
+
 @pytest.fixture(scope="module")
 def full_run(ray_local, synthetic_dir, work) -> tuple[TrainOutcome, dict]:
-    cfg = parse_config(tiny_experiment(synthetic_dir, work))
+    cfg = parse_config(with_loader_workers(tiny_experiment(synthetic_dir, work)))
     outcome = run_training(cfg, run_name="full")
     return outcome, cfg
 
@@ -65,12 +71,36 @@ def test_resume_from_epoch_one_matches_uninterrupted(full_run, synthetic_dir, wo
     import torch
 
     assert torch.load(epoch1 / "checkpoint.pt", weights_only=True)["epoch"] == 0
-    resumed = run_training(parse_config(tiny_experiment(synthetic_dir, work)), run_name="resumed",
-                           resume_from=str(epoch1))
+    # 2 Ray workers x 2 loader workers: epoch 2's data order and augmentation draws must be
+    # those of the uninterrupted run, not a replay of epoch 1's
+    resumed = run_training(parse_config(with_loader_workers(tiny_experiment(synthetic_dir, work))),
+                           run_name="resumed", resume_from=str(epoch1))
     assert resumed.status == "FINISHED", resumed.error
     assert resumed.metrics["epoch"] == 2
     for key in ("train_loss", "train_loss_classifier", "bbox_mAP", "bbox_AR_100"):
         assert resumed.metrics[key] == pytest.approx(outcome.metrics[key], rel=1e-6, abs=1e-9), key
+
+
+def test_pisa_train_runs_the_gpu_code_path_on_cpu(ray_local, synthetic_dir, work, capsys):
+    """`pisa train` with 2 workers, AMP (bfloat16 on CPU), channels_last and loader workers:
+    the switches a GPU run turns on by default, through the same engine code."""
+    import json
+
+    import yaml
+
+    from pisa.cli import main
+
+    config = work / "gpu_path.yaml"
+    config.write_text(yaml.safe_dump(tiny_experiment(synthetic_dir, work, epochs=1)))
+    code = main(["train", str(config), "--run-name", "gpu-path", "--set", "train.amp=true",
+                 "--set", "train.channels_last=true", "--set", "data.num_workers=2"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    summary = json.loads(out[out.rindex('{\n  "run_id"'):])
+    assert summary["status"] == "FINISHED" and summary["metrics"]["epoch"] == 1
+    assert summary["metrics"]["train_loss"] > 0
+    params = tracking.client(f"sqlite:///{work / 'mlflow.db'}").get_run(summary["run_id"]).data.params
+    assert (params["train.amp"], params["train.channels_last"], params["data.num_workers"]) == ("True", "True", "2")
 
 
 def test_killed_worker_is_restarted_from_last_checkpoint(ray_local, synthetic_dir, work, tmp_path):
@@ -94,10 +124,9 @@ def test_non_finite_loss_stops_with_clear_error(ray_local, synthetic_dir, work):
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags["pisa.error"]
 
 
-def test_unreachable_tracking_server_fails_fast(synthetic_dir, work, tmp_path):
+def test_unreachable_tracking_server_fails_fast(synthetic_dir, work):
     data = tiny_experiment(synthetic_dir, work)
     data["tracking"]["uri"] = "http://127.0.0.1:9"  # nothing listens on the discard port
-    data["storage_path"] = str(tmp_path / "ray_results")  # this test's own: nothing may appear
     cfg = parse_config(data)
     with pytest.raises(tracking.TrackingError, match="not reachable"):
         run_training(cfg)

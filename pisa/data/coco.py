@@ -122,6 +122,7 @@ def load_coco_json(
         raise DataError(f"{path}: 'categories' is empty")
 
     img_by_id: dict[Any, dict[str, Any]] = {}
+    img: dict[str, Any] | None
     for img in images:
         if img["id"] in img_by_id:
             raise DataError(f"{path}: image id {img['id']}: duplicate image id")

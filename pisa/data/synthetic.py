@@ -120,7 +120,8 @@ def _write_split(
 ) -> dict[str, int]:
     img_dir = out_dir / split
     img_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for i in range(n_images):
         pixels, objects = _make_image(rng, size)
         file_name = f"{i:06d}.png"

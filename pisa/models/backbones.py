@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import torch
 import torchvision
@@ -191,7 +192,7 @@ def build_backbone(
     if cfg.pretrained_backbone:
         state, source = _pretrained_state(cfg.pretrained_backbone)
         if is_mobilenet:
-            load_trunk_weights(model.features, state, source, extra_prefixes=("features.",))
+            load_trunk_weights(cast(nn.Module, model.features), state, source, extra_prefixes=("features.",))
         else:
             load_trunk_weights(model, state, source)
         trainable = cfg.trainable_backbone_layers
@@ -203,12 +204,12 @@ def build_backbone(
         # MobileNetV3 has 6 stages (stem .. last conv); 5 trainable stages leave the stem frozen.
         trainable = 6 if not cfg.pretrained_backbone else trainable
         backbone = _mobilenet_extractor(model, True, trainable, layers, extra_blocks, norm_layer=fpn_norm)
-        features = model.features
+        features = cast(nn.Sequential, model.features)
         stage_indices = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)]
         stage_indices.append(len(features) - 1)
         in_channels = [features[stage_indices[i]].out_channels for i in layers]
     else:
         backbone = _resnet_fpn_extractor(model, trainable, layers, extra_blocks, norm_layer=fpn_norm)
-        in_channels = [model.inplanes // 8 * 2 ** (i - 1) for i in layers]
+        in_channels = [cast(int, model.inplanes) // 8 * 2 ** (i - 1) for i in layers]
     backbone.in_channels_list = in_channels
     return backbone

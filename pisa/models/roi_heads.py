@@ -9,7 +9,9 @@ weights on negatives, ISR-P weights on positives). CARL is added as its own loss
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -142,12 +144,14 @@ class PisaRoIHeads(RoIHeads):
         regression_targets = list(self.box_coder.encode(matched_boxes, proposals))
 
         head_pass = None
+        stats: Sequence[RoIStats | None]
         if self.sampler.needs_stats:
             stats, head_pass = self.roi_stats(features, proposals, image_shapes, labels, regression_targets)
         else:
             stats = [None] * len(proposals)
 
         gt_offset = 0
+        out: dict[str, list[Tensor]]
         out_props, out_matched, out = [], [], {k: [] for k in ("labels", "targets", "gt", "gt_inds", "w")}
         num_sampled, sampled_global, base = [], [], 0
         for i, stat in enumerate(stats):
@@ -242,7 +246,7 @@ class PisaRoIHeads(RoIHeads):
         if samples.head_pass is not None:
             class_logits, box_regression = reuse_sampled(
                 self.box_roi_pool, self.box_head, self.box_predictor, features, samples.proposals,
-                samples.head_pass, samples.rows,
+                samples.head_pass, cast(Tensor, samples.rows),
             )
         else:
             box_features = self.box_head(self.box_roi_pool(features, samples.proposals, image_shapes))

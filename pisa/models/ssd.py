@@ -9,6 +9,7 @@ with every extra layer halving the map.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ __all__ = ["PISASSDHead", "PISASSD", "build_ssd", "ssd_feature_sizes", "SSD_SPEC
 TORCHVISION_BOX_LOSS = BoxLossConfig(type="smooth_l1", beta=1.0)  # torchvision's (and the reference's) SSD loss
 
 # nominal input size, aspect ratios, scales (fraction of the input; one more than maps), steps (px)
-SSD_SPECS = {
+SSD_SPECS: dict[str, dict[str, Any]] = {
     "ssd300": dict(
         size=300,
         aspect_ratios=[[2], [2, 3], [2, 3], [2, 3], [2], [2]],

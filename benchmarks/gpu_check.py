@@ -1,0 +1,338 @@
+"""Check the GPU training path end to end on this machine, and fail loudly on any error.
+
+    make gpu-check                                         # every GPU of this machine
+    python benchmarks/gpu_check.py --gpus 2 --out gpu_check.json
+    python benchmarks/gpu_check.py --device cpu --dry-run  # the same code, tiny sizes, on CPU
+
+1. Each paper detector (Faster and Mask R-CNN R-50-FPN, RetinaNet R-50-FPN, SSD300, SSD512,
+   from the configs/ of the paper set-ups; random init with trainable BN, since nothing is
+   downloaded) trains `--iters` iterations on one device with the engine's device plan:
+   AMP (fp16 + GradScaler on GPU, bfloat16 on CPU), channels_last, the paper's input size
+   and images per GPU, 80 classes. It prints img/s per GPU (after warm-up) and the peak
+   memory.
+2. `pisa train` of Faster R-CNN PISA through Ray Train on `--gpus` workers (NCCL for the
+   gradients and gloo for the CPU collectives; SyncBatchNorm, DDP and 2 loader workers per
+   GPU when there are 2+), 2 short epochs on a generated data set at the paper's image size,
+   then a resume from epoch 1's checkpoint.
+
+Anything that raises, a non-finite loss, a GradScaler that never finds a finite step, or a
+training that does not finish makes the check exit 1, naming what failed. A full run on
+8 GPUs takes a few minutes (most of it starting Ray and the detectors' first iterations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pisa.accel import (
+    DevicePlan,
+    apply_channels_last,
+    make_grad_scaler,
+    optimizer_step,
+    plan_for,
+)
+from pisa.config import TrainConfig, load_config
+from pisa.engine import build_optimizer
+from pisa.models import build_detector
+
+# detector name -> the paper config it is built from
+DETECTORS = {
+    "faster_rcnn_r50_fpn": "faster_rcnn_r50_fpn_1x_pisa.yaml",
+    "mask_rcnn_r50_fpn": "mask_rcnn_r50_fpn_1x_pisa.yaml",
+    "retinanet_r50_fpn": "retinanet_r50_fpn_1x_pisa.yaml",
+    "ssd300": "ssd300_pisa.yaml",
+    "ssd512": "ssd512_pisa.yaml",
+}
+COCO_CLASSES = 80
+# the smallest inputs the dry run uses: SSD needs >= 268 px for its last feature map
+DRY_RUN_SIZE = {"ssd300": 268, "ssd512": 268}
+
+
+class CheckFailed(RuntimeError):
+    """A check ran but its result is wrong (non-finite loss, no finite fp16 step, ...)."""
+
+
+@dataclass
+class StepResult:
+    name: str
+    ok: bool
+    images_per_step: int = 0
+    input_size: str = ""
+    img_per_s: float = 0.0
+    peak_mem_gib: float = 0.0
+    final_loss: float = float("nan")
+    grad_scale: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class Report:
+    device: str
+    torch: str
+    gpus: int
+    plan: dict
+    detectors: list[StepResult] = field(default_factory=list)
+    training: dict = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[str]:
+        out = [f"{d.name}: {d.error}" for d in self.detectors if not d.ok]
+        if self.training and not self.training.get("ok"):
+            out.append(f"pisa train: {self.training.get('error')}")
+        return out
+
+
+# ---------------------------------------------------------------- 1. each detector
+
+
+def _model_config(name: str, dry_run: bool):
+    cfg = load_config(REPO / "configs" / DETECTORS[name])
+    # random init: no download; trainable BN, as from-scratch training uses
+    update = {"pretrained_backbone": None, "norm": "bn"}
+    if dry_run:
+        size = DRY_RUN_SIZE.get(name, 64)
+        update.update(min_size=size, max_size=size, rpn_pre_nms_top_n_train=60,
+                      rpn_post_nms_top_n_train=60, rois_per_image=16)
+    return cfg.model.model_copy(update=update), cfg.train.images_per_worker
+
+
+def _batch(n: int, height: int, width: int, with_masks: bool, device: torch.device, seed: int):
+    """`n` noise images with 1-8 random boxes each (COCO-like counts and sizes)."""
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for _ in range(n):
+        images.append(torch.rand(3, height, width, generator=g).to(device))
+        k = int(torch.randint(1, 9, (1,), generator=g))
+        xy = torch.rand(k, 2, generator=g) * torch.tensor([width * 0.7, height * 0.7])
+        wh = (0.05 + 0.25 * torch.rand(k, 2, generator=g)) * torch.tensor([width, height])
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        t = {"boxes": boxes.to(device), "labels": torch.randint(1, COCO_CLASSES + 1, (k,), generator=g).to(device)}
+        if with_masks:
+            masks = torch.zeros(k, height, width, dtype=torch.uint8)
+            for i, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
+                masks[i, y0:y1, x0:x1] = 1
+            t["masks"] = masks.to(device)
+        targets.append(t)
+    return images, targets
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_detector(name: str, plan: DevicePlan, device: torch.device, iters: int, warmup: int,
+                   dry_run: bool) -> StepResult:
+    """`iters` training iterations of one detector; img/s over the iterations after warm-up."""
+    mcfg, per_gpu = _model_config(name, dry_run)
+    n = 1 if dry_run else per_gpu
+    if name.startswith("ssd"):  # SSD resizes to its square input: feed COCO-sized images
+        height, width = (mcfg.min_size, mcfg.min_size) if dry_run else (480, 640)
+    else:
+        height, width = mcfg.min_size, (mcfg.min_size if dry_run else mcfg.max_size * 3 // 4)
+    result = StepResult(name, ok=False, images_per_step=n, input_size=f"{n}x{height}x{width}")
+    try:
+        torch.manual_seed(0)
+        model = build_detector(mcfg, num_classes=COCO_CLASSES).to(device).train()
+        if plan.channels_last:
+            model = apply_channels_last(model)
+        optimizer = build_optimizer(model, {**TrainConfig(schedule="1x").resolved(), "scaled_lr": 0.01})
+        scaler = make_grad_scaler(plan)
+        images, targets = _batch(n, height, width, name.startswith("mask"), device, seed=1)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        start = 0.0
+        for it in range(iters):
+            if it == warmup:
+                _sync(device)
+                start = time.perf_counter()
+            with torch.autocast(device.type, dtype=plan.autocast_dtype, enabled=plan.amp):
+                losses = model(images, targets)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise CheckFailed(f"non-finite loss at iteration {it + 1}: "
+                                  + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
+            optimizer_step(loss, model, optimizer, scaler, grad_clip=35.0)
+            result.final_loss = float(loss.detach())
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        result.img_per_s = n * (iters - warmup) / max(elapsed, 1e-9)
+        if scaler is not None:
+            result.grad_scale = scaler.get_scale()
+            if result.grad_scale < 1.0:
+                raise CheckFailed(f"GradScaler scale fell to {result.grad_scale}: fp16 gradients overflow every step")
+        if device.type == "cuda":
+            result.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        else:  # the process's peak resident memory (Linux: KiB)
+            result.peak_mem_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        result.ok = True
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, then fails the check
+        traceback.print_exc()
+        result.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+# ---------------------------------------------------------------- 2. pisa train + resume
+
+
+def _train_config(work: Path, gpus: int, dry_run: bool) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / DETECTORS["faster_rcnn_r50_fpn"]).read_text())
+    workers = 2 if dry_run else max(1, gpus)
+    iters_per_epoch = 3
+    cfg["name"] = "gpu-check"
+    cfg["model"].update(pretrained_backbone=None, norm="bn")
+    if dry_run:
+        cfg["model"].update(min_size=64, max_size=64, rpn_pre_nms_top_n_train=60, rpn_post_nms_top_n_train=60,
+                            rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=50, rois_per_image=16)
+    cfg["data"] = {
+        "synthetic": {"out": str(work / "synthetic"), "train": workers * 2 * iters_per_epoch, "val": 8,
+                      "image_size": 64 if dry_run else 640},
+        "num_workers": 2,
+    }
+    cfg["train"].update(schedule="custom", epochs=2, lr=0.02, milestones=[], warmup_iters=2,
+                        workers=workers, use_gpu=not dry_run, images_per_worker=2, amp=True,
+                        channels_last=True, log_every=1, keep_checkpoints=2)
+    cfg["tracking"] = {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "gpu-check"}
+    cfg["storage_path"] = str(work / "ray_results")
+    path = work / "gpu_check_train.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _pisa_train(config: Path, run_name: str, *extra: str, timeout: float) -> dict:
+    """`pisa train` in a subprocess (its own Ray cluster); its summary JSON."""
+    cmd = [sys.executable, "-m", "pisa.cli", "train", str(config), "--run-name", run_name, *extra]
+    print(f"$ {' '.join(cmd)}", flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
+    sys.stdout.write(proc.stdout)
+    marker = proc.stdout.rfind('{\n  "run_id"')
+    if proc.returncode != 0 or marker < 0:
+        raise CheckFailed(f"`pisa train` exited {proc.returncode}" + (
+            f": {json.loads(proc.stdout[marker:]).get('error')}" if marker >= 0 else ""))
+    return json.loads(proc.stdout[marker:])
+
+
+def check_training(work: Path, gpus: int, dry_run: bool, timeout: float) -> dict:
+    out: dict = {"ok": False, "workers": 2 if dry_run else max(1, gpus)}
+    try:
+        config = _train_config(work, gpus, dry_run)
+        full = _pisa_train(config, "gpu-check-full", timeout=timeout)
+        metrics = full["metrics"]
+        if metrics.get("epoch") != 2 or not math.isfinite(metrics.get("train_loss", float("nan"))):
+            raise CheckFailed(f"uninterrupted run ended with {metrics}")
+        out["img_per_s_per_gpu"] = metrics["images_per_sec"] / out["workers"]
+        out["bbox_mAP"] = metrics.get("bbox_mAP")
+        checkpoints = sorted((work / "ray_results" / "gpu-check-full").glob("checkpoint_*"))
+        if not checkpoints:
+            raise CheckFailed("no checkpoint written")
+        resumed = _pisa_train(config, "gpu-check-resumed", "--resume", str(checkpoints[0]), timeout=timeout)
+        r = resumed["metrics"]
+        if r.get("epoch") != 2:
+            raise CheckFailed(f"resumed run ended at epoch {r.get('epoch')}, not 2")
+        out["train_loss"], out["resumed_train_loss"] = metrics["train_loss"], r["train_loss"]
+        # bitwise equal on CPU; on a GPU, atomics in some backward kernels make it close only
+        if dry_run and not math.isclose(r["train_loss"], metrics["train_loss"], rel_tol=1e-6):
+            raise CheckFailed(f"resumed epoch 2 loss {r['train_loss']} != uninterrupted {metrics['train_loss']}")
+        out["ok"] = True
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        out["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+
+def print_report(report: Report) -> None:
+    print(f"\n== pisa GPU check: {report.device}, torch {report.torch}, {report.gpus} GPU(s); "
+          f"plan {report.plan}")
+    mem = "peak GiB" if report.gpus else "peak RSS GiB"
+    print(f"{'detector':<22} {'batch/GPU':<14} {'img/s/GPU':>9} {mem:>12} {'loss':>8} {'scale':>8}  status")
+    for d in report.detectors:
+        scale = f"{d.grad_scale:.0f}" if d.grad_scale is not None else "-"
+        print(f"{d.name:<22} {d.input_size:<14} {d.img_per_s:9.2f} {d.peak_mem_gib:12.2f} "
+              f"{d.final_loss:8.3f} {scale:>8}  {'ok' if d.ok else 'FAILED: ' + str(d.error)}")
+    t = report.training
+    if t:
+        status = "ok" if t.get("ok") else f"FAILED: {t.get('error')}"
+        print(f"pisa train, {t['workers']} worker(s), 2 epochs + resume from epoch 1: {status}")
+        if t.get("ok"):
+            print(f"  {t['img_per_s_per_gpu']:.2f} img/s per GPU (epoch 2, incl. data loading); epoch-2 "
+                  f"train_loss {t['train_loss']:.6f} uninterrupted vs {t['resumed_train_loss']:.6f} resumed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny inputs, 2 iterations, 2 CPU workers: the code path, not the speed")
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs for `pisa train` (default: all)")
+    parser.add_argument("--iters", type=int, default=30, help="iterations per detector")
+    parser.add_argument("--warmup", type=int, default=5, help="iterations before timing starts")
+    parser.add_argument("--detectors", nargs="+", choices=sorted(DETECTORS), default=list(DETECTORS))
+    parser.add_argument("--skip-train", action="store_true", help="only the per-detector iterations")
+    parser.add_argument("--train-timeout", type=float, default=420.0, help="seconds per `pisa train`")
+    parser.add_argument("--out", type=Path, help="also write the report as JSON here")
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device available (use --device cpu --dry-run to check the code path on CPU)")
+    if args.dry_run:
+        args.iters, args.warmup = min(args.iters, 2), min(args.warmup, 1)
+    device = torch.device(args.device)
+    gpus = (args.gpus or torch.cuda.device_count()) if device.type == "cuda" else 0
+    where = (torch.cuda.get_device_name(0) if device.type == "cuda"
+             else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    # the plan a single worker of a default config gets on this device, AMP and channels_last forced
+    # on for CPU
+    plan = plan_for(TrainConfig(amp=True, channels_last=True), device.type, 1)
+    report = Report(where, torch.__version__, gpus,
+                    {"amp": str(plan.autocast_dtype), "grad_scaler": plan.grad_scaler,
+                     "channels_last": plan.channels_last})
+
+    for name in args.detectors:
+        print(f"-- {name}: {args.iters} iterations", flush=True)
+        result = check_detector(name, plan, device, args.iters, args.warmup, args.dry_run)
+        report.detectors.append(result)
+        print(f"   {'ok' if result.ok else 'FAILED'}: {result.img_per_s:.2f} img/s, "
+              f"{result.peak_mem_gib:.2f} GiB", flush=True)
+    if not args.skip_train:
+        with tempfile.TemporaryDirectory(prefix="pisa-gpu-check-") as tmp:
+            report.training = check_training(Path(tmp), gpus, args.dry_run, args.train_timeout)
+
+    print_report(report)
+    if args.out:
+        args.out.write_text(json.dumps({**asdict(report), "failures": report.failures}, indent=2, default=str))
+    if report.failures:
+        print("\nGPU CHECK FAILED:\n  " + "\n  ".join(report.failures), file=sys.stderr)
+        return 1
+    print("\nGPU check passed.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

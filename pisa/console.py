@@ -1,0 +1,153 @@
+"""What a study prints: one line per trial event, a progress line, a calm status table.
+
+By default a study keeps Ray's own output off the console (worker logs stay in each
+trial's directory under the Ray results directory, Ray's session logs under
+/tmp/ray/session_latest/logs) and prints instead, from the driver:
+
+    [pisa] trial 3/8 started: isr_p.k=1.2, isr_p.bias=0.31, carl.k=0.8, carl.bias=0.12
+    [pisa] trial 3/8 epoch 2/4: bbox_mAP 0.0441 (train 21.3 s, eval 2.9 s)
+    [pisa] trial 3/8 stopped early by asha after epoch 2: best bbox_mAP 0.0441
+    [pisa] progress: 3/8 trials done (1 stopped early, 0 failed), 2 running, elapsed 0:02:31, ETA ~0:04:10
+
+and Tune's trial table every `status_every_s` seconds. `pisa study run -v` brings Ray's
+own output back instead.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from .study_config import Study
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _say(msg: str) -> None:
+    print(f"[pisa] {msg}", flush=True)
+
+
+class StudyConsole(Callback):
+    """Tune callback on the driver: the study's console output."""
+
+    def __init__(self, study: Study, status_every_s: float = 120.0):
+        self.study = study
+        self.metric = study.cfg.metric
+        self.total = study.cfg.num_samples
+        self.max_epochs = int(study.experiment({}).train.resolved()["epochs"])
+        self.status_every_s = status_every_s
+        self.start = time.time()
+        self.last_status = time.time()
+        self.numbers: dict[str, int] = {}
+        self.epochs: dict[str, int] = {}
+        self.best: dict[str, float] = {}
+        self.outcomes: dict[str, str] = {}  # trial id -> finished | stopped early | failed
+        self.table = None
+
+    # ------------------------------------------------------------ helpers
+
+    def _label(self, trial) -> str:
+        if trial.trial_id not in self.numbers:
+            self.numbers[trial.trial_id] = len(self.numbers) + 1
+        return f"trial {self.numbers[trial.trial_id]}/{self.total}"
+
+    def _progress(self, trials) -> None:
+        done = len(self.outcomes)
+        early = sum(o == "stopped early" for o in self.outcomes.values())
+        failed = sum(o == "failed" for o in self.outcomes.values())
+        running = sum(t.status == "RUNNING" for t in trials)
+        elapsed = time.time() - self.start
+        _say(f"progress: {done}/{self.total} trials done ({early} stopped early, {failed} failed), "
+             f"{running} running, elapsed {_fmt_time(elapsed)}, ETA {self._eta(elapsed, done)}")
+
+    def _eta(self, elapsed: float, done: int) -> str:
+        if done >= self.total:
+            return _fmt_time(0)
+        if done:  # trials finish at a steady rate once the slots are full
+            return "~" + _fmt_time(elapsed / done * (self.total - done))
+        epochs = sum(self.epochs.values())
+        if not epochs:
+            return "unknown"
+        # nothing finished yet: at most every trial trains every epoch
+        left = self.total * self.max_epochs - epochs
+        return "<=" + _fmt_time(elapsed / epochs * left)
+
+    # ------------------------------------------------------------ Tune hooks
+
+    def setup(self, **info):
+        self.start = self.last_status = time.time()
+        try:  # Tune's own trial table, printed here at a calm interval
+            from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter
+
+            from .study import tune_space
+
+            self.table = TuneTerminalReporter(AirVerbosity.DEFAULT, num_samples=self.total, metric=self.metric,
+                                              mode=self.study.cfg.mode, config=tune_space(self.study))
+            self.table.setup(start_time=self.start, total_samples=self.total)
+            self.table._heartbeat_freq = 0  # this callback keeps the interval
+            self.table._inferred_metric = ["epoch", self.metric, "train_loss"]  # not the first 4 keys
+        except Exception:  # an internal Ray API: without it the progress lines remain
+            self.table = None
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        params = {k: trial.config[k] for k in self.study.cfg.search_space if k in trial.config}
+        shown = ", ".join(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in params.items())
+        _say(f"{self._label(trial)} started: {shown}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        self.epochs[trial.trial_id] = epoch
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            sign = 1 if self.study.cfg.mode == "max" else -1
+            if trial.trial_id not in self.best or sign * value > sign * self.best[trial.trial_id]:
+                self.best[trial.trial_id] = float(value)
+        shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+        _say(f"{self._label(trial)} epoch {epoch}/{self.max_epochs}: {self.metric} {shown} "
+             f"(train {result.get('time_train_s', 0.0):.1f} s, eval {result.get('time_eval_s', 0.0):.1f} s)")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        epochs = self.epochs.get(trial.trial_id, 0)
+        best = self.best.get(trial.trial_id)
+        best_text = f"best {self.metric} {best:.4f}" if best is not None else f"no {self.metric}"
+        if epochs >= self.max_epochs:
+            self.outcomes[trial.trial_id] = "finished"
+            _say(f"{self._label(trial)} finished {epochs} epochs: {best_text}")
+        else:
+            self.outcomes[trial.trial_id] = "stopped early"
+            _say(f"{self._label(trial)} stopped early by {self.study.cfg.scheduler.type} after epoch "
+                 f"{epochs}: {best_text}")
+        self._progress(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        from .study import _trial_error
+
+        self.outcomes[trial.trial_id] = "failed"
+        _say(f"{self._label(trial)} failed after epoch {self.epochs.get(trial.trial_id, 0)}: {_trial_error(trial)}")
+        self._progress(trials)
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.time() - self.last_status < self.status_every_s:
+            return
+        self.last_status = time.time()
+        if self.table is not None:
+            print("", flush=True)
+            self.table.print_heartbeat(trials)
+            print("", flush=True)
+        self._progress(trials)
+
+    def on_experiment_end(self, trials, **info):
+        if self.table is not None:
+            print("", flush=True)
+            self.table.print_heartbeat(trials, force=True)
+            print("", flush=True)

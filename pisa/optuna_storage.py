@@ -1,0 +1,73 @@
+"""The study's own Optuna record: an RDB storage `optuna-dashboard` can open, with the
+trials ASHA stopped told to Optuna as PRUNED.
+
+Ray Tune's `OptunaSearch` tells Optuna COMPLETE for every trial that ends without an
+error, so a trial ASHA stopped after its first epoch would count as if its epoch-1 AP
+were final and TPE would learn from it as such. `PruningOptunaSearch` tells those PRUNED
+(their per-epoch values are already in Optuna as intermediate values), as an Optuna
+pruner would have done.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlparse
+
+from ray.tune.search.optuna import OptunaSearch
+
+if TYPE_CHECKING:
+    import optuna
+
+log = logging.getLogger(__name__)
+
+STORAGE_FILE = "optuna.db"
+
+
+def default_storage_url(mlflow_uri: str, storage_path: str | Path) -> str | None:
+    """optuna.db beside a SQLite MLflow store, else in a local `storage_path`; None if neither."""
+    if mlflow_uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(mlflow_uri[len('sqlite:///'):]).resolve().parent / STORAGE_FILE}"
+    parsed = urlparse(str(storage_path))
+    if parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme == "file" else str(storage_path)).resolve()
+        return f"sqlite:///{path / STORAGE_FILE}"
+    return None
+
+
+def open_storage(url: str | None):
+    """An `RDBStorage` for `url` (its directory made), or None for Optuna's in-memory one."""
+    if not url:
+        return None
+    import optuna
+
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}
+                                      if not url.startswith("sqlite") else None)
+
+
+class PruningOptunaSearch(OptunaSearch):
+    """`OptunaSearch` that tells Optuna PRUNED for trials a scheduler stopped before `max_t`."""
+
+    def __init__(self, *args, time_attr: str = "epoch", max_t: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._time_attr = time_attr
+        self._max_t = int(max_t)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False):
+        from optuna.trial import TrialState
+
+        stopped_at = (result or {}).get(self._time_attr)
+        early = (not error and stopped_at is not None and int(stopped_at) < self._max_t
+                 and trial_id in self._ot_trials and trial_id not in self._completed_trials)
+        if not early:
+            return super().on_trial_complete(trial_id, result=result, error=error)
+        ot_trial = self._ot_trials[trial_id]
+        try:
+            ot_trial.set_user_attr("stopped_at_" + self._time_attr, int(cast(float, stopped_at)))
+            cast("optuna.Study", self._ot_study).tell(ot_trial, state=TrialState.PRUNED)
+        except Exception as exc:  # e.g. a NaN intermediate value: Optuna's bookkeeping only
+            log.warning("Optuna trial of %s not marked pruned: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)

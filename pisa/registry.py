@@ -1,0 +1,228 @@
+"""A trained detector as a registered MLflow model: weights, config and class names in one
+pyfunc whose `predict` takes images and returns boxes, labels and scores.
+
+The package holds the model's weights only (no optimizer state), saved as a plain state
+dict and read back with `torch.load(weights_only=True)`. Registering sets the alias
+`champion`, so `mlflow.pyfunc.load_model("models:/NAME@champion")` gets the winner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from . import tracking
+
+ALIAS = "champion"
+ARTIFACT_NAME = "model"
+WEIGHTS_FILE = "weights.pt"
+CONFIG_FILE = "config.json"
+CLASSES_FILE = "classes.json"
+IMAGE_COLUMN = "image"
+
+
+class PisaDetectorModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]  # mlflow does not type its re-export
+    """Input: a DataFrame with an `image` column of encoded image bytes (PNG, JPEG...).
+    Output: one row per image with `boxes` ([x1, y1, x2, y2] pixels), `labels` (1..C),
+    `category_ids` (the COCO ids), `names` and `scores`."""
+
+    _skip_type_hint_validation = True  # the signature given at logging validates the input
+
+    def load_context(self, context) -> None:
+        from .predict import Category, build_detector, load_weights
+
+        config = json.loads(Path(context.artifacts["config"]).read_text())
+        classes = json.loads(Path(context.artifacts["classes"]).read_text())
+        categories = [Category(int(c["id"]), str(c["name"])) for c in classes]
+        self.detector = build_detector(config, categories, load_weights(context.artifacts["weights"]))
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        import pandas as pd
+
+        score_thr = float((params or {}).get("score_thr", 0.0))
+        images = [decode_image(b) for b in _images_of(model_input)]
+        rows = []
+        for det in self.detector.predict(images, score_thr=score_thr):
+            labels = [int(v) for v in det.labels.tolist()]
+            rows.append({
+                "boxes": [[float(x) for x in box] for box in det.boxes.tolist()],
+                "labels": labels,
+                "category_ids": [self.detector.category_id(v) for v in labels],
+                "names": [self.detector.name_of(v) for v in labels],
+                "scores": [float(s) for s in det.scores.tolist()],
+            })
+        return pd.DataFrame(rows, columns=["boxes", "labels", "category_ids", "names", "scores"])
+
+
+def _images_of(model_input) -> list[bytes]:
+    if hasattr(model_input, "columns"):
+        if IMAGE_COLUMN not in model_input.columns:
+            raise ValueError(f"model input needs an {IMAGE_COLUMN!r} column of encoded image bytes")
+        return list(model_input[IMAGE_COLUMN])
+    if isinstance(model_input, (bytes, bytearray)):
+        return [bytes(model_input)]
+    return list(model_input)
+
+
+def decode_image(data: bytes):
+    """Encoded image bytes -> float CHW RGB in [0, 1]."""
+    import base64
+
+    import torch
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    if isinstance(data, str):  # JSON (model serving) carries bytes as base64
+        data = base64.b64decode(data)
+    with Image.open(io.BytesIO(data)) as im:
+        image = im.convert("RGB")
+    return F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
+
+
+def encode_png(image) -> bytes:
+    """A float CHW image in [0, 1] as PNG bytes (the input format of the model)."""
+    import torch
+    from torchvision.io import encode_png as _encode
+
+    return bytes(_encode((image * 255).round().to(torch.uint8)).numpy().tobytes())
+
+
+@contextlib.contextmanager
+def _tracking(uri: str):
+    """MLflow's fluent API pointed at `uri` for the block, then put back."""
+    previous = mlflow.get_tracking_uri()
+    previous_registry = mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        mlflow.set_registry_uri(previous_registry)
+
+
+@dataclass
+class RegisteredModel:
+    name: str
+    version: str
+    alias: str
+    model_uri: str  # models:/NAME@champion
+    run_id: str
+
+
+def log_detector_model(uri: str, run_id: str, checkpoint: str | Path, model_name: str | None) -> RegisteredModel | None:
+    """Log a checkpoint's weights as a pyfunc model into run `run_id`; register it as
+    `model_name` with alias `champion` when a name is given."""
+    from mlflow.models import infer_signature
+
+    from .predict import load_checkpoint_dir, load_weights
+
+    detector = load_checkpoint_dir(checkpoint)  # checks weights, config and classes fit together
+    ckpt = Path(checkpoint)
+    ckpt = ckpt / "checkpoint.pt" if ckpt.is_dir() else ckpt
+    with tempfile.TemporaryDirectory(prefix="pisa-register-") as tmp:
+        import pandas as pd
+        import torch
+
+        weights = Path(tmp) / WEIGHTS_FILE
+        torch.save(load_weights(ckpt), weights)  # the model only: no optimizer or scheduler state
+        config = Path(tmp) / CONFIG_FILE
+        config.write_text(json.dumps(detector.config, indent=2))
+        classes = Path(tmp) / CLASSES_FILE
+        classes.write_text(json.dumps([{"id": c.id, "name": c.name} for c in detector.categories], indent=2))
+        example = pd.DataFrame({IMAGE_COLUMN: [encode_png(_example_image(detector))]})
+        python_model = PisaDetectorModel()
+        python_model.detector = detector
+        output = python_model.predict(None, example)
+        signature = infer_signature(example, output, params={"score_thr": 0.0})
+        with _tracking(uri), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=ARTIFACT_NAME, python_model=PisaDetectorModel(),
+                artifacts={"weights": str(weights), "config": str(config), "classes": str(classes)},
+                signature=signature, input_example=example, pip_requirements=_requirements(),
+                registered_model_name=model_name or None,
+                metadata={"classes": [c.name for c in detector.categories]},
+            )
+    if not model_name:
+        return None
+    c = tracking.client(uri)
+    version = str(info.registered_model_version)
+    c.set_registered_model_alias(model_name, ALIAS, version)
+    c.set_model_version_tag(model_name, version, "pisa.source_run_id", run_id)
+    return RegisteredModel(model_name, version, ALIAS, f"models:/{model_name}@{ALIAS}", run_id)
+
+
+def _example_image(detector):
+    """A small real image when the val set is at hand, else a grey square."""
+    import torch
+
+    from .predict import read_image
+
+    data = detector.config.get("data", {})
+    try:
+        ann = json.loads(Path(data["val_annotations"]).read_text())
+        first = sorted(ann["images"], key=lambda i: int(i["id"]))[0]
+        image = read_image(Path(data["val_images"]) / first["file_name"])
+        scale = 128 / max(image.shape[-2:])
+        if scale < 1:
+            import torch.nn.functional as F
+
+            image = F.interpolate(image[None], scale_factor=scale, mode="bilinear", antialias=True)[0].clamp(0, 1)
+        return image
+    except Exception:
+        return torch.full((3, 64, 64), 0.5)
+
+
+def _requirements() -> list[str]:
+    from importlib import metadata
+
+    out = []
+    for dist in ("torch", "torchvision", "pillow", "pandas", "mlflow", "pydantic", "pyyaml", "pycocotools"):
+        try:
+            out.append(f"{dist}=={metadata.version(dist).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def register_run(uri: str, run_id: str, model_name: str) -> RegisteredModel:
+    """Register a finished run's best checkpoint (its `checkpoint/` artifact)."""
+    from .predict import PredictInputError
+
+    with tempfile.TemporaryDirectory(prefix="pisa-ckpt-") as tmp:
+        try:
+            local = tracking.client(uri).download_artifacts(run_id, "checkpoint", tmp)
+        except Exception:
+            raise PredictInputError(
+                f"run {run_id}: no checkpoint/ artifact to register (was tracking.log_checkpoint off?)") from None
+        registered = log_detector_model(uri, run_id, local, model_name)
+    assert registered is not None
+    return registered
+
+
+def load_pyfunc(model_uri: str, uri: str):
+    with _tracking(uri):
+        return mlflow.pyfunc.load_model(model_uri)
+
+
+def logged_model_uri(uri: str, run_id: str) -> str | None:
+    """The `models:/` URI of the pisa model logged in a run, if there is one."""
+    with _tracking(uri):
+        try:
+            experiment_id = tracking.client(uri).get_run(run_id).info.experiment_id
+            models = mlflow.search_logged_models(experiment_ids=[experiment_id],
+                                                 filter_string=f"source_run_id = '{run_id}'",
+                                                 output_format="list")
+        except Exception:
+            return None
+    for m in models:
+        if m.name == ARTIFACT_NAME:
+            return f"models:/{m.model_id}"
+    return None

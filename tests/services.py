@@ -1,0 +1,198 @@
+"""Real services on 127.0.0.1 for the cluster tests, each started as its own process group
+and stopped by that group's id: an S3-compatible server (moto), an `mlflow server` with
+its basic-auth app, and a two-node Ray cluster (`ray start` head + node)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    """A free port outside Ray's worker port range (10002-19999)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not 10002 <= port <= 19999:
+            return port
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM the process group this test started, SIGKILL what is left after `grace`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:
+            try:  # children of the group leader may still run
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited ({proc.returncode}):\n{log.read_text()[-4000:]}", pytrace=False)
+        try:
+            with urllib.request.urlopen(url, timeout=3):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not up after {timeout:.0f} s:\n{log.read_text()[-4000:]}", pytrace=False)
+        time.sleep(0.5)
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env or dict(os.environ),
+                                cwd=cwd, start_new_session=True)
+
+
+# ---------------------------------------------------------------- S3 (moto)
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+    process: subprocess.Popen
+
+    @property
+    def env(self) -> dict[str, str]:
+        """pyarrow's (and boto's) settings for this server, as on every node of a cluster."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "pisa-test",
+                "AWS_SECRET_ACCESS_KEY": "pisa-test-secret", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def start_s3(work: Path, bucket: str = "pisa") -> S3Server:
+    port = free_port()
+    proc = start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], work / "moto.log")
+    endpoint = f"http://127.0.0.1:{port}"
+    _wait_http(endpoint + "/moto-api/", proc, work / "moto.log", "moto server")
+    server = S3Server(endpoint, bucket, proc)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="pisa-test",
+                 aws_secret_access_key="pisa-test-secret", region_name="us-east-1").create_bucket(Bucket=bucket)
+    return server
+
+
+# ---------------------------------------------------------------- MLflow with a login
+
+
+@dataclass
+class AuthMlflowServer:
+    uri: str
+    user: str
+    password: str
+    process: subprocess.Popen
+    work: Path
+
+
+def start_mlflow_basic_auth(work: Path, password: str) -> AuthMlflowServer:
+    """`mlflow server --app-name basic-auth`, the admin password from the environment as in
+    docker/compose.yaml (never on a command line)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_AUTH_ADMIN_PASSWORD=password, MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())
+    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+           "--backend-store-uri", f"sqlite:///{work / 'server.db'}",
+           "--artifacts-destination", str(work / "artifacts"),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    proc = start(cmd, work / "mlflow-server.log", env=env, cwd=work)
+    uri = f"http://127.0.0.1:{port}"
+    _wait_http(uri + "/health", proc, work / "mlflow-server.log", "mlflow server", timeout=300)
+    return AuthMlflowServer(uri, "admin", password, proc, work)
+
+
+# ---------------------------------------------------------------- a two-node Ray cluster
+
+
+@dataclass
+class RayCluster:
+    gcs_address: str
+    client_address: str
+    dashboard: str
+    temp_dirs: list[Path]
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+
+def start_ray_cluster(work: Path, env: dict[str, str], node_resource: str, attempts: int = 3) -> RayCluster:
+    """A head and a second node on 127.0.0.1, one CPU and one `node_resource` each, each with
+    its own temp dir; `ray start --block` keeps every node's processes in one group. A node
+    that fails to register in time (Ray allows 30 s; a busy CI machine can need more) is
+    started again."""
+    for attempt in range(attempts):
+        gcs, client, dash = free_port(), free_port(), free_port()
+        head_tmp, node_tmp = work / f"ray-head-{attempt}", work / f"ray-node-{attempt}"
+        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--block", "--disable-usage-stats",
+                  "--resources", json.dumps({node_resource: 1})]
+        cluster = RayCluster(f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}", f"http://127.0.0.1:{dash}",
+                             [head_tmp, node_tmp])
+        head_log, node_log = work / f"ray-head-{attempt}.log", work / f"ray-node-{attempt}.log"
+        head = start([RAY, "start", "--head", "--port", str(gcs), "--ray-client-server-port", str(client),
+                      "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                      "--temp-dir", str(head_tmp), *common], head_log, env=env)
+        cluster.processes.append(head)
+        try:
+            if _wait_nodes(cluster, env, 1, head, head_log):
+                node = start([RAY, "start", "--address", cluster.gcs_address, "--temp-dir", str(node_tmp),
+                              *common], node_log, env=env)
+                cluster.processes.append(node)
+                if _wait_nodes(cluster, env, 2, node, node_log) and head.poll() is None:
+                    return cluster
+        except BaseException:
+            stop_ray_cluster(cluster)
+            raise
+        stop_ray_cluster(cluster)
+    pytest.fail(f"no 2-node Ray cluster after {attempts} attempts:\n{head_log.read_text()[-3000:]}\n"
+                f"{node_log.read_text()[-3000:] if node_log.exists() else ''}", pytrace=False)
+
+
+def _wait_nodes(cluster: RayCluster, env: dict[str, str], n: int, proc, log: Path, timeout: float = 300) -> bool:
+    """True once `n` nodes are alive; False if the node process `proc` exited first."""
+    script = ("import ray; ray.init(address=%r, log_to_driver=False); "
+              "print(sum(1 for x in ray.nodes() if x['Alive']))" % cluster.gcs_address)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                 timeout=120)
+            if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
+                return True
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(2)
+    return False
+
+
+def stop_ray_cluster(cluster: RayCluster) -> None:
+    for proc in reversed(cluster.processes):  # the node first, then the head
+        stop_group(proc, grace=30)
