@@ -124,9 +124,10 @@ def test_non_finite_loss_stops_with_clear_error(ray_local, synthetic_dir, work):
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags["pisa.error"]
 
 
-def test_unreachable_tracking_server_fails_fast(synthetic_dir, work):
+def test_unreachable_tracking_server_fails_fast(synthetic_dir, work, tmp_path):
     data = tiny_experiment(synthetic_dir, work)
     data["tracking"]["uri"] = "http://127.0.0.1:9"  # nothing listens on the discard port
+    data["storage_path"] = str(tmp_path / "ray_results")  # this test's own: nothing may appear
     cfg = parse_config(data)
     with pytest.raises(tracking.TrackingError, match="not reachable"):
         run_training(cfg)
