@@ -236,13 +236,18 @@ dist.destroy_process_group()
 """
 
 
-def test_gather_across_two_processes_dedupes_padding(tmp_path: Path) -> None:
+def _run_two_ranks(script: str, tmp_path: Path) -> Path:
+    """Run `script` as ranks 0 and 1 of a gloo group; the file rank 1 wrote its result to."""
     init_file, result_file = tmp_path / "init", tmp_path / "out.pt"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    procs = [subprocess.Popen([sys.executable, "-c", _GATHER_SCRIPT, str(rank), str(init_file),
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(rank), str(init_file),
                                str(result_file)], env=env) for rank in (0, 1)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    out = torch.load(result_file)
+    return result_file
+
+
+def test_gather_across_two_processes_dedupes_padding(tmp_path: Path) -> None:
+    out = torch.load(_run_two_ranks(_GATHER_SCRIPT, tmp_path))
     assert [p["image_id"] for p in out] == [1, 2, 3, 4, 5]
     assert out[0]["labels"].tolist() == [1]  # the first copy (rank 0's) is kept
     assert [p["boxes"][0, 0].item() for p in out] == [1.0, 2.0, 3.0, 4.0, 5.0]
@@ -320,12 +325,7 @@ dist.destroy_process_group()
 
 
 def test_gathered_mask_predictions_are_rles(tmp_path: Path) -> None:
-    init_file, result_file = tmp_path / "init", tmp_path / "out.pt"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    procs = [subprocess.Popen([sys.executable, "-c", _GATHER_RLE_SCRIPT, str(rank), str(init_file),
-                               str(result_file)], env=env) for rank in (0, 1)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    got = torch.load(result_file, weights_only=False)
+    got = torch.load(_run_two_ranks(_GATHER_RLE_SCRIPT, tmp_path), weights_only=False)
     out = got["out"]
     assert [p["image_id"] for p in out] == [1, 2]
     for pred in out:
