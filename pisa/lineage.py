@@ -24,18 +24,18 @@ SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
 def library_versions() -> dict[str, str]:
-    """pisa, torch, torchvision and Ray versions as `pisa.version.*` tags."""
-    from importlib import metadata
+    """pisa, torch, torchvision, Ray, MLflow and Optuna versions as `pisa.version.*` tags; the
+    module's own `__version__`, so torch's carries its build (`2.14.1+cu130`)."""
+    import importlib
 
-    out = {}
-    for dist in ("pisa", "torch", "torchvision", "ray", "mlflow", "optuna"):
+    from . import __version__
+
+    out = {"pisa.version.pisa": __version__}
+    for name in ("torch", "torchvision", "ray", "mlflow", "optuna"):
         try:
-            out[f"pisa.version.{dist}"] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            if dist == "pisa":
-                from . import __version__
-
-                out[f"pisa.version.{dist}"] = __version__
+            out[f"pisa.version.{name}"] = str(importlib.import_module(name).__version__)
+        except ImportError:
+            continue
     return out
 
 

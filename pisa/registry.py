@@ -96,16 +96,15 @@ def encode_png(image) -> bytes:
 
 @contextlib.contextmanager
 def _tracking(uri: str):
-    """MLflow's fluent API pointed at `uri` for the block, then put back."""
+    """MLflow's fluent API pointed at `uri` for the block, then put back. The registry URI is
+    left unset: MLflow then derives it from the tracking URI (setting and restoring it would
+    pin the process to whichever store was current before)."""
     previous = mlflow.get_tracking_uri()
-    previous_registry = mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(previous)
-        mlflow.set_registry_uri(previous_registry)
 
 
 @dataclass

@@ -137,9 +137,12 @@ def _check_login(uri: str, timeout: float) -> None:
 
 
 def client(uri: str):
+    """A client whose model registry is the tracking store too: without it MLflow falls back
+    to the process-wide registry URI, which may be another database."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=_use_credentials(uri))
+    resolved = _use_credentials(uri)
+    return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
 
 
 def get_or_create_experiment(uri: str, name: str) -> str:
