@@ -229,6 +229,17 @@ def coco_results(detector: Detector, ids: list[int], detections: list[Detections
     return out
 
 
+def _label_font() -> str | None:
+    """A TrueType font for readable labels: matplotlib (a dependency) ships DejaVu Sans;
+    without one torchvision falls back to a tiny bitmap font."""
+    try:
+        from matplotlib import font_manager
+
+        return font_manager.findfont("DejaVu Sans", fallback_to_default=False)
+    except (ImportError, ValueError):
+        return None
+
+
 def draw(detector: Detector, image: torch.Tensor, det: Detections, out: Path) -> Path:
     """The image with its boxes, class names and scores drawn, as a PNG."""
     from torchvision.io import write_png
@@ -240,7 +251,7 @@ def draw(detector: Detector, image: torch.Tensor, det: Detections, out: Path) ->
     colors = [palette[(int(label) - 1) % len(palette)] for label in det.labels]
     width = max(1, round(max(image.shape[-2:]) / 300))
     drawn = draw_bounding_boxes(pixels, det.boxes, labels=labels, colors=colors or None, width=width,
-                                font_size=max(10, width * 6))
+                                font=_label_font(), font_size=max(12, width * 7))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_png(drawn, str(out))
     return out
