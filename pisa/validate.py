@@ -4,7 +4,7 @@ defaults over the same N seeds, and say how sure the comparison is.
 A study ranks points by one value each (or a mean over a few seeds), and the best of many
 noisy values is optimistic: the winner is partly the luckiest. Validation trains every
 variant again, with seeds the study did not use (by default), all variants on the same
-seeds, one training after another with the study's trial resources, and compares the
+seeds, as many trainings side by side as the study ran (each with its trial resources), and compares the
 final-epoch metric: mean, standard deviation, t-interval per variant, and the paired
 difference to the baseline per seed (`pisa.stats`). Everything is logged to one MLflow run
 linked to the study (tag `pisa.study_run_id`; the study's run gets `pisa.validation_run_id`),
@@ -17,7 +17,9 @@ import csv
 import json
 import re
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +117,7 @@ def validate_study(name: str, *, top: int, seeds: int, storage_path: str | Path 
     """Train every variant on every seed (seed by seed), log and return the comparison."""
     from .storage import join
     from .study import load_state, outcome_from_state, study_dir, study_from_state
-    from .train import run_training
+    from .train import init_ray, run_training
 
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be at least 1 (2 or more for an interval)")
@@ -140,29 +142,55 @@ def validate_study(name: str, *, top: int, seeds: int, storage_path: str | Path 
           f"final-epoch {metric}; MLflow run {run_id}", flush=True)
     results = [VariantResult(v) for v in variants]
     storage = join(study_dir(study), f"validation-{time.strftime('%Y%m%d-%H%M%S')}")
-    total, done = len(variants) * len(seed_list), 0
-    for seed in seed_list:  # seed-major: a validation cut short leaves complete pairs
-        for r in results:
-            exp = study.experiment(r.variant.params)
-            exp = exp.model_copy(update={
-                "train": exp.train.model_copy(update={"seed": seed}), "storage_path": storage,
-                "tracking": exp.tracking.model_copy(update={"uri": uri})})
+    # seed-major: a validation cut short leaves complete pairs
+    jobs = [(seed, r) for seed in seed_list for r in results]
+    init_ray(address)
+    parallel = trainings_at_once(study, len(jobs))
+    print(f"[pisa] {len(jobs)} trainings, {parallel} at a time", flush=True)
+    lock = threading.Lock()
+    done = 0
+
+    def train(job: tuple[int, VariantResult]) -> None:
+        nonlocal done
+        seed, r = job
+        exp = study.experiment(r.variant.params)
+        exp = exp.model_copy(update={
+            "train": exp.train.model_copy(update={"seed": seed}), "storage_path": storage,
+            "tracking": exp.tracking.model_copy(update={"uri": uri})})
+        out = run_training(exp, address=address, run_name=f"{_slug(r.variant.label)} seed {seed}",
+                           tags={tracking.NESTED_TAG: run_id, "pisa.kind": "validation_training",
+                                 "pisa.study": state["name"], "pisa.variant": r.variant.label,
+                                 "pisa.seed": str(seed)})
+        value = out.metrics.get(metric)
+        with lock:
             done += 1
-            print(f"[pisa] validation {done}/{total}: {r.variant.label}, seed {seed}", flush=True)
-            out = run_training(exp, address=address, run_name=f"{_slug(r.variant.label)} seed {seed}",
-                               tags={tracking.NESTED_TAG: run_id, "pisa.kind": "validation_training",
-                                     "pisa.study": state["name"], "pisa.variant": r.variant.label,
-                                     "pisa.seed": str(seed)})
-            value = out.metrics.get(metric)
             if out.status == "FINISHED" and isinstance(value, (int, float)):
                 r.values[seed], r.run_ids[seed] = float(value), out.run_id
+                shown = f"{metric} {float(value):.4f}"
             else:
                 r.failed[seed] = out.error or "no metric"
+                shown = f"failed: {r.failed[seed]}"
+            print(f"[pisa] validation {done}/{len(jobs)}: {r.variant.label}, seed {seed}: {shown}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="validate") as pool:
+        list(pool.map(train, jobs))
     compare(results, mode)
     validation = Validation(state["name"], metric, mode, seed_list, results, run_id, uri)
     log_validation(validation)
     tracking.end_run(uri, run_id, "FINISHED" if validation.ok else "FAILED")
     return validation
+
+
+def trainings_at_once(study, jobs: int) -> int:
+    """As many trainings side by side as the study ran at its busiest (points x seeds) and the
+    Ray cluster has CPUs (GPUs) for."""
+    import ray
+
+    res = study.cfg.resources_per_trial
+    kind = "GPU" if res.gpus_per_worker > 0 else "CPU"
+    per_training = res.workers * (res.gpus_per_worker if kind == "GPU" else res.cpus_per_worker)
+    fits = int(ray.cluster_resources().get(kind, 0) // max(per_training, 1e-9))
+    return max(1, min(jobs, fits, study.cfg.max_concurrent_trials * study.cfg.seeds))
 
 
 def _slug(label: str) -> str:
