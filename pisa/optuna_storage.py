@@ -4,8 +4,9 @@ trials ASHA stopped told to Optuna as PRUNED.
 Ray Tune's `OptunaSearch` tells Optuna COMPLETE for every trial that ends without an
 error, so a trial ASHA stopped after its first epoch would count as if its epoch-1 AP
 were final and TPE would learn from it as such. `PruningOptunaSearch` tells those PRUNED
-(their per-epoch values are already in Optuna as intermediate values), as an Optuna
-pruner would have done.
+with their per-epoch values as intermediate values (step = epoch, the last one included:
+Tune hands a trial's final result to `on_trial_complete`, not `on_trial_result`), as an
+Optuna pruner would have done.
 """
 
 from __future__ import annotations
@@ -56,8 +57,28 @@ class PruningOptunaSearch(OptunaSearch):
         self._time_attr = time_attr
         self._max_t = int(max_t)
 
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        self._report_intermediate(trial_id, result)
+
+    def _report_intermediate(self, trial_id: str, result: dict[str, Any] | None) -> None:
+        """The epoch's metric as an Optuna intermediate value, stepped by epoch."""
+        ot_trial = self._ot_trials.get(trial_id)
+        metric = cast(str, self._metric)
+        if ot_trial is None or not result or metric not in result or self._time_attr not in result:
+            return
+        step = int(result[self._time_attr])
+        if step in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
+            return
+        try:
+            ot_trial.report(float(result[metric]), step)
+        except Exception as exc:  # Optuna's bookkeeping must never cost a trial
+            log.warning("epoch %s of %s not reported to Optuna: %s", step, trial_id, exc)
+
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False):
         from optuna.trial import TrialState
+
+        if not error:
+            self._report_intermediate(trial_id, result)
 
         stopped_at = (result or {}).get(self._time_attr)
         early = (not error and stopped_at is not None and int(stopped_at) < self._max_t
