@@ -65,7 +65,8 @@ class StudyConsole(Callback):
         done = len(self.outcomes)
         early = sum(o == "stopped early" for o in self.outcomes.values())
         failed = sum(o == "failed" for o in self.outcomes.values())
-        running = sum(t.status == "RUNNING" for t in trials)
+        # a trial whose end is being reported still shows RUNNING in Tune's list
+        running = sum(t.status == "RUNNING" and t.trial_id not in self.outcomes for t in trials)
         elapsed = time.time() - self.start
         _say(f"progress: {done}/{self.total} trials done ({early} stopped early, {failed} failed), "
              f"{running} running, elapsed {_fmt_time(elapsed)}, ETA {self._eta(elapsed, done)}")
