@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pisa-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench gpu-check clean
+.PHONY: install demo test test-fast lint bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m pisa.cli study run studies/quickstart.yaml --set name=quickstart-$$(date +%Y%m%d-%H%M%S)
 
-test: $(STAMP)
+# lint, format and types first (seconds), then the suite
+test: $(STAMP) lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy pisa
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

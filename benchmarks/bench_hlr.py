@@ -80,8 +80,10 @@ def main() -> None:
     t_loop, w_loop = timed(lambda: loop_isr_p(ious, labels, gt_inds, cls_loss), args.repeat)
     t_vec, w_vec = timed(lambda: ops.isr_p_weights(ious, labels, gt_inds, cls_loss), args.repeat)
     assert torch.allclose(w_loop, w_vec, atol=1e-5), "vectorized ISR-P differs from the loop"
-    print(f"ISR-P     {n} positives, {labels.unique().numel()} classes, {gt_inds.unique().numel()} GTs: "
-          f"loop {t_loop * 1e3:8.2f} ms  vectorized {t_vec * 1e3:7.2f} ms  speedup {t_loop / t_vec:6.1f}x")
+    print(
+        f"ISR-P     {n} positives, {labels.unique().numel()} classes, {gt_inds.unique().numel()} GTs: "
+        f"loop {t_loop * 1e3:8.2f} ms  vectorized {t_vec * 1e3:7.2f} ms  speedup {t_loop / t_vec:6.1f}x"
+    )
 
     # Score-HLR: 2000 negatives of one image
     m = 2000
@@ -92,8 +94,10 @@ def main() -> None:
     t_vec, r_vec = timed(lambda: ops.score_hlr(boxes, scores), args.repeat)
     assert torch.equal(r_loop, r_vec), "vectorized Score-HLR differs from the loop"
     groups = ops.nms_groups(boxes, scores).unique().numel()
-    print(f"Score-HLR {m} boxes, {groups} NMS groups: "
-          f"loop {t_loop * 1e3:8.2f} ms  vectorized {t_vec * 1e3:7.2f} ms  speedup {t_loop / t_vec:6.1f}x")
+    print(
+        f"Score-HLR {m} boxes, {groups} NMS groups: "
+        f"loop {t_loop * 1e3:8.2f} ms  vectorized {t_vec * 1e3:7.2f} ms  speedup {t_loop / t_vec:6.1f}x"
+    )
 
 
 if __name__ == "__main__":

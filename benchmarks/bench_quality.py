@@ -53,14 +53,24 @@ METRICS = ("bbox_mAP", "bbox_mAP_50")
 
 BASELINE = ["model.sampler=random", "model.isr_p.enabled=false", "model.carl.enabled=false"]
 PAPER = [
-    "model.sampler=score_hlr", "model.isr_n.k=0.5", "model.isr_n.bias=0.0",
-    "model.isr_p.enabled=true", "model.isr_p.k=2.0", "model.isr_p.bias=0.0",
-    "model.carl.enabled=true", "model.carl.k=1.0", "model.carl.bias=0.2",
+    "model.sampler=score_hlr",
+    "model.isr_n.k=0.5",
+    "model.isr_n.bias=0.0",
+    "model.isr_p.enabled=true",
+    "model.isr_p.k=2.0",
+    "model.isr_p.bias=0.0",
+    "model.carl.enabled=true",
+    "model.carl.k=1.0",
+    "model.carl.bias=0.2",
 ]
 ISR_CARL = [
     "model.sampler=random",
-    "model.isr_p.enabled=true", "model.isr_p.k=2.0", "model.isr_p.bias=0.0",
-    "model.carl.enabled=true", "model.carl.k=1.0", "model.carl.bias=0.2",
+    "model.isr_p.enabled=true",
+    "model.isr_p.k=2.0",
+    "model.isr_p.bias=0.0",
+    "model.carl.enabled=true",
+    "model.carl.k=1.0",
+    "model.carl.bias=0.2",
 ]
 PISA_KEYS = ("isr_p", "isr_n", "carl")
 HISTORY_KEYS = ("bbox_mAP", "bbox_mAP_50", "train_loss", "time_train_s", "time_eval_s")
@@ -96,8 +106,12 @@ def machine() -> dict:
     import subprocess
 
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         commit = None
     cpu = platform.processor() or platform.machine()
@@ -108,8 +122,13 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"host": platform.node(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
-            "commit": commit}
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "commit": commit,
+    }
 
 
 def write_json(path: Path, meta: dict, runs: list[dict]) -> None:
@@ -120,8 +139,12 @@ def write_json(path: Path, meta: dict, runs: list[dict]) -> None:
 
 
 def data_overrides(bccd: Path) -> list[str]:
-    return [f"data.train_images={bccd / 'images'}", f"data.train_annotations={bccd / 'train.json'}",
-            f"data.val_images={bccd / 'images'}", f"data.val_annotations={bccd / 'val.json'}"]
+    return [
+        f"data.train_images={bccd / 'images'}",
+        f"data.train_annotations={bccd / 'train.json'}",
+        f"data.val_images={bccd / 'images'}",
+        f"data.val_annotations={bccd / 'val.json'}",
+    ]
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -139,8 +162,13 @@ def fmt(mean: float | None, std: float | None, signed: bool = False) -> str:
 
 def report(runs: list[dict], variants: list[str], seeds: list[int]) -> None:
     ok = [r for r in runs if r["status"] == "FINISHED"]
-    print(f"\n{'variant':<10}{'runs':>5}  " + "".join(f"{m + ' (mean +- std)':<28}" for m in METRICS)
-          + "per seed " + METRICS[0] + "                min/run")
+    print(
+        f"\n{'variant':<10}{'runs':>5}  "
+        + "".join(f"{m + ' (mean +- std)':<28}" for m in METRICS)
+        + "per seed "
+        + METRICS[0]
+        + "                min/run"
+    )
     for v in variants:
         rows = [r for r in ok if r["variant"] == v]
         cells = "".join(f"{fmt(*mean_std([r['metrics'][m] for r in rows])):<28}" for m in METRICS)
@@ -159,29 +187,44 @@ def report(runs: list[dict], variants: list[str], seeds: list[int]) -> None:
         for m in METRICS:
             diff_means = None
             if rows and base:
-                diff_means = (statistics.fmean(r["metrics"][m] for r in rows.values())
-                              - statistics.fmean(r["metrics"][m] for r in base.values()))
+                diff_means = statistics.fmean(r["metrics"][m] for r in rows.values()) - statistics.fmean(
+                    r["metrics"][m] for r in base.values()
+                )
             diffs = [rows[s]["metrics"][m] - base[s]["metrics"][m] for s in paired]
             wins = sum(d > 0 for d in diffs)
-            print(f"{v} - baseline {m}: {fmt(diff_means, None, signed=True)} (difference of the means); "
-                  f"paired over {len(paired)} seed(s): {fmt(*mean_std(diffs), signed=True)}, "
-                  f"{v} ahead in {wins} of {len(paired)}")
+            print(
+                f"{v} - baseline {m}: {fmt(diff_means, None, signed=True)} (difference of the means); "
+                f"paired over {len(paired)} seed(s): {fmt(*mean_std(diffs), signed=True)}, "
+                f"{v} ahead in {wins} of {len(paired)}"
+            )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bccd", type=Path, default=REPO / "datasets" / "bccd",
-                        help="BCCD folder (images/, train.json, val.json)")
+    parser.add_argument(
+        "--bccd", type=Path, default=REPO / "datasets" / "bccd", help="BCCD folder (images/, train.json, val.json)"
+    )
     parser.add_argument("--config", type=Path, default=CONFIG, help="base training config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field of the base config for every variant (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the base config for every variant (repeatable)",
+    )
     parser.add_argument("--best", type=Path, help="a config written by `pisa study best`: a third variant")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", choices=["baseline", "pisa", "isr_carl", "best"],
-                        help="which variants to train (default: baseline, pisa, and best with --best)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["baseline", "pisa", "isr_carl", "best"],
+        help="which variants to train (default: baseline, pisa, and best with --best)",
+    )
     parser.add_argument("--max-minutes", type=float, help="start no new training after this many minutes")
-    parser.add_argument("--parallel", action="store_true",
-                        help="train the variants of a seed at the same time (one Ray Train run each)")
+    parser.add_argument(
+        "--parallel", action="store_true", help="train the variants of a seed at the same time (one Ray Train run each)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the MLflow store and Ray results")
     parser.add_argument("--json", type=Path, help="write every run's metrics here, after each run")
     args = parser.parse_args()
@@ -207,26 +250,42 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="pisa-bench-quality-"))
     common = data_overrides(bccd) + list(args.overrides)
-    tail = [f"tracking.uri=sqlite:///{work / 'mlflow.db'}", "tracking.experiment=bench-quality",
-            f"storage_path={work / 'ray_results'}", "train.workers=1", "train.use_gpu=false"]
+    tail = [
+        f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+        "tracking.experiment=bench-quality",
+        f"storage_path={work / 'ray_results'}",
+        "train.workers=1",
+        "train.use_gpu=false",
+    ]
     probe = load_config(args.config, common + tail)
     sched = probe.train.resolved()
     print(f"config {args.config} + {args.overrides or 'no overrides'}")
-    print(f"budget per run: {sched['epochs']} epochs, milestones {sched['milestones']}, "
-          f"train_limit {probe.data.train_limit}, val_limit {probe.data.val_limit}, "
-          f"{probe.train.workers} worker x {probe.train.images_per_worker} images, "
-          f"{probe.model.min_size}-{probe.model.max_size} px, backbone {probe.model.backbone} "
-          f"(pretrained: {probe.model.pretrained_backbone or 'no'})")
-    print(f"variants: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in variants.items()))
-    print(f"seeds {args.seeds}; torch {torch.__version__}, {os.cpu_count()} CPUs "
-          f"({platform.processor() or platform.machine()}), load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"budget per run: {sched['epochs']} epochs, milestones {sched['milestones']}, "
+        f"train_limit {probe.data.train_limit}, val_limit {probe.data.val_limit}, "
+        f"{probe.train.workers} worker x {probe.train.images_per_worker} images, "
+        f"{probe.model.min_size}-{probe.model.max_size} px, backbone {probe.model.backbone} "
+        f"(pretrained: {probe.model.pretrained_backbone or 'no'})"
+    )
+    print("variants: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in variants.items()))
+    print(
+        f"seeds {args.seeds}; torch {torch.__version__}, {os.cpu_count()} CPUs "
+        f"({platform.processor() or platform.machine()}), load average {os.getloadavg()[0]:.1f}"
+    )
 
-    meta = {"argv": sys.argv, "config": str(args.config), "overrides": args.overrides, "seeds": args.seeds,
-            "variants": {k: v for k, v in variants.items()}, "budget": {k: sched[k] for k in (
-                "epochs", "milestones", "scaled_lr", "warmup_iters", "total_batch")},
-            "train_limit": probe.data.train_limit, "val_limit": probe.data.val_limit,
-            "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **machine()}
+    meta = {
+        "argv": sys.argv,
+        "config": str(args.config),
+        "overrides": args.overrides,
+        "seeds": args.seeds,
+        "variants": {k: v for k, v in variants.items()},
+        "budget": {k: sched[k] for k in ("epochs", "milestones", "scaled_lr", "warmup_iters", "total_batch")},
+        "train_limit": probe.data.train_limit,
+        "val_limit": probe.data.val_limit,
+        "torch": torch.__version__,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **machine(),
+    }
     runs: list[dict] = []
     start = time.time()
     stopped = False
@@ -239,19 +298,31 @@ def main() -> int:
         t0 = time.time()
         outcome = run_training(cfg, run_name=f"{name}-seed{seed}", tags={"pisa.bench_variant": name})
         wall = time.time() - t0
-        row = {"variant": name, "seed": seed, "status": outcome.status, "wall_s": wall,
-               "run_id": outcome.run_id, "error": outcome.error,
-               "metrics": {m: outcome.metrics.get(m) for m in METRICS + ("epoch", "train_loss", "time_train_s",
-                                                                    "time_eval_s", "images_per_sec")}}
+        row = {
+            "variant": name,
+            "seed": seed,
+            "status": outcome.status,
+            "wall_s": wall,
+            "run_id": outcome.run_id,
+            "error": outcome.error,
+            "metrics": {
+                m: outcome.metrics.get(m)
+                for m in METRICS + ("epoch", "train_loss", "time_train_s", "time_eval_s", "images_per_sec")
+            },
+        }
         row["history"] = epoch_history(cfg.tracking.resolved_uri(), outcome.run_id)
         row["load_average"] = os.getloadavg()[0]
         with lock:
             runs.append(row)
             if args.json:
                 write_json(args.json, meta, runs)
-        print(f"[bench] {name} seed {seed}: {outcome.status} "
-              + " ".join(f"{m}={row['metrics'][m]}" for m in METRICS) + f" in {wall:.0f} s (last epoch: "
-              f"train {row['metrics']['time_train_s']} s, eval {row['metrics']['time_eval_s']} s)", flush=True)
+        print(
+            f"[bench] {name} seed {seed}: {outcome.status} "
+            + " ".join(f"{m}={row['metrics'][m]}" for m in METRICS)
+            + f" in {wall:.0f} s (last epoch: "
+            f"train {row['metrics']['time_train_s']} s, eval {row['metrics']['time_eval_s']} s)",
+            flush=True,
+        )
         return row
 
     if args.parallel:
@@ -265,7 +336,7 @@ def main() -> int:
         if args.parallel:
             # every variant of a seed at once: they share the machine's load alike
             with ThreadPoolExecutor(len(variants)) as pool:
-                list(pool.map(lambda item: train(item[0], item[1], seed), variants.items()))
+                list(pool.map(lambda item, s=seed: train(item[0], item[1], s), variants.items()))
             continue
         for name, over in variants.items():
             if args.max_minutes and (time.time() - start) / 60 >= args.max_minutes:
@@ -275,8 +346,7 @@ def main() -> int:
         if stopped:
             break
     if stopped:
-        print(f"\nstopped after {args.max_minutes} min: {len(runs)} of "
-              f"{len(args.seeds) * len(variants)} trainings ran")
+        print(f"\nstopped after {args.max_minutes} min: {len(runs)} of {len(args.seeds) * len(variants)} trainings ran")
     print(f"\ntotal {(time.time() - start) / 60:.1f} min")
     report(runs, list(variants), args.seeds)
     if args.json:

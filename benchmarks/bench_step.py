@@ -108,8 +108,11 @@ class Runner:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--detector", choices=("faster_rcnn", "retinanet"), default="faster_rcnn")
-    parser.add_argument("--backbone", default="resnet50_fpn",
-                        choices=("resnet50_fpn", "resnet18_fpn", "mobilenet_v3_fpn", "resnext101_32x4d_fpn"))
+    parser.add_argument(
+        "--backbone",
+        default="resnet50_fpn",
+        choices=("resnet50_fpn", "resnet18_fpn", "mobilenet_v3_fpn", "resnext101_32x4d_fpn"),
+    )
     parser.add_argument("--norm", default="bn", choices=("bn", "gn", "frozen_bn"))
     parser.add_argument("--size", type=int, default=800, help="image side (min_size = max_size)")
     parser.add_argument("--batch", type=int, default=2, help="images per step")
@@ -120,12 +123,23 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--second-pass", action="store_true",
-                        help="also time ISR-N with a second head pass over the sampled RoIs (no reuse)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="autocast (default: on CUDA only; bfloat16 on CPU)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="channels_last model (default: on CUDA only)")
+    parser.add_argument(
+        "--second-pass",
+        action="store_true",
+        help="also time ISR-N with a second head pass over the sampled RoIs (no reuse)",
+    )
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="autocast (default: on CUDA only; bfloat16 on CPU)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last model (default: on CUDA only)",
+    )
     args = parser.parse_args()
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -142,8 +156,10 @@ def main() -> None:
     auto = lambda flag: "auto" if flag is None else flag  # noqa: E731
     plan = plan_for(TrainConfig(amp=auto(args.amp), channels_last=auto(args.channels_last)), device.type, 1)
 
-    runners = {name: Runner(model_config(args, **pisa), num_classes, device, args.seed, plan)
-               for name, pisa in variants(args.detector, args.second_pass).items()}
+    runners = {
+        name: Runner(model_config(args, **pisa), num_classes, device, args.seed, plan)
+        for name, pisa in variants(args.detector, args.second_pass).items()
+    }
     if "isr_n_2nd_pass" in runners:
         runners["isr_n_2nd_pass"].model.roi_heads.reuse_ranking_pass = False
 
@@ -154,22 +170,30 @@ def main() -> None:
             if rnd >= args.warmup:
                 runner.times.append(t)
 
-    where = torch.cuda.get_device_name(0) if device.type == "cuda" else (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    where = (
+        torch.cuda.get_device_name(0)
+        if device.type == "cuda"
+        else (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    )
     amp = (f", {str(plan.autocast_dtype).removeprefix('torch.')} autocast" if plan.amp else "") + (
-        " + channels_last" if plan.channels_last else "")
+        " + channels_last" if plan.channels_last else ""
+    )
     rois = f"{args.proposals} proposals, {args.rois} RoIs/img; " if args.detector == "faster_rcnn" else ""
-    print(f"{args.detector} / {args.backbone} ({args.norm}), {args.batch} x {args.size}px, "
-          f"{rois}{args.steps} rounds after {args.warmup} "
-          f"warm-up; torch {torch.__version__} on {args.device} ({where}{amp})")
+    print(
+        f"{args.detector} / {args.backbone} ({args.norm}), {args.batch} x {args.size}px, "
+        f"{rois}{args.steps} rounds after {args.warmup} "
+        f"warm-up; torch {torch.__version__} on {args.device} ({where}{amp})"
+    )
     base = runners["baseline"].times
     base_med = statistics.median(base)
     print(f"{'variant':<18} {'median ms':>10} {'min ms':>8} {'img/s':>7} {'ratio':>7} {'paired':>7}")
     for name, runner in runners.items():
         med = statistics.median(runner.times)
         paired = statistics.median(t / b for t, b in zip(runner.times, base))
-        print(f"{name:<18} {med * 1e3:10.1f} {min(runner.times) * 1e3:8.1f} {args.batch / med:7.2f} "
-              f"{med / base_med:6.3f}x {paired:6.3f}x")
+        print(
+            f"{name:<18} {med * 1e3:10.1f} {min(runner.times) * 1e3:8.1f} {args.batch / med:7.2f} "
+            f"{med / base_med:6.3f}x {paired:6.3f}x"
+        )
     print("ratio: median step time / baseline median; paired: median over rounds of step / baseline step")
 
 

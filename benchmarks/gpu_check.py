@@ -109,8 +109,9 @@ def _model_config(name: str, dry_run: bool):
     update = {"pretrained_backbone": None, "norm": "bn"}
     if dry_run:
         size = DRY_RUN_SIZE.get(name, 64)
-        update.update(min_size=size, max_size=size, rpn_pre_nms_top_n_train=60,
-                      rpn_post_nms_top_n_train=60, rois_per_image=16)
+        update.update(
+            min_size=size, max_size=size, rpn_pre_nms_top_n_train=60, rpn_post_nms_top_n_train=60, rois_per_image=16
+        )
     return cfg.model.model_copy(update=update), cfg.train.images_per_worker
 
 
@@ -139,8 +140,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def check_detector(name: str, plan: DevicePlan, device: torch.device, iters: int, warmup: int,
-                   dry_run: bool) -> StepResult:
+def check_detector(
+    name: str, plan: DevicePlan, device: torch.device, iters: int, warmup: int, dry_run: bool
+) -> StepResult:
     """`iters` training iterations of one detector; img/s over the iterations after warm-up."""
     mcfg, per_gpu = _model_config(name, dry_run)
     n = 1 if dry_run else per_gpu
@@ -169,8 +171,10 @@ def check_detector(name: str, plan: DevicePlan, device: torch.device, iters: int
                 losses = model(images, targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
-                raise CheckFailed(f"non-finite loss at iteration {it + 1}: "
-                                  + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
+                raise CheckFailed(
+                    f"non-finite loss at iteration {it + 1}: "
+                    + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+                )
             optimizer_step(loss, model, optimizer, scaler, grad_clip=35.0)
             result.final_loss = float(loss.detach())
         _sync(device)
@@ -204,16 +208,38 @@ def _train_config(work: Path, gpus: int, dry_run: bool) -> Path:
     cfg["name"] = "gpu-check"
     cfg["model"].update(pretrained_backbone=None, norm="bn")
     if dry_run:
-        cfg["model"].update(min_size=64, max_size=64, rpn_pre_nms_top_n_train=60, rpn_post_nms_top_n_train=60,
-                            rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=50, rois_per_image=16)
+        cfg["model"].update(
+            min_size=64,
+            max_size=64,
+            rpn_pre_nms_top_n_train=60,
+            rpn_post_nms_top_n_train=60,
+            rpn_pre_nms_top_n_test=50,
+            rpn_post_nms_top_n_test=50,
+            rois_per_image=16,
+        )
     cfg["data"] = {
-        "synthetic": {"out": str(work / "synthetic"), "train": workers * 2 * iters_per_epoch, "val": 8,
-                      "image_size": 64 if dry_run else 640},
+        "synthetic": {
+            "out": str(work / "synthetic"),
+            "train": workers * 2 * iters_per_epoch,
+            "val": 8,
+            "image_size": 64 if dry_run else 640,
+        },
         "num_workers": 2,
     }
-    cfg["train"].update(schedule="custom", epochs=2, lr=0.02, milestones=[], warmup_iters=2,
-                        workers=workers, use_gpu=not dry_run, images_per_worker=2, amp=True,
-                        channels_last=True, log_every=1, keep_checkpoints=2)
+    cfg["train"].update(
+        schedule="custom",
+        epochs=2,
+        lr=0.02,
+        milestones=[],
+        warmup_iters=2,
+        workers=workers,
+        use_gpu=not dry_run,
+        images_per_worker=2,
+        amp=True,
+        channels_last=True,
+        log_every=1,
+        keep_checkpoints=2,
+    )
     cfg["tracking"] = {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "gpu-check"}
     cfg["storage_path"] = str(work / "ray_results")
     path = work / "gpu_check_train.yaml"
@@ -226,13 +252,16 @@ def _pisa_train(config: Path, run_name: str, *extra: str, timeout: float) -> dic
     cmd = [sys.executable, "-m", "pisa.cli", "train", str(config), "--run-name", run_name, *extra]
     print(f"$ {' '.join(cmd)}", flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
     sys.stdout.write(proc.stdout)
     marker = proc.stdout.rfind('{\n  "run_id"')
     if proc.returncode != 0 or marker < 0:
-        raise CheckFailed(f"`pisa train` exited {proc.returncode}" + (
-            f": {json.loads(proc.stdout[marker:]).get('error')}" if marker >= 0 else ""))
+        raise CheckFailed(
+            f"`pisa train` exited {proc.returncode}"
+            + (f": {json.loads(proc.stdout[marker:]).get('error')}" if marker >= 0 else "")
+        )
     return json.loads(proc.stdout[marker:])
 
 
@@ -268,28 +297,32 @@ def check_training(work: Path, gpus: int, dry_run: bool, timeout: float) -> dict
 
 
 def print_report(report: Report) -> None:
-    print(f"\n== pisa GPU check: {report.device}, torch {report.torch}, {report.gpus} GPU(s); "
-          f"plan {report.plan}")
+    print(f"\n== pisa GPU check: {report.device}, torch {report.torch}, {report.gpus} GPU(s); plan {report.plan}")
     mem = "peak GiB" if report.gpus else "peak RSS GiB"
     print(f"{'detector':<22} {'batch/GPU':<14} {'img/s/GPU':>9} {mem:>12} {'loss':>8} {'scale':>8}  status")
     for d in report.detectors:
         scale = f"{d.grad_scale:.0f}" if d.grad_scale is not None else "-"
-        print(f"{d.name:<22} {d.input_size:<14} {d.img_per_s:9.2f} {d.peak_mem_gib:12.2f} "
-              f"{d.final_loss:8.3f} {scale:>8}  {'ok' if d.ok else 'FAILED: ' + str(d.error)}")
+        print(
+            f"{d.name:<22} {d.input_size:<14} {d.img_per_s:9.2f} {d.peak_mem_gib:12.2f} "
+            f"{d.final_loss:8.3f} {scale:>8}  {'ok' if d.ok else 'FAILED: ' + str(d.error)}"
+        )
     t = report.training
     if t:
         status = "ok" if t.get("ok") else f"FAILED: {t.get('error')}"
         print(f"pisa train, {t['workers']} worker(s), 2 epochs + resume from epoch 1: {status}")
         if t.get("ok"):
-            print(f"  {t['img_per_s_per_gpu']:.2f} img/s per GPU (epoch 2, incl. data loading); epoch-2 "
-                  f"train_loss {t['train_loss']:.6f} uninterrupted vs {t['resumed_train_loss']:.6f} resumed")
+            print(
+                f"  {t['img_per_s_per_gpu']:.2f} img/s per GPU (epoch 2, incl. data loading); epoch-2 "
+                f"train_loss {t['train_loss']:.6f} uninterrupted vs {t['resumed_train_loss']:.6f} resumed"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="tiny inputs, 2 iterations, 2 CPU workers: the code path, not the speed")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny inputs, 2 iterations, 2 CPU workers: the code path, not the speed"
+    )
     parser.add_argument("--gpus", type=int, default=None, help="GPUs for `pisa train` (default: all)")
     parser.add_argument("--iters", type=int, default=30, help="iterations per detector")
     parser.add_argument("--warmup", type=int, default=5, help="iterations before timing starts")
@@ -305,21 +338,29 @@ def main(argv: list[str] | None = None) -> int:
         args.iters, args.warmup = min(args.iters, 2), min(args.warmup, 1)
     device = torch.device(args.device)
     gpus = (args.gpus or torch.cuda.device_count()) if device.type == "cuda" else 0
-    where = (torch.cuda.get_device_name(0) if device.type == "cuda"
-             else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    where = (
+        torch.cuda.get_device_name(0)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     # the plan a single worker of a default config gets on this device, AMP and channels_last forced
     # on for CPU
     plan = plan_for(TrainConfig(amp=True, channels_last=True), device.type, 1)
-    report = Report(where, torch.__version__, gpus,
-                    {"amp": str(plan.autocast_dtype), "grad_scaler": plan.grad_scaler,
-                     "channels_last": plan.channels_last})
+    report = Report(
+        where,
+        torch.__version__,
+        gpus,
+        {"amp": str(plan.autocast_dtype), "grad_scaler": plan.grad_scaler, "channels_last": plan.channels_last},
+    )
 
     for name in args.detectors:
         print(f"-- {name}: {args.iters} iterations", flush=True)
         result = check_detector(name, plan, device, args.iters, args.warmup, args.dry_run)
         report.detectors.append(result)
-        print(f"   {'ok' if result.ok else 'FAILED'}: {result.img_per_s:.2f} img/s, "
-              f"{result.peak_mem_gib:.2f} GiB", flush=True)
+        print(
+            f"   {'ok' if result.ok else 'FAILED'}: {result.img_per_s:.2f} img/s, {result.peak_mem_gib:.2f} GiB",
+            flush=True,
+        )
     if not args.skip_train:
         with tempfile.TemporaryDirectory(prefix="pisa-gpu-check-") as tmp:
             report.training = check_training(Path(tmp), gpus, args.dry_run, args.train_timeout)

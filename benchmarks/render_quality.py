@@ -19,8 +19,12 @@ sys.path.insert(0, str(REPO))
 
 from pisa.stats import paired, summarize  # noqa: E402
 
-LABELS = {"baseline": "baseline (random, PISA off)", "pisa": "PISA, paper defaults",
-          "isr_carl": "ISR-P + CARL (random sampler)", "best": "study best"}
+LABELS = {
+    "baseline": "baseline (random, PISA off)",
+    "pisa": "PISA, paper defaults",
+    "isr_carl": "ISR-P + CARL (random sampler)",
+    "best": "study best",
+}
 
 
 def finished(runs: list[dict], metric: str) -> dict[str, dict[int, float]]:
@@ -43,9 +47,11 @@ def table(data: dict, metric: str) -> str:
     values = finished(runs, metric)
     order = [v for v in data["meta"].get("variants", {}) if v in values] or sorted(values)
     base = values.get("baseline", {})
-    lines = [f"| variant | seeds | {metric} mean | std | 95% CI | per seed | paired diff vs baseline "
-             f"| 95% CI of diff | wins |",
-             "|---|---:|---:|---:|---|---|---:|---|---:|"]
+    lines = [
+        f"| variant | seeds | {metric} mean | std | 95% CI | per seed | paired diff vs baseline "
+        f"| 95% CI of diff | wins |",
+        "|---|---:|---:|---:|---|---|---:|---|---:|",
+    ]
     for v in order:
         vals = values[v]
         s = summarize([vals[k] for k in sorted(vals)])
@@ -59,8 +65,9 @@ def table(data: dict, metric: str) -> str:
             diff = _f(d.mean, signed=True)
             dci = f"[{_f(d.ci_low, True)}, {_f(d.ci_high, True)}]" if d.ci_low is not None else "-"
             wins = f"{p.wins} of {len(p.seeds)}"
-        lines.append(f"| {LABELS.get(v, v)} | {s.n} | {_f(s.mean)} | {_f(s.std)} | {ci} | {per_seed} "
-                     f"| {diff} | {dci} | {wins} |")
+        lines.append(
+            f"| {LABELS.get(v, v)} | {s.n} | {_f(s.mean)} | {_f(s.std)} | {ci} | {per_seed} | {diff} | {dci} | {wins} |"
+        )
     failed = [r for r in runs if r.get("status") != "FINISHED"]
     for r in failed:
         lines.append(f"\nFAILED: {r['variant']} seed {r['seed']}: {r.get('error')}")
@@ -82,10 +89,15 @@ def plot(data: dict, metric: str, out: Path) -> Path:
     for i, v in enumerate(order, 1):
         for j, s in enumerate(seeds):
             if s in values[v]:
-                ax1.scatter(i + (j - (len(seeds) - 1) / 2) * 0.06, values[v][s], color=cmap(j % 10), s=24,
-                            zorder=3, label=f"seed {s}" if i == 1 else None)
-    ax1.set_xticks(range(1, len(order) + 1), [LABELS.get(v, v) for v in order], rotation=12, ha="right",
-                   fontsize=8)
+                ax1.scatter(
+                    i + (j - (len(seeds) - 1) / 2) * 0.06,
+                    values[v][s],
+                    color=cmap(j % 10),
+                    s=24,
+                    zorder=3,
+                    label=f"seed {s}" if i == 1 else None,
+                )
+    ax1.set_xticks(range(1, len(order) + 1), [LABELS.get(v, v) for v in order], rotation=12, ha="right", fontsize=8)
     ax1.set_ylabel(f"final-epoch val {metric}")
     ax1.set_title(f"BCCD val {metric} per seed")
     ax1.legend(fontsize=7)
@@ -93,8 +105,13 @@ def plot(data: dict, metric: str, out: Path) -> Path:
         for r in data["runs"]:
             hist = (r.get("history") or {}).get(metric)
             if r["variant"] == v and r.get("status") == "FINISHED" and hist:
-                ax2.plot(range(1, len(hist) + 1), hist, color=cmap(i % 10), alpha=0.7,
-                         label=LABELS.get(v, v) if r["seed"] == min(values[v]) else None)
+                ax2.plot(
+                    range(1, len(hist) + 1),
+                    hist,
+                    color=cmap(i % 10),
+                    alpha=0.7,
+                    label=LABELS.get(v, v) if r["seed"] == min(values[v]) else None,
+                )
     ax2.set_xlabel("epoch")
     ax2.set_ylabel(f"val {metric}")
     ax2.set_title("learning curves (one line per seed)")
@@ -118,9 +135,11 @@ def main() -> int:
     if isinstance(data, list):  # files written before the meta block existed
         data = {"meta": {}, "runs": data}
     meta = data["meta"]
-    print(f"{len(data['runs'])} trainings; started {meta.get('started')}, finished {meta.get('finished', '-')}; "
-          f"commit {meta.get('commit')}; {meta.get('cpus')} x {meta.get('cpu')} ({meta.get('host')}), "
-          f"torch {meta.get('torch')}")
+    print(
+        f"{len(data['runs'])} trainings; started {meta.get('started')}, finished {meta.get('finished', '-')}; "
+        f"commit {meta.get('commit')}; {meta.get('cpus')} x {meta.get('cpu')} ({meta.get('host')}), "
+        f"torch {meta.get('torch')}"
+    )
     for metric in args.metric or ["bbox_mAP", "bbox_mAP_50"]:
         print()
         print(table(data, metric))

@@ -135,8 +135,13 @@ def make_grad_scaler(plan: DevicePlan) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler(plan.device_type) if plan.grad_scaler else None
 
 
-def optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler | None, grad_clip: float | None) -> None:
+def optimizer_step(
+    loss: torch.Tensor,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float | None,
+) -> None:
     """Backward and step, with loss scaling when there is a scaler (fp16) and gradient
     clipping on the unscaled gradients."""
     optimizer.zero_grad(set_to_none=True)

@@ -42,20 +42,26 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     study = sub.add_parser("study", help="hyperparameter studies (Ray Tune + Optuna)").add_subparsers(
-        dest="study_command", metavar="ACTION")
+        dest="study_command", metavar="ACTION"
+    )
     run = study.add_parser("run", help="run a study file")
     run.add_argument("study", help="study YAML (see studies/)")
     _add_set(run)
     run.add_argument("--address", help="Ray cluster address (default: a local cluster)")
-    run.add_argument("-v", "--verbose", action="store_true",
-                     help="show Ray's own output (worker logs, Tune's result tables) on the console")
+    run.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Ray's own output (worker logs, Tune's result tables) on the console",
+    )
     run.set_defaults(func=_study_run)
     resume = study.add_parser("resume", help="continue an interrupted study")
     resume.add_argument("name", help="study name (or its directory)")
     resume.add_argument("--storage-path", default="ray_results")
     resume.add_argument("--address")
-    resume.add_argument("--retry-failed", action="store_true",
-                        help="also continue failed trials from their last checkpoint")
+    resume.add_argument(
+        "--retry-failed", action="store_true", help="also continue failed trials from their last checkpoint"
+    )
     resume.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output on the console")
     resume.set_defaults(func=_study_resume)
     best = study.add_parser("best", help="rank the trials; write the best trial's config")
@@ -67,13 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--storage-path", default="ray_results")
     listing.set_defaults(func=_study_list)
     best.set_defaults(func=_study_best)
-    val = study.add_parser("validate", help="retrain the top points, the baseline and the paper's defaults "
-                                            "over N seeds; compare with confidence intervals")
+    val = study.add_parser(
+        "validate",
+        help="retrain the top points, the baseline and the paper's defaults "
+        "over N seeds; compare with confidence intervals",
+    )
     val.add_argument("name", help="study name (or its directory)")
     val.add_argument("--top", type=int, default=3, help="how many of the best trials to re-check (default 3)")
     val.add_argument("--seeds", type=int, default=5, help="seeds per variant, the same for all (default 5)")
-    val.add_argument("--first-seed", type=int,
-                     help="first seed (default: the one after the seeds the study trained with)")
+    val.add_argument(
+        "--first-seed", type=int, help="first seed (default: the one after the seeds the study trained with)"
+    )
     val.add_argument("--storage-path", default="ray_results")
     val.add_argument("--address", help="Ray cluster address (default: a local cluster)")
     val.set_defaults(func=_study_validate)
@@ -89,8 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--draw", metavar="DIR", help="write each image with its detections drawn, as DIR/NAME.png")
     pred.add_argument("--score-thr", type=float, default=0.3, help="keep detections scoring at least this (0.3)")
     pred.add_argument("--annotations", help="COCO file whose image ids the results should use")
-    pred.add_argument("--tracking-uri", help="MLflow store of models:/ URIs and run ids "
-                                             "(default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    pred.add_argument(
+        "--tracking-uri", help="MLflow store of models:/ URIs and run ids (default: MLFLOW_TRACKING_URI or ./mlflow.db)"
+    )
     pred.set_defaults(func=_predict)
 
     rep = sub.add_parser("reproduce", help="retrain a run's config (RUN_ID or best.yaml) and compare")
@@ -114,8 +125,11 @@ def _finish_study(outcome, storage_path: str | None = None) -> int:
     uri = public_uri(outcome.tracking_uri)
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     mlflow_cmd = str(mlflow_bin) if mlflow_bin.exists() else "mlflow"
-    ui = (f"{mlflow_cmd} ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000"
-          if not uri.startswith("http") else f"open {uri}")
+    ui = (
+        f"{mlflow_cmd} ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000"
+        if not uri.startswith("http")
+        else f"open {uri}"
+    )
     print(f"compare the trials in the MLflow UI:  {ui}")
     if outcome.interrupted:
         where = f" --storage-path {storage_path}" if storage_path and storage_path != "ray_results" else ""
@@ -123,21 +137,31 @@ def _finish_study(outcome, storage_path: str | None = None) -> int:
         return 130
     if outcome.all_failed:
         error, count = outcome.most_common_error()
-        print(f"error: all {len(outcome.trials)} trials of study {outcome.name} failed; "
-              f"the most common error ({count} of {len(outcome.trials)}): {error}", file=sys.stderr)
+        print(
+            f"error: all {len(outcome.trials)} trials of study {outcome.name} failed; "
+            f"the most common error ({count} of {len(outcome.trials)}): {error}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 def _add_register(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--register", nargs="?", const="", default=None, metavar="MODEL_NAME",
-                   help=f"log the weights as an MLflow model, register it (default name: {default}) "
-                        f"and set its alias 'champion'")
+    p.add_argument(
+        "--register",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="MODEL_NAME",
+        help=f"log the weights as an MLflow model, register it (default name: {default}) and set its alias 'champion'",
+    )
 
 
 def _print_registered(registered) -> None:
-    print(f"registered {registered.model_uri} (version {registered.version}) from run {registered.run_id}; "
-          f"use it with: pisa predict {registered.model_uri} IMAGE...")
+    print(
+        f"registered {registered.model_uri} (version {registered.version}) from run {registered.run_id}; "
+        f"use it with: pisa predict {registered.model_uri} IMAGE..."
+    )
 
 
 def _study_list(args: argparse.Namespace) -> int:
@@ -152,19 +176,29 @@ def _study_list(args: argparse.Namespace) -> int:
     for r in rows:
         total = r.num_samples if r.num_samples is not None else "?"
         best = f"{r.best:.4f}" if r.best is not None else "-"
-        print(f"{r.name:<32} {r.status:<14} {f'{r.trials_done}/{total}':>9} {r.trials_failed:>6}  {best:>8}  {r.metric}")
+        print(
+            f"{r.name:<32} {r.status:<14} {f'{r.trials_done}/{total}':>9} {r.trials_failed:>6}  {best:>8}  {r.metric}"
+        )
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
 
-    run = predict_files(args.model, args.images, out=args.out, draw_dir=args.draw,
-                        score_thr=args.score_thr, annotations=args.annotations,
-                        tracking_uri=args.tracking_uri)
-    print(f"{len(run.results)} detections (score >= {args.score_thr}) in {run.num_images} images"
-          + (f"; wrote {args.out}" if args.out else "")
-          + (f"; drew {len(run.drawn)} images into {args.draw}" if args.draw else ""))
+    run = predict_files(
+        args.model,
+        args.images,
+        out=args.out,
+        draw_dir=args.draw,
+        score_thr=args.score_thr,
+        annotations=args.annotations,
+        tracking_uri=args.tracking_uri,
+    )
+    print(
+        f"{len(run.results)} detections (score >= {args.score_thr}) in {run.num_images} images"
+        + (f"; wrote {args.out}" if args.out else "")
+        + (f"; drew {len(run.drawn)} images into {args.draw}" if args.draw else "")
+    )
     if not args.out and not args.draw:
         import json
 
@@ -183,8 +217,13 @@ def _study_run(args: argparse.Namespace) -> int:
 def _study_resume(args: argparse.Namespace) -> int:
     from .study import resume_study
 
-    outcome = resume_study(args.name, storage_path=args.storage_path, address=args.address,
-                           retry_failed=args.retry_failed, verbose=args.verbose)
+    outcome = resume_study(
+        args.name,
+        storage_path=args.storage_path,
+        address=args.address,
+        retry_failed=args.retry_failed,
+        verbose=args.verbose,
+    )
     return _finish_study(outcome, args.storage_path)
 
 
@@ -224,8 +263,10 @@ def _noise_note(outcome, name: str) -> str:
     check = f"check with `pisa study validate {name} --top 2 --seeds 5`"
     p = paired(first.seed_values, second.seed_values)
     if p.difference.ci_low is None:
-        return (f"one seed per point: the gap to the runner-up ({second.trial_id}, {gap:+.4f}) cannot be told "
-                f"from seed noise; {check}")
+        return (
+            f"one seed per point: the gap to the runner-up ({second.trial_id}, {gap:+.4f}) cannot be told "
+            f"from seed noise; {check}"
+        )
     d = p.difference
     span = f"paired difference {d.mean:+.4f}, 95% CI [{d.ci_low:+.4f}, {d.ci_high:+.4f}] over {len(p.seeds)} seeds"
     if p.significant:
@@ -236,8 +277,14 @@ def _noise_note(outcome, name: str) -> str:
 def _study_validate(args: argparse.Namespace) -> int:
     from .validate import format_validation, validate_study
 
-    result = validate_study(args.name, top=args.top, seeds=args.seeds, storage_path=args.storage_path,
-                            first_seed=args.first_seed, address=args.address)
+    result = validate_study(
+        args.name,
+        top=args.top,
+        seeds=args.seeds,
+        storage_path=args.storage_path,
+        first_seed=args.first_seed,
+        address=args.address,
+    )
     print(format_validation(result))
     print(f"logged to MLflow run {result.run_id} ({result.tracking_uri})")
     return 0 if result.ok else 1
@@ -257,15 +304,20 @@ def _study_report(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from .reproduce import format_comparison, reproduce
 
-    result = reproduce(args.source, tracking_uri=args.tracking_uri, address=args.address,
-                       overrides=args.overrides)
+    result = reproduce(args.source, tracking_uri=args.tracking_uri, address=args.address, overrides=args.overrides)
     print(format_comparison(result))
     return 0 if result["status"] == "FINISHED" else 1
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set model.isr_p.k=1.5 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set model.isr_p.k=1.5 (repeatable)",
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -288,9 +340,12 @@ def _train(args: argparse.Namespace) -> int:
     if args.register is not None:
         from .registry import log_detector_model
 
-        registered = log_detector_model(cfg.tracking.resolved_uri(), cast(str, outcome.run_id),
-                                        cast(str, outcome.checkpoint_dir),
-                                        args.register or cfg.name)
+        registered = log_detector_model(
+            cfg.tracking.resolved_uri(),
+            cast(str, outcome.run_id),
+            cast(str, outcome.checkpoint_dir),
+            args.register or cfg.name,
+        )
         _print_registered(registered)
     return 0
 

@@ -34,6 +34,8 @@ def check_cluster_setup(address: str | None, tracking_uri: str, storage_path: st
         )
     notes = []
     if not storage.is_remote(storage_path):
-        notes.append(f"storage_path {storage_path} is local: through {address} it must be a directory "
-                     f"that this machine and every node share (or use s3://, gs://)")
+        notes.append(
+            f"storage_path {storage_path} is local: through {address} it must be a directory "
+            f"that this machine and every node share (or use s3://, gs://)"
+        )
     return notes

@@ -47,9 +47,7 @@ PowerK = Annotated[float, Field(gt=0, description="power of the non-linear mappi
 Bias = Annotated[float, Field(ge=0, lt=1, description="shift of the non-linear mapping, in [0, 1)")]
 
 Detector = Literal["faster_rcnn", "mask_rcnn", "retinanet", "ssd300", "ssd512"]
-Backbone = Literal[
-    "resnet50_fpn", "resnext101_32x4d_fpn", "resnet18_fpn", "mobilenet_v3_fpn", "vgg16"
-]
+Backbone = Literal["resnet50_fpn", "resnext101_32x4d_fpn", "resnet18_fpn", "mobilenet_v3_fpn", "vgg16"]
 SamplerName = Literal["random", "ohem", "ohem_1to3", "score_hlr"]
 
 
@@ -91,9 +89,7 @@ class ModelConfig(_Strict):
 
     detector: Detector = "faster_rcnn"
     backbone: Backbone = "resnet50_fpn"
-    num_classes: int | None = Field(
-        None, ge=1, description="foreground classes; None = taken from the dataset"
-    )
+    num_classes: int | None = Field(None, ge=1, description="foreground classes; None = taken from the dataset")
     pretrained_backbone: str | None = Field(
         None,
         description="torchvision weights enum (e.g. 'ResNet50_Weights.IMAGENET1K_V1') or a local .pth file",
@@ -126,7 +122,7 @@ class ModelConfig(_Strict):
     diagnostics: bool = Field(True, description="keep the last step's ISR-P/CARL weights for logging")
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> "ModelConfig":
+    def _check_combinations(self) -> ModelConfig:
         two_stage = self.detector in ("faster_rcnn", "mask_rcnn")
         if not two_stage and self.sampler != "random":
             raise ValueError(
@@ -178,7 +174,7 @@ class DataConfig(_Strict):
     train_limit: int | None = Field(None, ge=1, description="train on the first N train images only")
 
     @model_validator(mode="after")
-    def _fill_from_synthetic(self) -> "DataConfig":
+    def _fill_from_synthetic(self) -> DataConfig:
         if self.synthetic is not None:
             out = self.synthetic.out
             defaults = {
@@ -204,12 +200,36 @@ Schedule = Literal["1x", "2x", "ssd", "custom"]
 
 # The paper's schedules (supplement, Appendix B). base_batch is the total batch the LR is for.
 SCHEDULES: dict[str, dict[str, Any]] = {
-    "1x": dict(epochs=12, lr=0.02, base_batch=16, milestones=[8, 11], momentum=0.9,
-               weight_decay=1e-4, warmup_iters=500, warmup_ratio=0.001),
-    "2x": dict(epochs=24, lr=0.02, base_batch=16, milestones=[16, 22], momentum=0.9,
-               weight_decay=1e-4, warmup_iters=500, warmup_ratio=0.001),
-    "ssd": dict(epochs=120, lr=1e-3, base_batch=64, milestones=[80, 110], momentum=0.9,
-                weight_decay=5e-4, warmup_iters=500, warmup_ratio=0.001),
+    "1x": dict(
+        epochs=12,
+        lr=0.02,
+        base_batch=16,
+        milestones=[8, 11],
+        momentum=0.9,
+        weight_decay=1e-4,
+        warmup_iters=500,
+        warmup_ratio=0.001,
+    ),
+    "2x": dict(
+        epochs=24,
+        lr=0.02,
+        base_batch=16,
+        milestones=[16, 22],
+        momentum=0.9,
+        weight_decay=1e-4,
+        warmup_iters=500,
+        warmup_ratio=0.001,
+    ),
+    "ssd": dict(
+        epochs=120,
+        lr=1e-3,
+        base_batch=64,
+        milestones=[80, 110],
+        momentum=0.9,
+        weight_decay=5e-4,
+        warmup_iters=500,
+        warmup_ratio=0.001,
+    ),
 }
 
 
@@ -232,23 +252,28 @@ class TrainConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker")
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu (fractions share one)")
     resources_per_worker: dict[str, float] = Field(
-        default_factory=dict, description="extra Ray resources per worker, e.g. a node label {node_a: 0.01}")
+        default_factory=dict, description="extra Ray resources per worker, e.g. a node label {node_a: 0.01}"
+    )
     images_per_worker: int = Field(2, ge=1)
     amp: bool | Literal["auto"] = Field(
-        "auto", description="mixed precision: auto = on GPU only; true = on CPU too (bfloat16 there)")
+        "auto", description="mixed precision: auto = on GPU only; true = on CPU too (bfloat16 there)"
+    )
     amp_dtype: Literal["auto", "float16", "bfloat16"] = Field(
-        "auto", description="autocast dtype: auto = float16 (+ GradScaler) on GPU, bfloat16 on CPU")
+        "auto", description="autocast dtype: auto = float16 (+ GradScaler) on GPU, bfloat16 on CPU"
+    )
     channels_last: bool | Literal["auto"] = Field(
-        "auto", description="channels_last memory format: auto = on GPU only; true = on CPU too")
+        "auto", description="channels_last memory format: auto = on GPU only; true = on CPU too"
+    )
     sync_bn: bool = Field(True, description="SyncBatchNorm for trainable BN in multi-GPU training")
     seed: int = 0
     log_every: int = Field(20, ge=1)
-    max_failures: int = Field(3, ge=-1, description="restarts of the worker group from the last "
-                              "checkpoint after a lost worker (-1: no limit)")
+    max_failures: int = Field(
+        3, ge=-1, description="restarts of the worker group from the last checkpoint after a lost worker (-1: no limit)"
+    )
     keep_checkpoints: int = Field(2, ge=1)
 
     @model_validator(mode="after")
-    def _check_schedule(self) -> "TrainConfig":
+    def _check_schedule(self) -> TrainConfig:
         if self.schedule == "custom":
             for key in ("epochs", "lr"):
                 if getattr(self, key) is None:
@@ -260,8 +285,16 @@ class TrainConfig(_Strict):
         out = dict(SCHEDULES.get(self.schedule, SCHEDULES["1x"]))
         if self.schedule == "custom":
             out["milestones"] = []
-        for key in ("epochs", "lr", "base_batch", "milestones", "momentum", "weight_decay",
-                    "warmup_iters", "warmup_ratio"):
+        for key in (
+            "epochs",
+            "lr",
+            "base_batch",
+            "milestones",
+            "momentum",
+            "weight_decay",
+            "warmup_iters",
+            "warmup_ratio",
+        ):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -278,7 +311,8 @@ class TrackingConfig(_Strict):
     experiment: str = "pisa"
     log_checkpoint: bool = True
     system_metrics_interval_s: float = Field(
-        10.0, ge=0, description="MLflow system metrics (CPU, memory, GPU) sampling interval; 0 = off")
+        10.0, ge=0, description="MLflow system metrics (CPU, memory, GPU) sampling interval; 0 = off"
+    )
 
     def resolved_uri(self) -> str:
         if self.uri:
@@ -297,10 +331,13 @@ class ExperimentConfig(_Strict):
     data: DataConfig
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
-    storage_path: str = Field("ray_results", description="Ray checkpoints and study state: a directory "
-                              "or a pyarrow.fs URI (s3://bucket/path, gs://..., file://...)")
+    storage_path: str = Field(
+        "ray_results",
+        description="Ray checkpoints and study state: a directory "
+        "or a pyarrow.fs URI (s3://bucket/path, gs://..., file://...)",
+    )
 
-    def resolve_paths(self, base: Path | None = None) -> "ExperimentConfig":
+    def resolve_paths(self, base: Path | None = None) -> ExperimentConfig:
         """Absolute paths everywhere (Ray workers run in another working directory)."""
         base = Path(base or Path.cwd())
 
@@ -322,17 +359,17 @@ class ExperimentConfig(_Strict):
         out = self.model_copy(update={"data": data, "storage_path": normalize(self.storage_path, base)})
         tracking = out.tracking
         if tracking.uri and tracking.uri.startswith("sqlite:///") and not tracking.uri.startswith("sqlite:////"):
-            rel = tracking.uri[len("sqlite:///"):]
+            rel = tracking.uri[len("sqlite:///") :]
             out = out.model_copy(
                 update={"tracking": tracking.model_copy(update={"uri": f"sqlite:///{fix(Path(rel))}"})}
             )
-        if out.model.pretrained_backbone and (
-            out.model.pretrained_backbone.endswith((".pth", ".pt"))
-        ):
+        if out.model.pretrained_backbone and (out.model.pretrained_backbone.endswith((".pth", ".pt"))):
             out = out.model_copy(
-                update={"model": out.model.model_copy(
-                    update={"pretrained_backbone": str(fix(Path(out.model.pretrained_backbone)))}
-                )}
+                update={
+                    "model": out.model.model_copy(
+                        update={"pretrained_backbone": str(fix(Path(out.model.pretrained_backbone)))}
+                    )
+                }
             )
         return out
 
@@ -441,13 +478,21 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> ExperimentCo
 
 # The paper's PISA defaults, evaluated first in every study (`points_to_evaluate: paper`).
 PAPER_DEFAULTS: dict[str, Any] = {
-    "model.isr_p.enabled": True, "model.isr_p.k": 2.0, "model.isr_p.bias": 0.0,
-    "model.carl.enabled": True, "model.carl.k": 1.0, "model.carl.bias": 0.2,
-    "model.isr_n.k": 0.5, "model.isr_n.bias": 0.0, "model.sampler": "score_hlr",
+    "model.isr_p.enabled": True,
+    "model.isr_p.k": 2.0,
+    "model.isr_p.bias": 0.0,
+    "model.carl.enabled": True,
+    "model.carl.k": 1.0,
+    "model.carl.bias": 0.2,
+    "model.isr_n.k": 0.5,
+    "model.isr_n.bias": 0.0,
+    "model.sampler": "score_hlr",
 }
 # The baseline: PISA off (`points_to_evaluate: paper+baseline`).
 BASELINE: dict[str, Any] = {
-    "model.isr_p.enabled": False, "model.carl.enabled": False, "model.sampler": "random",
+    "model.isr_p.enabled": False,
+    "model.carl.enabled": False,
+    "model.sampler": "random",
 }
 
 
@@ -506,7 +551,8 @@ class TrialResources(_Strict):
     gpus_per_worker: float = Field(1.0, ge=0, description="0: CPU workers; fractions share a GPU")
     cpus_per_worker: float = Field(1.0, gt=0)
     resources_per_worker: dict[str, float] = Field(
-        default_factory=dict, description="custom Ray resources per worker (e.g. a node or accelerator label)")
+        default_factory=dict, description="custom Ray resources per worker (e.g. a node or accelerator label)"
+    )
 
 
 class StudyConfig(_Strict):
@@ -525,13 +571,17 @@ class StudyConfig(_Strict):
     seed: int = 0
     points_to_evaluate: Literal["paper", "paper+baseline", "none"] | list[dict[str, Any]] = "paper"
     max_failures: int = Field(3, ge=0, description="retries of a crashed trial, from its last checkpoint")
-    seeds: int = Field(1, ge=1, description="trainings per point, seeds train.seed, +1, ...; "
-                                            "the trial's metric is their mean")
+    seeds: int = Field(
+        1, ge=1, description="trainings per point, seeds train.seed, +1, ...; the trial's metric is their mean"
+    )
     optuna_storage: str | None = Field(
-        None, description="Optuna RDB URL (default: optuna.db beside a SQLite MLflow store, else in storage_path)")
+        None, description="Optuna RDB URL (default: optuna.db beside a SQLite MLflow store, else in storage_path)"
+    )
     trial_process: Literal["auto", "ray_train"] = Field(
-        "auto", description="auto: a 1-worker trial trains in its Tune trial's own process (fast "
-        "start), more workers use Ray Train; ray_train: every trial is a Ray Train run")
+        "auto",
+        description="auto: a 1-worker trial trains in its Tune trial's own process (fast "
+        "start), more workers use Ray Train; ray_train: every trial is a Ray Train run",
+    )
 
     @field_validator("search_space")
     @classmethod

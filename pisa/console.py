@@ -68,8 +68,10 @@ class StudyConsole(Callback):
         # a trial whose end is being reported still shows RUNNING in Tune's list
         running = sum(t.status == "RUNNING" and t.trial_id not in self.outcomes for t in trials)
         elapsed = time.time() - self.start
-        _say(f"progress: {done}/{self.total} trials done ({early} stopped early, {failed} failed), "
-             f"{running} running, elapsed {_fmt_time(elapsed)}, ETA {self._eta(elapsed, done)}")
+        _say(
+            f"progress: {done}/{self.total} trials done ({early} stopped early, {failed} failed), "
+            f"{running} running, elapsed {_fmt_time(elapsed)}, ETA {self._eta(elapsed, done)}"
+        )
 
     def _eta(self, elapsed: float, done: int) -> str:
         if done >= self.total:
@@ -92,8 +94,13 @@ class StudyConsole(Callback):
 
             from .study import tune_space
 
-            self.table = TuneTerminalReporter(AirVerbosity.DEFAULT, num_samples=self.total, metric=self.metric,
-                                              mode=self.study.cfg.mode, config=tune_space(self.study))
+            self.table = TuneTerminalReporter(
+                AirVerbosity.DEFAULT,
+                num_samples=self.total,
+                metric=self.metric,
+                mode=self.study.cfg.mode,
+                config=tune_space(self.study),
+            )
             self.table.setup(start_time=self.start, total_samples=self.total)
             self.table._heartbeat_freq = 0  # this callback keeps the interval
             self.table._inferred_metric = ["epoch", self.metric, "train_loss"]  # not the first 4 keys
@@ -114,8 +121,10 @@ class StudyConsole(Callback):
             if trial.trial_id not in self.best or sign * value > sign * self.best[trial.trial_id]:
                 self.best[trial.trial_id] = float(value)
         shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
-        _say(f"{self._label(trial)} epoch {epoch}/{self.max_epochs}: {self.metric} {shown} "
-             f"(train {result.get('time_train_s', 0.0):.1f} s, eval {result.get('time_eval_s', 0.0):.1f} s)")
+        _say(
+            f"{self._label(trial)} epoch {epoch}/{self.max_epochs}: {self.metric} {shown} "
+            f"(train {result.get('time_train_s', 0.0):.1f} s, eval {result.get('time_eval_s', 0.0):.1f} s)"
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         epochs = self.epochs.get(trial.trial_id, 0)
@@ -126,8 +135,10 @@ class StudyConsole(Callback):
             _say(f"{self._label(trial)} finished {epochs} epochs: {best_text}")
         else:
             self.outcomes[trial.trial_id] = "stopped early"
-            _say(f"{self._label(trial)} stopped early by {self.study.cfg.scheduler.type} after epoch "
-                 f"{epochs}: {best_text}")
+            _say(
+                f"{self._label(trial)} stopped early by {self.study.cfg.scheduler.type} after epoch "
+                f"{epochs}: {best_text}"
+            )
         self._progress(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from .accel import (DevicePlan, apply_channels_last, convert_sync_batchnorm, make_grad_scaler,
-                    optimizer_step, plan_for)
+from .accel import DevicePlan, apply_channels_last, convert_sync_batchnorm, make_grad_scaler, optimizer_step, plan_for
 from .config import ExperimentConfig
 from .errors import NonFiniteLossError
 
@@ -55,13 +54,12 @@ def build_optimizer(model: nn.Module, schedule: dict[str, Any]) -> torch.optim.O
     """SGD as in the paper; no weight decay on norms and biases."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 else decay).append(p)
     return torch.optim.SGD(
-        [{"params": decay, "weight_decay": schedule["weight_decay"]},
-         {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": schedule["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
         lr=schedule["scaled_lr"],
         momentum=schedule["momentum"],
     )
@@ -93,8 +91,7 @@ def _to_device(images, targets, device):
     """Per-image tensors stay 3-D: the model batches them (and sets their memory format)."""
     images = [img.to(device, non_blocking=True) for img in images]
     targets = [
-        {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
-        for t in targets
+        {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets
     ]
     return images, targets
 
@@ -130,8 +127,7 @@ def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int, rank: int,
-                          stall: str | None = None) -> None:
+def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int, rank: int, stall: str | None = None) -> None:
     """Fault injection for tests: 'EPOCH:ITER:MARKER' kills rank 0 once, mid-epoch; `stall`
     ('EPOCH:ITER:PIDFILE') makes rank 0 write its pid and wait there once, for a test to
     SIGKILL it from outside."""
@@ -175,11 +171,17 @@ def build_train_loader(dataset, cfg: ExperimentConfig, rank: int, world: int, pl
 
     from .data import collate_fn
 
-    sampler: DistributedSampler[Any] = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg.train.seed, drop_last=False)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=False
+    )
     return DataLoader(
-        dataset, batch_size=cfg.train.images_per_worker, sampler=sampler, collate_fn=collate_fn,
-        num_workers=cfg.data.num_workers, generator=torch.Generator(), drop_last=False,
+        dataset,
+        batch_size=cfg.train.images_per_worker,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=cfg.data.num_workers,
+        generator=torch.Generator(),
+        drop_last=False,
         pin_memory=plan.pin_memory,  # pinned host memory: the non_blocking copies overlap
     )
 
@@ -194,8 +196,9 @@ def seed_loader_for_epoch(loader, seed: int, epoch: int, rank: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, device, rank: int, world: int, batch_size: int,
-             iou_types: tuple[str, ...]) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, dataset, device, rank: int, world: int, batch_size: int, iou_types: tuple[str, ...]
+) -> dict[str, float]:
     """COCO metrics of the whole val set: each rank predicts a strided shard."""
     from .evaluation import encode_masks, evaluate_coco, gather_predictions
 
@@ -205,7 +208,7 @@ def evaluate(model: nn.Module, dataset, device, rank: int, world: int, batch_siz
     indices = list(range(rank, len(dataset), world))
     preds: list[dict[str, Any]] = []
     for start in range(0, len(indices), batch_size):
-        items = [dataset[i] for i in indices[start:start + batch_size]]
+        items = [dataset[i] for i in indices[start : start + batch_size]]
         images = [img.to(device) for img, _ in items]
         outputs = net(images)
         for (_, target), out in zip(items, outputs):
@@ -225,8 +228,17 @@ def evaluate(model: nn.Module, dataset, device, rank: int, world: int, batch_siz
 # ---------------------------------------------------------------- checkpoint
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, scaler, epoch: int,
-                    iteration: int, cfg: ExperimentConfig, metrics: dict[str, float]) -> Path:
+def save_checkpoint(
+    directory: Path,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    epoch: int,
+    iteration: int,
+    cfg: ExperimentConfig,
+    metrics: dict[str, float],
+) -> Path:
     state = {
         "model": _unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -288,9 +300,7 @@ def run_worker(config: dict[str, Any], session: TrainSession) -> None:
     optimizer = build_optimizer(model, schedule)
     loader = build_train_loader(train_set, cfg, rank, world, plan)
     iters_per_epoch = len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, iters_per_epoch, schedule)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, iters_per_epoch, schedule))
     scaler = make_grad_scaler(plan)
 
     start_epoch, iteration = 0, 0
@@ -313,12 +323,14 @@ def run_worker(config: dict[str, Any], session: TrainSession) -> None:
 
     epochs = schedule["epochs"]
     if rank == 0:
-        _log(f"{cfg.model.detector}/{cfg.model.backbone} sampler={cfg.model.sampler} "
-             f"isr_p={cfg.model.isr_p.enabled} carl={cfg.model.carl.enabled}: {len(train_set)} train / "
-             f"{len(val_set)} val images, {world} worker(s) x {cfg.train.images_per_worker} img, "
-             f"lr {schedule['scaled_lr']:.4g}, {epochs} epochs x {iters_per_epoch} iters on {device} "
-             f"(amp {plan.autocast_dtype or 'off'}, channels_last {plan.channels_last}, "
-             f"sync BN {plan.sync_batchnorm}, {cfg.data.num_workers} loader workers)")
+        _log(
+            f"{cfg.model.detector}/{cfg.model.backbone} sampler={cfg.model.sampler} "
+            f"isr_p={cfg.model.isr_p.enabled} carl={cfg.model.carl.enabled}: {len(train_set)} train / "
+            f"{len(val_set)} val images, {world} worker(s) x {cfg.train.images_per_worker} img, "
+            f"lr {schedule['scaled_lr']:.4g}, {epochs} epochs x {iters_per_epoch} iters on {device} "
+            f"(amp {plan.autocast_dtype or 'off'}, channels_last {plan.channels_last}, "
+            f"sync BN {plan.sync_batchnorm}, {cfg.data.num_workers} loader workers)"
+        )
     faults = config.get("faults") or {}
     inject_nan_at, kill_at, stall_at = faults.get("nan_at"), faults.get("kill_at"), faults.get("stall_at")
 
@@ -353,16 +365,20 @@ def run_worker(config: dict[str, Any], session: TrainSession) -> None:
             sums["loss"] += float(loss.detach())
             for k, v in losses.items():
                 sums[k] += float(v.detach())
-            if rank == 0 and cfg.model.diagnostics and (
-                (step + 1) % cfg.train.log_every == 0 or step + 1 == iters_per_epoch
+            if (
+                rank == 0
+                and cfg.model.diagnostics
+                and ((step + 1) % cfg.train.log_every == 0 or step + 1 == iters_per_epoch)
             ):  # once per logging interval (and at the epoch's end): the copy syncs the GPU
                 _read_diagnostics(model, diag)
             if rank == 0 and (step + 1) % cfg.train.log_every == 0:
                 elapsed = time.perf_counter() - t_epoch
                 remaining = (iters_per_epoch - step - 1) + (epochs - epoch - 1) * iters_per_epoch
-                _log(f"epoch {epoch + 1}/{epochs} iter {step + 1}/{iters_per_epoch} "
-                     f"loss {sums['loss'] / n_steps:.4f} lr {optimizer.param_groups[0]['lr']:.4g} "
-                     f"{n_images * world / elapsed:.1f} img/s eta {_fmt_eta(elapsed / (step + 1) * remaining)}")
+                _log(
+                    f"epoch {epoch + 1}/{epochs} iter {step + 1}/{iters_per_epoch} "
+                    f"loss {sums['loss'] / n_steps:.4f} lr {optimizer.param_groups[0]['lr']:.4g} "
+                    f"{n_images * world / elapsed:.1f} img/s eta {_fmt_eta(elapsed / (step + 1) * remaining)}"
+                )
         train_time = time.perf_counter() - t_epoch
         metrics = {f"train_{k}" if k != "loss" else "train_loss": v / max(1, n_steps) for k, v in sums.items()}
         metrics = _all_reduce_mean(metrics)
@@ -381,8 +397,10 @@ def run_worker(config: dict[str, Any], session: TrainSession) -> None:
             metrics[f"pisa_{k}_mean"] = float(v.mean())
             metrics[f"pisa_{k}_max"] = float(v.max())
         if rank == 0:
-            _log(f"epoch {epoch + 1}/{epochs} done: loss {metrics.get('train_loss', float('nan')):.4f} "
-                 f"bbox_mAP {metrics.get('bbox_mAP', 0.0):.4f} ({train_time:.1f}s train)")
+            _log(
+                f"epoch {epoch + 1}/{epochs} done: loss {metrics.get('train_loss', float('nan')):.4f} "
+                f"bbox_mAP {metrics.get('bbox_mAP', 0.0):.4f} ({train_time:.1f}s train)"
+            )
         if rank == 0:
             with tempfile.TemporaryDirectory(prefix="pisa-ckpt-") as tmp:
                 save_checkpoint(Path(tmp), model, optimizer, scheduler, scaler, epoch, iteration, cfg, metrics)
@@ -391,4 +409,3 @@ def run_worker(config: dict[str, Any], session: TrainSession) -> None:
                 session.report(metrics, Path(tmp))
         else:
             session.report(metrics, None)
-

@@ -22,7 +22,8 @@ import io
 import logging
 import math
 import re
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +46,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = (
-    "mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l",
-    "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l",
+    "mAP",
+    "mAP_50",
+    "mAP_75",
+    "mAP_s",
+    "mAP_m",
+    "mAP_l",
+    "AR_1",
+    "AR_10",
+    "AR_100",
+    "AR_s",
+    "AR_m",
+    "AR_l",
 )
 """Names of COCOeval.stats[0..11], in order."""
 
@@ -119,12 +130,14 @@ def predictions_to_coco_results(
             if len(boxes) != len(scores):
                 raise ValueError(f"image id {image_id}: {len(boxes)} boxes but {len(scores)} scores")
             for (x1, y1, x2, y2), cat, score in zip(boxes.tolist(), cat_ids, scores.tolist()):
-                results.append({
-                    "image_id": image_id,
-                    "category_id": cat,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "score": score,
-                })
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": cat,
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "score": score,
+                    }
+                )
         elif "rles" in pred:
             rles = pred["rles"]
             if len(rles) != len(scores):
@@ -149,12 +162,14 @@ def predictions_to_coco_results(
             rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
             for rle, cat, score in zip(rles, cat_ids, scores.tolist()):
                 rle["counts"] = rle["counts"].decode("ascii")
-                results.append({
-                    "image_id": image_id,
-                    "category_id": cat,
-                    "segmentation": rle,
-                    "score": score,
-                })
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": cat,
+                        "segmentation": rle,
+                        "score": score,
+                    }
+                )
     return results
 
 
@@ -284,9 +299,7 @@ def gather_predictions(preds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [seen[k] for k in sorted(seen)]
 
 
-def rescale_prediction(
-    pred: dict[str, Any], from_size: Sequence[int], to_size: Sequence[int]
-) -> dict[str, Any]:
+def rescale_prediction(pred: dict[str, Any], from_size: Sequence[int], to_size: Sequence[int]) -> dict[str, Any]:
     """Map a prediction made on an image of `from_size` (H, W) to `to_size` (H, W).
 
     Needed when the data pipeline shrank the image (`max_size`): boxes are scaled and masks

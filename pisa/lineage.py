@@ -60,8 +60,7 @@ def _git_commit(path: Path) -> str | None:
     import subprocess
 
     try:
-        proc = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
+        proc = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout.strip() or None if proc.returncode == 0 else None
@@ -88,8 +87,14 @@ class DatasetSummary:
     num_classes: int
 
     def profile(self) -> str:
-        return json.dumps({"num_images": self.num_images, "num_images_in_file": self.num_images_in_file,
-                           "num_annotations": self.num_annotations, "num_classes": self.num_classes})
+        return json.dumps(
+            {
+                "num_images": self.num_images,
+                "num_images_in_file": self.num_images_in_file,
+                "num_annotations": self.num_annotations,
+                "num_classes": self.num_classes,
+            }
+        )
 
 
 @functools.lru_cache(maxsize=32)
@@ -98,8 +103,13 @@ def _annotation_stats(path: str, mtime_ns: int) -> tuple[str, int, int, int, lis
     raw = Path(path).read_bytes()
     digest = hashlib.sha256(raw).hexdigest()[:DIGEST_CHARS]
     data = json.loads(raw)
-    return (digest, len(data.get("images", [])), len(data.get("annotations", [])),
-            len(data.get("categories", [])), sorted(int(i["id"]) for i in data.get("images", [])))
+    return (
+        digest,
+        len(data.get("images", [])),
+        len(data.get("annotations", [])),
+        len(data.get("categories", [])),
+        sorted(int(i["id"]) for i in data.get("images", [])),
+    )
 
 
 def summarize_dataset(annotations: Path, images: Path, split: str, limit: int | None) -> DatasetSummary:
@@ -109,8 +119,15 @@ def summarize_dataset(annotations: Path, images: Path, split: str, limit: int | 
     if used != n_images:  # a subset is another dataset: the digest says which
         digest = hashlib.sha256(f"{digest}:first{used}".encode()).hexdigest()[:DIGEST_CHARS]
     name = f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
-    return DatasetSummary(name=name, source=str(path), digest=digest, num_images=used,
-                          num_images_in_file=n_images, num_annotations=n_anns, num_classes=n_classes)
+    return DatasetSummary(
+        name=name,
+        source=str(path),
+        digest=digest,
+        num_images=used,
+        num_images_in_file=n_images,
+        num_annotations=n_anns,
+        num_classes=n_classes,
+    )
 
 
 def log_datasets(uri: str, run_id: str, data_cfg) -> list[DatasetSummary]:
@@ -124,11 +141,13 @@ def log_datasets(uri: str, run_id: str, data_cfg) -> list[DatasetSummary]:
         ann = Path(getattr(data_cfg, f"{split}_annotations"))
         if not ann.exists():
             continue
-        s = summarize_dataset(ann, Path(getattr(data_cfg, f"{split}_images")), split,
-                              getattr(data_cfg, f"{split}_limit"))
+        s = summarize_dataset(
+            ann, Path(getattr(data_cfg, f"{split}_images")), split, getattr(data_cfg, f"{split}_limit")
+        )
         summaries.append(s)
-        entity = Dataset(name=s.name, digest=s.digest, source_type="local",
-                         source=json.dumps({"uri": s.source}), profile=s.profile())
+        entity = Dataset(
+            name=s.name, digest=s.digest, source_type="local", source=json.dumps({"uri": s.source}), profile=s.profile()
+        )
         inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", split)]))
     if inputs:
         try:
@@ -148,8 +167,7 @@ class SystemMetrics:
     wakes it at once); without a GPU or nvidia-ml-py the GPU part is simply left out.
     """
 
-    def __init__(self, uri: str, run_id: str, interval: float = SYSTEM_METRICS_INTERVAL_S,
-                 resume: bool = False):
+    def __init__(self, uri: str, run_id: str, interval: float = SYSTEM_METRICS_INTERVAL_S, resume: bool = False):
         self.monitor = None
         if interval <= 0:
             return
@@ -157,8 +175,9 @@ class SystemMetrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
-            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1,
-                                                resume_logging=resume, tracking_uri=uri)
+            self.monitor = SystemMetricsMonitor(
+                run_id, sampling_interval=interval, samples_before_logging=1, resume_logging=resume, tracking_uri=uri
+            )
             self.monitor.start()
         except Exception as exc:  # psutil missing, odd platform: the run goes on without
             log.warning("system metrics off for run %s: %s", run_id, exc)
@@ -171,4 +190,3 @@ class SystemMetrics:
             except Exception as exc:  # pragma: no cover
                 log.warning("system metrics not flushed: %s", exc)
             self.monitor = None
-

@@ -29,7 +29,7 @@ STORAGE_FILE = "optuna.db"
 def default_storage_url(mlflow_uri: str, storage_path: str | Path) -> str | None:
     """optuna.db beside a SQLite MLflow store, else in a local `storage_path`; None if neither."""
     if mlflow_uri.startswith("sqlite:///"):
-        return f"sqlite:///{Path(mlflow_uri[len('sqlite:///'):]).resolve().parent / STORAGE_FILE}"
+        return f"sqlite:///{Path(mlflow_uri[len('sqlite:///') :]).resolve().parent / STORAGE_FILE}"
     parsed = urlparse(str(storage_path))
     if parsed.scheme in ("", "file"):
         path = Path(parsed.path if parsed.scheme == "file" else str(storage_path)).resolve()
@@ -44,9 +44,10 @@ def open_storage(url: str | None):
     import optuna
 
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}
-                                      if not url.startswith("sqlite") else None)
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None
+    )
 
 
 class PruningOptunaSearch(OptunaSearch):
@@ -81,8 +82,13 @@ class PruningOptunaSearch(OptunaSearch):
             self._report_intermediate(trial_id, result)
 
         stopped_at = (result or {}).get(self._time_attr)
-        early = (not error and stopped_at is not None and int(stopped_at) < self._max_t
-                 and trial_id in self._ot_trials and trial_id not in self._completed_trials)
+        early = (
+            not error
+            and stopped_at is not None
+            and int(stopped_at) < self._max_t
+            and trial_id in self._ot_trials
+            and trial_id not in self._completed_trials
+        )
         if not early:
             return super().on_trial_complete(trial_id, result=result, error=error)
         ot_trial = self._ot_trials[trial_id]

@@ -63,10 +63,9 @@ class Detector:
         """Float CHW images in [0, 1] -> their detections with score >= `score_thr`."""
         out: list[Detections] = []
         for start in range(0, len(images), batch_size):
-            for raw in self.model(images[start:start + batch_size]):
+            for raw in self.model(images[start : start + batch_size]):
                 keep = raw["scores"] >= score_thr
-                out.append(Detections(raw["boxes"][keep].cpu(), raw["labels"][keep].cpu(),
-                                      raw["scores"][keep].cpu()))
+                out.append(Detections(raw["boxes"][keep].cpu(), raw["labels"][keep].cpu(), raw["scores"][keep].cpu()))
         return out
 
 
@@ -140,9 +139,10 @@ def _resolved_uri(tracking_uri: str | None, ref: str) -> str:
     from .config import TrackingConfig
 
     uri = tracking_uri or TrackingConfig().resolved_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        raise PredictInputError(f"model {ref!r}: no MLflow store at {uri[len('sqlite:///'):]} "
-                                f"(give --tracking-uri or MLFLOW_TRACKING_URI)")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        raise PredictInputError(
+            f"model {ref!r}: no MLflow store at {uri[len('sqlite:///') :]} (give --tracking-uri or MLFLOW_TRACKING_URI)"
+        )
     return uri
 
 
@@ -223,9 +223,14 @@ def coco_results(detector: Detector, ids: list[int], detections: list[Detections
     for image_id, det in zip(ids, detections):
         for box, label, score in zip(det.boxes.tolist(), det.labels.tolist(), det.scores.tolist()):
             x1, y1, x2, y2 = box
-            out.append({"image_id": int(image_id), "category_id": detector.category_id(int(label)),
-                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                        "score": round(float(score), 5)})
+            out.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": detector.category_id(int(label)),
+                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                    "score": round(float(score), 5),
+                }
+            )
     return out
 
 
@@ -250,8 +255,15 @@ def draw(detector: Detector, image: torch.Tensor, det: Detections, out: Path) ->
     palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
     colors = [palette[(int(label) - 1) % len(palette)] for label in det.labels]
     width = max(1, round(max(image.shape[-2:]) / 300))
-    drawn = draw_bounding_boxes(pixels, det.boxes, labels=labels, colors=colors or None, width=width,
-                                font=_label_font(), font_size=max(12, width * 7))
+    drawn = draw_bounding_boxes(
+        pixels,
+        det.boxes,
+        labels=labels,
+        colors=colors or None,
+        width=width,
+        font=_label_font(),
+        font_size=max(12, width * 7),
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     write_png(drawn, str(out))
     return out
@@ -264,9 +276,16 @@ class PredictionRun:
     num_images: int
 
 
-def predict_files(model: str, images: list[str], *, out: str | None = None, draw_dir: str | None = None,
-                  score_thr: float = 0.05, annotations: str | None = None,
-                  tracking_uri: str | None = None) -> PredictionRun:
+def predict_files(
+    model: str,
+    images: list[str],
+    *,
+    out: str | None = None,
+    draw_dir: str | None = None,
+    score_thr: float = 0.05,
+    annotations: str | None = None,
+    tracking_uri: str | None = None,
+) -> PredictionRun:
     """`pisa predict`: every input is checked before the model runs."""
     if not 0.0 <= score_thr <= 1.0:
         raise PredictInputError(f"--score-thr {score_thr}: must be in [0, 1]")

@@ -51,13 +51,15 @@ class PisaDetectorModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined
         rows = []
         for det in self.detector.predict(images, score_thr=score_thr):
             labels = [int(v) for v in det.labels.tolist()]
-            rows.append({
-                "boxes": [[float(x) for x in box] for box in det.boxes.tolist()],
-                "labels": labels,
-                "category_ids": [self.detector.category_id(v) for v in labels],
-                "names": [self.detector.name_of(v) for v in labels],
-                "scores": [float(s) for s in det.scores.tolist()],
-            })
+            rows.append(
+                {
+                    "boxes": [[float(x) for x in box] for box in det.boxes.tolist()],
+                    "labels": labels,
+                    "category_ids": [self.detector.category_id(v) for v in labels],
+                    "names": [self.detector.name_of(v) for v in labels],
+                    "scores": [float(s) for s in det.scores.tolist()],
+                }
+            )
         return pd.DataFrame(rows, columns=["boxes", "labels", "category_ids", "names", "scores"])
 
 
@@ -143,9 +145,12 @@ def log_detector_model(uri: str, run_id: str, checkpoint: str | Path, model_name
         signature = infer_signature(example, output, params={"score_thr": 0.0})
         with _tracking(uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name=ARTIFACT_NAME, python_model=PisaDetectorModel(),
+                name=ARTIFACT_NAME,
+                python_model=PisaDetectorModel(),
                 artifacts={"weights": str(weights), "config": str(config), "classes": str(classes)},
-                signature=signature, input_example=example, pip_requirements=_requirements(),
+                signature=signature,
+                input_example=example,
+                pip_requirements=_requirements(),
                 registered_model_name=model_name or None,
                 metadata={"classes": [c.name for c in detector.categories]},
             )
@@ -200,7 +205,8 @@ def register_run(uri: str, run_id: str, model_name: str) -> RegisteredModel:
             local = tracking.client(uri).download_artifacts(run_id, "checkpoint", tmp)
         except Exception:
             raise PredictInputError(
-                f"run {run_id}: no checkpoint/ artifact to register (was tracking.log_checkpoint off?)") from None
+                f"run {run_id}: no checkpoint/ artifact to register (was tracking.log_checkpoint off?)"
+            ) from None
         registered = log_detector_model(uri, run_id, local, model_name)
     assert registered is not None
     return registered
@@ -216,9 +222,9 @@ def logged_model_uri(uri: str, run_id: str) -> str | None:
     with _tracking(uri):
         try:
             experiment_id = tracking.client(uri).get_run(run_id).info.experiment_id
-            models = mlflow.search_logged_models(experiment_ids=[experiment_id],
-                                                 filter_string=f"source_run_id = '{run_id}'",
-                                                 output_format="list")
+            models = mlflow.search_logged_models(
+                experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
+            )
         except Exception:
             return None
     for m in models:

@@ -15,16 +15,25 @@ from typing import Any
 
 from . import tracking
 
-CONTOUR_PAIRS = [("model.isr_p.k", "model.isr_p.bias"), ("model.carl.k", "model.carl.bias"),
-                 ("model.isr_n.k", "model.isr_n.bias")]
+CONTOUR_PAIRS = [
+    ("model.isr_p.k", "model.isr_p.bias"),
+    ("model.carl.k", "model.carl.bias"),
+    ("model.isr_n.k", "model.isr_n.bias"),
+]
 
 
 def trials_rows(outcome) -> list[dict[str, Any]]:
     keys = sorted({k for t in outcome.trials for k in t.params})
     rows = []
     for rank, t in enumerate(outcome.trials, 1):
-        row = {"rank": rank, "trial": t.trial_id, "status": t.status, "epochs": t.epochs,
-               "metric": t.metric, "run_id": t.run_id}
+        row = {
+            "rank": rank,
+            "trial": t.trial_id,
+            "status": t.status,
+            "epochs": t.epochs,
+            "metric": t.metric,
+            "run_id": t.run_id,
+        }
         row.update({k: t.params.get(k) for k in keys})
         if t.seed_values:
             row["seed_values"] = " ".join(f"{s}:{v:.6g}" for s, v in sorted(t.seed_values.items()))
@@ -36,7 +45,9 @@ def trials_rows(outcome) -> list[dict[str, Any]]:
 
 def write_table(outcome, out_dir: Path) -> list[Path]:
     rows = trials_rows(outcome)
-    fields = sorted({k for r in rows for k in r}, key=lambda k: (list(rows[0]).index(k) if rows and k in rows[0] else 99, k))
+    fields = sorted(
+        {k for r in rows for k in r}, key=lambda k: (list(rows[0]).index(k) if rows and k in rows[0] else 99, k)
+    )
     csv_path = out_dir / "trials.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -104,8 +115,11 @@ def write_plots(outcome, study, out_dir: Path) -> list[Path]:
     if len(ostudy.trials) >= 2 and len(study.cfg.search_space) >= 1:
         try:
             ax = ovm.plot_param_importances(
-                ostudy, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
-                if hasattr(optuna.importance, "PedAnovaImportanceEvaluator") else None)
+                ostudy,
+                evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+                if hasattr(optuna.importance, "PedAnovaImportanceEvaluator")
+                else None,
+            )
             path = out_dir / "param_importances.png"
             ax.figure.tight_layout()
             ax.figure.savefig(path, dpi=90)
@@ -139,7 +153,9 @@ def log_study_report(outcome, study) -> list[str]:
         tracking.log_artifacts(outcome.tracking_uri, outcome.parent_run_id, files, "report")
         best = outcome.best
         if best is not None and best.metric is not None:
-            tracking.log_metrics(outcome.tracking_uri, outcome.parent_run_id, {f"best_{study.cfg.metric}": best.metric}, 0)
+            tracking.log_metrics(
+                outcome.tracking_uri, outcome.parent_run_id, {f"best_{study.cfg.metric}": best.metric}, 0
+            )
             tracking.set_tags(outcome.tracking_uri, outcome.parent_run_id, {"pisa.best_run_id": best.run_id})
         return [f.name for f in files]
 
@@ -153,14 +169,23 @@ def format_ranking(outcome, metric: str, limit: int | None = None) -> str:
     table = Table(title=f"study {outcome.name}: trials ranked by {metric}")
     seeded = any(t.seed_values for t in outcome.trials)
     extra = ["per seed"] if seeded else []
-    for col in ["#", "trial", "status", "epochs", metric + (" (seed mean)" if seeded else "")] + extra \
-            + [k.replace("model.", "") for k in keys]:
+    for col in (
+        ["#", "trial", "status", "epochs", metric + (" (seed mean)" if seeded else "")]
+        + extra
+        + [k.replace("model.", "") for k in keys]
+    ):
         table.add_column(col)
     for rank, t in enumerate(outcome.trials[:limit] if limit else outcome.trials, 1):
         per_seed = [" ".join(f"{v:.4f}" for _, v in sorted(t.seed_values.items())) or "-"] if seeded else []
-        table.add_row(str(rank), t.trial_id, t.status, str(t.epochs),
-                      "-" if t.metric is None else f"{t.metric:.4f}", *per_seed,
-                      *[_fmt(t.params.get(k)) for k in keys])
+        table.add_row(
+            str(rank),
+            t.trial_id,
+            t.status,
+            str(t.epochs),
+            "-" if t.metric is None else f"{t.metric:.4f}",
+            *per_seed,
+            *[_fmt(t.params.get(k)) for k in keys],
+        )
     buf = io.StringIO()
     Console(file=buf, width=200, force_terminal=False, color_system=None).print(table)
     return buf.getvalue()

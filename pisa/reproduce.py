@@ -29,9 +29,11 @@ def run_config_text(uri: str, run_id: str) -> str:
 
 def write_best(uri: str, run_id: str, out: str | Path, metric: str, value: float | None) -> Path:
     text = run_config_text(uri, run_id)
-    header = (f"# pisa-source: run_id={run_id} tracking_uri={uri}\n"
-              f"# best trial of its study by {metric}: {value}\n"
-              f"# reproduce with: pisa reproduce {Path(out).name}\n")
+    header = (
+        f"# pisa-source: run_id={run_id} tracking_uri={uri}\n"
+        f"# best trial of its study by {metric}: {value}\n"
+        f"# reproduce with: pisa reproduce {Path(out).name}\n"
+    )
     out = Path(out)
     out.write_text(header + text)
     return out
@@ -47,8 +49,9 @@ def _history_at(uri: str, run_id: str, key: str, step: int | None) -> float | No
     return at[-1].value if at else None
 
 
-def reproduce(source: str, *, tracking_uri: str | None = None, address: str | None = None,
-              overrides: list[str] | None = None) -> dict[str, Any]:
+def reproduce(
+    source: str, *, tracking_uri: str | None = None, address: str | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
     """Retrain a run's config (same seed) as a new, linked MLflow run; compare metrics."""
     from .train import run_training
 
@@ -70,9 +73,10 @@ def reproduce(source: str, *, tracking_uri: str | None = None, address: str | No
         cfg = parse_config(data, source=f"run {original}")
     tags = {"pisa.kind": "reproduce"}
     if original:
-        tags.update({"pisa.reproduces": original,
-                     "mlflow.note.content": f"Reproduction of run {original} ({uri})"})
-    outcome = run_training(cfg, address=address, run_name=f"reproduce {original[:8] if original else path.stem}", tags=tags)
+        tags.update({"pisa.reproduces": original, "mlflow.note.content": f"Reproduction of run {original} ({uri})"})
+    outcome = run_training(
+        cfg, address=address, run_name=f"reproduce {original[:8] if original else path.stem}", tags=tags
+    )
     rows = []
     new_uri = cfg.tracking.resolved_uri()
     epochs_orig = None
@@ -83,8 +87,9 @@ def reproduce(source: str, *, tracking_uri: str | None = None, address: str | No
 
     # a multi-seed trial logs the seed mean; its own value for this seed is `seed_<S>/<key>`
     # (the study metric only): compare with that, and not with means of other metrics
-    multi_seed = bool(original and uri and [k for k in tracking.client(uri).get_run(original).data.metrics
-                                            if k.startswith("seed_")])
+    multi_seed = bool(
+        original and uri and [k for k in tracking.client(uri).get_run(original).data.metrics if k.startswith("seed_")]
+    )
     for key in COMPARED:
         new = _history_at(new_uri, outcome.run_id, key, epochs_orig) if outcome.run_id else None
         old = None
@@ -93,14 +98,22 @@ def reproduce(source: str, *, tracking_uri: str | None = None, address: str | No
         if (new is None and old is None) or (multi_seed and old is None):
             continue
         rows.append((key, old, new))
-    return {"run_id": outcome.run_id, "status": outcome.status, "original": original,
-            "epoch": epochs_orig, "rows": rows, "error": outcome.error}
+    return {
+        "run_id": outcome.run_id,
+        "status": outcome.status,
+        "original": original,
+        "epoch": epochs_orig,
+        "rows": rows,
+        "error": outcome.error,
+    }
 
 
 def format_comparison(result: dict[str, Any]) -> str:
-    lines = [f"original run {result['original'] or '-'} vs reproduction {result['run_id']} "
-             f"(at epoch {result['epoch'] or 'last'}):",
-             f"  {'metric':<14}{'original':>12}{'reproduced':>12}{'diff':>12}"]
+    lines = [
+        f"original run {result['original'] or '-'} vs reproduction {result['run_id']} "
+        f"(at epoch {result['epoch'] or 'last'}):",
+        f"  {'metric':<14}{'original':>12}{'reproduced':>12}{'diff':>12}",
+    ]
     for key, old, new in result["rows"]:
         diff = (new - old) if (old is not None and new is not None) else None
         lines.append(f"  {key:<14}{_f(old):>12}{_f(new):>12}{_f(diff):>12}")

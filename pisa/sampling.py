@@ -181,7 +181,7 @@ class ScoreHLRSampler:
         )
 
 
-def build_sampler(cfg: "ModelConfig"):
+def build_sampler(cfg: ModelConfig):
     """The sampler named by `cfg.sampler`, sized by `rois_per_image` and `pos_fraction`."""
     match cfg.sampler:
         case "random":
@@ -192,8 +192,6 @@ def build_sampler(cfg: "ModelConfig"):
             return OHEMSampler(cfg.rois_per_image, cfg.pos_fraction)
         case "score_hlr":
             n = cfg.isr_n
-            return ScoreHLRSampler(
-                cfg.rois_per_image, cfg.pos_fraction, n.k, n.bias, n.score_thr, n.iou_thr
-            )
+            return ScoreHLRSampler(cfg.rois_per_image, cfg.pos_fraction, n.k, n.bias, n.score_thr, n.iou_thr)
         case other:
             raise ValueError(f"unknown sampler {other!r}")

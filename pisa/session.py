@@ -70,7 +70,8 @@ class RayTrainSession:
         import ray.train.torch
 
         return ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters})
+            model, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters}
+        )
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 def t_cdf(t: float, df: int) -> float:
@@ -105,8 +105,9 @@ class Paired:
         return d.ci_low is not None and d.ci_high is not None and (d.ci_low > 0 or d.ci_high < 0)
 
 
-def paired(variant: dict[int, float], baseline: dict[int, float], confidence: float = 0.95,
-           mode: str = "max") -> Paired:
+def paired(
+    variant: dict[int, float], baseline: dict[int, float], confidence: float = 0.95, mode: str = "max"
+) -> Paired:
     """Paired difference per seed; `mode='min'` counts a lower value as a win."""
     seeds = tuple(sorted(set(variant) & set(baseline)))
     diffs = [variant[s] - baseline[s] for s in seeds]

@@ -24,9 +24,9 @@ from ray.tune import Callback
 
 from . import lineage, storage, tracking
 from .config import Choice, ConfigError, IntRange, LogUniform, flatten
+from .console import StudyConsole
 from .errors import BackboneLoadError, DataError, NonFiniteLossError, StudyError, find_pisa_error, one_line
 from .seeds import SEED_PREFIX, seed_key
-from .console import StudyConsole
 from .study_config import Study, load_study
 
 STATE_FILE = "pisa_study.json"
@@ -37,7 +37,6 @@ FAILED_MARK = "pisa_failed.txt"  # a trial that failed for a reason a restart ca
 FAULTS_ENV = "PISA_FAULTS"  # fault injection for recovery tests (JSON, see engine)
 # errors that fail the same way on every restart: the trial is not retried
 DETERMINISTIC_ERRORS = (NonFiniteLossError, DataError, BackboneLoadError)
-
 
 
 def trial_driver_resources() -> dict[str, float]:
@@ -132,8 +131,7 @@ def trial_params(study: Study, config: dict[str, Any]) -> dict[str, Any]:
 def trains_in_trial(study: Study) -> bool:
     """Whether the study's trials train in the Tune trial's own process (1 worker, 1 seed each;
     a point with several seeds drives one Ray Train run per seed)."""
-    return (study.cfg.trial_process == "auto" and study.cfg.resources_per_trial.workers == 1
-            and study.cfg.seeds == 1)
+    return study.cfg.trial_process == "auto" and study.cfg.resources_per_trial.workers == 1 and study.cfg.seeds == 1
 
 
 def run_trial(config: dict[str, Any], study: Study) -> None:
@@ -159,16 +157,22 @@ def run_trial(config: dict[str, Any], study: Study) -> None:
             from .session import TuneTrialSession
 
             # a restarted trial resumes from its latest Tune checkpoint (the session's)
-            run_worker({"experiment": exp.model_dump(mode="json"), "faults": faults or {}},
-                       TuneTrialSession(exp.train.use_gpu))
+            run_worker(
+                {"experiment": exp.model_dump(mode="json"), "faults": faults or {}}, TuneTrialSession(exp.train.use_gpu)
+            )
         else:
             from ray.tune.integration.ray_train import TuneReportCallback
 
             from .train import build_trainer
 
             # same name on a restart: Ray Train resumes from this trial's latest checkpoint
-            trainer = build_trainer(exp, name=trial_id, callbacks=[TuneReportCallback()], faults=faults,
-                                    checkpoint_score=(study.cfg.metric, study.cfg.mode))
+            trainer = build_trainer(
+                exp,
+                name=trial_id,
+                callbacks=[TuneReportCallback()],
+                faults=faults,
+                checkpoint_score=(study.cfg.metric, study.cfg.mode),
+            )
             trainer.fit()
     except Exception as exc:
         if isinstance(find_pisa_error(exc), DETERMINISTIC_ERRORS):
@@ -194,8 +198,9 @@ class MlflowStudyLogger(Callback):
         self.system_metrics: dict[str, lineage.SystemMetrics] = {}
 
     def setup(self, **info):
-        for run in tracking.find_runs(self.uri, self.study.base["tracking"]["experiment"],
-                                      f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"):
+        for run in tracking.find_runs(
+            self.uri, self.study.base["tracking"]["experiment"], f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
+        ):
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id:
                 self.runs[trial_id] = run.info.run_id
@@ -209,9 +214,17 @@ class MlflowStudyLogger(Callback):
         flat = exp.flat_params()
         label = ", ".join(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in params.items())
         run_id = tracking.start_run(
-            self.uri, exp.tracking.experiment, f"{trial.trial_id} {label}"[:250], params=flat,
-            tags={TRIAL_TAG: trial.trial_id, "pisa.study": self.study.name, "pisa.kind": "trial",
-                  "pisa.status": "running", "pisa.searched": ",".join(params)},
+            self.uri,
+            exp.tracking.experiment,
+            f"{trial.trial_id} {label}"[:250],
+            params=flat,
+            tags={
+                TRIAL_TAG: trial.trial_id,
+                "pisa.study": self.study.name,
+                "pisa.kind": "trial",
+                "pisa.status": "running",
+                "pisa.searched": ",".join(params),
+            },
             parent_run_id=self.parent_run_id,
         )
         from .train import config_yaml
@@ -241,8 +254,11 @@ class MlflowStudyLogger(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        metrics = {k: v for k, v in result.items()
-                   if k in _REPORTED or k.startswith(("bbox_", "segm_", "train_", "pisa_", SEED_PREFIX))}
+        metrics = {
+            k: v
+            for k, v in result.items()
+            if k in _REPORTED or k.startswith(("bbox_", "segm_", "train_", "pisa_", SEED_PREFIX))
+        }
         tracking.log_metrics(self.uri, run_id, metrics, step=epoch)
         self.last[trial.trial_id] = dict(result)
         value = result.get(self.study.cfg.metric)
@@ -269,8 +285,11 @@ class MlflowStudyLogger(Callback):
         if status == "stopped_early":
             tags["pisa.stopped_by"] = f"{self.study.cfg.scheduler.type} scheduler after epoch {epochs}"
         # the best epoch from MLflow's history: also right for a trial resumed mid-way
-        history = [m.value for m in tracking.client(self.uri).get_metric_history(run_id, self.study.cfg.metric)
-                   if math.isfinite(m.value)]
+        history = [
+            m.value
+            for m in tracking.client(self.uri).get_metric_history(run_id, self.study.cfg.metric)
+            if math.isfinite(m.value)
+        ]
         if history:
             value = max(history) if self.study.cfg.mode == "max" else min(history)
             tags[f"pisa.best_{self.study.cfg.metric}"] = f"{value:.6g}"
@@ -306,12 +325,16 @@ class MlflowStudyLogger(Callback):
             self._stop_system_metrics(trial_id)
         known = {t.trial_id for t in trials}
         c = tracking.client(self.uri)
-        for run in tracking.find_runs(self.uri, self.study.base["tracking"]["experiment"],
-                                      f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"):
+        for run in tracking.find_runs(
+            self.uri, self.study.base["tracking"]["experiment"], f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
+        ):
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id not in known and run.info.status == "RUNNING":
-                print(f"[pisa] removing MLflow run {run.info.run_id} of trial {trial_id}, lost with "
-                      f"the previous driver before it was saved (restarted as a new trial)", flush=True)
+                print(
+                    f"[pisa] removing MLflow run {run.info.run_id} of trial {trial_id}, lost with "
+                    f"the previous driver before it was saved (restarted as a new trial)",
+                    flush=True,
+                )
                 c.delete_run(run.info.run_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -376,14 +399,26 @@ def _state_path(study: Study) -> str:
 def _save_state(study: Study, parent_run_id: str, uri: str) -> None:
     """The study's bookkeeping and its resolved definition (overrides applied), so a resume
     needs neither the study file nor the `--set` items it was started with."""
-    storage.write_text(_state_path(study), json.dumps({
-        "name": study.name, "parent_run_id": parent_run_id, "tracking_uri": tracking.public_uri(uri),
-        "experiment": study.base["tracking"]["experiment"], "study_file": str(study.source),
-        "metric": study.cfg.metric, "mode": study.cfg.mode, "created": time.time(),
-        "num_samples": study.cfg.num_samples,
-        "optuna_storage": tracking.public_uri(optuna_url(study, uri) or "") or None,
-        "storage_path": study.base["storage_path"], "resolved": _redacted(study.resolved()),
-    }, indent=2))
+    storage.write_text(
+        _state_path(study),
+        json.dumps(
+            {
+                "name": study.name,
+                "parent_run_id": parent_run_id,
+                "tracking_uri": tracking.public_uri(uri),
+                "experiment": study.base["tracking"]["experiment"],
+                "study_file": str(study.source),
+                "metric": study.cfg.metric,
+                "mode": study.cfg.mode,
+                "created": time.time(),
+                "num_samples": study.cfg.num_samples,
+                "optuna_storage": tracking.public_uri(optuna_url(study, uri) or "") or None,
+                "storage_path": study.base["storage_path"],
+                "resolved": _redacted(study.resolved()),
+            },
+            indent=2,
+        ),
+    )
 
 
 def _redacted(data: Any) -> Any:
@@ -403,8 +438,7 @@ def load_state(name_or_dir: str, storage_path: str | Path = "ray_results") -> di
             state["dir"] = c
             return state
     raise StudyError(
-        f"no study {name_or_dir!r}: looked for {STATE_FILE} in "
-        + ", ".join(storage.display(c) for c in candidates)
+        f"no study {name_or_dir!r}: looked for {STATE_FILE} in " + ", ".join(storage.display(c) for c in candidates)
     )
 
 
@@ -429,8 +463,11 @@ def trial_resources(study: Study) -> dict[str, float]:
     if not trains_in_trial(study):
         return trial_driver_resources()
     res = study.cfg.resources_per_trial
-    return {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {}),
-            **res.resources_per_worker}
+    return {
+        "CPU": res.cpus_per_worker,
+        **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {}),
+        **res.resources_per_worker,
+    }
 
 
 def _trainable(study: Study):
@@ -453,12 +490,17 @@ def concurrent_trials(study: Study) -> int:
     need = cfg.seeds * workers
     have = int(ray.cluster_resources().get(kind, 0))
     if have < need:
-        raise ConfigError(f"{study.source}: seeds: {cfg.seeds} seeds x {workers} worker(s) train at once and "
-                          f"need {need} {kind}s; the Ray cluster has {have}")
+        raise ConfigError(
+            f"{study.source}: seeds: {cfg.seeds} seeds x {workers} worker(s) train at once and "
+            f"need {need} {kind}s; the Ray cluster has {have}"
+        )
     fits = min(cfg.max_concurrent_trials, have // need)
     if fits < cfg.max_concurrent_trials:
-        print(f"[pisa] {fits} trial(s) at a time, not {cfg.max_concurrent_trials}: each trains {cfg.seeds} seeds "
-              f"at once ({need} {kind}s) and the cluster has {have}", flush=True)
+        print(
+            f"[pisa] {fits} trial(s) at a time, not {cfg.max_concurrent_trials}: each trains {cfg.seeds} seeds "
+            f"at once ({need} {kind}s) and the cluster has {have}",
+            flush=True,
+        )
     return fits
 
 
@@ -466,36 +508,52 @@ def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
     from ray.tune.search import ConcurrencyLimiter, Searcher
+
     from .optuna_storage import PruningOptunaSearch, open_storage
 
     cfg = study.cfg
     epochs = int(study.experiment({}).train.resolved()["epochs"])
-    searcher: Searcher = PruningOptunaSearch(points_to_evaluate=study.initial_points() or None, seed=cfg.seed,
-                                   study_name=study.name, storage=open_storage(optuna_url(study, uri)),
-                                   time_attr="epoch", max_t=epochs)
+    searcher: Searcher = PruningOptunaSearch(
+        points_to_evaluate=study.initial_points() or None,
+        seed=cfg.seed,
+        study_name=study.name,
+        storage=open_storage(optuna_url(study, uri)),
+        time_attr="epoch",
+        max_t=epochs,
+    )
     searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrent_trials(study))
     if cfg.scheduler.type == "asha":
-        scheduler: TrialScheduler = ASHAScheduler(time_attr="epoch", max_t=epochs,
-                                  grace_period=min(cfg.scheduler.grace_period, epochs),
-                                  reduction_factor=cfg.scheduler.reduction_factor)
+        scheduler: TrialScheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=epochs,
+            grace_period=min(cfg.scheduler.grace_period, epochs),
+            reduction_factor=cfg.scheduler.reduction_factor,
+        )
     else:
         scheduler = FIFOScheduler()
     trainable = _trainable(study)
     return tune.Tuner(
         trainable,
         param_space=tune_space(study),
-        tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, search_alg=searcher,
-                                    scheduler=scheduler, num_samples=cfg.num_samples,
-                                    # a reused trial actor has torch and the data loaded already
-                                    reuse_actors=trains_in_trial(study)),
+        tune_config=tune.TuneConfig(
+            metric=cfg.metric,
+            mode=cfg.mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=cfg.num_samples,
+            # a reused trial actor has torch and the data loaded already
+            reuse_actors=trains_in_trial(study),
+        ),
         run_config=tune.RunConfig(
-            name=study.name, storage_path=study.base["storage_path"],
+            name=study.name,
+            storage_path=study.base["storage_path"],
             # the logger is saved with the experiment: no credentials in it (they're in the env)
-            callbacks=[MlflowStudyLogger(study, tracking.public_uri(uri), parent_run_id),
-                       StudyConsole(study, status_every_s=math.inf if verbose else STATUS_EVERY_S)],
+            callbacks=[
+                MlflowStudyLogger(study, tracking.public_uri(uri), parent_run_id),
+                StudyConsole(study, status_every_s=math.inf if verbose else STATUS_EVERY_S),
+            ],
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=study.experiment({}).train.keep_checkpoints),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=study.experiment({}).train.keep_checkpoints),
             # each trial's stdout/stderr in its directory under the Ray results directory
             log_to_file=True,
             verbose=1 if verbose else 0,
@@ -505,11 +563,8 @@ def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
 
 def run_study(study: Study, *, address: str | None = None, verbose: bool = False) -> StudyOutcome:
     """Run a study from the start; the tracking store is checked before any trial."""
-    from .train import init_ray, prepare_data, config_yaml
-
     from .cluster import check_cluster_setup
-
-    from .train import quiet_libraries
+    from .train import config_yaml, init_ray, prepare_data, quiet_libraries
 
     if not verbose:
         quiet_libraries()
@@ -526,12 +581,19 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
     concurrent_trials(study)  # a point that cannot fit the cluster fails before any run exists
     experiment = study.base["tracking"]["experiment"]
     parent = tracking.start_run(
-        uri, experiment, f"study {study.name}",
-        params={"study." + k: v for k, v in flatten(study.cfg.model_dump(mode="json", exclude={"experiment", "search_space"})).items()},
+        uri,
+        experiment,
+        f"study {study.name}",
+        params={
+            "study." + k: v
+            for k, v in flatten(study.cfg.model_dump(mode="json", exclude={"experiment", "search_space"})).items()
+        },
         tags={"pisa.kind": "study", "pisa.study": study.name},
     )
     tracking.log_text(uri, parent, study.source.read_text(), "study.yaml")
-    tracking.log_text(uri, parent, json.dumps(study.cfg.model_dump(mode="json")["search_space"], indent=2), "search_space.json")
+    tracking.log_text(
+        uri, parent, json.dumps(study.cfg.model_dump(mode="json")["search_space"], indent=2), "search_space.json"
+    )
     tracking.log_text(uri, parent, config_yaml(study.experiment({})), "base_config.yaml")
     _save_state(study, parent, uri)
     _print_start(study, uri)
@@ -541,16 +603,21 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
     return _fit_and_finish(study, tuner, uri, parent)
 
 
-def resume_study(name: str, *, storage_path: str | Path = "ray_results", address: str | None = None,
-                 retry_failed: bool = False, verbose: bool = False) -> StudyOutcome:
+def resume_study(
+    name: str,
+    *,
+    storage_path: str | Path = "ray_results",
+    address: str | None = None,
+    retry_failed: bool = False,
+    verbose: bool = False,
+) -> StudyOutcome:
     """Continue an interrupted study as it was started (its `--set` overrides included):
     finished trials stay, unfinished ones restart from their last checkpoint, failed ones
     stay failed unless `retry_failed` (then they continue from their last checkpoint)."""
     from ray import tune
 
-    from .train import init_ray
-
     from .cluster import check_cluster_setup
+    from .train import init_ray
 
     state = load_state(name, storage_path)
     study = study_from_state(state)
@@ -562,10 +629,14 @@ def resume_study(name: str, *, storage_path: str | Path = "ray_results", address
         _clear_failed_marks(study)
     tracking.client(uri).update_run(state["parent_run_id"], status="RUNNING")
     trainable = _trainable(study)
-    tuner = tune.Tuner.restore(state["dir"], trainable=trainable, resume_unfinished=True,
-                               resume_errored=retry_failed, restart_errored=False)
-    print(f"[pisa] resuming study {study.name} from {storage.display(state['dir'])}"
-          + (" (retrying failed trials)" if retry_failed else ""), flush=True)
+    tuner = tune.Tuner.restore(
+        state["dir"], trainable=trainable, resume_unfinished=True, resume_errored=retry_failed, restart_errored=False
+    )
+    print(
+        f"[pisa] resuming study {study.name} from {storage.display(state['dir'])}"
+        + (" (retrying failed trials)" if retry_failed else ""),
+        flush=True,
+    )
     return _fit_and_finish(study, tuner, uri, state["parent_run_id"])
 
 
@@ -583,10 +654,13 @@ def _clear_failed_marks(study: Study) -> None:
 
 def _print_start(study: Study, uri: str) -> None:
     cfg = study.cfg
-    print(f"[pisa] study {study.name}: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at a time, "
-          f"{cfg.scheduler.type} scheduler, metric {cfg.metric} ({cfg.mode})"
-          f"{f' = mean over seeds {study.seeds()}' if cfg.seeds > 1 else ''}; "
-          f"searching {', '.join(cfg.search_space)}", flush=True)
+    print(
+        f"[pisa] study {study.name}: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at a time, "
+        f"{cfg.scheduler.type} scheduler, metric {cfg.metric} ({cfg.mode})"
+        f"{f' = mean over seeds {study.seeds()}' if cfg.seeds > 1 else ''}; "
+        f"searching {', '.join(cfg.search_space)}",
+        flush=True,
+    )
     print(f"[pisa] MLflow: {tracking.redact(uri)}", flush=True)
     print(f"[pisa] storage: {storage.display(study_dir(study))}", flush=True)
     url = optuna_url(study, uri)
@@ -601,8 +675,7 @@ def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
         tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
-    outcome = collect(study.name, uri, study.base["tracking"]["experiment"], parent,
-                      study.cfg.metric, study.cfg.mode)
+    outcome = collect(study.name, uri, study.base["tracking"]["experiment"], parent, study.cfg.metric, study.cfg.mode)
     expected = study.cfg.num_samples
     done = [t for t in outcome.trials if t.status in ("finished", "stopped_early", "failed")]
     interrupted = interrupted or len(done) < expected
@@ -619,9 +692,11 @@ def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
         tracking.end_run(uri, parent, "KILLED")
     elif outcome.all_failed:
         error, count = outcome.most_common_error()
-        tracking.set_tags(uri, parent, {"pisa.status": "failed",
-                                        "pisa.error": f"all {len(outcome.trials)} trials failed; "
-                                                      f"{count} with: {error}"})
+        tracking.set_tags(
+            uri,
+            parent,
+            {"pisa.status": "failed", "pisa.error": f"all {len(outcome.trials)} trials failed; {count} with: {error}"},
+        )
         tracking.end_run(uri, parent, "FAILED")
     else:
         tracking.set_tags(uri, parent, {"pisa.status": "finished"})
@@ -638,15 +713,19 @@ def summarize_parent(uri: str, parent: str, outcome: StudyOutcome) -> None:
     c = tracking.client(uri)
     experiment_id = c.get_run(parent).info.experiment_id
     tracking.log_metrics(uri, parent, {f"best_{outcome.metric}": best.metric}, step=0)
-    tags = {"pisa.best_run_id": best.run_id, "pisa.best_trial": best.trial_id,
-            f"pisa.best_{outcome.metric}": f"{best.metric:.6g}",
-            **{f"best.{k}": v for k, v in best.params.items()}}
+    tags = {
+        "pisa.best_run_id": best.run_id,
+        "pisa.best_trial": best.trial_id,
+        f"pisa.best_{outcome.metric}": f"{best.metric:.6g}",
+        **{f"best.{k}": v for k, v in best.params.items()},
+    }
     params = ", ".join(f"`{k}` = {v}" for k, v in best.params.items())
     tags["mlflow.note.content"] = (
         f"**Best trial**: [{best.name or best.trial_id}](#/experiments/{experiment_id}/runs/{best.run_id}) "
         f"with {outcome.metric} = {best.metric:.4f} ({params}).\n\n"
         f"{sum(t.status != 'failed' for t in outcome.trials)} of {len(outcome.trials)} trials ran; "
-        f"use it with `pisa study best {outcome.name} --register`.")
+        f"use it with `pisa study best {outcome.name} --register`."
+    )
     tracking.set_tags(uri, parent, tags)
     try:  # params are write-once: a resumed study with a new winner keeps the tags only
         tracking.log_params(uri, parent, {f"best.{k}": v for k, v in best.params.items()})
@@ -685,16 +764,18 @@ def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]
         uri, parent = st["tracking_uri"], st["parent_run_id"]
         try:
             run = tracking.client(uri).get_run(parent)
-            status = ("running" if run.info.status == "RUNNING"
-                      else run.data.tags.get("pisa.status") or run.info.status.lower())
+            status = (
+                "running"
+                if run.info.status == "RUNNING"
+                else run.data.tags.get("pisa.status") or run.info.status.lower()
+            )
             outcome = collect(st["name"], uri, st["experiment"], parent, st["metric"], st["mode"])
             done = [t for t in outcome.trials if t.status in ("finished", "stopped_early", "failed")]
             failed = sum(t.status == "failed" for t in outcome.trials)
             best = outcome.best.metric if outcome.best else None
         except Exception as exc:  # an unreachable store must not hide the other studies
             status, done, failed, best = f"unknown ({type(exc).__name__})", [], 0, None
-        out.append(StudyListing(st["name"], status, len(done), failed, st.get("num_samples"),
-                                st["metric"], best, uri))
+        out.append(StudyListing(st["name"], status, len(done), failed, st.get("num_samples"), st["metric"], best, uri))
     return out
 
 
@@ -708,19 +789,33 @@ def collect(name: str, uri: str, experiment: str, parent: str, metric: str, mode
         best = tags.get(f"pisa.best_{metric}")
         value = float(best) if best is not None else run.data.metrics.get(metric)
         status = tags.get("pisa.status", "running")
-        trials.append(TrialSummary(
-            run_id=run.info.run_id, trial_id=tags.get(TRIAL_TAG, ""), name=run.info.run_name or "",
-            status=status, metric=value, epochs=int(float(tags.get("pisa.epochs", run.data.metrics.get("epoch", 0) or 0))),
-            params={k: run.data.params.get(k) for k in searched}, error=tags.get("pisa.error"),
-            seed_values={int(k): float(v) for k, v in json.loads(tags.get(SEED_VALUES_TAG, "{}")).items()},
-        ))
+        trials.append(
+            TrialSummary(
+                run_id=run.info.run_id,
+                trial_id=tags.get(TRIAL_TAG, ""),
+                name=run.info.run_name or "",
+                status=status,
+                metric=value,
+                epochs=int(float(tags.get("pisa.epochs", run.data.metrics.get("epoch", 0) or 0))),
+                params={k: run.data.params.get(k) for k in searched},
+                error=tags.get("pisa.error"),
+                seed_values={int(k): float(v) for k, v in json.loads(tags.get(SEED_VALUES_TAG, "{}")).items()},
+            )
+        )
     sign = -1 if mode == "max" else 1
-    trials.sort(key=lambda t: (t.status == "failed", t.metric is None,
-                               sign * (t.metric if t.metric is not None else 0.0)))
+    trials.sort(
+        key=lambda t: (t.status == "failed", t.metric is None, sign * (t.metric if t.metric is not None else 0.0))
+    )
     return StudyOutcome(name, parent, uri, trials, metric)
 
 
 def outcome_from_state(name: str, storage_path: str | Path = "ray_results") -> StudyOutcome:
     state = load_state(name, storage_path)
-    return collect(state["name"], state["tracking_uri"], state["experiment"], state["parent_run_id"],
-                   state["metric"], state["mode"])
+    return collect(
+        state["name"],
+        state["tracking_uri"],
+        state["experiment"],
+        state["parent_run_id"],
+        state["metric"],
+        state["mode"],
+    )

@@ -60,13 +60,16 @@ class Study:
 
     def resolved(self) -> dict[str, Any]:
         """Everything needed to rebuild this study without its file (saved with its state)."""
-        return {"study": self.cfg.model_dump(mode="json"), "base": self.base,
-                "source": str(self.source), "overrides": self.overrides}
+        return {
+            "study": self.cfg.model_dump(mode="json"),
+            "base": self.base,
+            "source": str(self.source),
+            "overrides": self.overrides,
+        }
 
     @classmethod
-    def from_resolved(cls, data: dict[str, Any]) -> "Study":
-        return cls(StudyConfig.model_validate(data["study"]), data["base"], Path(data["source"]),
-                   data.get("overrides"))
+    def from_resolved(cls, data: dict[str, Any]) -> Study:
+        return cls(StudyConfig.model_validate(data["study"]), data["base"], Path(data["source"]), data.get("overrides"))
 
     @property
     def name(self) -> str:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlparse
 
 from .errors import TrackingError
@@ -70,7 +70,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user-given URI)
                 if resp.status >= 400:
                     raise TrackingError(f"MLflow server {uri} answered {resp.status} on /health")
-        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise TrackingError(
                 f"MLflow tracking server {uri} is not reachable ({reason}); start it "
@@ -79,7 +79,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             ) from None
         _check_login(uri, timeout)
     elif scheme == "sqlite":
-        path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        path = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
         if path is not None:
             parent = path.parent if str(path) else Path.cwd()
             if not parent.exists():
@@ -93,8 +93,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         try:
             import sqlalchemy
 
-            engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(timeout)}
-                                              if scheme == "postgresql" else {})
+            engine = sqlalchemy.create_engine(
+                uri, connect_args={"connect_timeout": int(timeout)} if scheme == "postgresql" else {}
+            )
             with engine.connect():
                 pass
             engine.dispose()
@@ -129,8 +130,7 @@ def _check_login(uri: str, timeout: float) -> None:
         if exc.code in (401, 403):
             who = f"user {user!r}" if user else "no credentials"
             raise TrackingError(
-                f"MLflow server {uri} refused {who} ({exc.code}); set {USERNAME_ENV} and "
-                f"{PASSWORD_ENV}"
+                f"MLflow server {uri} refused {who} ({exc.code}); set {USERNAME_ENV} and {PASSWORD_ENV}"
             ) from None
     except (urllib.error.URLError, OSError):
         pass  # reachability was checked above; older servers may lack this endpoint
@@ -155,7 +155,7 @@ def get_or_create_experiment(uri: str, name: str) -> str:
     artifact_location = None
     if uri.startswith("sqlite:///"):
         # keep artifacts next to the SQLite file, not in whatever directory a process runs in
-        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        artifact_location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     try:
         return c.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # created concurrently
@@ -192,7 +192,7 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
     c = client(uri)
     for i in range(0, len(items), 100):
-        c.log_batch(run_id, params=items[i:i + 100])
+        c.log_batch(run_id, params=items[i : i + 100])
 
 
 def _param_value(value: Any) -> str:
@@ -216,7 +216,7 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int) -> No
     ]
     c = client(uri)
     for i in range(0, len(items), 500):
-        c.log_batch(run_id, metrics=items[i:i + 500])
+        c.log_batch(run_id, metrics=items[i : i + 500])
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
@@ -250,4 +250,3 @@ def find_runs(uri: str, experiment: str, filter_string: str = "", max_results: i
     if exp is None:
         return []
     return c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=max_results)
-

@@ -59,8 +59,9 @@ def prepare_data(cfg: ExperimentConfig) -> int:
 DRIVER_RESOURCE = "pisa_trial_driver"
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = True,
-             dashboard: bool = True) -> None:
+def init_ray(
+    address: str | None = None, num_cpus: int | None = None, verbose: bool = True, dashboard: bool = True
+) -> None:
     """Start (or join) Ray. `verbose=False` keeps Ray's own output off the console: workers'
     output is not forwarded to the driver (Tune writes each trial's to its directory) and
     only Ray's warnings are shown. `dashboard=False` (nothing runs Ray Train) saves a local
@@ -71,15 +72,21 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         return
     if not verbose:
         quiet_libraries()
-    env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1",
-           # Ray Train's print() patch logs even prints a library sends to a redirected
-           # stdout (COCOeval's tables) and doubles the progress lines: keep plain print
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-           # slow machines need more than Ray's 60 s to start a worker process
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}
+    env = {
+        "RAY_TRAIN_V2_ENABLED": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Ray Train's print() patch logs even prints a library sends to a redirected
+        # stdout (COCOeval's tables) and doubles the progress lines: keep plain print
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        # slow machines need more than Ray's 60 s to start a worker process
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"),
+    }
     os.environ.update(env)
     kwargs: dict[str, Any] = dict(
-        address=address, log_to_driver=verbose, runtime_env={"env_vars": env}, ignore_reinit_error=True,
+        address=address,
+        log_to_driver=verbose,
+        runtime_env={"env_vars": env},
+        ignore_reinit_error=True,
         logging_level=logging.INFO if verbose else logging.WARNING,
     )
     if address is None:
@@ -140,13 +147,18 @@ def scaling_config(cfg: ExperimentConfig):
     if cfg.train.use_gpu:
         resources["GPU"] = cfg.train.gpus_per_worker
     resources.update(cfg.train.resources_per_worker)
-    return ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
-                         resources_per_worker=resources)
+    return ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources)
 
 
-def build_trainer(cfg: ExperimentConfig, *, name: str, callbacks=(), resume_from: str | None = None,
-                  faults: dict[str, Any] | None = None,
-                  checkpoint_score: tuple[str, str] | None = ("bbox_mAP", "max")):
+def build_trainer(
+    cfg: ExperimentConfig,
+    *,
+    name: str,
+    callbacks=(),
+    resume_from: str | None = None,
+    faults: dict[str, Any] | None = None,
+    checkpoint_score: tuple[str, str] | None = ("bbox_mAP", "max"),
+):
     """The `TorchTrainer` of one training: gloo on CPU; NCCL for CUDA tensors plus gloo for
     the CPU collectives on GPU (`pisa.accel.process_group_backend`). Ray keeps the
     `keep_checkpoints` best by `checkpoint_score` (metric, mode) and always the latest,
@@ -252,15 +264,17 @@ def run_training(
     name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     params = cfg.flat_params()
     params["data.num_classes"] = num_classes
-    run_id = tracking.start_run(uri, cfg.tracking.experiment, name, params=params,
-                                tags={"pisa.kind": "train", **(tags or {})})
+    run_id = tracking.start_run(
+        uri, cfg.tracking.experiment, name, params=params, tags={"pisa.kind": "train", **(tags or {})}
+    )
     tracking.log_text(uri, run_id, config_yaml(cfg), "config.yaml")
     from .lineage import SystemMetrics, log_datasets
 
     log_datasets(uri, run_id, cfg.data)
     print(f"[pisa] MLflow run {run_id} in {tracking.redact(uri)}", flush=True)
-    trainer = build_trainer(cfg, name=name, callbacks=[_mlflow_callback(uri, run_id)],
-                            resume_from=resume_from, faults=faults)
+    trainer = build_trainer(
+        cfg, name=name, callbacks=[_mlflow_callback(uri, run_id)], resume_from=resume_from, faults=faults
+    )
     system_metrics = SystemMetrics(uri, run_id, cfg.tracking.system_metrics_interval_s)
     try:
         result = trainer.fit()
@@ -271,8 +285,9 @@ def run_training(
         system_metrics.stop()
     from .storage import location_of
 
-    checkpoint_dir = (location_of(result.checkpoint.path, cfg.storage_path)
-                      if result is not None and result.checkpoint else None)
+    checkpoint_dir = (
+        location_of(result.checkpoint.path, cfg.storage_path) if result is not None and result.checkpoint else None
+    )
     metrics = dict(result.metrics or {}) if result is not None else {}
     if error is not None:
         message = one_line(error)
@@ -286,5 +301,8 @@ def run_training(
 
 
 def summary_json(outcome: TrainOutcome) -> str:
-    return json.dumps({"run_id": outcome.run_id, "status": outcome.status,
-                       "metrics": outcome.metrics, "error": outcome.error}, indent=2, default=str)
+    return json.dumps(
+        {"run_id": outcome.run_id, "status": outcome.status, "metrics": outcome.metrics, "error": outcome.error},
+        indent=2,
+        default=str,
+    )

@@ -112,8 +112,15 @@ def validation_seeds(study, seeds: int, first_seed: int | None) -> list[int]:
     return list(range(start, start + seeds))
 
 
-def validate_study(name: str, *, top: int, seeds: int, storage_path: str | Path = "ray_results",
-                   first_seed: int | None = None, address: str | None = None) -> Validation:
+def validate_study(
+    name: str,
+    *,
+    top: int,
+    seeds: int,
+    storage_path: str | Path = "ray_results",
+    first_seed: int | None = None,
+    address: str | None = None,
+) -> Validation:
     """Train every variant on every seed (seed by seed), log and return the comparison."""
     from .storage import join
     from .study import load_state, outcome_from_state, study_dir, study_from_state
@@ -132,14 +139,23 @@ def validate_study(name: str, *, top: int, seeds: int, storage_path: str | Path 
     tracking.check_reachable(uri)
 
     run_id = tracking.start_run(
-        uri, state["experiment"], f"validate {state['name']}",
-        params={"top": top, "seeds": json.dumps(seed_list), "metric": metric,
-                "variants": json.dumps([v.label for v in variants])},
+        uri,
+        state["experiment"],
+        f"validate {state['name']}",
+        params={
+            "top": top,
+            "seeds": json.dumps(seed_list),
+            "metric": metric,
+            "variants": json.dumps([v.label for v in variants]),
+        },
         tags={"pisa.kind": "validation", "pisa.study": state["name"], "pisa.study_run_id": state["parent_run_id"]},
     )
     tracking.set_tags(uri, state["parent_run_id"], {"pisa.validation_run_id": run_id})
-    print(f"[pisa] validating study {state['name']}: {len(variants)} variants x seeds {seed_list}, "
-          f"final-epoch {metric}; MLflow run {run_id}", flush=True)
+    print(
+        f"[pisa] validating study {state['name']}: {len(variants)} variants x seeds {seed_list}, "
+        f"final-epoch {metric}; MLflow run {run_id}",
+        flush=True,
+    )
     results = [VariantResult(v) for v in variants]
     storage = join(study_dir(study), f"validation-{time.strftime('%Y%m%d-%H%M%S')}")
     # seed-major: a validation cut short leaves complete pairs
@@ -154,13 +170,25 @@ def validate_study(name: str, *, top: int, seeds: int, storage_path: str | Path 
         nonlocal done
         seed, r = job
         exp = study.experiment(r.variant.params)
-        exp = exp.model_copy(update={
-            "train": exp.train.model_copy(update={"seed": seed}), "storage_path": storage,
-            "tracking": exp.tracking.model_copy(update={"uri": uri})})
-        out = run_training(exp, address=address, run_name=f"{_slug(r.variant.label)} seed {seed}",
-                           tags={tracking.NESTED_TAG: run_id, "pisa.kind": "validation_training",
-                                 "pisa.study": state["name"], "pisa.variant": r.variant.label,
-                                 "pisa.seed": str(seed)})
+        exp = exp.model_copy(
+            update={
+                "train": exp.train.model_copy(update={"seed": seed}),
+                "storage_path": storage,
+                "tracking": exp.tracking.model_copy(update={"uri": uri}),
+            }
+        )
+        out = run_training(
+            exp,
+            address=address,
+            run_name=f"{_slug(r.variant.label)} seed {seed}",
+            tags={
+                tracking.NESTED_TAG: run_id,
+                "pisa.kind": "validation_training",
+                "pisa.study": state["name"],
+                "pisa.variant": r.variant.label,
+                "pisa.seed": str(seed),
+            },
+        )
         value = out.metrics.get(metric)
         with lock:
             done += 1
@@ -228,16 +256,26 @@ def table_rows(v: Validation) -> list[dict[str, Any]]:
     rows = []
     for r in v.results:
         s, p = r.summary, r.vs_baseline
-        rows.append({
-            "variant": r.variant.label, "seeds": s.n if s else 0, "mean": s.mean if s else None,
-            "std": s.std if s else None, "ci_low": s.ci_low if s else None, "ci_high": s.ci_high if s else None,
-            "diff_mean": p.difference.mean if p else None, "diff_std": p.difference.std if p else None,
-            "diff_ci_low": p.difference.ci_low if p else None, "diff_ci_high": p.difference.ci_high if p else None,
-            "paired_seeds": len(p.seeds) if p else None, "wins": p.wins if p else None,
-            "losses": p.losses if p else None, "verdict": verdict(p, v.mode),
-            "failed_seeds": ",".join(map(str, sorted(r.failed))),
-            "params": json.dumps(r.variant.params, sort_keys=True, default=str),
-        })
+        rows.append(
+            {
+                "variant": r.variant.label,
+                "seeds": s.n if s else 0,
+                "mean": s.mean if s else None,
+                "std": s.std if s else None,
+                "ci_low": s.ci_low if s else None,
+                "ci_high": s.ci_high if s else None,
+                "diff_mean": p.difference.mean if p else None,
+                "diff_std": p.difference.std if p else None,
+                "diff_ci_low": p.difference.ci_low if p else None,
+                "diff_ci_high": p.difference.ci_high if p else None,
+                "paired_seeds": len(p.seeds) if p else None,
+                "wins": p.wins if p else None,
+                "losses": p.losses if p else None,
+                "verdict": verdict(p, v.mode),
+                "failed_seeds": ",".join(map(str, sorted(r.failed))),
+                "params": json.dumps(r.variant.params, sort_keys=True, default=str),
+            }
+        )
     return rows
 
 
@@ -249,20 +287,37 @@ def format_validation(v: Validation) -> str:
     from rich.table import Table
 
     table = Table(title=f"study {v.study}: final-epoch {v.metric} over seeds {v.seeds} (95% t-intervals)")
-    for col in ("variant", "n", "mean", "std", "95% CI", "paired diff vs baseline", "95% CI of diff",
-                "wins", "verdict"):
+    for col in (
+        "variant",
+        "n",
+        "mean",
+        "std",
+        "95% CI",
+        "paired diff vs baseline",
+        "95% CI of diff",
+        "wins",
+        "verdict",
+    ):
         table.add_column(col)
     for r in v.results:
         s, p = r.summary, r.vs_baseline
         table.add_row(
-            r.variant.label + (f" ({len(r.failed)} failed)" if r.failed else ""), str(s.n if s else 0),
-            _num(s.mean if s else None), _num(s.std if s else None), _ci(s),
-            _num(p.difference.mean, True) if p else "-", _ci(p.difference, True) if p else "-",
-            f"{p.wins}/{len(p.seeds)}" if p else "-", verdict(p, v.mode))
+            r.variant.label + (f" ({len(r.failed)} failed)" if r.failed else ""),
+            str(s.n if s else 0),
+            _num(s.mean if s else None),
+            _num(s.std if s else None),
+            _ci(s),
+            _num(p.difference.mean, True) if p else "-",
+            _ci(p.difference, True) if p else "-",
+            f"{p.wins}/{len(p.seeds)}" if p else "-",
+            verdict(p, v.mode),
+        )
     buf = io.StringIO()
     Console(file=buf, width=200, force_terminal=False, color_system=None).print(table)
-    note = ("A variant is better or worse only when the interval of its paired difference excludes 0; "
-            "otherwise the gap is within the seed-to-seed noise at this budget.")
+    note = (
+        "A variant is better or worse only when the interval of its paired difference excludes 0; "
+        "otherwise the gap is within the seed-to-seed noise at this budget."
+    )
     return buf.getvalue() + note + "\n"
 
 
@@ -281,8 +336,14 @@ def write_plot(v: Validation, path: Path) -> Path:
     for i, r in enumerate(v.results, 1):
         for j, seed in enumerate(v.seeds):
             if seed in r.values:
-                ax.scatter(i + (j - (len(v.seeds) - 1) / 2) * 0.05, r.values[seed], color=cmap(j % 10), s=22,
-                           zorder=3, label=f"seed {seed}" if i == 1 else None)
+                ax.scatter(
+                    i + (j - (len(v.seeds) - 1) / 2) * 0.05,
+                    r.values[seed],
+                    color=cmap(j % 10),
+                    s=22,
+                    zorder=3,
+                    label=f"seed {seed}" if i == 1 else None,
+                )
     ax.set_xticks(range(1, len(labels) + 1), labels, rotation=15, ha="right", fontsize=8)
     ax.set_ylabel(f"final-epoch {v.metric}")
     ax.set_title(f"{v.study}: {v.metric} per seed")
@@ -313,9 +374,17 @@ def log_validation(v: Validation) -> None:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        per_seed = [{"variant": r.variant.label, "seed": s, v.metric: r.values.get(s),
-                     "run_id": r.run_ids.get(s), "error": r.failed.get(s)}
-                    for s in v.seeds for r in v.results]
+        per_seed = [
+            {
+                "variant": r.variant.label,
+                "seed": s,
+                v.metric: r.values.get(s),
+                "run_id": r.run_ids.get(s),
+                "error": r.failed.get(s),
+            }
+            for s in v.seeds
+            for r in v.results
+        ]
         (out / "per_seed.json").write_text(json.dumps(per_seed, indent=2))
         files = [out / "validation.txt", out / "validation.csv", out / "per_seed.json"]
         try:

@@ -44,22 +44,41 @@ def tiny_experiment(data_dir: Path, work: Path, **train) -> dict:
     return {
         "name": "tiny",
         "model": {
-            "detector": "faster_rcnn", "backbone": "mobilenet_v3_fpn", "norm": "bn",
-            "min_size": 96, "max_size": 96,
-            "rpn_pre_nms_top_n_train": 150, "rpn_post_nms_top_n_train": 150,
-            "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 100,
-            "rois_per_image": 32, "sampler": "random",
-            "isr_p": {"enabled": True}, "carl": {"enabled": True},
+            "detector": "faster_rcnn",
+            "backbone": "mobilenet_v3_fpn",
+            "norm": "bn",
+            "min_size": 96,
+            "max_size": 96,
+            "rpn_pre_nms_top_n_train": 150,
+            "rpn_post_nms_top_n_train": 150,
+            "rpn_pre_nms_top_n_test": 100,
+            "rpn_post_nms_top_n_test": 100,
+            "rois_per_image": 32,
+            "sampler": "random",
+            "isr_p": {"enabled": True},
+            "carl": {"enabled": True},
         },
         "data": {
-            "train_images": str(data_dir / "train"), "train_annotations": str(data_dir / "train.json"),
-            "val_images": str(data_dir / "val"), "val_annotations": str(data_dir / "val.json"),
-            "train_limit": 8, "val_limit": 4,
+            "train_images": str(data_dir / "train"),
+            "train_annotations": str(data_dir / "train.json"),
+            "val_images": str(data_dir / "val"),
+            "val_annotations": str(data_dir / "val.json"),
+            "train_limit": 8,
+            "val_limit": 4,
         },
         "train": {
-            "schedule": "custom", "epochs": 2, "lr": 0.02, "base_batch": 16, "milestones": [],
-            "warmup_iters": 2, "workers": 2, "use_gpu": False, "images_per_worker": 2,
-            "log_every": 1, "seed": 0, **train,
+            "schedule": "custom",
+            "epochs": 2,
+            "lr": 0.02,
+            "base_batch": 16,
+            "milestones": [],
+            "warmup_iters": 2,
+            "workers": 2,
+            "use_gpu": False,
+            "images_per_worker": 2,
+            "log_every": 1,
+            "seed": 0,
+            **train,
         },
         "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "tests"},
         "storage_path": str(work / "ray_results"),
@@ -103,9 +122,11 @@ def find_pg_bin() -> Path:
     candidates = []
     if os.environ.get("PISA_PG_BIN"):
         candidates.append(Path(os.environ["PISA_PG_BIN"]))
-    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin"),
-                      key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
-                      reverse=True)
+    versions = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+        reverse=True,
+    )
     candidates += [Path(p) for p in versions]
     on_path = shutil.which("initdb")
     if on_path:
@@ -134,8 +155,9 @@ def _server_user() -> str | None:
             return name
         except KeyError:
             pass
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                    PG_SYSTEM_USER], check=True)
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_SYSTEM_USER], check=True
+    )
     return PG_SYSTEM_USER
 
 
@@ -156,23 +178,47 @@ class PostgresServer:
         proc = subprocess.run(self._cmd(*args), capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             log = self.log_file.read_text()[-3000:] if self.log_file.exists() else ""
-            pytest.fail(f"{' '.join(args[:2])} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}\n{log}",
-                        pytrace=False)
+            pytest.fail(
+                f"{' '.join(args[:2])} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}\n{log}", pytrace=False
+            )
 
     def start(self) -> None:
         pwfile = self.root / "pwfile"
         pwfile.write_text(self.password + "\n")
-        self._run(str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.user,
-                  "--auth=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8", "--no-locale")
+        self._run(
+            str(self.bin_dir / "initdb"),
+            "-D",
+            str(self.data_dir),
+            "-U",
+            self.user,
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
+            "--encoding=UTF8",
+            "--no-locale",
+        )
         pwfile.unlink()
-        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file),
-                  "-o", f"-h {self.host} -p {self.port} -k {self.root}", "-w", "-t", "60", "start")
+        self._run(
+            str(self.bin_dir / "pg_ctl"),
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log_file),
+            "-o",
+            f"-h {self.host} -p {self.port} -k {self.root}",
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
 
     def stop(self) -> None:
         import subprocess
 
-        subprocess.run(self._cmd(str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast",
-                                 "-w", "-t", "30", "stop"), capture_output=True, timeout=60)
+        subprocess.run(
+            self._cmd(str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "30", "stop"),
+            capture_output=True,
+            timeout=60,
+        )
 
     def uri(self, database: str = "postgres", with_password: bool = False) -> str:
         secret = f":{self.password}" if with_password else ""
@@ -181,8 +227,15 @@ class PostgresServer:
     def connect(self, database: str = "postgres", autocommit: bool = False):
         import psycopg
 
-        return psycopg.connect(host=self.host, port=self.port, user=self.user, password=self.password,
-                               dbname=database, connect_timeout=10, autocommit=autocommit)
+        return psycopg.connect(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            dbname=database,
+            connect_timeout=10,
+            autocommit=autocommit,
+        )
 
     def query(self, sql: str, params: tuple = (), database: str = "postgres") -> list[tuple]:
         conn = self.connect(database)
@@ -248,20 +301,30 @@ def mlflow_server_pg(postgres_server: PostgresServer, tmp_path_factory: pytest.T
     env = {**os.environ, "PGUSER": postgres_server.user, "PGPASSWORD": postgres_server.password}
     env.pop("MLFLOW_TRACKING_URI", None)
     backend = f"postgresql://{postgres_server.host}:{postgres_server.port}/{database}"
-    cmd = [sys.executable, "-m", "mlflow", "server",
-           "--backend-store-uri", backend,
-           "--artifacts-destination", str(artifacts),
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with open(log_file, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited ({proc.returncode}):\n{log_file.read_text()[-4000:]}",
-                            pytrace=False)
+                pytest.fail(f"mlflow server exited ({proc.returncode}):\n{log_file.read_text()[-4000:]}", pytrace=False)
             try:
                 with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
                     if resp.status == 200:
@@ -269,8 +332,7 @@ def mlflow_server_pg(postgres_server: PostgresServer, tmp_path_factory: pytest.T
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after 120 s:\n{log_file.read_text()[-4000:]}",
-                            pytrace=False)
+                pytest.fail(f"mlflow server not healthy after 120 s:\n{log_file.read_text()[-4000:]}", pytrace=False)
             time.sleep(0.5)
         yield MlflowServer(uri, artifacts, log_file, proc)
     finally:

@@ -68,8 +68,9 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: 
 
 def start(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
     with open(log, "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env or dict(os.environ),
-                                cwd=cwd, start_new_session=True)
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env or dict(os.environ), cwd=cwd, start_new_session=True
+        )
 
 
 # ---------------------------------------------------------------- S3 (moto)
@@ -84,9 +85,13 @@ class S3Server:
     @property
     def env(self) -> dict[str, str]:
         """pyarrow's (and boto's) settings for this server, as on every node of a cluster."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "pisa-test",
-                "AWS_SECRET_ACCESS_KEY": "pisa-test-secret", "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_EC2_METADATA_DISABLED": "true"}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "pisa-test",
+            "AWS_SECRET_ACCESS_KEY": "pisa-test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
 
 
 def start_s3(work: Path, bucket: str = "pisa") -> S3Server:
@@ -97,8 +102,13 @@ def start_s3(work: Path, bucket: str = "pisa") -> S3Server:
     server = S3Server(endpoint, bucket, proc)
     import boto3
 
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="pisa-test",
-                 aws_secret_access_key="pisa-test-secret", region_name="us-east-1").create_bucket(Bucket=bucket)
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="pisa-test",
+        aws_secret_access_key="pisa-test-secret",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=bucket)
     return server
 
 
@@ -120,10 +130,24 @@ def start_mlflow_basic_auth(work: Path, password: str) -> AuthMlflowServer:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_AUTH_ADMIN_PASSWORD=password, MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())
-    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
-           "--backend-store-uri", f"sqlite:///{work / 'server.db'}",
-           "--artifacts-destination", str(work / "artifacts"),
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--app-name",
+        "basic-auth",
+        "--backend-store-uri",
+        f"sqlite:///{work / 'server.db'}",
+        "--artifacts-destination",
+        str(work / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     proc = start(cmd, work / "mlflow-server.log", env=env, cwd=work)
     uri = f"http://127.0.0.1:{port}"
     _wait_http(uri + "/health", proc, work / "mlflow-server.log", "mlflow server", timeout=300)
@@ -150,19 +174,48 @@ def start_ray_cluster(work: Path, env: dict[str, str], node_resource: str, attem
     for attempt in range(attempts):
         gcs, client, dash = free_port(), free_port(), free_port()
         head_tmp, node_tmp = work / f"ray-head-{attempt}", work / f"ray-node-{attempt}"
-        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--block", "--disable-usage-stats",
-                  "--resources", json.dumps({node_resource: 1})]
-        cluster = RayCluster(f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}", f"http://127.0.0.1:{dash}",
-                             [head_tmp, node_tmp])
+        common = [
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            "1",
+            "--block",
+            "--disable-usage-stats",
+            "--resources",
+            json.dumps({node_resource: 1}),
+        ]
+        cluster = RayCluster(
+            f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}", f"http://127.0.0.1:{dash}", [head_tmp, node_tmp]
+        )
         head_log, node_log = work / f"ray-head-{attempt}.log", work / f"ray-node-{attempt}.log"
-        head = start([RAY, "start", "--head", "--port", str(gcs), "--ray-client-server-port", str(client),
-                      "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                      "--temp-dir", str(head_tmp), *common], head_log, env=env)
+        head = start(
+            [
+                RAY,
+                "start",
+                "--head",
+                "--port",
+                str(gcs),
+                "--ray-client-server-port",
+                str(client),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(dash),
+                "--temp-dir",
+                str(head_tmp),
+                *common,
+            ],
+            head_log,
+            env=env,
+        )
         cluster.processes.append(head)
         try:
             if _wait_nodes(cluster, env, 1, head, head_log):
-                node = start([RAY, "start", "--address", cluster.gcs_address, "--temp-dir", str(node_tmp),
-                              *common], node_log, env=env)
+                node = start(
+                    [RAY, "start", "--address", cluster.gcs_address, "--temp-dir", str(node_tmp), *common],
+                    node_log,
+                    env=env,
+                )
                 cluster.processes.append(node)
                 if _wait_nodes(cluster, env, 2, node, node_log) and head.poll() is None:
                     return cluster
@@ -170,21 +223,25 @@ def start_ray_cluster(work: Path, env: dict[str, str], node_resource: str, attem
             stop_ray_cluster(cluster)
             raise
         stop_ray_cluster(cluster)
-    pytest.fail(f"no 2-node Ray cluster after {attempts} attempts:\n{head_log.read_text()[-3000:]}\n"
-                f"{node_log.read_text()[-3000:] if node_log.exists() else ''}", pytrace=False)
+    pytest.fail(
+        f"no 2-node Ray cluster after {attempts} attempts:\n{head_log.read_text()[-3000:]}\n"
+        f"{node_log.read_text()[-3000:] if node_log.exists() else ''}",
+        pytrace=False,
+    )
 
 
 def _wait_nodes(cluster: RayCluster, env: dict[str, str], n: int, proc, log: Path, timeout: float = 300) -> bool:
     """True once `n` nodes are alive; False if the node process `proc` exited first."""
-    script = ("import ray; ray.init(address=%r, log_to_driver=False); "
-              "print(sum(1 for x in ray.nodes() if x['Alive']))" % cluster.gcs_address)
+    script = (
+        f"import ray; ray.init(address={cluster.gcs_address!r}, log_to_driver=False); "
+        "print(sum(1 for x in ray.nodes() if x['Alive']))"
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
         try:
-            out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                                 timeout=120)
+            out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
             if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
                 return True
         except subprocess.TimeoutExpired:

@@ -50,14 +50,17 @@ def test_amp_on_cpu_is_bfloat16_without_a_scaler():
     assert cpu.autocast_dtype == torch.bfloat16 and not cpu.grad_scaler and cpu.channels_last
 
 
-@pytest.mark.parametrize("amp, amp_dtype, device, dtype, scaler", [
-    ("auto", "auto", "cuda", torch.float16, True),
-    ("auto", "bfloat16", "cuda", torch.bfloat16, False),
-    (True, "float16", "cpu", torch.float16, True),
-    (True, "auto", "cpu", torch.bfloat16, False),
-    (False, "float16", "cuda", None, False),
-    ("auto", "float16", "cpu", None, False),
-])
+@pytest.mark.parametrize(
+    "amp, amp_dtype, device, dtype, scaler",
+    [
+        ("auto", "auto", "cuda", torch.float16, True),
+        ("auto", "bfloat16", "cuda", torch.bfloat16, False),
+        (True, "float16", "cpu", torch.float16, True),
+        (True, "auto", "cpu", torch.bfloat16, False),
+        (False, "float16", "cuda", None, False),
+        ("auto", "float16", "cpu", None, False),
+    ],
+)
 def test_grad_scaler_only_for_float16(amp, amp_dtype, device, dtype, scaler):
     assert autocast_dtype(amp, amp_dtype, device) == dtype
     assert needs_grad_scaler(dtype) is scaler
@@ -103,8 +106,14 @@ def _collectives_worker(rank: int, backend: str, port: int, out: str) -> None:
     try:
         result["mean"] = _all_reduce_mean({"loss": 1.0 + 2 * rank, "n": float(rank)})
         result["broadcast"] = _broadcast({"bbox_mAP": 0.5} if rank == 0 else None)
-        preds = [{"image_id": rank, "boxes": torch.ones(1, 4) * rank,
-                  "scores": torch.ones(1), "labels": torch.ones(1, dtype=torch.int64)}]
+        preds = [
+            {
+                "image_id": rank,
+                "boxes": torch.ones(1, 4) * rank,
+                "scores": torch.ones(1),
+                "labels": torch.ones(1, dtype=torch.int64),
+            }
+        ]
         result["gathered_ids"] = [int(p["image_id"]) for p in gather_predictions(preds)]
     except RuntimeError as exc:
         result["error"] = str(exc)
@@ -144,10 +153,21 @@ def test_engine_collectives_work_under_the_gpu_backend_device_rule(tmp_path):
 
 
 def _tiny_model(seed: int = 0, **overrides) -> nn.Module:
-    cfg = ModelConfig(**{
-        "detector": "faster_rcnn", "backbone": "resnet18_fpn", "norm": "bn", "min_size": 64,
-        "max_size": 64, "rpn_pre_nms_top_n_train": 60, "rpn_post_nms_top_n_train": 60,
-        "rois_per_image": 16, "isr_p": {"enabled": True}, "carl": {"enabled": True}, **overrides})
+    cfg = ModelConfig(
+        **{
+            "detector": "faster_rcnn",
+            "backbone": "resnet18_fpn",
+            "norm": "bn",
+            "min_size": 64,
+            "max_size": 64,
+            "rpn_pre_nms_top_n_train": 60,
+            "rpn_post_nms_top_n_train": 60,
+            "rois_per_image": 16,
+            "isr_p": {"enabled": True},
+            "carl": {"enabled": True},
+            **overrides,
+        }
+    )
     torch.manual_seed(seed)
     return build_detector(cfg, num_classes=3).train()
 
@@ -155,8 +175,10 @@ def _tiny_model(seed: int = 0, **overrides) -> nn.Module:
 def _batch(n: int = 2):
     g = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 64, 64, generator=g) for _ in range(n)]
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 44.0], [20.0, 18.0, 60.0, 58.0]]),
-                "labels": torch.tensor([1, 2])} for _ in range(n)]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 40.0, 44.0], [20.0, 18.0, 60.0, 58.0]]), "labels": torch.tensor([1, 2])}
+        for _ in range(n)
+    ]
     return images, targets
 
 
@@ -181,7 +203,8 @@ def test_channels_last_training_step_on_cpu():
     reference = _tiny_model()
     model = apply_channels_last(_tiny_model())
     model.backbone.body.conv1.register_forward_pre_hook(
-        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     assert model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     loss = _step(model, images, targets, plan)
     ref = _step(reference, images, targets, plan)

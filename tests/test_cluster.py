@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import tiny_experiment
-from pisa import tracking
 from services import (
     RayCluster,
     start_mlflow_basic_auth,
@@ -26,6 +24,8 @@ from services import (
     stop_group,
     stop_ray_cluster,
 )
+
+from pisa import tracking
 
 PISA = [sys.executable, "-m", "pisa.cli"]
 NODE_RESOURCE = "pisa_node"  # one per node, one per trial worker: two trials, two nodes
@@ -52,8 +52,13 @@ def mlflow_login(work):
 @pytest.fixture(scope="module")
 def env(mlflow_login) -> dict[str, str]:
     """A user's shell: Ray token auth on (see the docker README) and MLflow credentials."""
-    return {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1",
-            "MLFLOW_TRACKING_USERNAME": mlflow_login.user, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
+    return {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "PYTHONUNBUFFERED": "1",
+        "MLFLOW_TRACKING_USERNAME": mlflow_login.user,
+        "MLFLOW_TRACKING_PASSWORD": PASSWORD,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +73,22 @@ def _study_file(work: Path, synthetic_dir: Path, uri: str) -> Path:
     base = tiny_experiment(synthetic_dir, work, epochs=1)
     base["tracking"]["uri"] = uri
     (work / "base.yaml").write_text(yaml.safe_dump(base))
-    spec = {"name": "cluster", "base": "base.yaml", "num_samples": 2, "max_concurrent_trials": 2,
-            "search_space": {"model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0}},
-            "resources_per_trial": {"workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 0.5,
-                                    "resources_per_worker": {NODE_RESOURCE: 1}},
-            # Ray Train workers spread over the nodes are what is tested here
-            "trial_process": "ray_train", "scheduler": {"type": "fifo"}}
+    spec = {
+        "name": "cluster",
+        "base": "base.yaml",
+        "num_samples": 2,
+        "max_concurrent_trials": 2,
+        "search_space": {"model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0}},
+        "resources_per_trial": {
+            "workers": 1,
+            "gpus_per_worker": 0,
+            "cpus_per_worker": 0.5,
+            "resources_per_worker": {NODE_RESOURCE: 1},
+        },
+        # Ray Train workers spread over the nodes are what is tested here
+        "trial_process": "ray_train",
+        "scheduler": {"type": "fifo"},
+    }
     path = work / "cluster.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -81,24 +96,34 @@ def _study_file(work: Path, synthetic_dir: Path, uri: str) -> Path:
 
 def _train_worker_nodes(cluster: RayCluster, env: dict[str, str]) -> dict[str, str]:
     """actor id -> node id of every Ray Train worker the cluster has run (state API)."""
-    script = ("import json; from ray.util.state import list_actors; "
-              "print(json.dumps({a.actor_id: a.node_id for a in list_actors(address=%r, "
-              "filters=[('class_name', '=', 'RayTrainWorker')], limit=1000, detail=True)}))"
-              % cluster.dashboard)
+    script = (
+        "import json; from ray.util.state import list_actors; "
+        f"print(json.dumps({{a.actor_id: a.node_id for a in list_actors(address={cluster.dashboard!r}, "
+        "filters=[('class_name', '=', 'RayTrainWorker')], limit=1000, detail=True)}))"
+    )
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _run_study(work, env, study_file, address, name) -> subprocess.CompletedProcess:
-    return subprocess.run(PISA + ["study", "run", str(study_file), "--address", address, "--set", f"name={name}"],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        PISA + ["study", "run", str(study_file), "--address", address, "--set", f"name={name}"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_unauthenticated_write_is_refused(mlflow_login):
-    request = urllib.request.Request(mlflow_login.uri + "/api/2.0/mlflow/experiments/create",
-                                     data=b'{"name": "intruder"}', method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        mlflow_login.uri + "/api/2.0/mlflow/experiments/create",
+        data=b'{"name": "intruder"}',
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=30)
     assert err.value.code == 401
@@ -106,9 +131,14 @@ def test_unauthenticated_write_is_refused(mlflow_login):
 
 def test_wrong_password_fails_before_any_trial(work, synthetic_dir, mlflow_login, env):
     path = _study_file(work, synthetic_dir, mlflow_login.uri)
-    res = subprocess.run(PISA + ["study", "run", str(path), "--set", "name=denied"], cwd=work,
-                         env={**env, "MLFLOW_TRACKING_PASSWORD": "wrong"}, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        PISA + ["study", "run", str(path), "--set", "name=denied"],
+        cwd=work,
+        env={**env, "MLFLOW_TRACKING_PASSWORD": "wrong"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 1, res.stderr[-2000:]
     assert "refused user 'admin'" in res.stderr and "MLFLOW_TRACKING_PASSWORD" in res.stderr
     assert not (work / "ray_results" / "denied").exists()
@@ -133,8 +163,7 @@ def test_two_node_study_with_login(work, synthetic_dir, mlflow_login, env, clust
     try:
         c = tracking.client(mlflow_login.uri)
         assert c.get_run(state["parent_run_id"]).info.status == "FINISHED"
-        runs = tracking.find_runs(mlflow_login.uri, "tests",
-                                  f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
+        runs = tracking.find_runs(mlflow_login.uri, "tests", f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
         assert len(runs) == 2
         for run in runs:
             assert run.info.status == "FINISHED" and "bbox_mAP" in run.data.metrics
@@ -146,17 +175,26 @@ def test_two_node_study_with_login(work, synthetic_dir, mlflow_login, env, clust
 
     # the password nowhere: not in the output, not in a file the study (or Ray) wrote
     assert PASSWORD not in res.stdout + res.stderr
-    leaks = [p for root in (work, *cluster.temp_dirs) for p in Path(root).rglob("*")
-             if p.is_file() and not p.is_symlink() and PASSWORD.encode() in p.read_bytes()]
+    leaks = [
+        p
+        for root in (work, *cluster.temp_dirs)
+        for p in Path(root).rglob("*")
+        if p.is_file() and not p.is_symlink() and PASSWORD.encode() in p.read_bytes()
+    ]
     assert not leaks
 
 
 def test_ray_client_with_a_local_tracking_store_fails_before_any_trial(work, synthetic_dir):
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     path = _study_file(work, synthetic_dir, f"sqlite:///{work / 'local.db'}")
-    res = subprocess.run(PISA + ["study", "run", str(path), "--address", "ray://127.0.0.1:9",
-                                 "--set", "name=client-sqlite"],
-                         cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        PISA + ["study", "run", str(path), "--address", "ray://127.0.0.1:9", "--set", "name=client-sqlite"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     assert "tracking server" in res.stderr and "ray://" in res.stderr
     assert not (work / "ray_results" / "client-sqlite").exists()

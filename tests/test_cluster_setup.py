@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import tiny_experiment
+
 from pisa import storage, tracking
 from pisa.cluster import check_cluster_setup
 from pisa.config import ConfigError, parse_config
@@ -16,15 +16,22 @@ from pisa.train import config_yaml, scaling_config
 
 def _study(tmp_path, synthetic_dir, resources) -> object:
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_experiment(synthetic_dir, tmp_path)))
-    spec = {"name": "res", "base": "base.yaml", "resources_per_trial": resources,
-            "search_space": {"model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0}}}
+    spec = {
+        "name": "res",
+        "base": "base.yaml",
+        "resources_per_trial": resources,
+        "search_space": {"model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0}},
+    }
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     return load_study(tmp_path / "s.yaml")
 
 
 def test_trial_scaling_config_takes_the_study_resources(tmp_path, synthetic_dir):
-    study = _study(tmp_path, synthetic_dir, {"workers": 3, "cpus_per_worker": 2.5, "gpus_per_worker": 0.25,
-                                             "resources_per_worker": {"node_a": 1}})
+    study = _study(
+        tmp_path,
+        synthetic_dir,
+        {"workers": 3, "cpus_per_worker": 2.5, "gpus_per_worker": 0.25, "resources_per_worker": {"node_a": 1}},
+    )
     scaling = scaling_config(study.experiment({"model.isr_p.k": 1.0}))
     assert scaling.num_workers == 3 and scaling.use_gpu
     assert scaling.resources_per_worker == {"CPU": 2.5, "GPU": 0.25, "node_a": 1}

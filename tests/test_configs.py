@@ -140,8 +140,12 @@ def test_box_losses_and_test_proposals_follow_the_reference():
 
 
 def test_single_stage_pisa_configs_use_no_isr_n():
-    for name in ("retinanet_r50_fpn_1x_pisa.yaml", "retinanet_x101_32x4d_fpn_1x_pisa.yaml", "ssd300_pisa.yaml",
-                 "ssd512_pisa.yaml"):
+    for name in (
+        "retinanet_r50_fpn_1x_pisa.yaml",
+        "retinanet_x101_32x4d_fpn_1x_pisa.yaml",
+        "ssd300_pisa.yaml",
+        "ssd512_pisa.yaml",
+    ):
         m = cfg(name).model
         assert m.sampler == "random" and not m.isr_n_enabled, name
         assert (m.isr_p.enabled, m.isr_p.k, m.isr_p.bias) == (True, 2.0, 0.0), name
@@ -220,8 +224,7 @@ def test_every_study_loads_without_touching_data(path: Path, monkeypatch, tmp_pa
     assert list(tmp_path.iterdir()) == [], "loading a study must not write anything"
     points = study.initial_points()
     assert any(
-        all(value == PAPER_DEFAULTS[key] for key, value in point.items() if key in PAPER_DEFAULTS)
-        for point in points
+        all(value == PAPER_DEFAULTS[key] for key, value in point.items() if key in PAPER_DEFAULTS) for point in points
     ), f"{path.name}: the paper's defaults are not among the initial points {points}"
     # every initial point gives a valid training config
     for point in points:
@@ -246,9 +249,12 @@ def test_faster_rcnn_study_starts_from_the_paper_defaults():
     assert c.search_space["model.isr_n.k"].type == "loguniform"
     first = study.initial_points()[0]
     assert first == {
-        "model.isr_p.k": 2.0, "model.isr_p.bias": 0.0,
-        "model.isr_n.k": 0.5, "model.isr_n.bias": 0.0,
-        "model.carl.k": 1.0, "model.carl.bias": 0.2,
+        "model.isr_p.k": 2.0,
+        "model.isr_p.bias": 0.0,
+        "model.isr_n.k": 0.5,
+        "model.isr_n.bias": 0.0,
+        "model.carl.k": 1.0,
+        "model.carl.bias": 0.2,
     }
     trial = study.experiment(first).model
     assert trial.sampler == "score_hlr" and trial.isr_p.enabled and trial.carl.enabled
@@ -259,7 +265,10 @@ def test_single_stage_studies_search_no_isr_n():
         study = load_study(REPO / "studies" / name)
         assert not any(k.startswith("model.isr_n") or k == "model.sampler" for k in study.cfg.search_space)
         assert study.initial_points()[0] == {
-            "model.isr_p.k": 2.0, "model.isr_p.bias": 0.0, "model.carl.k": 1.0, "model.carl.bias": 0.2,
+            "model.isr_p.k": 2.0,
+            "model.isr_p.bias": 0.0,
+            "model.carl.k": 1.0,
+            "model.carl.bias": 0.2,
         }
     ssd = load_study(REPO / "studies" / "ssd300_coco.yaml")
     assert ssd.cfg.resources_per_trial.workers * ssd.cfg.resources_per_trial.gpus_per_worker == 8

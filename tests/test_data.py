@@ -59,8 +59,15 @@ def write_coco(
 
 
 def ann(aid: int, image_id: int, bbox: list[float], category_id: int = 1, **extra) -> dict:
-    return {"id": aid, "image_id": image_id, "category_id": category_id, "bbox": bbox,
-            "area": float(bbox[2] * bbox[3]), "iscrowd": 0, **extra}
+    return {
+        "id": aid,
+        "image_id": image_id,
+        "category_id": category_id,
+        "bbox": bbox,
+        "area": float(bbox[2] * bbox[3]),
+        "iscrowd": 0,
+        **extra,
+    }
 
 
 # ---------------------------------------------------------------- synthetic generator
@@ -113,9 +120,10 @@ def test_synthetic_annotations_are_valid(synthetic_dir: Path) -> None:
     assert {a["category_id"] for a in anns} == {1, 2, 3}
     overlapping = 0
     for img_id in coco.imgs:
-        boxes = torch.tensor([[b[0], b[1], b[0] + b[2], b[1] + b[3]]
-                              for b in (a["bbox"] for a in coco.imgToAnns.get(img_id, []))],
-                             dtype=torch.float32)
+        boxes = torch.tensor(
+            [[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b in (a["bbox"] for a in coco.imgToAnns.get(img_id, []))],
+            dtype=torch.float32,
+        )
         iou = box_iou(boxes, boxes).fill_diagonal_(0)
         overlapping += int((iou > 0).any())
     assert overlapping >= 3
@@ -201,8 +209,7 @@ def test_horizontal_flip_moves_boxes_and_masks(tmp_path: Path) -> None:
     seg = [[10, 5, 30, 5, 30, 15, 10, 15]]
     img_dir, ann_file = write_coco(tmp_path, [(1, 100, 50)], [ann(1, 1, [10, 5, 20, 10], segmentation=seg)])
     plain = CocoDetection(img_dir, ann_file, transforms=build_transforms(False), with_masks=True)
-    flipped = CocoDetection(img_dir, ann_file, transforms=build_transforms(True, flip_prob=1.0),
-                            with_masks=True)
+    flipped = CocoDetection(img_dir, ann_file, transforms=build_transforms(True, flip_prob=1.0), with_masks=True)
     img0, t0 = plain[0]
     img1, t1 = flipped[0]
     assert t0["boxes"].tolist() == [[10.0, 5.0, 30.0, 15.0]]
@@ -216,8 +223,9 @@ def test_horizontal_flip_moves_boxes_and_masks(tmp_path: Path) -> None:
 
 
 def test_max_size_shrinks_only_large_images(tmp_path: Path) -> None:
-    img_dir, ann_file = write_coco(tmp_path, [(1, 100, 50), (2, 40, 20)],
-                                   [ann(1, 1, [10, 6, 20, 10]), ann(2, 2, [4, 4, 8, 8])])
+    img_dir, ann_file = write_coco(
+        tmp_path, [(1, 100, 50), (2, 40, 20)], [ann(1, 1, [10, 6, 20, 10]), ann(2, 2, [4, 4, 8, 8])]
+    )
     ds = CocoDetection(img_dir, ann_file, transforms=build_transforms(False, max_size=50))
     image, target = ds[0]
     assert image.shape == (3, 25, 50)
@@ -261,8 +269,9 @@ def test_masks_from_synthetic_polygons(synthetic_dir: Path) -> None:
 
 
 def test_collate_and_distributed_sampler(tmp_path: Path) -> None:
-    img_dir, ann_file = write_coco(tmp_path, [(1, 32, 32), (2, 40, 20), (3, 16, 16)],
-                                   [ann(1, 1, [1, 1, 5, 5]), ann(2, 2, [2, 2, 3, 3])])
+    img_dir, ann_file = write_coco(
+        tmp_path, [(1, 32, 32), (2, 40, 20), (3, 16, 16)], [ann(1, 1, [1, 1, 5, 5]), ann(2, 2, [2, 2, 3, 3])]
+    )
     ds = CocoDetection(img_dir, ann_file, transforms=build_transforms(False), limit=3)
     images, targets = next(iter(DataLoader(ds, batch_size=3, collate_fn=collate_fn)))
     assert [tuple(i.shape) for i in images] == [(3, 32, 32), (3, 20, 40), (3, 16, 16)]
@@ -285,8 +294,7 @@ def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_missing_image_names_file_and_image_id(tmp_path: Path) -> None:
-    img_dir, ann_file = write_coco(tmp_path, [(1, 32, 32), (17, 32, 32)], [ann(1, 1, [1, 1, 5, 5])],
-                                   skip_files=(17,))
+    img_dir, ann_file = write_coco(tmp_path, [(1, 32, 32), (17, 32, 32)], [ann(1, 1, [1, 1, 5, 5])], skip_files=(17,))
     with pytest.raises(DataError) as info:
         CocoDetection(img_dir, ann_file, bad_boxes="skip")
     msg = str(info.value)
@@ -375,8 +383,12 @@ def test_image_size_mismatch_is_reported(tmp_path: Path) -> None:
 def test_bccd_loads_without_errors(bccd_dir: Path, split: str, n_images: int, n_boxes: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ds = CocoDetection(bccd_dir / "images", bccd_dir / f"{split}.json", with_masks=False,
-                           transforms=build_transforms(train=True, flip_prob=0.5, max_size=320))
+        ds = CocoDetection(
+            bccd_dir / "images",
+            bccd_dir / f"{split}.json",
+            with_masks=False,
+            transforms=build_transforms(train=True, flip_prob=0.5, max_size=320),
+        )
     assert len(ds) == n_images and ds.num_classes == 3
     assert ds.cat_names == ["Platelets", "RBC", "WBC"]
     assert len(ds.coco.anns) == n_boxes
@@ -392,9 +404,13 @@ def test_bccd_loads_without_errors(bccd_dir: Path, split: str, n_images: int, n_
 
 
 def test_bccd_build_dataset_with_limit(bccd_dir: Path) -> None:
-    cfg = DataConfig(train_images=bccd_dir / "images", train_annotations=bccd_dir / "train.json",
-                     val_images=bccd_dir / "images", val_annotations=bccd_dir / "val.json",
-                     val_limit=5)
+    cfg = DataConfig(
+        train_images=bccd_dir / "images",
+        train_annotations=bccd_dir / "train.json",
+        val_images=bccd_dir / "images",
+        val_annotations=bccd_dir / "val.json",
+        val_limit=5,
+    )
     val = build_dataset(cfg, "val", train=False)
     assert len(val) == 5 and val.ids == sorted(val.coco.imgs)[:5]
     image, target = val[0]

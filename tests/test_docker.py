@@ -103,7 +103,10 @@ def _compose_plugin() -> bool:
 def test_docker_compose_config_accepts_the_file():
     proc = subprocess.run(
         ["docker", "compose", "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), "config", "--format", "json"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr
     import json
@@ -146,7 +149,7 @@ def test_compose_paths_exist(services):
 def test_compose_named_volumes_are_declared(compose, services):
     declared = set(compose.get("volumes") or {})
     used = set()
-    for name, service in services.items():
+    for service in services.values():
         for vol in service.get("volumes") or []:
             source = vol.split(":", 1)[0] if isinstance(vol, str) else vol.get("source", "")
             if source and not source.startswith((".", "/", "~", "$")):
@@ -180,8 +183,9 @@ def test_compose_holds_no_credentials(services):
     for name, service in services.items():
         for key, value in _environment(service).items():
             if SECRET_NAME.search(key):
-                assert re.fullmatch(r"\$\{[A-Z0-9_]+(:\?[^}]*)?\}", value), \
+                assert re.fullmatch(r"\$\{[A-Z0-9_]+(:\?[^}]*)?\}", value), (
                     f"{name}.{key} must come from the env file, got {value!r}"
+                )
     # no user:password@ in any URI
     assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", text)
     for s in _walk_strings(services):
@@ -299,21 +303,25 @@ def fake_node(tmp_path: Path) -> dict[str, str]:
     """PATH with a fake `nvidia-smi` (2 GPUs) and a fake `ray` that reports and holds on."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "nvidia-smi").write_text(
-        "#!/bin/sh\nprintf '0, GPU-aaaa-0000\\n1, GPU-bbbb-1111\\n'\n")
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nprintf '0, GPU-aaaa-0000\\n1, GPU-bbbb-1111\\n'\n")
     (bin_dir / "ray").write_text(
-        '#!/bin/sh\necho "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset} $*"\nexec sleep 60\n')
+        '#!/bin/sh\necho "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset} $*"\nexec sleep 60\n'
+    )
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-           "PISA_GPU_LOCK_DIR": str(tmp_path / "locks")}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PISA_GPU_LOCK_DIR": str(tmp_path / "locks")}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
 
 
 def _start_worker(env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(["bash", str(WORKER_SCRIPT), "--address=ray-head:6379"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        ["bash", str(WORKER_SCRIPT), "--address=ray-head:6379"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_scaled_workers_claim_distinct_gpus(fake_node):
@@ -325,8 +333,10 @@ def test_scaled_workers_claim_distinct_gpus(fake_node):
             p = _start_worker(fake_node)
             procs.append(p)
             seen.append(p.stdout.readline().strip())
-        assert seen == ["CUDA_VISIBLE_DEVICES=0 start --address=ray-head:6379 --num-gpus=1 --block",
-                        "CUDA_VISIBLE_DEVICES=1 start --address=ray-head:6379 --num-gpus=1 --block"]
+        assert seen == [
+            "CUDA_VISIBLE_DEVICES=0 start --address=ray-head:6379 --num-gpus=1 --block",
+            "CUDA_VISIBLE_DEVICES=1 start --address=ray-head:6379 --num-gpus=1 --block",
+        ]
         third = _start_worker(fake_node)
         _, err = third.communicate(timeout=30)
         assert third.returncode == 1 and "found 0 of 2" in err
@@ -347,8 +357,10 @@ def test_worker_with_all_gpus_or_none(fake_node):
     for env in ({**fake_node, "PISA_GPUS_PER_WORKER": "all"}, fake_node):  # `all` is the default
         p = _start_worker(env)
         try:
-            assert p.stdout.readline().strip() == \
-                "CUDA_VISIBLE_DEVICES=0,1 start --address=ray-head:6379 --num-gpus=2 --block"
+            assert (
+                p.stdout.readline().strip()
+                == "CUDA_VISIBLE_DEVICES=0,1 start --address=ray-head:6379 --num-gpus=2 --block"
+            )
         finally:
             p.kill()
             p.wait(timeout=10)
@@ -357,8 +369,10 @@ def test_worker_with_all_gpus_or_none(fake_node):
     start = time.monotonic()
     p = _start_worker(fake_node)
     try:
-        assert p.stdout.readline().strip() == \
-            "CUDA_VISIBLE_DEVICES=unset start --address=ray-head:6379 --num-gpus=0 --block"
+        assert (
+            p.stdout.readline().strip()
+            == "CUDA_VISIBLE_DEVICES=unset start --address=ray-head:6379 --num-gpus=0 --block"
+        )
     finally:
         p.kill()
         p.wait(timeout=10)
@@ -377,7 +391,8 @@ def test_kuberay_rayjob_uses_the_image_and_secret_refs():
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     workers = cluster["workerGroupSpecs"]
     assert workers and all(
-        w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= 1 for w in workers)
+        w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= 1 for w in workers
+    )
     containers = [head] + [w["template"]["spec"]["containers"][0] for w in workers]
     images = {c["image"] for c in containers}
     assert len(images) == 1 and "pisa" in images.pop()
@@ -405,7 +420,15 @@ def test_ray_cluster_example_runs_the_image_without_inline_secrets():
 
 def test_docker_readme_documents_the_workflow():
     readme = (DOCKER / "README.md").read_text()
-    for needle in ("docker compose --env-file docker/.env -f docker/compose.yaml up -d\n",
-                   "pisa study run", "--address auto", "http://127.0.0.1:5000", "TORCH_INDEX_URL",
-                   "ray up", "KubeRay", "kuberay-rayjob.yaml", "ray-cluster.example.yaml"):
+    for needle in (
+        "docker compose --env-file docker/.env -f docker/compose.yaml up -d\n",
+        "pisa study run",
+        "--address auto",
+        "http://127.0.0.1:5000",
+        "TORCH_INDEX_URL",
+        "ray up",
+        "KubeRay",
+        "kuberay-rayjob.yaml",
+        "ray-cluster.example.yaml",
+    ):
         assert needle in readme, needle

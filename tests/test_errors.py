@@ -22,8 +22,17 @@ from pisa.errors import (
 )
 
 
-@pytest.mark.parametrize("cls,code", [(ConfigError, 2), (DataError, 2), (BackboneLoadError, 2),
-                                      (StudyError, 2), (TrackingError, 1), (NonFiniteLossError, 1)])
+@pytest.mark.parametrize(
+    "cls,code",
+    [
+        (ConfigError, 2),
+        (DataError, 2),
+        (BackboneLoadError, 2),
+        (StudyError, 2),
+        (TrackingError, 1),
+        (NonFiniteLossError, 1),
+    ],
+)
 def test_exit_code_is_the_kind_of_error(cls, code):
     assert cls("x").exit_code == code
 
@@ -46,7 +55,8 @@ def test_an_unknown_error_is_its_last_line():
 
 def _study(tmp_path: Path, **extra) -> Path:
     spec = {
-        "name": "bad", "experiment": {"data": {"synthetic": {"out": str(tmp_path / "data")}}},
+        "name": "bad",
+        "experiment": {"data": {"synthetic": {"out": str(tmp_path / "data")}}},
         "search_space": {"model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0}},
         **extra,
     }
@@ -110,6 +120,5 @@ def test_a_failed_tune_trial_is_explained_by_its_pisa_error(ray_local, tmp_path)
             messages.append(_trial_error(trial))
 
     trainable = tune.with_resources(fails_in_a_worker, {"CPU": 0.01})
-    tune.Tuner(trainable, run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=[Grab()],
-                                                    verbose=0)).fit()
+    tune.Tuner(trainable, run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=[Grab()], verbose=0)).fit()
     assert messages == ["NonFiniteLossError: non-finite loss at epoch 1 iteration 2"]

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_experiment
-from pisa import storage, tracking
 from services import start_s3, stop_group
+
+from pisa import storage, tracking
 
 PISA = [sys.executable, "-m", "pisa.cli"]
 
@@ -66,28 +66,41 @@ def test_killed_worker_then_killed_driver_then_resume_with_overrides(synthetic_d
     base = tiny_experiment(synthetic_dir, tmp_path, keep_checkpoints=1)
     base["storage_path"] = root = f"s3://{s3.bucket}/studies"
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    spec = {"name": "from-file", "base": "base.yaml", "num_samples": 4, "max_concurrent_trials": 1,
-            "search_space": {"model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0}},
-            "resources_per_trial": {"workers": 1, "gpus_per_worker": 0},
-            # a Ray Train worker is what a cluster loses: its restart is what is tested here
-            "trial_process": "ray_train", "scheduler": {"type": "asha"}}
+    spec = {
+        "name": "from-file",
+        "base": "base.yaml",
+        "num_samples": 4,
+        "max_concurrent_trials": 1,
+        "search_space": {"model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0}},
+        "resources_per_trial": {"workers": 1, "gpus_per_worker": 0},
+        # a Ray Train worker is what a cluster loses: its restart is what is tested here
+        "trial_process": "ray_train",
+        "scheduler": {"type": "asha"},
+    }
     study_file = tmp_path / "study.yaml"
     study_file.write_text(yaml.safe_dump(spec))
     # the overrides the resume must keep; `epoch` (min) makes the best checkpoint the oldest one
     overrides = ["name=ovr", "num_samples=2", "scheduler.type=fifo", "metric=epoch", "mode=min"]
     pidfile = tmp_path / "worker.pid"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PISA_FAULTS": json.dumps({"stall_at": f"1:1:{pidfile}"})}  # epoch 2, iteration 2
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PISA_FAULTS": json.dumps({"stall_at": f"1:1:{pidfile}"}),
+    }  # epoch 2, iteration 2
     log = tmp_path / "run.log"
     cmd = PISA + ["study", "run", str(study_file)] + [x for o in overrides for x in ("--set", o)]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     uri = base["tracking"]["uri"]
     state_file = storage.join(root, "ovr", "pisa_study.json")
     try:
-        worker = int(_wait(lambda: pidfile.exists() and pidfile.read_text().strip(), 600, proc, log,
-                           "the worker to reach epoch 2"))
+        worker = int(
+            _wait(
+                lambda: pidfile.exists() and pidfile.read_text().strip(), 600, proc, log, "the worker to reach epoch 2"
+            )
+        )
         os.kill(worker, signal.SIGKILL)  # a worker lost mid-epoch (OOM killer, pre-empted node)
         parent = json.loads(storage.read_text(state_file))["parent_run_id"]
 
@@ -106,9 +119,14 @@ def test_killed_worker_then_killed_driver_then_resume_with_overrides(synthetic_d
     assert "fault injection: worker" in log.read_text()
 
     assert not (tmp_path / "ray_results").exists()  # the study's state is only in the bucket
-    resumed = subprocess.run(PISA + ["study", "resume", "ovr", "--storage-path", root], cwd=tmp_path,
-                             capture_output=True,
-                             text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    resumed = subprocess.run(
+        PISA + ["study", "resume", "ovr", "--storage-path", root],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming study ovr" in resumed.stdout and "from-file" not in resumed.stdout
 

@@ -18,13 +18,24 @@ pytestmark = pytest.mark.slow
 
 def test_gpu_check_dry_run_passes_on_cpu(tmp_path):
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--dry-run",
-                           "--out", str(out)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--dry-run", "--out", str(out)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["failures"] == []
     assert [d["name"] for d in report["detectors"]] == [
-        "faster_rcnn_r50_fpn", "mask_rcnn_r50_fpn", "retinanet_r50_fpn", "ssd300", "ssd512"]
+        "faster_rcnn_r50_fpn",
+        "mask_rcnn_r50_fpn",
+        "retinanet_r50_fpn",
+        "ssd300",
+        "ssd512",
+    ]
     assert all(d["ok"] and d["img_per_s"] > 0 and d["peak_mem_gib"] > 0 for d in report["detectors"])
     assert report["plan"] == {"amp": "torch.bfloat16", "grad_scaler": False, "channels_last": True}
     training = report["training"]
@@ -36,20 +47,51 @@ def test_gpu_check_dry_run_passes_on_cpu(tmp_path):
 def test_gpu_check_fails_loudly(tmp_path):
     # a detector that cannot run (an SSD input too small for its feature maps) fails the check
     proc = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; sys.argv[0] = 'gpu_check'; sys.path.insert(0, 'benchmarks'); import gpu_check as g; "
-         "g.DRY_RUN_SIZE['ssd300'] = 64; "
-         "sys.exit(g.main(['--device', 'cpu', '--dry-run', '--detectors', 'ssd300', '--skip-train']))"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.argv[0] = 'gpu_check'; sys.path.insert(0, 'benchmarks'); import gpu_check as g; "
+            "g.DRY_RUN_SIZE['ssd300'] = 64; "
+            "sys.exit(g.main(['--device', 'cpu', '--dry-run', '--detectors', 'ssd300', '--skip-train']))",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 1
     assert "GPU CHECK FAILED" in proc.stderr and "ssd300" in proc.stderr and "too small" in proc.stderr
 
 
 def test_bench_step_channels_last_and_amp_on_cpu():
-    proc = subprocess.run([sys.executable, "benchmarks/bench_step.py", "--device", "cpu", "--backbone",
-                           "resnet18_fpn", "--size", "64", "--proposals", "50", "--rois", "16", "--steps", "1",
-                           "--warmup", "0", "--channels-last", "--amp"],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_step.py",
+            "--device",
+            "cpu",
+            "--backbone",
+            "resnet18_fpn",
+            "--size",
+            "64",
+            "--proposals",
+            "50",
+            "--rois",
+            "16",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--channels-last",
+            "--amp",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bfloat16 autocast + channels_last" in proc.stdout
     assert "isr_p+carl+isr_n" in proc.stdout

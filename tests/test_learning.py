@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from pisa.config import apply_overrides, load_yaml, parse_config
 from pisa.train import run_training
 
@@ -30,14 +30,22 @@ BCCD_MIN_MAP = 0.05
 
 
 def _tracking(work: Path, experiment: str) -> list[str]:
-    return [f"tracking.uri=sqlite:///{work / 'mlflow.db'}", f"tracking.experiment={experiment}",
-            "tracking.log_checkpoint=false", f"storage_path={work / 'ray_results'}"]
+    return [
+        f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+        f"tracking.experiment={experiment}",
+        "tracking.log_checkpoint=false",
+        f"storage_path={work / 'ray_results'}",
+    ]
 
 
 def test_quickstart_trial_learns_synthetic_shapes(ray_local, tmp_path):
-    data = apply_overrides(load_yaml(QUICKSTART), [
-        f"data.synthetic.out={tmp_path / 'quickstart'}", *_tracking(tmp_path, "learning"),
-    ])
+    data = apply_overrides(
+        load_yaml(QUICKSTART),
+        [
+            f"data.synthetic.out={tmp_path / 'quickstart'}",
+            *_tracking(tmp_path, "learning"),
+        ],
+    )
     cfg = parse_config(data, source=str(QUICKSTART))
     assert cfg.train.workers == 1 and not cfg.train.use_gpu
     assert cfg.model.isr_p.enabled and cfg.model.carl.enabled and cfg.model.isr_n_enabled
@@ -55,25 +63,43 @@ def bccd_experiment(bccd: Path, work: Path) -> dict:
     return {
         "name": "bccd-learning",
         "model": {
-            "detector": "faster_rcnn", "backbone": "resnet18_fpn", "norm": "bn",
-            "min_size": 224, "max_size": 299,
-            "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300,
-            "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 300,
-            "rois_per_image": 128, "sampler": "score_hlr",
-            "isr_p": {"enabled": True}, "carl": {"enabled": True},
+            "detector": "faster_rcnn",
+            "backbone": "resnet18_fpn",
+            "norm": "bn",
+            "min_size": 224,
+            "max_size": 299,
+            "rpn_pre_nms_top_n_train": 600,
+            "rpn_post_nms_top_n_train": 300,
+            "rpn_pre_nms_top_n_test": 300,
+            "rpn_post_nms_top_n_test": 300,
+            "rois_per_image": 128,
+            "sampler": "score_hlr",
+            "isr_p": {"enabled": True},
+            "carl": {"enabled": True},
         },
         "data": {
-            "train_images": str(bccd / "images"), "train_annotations": str(bccd / "train.json"),
-            "val_images": str(bccd / "images"), "val_annotations": str(bccd / "val.json"),
-            "train_limit": 64, "val_limit": 24,
+            "train_images": str(bccd / "images"),
+            "train_annotations": str(bccd / "train.json"),
+            "val_images": str(bccd / "images"),
+            "val_annotations": str(bccd / "val.json"),
+            "train_limit": 64,
+            "val_limit": 24,
         },
         "train": {
-            "schedule": "custom", "epochs": 1, "lr": 0.01, "base_batch": 2,
-            "milestones": [], "warmup_iters": 30, "grad_clip": 5.0,
-            "workers": 1, "use_gpu": False, "images_per_worker": 2, "log_every": 20, "seed": 0,
+            "schedule": "custom",
+            "epochs": 1,
+            "lr": 0.01,
+            "base_batch": 2,
+            "milestones": [],
+            "warmup_iters": 30,
+            "grad_clip": 5.0,
+            "workers": 1,
+            "use_gpu": False,
+            "images_per_worker": 2,
+            "log_every": 20,
+            "seed": 0,
         },
-        "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "learning",
-                     "log_checkpoint": False},
+        "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "learning", "log_checkpoint": False},
         "storage_path": str(work / "ray_results"),
     }
 

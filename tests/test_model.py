@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_experiment
+
 from pisa import tracking
 from pisa.cli import main
 
@@ -103,8 +103,11 @@ def test_registered_package_holds_weights_config_and_classes_only(trained, synth
     weights = torch.load(next(local.rglob("weights.pt")), map_location="cpu", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in weights.values())
     assert not {"optimizer", "scheduler", "model"} & set(weights)
-    ckpt = torch.load(Path(c.download_artifacts(run_id, "checkpoint/checkpoint.pt", str(work / "ck"))),
-                      map_location="cpu", weights_only=True)
+    ckpt = torch.load(
+        Path(c.download_artifacts(run_id, "checkpoint/checkpoint.pt", str(work / "ck"))),
+        map_location="cpu",
+        weights_only=True,
+    )
     assert set(weights) == set(ckpt["model"])
     classes = json.loads(next(local.rglob("classes.json")).read_text())
     truth = json.loads((synthetic_dir / "train.json").read_text())["categories"]
@@ -122,10 +125,27 @@ def test_predict_writes_coco_results_and_drawn_pngs(trained, synthetic_dir, tmp_
     uri, run_id, _ = trained
     images = val_images(synthetic_dir)
     out, drawn = tmp_path / "preds.json", tmp_path / "drawn"
-    cli = subprocess.run(PISA + ["predict", f"models:/{MODEL_NAME}@champion", *map(str, images),
-                                 "--out", str(out), "--draw", str(drawn), "--score-thr", "0.001",
-                                 "--annotations", str(synthetic_dir / "val.json"), "--tracking-uri", uri],
-                         capture_output=True, text=True, timeout=300)
+    cli = subprocess.run(
+        PISA
+        + [
+            "predict",
+            f"models:/{MODEL_NAME}@champion",
+            *map(str, images),
+            "--out",
+            str(out),
+            "--draw",
+            str(drawn),
+            "--score-thr",
+            "0.001",
+            "--annotations",
+            str(synthetic_dir / "val.json"),
+            "--tracking-uri",
+            uri,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode == 0, cli.stderr
     gt = COCO(str(synthetic_dir / "val.json"))
     results = json.loads(out.read_text())
@@ -152,8 +172,10 @@ def test_predict_from_run_id_and_checkpoint_match_the_registered_model(trained, 
     assert by_uri and by_uri == by_run == by_ckpt
 
 
-@pytest.mark.parametrize("case", ["missing image", "not an image", "unknown models uri", "unknown run id",
-                                  "no such checkpoint", "no such store"])
+@pytest.mark.parametrize(
+    "case",
+    ["missing image", "not an image", "unknown models uri", "unknown run id", "no such checkpoint", "no such store"],
+)
 def test_predict_bad_input_is_one_line_and_exit_2(case, synthetic_dir, tmp_path, capsys):
     image = str(val_images(synthetic_dir, 1)[0])
     uri = f"sqlite:///{tmp_path / 'empty.db'}"
@@ -173,9 +195,14 @@ def test_predict_bad_input_is_one_line_and_exit_2(case, synthetic_dir, tmp_path,
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
-    expected = {"missing image": "nope.png", "not an image": "notes.png", "unknown models uri": "nope",
-                "unknown run id": "0123456789abcdef", "no such checkpoint": "model",
-                "no such store": "no MLflow store"}[case]
+    expected = {
+        "missing image": "nope.png",
+        "not an image": "notes.png",
+        "unknown models uri": "nope",
+        "unknown run id": "0123456789abcdef",
+        "no such checkpoint": "model",
+        "no such store": "no MLflow store",
+    }[case]
     assert not (tmp_path / "no.db").exists()
     assert expected in err
 
@@ -190,8 +217,9 @@ def test_train_run_has_lineage_tags_dataset_inputs_and_system_metrics(trained, s
     tags = run.data.tags
     assert tags["mlflow.user"]
     assert tags["mlflow.source.name"]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
     assert tags["mlflow.source.git.commit"] == commit
     assert tags["pisa.version.torch"] == torch.__version__
     assert tags["pisa.version.torchvision"] == torchvision.__version__

@@ -39,9 +39,7 @@ def focal(x: float, target: int, alpha: float = 0.25, gamma: float = 2.0) -> flo
 
 
 def _two_stage_heads(**cfg):
-    model = build_detector(
-        ModelConfig(backbone="resnet18_fpn", min_size=64, max_size=64, rois_per_image=8, **cfg), 3
-    )
+    model = build_detector(ModelConfig(backbone="resnet18_fpn", min_size=64, max_size=64, rois_per_image=8, **cfg), 3)
     return model.roi_heads
 
 
@@ -165,14 +163,15 @@ def test_retinanet_batch_normalisation_and_beta_by_hand():
 def test_retinanet_isr_p_and_carl_by_hand():
     head = _retina_head(
         box_loss=BoxLossConfig(type="smooth_l1", beta=0.11),
-        isr_p=ISRPConfig(enabled=True), carl=CARLConfig(enabled=True),
+        isr_p=ISRPConfig(enabled=True),
+        carl=CARLConfig(enabled=True),
     )
     losses = head.compute_loss(*_retina_case())
     pos0, _, pos_b0 = _retina_focal()
     # class 1: a0 alone (rank 0); class 2: b1 (IoU 1) rank 0, b0 (IoU 2/3) rank 1; M = 2
     raw = [1.0, 0.25, 1.0]  # a0, b0, b1 (batch order)
     losses_pos = [pos0, pos_b0, pos0]
-    ratio = sum(losses_pos) / sum(w * l for w, l in zip(raw, losses_pos))
+    ratio = sum(losses_pos) / sum(w * loss for w, loss in zip(raw, losses_pos))
     d = head.pisa.record
     torch.testing.assert_close(d.isr_p_weights, torch.tensor([w * ratio for w in raw]))
     torch.testing.assert_close(d.ious, torch.tensor([1.0 * 9.5 / 10.5, 80 / 120, 1.0]))

@@ -117,8 +117,14 @@ def test_retinanet_train_step(isr_p, carl):
 
 
 def test_retinanet_mobilenet_backbone():
-    cfg = ModelConfig(detector="retinanet", backbone="mobilenet_v3_fpn", min_size=RETINA_SIZE,
-                      max_size=RETINA_SIZE, isr_p=ISRPConfig(enabled=True), carl=CARLConfig(enabled=True))
+    cfg = ModelConfig(
+        detector="retinanet",
+        backbone="mobilenet_v3_fpn",
+        min_size=RETINA_SIZE,
+        max_size=RETINA_SIZE,
+        isr_p=ISRPConfig(enabled=True),
+        carl=CARLConfig(enabled=True),
+    )
     torch.manual_seed(0)
     model = build_retinanet(cfg, NUM_CLASSES).train()
     losses = model([torch.rand(3, RETINA_SIZE, RETINA_SIZE) for _ in range(2)], _targets(RETINA_SIZE))
@@ -194,7 +200,9 @@ def test_vgg16_loads_local_state_dict(tmp_path):
     torch.manual_seed(3)
     source = _vgg16(None)
     path = tmp_path / "vgg16.pth"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in source.features.state_dict(prefix="features.").items()}}, path)
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in source.features.state_dict(prefix="features.").items()}}, path
+    )
     loaded = _vgg16(str(path))
     torch.testing.assert_close(loaded.features[0].weight, source.features[0].weight)
     torch.save({"conv.weight": torch.zeros(3)}, path)

@@ -124,8 +124,13 @@ def test_eval_matches_torchvision():
     torch.manual_seed(0)
     model = build_detector(cfg, NUM_CLASSES).eval()
     reference = FasterRCNN(
-        model.backbone, num_classes=NUM_CLASSES + 1, min_size=SIZE, max_size=SIZE,
-        rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100, box_score_thresh=0.0,
+        model.backbone,
+        num_classes=NUM_CLASSES + 1,
+        min_size=SIZE,
+        max_size=SIZE,
+        rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_test=100,
+        box_score_thresh=0.0,
     ).eval()
     reference.load_state_dict(model.state_dict())
     images = make_batch(3)[0]
@@ -165,9 +170,7 @@ def test_gt_inds_unique_across_images():
     per_image = [m.numel() for m in samples.matched_idxs]
     first = torch.arange(samples.labels.numel()) < per_image[0]
     assert sorted(samples.gt_inds[pos & first].tolist()) == sorted(list(range(counts[0])) * 2)
-    assert sorted(samples.gt_inds[pos & ~first].tolist()) == sorted(
-        list(range(counts[0], counts[0] + counts[1])) * 2
-    )
+    assert sorted(samples.gt_inds[pos & ~first].tolist()) == sorted(list(range(counts[0], counts[0] + counts[1])) * 2)
     all_gt = torch.cat([t["boxes"] for t in targets])
     torch.testing.assert_close(samples.gt_boxes[pos], all_gt[samples.gt_inds[pos]])
 
@@ -236,8 +239,10 @@ def test_carl_loss_is_added_and_reaches_scores():
     pos = torch.where(samples.labels > 0)[0]
     lab = samples.labels[pos]
     reg = torch.nn.functional.smooth_l1_loss(
-        deltas.reshape(len(samples.labels), -1, 4)[pos, lab], samples.regression_targets[pos],
-        beta=1 / 9, reduction="none",
+        deltas.reshape(len(samples.labels), -1, 4)[pos, lab],
+        samples.regression_targets[pos],
+        beta=1 / 9,
+        reduction="none",
     )
     expected = carl_loss(logits.softmax(-1)[pos, lab], reg, k=1.0, bias=0.2, avg_factor=len(samples.labels))
     torch.testing.assert_close(ours["loss_carl"], expected)
@@ -297,8 +302,13 @@ def test_backbone_loads_local_file(tmp_path, wrap):
     state, path = _saved_trunk(tmp_path, wrap)
     body = build_backbone(tiny_cfg(pretrained_backbone=str(path), trainable_backbone_layers=3)).body
     own = body.state_dict()
-    for key in ("conv1.weight", "layer1.0.conv1.weight", "layer4.1.conv2.weight", "layer4.1.bn2.running_var",
-                "bn1.weight"):
+    for key in (
+        "conv1.weight",
+        "layer1.0.conv1.weight",
+        "layer4.1.conv2.weight",
+        "layer4.1.bn2.running_var",
+        "bn1.weight",
+    ):
         torch.testing.assert_close(own[key], state[key], rtol=0, atol=0)
     assert isinstance(body.bn1, FrozenBatchNorm2d)  # auto + pretrained = frozen BN
     assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad

@@ -50,7 +50,7 @@ def loop_nms_match(boxes, scores, thr):
         if i in suppressed:
             continue
         group = [i]
-        for j in order[a + 1:]:
+        for j in order[a + 1 :]:
             if j not in suppressed and iou[i, j] > thr:
                 suppressed.add(j)
                 group.append(j)
@@ -248,8 +248,9 @@ def loop_score_hlr_weights(num_hlr_selected, loss, num_expected, num_valid, k, b
 def test_score_hlr_weights_match_loop(num_valid, num_expected):
     num_hlr = min(num_valid, num_expected)
     loss = torch.rand(num_expected, generator=torch.Generator().manual_seed(0)) + 0.1
-    got = ops.score_hlr_weights(torch.arange(num_hlr), loss, num_expected, num_valid, k=0.5, bias=0.1,
-                                num_random=num_expected - num_hlr)
+    got = ops.score_hlr_weights(
+        torch.arange(num_hlr), loss, num_expected, num_valid, k=0.5, bias=0.1, num_random=num_expected - num_hlr
+    )
     want = loop_score_hlr_weights(num_hlr, loss, num_expected, num_valid, 0.5, 0.1)
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
     assert math.isclose(float((got * loss).sum()), float(loss.sum()), rel_tol=1e-5)

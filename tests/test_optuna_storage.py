@@ -13,8 +13,16 @@ from pisa.optuna_storage import PruningOptunaSearch, default_storage_url, open_s
 @pytest.fixture
 def searcher(tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    s = PruningOptunaSearch(space={"k": optuna.distributions.FloatDistribution(0.5, 3.0)}, metric="bbox_mAP", mode="max", seed=0,
-                            study_name="s", storage=open_storage(url), time_attr="epoch", max_t=3)
+    s = PruningOptunaSearch(
+        space={"k": optuna.distributions.FloatDistribution(0.5, 3.0)},
+        metric="bbox_mAP",
+        mode="max",
+        seed=0,
+        study_name="s",
+        storage=open_storage(url),
+        time_attr="epoch",
+        max_t=3,
+    )
     return s, url
 
 

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import tiny_experiment
+
 from pisa import tracking
 from pisa.config import parse_config
 from pisa.train import run_training
@@ -13,8 +13,7 @@ from pisa.train import run_training
 pytestmark = pytest.mark.slow
 
 
-def test_training_run_is_stored_in_postgres(ray_local, synthetic_dir, postgres_server, mlflow_server_pg,
-                                            tmp_path):
+def test_training_run_is_stored_in_postgres(ray_local, synthetic_dir, postgres_server, mlflow_server_pg, tmp_path):
     data = tiny_experiment(synthetic_dir, tmp_path, epochs=1)
     data["tracking"] = {"uri": mlflow_server_pg.uri, "experiment": "postgres"}
     outcome = run_training(parse_config(data), run_name="pg")
@@ -37,30 +36,34 @@ def test_training_run_is_stored_in_postgres(ray_local, synthetic_dir, postgres_s
     db = "mlflow"
     rows = postgres_server.query("SELECT status, name FROM runs WHERE run_uuid = %s", (outcome.run_id,), db)
     assert rows == [("FINISHED", "pg")]
-    (n_params,), = postgres_server.query("SELECT count(*) FROM params WHERE run_uuid = %s", (outcome.run_id,), db)
+    ((n_params,),) = postgres_server.query("SELECT count(*) FROM params WHERE run_uuid = %s", (outcome.run_id,), db)
     assert n_params == len(run.data.params)
     steps = postgres_server.query(
-        "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'bbox_mAP' ORDER BY step", (outcome.run_id,), db)
+        "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'bbox_mAP' ORDER BY step", (outcome.run_id,), db
+    )
     assert steps == [(1,)]
 
 
-def test_two_trial_study_is_stored_in_postgres(ray_local, synthetic_dir, postgres_server, mlflow_server_pg,
-                                               tmp_path):
+def test_two_trial_study_is_stored_in_postgres(ray_local, synthetic_dir, postgres_server, mlflow_server_pg, tmp_path):
     from test_study import children, write_study
 
     from pisa.study import run_study
     from pisa.study_config import load_study
 
-    path = write_study(tmp_path, synthetic_dir, "pg-study", uri=mlflow_server_pg.uri, num_samples=2,
-                       scheduler={"type": "fifo"})
+    path = write_study(
+        tmp_path, synthetic_dir, "pg-study", uri=mlflow_server_pg.uri, num_samples=2, scheduler={"type": "fifo"}
+    )
     outcome = run_study(load_study(path))
     runs = children(mlflow_server_pg.uri, "tests", outcome.parent_run_id)
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     ids = [r.info.run_id for r in runs]
     rows = postgres_server.query(
         "SELECT count(*) FROM tags WHERE key = 'mlflow.parentRunId' AND value = %s AND run_uuid = ANY(%s)",
-        (outcome.parent_run_id, ids), "mlflow")
+        (outcome.parent_run_id, ids),
+        "mlflow",
+    )
     assert rows == [(2,)]
-    (n,), = postgres_server.query(
-        "SELECT count(*) FROM metrics WHERE key = 'bbox_mAP' AND run_uuid = ANY(%s)", (ids,), "mlflow")
+    ((n,),) = postgres_server.query(
+        "SELECT count(*) FROM metrics WHERE key = 'bbox_mAP' AND run_uuid = ANY(%s)", (ids,), "mlflow"
+    )
     assert n == 4  # 2 trials x 2 epochs

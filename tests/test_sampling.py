@@ -9,10 +9,13 @@ from pisa.sampling import OHEMSampler, RandomSampler, RoIStats, ScoreHLRSampler,
 
 
 def make_labels(num_pos, num_neg, num_ignored=0, seed=0):
-    labels = torch.cat([
-        torch.randint(1, 4, (num_pos,)), torch.zeros(num_neg, dtype=torch.long),
-        torch.full((num_ignored,), -1, dtype=torch.long),
-    ])
+    labels = torch.cat(
+        [
+            torch.randint(1, 4, (num_pos,)),
+            torch.zeros(num_neg, dtype=torch.long),
+            torch.full((num_ignored,), -1, dtype=torch.long),
+        ]
+    )
     perm = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(seed))
     return labels[perm]
 
@@ -103,7 +106,8 @@ def test_score_hlr_sampler_fills_with_random_low_score_negatives():
     # random picks share the smallest HLR weight
     assert torch.allclose(res.neg_weights[20:], res.neg_weights[20:].min().expand(98))
     assert float((res.neg_weights * stats.bg_loss[res.neg_inds]).sum()) == pytest.approx(
-        float(stats.bg_loss[res.neg_inds].sum()), rel=1e-5)
+        float(stats.bg_loss[res.neg_inds].sum()), rel=1e-5
+    )
 
 
 def test_no_negatives_no_positives():
@@ -112,8 +116,10 @@ def test_no_negatives_no_positives():
     assert res.pos_inds.numel() == 0 and res.neg_inds.numel() == 10
 
 
-@pytest.mark.parametrize("name,cls", [("random", RandomSampler), ("ohem", OHEMSampler),
-                                      ("ohem_1to3", OHEMSampler), ("score_hlr", ScoreHLRSampler)])
+@pytest.mark.parametrize(
+    "name,cls",
+    [("random", RandomSampler), ("ohem", OHEMSampler), ("ohem_1to3", OHEMSampler), ("score_hlr", ScoreHLRSampler)],
+)
 def test_build_sampler(name, cls):
     s = build_sampler(ModelConfig(sampler=name, rois_per_image=256))
     assert isinstance(s, cls) and s.num == 256

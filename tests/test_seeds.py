@@ -18,20 +18,22 @@ from pathlib import Path
 import pytest
 import yaml
 from scipy import stats as sps
+from test_study import children, write_study
 
 from pisa import tracking
 from pisa.config import ConfigError
 from pisa.seeds import mean_report
 from pisa.study import collect, concurrent_trials, load_state, run_study
 from pisa.study_config import load_study
-from test_study import children, write_study
 
 PISA = [sys.executable, "-m", "pisa.cli"]
 
 
 def test_mean_report_averages_seeds_and_keeps_each_value():
-    reports = {3: {"epoch": 2, "bbox_mAP": 0.30, "train_loss": 1.0, "checkpoint_path": "/c3"},
-               4: {"epoch": 2, "bbox_mAP": 0.20, "train_loss": 2.0, "checkpoint_path": "/c4"}}
+    reports = {
+        3: {"epoch": 2, "bbox_mAP": 0.30, "train_loss": 1.0, "checkpoint_path": "/c3"},
+        4: {"epoch": 2, "bbox_mAP": 0.20, "train_loss": 2.0, "checkpoint_path": "/c4"},
+    }
     out = mean_report(reports, "bbox_mAP")
     assert out["bbox_mAP"] == pytest.approx(0.25) and out["train_loss"] == pytest.approx(1.5)
     assert out["seed_3/bbox_mAP"] == 0.30 and out["seed_4/bbox_mAP"] == 0.20
@@ -44,8 +46,16 @@ def test_mean_report_averages_seeds_and_keeps_each_value():
 @pytest.fixture(scope="module")
 def seeded_study(ray_local, synthetic_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("seeded")
-    path = write_study(tmp, synthetic_dir, "seeded", num_samples=2, seeds=2, metric="train_loss", mode="min",
-                       scheduler={"type": "fifo"})
+    path = write_study(
+        tmp,
+        synthetic_dir,
+        "seeded",
+        num_samples=2,
+        seeds=2,
+        metric="train_loss",
+        mode="min",
+        scheduler={"type": "fifo"},
+    )
     base = yaml.safe_load((tmp / "base.yaml").read_text())
     base["train"].update(epochs=1, seed=7)
     (tmp / "base.yaml").write_text(yaml.safe_dump(base))
@@ -89,8 +99,13 @@ def test_best_says_whether_the_winner_is_within_the_noise(seeded_study):
 @pytest.mark.slow
 def test_validate_compares_with_intervals_and_logs_a_linked_run(seeded_study):
     tmp, study, outcome = seeded_study
-    res = subprocess.run(PISA + ["study", "validate", "seeded", "--top", "1", "--seeds", "2"],
-                         capture_output=True, text=True, timeout=1500, cwd=tmp)
+    res = subprocess.run(
+        PISA + ["study", "validate", "seeded", "--top", "1", "--seeds", "2"],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=tmp,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "paired diff vs baseline" in res.stdout and "baseline" in res.stdout
     uri = outcome.tracking_uri
@@ -100,8 +115,12 @@ def test_validate_compares_with_intervals_and_logs_a_linked_run(seeded_study):
     vrun = tracking.client(uri).get_run(vid)
     assert vrun.data.tags["pisa.study_run_id"] == state["parent_run_id"] and vrun.info.status == "FINISHED"
     arts = {a.path for a in tracking.client(uri).list_artifacts(vid, "validation")}
-    assert {"validation/validation.txt", "validation/validation.csv", "validation/per_seed.json",
-            "validation/per_seed.png"} <= arts
+    assert {
+        "validation/validation.txt",
+        "validation/validation.csv",
+        "validation/per_seed.json",
+        "validation/per_seed.png",
+    } <= arts
     # fresh seeds (after the study's 7 and 8), the same for every variant
     client = tracking.client(uri)
     per_seed = json.loads(Path(client.download_artifacts(vid, "validation/per_seed.json", str(tmp))).read_text())
@@ -133,16 +152,20 @@ def test_validate_compares_with_intervals_and_logs_a_linked_run(seeded_study):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, args, message", [
-    ("seeded", ["--seeds", "0"], "--seeds 0: must be at least 1"),
-    ("seeded", ["--top", "5"], "--top 5: study 'seeded' has only 2 ranked trial(s)"),
-    ("no-such-study", [], "no study 'no-such-study'"),
-])
+@pytest.mark.parametrize(
+    "name, args, message",
+    [
+        ("seeded", ["--seeds", "0"], "--seeds 0: must be at least 1"),
+        ("seeded", ["--top", "5"], "--top 5: study 'seeded' has only 2 ranked trial(s)"),
+        ("no-such-study", [], "no study 'no-such-study'"),
+    ],
+)
 def test_validate_bad_input_is_one_line_exit_2(seeded_study, name, args, message):
     tmp, study, outcome = seeded_study
     runs_before = len(tracking.find_runs(outcome.tracking_uri, "tests"))
-    res = subprocess.run(PISA + ["study", "validate", name, *args], capture_output=True, text=True,
-                         timeout=120, cwd=tmp)
+    res = subprocess.run(
+        PISA + ["study", "validate", name, *args], capture_output=True, text=True, timeout=120, cwd=tmp
+    )
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.stderr

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, tiny_experiment
+
 from pisa import tracking
 from pisa.config import PAPER_DEFAULTS
-from pisa.study import collect, load_state, resume_study, run_study, study_dir
+from pisa.study import load_state, run_study, study_dir
 from pisa.study_config import load_study
 
 PISA = [sys.executable, "-m", "pisa.cli"]
@@ -29,15 +29,18 @@ def write_study(tmp: Path, data_dir: Path, name: str, uri: str | None = None, **
         base["tracking"]["uri"] = uri
     (tmp / "base.yaml").write_text(yaml.safe_dump(base))
     spec = {
-        "name": name, "base": "base.yaml",
+        "name": name,
+        "base": "base.yaml",
         "search_space": {
             "model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0},
             "model.isr_p.bias": {"type": "uniform", "low": 0.0, "high": 0.5},
         },
-        "num_samples": 4, "max_concurrent_trials": 2,
+        "num_samples": 4,
+        "max_concurrent_trials": 2,
         "resources_per_trial": {"workers": 1, "gpus_per_worker": 0},
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-        "seed": 0, **study,
+        "seed": 0,
+        **study,
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -54,8 +57,9 @@ def children(uri: str, experiment: str, parent: str):
 @pytest.fixture(scope="module")
 def sqlite_study(ray_local, synthetic_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
-    study = load_study(write_study(tmp, synthetic_dir, "four",
-                                   experiment={"tracking": {"system_metrics_interval_s": 2}}))
+    study = load_study(
+        write_study(tmp, synthetic_dir, "four", experiment={"tracking": {"system_metrics_interval_s": 2}})
+    )
     outcome = run_study(study)
     return study, outcome
 
@@ -101,8 +105,13 @@ def test_asha_ranks_and_best_reproduces_exactly(sqlite_study, tmp_path):
     assert finished, "ASHA let no trial finish"
     state = load_state(study.name, study.base["storage_path"])
     out = tmp_path / "best.yaml"
-    cli = subprocess.run(PISA + ["study", "best", state["dir"], "--out", str(out)], capture_output=True,
-                         text=True, timeout=120, cwd=tmp_path)
+    cli = subprocess.run(
+        PISA + ["study", "best", state["dir"], "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert cli.returncode == 0, cli.stderr
     assert "best:" in cli.stdout and out.exists()
     best = outcome.best
@@ -138,9 +147,16 @@ RECORDED = {
 
 def _one_trial_histories(tmp: Path, data_dir: Path, name: str, trial_process: str) -> dict[str, list[float]]:
     tmp.mkdir()
-    path = write_study(tmp, data_dir, name, num_samples=1, max_concurrent_trials=1,
-                       search_space={"model.isr_p.k": {"type": "choice", "values": [2.0]}},
-                       scheduler={"type": "fifo"}, trial_process=trial_process)
+    path = write_study(
+        tmp,
+        data_dir,
+        name,
+        num_samples=1,
+        max_concurrent_trials=1,
+        search_space={"model.isr_p.k": {"type": "choice", "values": [2.0]}},
+        scheduler={"type": "fifo"},
+        trial_process=trial_process,
+    )
     study = load_study(path)
     outcome = run_study(study)
     # only a Ray Train trial writes a Ray Train run of its own under the study's trials/
@@ -148,8 +164,7 @@ def _one_trial_histories(tmp: Path, data_dir: Path, name: str, trial_process: st
     (trial,) = outcome.trials
     assert trial.status == "finished", trial.error
     c = tracking.client(outcome.tracking_uri)
-    return {k: [m.value for m in sorted(c.get_metric_history(trial.run_id, k), key=lambda m: m.step)]
-            for k in RECORDED}
+    return {k: [m.value for m in sorted(c.get_metric_history(trial.run_id, k), key=lambda m: m.step)] for k in RECORDED}
 
 
 @pytest.mark.slow
@@ -184,10 +199,25 @@ def mlflow_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
-         "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
-        stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=open(tmp / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -208,9 +238,13 @@ def mlflow_server(tmp_path_factory):
 @pytest.mark.slow
 def test_study_against_mlflow_server_with_a_diverging_trial(ray_local, synthetic_dir, mlflow_server, tmp_path):
     path = write_study(
-        tmp_path, synthetic_dir, "server", uri=mlflow_server,
+        tmp_path,
+        synthetic_dir,
+        "server",
+        uri=mlflow_server,
         search_space={"train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e6}},
-        num_samples=2, points_to_evaluate=[{"train.lr": 1e6}, {"train.lr": 0.02}],
+        num_samples=2,
+        points_to_evaluate=[{"train.lr": 1e6}, {"train.lr": 0.02}],
     )
     outcome = run_study(load_study(path))
     runs = children(mlflow_server, "tests", outcome.parent_run_id)
@@ -228,13 +262,20 @@ def test_study_against_mlflow_server_with_a_diverging_trial(ray_local, synthetic
 
 @pytest.mark.slow
 def test_interrupted_study_resumes_without_duplicate_runs(synthetic_dir, tmp_path):
-    path = write_study(tmp_path, synthetic_dir, "resumable", num_samples=3, max_concurrent_trials=1,
-                       scheduler={"type": "fifo"})
+    path = write_study(
+        tmp_path, synthetic_dir, "resumable", num_samples=3, max_concurrent_trials=1, scheduler={"type": "fifo"}
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "run.log", "w")
-    proc = subprocess.Popen(PISA + ["study", "run", str(path)], cwd=tmp_path, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        PISA + ["study", "run", str(path)],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     state_file = tmp_path / "ray_results" / "resumable" / "pisa_study.json"
     deadline = time.time() + 420
     try:
@@ -258,8 +299,9 @@ def test_interrupted_study_resumes_without_duplicate_runs(synthetic_dir, tmp_pat
     before = children(uri, "tests", parent)
     assert 1 <= len([r for r in before if r.info.status == "FINISHED"]) < 3
 
-    resumed = subprocess.run(PISA + ["study", "resume", "resumable"], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        PISA + ["study", "resume", "resumable"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     after = children(uri, "tests", parent)
     trial_ids = [r.data.tags["pisa.trial_id"] for r in after]
@@ -276,14 +318,22 @@ def test_interrupted_study_resumes_without_duplicate_runs(synthetic_dir, tmp_pat
 
 BAD_STUDIES = [
     ({"bogus": 1}, "bogus: unknown key"),
-    ({"search_space": {"model.isr_p.k": {"type": "uniform", "low": 0.0, "high": 2.0}}},
-     "search_space.model.isr_p.k: value 0.0 is invalid"),
-    ({"search_space": {"model.carl.bias": {"type": "uniform", "low": 0.0, "high": 1.5}}},
-     "search_space.model.carl.bias: value 1.5 is invalid"),
-    ({"search_space": {"model.isr_p.kk": {"type": "uniform", "low": 0.5, "high": 2.0}}},
-     "search_space.model.isr_p.kk: no such config field"),
-    ({"search_space": {"model.sampler": {"type": "choice", "values": ["random", "fancy"]}}},
-     "search_space.model.sampler: value 'fancy' is invalid"),
+    (
+        {"search_space": {"model.isr_p.k": {"type": "uniform", "low": 0.0, "high": 2.0}}},
+        "search_space.model.isr_p.k: value 0.0 is invalid",
+    ),
+    (
+        {"search_space": {"model.carl.bias": {"type": "uniform", "low": 0.0, "high": 1.5}}},
+        "search_space.model.carl.bias: value 1.5 is invalid",
+    ),
+    (
+        {"search_space": {"model.isr_p.kk": {"type": "uniform", "low": 0.5, "high": 2.0}}},
+        "search_space.model.isr_p.kk: no such config field",
+    ),
+    (
+        {"search_space": {"model.sampler": {"type": "choice", "values": ["random", "fancy"]}}},
+        "search_space.model.sampler: value 'fancy' is invalid",
+    ),
     ({"experiment": {"model": {"detector": "yolo"}}}, "model.detector: Input should be"),
     ({"search_space": {"model.isr_p.k": {"type": "uniform", "low": 3.0, "high": 1.0}}}, "must be < high"),
     ({"num_samples": 0}, "num_samples: Input should be greater than or equal to 1"),
@@ -297,8 +347,7 @@ def test_invalid_study_fails_before_anything_starts(synthetic_dir, tmp_path, cha
     spec = yaml.safe_load(path.read_text())
     spec.update(change)
     path.write_text(yaml.safe_dump(spec))
-    res = subprocess.run(PISA + ["study", "run", str(path)], capture_output=True, text=True, timeout=120,
-                         cwd=tmp_path)
+    res = subprocess.run(PISA + ["study", "run", str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 2, res.stderr[-2000:]
     assert message in res.stderr and str(path) in res.stderr
     assert not (tmp_path / "ray_results" / "bad").exists()
@@ -314,8 +363,7 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
 
 def test_unreachable_tracking_server_fails_before_any_trial(synthetic_dir, tmp_path):
     path = write_study(tmp_path, synthetic_dir, "offline", uri="http://127.0.0.1:9")
-    res = subprocess.run(PISA + ["study", "run", str(path)], capture_output=True, text=True, timeout=120,
-                         cwd=tmp_path)
+    res = subprocess.run(PISA + ["study", "run", str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 1
     assert "MLflow tracking server http://127.0.0.1:9 is not reachable" in res.stderr
     assert "Started a local Ray instance" not in res.stderr + res.stdout
@@ -331,15 +379,14 @@ def test_optuna_storage_holds_the_trials_with_asha_stopped_ones_pruned(sqlite_st
     from optuna.trial import TrialState
 
     study, outcome = sqlite_study
-    url = f"sqlite:///{Path(outcome.tracking_uri[len('sqlite:///'):]).parent / 'optuna.db'}"
+    url = f"sqlite:///{Path(outcome.tracking_uri[len('sqlite:///') :]).parent / 'optuna.db'}"
     assert load_state(study.name, study.base["storage_path"])["optuna_storage"] == url
     stored = optuna.load_study(study_name=study.name, storage=url).trials
     assert len(stored) == 4
     stopped = [t for t in outcome.trials if t.status == "stopped_early"]
     assert stopped, "ASHA stopped no trial: nothing to check"
     for ot in stored:
-        match = [t for t in outcome.trials
-                 if all(float(t.params[k]) == pytest.approx(v) for k, v in ot.params.items())]
+        match = [t for t in outcome.trials if all(float(t.params[k]) == pytest.approx(v) for k, v in ot.params.items())]
         assert len(match) == 1, ot.params
         trial = match[0]
         if trial.status == "stopped_early":
@@ -401,9 +448,15 @@ def test_study_list_shows_status_trials_and_best(sqlite_study, capsys):
 def test_study_whose_trials_all_fail_exits_nonzero_with_the_common_error(ray_local, synthetic_dir, tmp_path, capsys):
     from pisa.cli import main
 
-    path = write_study(tmp_path, synthetic_dir, "doomed", num_samples=2, points_to_evaluate="none",
-                       scheduler={"type": "fifo"},
-                       search_space={"train.lr": {"type": "loguniform", "low": 5e5, "high": 1e6}})
+    path = write_study(
+        tmp_path,
+        synthetic_dir,
+        "doomed",
+        num_samples=2,
+        points_to_evaluate="none",
+        scheduler={"type": "fifo"},
+        search_space={"train.lr": {"type": "loguniform", "low": 5e5, "high": 1e6}},
+    )
     assert main(["study", "run", str(path)]) == 1
     err = capsys.readouterr().err
     assert "all 2 trials of study doomed failed" in err and "non-finite loss" in err

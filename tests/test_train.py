@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_experiment
+
 from pisa import tracking
 from pisa.config import parse_config
 from pisa.engine import lr_factor
@@ -62,7 +62,9 @@ def test_mlflow_run_has_params_metrics_and_artifacts(full_run):
     artifacts = {a.path for a in c.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "checkpoint", "plots"} <= artifacts
     assert {a.path for a in c.list_artifacts(outcome.run_id, "checkpoint")} == {
-        "checkpoint/checkpoint.pt", "checkpoint/config.json"}
+        "checkpoint/checkpoint.pt",
+        "checkpoint/config.json",
+    }
 
 
 def test_resume_from_epoch_one_matches_uninterrupted(full_run, synthetic_dir, work):
@@ -73,8 +75,11 @@ def test_resume_from_epoch_one_matches_uninterrupted(full_run, synthetic_dir, wo
     assert torch.load(epoch1 / "checkpoint.pt", weights_only=True)["epoch"] == 0
     # 2 Ray workers x 2 loader workers: epoch 2's data order and augmentation draws must be
     # those of the uninterrupted run, not a replay of epoch 1's
-    resumed = run_training(parse_config(with_loader_workers(tiny_experiment(synthetic_dir, work))),
-                           run_name="resumed", resume_from=str(epoch1))
+    resumed = run_training(
+        parse_config(with_loader_workers(tiny_experiment(synthetic_dir, work))),
+        run_name="resumed",
+        resume_from=str(epoch1),
+    )
     assert resumed.status == "FINISHED", resumed.error
     assert resumed.metrics["epoch"] == 2
     for key in ("train_loss", "train_loss_classifier", "bbox_mAP", "bbox_AR_100"):
@@ -92,11 +97,23 @@ def test_pisa_train_runs_the_gpu_code_path_on_cpu(ray_local, synthetic_dir, work
 
     config = work / "gpu_path.yaml"
     config.write_text(yaml.safe_dump(tiny_experiment(synthetic_dir, work, epochs=1)))
-    code = main(["train", str(config), "--run-name", "gpu-path", "--set", "train.amp=true",
-                 "--set", "train.channels_last=true", "--set", "data.num_workers=2"])
+    code = main(
+        [
+            "train",
+            str(config),
+            "--run-name",
+            "gpu-path",
+            "--set",
+            "train.amp=true",
+            "--set",
+            "train.channels_last=true",
+            "--set",
+            "data.num_workers=2",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
-    summary = json.loads(out[out.rindex('{\n  "run_id"'):])
+    summary = json.loads(out[out.rindex('{\n  "run_id"') :])
     assert summary["status"] == "FINISHED" and summary["metrics"]["epoch"] == 1
     assert summary["metrics"]["train_loss"] > 0
     params = tracking.client(f"sqlite:///{work / 'mlflow.db'}").get_run(summary["run_id"]).data.params

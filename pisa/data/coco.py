@@ -14,8 +14,9 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -158,8 +159,7 @@ def load_coco_json(
             raise DataError(f"{path}: annotation id {aid}: unknown image id {ann['image_id']!r}")
         if ann["category_id"] not in cat_ids:
             raise DataError(
-                f"{path}: annotation id {aid}: unknown category id {ann['category_id']!r} "
-                f"(known: {sorted(cat_ids)})"
+                f"{path}: annotation id {aid}: unknown category id {ann['category_id']!r} (known: {sorted(cat_ids)})"
             )
         problem = _box_problem(ann["bbox"], float(img["width"]), float(img["height"]))
         if problem is not None:
@@ -170,8 +170,7 @@ def load_coco_json(
             listed = "\n  ".join(msg for _, msg in bad[:10])
             more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
             raise DataError(
-                f"{path}: {len(bad)} bad box(es) (set data.bad_boxes: skip to drop them):\n  "
-                f"{listed}{more}"
+                f"{path}: {len(bad)} bad box(es) (set data.bad_boxes: skip to drop them):\n  {listed}{more}"
             )
         for _, msg in bad:
             log.warning("%s: skipping %s", path, msg)
@@ -201,8 +200,7 @@ class CocoDetection(Dataset):
         self,
         image_dir: str | Path,
         ann_file: str | Path,
-        transforms: Callable[[Image.Image, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
-        | None = None,
+        transforms: Callable[[Image.Image, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]] | None = None,
         with_masks: bool = False,
         bad_boxes: Literal["error", "skip"] = "error",
         limit: int | None = None,
@@ -257,13 +255,10 @@ class CocoDetection(Dataset):
         boxes = torch.tensor([a["box"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         target: dict[str, Any] = {
             "boxes": boxes,
-            "labels": torch.tensor(
-                [self.cat_id_to_label[a["ann"]["category_id"]] for a in anns], dtype=torch.int64
-            ),
+            "labels": torch.tensor([self.cat_id_to_label[a["ann"]["category_id"]] for a in anns], dtype=torch.int64),
             "image_id": int(img_id),
             "area": torch.tensor(
-                [float(a["ann"].get("area", (b[2] - b[0]) * (b[3] - b[1])))
-                 for a, b in zip(anns, boxes.tolist())],
+                [float(a["ann"].get("area", (b[2] - b[0]) * (b[3] - b[1]))) for a, b in zip(anns, boxes.tolist())],
                 dtype=torch.float32,
             ),
             "iscrowd": torch.zeros(len(anns), dtype=torch.int64),
@@ -276,7 +271,7 @@ class CocoDetection(Dataset):
                     masks[i] = self.coco.annToMask(a["ann"])
                 else:  # no polygon: the box is the best mask there is
                     x1, y1, x2, y2 = a["box"]
-                    masks[i, int(y1): math.ceil(y2), int(x1): math.ceil(x2)] = 1
+                    masks[i, int(y1) : math.ceil(y2), int(x1) : math.ceil(x2)] = 1
             target["masks"] = torch.from_numpy(masks)
         return target
 

@@ -78,7 +78,7 @@ def _make_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[d
         cls = int(rng.integers(0, len(CLASSES)))
         kind = CLASSES[cls]
         for _attempt in range(40):
-            s = float(obj_size) * (0.93 ** _attempt)  # shrink if it does not fit
+            s = float(obj_size) * (0.93**_attempt)  # shrink if it does not fit
             if s < 6:
                 break
             if kind == "square":
@@ -130,21 +130,21 @@ def _write_split(
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
         for obj in objects:
             x1, y1, x2, y2 = obj["box"]
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": obj["cls"] + 1,
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "area": int(obj["mask"].sum()),
-                "segmentation": [[round(float(v), 1) for v in obj["poly"].reshape(-1)]],
-                "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": obj["cls"] + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": int(obj["mask"].sum()),
+                    "segmentation": [[round(float(v), 1) for v in obj["poly"].reshape(-1)]],
+                    "iscrowd": 0,
+                }
+            )
     doc = {
         "info": {"description": f"pisa synthetic shapes, split {split}, seed {seed}", "version": "1"},
         "licenses": [],
-        "categories": [
-            {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)
-        ],
+        "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)],
         "images": images,
         "annotations": annotations,
     }
@@ -177,8 +177,7 @@ def generate_synthetic(
 
 
 def _meta(n_train: int, n_val: int, seed: int, image_size: int) -> dict[str, int]:
-    return {"format": _FORMAT_VERSION, "train": n_train, "val": n_val, "seed": seed,
-            "image_size": image_size}
+    return {"format": _FORMAT_VERSION, "train": n_train, "val": n_val, "seed": seed, "image_size": image_size}
 
 
 def ensure_synthetic(cfg: SyntheticConfig) -> Path:
@@ -229,7 +228,9 @@ def ensure_synthetic(cfg: SyntheticConfig) -> Path:
     return out
 
 
-def synth_command(out: str | Path, train: int, val: int, seed: int = 0, image_size: int = 128) -> dict[str, dict[str, int]]:
+def synth_command(
+    out: str | Path, train: int, val: int, seed: int = 0, image_size: int = 128
+) -> dict[str, dict[str, int]]:
     """`pisa data synth`: generate the synthetic dataset and print what was written."""
     counts = generate_synthetic(out, train, val, seed=seed, image_size=image_size)
     out = Path(out)

@@ -35,12 +35,14 @@ def _per_box_targets(inputs: Any) -> tuple[torch.Tensor, ...]:
 
 def ssd_augmentation() -> v2.Compose:
     """Photometric distortion, zoom-out 1-4x, min-IoU crop, and dropping of emptied boxes."""
-    return v2.Compose([
-        v2.RandomPhotometricDistort(p=0.5),
-        v2.RandomZoomOut(fill={tv_tensors.Image: _SSD_FILL, tv_tensors.Mask: 0}, side_range=(1.0, 4.0), p=0.5),
-        v2.RandomIoUCrop(),
-        v2.SanitizeBoundingBoxes(labels_getter=_per_box_targets),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomPhotometricDistort(p=0.5),
+            v2.RandomZoomOut(fill={tv_tensors.Image: _SSD_FILL, tv_tensors.Mask: 0}, side_range=(1.0, 4.0), p=0.5),
+            v2.RandomIoUCrop(),
+            v2.SanitizeBoundingBoxes(labels_getter=_per_box_targets),
+        ]
+    )
 
 
 class DetectionTransform:

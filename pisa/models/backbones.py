@@ -85,7 +85,7 @@ def _clean_state_dict(state: Mapping[str, torch.Tensor], extra_prefixes: Sequenc
             continue
         for prefix in (*_STRIP_PREFIXES, *extra_prefixes):
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
@@ -107,9 +107,7 @@ def _read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping):
-        raise BackboneLoadError(
-            f"pretrained backbone file {path} holds a {type(obj).__name__}, not a state_dict"
-        )
+        raise BackboneLoadError(f"pretrained backbone file {path} holds a {type(obj).__name__}, not a state_dict")
     return obj
 
 
@@ -141,7 +139,10 @@ def load_trunk_weights(
     trunk.load_state_dict(usable, strict=False)
     log.info(
         "loaded %d of %d trunk tensors (%.0f%% of the weights) from %s",
-        len(usable), len(own), 100 * matched / max(total, 1), source,
+        len(usable),
+        len(own),
+        100 * matched / max(total, 1),
+        source,
     )
     return len(usable)
 

@@ -36,15 +36,17 @@ class HeadPass:
 
 
 def can_reuse(pool: nn.Module, head: nn.Module, predictor: nn.Module) -> bool:
-    return (
-        type(pool) is MultiScaleRoIAlign and type(head) is TwoMLPHead and type(predictor) is FastRCNNPredictor
-    )
+    return type(pool) is MultiScaleRoIAlign and type(head) is TwoMLPHead and type(predictor) is FastRCNNPredictor
 
 
 @torch.no_grad()
 def forward_all(
-    pool: MultiScaleRoIAlign, head: TwoMLPHead, predictor: FastRCNNPredictor,
-    features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]],
+    pool: MultiScaleRoIAlign,
+    head: TwoMLPHead,
+    predictor: FastRCNNPredictor,
+    features: dict[str, Tensor],
+    proposals: list[Tensor],
+    image_shapes: list[tuple[int, int]],
 ) -> HeadPass:
     """The same operations as `predictor(head(pool(...)))`, keeping the activations."""
     x = pool(features, proposals, image_shapes).flatten(start_dim=1)
@@ -54,22 +56,42 @@ def forward_all(
 
 
 def reuse_sampled(
-    pool: MultiScaleRoIAlign, head: TwoMLPHead, predictor: FastRCNNPredictor,
-    features: dict[str, Tensor], sampled_proposals: list[Tensor], cached: HeadPass, inds: Tensor,
+    pool: MultiScaleRoIAlign,
+    head: TwoMLPHead,
+    predictor: FastRCNNPredictor,
+    features: dict[str, Tensor],
+    sampled_proposals: list[Tensor],
+    cached: HeadPass,
+    inds: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """(class logits, box deltas) of the sampled RoIs (`inds` into the cached rows), with gradients."""
     maps = _filter_input(features, pool.featmap_names)
     rois = _convert_to_roi_format(sampled_proposals)
-    levels = pool.map_levels(sampled_proposals) if len(maps) > 1 else torch.zeros(
-        rois.shape[0], dtype=torch.int64, device=rois.device
+    levels = (
+        pool.map_levels(sampled_proposals)
+        if len(maps) > 1
+        else torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
     )
     geometry = (rois, levels, list(pool.scales), pool.output_size, pool.sampling_ratio, cached.x.dtype)
-    params = (head.fc6.weight, head.fc6.bias, head.fc7.weight, head.fc7.bias,
-              predictor.cls_score.weight, predictor.cls_score.bias,
-              predictor.bbox_pred.weight, predictor.bbox_pred.bias)
+    params = (
+        head.fc6.weight,
+        head.fc6.bias,
+        head.fc7.weight,
+        head.fc7.bias,
+        predictor.cls_score.weight,
+        predictor.cls_score.bias,
+        predictor.bbox_pred.weight,
+        predictor.bbox_pred.bias,
+    )
     return _ReusedBoxHead.apply(
-        geometry, cached.x[inds], cached.h6[inds], cached.h7[inds],
-        cached.logits[inds], cached.deltas[inds], *params, *maps
+        geometry,
+        cached.x[inds],
+        cached.h6[inds],
+        cached.h7[inds],
+        cached.logits[inds],
+        cached.deltas[inds],
+        *params,
+        *maps,
     )
 
 
@@ -109,8 +131,17 @@ class _ReusedBoxHead(torch.autograd.Function):
             idx = torch.where(levels == level)[0]
             batch, channels, height, width = shape
             g = torch.ops.torchvision._roi_align_backward(
-                g_pooled[idx].contiguous(), rois[idx].float(), scale, output_size[0], output_size[1],
-                batch, channels, height, width, sampling_ratio, False,
+                g_pooled[idx].contiguous(),
+                rois[idx].float(),
+                scale,
+                output_size[0],
+                output_size[1],
+                batch,
+                channels,
+                height,
+                width,
+                sampling_ratio,
+                False,
             )
             g_maps.append(g.to(map_dtype))
         return (None, None, None, None, None, None, g_w6, g_b6, g_w7, g_b7, g_wc, g_bc, g_wb, g_bb, *g_maps)

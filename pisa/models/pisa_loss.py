@@ -12,8 +12,8 @@ loop copies them once per logging interval through `collect_diagnostics`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -54,7 +54,7 @@ class PisaRoIHeads(RoIHeads):
         self.reuse_ranking_pass = True  # sampled RoIs take their head outputs from the ranking pass
 
     @classmethod
-    def from_torchvision(cls, heads: RoIHeads, cfg: ModelConfig) -> "PisaRoIHeads":
+    def from_torchvision(cls, heads: RoIHeads, cfg: ModelConfig) -> PisaRoIHeads:
         """Wrap the modules and settings of an existing torchvision `RoIHeads`."""
         new = cls(
             heads.box_roi_pool,
@@ -91,8 +91,9 @@ class PisaRoIHeads(RoIHeads):
         counts = [p.shape[0] for p in proposals]
         head_pass = None
         if self.reuse_ranking_pass and can_reuse(self.box_roi_pool, self.box_head, self.box_predictor):
-            head_pass = forward_all(self.box_roi_pool, self.box_head, self.box_predictor, features, proposals,
-                                    image_shapes)
+            head_pass = forward_all(
+                self.box_roi_pool, self.box_head, self.box_predictor, features, proposals, image_shapes
+            )
             logits, deltas = head_pass.logits, head_pass.deltas
         else:
             feats = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
@@ -116,8 +117,8 @@ class PisaRoIHeads(RoIHeads):
 
         self.pisa.note(roi_loss=loss, roi_labels=labels_all, num_proposals=torch.tensor(counts))
         stats = [
-            RoIStats(loss=l, bg_loss=b, fg_score=s, pred_boxes=p)
-            for l, b, s, p in zip(
+            RoIStats(loss=loss_i, bg_loss=b, fg_score=s, pred_boxes=p)
+            for loss_i, b, s, p in zip(
                 loss.split(counts), bg_loss.split(counts), fg_score.split(counts), pred_boxes.split(counts)
             )
         ]
@@ -159,7 +160,7 @@ class PisaRoIHeads(RoIHeads):
             inds = torch.cat([result.pos_inds, result.neg_inds])
             weights = torch.ones(inds.numel(), dtype=torch.float32, device=device)
             if result.neg_weights is not None:
-                weights[result.pos_inds.numel():] = result.neg_weights.float()
+                weights[result.pos_inds.numel() :] = result.neg_weights.float()
             out_props.append(proposals[i][inds])
             out_matched.append(matched_idxs[i][inds])
             out["labels"].append(labels[i][inds])
@@ -204,8 +205,13 @@ class PisaRoIHeads(RoIHeads):
         reg_pos = self.box_loss(deltas_pos, s.regression_targets[pos])
 
         w_pos = self.pisa.positive_weights(
-            self.box_coder, deltas_pos, torch.cat(s.proposals)[pos], s.gt_boxes[pos],
-            labels_pos, s.gt_inds[pos], cls_loss[pos],
+            self.box_coder,
+            deltas_pos,
+            torch.cat(s.proposals)[pos],
+            s.gt_boxes[pos],
+            labels_pos,
+            s.gt_inds[pos],
+            cls_loss[pos],
         )
         if w_pos is not None:
             weights = weights.clone()
@@ -245,8 +251,13 @@ class PisaRoIHeads(RoIHeads):
         samples = self.select_pisa_samples(features, proposals, image_shapes, targets)
         if samples.head_pass is not None:
             class_logits, box_regression = reuse_sampled(
-                self.box_roi_pool, self.box_head, self.box_predictor, features, samples.proposals,
-                samples.head_pass, cast(Tensor, samples.rows),
+                self.box_roi_pool,
+                self.box_head,
+                self.box_predictor,
+                features,
+                samples.proposals,
+                samples.head_pass,
+                cast(Tensor, samples.rows),
             )
         else:
             box_features = self.box_head(self.box_roi_pool(features, samples.proposals, image_shapes))
@@ -260,7 +271,9 @@ class PisaRoIHeads(RoIHeads):
                 pos = torch.where(labels > 0)[0]
                 mask_proposals.append(props[pos])
                 pos_matched_idxs.append(matched[pos])
-            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
+            mask_logits = self.mask_predictor(
+                self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes))
+            )
             losses["loss_mask"] = maskrcnn_loss(
                 mask_logits,
                 mask_proposals,

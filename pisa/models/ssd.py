@@ -172,9 +172,9 @@ class PISASSDHead(SSDHead):
         cls_targets = torch.zeros(pos.mask.shape, dtype=torch.long, device=cls_logits.device)
         cls_targets[pos.img_idx, pos.anchor_idx] = pos.labels
         num_classes = cls_logits.size(-1)
-        cls_loss = F.cross_entropy(
-            cls_logits.reshape(-1, num_classes), cls_targets.reshape(-1), reduction="none"
-        ).view(cls_targets.shape)  # (N, A)
+        cls_loss = F.cross_entropy(cls_logits.reshape(-1, num_classes), cls_targets.reshape(-1), reduction="none").view(
+            cls_targets.shape
+        )  # (N, A)
         pos_cls_loss = pos.select(cls_loss)
         w = self.pisa.positive_weights(
             box_coder, pos_deltas, pos_anchors, pos.gt_boxes, pos.labels, pos.gt_inds, pos_cls_loss
@@ -221,9 +221,7 @@ def build_ssd(cfg: ModelConfig, num_classes: int) -> nn.Module:
     size = min(spec["size"], cfg.min_size)
     sizes = ssd_feature_sizes(cfg.detector, size)
     if min(sizes) < 1:
-        raise ValueError(
-            f"{cfg.detector} input {size}px is too small: feature maps would be {sizes}"
-        )
+        raise ValueError(f"{cfg.detector} input {size}px is too small: feature maps would be {sizes}")
     nominal = size == spec["size"]
     anchor_generator = DefaultBoxGenerator(
         spec["aspect_ratios"], scales=spec["scales"], steps=spec["steps"] if nominal else None
