@@ -148,7 +148,7 @@ def test_unreachable_tracking_server_fails_fast(synthetic_dir, work, tmp_path):
     cfg = parse_config(data)
     with pytest.raises(tracking.TrackingError, match="not reachable"):
         run_training(cfg)
-    assert not cfg.storage_path.exists()  # failed before Ray Train wrote anything
+    assert not Path(cfg.storage_path).exists()  # failed before Ray Train wrote anything
 
 
 def test_lr_schedule_warmup_and_steps():
