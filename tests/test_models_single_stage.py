@@ -301,3 +301,22 @@ def test_no_foreground_gives_finite_zero_positive_losses(detector):
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["bbox_regression"] == 0 and losses["loss_carl"] == 0
     sum(losses.values()).backward()
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_pisa_losses_of_half_precision_head_outputs_are_float32_and_close(detector):
+    """Under autocast a head's outputs are half precision (bf16 on CPU, fp16 on GPU). The
+    PISA losses decode and rank in float32: they stay finite, float32, and within bf16's
+    rounding of the losses of the same outputs in float32."""
+    model = _model(detector, True, True)
+    targets, head_outputs, anchors, matched = _loss_inputs(model, detector, 2)
+    full = _compute_loss(model, detector, targets, head_outputs, anchors, matched)
+    half = {k: v.detach().to(torch.bfloat16).requires_grad_() for k, v in head_outputs.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = _compute_loss(model, detector, targets, half, anchors, matched)
+    assert set(low) == set(full)
+    for key in full:
+        assert low[key].dtype == torch.float32 and torch.isfinite(low[key]), key
+        torch.testing.assert_close(low[key], full[key].detach(), rtol=3e-2, atol=3e-3)
+    sum(low.values()).backward()
+    assert all(torch.isfinite(v.grad).all() for v in half.values())
