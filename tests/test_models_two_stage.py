@@ -407,8 +407,12 @@ def test_mixed_precision_training_step():
     assert backbone_grad(model).abs().sum() > 0
 
 
-@pytest.mark.parametrize("sampler", ["score_hlr", "ohem"])
-@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+# bf16 once: emulated bf16 kernels make it minutes on a CPU without bf16 units
+@pytest.mark.parametrize(
+    "sampler, autocast",
+    [("score_hlr", False), ("ohem", False), ("score_hlr", True)],
+    ids=["score_hlr-fp32", "ohem-fp32", "score_hlr-bf16"],
+)
 def test_sampled_rois_reuse_the_ranking_pass(sampler, autocast):
     """Reusing the ranking pass's pooled features and head outputs for the sampled RoIs gives
     the losses and gradients of a second forward pass over them."""
