@@ -234,9 +234,12 @@ def log_artifacts(uri: str, run_id: str, paths: Iterable[str | Path], artifact_p
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    """Tag values cut at MLflow's own limit (a longer one would fail the whole call)."""
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
     c = client(uri)
     for k, v in tags.items():
-        c.set_tag(run_id, k, str(v)[:5000])
+        c.set_tag(run_id, k, str(v)[:MAX_TAG_VAL_LENGTH])
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
