@@ -88,7 +88,8 @@ def test_killed_worker_then_killed_driver_then_resume_with_overrides(synthetic_d
         "PISA_FAULTS": json.dumps({"stall_at": f"1:1:{pidfile}"}),
     }  # epoch 2, iteration 2
     log = tmp_path / "run.log"
-    cmd = PISA + ["study", "run", str(study_file)] + [x for o in overrides for x in ("--set", o)]
+    # -v: the workers' own output (the fault injection's line) reaches the console only then
+    cmd = PISA + ["study", "run", str(study_file), "-v"] + [x for o in overrides for x in ("--set", o)]
     with open(log, "w") as out:
         proc = subprocess.Popen(
             cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
