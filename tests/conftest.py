@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from services import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,14 +105,6 @@ def ray_local():
 
 PG_USER = "pisa"
 PG_SYSTEM_USER = "pisa-pg"  # created when the tests run as root and no `postgres` user exists
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def find_pg_bin() -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, tiny_experiment
+from services import free_port
 
 from pisa import tracking
 from pisa.config import PAPER_DEFAULTS
@@ -186,12 +186,6 @@ def test_in_trial_and_ray_train_paths_give_the_recorded_metrics(ray_local, synth
 
 
 # ---------------------------------------------------------------- a real MLflow server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
