@@ -261,7 +261,7 @@ def main() -> int:
     sched = probe.train.resolved()
     print(f"config {args.config} + {args.overrides or 'no overrides'}")
     print(
-        f"budget per run: {sched['epochs']} epochs, milestones {sched['milestones']}, "
+        f"budget per run: {sched.epochs} epochs, milestones {list(sched.milestones)}, "
         f"train_limit {probe.data.train_limit}, val_limit {probe.data.val_limit}, "
         f"{probe.train.workers} worker x {probe.train.images_per_worker} images, "
         f"{probe.model.min_size}-{probe.model.max_size} px, backbone {probe.model.backbone} "
@@ -279,7 +279,7 @@ def main() -> int:
         "overrides": args.overrides,
         "seeds": args.seeds,
         "variants": {k: v for k, v in variants.items()},
-        "budget": {k: sched[k] for k in ("epochs", "milestones", "scaled_lr", "warmup_iters", "total_batch")},
+        "budget": {k: getattr(sched, k) for k in ("epochs", "milestones", "scaled_lr", "warmup_iters", "total_batch")},
         "train_limit": probe.data.train_limit,
         "val_limit": probe.data.val_limit,
         "torch": torch.__version__,

@@ -152,7 +152,7 @@ def child(spec_file: str) -> int:
                 "num_samples": study.cfg.num_samples,
                 "concurrency": study.cfg.max_concurrent_trials,
                 "scheduler": study.cfg.scheduler.type,
-                "max_epochs": int(study.experiment({}).train.resolved()["epochs"]),
+                "max_epochs": study.base_config.train.resolved().epochs,
                 "interrupted": outcome.interrupted,
             }
         )

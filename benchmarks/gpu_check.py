@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -164,7 +164,8 @@ def check_detector(
         model = build_detector(mcfg, num_classes=COCO_CLASSES).to(device).train()
         if plan.channels_last:
             model = apply_channels_last(model)
-        optimizer = build_optimizer(model, {**TrainConfig(schedule="1x").resolved(), "scaled_lr": 0.01})
+        schedule = replace(TrainConfig(schedule="1x").resolved(), lr=0.01, base_batch=1, total_batch=1)
+        optimizer = build_optimizer(model, schedule)
         scaler = make_grad_scaler(plan)
         images, targets = _batch(n, height, width, name.startswith("mask"), device, seed=1)
         amp = plan.amp and not _slow_cpu_bf16(device, name)

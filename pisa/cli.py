@@ -211,7 +211,7 @@ def _study_run(args: argparse.Namespace) -> int:
     from .study_config import load_study
 
     study = load_study(args.study, args.overrides)
-    return _finish_study(run_study(study, address=args.address, verbose=args.verbose), study.base["storage_path"])
+    return _finish_study(run_study(study, address=args.address, verbose=args.verbose), study.base_config.storage_path)
 
 
 def _study_resume(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ workers run in other working directories.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -196,7 +197,29 @@ class DataConfig(_Strict):
         return self
 
 
-Schedule = Literal["1x", "2x", "ssd", "custom"]
+ScheduleName = Literal["1x", "2x", "ssd", "custom"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The effective schedule of a training: a paper preset with the config's overrides, and
+    the learning rate scaled linearly from `base_batch` to the real total batch."""
+
+    epochs: int
+    lr: float
+    base_batch: int
+    milestones: tuple[int, ...]
+    momentum: float
+    weight_decay: float
+    warmup_iters: int
+    warmup_ratio: float
+    gamma: float
+    total_batch: int
+
+    @property
+    def scaled_lr(self) -> float:
+        return self.lr * self.total_batch / self.base_batch
+
 
 # The paper's schedules (supplement, Appendix B). base_batch is the total batch the LR is for.
 SCHEDULES: dict[str, dict[str, Any]] = {
@@ -236,7 +259,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 class TrainConfig(_Strict):
     """Schedule and scaling. `schedule` picks a paper preset; other fields override it."""
 
-    schedule: Schedule = "1x"
+    schedule: ScheduleName = "1x"
     epochs: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0, description="LR at base_batch; scaled linearly to the real batch")
     base_batch: int | None = Field(None, ge=1)
@@ -280,7 +303,7 @@ class TrainConfig(_Strict):
                     raise ValueError(f"schedule 'custom' needs '{key}'")
         return self
 
-    def resolved(self) -> dict[str, Any]:
+    def resolved(self) -> Schedule:
         """The effective schedule: the preset with this config's overrides applied."""
         out = dict(SCHEDULES.get(self.schedule, SCHEDULES["1x"]))
         if self.schedule == "custom":
@@ -298,10 +321,8 @@ class TrainConfig(_Strict):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
-        out["gamma"] = self.gamma
-        out["total_batch"] = self.workers * self.images_per_worker
-        out["scaled_lr"] = out["lr"] * out["total_batch"] / out["base_batch"]
-        return out
+        out["milestones"] = tuple(out["milestones"])
+        return Schedule(**out, gamma=self.gamma, total_batch=self.workers * self.images_per_worker)
 
 
 class TrackingConfig(_Strict):

@@ -44,7 +44,7 @@ class StudyConsole(Callback):
         self.study = study
         self.metric = study.cfg.metric
         self.total = study.cfg.num_samples
-        self.max_epochs = int(study.experiment({}).train.resolved()["epochs"])
+        self.max_epochs = study.base_config.train.resolved().epochs
         self.status_every_s = status_every_s
         self.start = time.time()
         self.last_status = time.time()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .accel import DevicePlan, apply_channels_last, convert_sync_batchnorm, make_grad_scaler, optimizer_step, plan_for
-from .config import ExperimentConfig
+from .config import ExperimentConfig, Schedule
 from .errors import NonFiniteLossError
 
 if TYPE_CHECKING:
@@ -39,18 +39,18 @@ MAX_DIAGNOSTIC_VALUES = 50_000
 # ---------------------------------------------------------------- schedule
 
 
-def lr_factor(iteration: int, iters_per_epoch: int, schedule: dict[str, Any]) -> float:
+def lr_factor(iteration: int, iters_per_epoch: int, schedule: Schedule) -> float:
     """Multiplier of the scaled LR at a global iteration: linear warm-up, then steps."""
     epoch = iteration // max(1, iters_per_epoch)
-    factor = schedule["gamma"] ** sum(epoch >= m for m in schedule["milestones"])
-    warmup = schedule["warmup_iters"]
+    factor = schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
+    warmup = schedule.warmup_iters
     if warmup and iteration < warmup:
-        ratio = schedule["warmup_ratio"]
+        ratio = schedule.warmup_ratio
         factor *= ratio + (1.0 - ratio) * iteration / warmup
     return factor
 
 
-def build_optimizer(model: nn.Module, schedule: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, schedule: Schedule) -> torch.optim.Optimizer:
     """SGD as in the paper; no weight decay on norms and biases."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -59,9 +59,9 @@ def build_optimizer(model: nn.Module, schedule: dict[str, Any]) -> torch.optim.O
             continue
         (no_decay if p.ndim <= 1 else decay).append(p)
     return torch.optim.SGD(
-        [{"params": decay, "weight_decay": schedule["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=schedule["scaled_lr"],
-        momentum=schedule["momentum"],
+        [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=schedule.scaled_lr,
+        momentum=schedule.momentum,
     )
 
 
@@ -321,13 +321,13 @@ def run_worker(config: dict[str, Any], session: TrainSession) -> None:
         if rank == 0:
             _log(f"resumed from epoch {start_epoch} (iteration {iteration})")
 
-    epochs = schedule["epochs"]
+    epochs = schedule.epochs
     if rank == 0:
         _log(
             f"{cfg.model.detector}/{cfg.model.backbone} sampler={cfg.model.sampler} "
             f"isr_p={cfg.model.isr_p.enabled} carl={cfg.model.carl.enabled}: {len(train_set)} train / "
             f"{len(val_set)} val images, {world} worker(s) x {cfg.train.images_per_worker} img, "
-            f"lr {schedule['scaled_lr']:.4g}, {epochs} epochs x {iters_per_epoch} iters on {device} "
+            f"lr {schedule.scaled_lr:.4g}, {epochs} epochs x {iters_per_epoch} iters on {device} "
             f"(amp {plan.autocast_dtype or 'off'}, channels_last {plan.channels_last}, "
             f"sync BN {plan.sync_batchnorm}, {cfg.data.num_workers} loader workers)"
         )

@@ -114,7 +114,7 @@ def tune_space(study: Study) -> dict[str, Any]:
 
 def study_dir(study: Study) -> str:
     """The study's directory: a local path or a URI (see `pisa.storage`)."""
-    return storage.join(study.base["storage_path"], study.name)
+    return storage.join(study.base_config.storage_path, study.name)
 
 
 def trial_storage(study: Study) -> str:
@@ -191,7 +191,7 @@ class MlflowStudyLogger(Callback):
         self.study = study
         self.uri = uri
         self.parent_run_id = parent_run_id
-        self.max_epochs = int(study.experiment({}).train.resolved()["epochs"])
+        self.max_epochs = study.base_config.train.resolved().epochs
         self.runs: dict[str, str] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.best: dict[str, tuple[float, str | None]] = {}
@@ -199,7 +199,7 @@ class MlflowStudyLogger(Callback):
 
     def setup(self, **info):
         for run in tracking.find_runs(
-            self.uri, self.study.base["tracking"]["experiment"], f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
+            self.uri, self.study.base_config.tracking.experiment, f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
         ):
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id:
@@ -243,7 +243,7 @@ class MlflowStudyLogger(Callback):
             c.set_tag(run_id, "pisa.status", "running")
         c.update_run(run_id, status="RUNNING")
         self._stop_system_metrics(trial.trial_id)
-        interval = float(self.study.base["tracking"].get("system_metrics_interval_s", 0) or 0)
+        interval = float(self.study.base_config.tracking.system_metrics_interval_s or 0)
         self.system_metrics[trial.trial_id] = lineage.SystemMetrics(self.uri, run_id, interval, resume=resumed)
 
     def _stop_system_metrics(self, trial_id: str) -> None:
@@ -326,7 +326,7 @@ class MlflowStudyLogger(Callback):
         known = {t.trial_id for t in trials}
         c = tracking.client(self.uri)
         for run in tracking.find_runs(
-            self.uri, self.study.base["tracking"]["experiment"], f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
+            self.uri, self.study.base_config.tracking.experiment, f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
         ):
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id not in known and run.info.status == "RUNNING":
@@ -347,9 +347,9 @@ class MlflowStudyLogger(Callback):
     def _log_checkpoint(self, run_id: str, path: str | None) -> None:
         from .engine import CHECKPOINT_FILE
 
-        if not path or not self.study.base["tracking"].get("log_checkpoint", True):
+        if not path or not self.study.base_config.tracking.log_checkpoint:
             return
-        location = storage.location_of(path, self.study.base["storage_path"])
+        location = storage.location_of(path, self.study.base_config.storage_path)
         if not storage.exists(location):
             print(f"[pisa] checkpoint {storage.display(location)} is gone; not logged to MLflow", flush=True)
             return
@@ -406,14 +406,14 @@ def _save_state(study: Study, parent_run_id: str, uri: str) -> None:
                 "name": study.name,
                 "parent_run_id": parent_run_id,
                 "tracking_uri": tracking.public_uri(uri),
-                "experiment": study.base["tracking"]["experiment"],
+                "experiment": study.base_config.tracking.experiment,
                 "study_file": str(study.source),
                 "metric": study.cfg.metric,
                 "mode": study.cfg.mode,
                 "created": time.time(),
                 "num_samples": study.cfg.num_samples,
                 "optuna_storage": tracking.public_uri(optuna_url(study, uri) or "") or None,
-                "storage_path": study.base["storage_path"],
+                "storage_path": study.base_config.storage_path,
                 "resolved": _redacted(study.resolved()),
             },
             indent=2,
@@ -446,15 +446,14 @@ def optuna_url(study: Study, uri: str) -> str | None:
     """The study's Optuna storage: the study file's, else beside the MLflow store."""
     from .optuna_storage import default_storage_url
 
-    return study.cfg.optuna_storage or default_storage_url(uri, study.base["storage_path"])
+    return study.cfg.optuna_storage or default_storage_url(uri, study.base_config.storage_path)
 
 
 def study_from_state(state: dict[str, Any]) -> Study:
     """The study as it was started (overrides included); from its file for older states."""
     if "resolved" in state:
-        study = Study.from_resolved(state["resolved"])
-        study.base["tracking"]["uri"] = state["tracking_uri"]  # the store it started with
-        return study
+        # the store it started with, not today's default
+        return Study.from_resolved(state["resolved"]).with_tracking_uri(state["tracking_uri"])
     return load_study(state["study_file"])
 
 
@@ -512,7 +511,7 @@ def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
     from .optuna_storage import PruningOptunaSearch, open_storage
 
     cfg = study.cfg
-    epochs = int(study.experiment({}).train.resolved()["epochs"])
+    epochs = study.base_config.train.resolved().epochs
     searcher: Searcher = PruningOptunaSearch(
         points_to_evaluate=study.initial_points() or None,
         seed=cfg.seed,
@@ -546,14 +545,14 @@ def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
         ),
         run_config=tune.RunConfig(
             name=study.name,
-            storage_path=study.base["storage_path"],
+            storage_path=study.base_config.storage_path,
             # the logger is saved with the experiment: no credentials in it (they're in the env)
             callbacks=[
                 MlflowStudyLogger(study, tracking.public_uri(uri), parent_run_id),
                 StudyConsole(study, status_every_s=math.inf if verbose else STATUS_EVERY_S),
             ],
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=study.experiment({}).train.keep_checkpoints),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=study.base_config.train.keep_checkpoints),
             # each trial's stdout/stderr in its directory under the Ray results directory
             log_to_file=True,
             verbose=1 if verbose else 0,
@@ -568,18 +567,18 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
 
     if not verbose:
         quiet_libraries()
-    uri = study.experiment({}).tracking.resolved_uri()
-    notes = check_cluster_setup(address, uri, study.base["storage_path"], str(study.source))
+    uri = study.base_config.tracking.resolved_uri()
+    notes = check_cluster_setup(address, uri, study.base_config.storage_path, str(study.source))
     tracking.check_reachable(uri)
     if storage.exists(_state_path(study)) and storage.exists(storage.join(study_dir(study), "tuner.pkl")):
         raise StudyError(
             f"study {study.name!r} already exists in {storage.display(study_dir(study))}: continue it with "
             f"`pisa study resume {study.name}` or choose another name (--set name=...)"
         )
-    prepare_data(study.experiment({}))
+    prepare_data(study.base_config)
     init_ray(address, verbose=verbose, dashboard=not trains_in_trial(study))
     concurrent_trials(study)  # a point that cannot fit the cluster fails before any run exists
-    experiment = study.base["tracking"]["experiment"]
+    experiment = study.base_config.tracking.experiment
     parent = tracking.start_run(
         uri,
         experiment,
@@ -594,7 +593,7 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
     tracking.log_text(
         uri, parent, json.dumps(study.cfg.model_dump(mode="json")["search_space"], indent=2), "search_space.json"
     )
-    tracking.log_text(uri, parent, config_yaml(study.experiment({})), "base_config.yaml")
+    tracking.log_text(uri, parent, config_yaml(study.base_config), "base_config.yaml")
     _save_state(study, parent, uri)
     _print_start(study, uri)
     for note in notes:
@@ -622,7 +621,7 @@ def resume_study(
     state = load_state(name, storage_path)
     study = study_from_state(state)
     uri = state["tracking_uri"]
-    check_cluster_setup(address, uri, study.base["storage_path"], storage.display(state["dir"]))
+    check_cluster_setup(address, uri, study.base_config.storage_path, storage.display(state["dir"]))
     tracking.check_reachable(uri)
     init_ray(address, verbose=verbose, dashboard=not trains_in_trial(study))
     if retry_failed:  # their errors may have been fixed (data, a node); let them run again
@@ -675,7 +674,7 @@ def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
         tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
-    outcome = collect(study.name, uri, study.base["tracking"]["experiment"], parent, study.cfg.metric, study.cfg.mode)
+    outcome = collect(study.name, uri, study.base_config.tracking.experiment, parent, study.cfg.metric, study.cfg.mode)
     expected = study.cfg.num_samples
     done = [t for t in outcome.trials if t.status in ("finished", "stopped_early", "failed")]
     interrupted = interrupted or len(done) < expected

@@ -54,9 +54,16 @@ class Study:
 
     def __init__(self, cfg: StudyConfig, base: dict[str, Any], source: Path, overrides: list[str] | None = None):
         self.cfg = cfg
-        self.base = base  # an ExperimentConfig dump, paths absolute
+        self.base = base  # an ExperimentConfig dump, paths absolute: trials set dotted keys in copies of it
+        self.base_config = ExperimentConfig.model_validate(base)  # the same, typed, for everything that reads it
         self.source = source
         self.overrides = list(overrides or [])  # `--set` items, kept with the study's state
+
+    def with_tracking_uri(self, uri: str) -> Study:
+        """This study logging to `uri` (a resumed study keeps the store it started with)."""
+        base = _deepcopy(self.base)
+        base["tracking"]["uri"] = uri
+        return Study(self.cfg, base, self.source, self.overrides)
 
     def resolved(self) -> dict[str, Any]:
         """Everything needed to rebuild this study without its file (saved with its state)."""
@@ -77,7 +84,7 @@ class Study:
 
     def seeds(self) -> list[int]:
         """The seeds every point trains with: the base config's `train.seed` and the next ones."""
-        first = int(get_dotted(self.base, "train.seed", 0))
+        first = self.base_config.train.seed
         return list(range(first, first + self.cfg.seeds))
 
     def experiment(self, params: dict[str, Any]) -> ExperimentConfig:

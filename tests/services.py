@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -166,14 +168,22 @@ class RayCluster:
     processes: list[subprocess.Popen] = field(default_factory=list)
 
 
+def short_temp_root() -> Path:
+    """A fresh directory directly under /tmp: Ray puts its plasma socket five levels below a
+    node's temp dir, and an AF_UNIX path may hold 107 bytes, which pytest's own temp paths
+    (`/tmp/pytest-of-<user>/pytest-<n>/<test>/...`) can exceed."""
+    return Path(tempfile.mkdtemp(prefix="pisa-ray-", dir="/tmp"))
+
+
 def start_ray_cluster(work: Path, env: dict[str, str], node_resource: str, attempts: int = 3) -> RayCluster:
     """A head and a second node on 127.0.0.1, one CPU and one `node_resource` each, each with
     its own temp dir; `ray start --block` keeps every node's processes in one group. A node
     that fails to register in time (Ray allows 30 s; a busy CI machine can need more) is
     started again."""
+    sockets_root = short_temp_root()
     for attempt in range(attempts):
         gcs, client, dash = free_port(), free_port(), free_port()
-        head_tmp, node_tmp = work / f"ray-head-{attempt}", work / f"ray-node-{attempt}"
+        head_tmp, node_tmp = sockets_root / f"head{attempt}", sockets_root / f"node{attempt}"
         common = [
             "--node-ip-address",
             "127.0.0.1",
@@ -223,6 +233,7 @@ def start_ray_cluster(work: Path, env: dict[str, str], node_resource: str, attem
             stop_ray_cluster(cluster)
             raise
         stop_ray_cluster(cluster)
+    shutil.rmtree(sockets_root, ignore_errors=True)
     pytest.fail(
         f"no 2-node Ray cluster after {attempts} attempts:\n{head_log.read_text()[-3000:]}\n"
         f"{node_log.read_text()[-3000:] if node_log.exists() else ''}",

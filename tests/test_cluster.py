@@ -67,6 +67,7 @@ def cluster(work, env):
     c = start_ray_cluster(work, env, NODE_RESOURCE)
     yield c
     stop_ray_cluster(c)
+    shutil.rmtree(c.temp_dirs[0].parent, ignore_errors=True)
 
 
 def _study_file(work: Path, synthetic_dir: Path, uri: str) -> Path:

@@ -160,9 +160,9 @@ def test_1x_configs_use_the_paper_schedule(name: str):
     c = cfg(name)
     s = c.train.resolved()
     assert c.train.schedule == "1x"
-    assert s["epochs"] == 12 and s["milestones"] == [8, 11]
-    assert s["total_batch"] == 16 and c.train.images_per_worker == 2
-    assert s["scaled_lr"] == pytest.approx(0.02)
+    assert s.epochs == 12 and s.milestones == (8, 11)
+    assert s.total_batch == 16 and c.train.images_per_worker == 2
+    assert s.scaled_lr == pytest.approx(0.02)
     assert c.train.workers == 8 and c.train.use_gpu and c.train.amp
 
 
@@ -171,9 +171,9 @@ def test_ssd_configs_use_the_ssd_schedule(name: str):
     c = cfg(name)
     s = c.train.resolved()
     assert c.train.schedule == "ssd"
-    assert s["epochs"] == 120 and s["milestones"] == [80, 110]
-    assert s["total_batch"] == 64 and c.train.images_per_worker == 8
-    assert s["scaled_lr"] == pytest.approx(1e-3)
+    assert s.epochs == 120 and s.milestones == (80, 110)
+    assert s.total_batch == 64 and c.train.images_per_worker == 8
+    assert s.scaled_lr == pytest.approx(1e-3)
     assert c.model.backbone == "vgg16"
     assert c.model.pretrained_backbone == "VGG16_Weights.IMAGENET1K_FEATURES"
     size = 300 if "ssd300" in name else 512
@@ -207,7 +207,7 @@ def test_bccd_cpu_config():
     assert m.pretrained_backbone is None  # nothing to download
     assert t.workers == 1 and not t.use_gpu and t.schedule == "custom"
     s = t.resolved()
-    assert s["epochs"] == 4 and s["warmup_iters"] < 292 // t.images_per_worker
+    assert s.epochs == 4 and s.warmup_iters < 292 // t.images_per_worker
     assert d.val_limit == 40
     assert d.train_images == (Path.cwd() / "datasets/bccd/images").resolve()
     assert d.val_annotations.name == "val.json" and d.train_annotations.name == "train.json"

@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_experiment
 
 from pisa import tracking
-from pisa.config import parse_config
+from pisa.config import TrainConfig, parse_config
 from pisa.engine import lr_factor
 from pisa.train import TrainOutcome, run_training
 
@@ -152,7 +152,7 @@ def test_unreachable_tracking_server_fails_fast(synthetic_dir, work, tmp_path):
 
 
 def test_lr_schedule_warmup_and_steps():
-    sched = {"gamma": 0.1, "milestones": [8, 11], "warmup_iters": 500, "warmup_ratio": 0.001}
+    sched = TrainConfig(milestones=[8, 11], warmup_iters=500, warmup_ratio=0.001).resolved()
     assert lr_factor(0, 100, sched) == pytest.approx(0.001)
     assert lr_factor(250, 100, sched) == pytest.approx(0.001 + 0.999 * 0.5)
     assert lr_factor(799, 100, sched) == 1.0
@@ -163,7 +163,7 @@ def test_lr_schedule_warmup_and_steps():
 def test_linear_lr_scaling():
     cfg = parse_config({"data": {"synthetic": {"out": "x"}}, "train": {"workers": 4, "images_per_worker": 2}})
     r = cfg.train.resolved()
-    assert r["epochs"] == 12 and r["milestones"] == [8, 11]
-    assert r["scaled_lr"] == pytest.approx(0.02 * 8 / 16)
+    assert r.epochs == 12 and r.milestones == (8, 11)
+    assert r.scaled_lr == pytest.approx(0.02 * 8 / 16)
     ssd = parse_config({"data": {"synthetic": {"out": "x"}}, "train": {"schedule": "ssd", "images_per_worker": 8}})
-    assert ssd.train.resolved()["scaled_lr"] == pytest.approx(1e-3) and ssd.train.resolved()["epochs"] == 120
+    assert ssd.train.resolved().scaled_lr == pytest.approx(1e-3) and ssd.train.resolved().epochs == 120
