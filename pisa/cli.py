@@ -306,7 +306,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     result = reproduce(args.source, tracking_uri=args.tracking_uri, address=args.address, overrides=args.overrides)
     print(format_comparison(result))
-    return 0 if result["status"] == "FINISHED" else 1
+    return 0 if result.status == "FINISHED" else 1
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:

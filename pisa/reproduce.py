@@ -8,14 +8,39 @@ from __future__ import annotations
 
 import re
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from . import tracking
 from .config import ConfigError, load_config, parse_config
 
 HEADER = re.compile(r"^# pisa-source: run_id=(?P<run>[0-9a-f]+) tracking_uri=(?P<uri>\S+)", re.M)
 COMPARED = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "train_loss")
+
+
+@dataclass(frozen=True)
+class MetricComparison:
+    key: str
+    original: float | None
+    reproduced: float | None
+
+    @property
+    def diff(self) -> float | None:
+        if self.original is None or self.reproduced is None:
+            return None
+        return self.reproduced - self.original
+
+
+@dataclass(frozen=True)
+class ReproduceOutcome:
+    """A rerun and how its metrics compare with the original run's at the same epoch."""
+
+    run_id: str | None
+    status: str
+    original: str | None  # the original run's id, when known
+    epoch: int | None  # the epoch compared at (None: each run's last)
+    rows: list[MetricComparison] = field(default_factory=list)
+    error: str | None = None
 
 
 def run_config_text(uri: str, run_id: str) -> str:
@@ -51,7 +76,7 @@ def _history_at(uri: str, run_id: str, key: str, step: int | None) -> float | No
 
 def reproduce(
     source: str, *, tracking_uri: str | None = None, address: str | None = None, overrides: list[str] | None = None
-) -> dict[str, Any]:
+) -> ReproduceOutcome:
     """Retrain a run's config (same seed) as a new, linked MLflow run; compare metrics."""
     from .train import run_training
 
@@ -97,26 +122,17 @@ def reproduce(
             old = _history_at(uri, original, seed_key(cfg.train.seed, key) if multi_seed else key, epochs_orig)
         if (new is None and old is None) or (multi_seed and old is None):
             continue
-        rows.append((key, old, new))
-    return {
-        "run_id": outcome.run_id,
-        "status": outcome.status,
-        "original": original,
-        "epoch": epochs_orig,
-        "rows": rows,
-        "error": outcome.error,
-    }
+        rows.append(MetricComparison(key, old, new))
+    return ReproduceOutcome(outcome.run_id, outcome.status, original, epochs_orig, rows, outcome.error)
 
 
-def format_comparison(result: dict[str, Any]) -> str:
+def format_comparison(result: ReproduceOutcome) -> str:
     lines = [
-        f"original run {result['original'] or '-'} vs reproduction {result['run_id']} "
-        f"(at epoch {result['epoch'] or 'last'}):",
+        f"original run {result.original or '-'} vs reproduction {result.run_id} (at epoch {result.epoch or 'last'}):",
         f"  {'metric':<14}{'original':>12}{'reproduced':>12}{'diff':>12}",
     ]
-    for key, old, new in result["rows"]:
-        diff = (new - old) if (old is not None and new is not None) else None
-        lines.append(f"  {key:<14}{_f(old):>12}{_f(new):>12}{_f(diff):>12}")
+    for row in result.rows:
+        lines.append(f"  {row.key:<14}{_f(row.original):>12}{_f(row.reproduced):>12}{_f(row.diff):>12}")
     return "\n".join(lines)
 
 

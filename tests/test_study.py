@@ -121,12 +121,12 @@ def test_asha_ranks_and_best_reproduces_exactly(sqlite_study, tmp_path):
 
     target = finished[0]
     result = reproduce(target.run_id, tracking_uri=outcome.tracking_uri)
-    assert result["status"] == "FINISHED"
-    rows = {k: (old, new) for k, old, new in result["rows"]}
+    assert result.status == "FINISHED"
+    rows = {r.key: (r.original, r.reproduced) for r in result.rows}
     old, new = rows["bbox_mAP"]
     assert old is not None and new == pytest.approx(old, abs=1e-9)
     assert rows["train_loss"][1] == pytest.approx(rows["train_loss"][0], rel=1e-6)
-    run = tracking.client(outcome.tracking_uri).get_run(result["run_id"])
+    run = tracking.client(outcome.tracking_uri).get_run(result.run_id)
     assert run.data.tags["pisa.reproduces"] == target.run_id
 
 
