@@ -8,6 +8,7 @@ workers run in other working directories.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -517,6 +518,10 @@ BASELINE: dict[str, Any] = {
 }
 
 
+# Search distributions. Each knows its Tune domain, its Optuna distribution, the values a
+# study checks before it starts, and which values it can produce.
+
+
 class Uniform(_Strict):
     type: Literal["uniform"]
     low: float
@@ -528,6 +533,34 @@ class Uniform(_Strict):
             raise ValueError(f"low ({self.low}) must be < high ({self.high})")
         return self
 
+    def tune_domain(self) -> Any:
+        from ray import tune
+
+        return tune.uniform(self.low, self.high)
+
+    def optuna_distribution(self) -> Any:
+        import optuna
+
+        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.type == "loguniform")
+
+    def extremes(self) -> list[Any]:
+        """The values a study validates before it starts: both ends and the middle."""
+        return [self.low, (self.low + self.high) / 2, self.high]
+
+    def closest(self, value: Any) -> Any:
+        """`value` if this can produce it, else the closest value it can (the middle for non-numbers)."""
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            value = (self.low + self.high) / 2
+        return float(min(max(value, self.low), self.high))
+
+    def why_not(self, value: Any) -> str | None:
+        """Why this can't produce `value` (a point Optuna would silently clamp), or None."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"is not a number (search space {self.type} [{self.low}, {self.high}])"
+        if not self.low <= value <= self.high:
+            return f"is outside the search space {self.type} [{self.low}, {self.high}]"
+        return None
+
 
 class LogUniform(Uniform):
     type: Literal["loguniform"]  # type: ignore[assignment]
@@ -537,6 +570,14 @@ class LogUniform(Uniform):
         if self.low <= 0:
             raise ValueError(f"loguniform needs low > 0, got {self.low}")
         return self
+
+    def tune_domain(self) -> Any:
+        from ray import tune
+
+        return tune.loguniform(self.low, self.high)
+
+    def extremes(self) -> list[Any]:
+        return [self.low, math.sqrt(self.low * self.high), self.high]
 
 
 class IntRange(_Strict):
@@ -550,10 +591,57 @@ class IntRange(_Strict):
             raise ValueError(f"low ({self.low}) must be < high ({self.high})")
         return self
 
+    def tune_domain(self) -> Any:
+        from ray import tune
+
+        return tune.randint(self.low, self.high + 1)  # Tune's upper bound is exclusive
+
+    def optuna_distribution(self) -> Any:
+        import optuna
+
+        return optuna.distributions.IntDistribution(self.low, self.high)
+
+    def extremes(self) -> list[Any]:
+        return [self.low, self.high]
+
+    def closest(self, value: Any) -> Any:
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            value = self.low
+        return int(min(max(value, self.low), self.high))
+
+    def why_not(self, value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"is not a number (search space int [{self.low}, {self.high}])"
+        if value != int(value):
+            return f"is not an integer (search space int [{self.low}, {self.high}])"
+        if not self.low <= value <= self.high:
+            return f"is outside the search space int [{self.low}, {self.high}]"
+        return None
+
 
 class Choice(_Strict):
     type: Literal["choice"]
     values: list[Any] = Field(min_length=1)
+
+    def tune_domain(self) -> Any:
+        from ray import tune
+
+        return tune.choice(self.values)
+
+    def optuna_distribution(self) -> Any:
+        import optuna
+
+        # as strings: any YAML value (a list, None) is then a valid Optuna category
+        return optuna.distributions.CategoricalDistribution([str(v) for v in self.values])
+
+    def extremes(self) -> list[Any]:
+        return list(self.values)
+
+    def closest(self, value: Any) -> Any:
+        return value if value in self.values else self.values[0]
+
+    def why_not(self, value: Any) -> str | None:
+        return None if value in self.values else f"is not one of {self.values}"
 
 
 Distribution = Annotated[Uniform | LogUniform | IntRange | Choice, Field(discriminator="type")]

@@ -75,16 +75,7 @@ def optuna_study(outcome, study):
     """The finished trials as an Optuna study, for Optuna's own visualizations."""
     import optuna
 
-    from .config import Choice, IntRange, LogUniform
-
-    dists = {}
-    for key, d in study.cfg.search_space.items():
-        if isinstance(d, Choice):
-            dists[key] = optuna.distributions.CategoricalDistribution([str(v) for v in d.values])
-        elif isinstance(d, IntRange):
-            dists[key] = optuna.distributions.IntDistribution(d.low, d.high)
-        else:
-            dists[key] = optuna.distributions.FloatDistribution(d.low, d.high, log=isinstance(d, LogUniform))
+    dists = {key: dist.optuna_distribution() for key, dist in study.cfg.search_space.items()}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ostudy = optuna.create_study(direction="maximize" if study.cfg.mode == "max" else "minimize")
     for t in outcome.trials:

@@ -23,7 +23,7 @@ from typing import Any
 from ray.tune import Callback
 
 from . import lineage, storage, tracking
-from .config import Choice, ConfigError, IntRange, LogUniform, flatten
+from .config import ConfigError, flatten
 from .console import StudyConsole
 from .errors import BackboneLoadError, DataError, NonFiniteLossError, StudyError, find_pisa_error, one_line
 from .seeds import SEED_PREFIX, seed_key
@@ -97,19 +97,8 @@ class StudyOutcome:
 
 
 def tune_space(study: Study) -> dict[str, Any]:
-    from ray import tune
 
-    space = {}
-    for key, d in study.cfg.search_space.items():
-        if isinstance(d, Choice):
-            space[key] = tune.choice(d.values)
-        elif isinstance(d, IntRange):
-            space[key] = tune.randint(d.low, d.high + 1)
-        elif isinstance(d, LogUniform):
-            space[key] = tune.loguniform(d.low, d.high)
-        else:
-            space[key] = tune.uniform(d.low, d.high)
-    return space
+    return {key: dist.tune_domain() for key, dist in study.cfg.search_space.items()}
 
 
 def study_dir(study: Study) -> str:

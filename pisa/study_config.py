@@ -7,7 +7,6 @@ study file and the field named, not in trial 7 an hour later.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,8 @@ from pydantic import ValidationError
 from .config import (
     BASELINE,
     PAPER_DEFAULTS,
-    Choice,
     ConfigError,
     ExperimentConfig,
-    IntRange,
     StudyConfig,
     _deepcopy,
     apply_overrides,
@@ -108,29 +105,10 @@ class Study:
             full = {}
             for key, dist in self.cfg.search_space.items():
                 value = point.get(key, get_dotted(self.base, key))
-                full[key] = _fit(value, dist, key)
+                full[key] = dist.closest(value)
             if full not in points:
                 points.append(full)
         return points[: self.cfg.num_samples]
-
-
-def _fit(value: Any, dist: Any, key: str) -> Any:
-    """`value` if the distribution can produce it, else its closest admissible value."""
-    if isinstance(dist, Choice):
-        return value if value in dist.values else dist.values[0]
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        value = (dist.low + dist.high) / 2 if not isinstance(dist, IntRange) else dist.low
-    value = min(max(value, dist.low), dist.high)
-    return int(value) if isinstance(dist, IntRange) else float(value)
-
-
-def _candidates(dist: Any) -> list[Any]:
-    if isinstance(dist, Choice):
-        return list(dist.values)
-    if isinstance(dist, IntRange):
-        return [dist.low, dist.high]
-    mid = math.sqrt(dist.low * dist.high) if dist.type == "loguniform" else (dist.low + dist.high) / 2
-    return [dist.low, mid, dist.high]
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
@@ -170,7 +148,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     for key, dist in cfg.search_space.items():
         if get_dotted(base, key, default=KeyError) is KeyError:
             raise ConfigError(f"{path}: search_space.{key}: no such config field")
-        for value in _candidates(dist):
+        for value in dist.extremes():
             data = _deepcopy(base)
             set_dotted(data, key, value)
             try:
@@ -186,20 +164,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
             if unknown:
                 raise ConfigError(f"{path}: points_to_evaluate[{i}]: {unknown} not in search_space")
             for key, value in point.items():
-                problem = _outside(value, cfg.search_space[key])
+                problem = cfg.search_space[key].why_not(value)
                 if problem:
                     raise ConfigError(f"{path}: points_to_evaluate[{i}].{key}: {value!r} {problem}")
     return study
-
-
-def _outside(value: Any, dist: Any) -> str | None:
-    """Why `dist` can't produce `value` (a point Optuna would silently clamp), or None."""
-    if isinstance(dist, Choice):
-        return None if value in dist.values else f"is not one of {dist.values}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"is not a number (search space {dist.type} [{dist.low}, {dist.high}])"
-    if isinstance(dist, IntRange) and value != int(value):
-        return f"is not an integer (search space int [{dist.low}, {dist.high}])"
-    if not dist.low <= value <= dist.high:
-        return f"is outside the search space {dist.type} [{dist.low}, {dist.high}]"
-    return None
