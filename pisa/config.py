@@ -8,19 +8,20 @@ workers run in other working directories.
 
 from __future__ import annotations
 
-import math
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 
 __all__ = [
     "ConfigError",
+    "StrictModel",
     "ISRPConfig",
     "ISRNConfig",
     "CARLConfig",
@@ -41,7 +42,9 @@ __all__ = [
 ]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Unknown keys are errors (a typo in a YAML file must not be silently ignored)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -53,7 +56,7 @@ Backbone = Literal["resnet50_fpn", "resnext101_32x4d_fpn", "resnet18_fpn", "mobi
 SamplerName = Literal["random", "ohem", "ohem_1to3", "score_hlr"]
 
 
-class ISRPConfig(_Strict):
+class ISRPConfig(StrictModel):
     """ISR-P: IoU-HLR reweighting of positives (paper default k=2, b=0)."""
 
     enabled: bool = False
@@ -61,7 +64,7 @@ class ISRPConfig(_Strict):
     bias: Bias = 0.0
 
 
-class ISRNConfig(_Strict):
+class ISRNConfig(StrictModel):
     """ISR-N: Score-HLR sampling of negatives; used when `sampler: score_hlr` (k=0.5, b=0)."""
 
     k: PowerK = 0.5
@@ -70,7 +73,7 @@ class ISRNConfig(_Strict):
     iou_thr: float = Field(0.5, gt=0, le=1)
 
 
-class CARLConfig(_Strict):
+class CARLConfig(StrictModel):
     """CARL: classification-aware regression loss (paper default k=1, b=0.2)."""
 
     enabled: bool = False
@@ -78,7 +81,7 @@ class CARLConfig(_Strict):
     bias: Bias = 0.2
 
 
-class BoxLossConfig(_Strict):
+class BoxLossConfig(StrictModel):
     """Box regression loss (and the loss CARL weights). Unset in `model.box_loss`: the
     detector's torchvision loss (two-stage smooth-L1 beta 1/9, RetinaNet L1, SSD smooth-L1 beta 1)."""
 
@@ -86,7 +89,7 @@ class BoxLossConfig(_Strict):
     beta: float = Field(1.0, gt=0, description="smooth-L1 transition point (unused by l1)")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Which detector, which backbone, which PISA parts."""
 
     detector: Detector = "faster_rcnn"
@@ -144,7 +147,7 @@ class ModelConfig(_Strict):
         return self.sampler == "score_hlr"
 
 
-class SyntheticConfig(_Strict):
+class SyntheticConfig(StrictModel):
     """Generate the synthetic COCO dataset into `out` if it is missing."""
 
     out: Path
@@ -154,7 +157,7 @@ class SyntheticConfig(_Strict):
     image_size: int = Field(128, ge=32)
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """A COCO-format dataset: image folders and annotation JSON files."""
 
     train_images: Path | None = None
@@ -257,7 +260,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 }
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """Schedule and scaling. `schedule` picks a paper preset; other fields override it."""
 
     schedule: ScheduleName = "1x"
@@ -326,7 +329,7 @@ class TrainConfig(_Strict):
         return Schedule(**out, gamma=self.gamma, total_batch=self.workers * self.images_per_worker)
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(StrictModel):
     """Where MLflow logs. None: $MLFLOW_TRACKING_URI, else a SQLite file in the working dir."""
 
     uri: str | None = None
@@ -345,7 +348,7 @@ class TrackingConfig(_Strict):
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(StrictModel):
     """One training run: detector + data + schedule + tracking."""
 
     name: str = "pisa"
@@ -438,7 +441,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides; values are parsed as YAML scalars (1e-3, true, [8, 11])."""
-    data = _deepcopy(data)
+    data = copy.deepcopy(data)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
@@ -461,14 +464,6 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"'{part}' in {key!r} is not a config section")
         node = child
     node[parts[-1]] = value
-
-
-def _deepcopy(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _deepcopy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deepcopy(v) for v in d]
-    return d
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -494,208 +489,3 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> ExperimentCo
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
     return cfg.resolve_paths()
-
-
-# ---------------------------------------------------------------- studies
-
-# The paper's PISA defaults, evaluated first in every study (`points_to_evaluate: paper`).
-PAPER_DEFAULTS: dict[str, Any] = {
-    "model.isr_p.enabled": True,
-    "model.isr_p.k": 2.0,
-    "model.isr_p.bias": 0.0,
-    "model.carl.enabled": True,
-    "model.carl.k": 1.0,
-    "model.carl.bias": 0.2,
-    "model.isr_n.k": 0.5,
-    "model.isr_n.bias": 0.0,
-    "model.sampler": "score_hlr",
-}
-# The baseline: PISA off (`points_to_evaluate: paper+baseline`).
-BASELINE: dict[str, Any] = {
-    "model.isr_p.enabled": False,
-    "model.carl.enabled": False,
-    "model.sampler": "random",
-}
-
-
-# Search distributions. Each knows its Tune domain, its Optuna distribution, the values a
-# study checks before it starts, and which values it can produce.
-
-
-class Uniform(_Strict):
-    type: Literal["uniform"]
-    low: float
-    high: float
-
-    @model_validator(mode="after")
-    def _order(self):
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
-        return self
-
-    def tune_domain(self) -> Any:
-        from ray import tune
-
-        return tune.uniform(self.low, self.high)
-
-    def optuna_distribution(self) -> Any:
-        import optuna
-
-        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.type == "loguniform")
-
-    def extremes(self) -> list[Any]:
-        """The values a study validates before it starts: both ends and the middle."""
-        return [self.low, (self.low + self.high) / 2, self.high]
-
-    def closest(self, value: Any) -> Any:
-        """`value` if this can produce it, else the closest value it can (the middle for non-numbers)."""
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            value = (self.low + self.high) / 2
-        return float(min(max(value, self.low), self.high))
-
-    def why_not(self, value: Any) -> str | None:
-        """Why this can't produce `value` (a point Optuna would silently clamp), or None."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"is not a number (search space {self.type} [{self.low}, {self.high}])"
-        if not self.low <= value <= self.high:
-            return f"is outside the search space {self.type} [{self.low}, {self.high}]"
-        return None
-
-
-class LogUniform(Uniform):
-    type: Literal["loguniform"]  # type: ignore[assignment]
-
-    @model_validator(mode="after")
-    def _positive(self):
-        if self.low <= 0:
-            raise ValueError(f"loguniform needs low > 0, got {self.low}")
-        return self
-
-    def tune_domain(self) -> Any:
-        from ray import tune
-
-        return tune.loguniform(self.low, self.high)
-
-    def extremes(self) -> list[Any]:
-        return [self.low, math.sqrt(self.low * self.high), self.high]
-
-
-class IntRange(_Strict):
-    type: Literal["int"]
-    low: int
-    high: int
-
-    @model_validator(mode="after")
-    def _order(self):
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
-        return self
-
-    def tune_domain(self) -> Any:
-        from ray import tune
-
-        return tune.randint(self.low, self.high + 1)  # Tune's upper bound is exclusive
-
-    def optuna_distribution(self) -> Any:
-        import optuna
-
-        return optuna.distributions.IntDistribution(self.low, self.high)
-
-    def extremes(self) -> list[Any]:
-        return [self.low, self.high]
-
-    def closest(self, value: Any) -> Any:
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            value = self.low
-        return int(min(max(value, self.low), self.high))
-
-    def why_not(self, value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"is not a number (search space int [{self.low}, {self.high}])"
-        if value != int(value):
-            return f"is not an integer (search space int [{self.low}, {self.high}])"
-        if not self.low <= value <= self.high:
-            return f"is outside the search space int [{self.low}, {self.high}]"
-        return None
-
-
-class Choice(_Strict):
-    type: Literal["choice"]
-    values: list[Any] = Field(min_length=1)
-
-    def tune_domain(self) -> Any:
-        from ray import tune
-
-        return tune.choice(self.values)
-
-    def optuna_distribution(self) -> Any:
-        import optuna
-
-        # as strings: any YAML value (a list, None) is then a valid Optuna category
-        return optuna.distributions.CategoricalDistribution([str(v) for v in self.values])
-
-    def extremes(self) -> list[Any]:
-        return list(self.values)
-
-    def closest(self, value: Any) -> Any:
-        return value if value in self.values else self.values[0]
-
-    def why_not(self, value: Any) -> str | None:
-        return None if value in self.values else f"is not one of {self.values}"
-
-
-Distribution = Annotated[Uniform | LogUniform | IntRange | Choice, Field(discriminator="type")]
-
-
-class SchedulerConfig(_Strict):
-    """ASHA stops weak trials early (by epoch); FIFO runs every trial to the end."""
-
-    type: Literal["asha", "fifo"] = "asha"
-    grace_period: int = Field(1, ge=1, description="epochs every trial gets before it can be stopped")
-    reduction_factor: float = Field(2.0, gt=1)
-
-
-class TrialResources(_Strict):
-    workers: int = Field(8, ge=1, description="Ray Train workers per trial")
-    gpus_per_worker: float = Field(1.0, ge=0, description="0: CPU workers; fractions share a GPU")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    resources_per_worker: dict[str, float] = Field(
-        default_factory=dict, description="custom Ray resources per worker (e.g. a node or accelerator label)"
-    )
-
-
-class StudyConfig(_Strict):
-    """A base training config + a search space + the search settings."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    base: Path | None = Field(None, description="training config YAML, relative to the study file")
-    experiment: dict[str, Any] = Field(default_factory=dict, description="inline config / overrides of base")
-    search_space: dict[str, Distribution] = Field(min_length=1)
-    metric: str = "bbox_mAP"
-    mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(8, ge=1)
-    max_concurrent_trials: int = Field(1, ge=1)
-    resources_per_trial: TrialResources = TrialResources()
-    scheduler: SchedulerConfig = SchedulerConfig()
-    seed: int = 0
-    points_to_evaluate: Literal["paper", "paper+baseline", "none"] | list[dict[str, Any]] = "paper"
-    max_failures: int = Field(3, ge=0, description="retries of a crashed trial, from its last checkpoint")
-    seeds: int = Field(
-        1, ge=1, description="trainings per point, seeds train.seed, +1, ...; the trial's metric is their mean"
-    )
-    optuna_storage: str | None = Field(
-        None, description="Optuna RDB URL (default: optuna.db beside a SQLite MLflow store, else in storage_path)"
-    )
-    trial_process: Literal["auto", "ray_train"] = Field(
-        "auto",
-        description="auto: a 1-worker trial trains in its Tune trial's own process (fast "
-        "start), more workers use Ray Train; ray_train: every trial is a Ray Train run",
-    )
-
-    @field_validator("search_space")
-    @classmethod
-    def _keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for key in v:
-            if not key or any(not part.isidentifier() for part in key.split(".")):
-                raise ValueError(f"search_space key {key!r} is not a dotted config field")
-        return v

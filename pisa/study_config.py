@@ -7,24 +7,22 @@ study file and the field named, not in trial 7 an hour later.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from .config import (
-    BASELINE,
-    PAPER_DEFAULTS,
     ConfigError,
     ExperimentConfig,
-    StudyConfig,
-    _deepcopy,
     apply_overrides,
     format_validation_error,
     load_yaml,
     parse_config,
     set_dotted,
 )
+from .study_schema import BASELINE, PAPER_DEFAULTS, StudyConfig
 
 
 def get_dotted(data: dict[str, Any], key: str, default: Any = None) -> Any:
@@ -37,12 +35,12 @@ def get_dotted(data: dict[str, Any], key: str, default: Any = None) -> Any:
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = _deepcopy(base)
+    out = copy.deepcopy(base)
     for k, v in update.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v)
         else:
-            out[k] = _deepcopy(v)
+            out[k] = copy.deepcopy(v)
     return out
 
 
@@ -58,7 +56,7 @@ class Study:
 
     def with_tracking_uri(self, uri: str) -> Study:
         """This study logging to `uri` (a resumed study keeps the store it started with)."""
-        base = _deepcopy(self.base)
+        base = copy.deepcopy(self.base)
         base["tracking"]["uri"] = uri
         return Study(self.cfg, base, self.source, self.overrides)
 
@@ -86,7 +84,7 @@ class Study:
 
     def experiment(self, params: dict[str, Any]) -> ExperimentConfig:
         """The training config of one trial: the base with the sampled values set."""
-        data = _deepcopy(self.base)
+        data = copy.deepcopy(self.base)
         for key, value in params.items():
             set_dotted(data, key, value)
         return parse_config(data, source=f"{self.source} (trial params {params})")
@@ -149,7 +147,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         if get_dotted(base, key, default=KeyError) is KeyError:
             raise ConfigError(f"{path}: search_space.{key}: no such config field")
         for value in dist.extremes():
-            data = _deepcopy(base)
+            data = copy.deepcopy(base)
             set_dotted(data, key, value)
             try:
                 ExperimentConfig.model_validate(data)

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from . import tracking
-from .config import BASELINE, PAPER_DEFAULTS, ConfigError
+from .config import ConfigError
 from .stats import Paired, Summary, paired, summarize
+from .study_schema import BASELINE, PAPER_DEFAULTS
 
 
 @dataclass

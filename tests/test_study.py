@@ -16,9 +16,9 @@ from conftest import REPO, tiny_experiment
 from services import free_port
 
 from pisa import tracking
-from pisa.config import PAPER_DEFAULTS
 from pisa.study import load_state, run_study, study_dir
 from pisa.study_config import load_study
+from pisa.study_schema import PAPER_DEFAULTS
 
 PISA = [sys.executable, "-m", "pisa.cli"]
 
