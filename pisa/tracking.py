@@ -7,6 +7,7 @@ study (logged from the Tune driver: one parent run, one nested child per trial).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import urllib.error
@@ -20,7 +21,6 @@ from .errors import TrackingError
 
 log = logging.getLogger(__name__)
 
-MAX_PARAM_LEN = 6000  # MLflow's limit on a param value is 6000 characters
 NESTED_TAG = "mlflow.parentRunId"
 
 
@@ -137,12 +137,17 @@ def _check_login(uri: str, timeout: float) -> None:
 
 
 def client(uri: str):
-    """A client whose model registry is the tracking store too: without it MLflow falls back
-    to the process-wide registry URI, which may be another database."""
+    """The process's client of the store at `uri` (one per store), whose model registry is that
+    store too: without it MLflow falls back to the process-wide registry URI, which may be
+    another database."""
+    return _client_of(_use_credentials(uri))
+
+
+@functools.lru_cache(maxsize=32)
+def _client_of(uri: str):
     from mlflow.tracking import MlflowClient
 
-    resolved = _use_credentials(uri)
-    return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def get_or_create_experiment(uri: str, name: str) -> str:
@@ -189,17 +194,18 @@ def start_run(
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
-    c = client(uri)
-    for i in range(0, len(items), 100):
-        c.log_batch(run_id, params=items[i : i + 100])
+    # MLflow's client splits a batch into the chunks its stores accept
+    client(uri).log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in sorted(params.items())])
 
 
 def _param_value(value: Any) -> str:
+    """A param value MLflow accepts: URIs without credentials, cut at MLflow's own limit."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
     text = "None" if value is None else str(value)
     if "://" in text:
         text = public_uri(text)
-    return text[:MAX_PARAM_LEN]
+    return text[:MAX_PARAM_VAL_LENGTH]
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int) -> None:
@@ -214,9 +220,7 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int) -> No
         for k, v in sorted(metrics.items())
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     ]
-    c = client(uri)
-    for i in range(0, len(items), 500):
-        c.log_batch(run_id, metrics=items[i : i + 500])
+    client(uri).log_batch(run_id, metrics=items)
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
