@@ -17,6 +17,7 @@ import random
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -272,20 +273,64 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_worker(config, RayTrainSession())
 
 
+@dataclass
+class _Training:
+    """What one worker trains with; a checkpoint holds its state."""
+
+    cfg: ExperimentConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: Any
+    loader: Any
+    val_set: Any
+    device: torch.device
+    plan: DevicePlan
+    rank: int
+    world: int
+    epochs: int
+    iteration: int = 0  # global, across epochs
+
+
+@dataclass
+class _Faults:
+    """Faults a test injects (`config["faults"]`): a NaN loss, a killed or stalled worker."""
+
+    nan_at: int | None = None
+    kill_at: str | None = None
+    stall_at: str | None = None
+
+
+@dataclass
+class _EpochStats:
+    sums: dict[str, float]
+    steps: int
+    images: int
+    seconds: float
+    diagnostics: dict[str, list[torch.Tensor]]
+
+
 def run_worker(config: dict[str, Any], session: TrainSession) -> None:
     """One worker's training: on a Ray Train worker or in a Tune trial's own process."""
+    t = _build(ExperimentConfig.model_validate(config["experiment"]), session)
+    start_epoch = _restore(t, session, config.get("resume_from"))
+    faults = _Faults(**(config.get("faults") or {}))
+    for epoch in range(start_epoch, t.epochs):
+        stats = _train_epoch(t, epoch, faults)
+        metrics = _evaluate_epoch(t, epoch, stats)
+        _report(t, session, epoch, metrics, stats.diagnostics)
 
+
+def _build(cfg: ExperimentConfig, session: TrainSession) -> _Training:
     from .data import build_dataset
     from .models import build_detector
 
-    cfg = ExperimentConfig.model_validate(config["experiment"])
     rank, world = session.rank, session.world_size
     device = session.device()
     plan = plan_for(cfg.train, device.type, world)
     seed_everything(cfg.train.seed)
 
     with_masks = cfg.model.detector == "mask_rcnn"
-    iou_types = ("bbox", "segm") if with_masks else ("bbox",)
     train_set = build_dataset(cfg.data, "train", train=True, with_masks=with_masks)
     val_set = build_dataset(cfg.data, "val", train=False)
     model = build_detector(cfg.model, num_classes=train_set.num_classes)
@@ -296,116 +341,146 @@ def run_worker(config: dict[str, Any], session: TrainSession) -> None:
     schedule = cfg.train.resolved()  # world == cfg.train.workers: the LR is scaled for it
 
     # Mask R-CNN's mask branch is idle in a step without positives
-    model = session.prepare_model(model, find_unused_parameters=cfg.model.detector == "mask_rcnn")
+    model = session.prepare_model(model, find_unused_parameters=with_masks)
     optimizer = build_optimizer(model, schedule)
     loader = build_train_loader(train_set, cfg, rank, world, plan)
     iters_per_epoch = len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, iters_per_epoch, schedule))
-    scaler = make_grad_scaler(plan)
-
-    start_epoch, iteration = 0, 0
-    resume_path = config.get("resume_from")
-    state = None
-    with session.restored_checkpoint() as restored:
-        if restored is not None:
-            state = load_checkpoint(restored)
-    if state is None and resume_path:
-        state = load_checkpoint(resume_path)
-    if state is not None:
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, iteration = int(state["epoch"]) + 1, int(state["iteration"])
-        if rank == 0:
-            _log(f"resumed from epoch {start_epoch} (iteration {iteration})")
-
-    epochs = schedule.epochs
     if rank == 0:
         _log(
             f"{cfg.model.detector}/{cfg.model.backbone} sampler={cfg.model.sampler} "
             f"isr_p={cfg.model.isr_p.enabled} carl={cfg.model.carl.enabled}: {len(train_set)} train / "
             f"{len(val_set)} val images, {world} worker(s) x {cfg.train.images_per_worker} img, "
-            f"lr {schedule.scaled_lr:.4g}, {epochs} epochs x {iters_per_epoch} iters on {device} "
+            f"lr {schedule.scaled_lr:.4g}, {schedule.epochs} epochs x {iters_per_epoch} iters on {device} "
             f"(amp {plan.autocast_dtype or 'off'}, channels_last {plan.channels_last}, "
             f"sync BN {plan.sync_batchnorm}, {cfg.data.num_workers} loader workers)"
         )
-    faults = config.get("faults") or {}
-    inject_nan_at, kill_at, stall_at = faults.get("nan_at"), faults.get("kill_at"), faults.get("stall_at")
+    return _Training(
+        cfg,
+        model,
+        optimizer,
+        scheduler,
+        make_grad_scaler(plan),
+        loader,
+        val_set,
+        device,
+        plan,
+        rank,
+        world,
+        schedule.epochs,
+    )
 
-    for epoch in range(start_epoch, epochs):
-        seed_everything(epoch_seed(cfg.train.seed, epoch, rank))
-        seed_loader_for_epoch(loader, cfg.train.seed, epoch, rank)
-        model.train()
-        sums: dict[str, float] = defaultdict(float)
-        diag: dict[str, list[torch.Tensor]] = defaultdict(list)
-        n_steps, n_images = 0, 0
-        t_epoch = time.perf_counter()
-        for step, (images, targets) in enumerate(loader):
-            _maybe_inject_failure(kill_at, epoch, step, rank, stall_at)
-            images, targets = _to_device(images, targets, device)
-            with torch.autocast(device.type, dtype=plan.autocast_dtype, enabled=plan.amp):
-                losses = model(images, targets)
-            loss = sum(losses.values())
-            if inject_nan_at is not None and iteration == int(inject_nan_at):
-                loss = loss * float("nan")
-            if not torch.isfinite(loss):
-                detail = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
-                raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch + 1} iteration {step + 1} "
-                    f"(global {iteration}): total={float(loss)} ({detail}); lower the LR "
-                    f"(train.lr) or enable train.grad_clip"
-                )
-            optimizer_step(loss, model, optimizer, scaler, cfg.train.grad_clip)
-            scheduler.step()
-            iteration += 1
-            n_steps += 1
-            n_images += len(images)
-            sums["loss"] += float(loss.detach())
-            for k, v in losses.items():
-                sums[k] += float(v.detach())
-            if (
-                rank == 0
-                and cfg.model.diagnostics
-                and ((step + 1) % cfg.train.log_every == 0 or step + 1 == iters_per_epoch)
-            ):  # once per logging interval (and at the epoch's end): the copy syncs the GPU
-                _read_diagnostics(model, diag)
-            if rank == 0 and (step + 1) % cfg.train.log_every == 0:
-                elapsed = time.perf_counter() - t_epoch
-                remaining = (iters_per_epoch - step - 1) + (epochs - epoch - 1) * iters_per_epoch
-                _log(
-                    f"epoch {epoch + 1}/{epochs} iter {step + 1}/{iters_per_epoch} "
-                    f"loss {sums['loss'] / n_steps:.4f} lr {optimizer.param_groups[0]['lr']:.4g} "
-                    f"{n_images * world / elapsed:.1f} img/s eta {_fmt_eta(elapsed / (step + 1) * remaining)}"
-                )
-        train_time = time.perf_counter() - t_epoch
-        metrics = {f"train_{k}" if k != "loss" else "train_loss": v / max(1, n_steps) for k, v in sums.items()}
-        metrics = _all_reduce_mean(metrics)
-        t_eval = time.perf_counter()
-        metrics.update(evaluate(model, val_set, device, rank, world, cfg.train.images_per_worker, iou_types))
-        metrics.update(
-            epoch=epoch + 1,
-            iteration=iteration,
-            lr=optimizer.param_groups[0]["lr"],
-            images_per_sec=n_images * world / max(train_time, 1e-9),
-            time_train_s=train_time,
-            time_eval_s=time.perf_counter() - t_eval,
-        )
-        diag_t = {k: torch.cat(v) for k, v in diag.items() if v}
-        for k, v in diag_t.items():
-            metrics[f"pisa_{k}_mean"] = float(v.mean())
-            metrics[f"pisa_{k}_max"] = float(v.max())
-        if rank == 0:
-            _log(
-                f"epoch {epoch + 1}/{epochs} done: loss {metrics.get('train_loss', float('nan')):.4f} "
-                f"bbox_mAP {metrics.get('bbox_mAP', 0.0):.4f} ({train_time:.1f}s train)"
+
+def _restore(t: _Training, session: TrainSession, resume_from: str | None) -> int:
+    """The epoch to start at: after the session's checkpoint (a restarted worker or trial),
+    else after `resume_from`'s, else 0."""
+    state = None
+    with session.restored_checkpoint() as restored:
+        if restored is not None:
+            state = load_checkpoint(restored)
+    if state is None and resume_from:
+        state = load_checkpoint(resume_from)
+    if state is None:
+        return 0
+    _unwrap(t.model).load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    if t.scaler is not None and state.get("scaler"):
+        t.scaler.load_state_dict(state["scaler"])
+    start_epoch, t.iteration = int(state["epoch"]) + 1, int(state["iteration"])
+    if t.rank == 0:
+        _log(f"resumed from epoch {start_epoch} (iteration {t.iteration})")
+    return start_epoch
+
+
+def _train_epoch(t: _Training, epoch: int, faults: _Faults) -> _EpochStats:
+    cfg, rank = t.cfg, t.rank
+    seed_everything(epoch_seed(cfg.train.seed, epoch, rank))
+    seed_loader_for_epoch(t.loader, cfg.train.seed, epoch, rank)
+    t.model.train()
+    iters_per_epoch = len(t.loader)
+    stats = _EpochStats(defaultdict(float), 0, 0, 0.0, defaultdict(list))
+    t_epoch = time.perf_counter()
+    for step, (images, targets) in enumerate(t.loader):
+        _maybe_inject_failure(faults.kill_at, epoch, step, rank, faults.stall_at)
+        images, targets = _to_device(images, targets, t.device)
+        with torch.autocast(t.device.type, dtype=t.plan.autocast_dtype, enabled=t.plan.amp):
+            losses = t.model(images, targets)
+        loss = sum(losses.values())
+        if faults.nan_at is not None and t.iteration == int(faults.nan_at):
+            loss = loss * float("nan")
+        if not torch.isfinite(loss):
+            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch + 1} iteration {step + 1} "
+                f"(global {t.iteration}): total={float(loss)} ({detail}); lower the LR "
+                f"(train.lr) or enable train.grad_clip"
             )
-        if rank == 0:
-            with tempfile.TemporaryDirectory(prefix="pisa-ckpt-") as tmp:
-                save_checkpoint(Path(tmp), model, optimizer, scheduler, scaler, epoch, iteration, cfg, metrics)
-                if diag_t:
-                    torch.save(diag_t, Path(tmp) / DIAGNOSTICS_FILE)
-                session.report(metrics, Path(tmp))
-        else:
-            session.report(metrics, None)
+        optimizer_step(loss, t.model, t.optimizer, t.scaler, cfg.train.grad_clip)
+        t.scheduler.step()
+        t.iteration += 1
+        stats.steps += 1
+        stats.images += len(images)
+        stats.sums["loss"] += float(loss.detach())
+        for k, v in losses.items():
+            stats.sums[k] += float(v.detach())
+        logs_now = (step + 1) % cfg.train.log_every == 0
+        # once per logging interval (and at the epoch's end): the copy syncs the GPU
+        if rank == 0 and cfg.model.diagnostics and (logs_now or step + 1 == iters_per_epoch):
+            _read_diagnostics(t.model, stats.diagnostics)
+        if rank == 0 and logs_now:
+            elapsed = time.perf_counter() - t_epoch
+            remaining = (iters_per_epoch - step - 1) + (t.epochs - epoch - 1) * iters_per_epoch
+            _log(
+                f"epoch {epoch + 1}/{t.epochs} iter {step + 1}/{iters_per_epoch} "
+                f"loss {stats.sums['loss'] / stats.steps:.4f} lr {t.optimizer.param_groups[0]['lr']:.4g} "
+                f"{stats.images * t.world / elapsed:.1f} img/s eta {_fmt_eta(elapsed / (step + 1) * remaining)}"
+            )
+    stats.seconds = time.perf_counter() - t_epoch
+    return stats
+
+
+def _evaluate_epoch(t: _Training, epoch: int, stats: _EpochStats) -> dict[str, float]:
+    """The epoch's metrics, the same on every rank: mean training losses over the workers,
+    the val set's COCO AP, and the epoch's throughput."""
+    steps = max(1, stats.steps)
+    metrics = {f"train_{k}" if k != "loss" else "train_loss": v / steps for k, v in stats.sums.items()}
+    metrics = _all_reduce_mean(metrics)
+    iou_types = ("bbox", "segm") if t.cfg.model.detector == "mask_rcnn" else ("bbox",)
+    t_eval = time.perf_counter()
+    metrics.update(evaluate(t.model, t.val_set, t.device, t.rank, t.world, t.cfg.train.images_per_worker, iou_types))
+    metrics.update(
+        epoch=epoch + 1,
+        iteration=t.iteration,
+        lr=t.optimizer.param_groups[0]["lr"],
+        images_per_sec=stats.images * t.world / max(stats.seconds, 1e-9),
+        time_train_s=stats.seconds,
+        time_eval_s=time.perf_counter() - t_eval,
+    )
+    return metrics
+
+
+def _report(
+    t: _Training,
+    session: TrainSession,
+    epoch: int,
+    metrics: dict[str, float],
+    diagnostics: dict[str, list[torch.Tensor]],
+) -> None:
+    """Rank 0 reports with a checkpoint (and the PISA weight samples), the others without."""
+    diag = {k: torch.cat(v) for k, v in diagnostics.items() if v}
+    for k, v in diag.items():
+        metrics[f"pisa_{k}_mean"] = float(v.mean())
+        metrics[f"pisa_{k}_max"] = float(v.max())
+    if t.rank != 0:
+        session.report(metrics, None)
+        return
+    _log(
+        f"epoch {epoch + 1}/{t.epochs} done: loss {metrics.get('train_loss', float('nan')):.4f} "
+        f"bbox_mAP {metrics.get('bbox_mAP', 0.0):.4f} ({metrics['time_train_s']:.1f}s train)"
+    )
+    with tempfile.TemporaryDirectory(prefix="pisa-ckpt-") as tmp:
+        save_checkpoint(Path(tmp), t.model, t.optimizer, t.scheduler, t.scaler, epoch, t.iteration, t.cfg, metrics)
+        if diag:
+            torch.save(diag, Path(tmp) / DIAGNOSTICS_FILE)
+        session.report(metrics, Path(tmp))
