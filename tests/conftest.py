@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from services import free_port
+from services import free_port, start_mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -271,68 +271,13 @@ def postgres_server():
         shutil.rmtree(root, ignore_errors=True)
 
 
-class MlflowServer:
-    def __init__(self, uri: str, artifacts: Path, log_file: Path, process):
-        self.uri, self.artifacts, self.log_file, self.process = uri, artifacts, log_file, process
-
-
 @pytest.fixture(scope="session")
 def mlflow_server_pg(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory):
     """`mlflow server` with a PostgreSQL backend store and proxied artifacts in a tmp dir."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     database = postgres_server.create_database("mlflow")
-    work = tmp_path_factory.mktemp("mlflow-server")
-    artifacts = work / "artifacts"
-    log_file = work / "mlflow-server.log"
-    port = free_port()
     # user and password from libpq's environment, the URI holds neither (as in docker/compose.yaml)
     env = {**os.environ, "PGUSER": postgres_server.user, "PGPASSWORD": postgres_server.password}
-    env.pop("MLFLOW_TRACKING_URI", None)
     backend = f"postgresql://{postgres_server.host}:{postgres_server.port}/{database}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        backend,
-        "--artifacts-destination",
-        str(artifacts),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    with open(log_file, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited ({proc.returncode}):\n{log_file.read_text()[-4000:]}", pytrace=False)
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after 120 s:\n{log_file.read_text()[-4000:]}", pytrace=False)
-            time.sleep(0.5)
-        yield MlflowServer(uri, artifacts, log_file, proc)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn workers
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), backend, env=env)
+    yield server
+    server.stop()

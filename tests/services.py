@@ -114,33 +114,52 @@ def start_s3(work: Path, bucket: str = "pisa") -> S3Server:
     return server
 
 
-# ---------------------------------------------------------------- MLflow with a login
+# ---------------------------------------------------------------- MLflow servers
 
 
 @dataclass
-class AuthMlflowServer:
+class MlflowServer:
     uri: str
-    user: str
-    password: str
     process: subprocess.Popen
     work: Path
+    user: str | None = None  # the login, for a server started with one
+
+    @property
+    def log_file(self) -> Path:
+        return self.work / "mlflow-server.log"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.work / "artifacts"
+
+    def stop(self) -> None:
+        stop_group(self.process)  # the server and its uvicorn workers
 
 
-def start_mlflow_basic_auth(work: Path, password: str) -> AuthMlflowServer:
-    """`mlflow server --app-name basic-auth`, the admin password from the environment as in
-    docker/compose.yaml (never on a command line)."""
+def start_mlflow_server(
+    work: Path,
+    backend_store_uri: str | None = None,
+    env: dict[str, str] | None = None,
+    admin_password: str | None = None,
+) -> MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with proxied artifacts in `work` and a SQLite store
+    there unless `backend_store_uri` says otherwise. `admin_password` starts it with its
+    login (`--app-name basic-auth`), the password from the environment as in
+    docker/compose.yaml (never on a command line). The caller's MLFLOW_* settings stay out."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_AUTH_ADMIN_PASSWORD=password, MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())
+    env = {k: v for k, v in (env or os.environ).items() if not k.startswith("MLFLOW_")}
+    login: list[str] = []
+    if admin_password is not None:
+        env.update(MLFLOW_AUTH_ADMIN_PASSWORD=admin_password, MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())
+        login = ["--app-name", "basic-auth"]
     cmd = [
         sys.executable,
         "-m",
         "mlflow",
         "server",
-        "--app-name",
-        "basic-auth",
+        *login,
         "--backend-store-uri",
-        f"sqlite:///{work / 'server.db'}",
+        backend_store_uri or f"sqlite:///{work / 'server.db'}",
         "--artifacts-destination",
         str(work / "artifacts"),
         "--host",
@@ -150,10 +169,15 @@ def start_mlflow_basic_auth(work: Path, password: str) -> AuthMlflowServer:
         "--workers",
         "1",
     ]
-    proc = start(cmd, work / "mlflow-server.log", env=env, cwd=work)
-    uri = f"http://127.0.0.1:{port}"
-    _wait_http(uri + "/health", proc, work / "mlflow-server.log", "mlflow server", timeout=300)
-    return AuthMlflowServer(uri, "admin", password, proc, work)
+    server = MlflowServer(f"http://127.0.0.1:{port}", start(cmd, work / "mlflow-server.log", env=env, cwd=work), work)
+    if admin_password is not None:
+        server.user = "admin"
+    try:
+        _wait_http(server.uri + "/health", server.process, server.log_file, "mlflow server", timeout=300)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 # ---------------------------------------------------------------- a two-node Ray cluster

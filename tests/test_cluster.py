@@ -19,9 +19,8 @@ import yaml
 from conftest import tiny_experiment
 from services import (
     RayCluster,
-    start_mlflow_basic_auth,
+    start_mlflow_server,
     start_ray_cluster,
-    stop_group,
     stop_ray_cluster,
 )
 
@@ -43,9 +42,9 @@ def work(tmp_path_factory) -> Path:
 def mlflow_login(work):
     server_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"pisa-mlflow-auth-{os.getpid()}"
     server_dir.mkdir(exist_ok=True)  # outside `work`: the server's own files are not the study's
-    server = start_mlflow_basic_auth(server_dir, PASSWORD)
+    server = start_mlflow_server(server_dir, admin_password=PASSWORD)
     yield server
-    stop_group(server.process)
+    server.stop()
     shutil.rmtree(server_dir, ignore_errors=True)
 
 

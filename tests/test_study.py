@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, tiny_experiment
-from services import free_port
+from services import start_mlflow_server
 
 from pisa import tracking
 from pisa.study import load_state, run_study, study_dir
@@ -190,43 +190,9 @@ def test_in_trial_and_ray_train_paths_give_the_recorded_metrics(ray_local, synth
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=open(tmp / "server.log", "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            tracking.check_reachable(uri, timeout=2)
-            break
-        except tracking.TrackingError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"mlflow server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
-            time.sleep(1)
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield server.uri
+    server.stop()
 
 
 @pytest.mark.slow
