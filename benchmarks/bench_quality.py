@@ -326,7 +326,7 @@ def main() -> int:
         return row
 
     if args.parallel:
-        from pisa.train import init_ray
+        from pisa.ray_runtime import init_ray
 
         init_ray(num_cpus=max(os.cpu_count() or 1, len(variants)))  # one CPU slot per variant
     for seed in args.seeds:

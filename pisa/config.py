@@ -362,6 +362,16 @@ class ExperimentConfig(StrictModel):
         "or a pyarrow.fs URI (s3://bucket/path, gs://..., file://...)",
     )
 
+    def to_yaml(self) -> str:
+        """The config as logged (`config.yaml`): credentials come from the environment,
+        never from a file, so the tracking URI goes without them."""
+        from .tracking import public_uri
+
+        data = self.model_dump(mode="json")
+        if data["tracking"]["uri"]:
+            data["tracking"]["uri"] = public_uri(data["tracking"]["uri"])
+        return yaml.safe_dump(data, sort_keys=False)
+
     def resolve_paths(self, base: Path | None = None) -> ExperimentConfig:
         """Absolute paths everywhere (Ray workers run in another working directory)."""
         base = Path(base or Path.cwd())

@@ -47,7 +47,7 @@ def trial_driver_resources() -> dict[str, float]:
     """
     import ray
 
-    from .train import DRIVER_RESOURCE
+    from .ray_runtime import DRIVER_RESOURCE
 
     if ray.cluster_resources().get(DRIVER_RESOURCE, 0) >= 1:
         return {DRIVER_RESOURCE: 1}
@@ -216,9 +216,7 @@ class MlflowStudyLogger(Callback):
             },
             parent_run_id=self.parent_run_id,
         )
-        from .train import config_yaml
-
-        tracking.log_text(self.uri, run_id, config_yaml(exp), "config.yaml")
+        tracking.log_text(self.uri, run_id, exp.to_yaml(), "config.yaml")
         lineage.log_datasets(self.uri, run_id, exp.data)
         self.runs[trial.trial_id] = run_id
         return run_id
@@ -552,7 +550,8 @@ def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
 def run_study(study: Study, *, address: str | None = None, verbose: bool = False) -> StudyOutcome:
     """Run a study from the start; the tracking store is checked before any trial."""
     from .cluster import check_cluster_setup
-    from .train import config_yaml, init_ray, prepare_data, quiet_libraries
+    from .ray_runtime import init_ray, quiet_libraries
+    from .train import prepare_data
 
     if not verbose:
         quiet_libraries()
@@ -582,7 +581,7 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
     tracking.log_text(
         uri, parent, json.dumps(study.cfg.model_dump(mode="json")["search_space"], indent=2), "search_space.json"
     )
-    tracking.log_text(uri, parent, config_yaml(study.base_config), "base_config.yaml")
+    tracking.log_text(uri, parent, study.base_config.to_yaml(), "base_config.yaml")
     _save_state(study, parent, uri)
     _print_start(study, uri)
     for note in notes:
@@ -605,7 +604,7 @@ def resume_study(
     from ray import tune
 
     from .cluster import check_cluster_setup
-    from .train import init_ray
+    from .ray_runtime import init_ray
 
     state = load_state(name, storage_path)
     study = study_from_state(state)

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import tracking
 from .accel import process_group_backend
 from .config import ExperimentConfig
 from .engine import CHECKPOINT_FILE, DIAGNOSTICS_FILE, train_loop_per_worker
 from .errors import one_line
+from .ray_runtime import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +35,6 @@ class TrainOutcome:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def config_yaml(cfg: ExperimentConfig) -> str:
-    data = cfg.model_dump(mode="json")
-    if data["tracking"]["uri"]:  # credentials come from the environment, never from a file
-        data["tracking"]["uri"] = tracking.public_uri(data["tracking"]["uri"])
-    return yaml.safe_dump(data, sort_keys=False)
-
-
 def prepare_data(cfg: ExperimentConfig) -> int:
     """Generate the synthetic set if asked, and validate the annotations once on the driver,
     so a corrupt file fails before any worker starts. Returns the number of classes."""
@@ -54,89 +45,6 @@ def prepare_data(cfg: ExperimentConfig) -> int:
     train = build_dataset(cfg.data, "train", train=False)
     build_dataset(cfg.data, "val", train=False)
     return train.num_classes
-
-
-DRIVER_RESOURCE = "pisa_trial_driver"
-
-
-def init_ray(
-    address: str | None = None, num_cpus: int | None = None, verbose: bool = True, dashboard: bool = True
-) -> None:
-    """Start (or join) Ray. `verbose=False` keeps Ray's own output off the console: workers'
-    output is not forwarded to the driver (Tune writes each trial's to its directory) and
-    only Ray's warnings are shown. `dashboard=False` (nothing runs Ray Train) saves a local
-    cluster the dashboard process."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if not verbose:
-        quiet_libraries()
-    env = {
-        "RAY_TRAIN_V2_ENABLED": "1",
-        "PYTHONUNBUFFERED": "1",
-        # Ray Train's print() patch logs even prints a library sends to a redirected
-        # stdout (COCOeval's tables) and doubles the progress lines: keep plain print
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-        # slow machines need more than Ray's 60 s to start a worker process
-        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"),
-    }
-    os.environ.update(env)
-    kwargs: dict[str, Any] = dict(
-        address=address,
-        log_to_driver=verbose,
-        runtime_env={"env_vars": env},
-        ignore_reinit_error=True,
-        logging_level=logging.INFO if verbose else logging.WARNING,
-    )
-    if address is None:
-        # Ray Train's placement-group cleanup uses the state API, served by the dashboard
-        # process; it listens on 127.0.0.1 only.
-        kwargs["include_dashboard"] = dashboard
-        kwargs["dashboard_host"] = "127.0.0.1"
-        kwargs["num_cpus"] = num_cpus or os.cpu_count()
-        kwargs["resources"] = {DRIVER_RESOURCE: 10_000}
-        kwargs.pop("address")
-        # Ray Train's placement-group cleaner finds its cluster by address; with another
-        # local Ray instance on the machine (a second study, a notebook) that look-up is
-        # ambiguous and placement groups leak. So fix the GCS port and tell every worker.
-        from ray.util import get_node_ip_address
-    for attempt in range(3):
-        if address is None:
-            port = _free_port()
-            os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-            kwargs["runtime_env"] = {"env_vars": {**env, "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}}
-        try:
-            ray.init(**kwargs)
-            return
-        except Exception as exc:  # Ray gives a local node 30 s to register: a busy machine needs more
-            if address is not None or "timed out during startup" not in str(exc) or attempt == 2:
-                raise
-            print("[pisa] the local Ray node was slow to start; trying again", flush=True)
-            ray.shutdown()
-        finally:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-
-
-def _free_port() -> int:
-    """A free port outside Ray's default worker port range (10002-19999)."""
-    import socket
-
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
-        if not 10002 <= port <= 19999:
-            return port
-
-
-def quiet_libraries() -> None:
-    """Warnings only from the libraries a study drives (Ray, MLflow's store migrations)."""
-    for name in ("ray", "mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    import optuna  # its logger configures itself on first use: ask it
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def scaling_config(cfg: ExperimentConfig):
@@ -205,38 +113,14 @@ def _mlflow_callback(uri: str, run_id: str):
     return MlflowEpochLogger()
 
 
-def diagnostics_plot(diag_file: Path, out_png: Path) -> Path | None:
-    """Histograms of the last epoch's PISA weights (ISR-P, ISR-N, CARL)."""
-    import torch
-
-    if not diag_file.exists():
-        return None
-    data = torch.load(diag_file, map_location="cpu", weights_only=True)
-    keys = [k for k, v in data.items() if v.numel() > 0]
-    if not keys:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        ax.hist(data[k].numpy(), bins=50, color="#3572b0")
-        ax.set_title(k)
-        ax.set_xlabel("value")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return out_png
-
-
 def log_final_artifacts(uri: str, run_id: str, checkpoint_dir: str | None, log_checkpoint: bool) -> None:
     if not checkpoint_dir:
         return
     from . import storage
 
     with storage.local_copy(checkpoint_dir) as ckpt, tempfile.TemporaryDirectory(prefix="pisa-art-") as tmp:
+        from .report import diagnostics_plot
+
         png = diagnostics_plot(ckpt / DIAGNOSTICS_FILE, Path(tmp) / "pisa_weights.png")
         if png is not None:
             tracking.log_artifacts(uri, run_id, [png], "plots")
@@ -267,7 +151,7 @@ def run_training(
     run_id = tracking.start_run(
         uri, cfg.tracking.experiment, name, params=params, tags={"pisa.kind": "train", **(tags or {})}
     )
-    tracking.log_text(uri, run_id, config_yaml(cfg), "config.yaml")
+    tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
     from .lineage import SystemMetrics, log_datasets
 
     log_datasets(uri, run_id, cfg.data)

@@ -123,9 +123,10 @@ def validate_study(
     address: str | None = None,
 ) -> Validation:
     """Train every variant on every seed (seed by seed), log and return the comparison."""
+    from .ray_runtime import init_ray
     from .storage import join
     from .study import load_state, outcome_from_state, study_dir, study_from_state
-    from .train import init_ray, run_training
+    from .train import run_training
 
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be at least 1 (2 or more for an interval)")

@@ -91,7 +91,7 @@ def ray_local():
     """One local Ray cluster (2 CPUs) for the whole session."""
     import ray
 
-    from pisa.train import init_ray
+    from pisa.ray_runtime import init_ray
 
     init_ray(num_cpus=2)
     yield ray

@@ -11,7 +11,7 @@ from pisa import storage, tracking
 from pisa.cluster import check_cluster_setup
 from pisa.config import ConfigError, parse_config
 from pisa.study_config import load_study
-from pisa.train import config_yaml, scaling_config
+from pisa.train import scaling_config
 
 
 def _study(tmp_path, synthetic_dir, resources) -> object:
@@ -63,7 +63,7 @@ def test_credentials_are_masked_in_output_and_absent_from_what_is_stored(synthet
     assert tracking._param_value(uri) == "http://mlflow.example:5000"
     data = tiny_experiment(synthetic_dir, tmp_path)
     data["tracking"]["uri"] = uri
-    assert "s3cr3t" not in config_yaml(parse_config(data))
+    assert "s3cr3t" not in parse_config(data).to_yaml()
 
 
 def test_ray_client_needs_a_tracking_server():
