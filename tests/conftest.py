@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 from services import free_port, start_mlflow_server
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def find_bccd() -> Path:
@@ -38,52 +37,6 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
     generate_synthetic(out, n_train=24, n_val=8, seed=0)
     return out
-
-
-def tiny_experiment(data_dir: Path, work: Path, **train) -> dict:
-    """A training config small enough for a 2-worker CPU run in well under a minute."""
-    return {
-        "name": "tiny",
-        "model": {
-            "detector": "faster_rcnn",
-            "backbone": "mobilenet_v3_fpn",
-            "norm": "bn",
-            "min_size": 96,
-            "max_size": 96,
-            "rpn_pre_nms_top_n_train": 150,
-            "rpn_post_nms_top_n_train": 150,
-            "rpn_pre_nms_top_n_test": 100,
-            "rpn_post_nms_top_n_test": 100,
-            "rois_per_image": 32,
-            "sampler": "random",
-            "isr_p": {"enabled": True},
-            "carl": {"enabled": True},
-        },
-        "data": {
-            "train_images": str(data_dir / "train"),
-            "train_annotations": str(data_dir / "train.json"),
-            "val_images": str(data_dir / "val"),
-            "val_annotations": str(data_dir / "val.json"),
-            "train_limit": 8,
-            "val_limit": 4,
-        },
-        "train": {
-            "schedule": "custom",
-            "epochs": 2,
-            "lr": 0.02,
-            "base_batch": 16,
-            "milestones": [],
-            "warmup_iters": 2,
-            "workers": 2,
-            "use_gpu": False,
-            "images_per_worker": 2,
-            "log_every": 1,
-            "seed": 0,
-            **train,
-        },
-        "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "tests"},
-        "storage_path": str(work / "ray_results"),
-    }
 
 
 @pytest.fixture(scope="session")

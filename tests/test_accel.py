@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_experiment
+from helpers import tiny_experiment
 from torch import nn
 
 from pisa.accel import (

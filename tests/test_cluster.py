@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_experiment
+from helpers import tiny_experiment
 from services import (
     RayCluster,
     start_mlflow_server,

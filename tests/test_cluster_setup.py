@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import tiny_experiment
+from helpers import tiny_experiment
 
 from pisa import storage, tracking
 from pisa.cluster import check_cluster_setup

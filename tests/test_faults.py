@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_experiment
+from helpers import tiny_experiment
 from services import start_s3, stop_group
 
 from pisa import storage, tracking

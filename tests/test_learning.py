@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from pisa.config import apply_overrides, load_yaml, parse_config
 from pisa.train import run_training

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_experiment
+from helpers import tiny_experiment
 
 from pisa import tracking
 from pisa.cli import main

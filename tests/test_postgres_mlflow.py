@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_experiment
+from helpers import tiny_experiment
 
 from pisa import tracking
 from pisa.config import parse_config
@@ -45,7 +45,7 @@ def test_training_run_is_stored_in_postgres(ray_local, synthetic_dir, postgres_s
 
 
 def test_two_trial_study_is_stored_in_postgres(ray_local, synthetic_dir, postgres_server, mlflow_server_pg, tmp_path):
-    from test_study import children, write_study
+    from helpers import children, write_study
 
     from pisa.study import run_study
     from pisa.study_config import load_study

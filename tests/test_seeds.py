@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import children, write_study
 from scipy import stats as sps
-from test_study import children, write_study
 
 from pisa import tracking
 from pisa.config import ConfigError

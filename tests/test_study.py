@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, tiny_experiment
+from helpers import REPO, children, write_study
 from services import start_mlflow_server
 
 from pisa import tracking
@@ -21,34 +21,6 @@ from pisa.study_config import load_study
 from pisa.study_schema import PAPER_DEFAULTS
 
 PISA = [sys.executable, "-m", "pisa.cli"]
-
-
-def write_study(tmp: Path, data_dir: Path, name: str, uri: str | None = None, **study) -> Path:
-    base = tiny_experiment(data_dir, tmp)
-    if uri:
-        base["tracking"]["uri"] = uri
-    (tmp / "base.yaml").write_text(yaml.safe_dump(base))
-    spec = {
-        "name": name,
-        "base": "base.yaml",
-        "search_space": {
-            "model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0},
-            "model.isr_p.bias": {"type": "uniform", "low": 0.0, "high": 0.5},
-        },
-        "num_samples": 4,
-        "max_concurrent_trials": 2,
-        "resources_per_trial": {"workers": 1, "gpus_per_worker": 0},
-        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-        "seed": 0,
-        **study,
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def children(uri: str, experiment: str, parent: str):
-    return tracking.find_runs(uri, experiment, f"tags.`mlflow.parentRunId` = '{parent}'")
 
 
 # ---------------------------------------------------------------- a study in MLflow (SQLite)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import tiny_experiment
+from helpers import tiny_experiment
 
 from pisa import tracking
 from pisa.config import TrainConfig, parse_config

@@ -1,0 +1,86 @@
+"""Helpers the test modules share: the repository root, the tiny training config every
+end-to-end test trains, and a study file around it. (Fixtures live in conftest.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pisa import tracking
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_experiment(data_dir: Path, work: Path, **train) -> dict:
+    """A training config small enough for a 2-worker CPU run in well under a minute."""
+    return {
+        "name": "tiny",
+        "model": {
+            "detector": "faster_rcnn",
+            "backbone": "mobilenet_v3_fpn",
+            "norm": "bn",
+            "min_size": 96,
+            "max_size": 96,
+            "rpn_pre_nms_top_n_train": 150,
+            "rpn_post_nms_top_n_train": 150,
+            "rpn_pre_nms_top_n_test": 100,
+            "rpn_post_nms_top_n_test": 100,
+            "rois_per_image": 32,
+            "sampler": "random",
+            "isr_p": {"enabled": True},
+            "carl": {"enabled": True},
+        },
+        "data": {
+            "train_images": str(data_dir / "train"),
+            "train_annotations": str(data_dir / "train.json"),
+            "val_images": str(data_dir / "val"),
+            "val_annotations": str(data_dir / "val.json"),
+            "train_limit": 8,
+            "val_limit": 4,
+        },
+        "train": {
+            "schedule": "custom",
+            "epochs": 2,
+            "lr": 0.02,
+            "base_batch": 16,
+            "milestones": [],
+            "warmup_iters": 2,
+            "workers": 2,
+            "use_gpu": False,
+            "images_per_worker": 2,
+            "log_every": 1,
+            "seed": 0,
+            **train,
+        },
+        "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "tests"},
+        "storage_path": str(work / "ray_results"),
+    }
+
+
+def write_study(tmp: Path, data_dir: Path, name: str, uri: str | None = None, **study) -> Path:
+    base = tiny_experiment(data_dir, tmp)
+    if uri:
+        base["tracking"]["uri"] = uri
+    (tmp / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {
+        "name": name,
+        "base": "base.yaml",
+        "search_space": {
+            "model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0},
+            "model.isr_p.bias": {"type": "uniform", "low": 0.0, "high": 0.5},
+        },
+        "num_samples": 4,
+        "max_concurrent_trials": 2,
+        "resources_per_trial": {"workers": 1, "gpus_per_worker": 0},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "seed": 0,
+        **study,
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def children(uri: str, experiment: str, parent: str):
+    return tracking.find_runs(uri, experiment, f"tags.`mlflow.parentRunId` = '{parent}'")
