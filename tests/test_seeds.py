@@ -20,7 +20,7 @@ import yaml
 from helpers import children, write_study
 from scipy import stats as sps
 
-from pisa import tracking
+from pisa import cli, tracking
 from pisa.config import ConfigError
 from pisa.seeds import mean_report
 from pisa.study import collect, concurrent_trials, load_state, run_study
@@ -160,15 +160,15 @@ def test_validate_compares_with_intervals_and_logs_a_linked_run(seeded_study):
         ("no-such-study", [], "no study 'no-such-study'"),
     ],
 )
-def test_validate_bad_input_is_one_line_exit_2(seeded_study, name, args, message):
+def test_validate_bad_input_is_one_line_exit_2(seeded_study, monkeypatch, capsys, name, args, message):
     tmp, study, outcome = seeded_study
     runs_before = len(tracking.find_runs(outcome.tracking_uri, "tests"))
-    res = subprocess.run(
-        PISA + ["study", "validate", name, *args], capture_output=True, text=True, timeout=120, cwd=tmp
-    )
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.stderr
+    monkeypatch.chdir(tmp)
+    code = cli.main(["study", "validate", name, *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
     assert len(tracking.find_runs(outcome.tracking_uri, "tests")) == runs_before  # nothing started
 
 

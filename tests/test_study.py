@@ -15,7 +15,7 @@ import yaml
 from helpers import REPO, children, write_study
 from services import start_mlflow_server
 
-from pisa import tracking
+from pisa import cli, tracking
 from pisa.study import load_state, run_study, study_dir
 from pisa.study_config import load_study
 from pisa.study_schema import PAPER_DEFAULTS
@@ -273,32 +273,50 @@ BAD_STUDIES = [
 ]
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if the command gets as far as starting (or joining) Ray."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr("pisa.ray_runtime.init_ray", refuse)
+
+
+def _pisa(capsys, *argv: str) -> tuple[int, str]:
+    """`pisa ...` in this process: the exit code and what it wrote to stderr."""
+    code = cli.main(list(argv))
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("change,message", BAD_STUDIES)
-def test_invalid_study_fails_before_anything_starts(synthetic_dir, tmp_path, change, message):
+def test_invalid_study_fails_before_anything_starts(
+    synthetic_dir, tmp_path, monkeypatch, capsys, no_ray, change, message
+):
+    monkeypatch.chdir(tmp_path)
     path = write_study(tmp_path, synthetic_dir, "bad")
     spec = yaml.safe_load(path.read_text())
     spec.update(change)
     path.write_text(yaml.safe_dump(spec))
-    res = subprocess.run(PISA + ["study", "run", str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert message in res.stderr and str(path) in res.stderr
+    code, err = _pisa(capsys, "study", "run", str(path))
+    assert code == 2, err[-2000:]
+    assert message in err and str(path) in err
     assert not (tmp_path / "ray_results" / "bad").exists()
-    assert "Started a local Ray instance" not in res.stderr
 
 
-def test_yaml_syntax_error_names_the_line(tmp_path):
+def test_yaml_syntax_error_names_the_line(tmp_path, capsys, no_ray):
     path = tmp_path / "broken.yaml"
     path.write_text("name: x\nsearch_space:\n  model.isr_p.k: {type: uniform, low: 1\n")
-    res = subprocess.run(PISA + ["study", "run", str(path)], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and f"{path}:" in res.stderr and "invalid YAML" in res.stderr
+    code, err = _pisa(capsys, "study", "run", str(path))
+    assert code == 2 and f"{path}:" in err and "invalid YAML" in err
 
 
-def test_unreachable_tracking_server_fails_before_any_trial(synthetic_dir, tmp_path):
+def test_unreachable_tracking_server_fails_before_any_trial(synthetic_dir, tmp_path, monkeypatch, capsys, no_ray):
+    monkeypatch.chdir(tmp_path)
     path = write_study(tmp_path, synthetic_dir, "offline", uri="http://127.0.0.1:9")
-    res = subprocess.run(PISA + ["study", "run", str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert res.returncode == 1
-    assert "MLflow tracking server http://127.0.0.1:9 is not reachable" in res.stderr
-    assert "Started a local Ray instance" not in res.stderr + res.stdout
+    code, err = _pisa(capsys, "study", "run", str(path))
+    assert code == 1
+    assert "MLflow tracking server http://127.0.0.1:9 is not reachable" in err
     assert not (tmp_path / "ray_results").exists()
 
 
