@@ -21,6 +21,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from .progress import say
 from .study_config import Study
 
 
@@ -31,10 +32,6 @@ def _fmt_time(seconds: float) -> str:
 
 def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def _say(msg: str) -> None:
-    print(f"[pisa] {msg}", flush=True)
 
 
 class StudyConsole(Callback):
@@ -68,7 +65,7 @@ class StudyConsole(Callback):
         # a trial whose end is being reported still shows RUNNING in Tune's list
         running = sum(t.status == "RUNNING" and t.trial_id not in self.outcomes for t in trials)
         elapsed = time.time() - self.start
-        _say(
+        say(
             f"progress: {done}/{self.total} trials done ({early} stopped early, {failed} failed), "
             f"{running} running, elapsed {_fmt_time(elapsed)}, ETA {self._eta(elapsed, done)}"
         )
@@ -110,7 +107,7 @@ class StudyConsole(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         params = {k: trial.config[k] for k in self.study.cfg.search_space if k in trial.config}
         shown = ", ".join(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in params.items())
-        _say(f"{self._label(trial)} started: {shown}")
+        say(f"{self._label(trial)} started: {shown}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
@@ -121,7 +118,7 @@ class StudyConsole(Callback):
             if trial.trial_id not in self.best or sign * value > sign * self.best[trial.trial_id]:
                 self.best[trial.trial_id] = float(value)
         shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
-        _say(
+        say(
             f"{self._label(trial)} epoch {epoch}/{self.max_epochs}: {self.metric} {shown} "
             f"(train {result.get('time_train_s', 0.0):.1f} s, eval {result.get('time_eval_s', 0.0):.1f} s)"
         )
@@ -132,10 +129,10 @@ class StudyConsole(Callback):
         best_text = f"best {self.metric} {best:.4f}" if best is not None else f"no {self.metric}"
         if epochs >= self.max_epochs:
             self.outcomes[trial.trial_id] = "finished"
-            _say(f"{self._label(trial)} finished {epochs} epochs: {best_text}")
+            say(f"{self._label(trial)} finished {epochs} epochs: {best_text}")
         else:
             self.outcomes[trial.trial_id] = "stopped early"
-            _say(
+            say(
                 f"{self._label(trial)} stopped early by {self.study.cfg.scheduler.type} after epoch "
                 f"{epochs}: {best_text}"
             )
@@ -145,7 +142,7 @@ class StudyConsole(Callback):
         from .study import _trial_error
 
         self.outcomes[trial.trial_id] = "failed"
-        _say(f"{self._label(trial)} failed after epoch {self.epochs.get(trial.trial_id, 0)}: {_trial_error(trial)}")
+        say(f"{self._label(trial)} failed after epoch {self.epochs.get(trial.trial_id, 0)}: {_trial_error(trial)}")
         self._progress(trials)
 
     def on_step_end(self, iteration, trials, **info):

@@ -27,6 +27,7 @@ from torch import nn
 from .accel import DevicePlan, apply_channels_last, convert_sync_batchnorm, make_grad_scaler, optimizer_step, plan_for
 from .config import ExperimentConfig, Schedule
 from .errors import NonFiniteLossError
+from .progress import say
 
 if TYPE_CHECKING:
     from .models.pisa_loss import DiagnosticsMixin
@@ -97,10 +98,6 @@ def _to_device(images, targets, device):
     return images, targets
 
 
-def _log(msg: str) -> None:
-    print(f"[pisa] {msg}", flush=True)
-
-
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -137,14 +134,14 @@ def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int, rank: in
         if epoch == int(e) and iteration == int(i) and not Path(pidfile).exists() and rank == 0:
             Path(pidfile).with_suffix(".tmp").write_text(f"{os.getpid()}\n")
             Path(pidfile).with_suffix(".tmp").rename(pidfile)
-            _log(f"fault injection: worker {os.getpid()} waits at epoch {epoch} iteration {iteration}")
+            say(f"fault injection: worker {os.getpid()} waits at epoch {epoch} iteration {iteration}")
             time.sleep(600)
     if not spec:
         return
     e, i, marker = spec.split(":", 2)
     if epoch == int(e) and iteration == int(i) and not Path(marker).exists() and rank == 0:
         Path(marker).write_text("killed\n")
-        _log(f"fault injection: killing this worker at epoch {epoch} iteration {iteration}")
+        say(f"fault injection: killing this worker at epoch {epoch} iteration {iteration}")
         os._exit(1)
 
 
@@ -347,7 +344,7 @@ def _build(cfg: ExperimentConfig, session: TrainSession) -> _Training:
     iters_per_epoch = len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, iters_per_epoch, schedule))
     if rank == 0:
-        _log(
+        say(
             f"{cfg.model.detector}/{cfg.model.backbone} sampler={cfg.model.sampler} "
             f"isr_p={cfg.model.isr_p.enabled} carl={cfg.model.carl.enabled}: {len(train_set)} train / "
             f"{len(val_set)} val images, {world} worker(s) x {cfg.train.images_per_worker} img, "
@@ -389,7 +386,7 @@ def _restore(t: _Training, session: TrainSession, resume_from: str | None) -> in
         t.scaler.load_state_dict(state["scaler"])
     start_epoch, t.iteration = int(state["epoch"]) + 1, int(state["iteration"])
     if t.rank == 0:
-        _log(f"resumed from epoch {start_epoch} (iteration {t.iteration})")
+        say(f"resumed from epoch {start_epoch} (iteration {t.iteration})")
     return start_epoch
 
 
@@ -431,7 +428,7 @@ def _train_epoch(t: _Training, epoch: int, faults: _Faults) -> _EpochStats:
         if rank == 0 and logs_now:
             elapsed = time.perf_counter() - t_epoch
             remaining = (iters_per_epoch - step - 1) + (t.epochs - epoch - 1) * iters_per_epoch
-            _log(
+            say(
                 f"epoch {epoch + 1}/{t.epochs} iter {step + 1}/{iters_per_epoch} "
                 f"loss {stats.sums['loss'] / stats.steps:.4f} lr {t.optimizer.param_groups[0]['lr']:.4g} "
                 f"{stats.images * t.world / elapsed:.1f} img/s eta {_fmt_eta(elapsed / (step + 1) * remaining)}"
@@ -475,7 +472,7 @@ def _report(
     if t.rank != 0:
         session.report(metrics, None)
         return
-    _log(
+    say(
         f"epoch {epoch + 1}/{t.epochs} done: loss {metrics.get('train_loss', float('nan')):.4f} "
         f"bbox_mAP {metrics.get('bbox_mAP', 0.0):.4f} ({metrics['time_train_s']:.1f}s train)"
     )

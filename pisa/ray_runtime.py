@@ -7,6 +7,8 @@ import logging
 import os
 from typing import Any
 
+from .progress import say
+
 DRIVER_RESOURCE = "pisa_trial_driver"
 
 
@@ -63,7 +65,7 @@ def init_ray(
         except Exception as exc:  # Ray gives a local node 30 s to register: a busy machine needs more
             if address is not None or "timed out during startup" not in str(exc) or attempt == 2:
                 raise
-            print("[pisa] the local Ray node was slow to start; trying again", flush=True)
+            say("the local Ray node was slow to start; trying again")
             ray.shutdown()
         finally:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)

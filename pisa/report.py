@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import tracking
+from .progress import say
 
 CONTOUR_PAIRS = [
     ("model.isr_p.k", "model.isr_p.bias"),
@@ -117,7 +118,7 @@ def write_plots(outcome, study, out_dir: Path) -> list[Path]:
             plt.close(ax.figure)
             paths.append(path)
         except Exception as exc:  # too few distinct trials for an importance estimate
-            print(f"[pisa] parameter importances skipped: {exc}", flush=True)
+            say(f"parameter importances skipped: {exc}")
     space = set(study.cfg.search_space)
     for x, y in CONTOUR_PAIRS:
         if {x, y} <= space and len(ostudy.trials) >= 3:
@@ -129,7 +130,7 @@ def write_plots(outcome, study, out_dir: Path) -> list[Path]:
                 plt.close(fig)
                 paths.append(path)
             except Exception as exc:
-                print(f"[pisa] contour {x}/{y} skipped: {exc}", flush=True)
+                say(f"contour {x}/{y} skipped: {exc}")
     return paths
 
 

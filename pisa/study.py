@@ -26,6 +26,7 @@ from . import lineage, storage, tracking
 from .config import ConfigError, flatten
 from .console import StudyConsole
 from .errors import BackboneLoadError, DataError, NonFiniteLossError, StudyError, find_pisa_error, one_line
+from .progress import say
 from .seeds import SEED_PREFIX, seed_key
 from .study_config import Study, load_study
 
@@ -317,10 +318,9 @@ class MlflowStudyLogger(Callback):
         ):
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id not in known and run.info.status == "RUNNING":
-                print(
-                    f"[pisa] removing MLflow run {run.info.run_id} of trial {trial_id}, lost with "
-                    f"the previous driver before it was saved (restarted as a new trial)",
-                    flush=True,
+                say(
+                    f"removing MLflow run {run.info.run_id} of trial {trial_id}, lost with "
+                    f"the previous driver before it was saved (restarted as a new trial)"
                 )
                 c.delete_run(run.info.run_id)
 
@@ -338,7 +338,7 @@ class MlflowStudyLogger(Callback):
             return
         location = storage.location_of(path, self.study.base_config.storage_path)
         if not storage.exists(location):
-            print(f"[pisa] checkpoint {storage.display(location)} is gone; not logged to MLflow", flush=True)
+            say(f"checkpoint {storage.display(location)} is gone; not logged to MLflow")
             return
         with storage.local_copy(location) as ckpt:
             files = [ckpt / CHECKPOINT_FILE, ckpt / "config.json"]
@@ -482,10 +482,9 @@ def concurrent_trials(study: Study) -> int:
         )
     fits = min(cfg.max_concurrent_trials, have // need)
     if fits < cfg.max_concurrent_trials:
-        print(
-            f"[pisa] {fits} trial(s) at a time, not {cfg.max_concurrent_trials}: each trains {cfg.seeds} seeds "
-            f"at once ({need} {kind}s) and the cluster has {have}",
-            flush=True,
+        say(
+            f"{fits} trial(s) at a time, not {cfg.max_concurrent_trials}: each trains {cfg.seeds} seeds "
+            f"at once ({need} {kind}s) and the cluster has {have}"
         )
     return fits
 
@@ -585,7 +584,7 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
     _save_state(study, parent, uri)
     _print_start(study, uri)
     for note in notes:
-        print(f"[pisa] note: {note}", flush=True)
+        say(f"note: {note}")
     tuner = _tuner(study, uri, parent, verbose)
     return _fit_and_finish(study, tuner, uri, parent)
 
@@ -619,10 +618,9 @@ def resume_study(
     tuner = tune.Tuner.restore(
         state["dir"], trainable=trainable, resume_unfinished=True, resume_errored=retry_failed, restart_errored=False
     )
-    print(
-        f"[pisa] resuming study {study.name} from {storage.display(state['dir'])}"
-        + (" (retrying failed trials)" if retry_failed else ""),
-        flush=True,
+    say(
+        f"resuming study {study.name} from {storage.display(state['dir'])}"
+        + (" (retrying failed trials)" if retry_failed else "")
     )
     return _fit_and_finish(study, tuner, uri, state["parent_run_id"])
 
@@ -641,19 +639,18 @@ def _clear_failed_marks(study: Study) -> None:
 
 def _print_start(study: Study, uri: str) -> None:
     cfg = study.cfg
-    print(
-        f"[pisa] study {study.name}: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at a time, "
+    say(
+        f"study {study.name}: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at a time, "
         f"{cfg.scheduler.type} scheduler, metric {cfg.metric} ({cfg.mode})"
         f"{f' = mean over seeds {study.seeds()}' if cfg.seeds > 1 else ''}; "
-        f"searching {', '.join(cfg.search_space)}",
-        flush=True,
+        f"searching {', '.join(cfg.search_space)}"
     )
-    print(f"[pisa] MLflow: {tracking.redact(uri)}", flush=True)
-    print(f"[pisa] storage: {storage.display(study_dir(study))}", flush=True)
+    say(f"MLflow: {tracking.redact(uri)}")
+    say(f"storage: {storage.display(study_dir(study))}")
     url = optuna_url(study, uri)
     if url:
         shown = tracking.redact(url)
-        print(f"[pisa] Optuna: {shown}  (see it with `optuna-dashboard {shown}`)", flush=True)
+        say(f"Optuna: {shown}  (see it with `optuna-dashboard {shown}`)")
 
 
 def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
@@ -672,7 +669,7 @@ def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
     try:
         log_study_report(outcome, study)
     except Exception as exc:  # a plot must never cost the study's results
-        print(f"[pisa] report skipped: {exc}", flush=True)
+        say(f"report skipped: {exc}")
     summarize_parent(uri, parent, outcome)
     if interrupted:
         tracking.set_tags(uri, parent, {"pisa.status": "interrupted"})

@@ -8,7 +8,6 @@ study (logged from the Tune driver: one parent run, one nested child per trial).
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import urllib.error
 import urllib.request
@@ -18,8 +17,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .errors import TrackingError
-
-log = logging.getLogger(__name__)
 
 NESTED_TAG = "mlflow.parentRunId"
 

@@ -8,7 +8,6 @@ run as they arrive (one writer), and the driver logs the final checkpoint and pl
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,9 +19,8 @@ from .accel import process_group_backend
 from .config import ExperimentConfig
 from .engine import CHECKPOINT_FILE, DIAGNOSTICS_FILE, train_loop_per_worker
 from .errors import one_line
+from .progress import say
 from .ray_runtime import init_ray
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -155,7 +153,7 @@ def run_training(
     from .lineage import SystemMetrics, log_datasets
 
     log_datasets(uri, run_id, cfg.data)
-    print(f"[pisa] MLflow run {run_id} in {tracking.redact(uri)}", flush=True)
+    say(f"MLflow run {run_id} in {tracking.redact(uri)}")
     trainer = build_trainer(
         cfg, name=name, callbacks=[_mlflow_callback(uri, run_id)], resume_from=resume_from, faults=faults
     )
@@ -177,7 +175,7 @@ def run_training(
         message = one_line(error)
         tracking.set_tags(uri, run_id, {"pisa.error": message})
         tracking.end_run(uri, run_id, "FAILED")
-        print(f"[pisa] training failed: {message}", flush=True)
+        say(f"training failed: {message}")
         return TrainOutcome(run_id, "FAILED", metrics, checkpoint_dir, message)
     log_final_artifacts(uri, run_id, checkpoint_dir, cfg.tracking.log_checkpoint)
     tracking.end_run(uri, run_id, "FINISHED")

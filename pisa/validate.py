@@ -26,6 +26,7 @@ from typing import Any
 
 from . import tracking
 from .config import ConfigError
+from .progress import say
 from .stats import Paired, Summary, paired, summarize
 from .study_schema import BASELINE, PAPER_DEFAULTS
 
@@ -153,10 +154,9 @@ def validate_study(
         tags={"pisa.kind": "validation", "pisa.study": state["name"], "pisa.study_run_id": state["parent_run_id"]},
     )
     tracking.set_tags(uri, state["parent_run_id"], {"pisa.validation_run_id": run_id})
-    print(
-        f"[pisa] validating study {state['name']}: {len(variants)} variants x seeds {seed_list}, "
-        f"final-epoch {metric}; MLflow run {run_id}",
-        flush=True,
+    say(
+        f"validating study {state['name']}: {len(variants)} variants x seeds {seed_list}, "
+        f"final-epoch {metric}; MLflow run {run_id}"
     )
     results = [VariantResult(v) for v in variants]
     storage = join(study_dir(study), f"validation-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -164,7 +164,7 @@ def validate_study(
     jobs = [(seed, r) for seed in seed_list for r in results]
     init_ray(address)
     parallel = trainings_at_once(study, len(jobs))
-    print(f"[pisa] {len(jobs)} trainings, {parallel} at a time", flush=True)
+    say(f"{len(jobs)} trainings, {parallel} at a time")
     lock = threading.Lock()
     done = 0
 
@@ -200,7 +200,7 @@ def validate_study(
             else:
                 r.failed[seed] = out.error or "no metric"
                 shown = f"failed: {r.failed[seed]}"
-            print(f"[pisa] validation {done}/{len(jobs)}: {r.variant.label}, seed {seed}: {shown}", flush=True)
+            say(f"validation {done}/{len(jobs)}: {r.variant.label}, seed {seed}: {shown}")
 
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="validate") as pool:
         list(pool.map(train, jobs))
@@ -392,5 +392,5 @@ def log_validation(v: Validation) -> None:
         try:
             files.append(write_plot(v, out / "per_seed.png"))
         except Exception as exc:  # a plot must never cost the results
-            print(f"[pisa] validation plot skipped: {exc}", flush=True)
+            say(f"validation plot skipped: {exc}")
         tracking.log_artifacts(v.tracking_uri, v.run_id, files, "validation")
