@@ -234,20 +234,20 @@ def _study_best(args: argparse.Namespace) -> int:
 
     state = load_state(args.name, args.storage_path)
     outcome = outcome_from_state(args.name, args.storage_path)
-    print(format_ranking(outcome, state["metric"]))
+    print(format_ranking(outcome, state.metric))
     best = outcome.best
     if best is None:
         print("no trial has finished yet", file=sys.stderr)
         return 1
-    print(f"best: {best.trial_id} {state['metric']}={best.metric:.4f} run {best.run_id}")
+    print(f"best: {best.trial_id} {state.metric}={best.metric:.4f} run {best.run_id}")
     print(_noise_note(outcome, args.name))
     if args.out:
-        path = write_best(state["tracking_uri"], best.run_id, args.out, state["metric"], best.metric)
+        path = write_best(state.tracking_uri, best.run_id, args.out, state.metric, best.metric)
         print(f"wrote {path}; reproduce it with: pisa reproduce {path}")
     if args.register is not None:
         from .registry import register_run
 
-        _print_registered(register_run(state["tracking_uri"], best.run_id, args.register or state["name"]))
+        _print_registered(register_run(state.tracking_uri, best.run_id, args.register or state.name))
     return 0
 
 
@@ -297,7 +297,7 @@ def _study_report(args: argparse.Namespace) -> int:
     state = load_state(args.name, args.storage_path)
     outcome = outcome_from_state(args.name, args.storage_path)
     names = log_study_report(outcome, study_from_state(state))
-    print(f"logged {', '.join(names)} to MLflow run {state['parent_run_id']}")
+    print(f"logged {', '.join(names)} to MLflow run {state.parent_run_id}")
     return 0
 
 

@@ -18,8 +18,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
 from ray.tune import Callback
 
 from . import lineage, storage, tracking
@@ -383,29 +384,44 @@ def _state_path(study: Study) -> str:
     return storage.join(study_dir(study), STATE_FILE)
 
 
+class StudyState(BaseModel):
+    """A study's bookkeeping, saved beside its trials (`pisa_study.json`): where it logs,
+    what it ranks by, and its resolved definition, so a resume needs neither the study
+    file nor the `--set` items it was started with."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+    study_file: str
+    metric: str
+    mode: Literal["max", "min"]
+    created: float
+    num_samples: int
+    optuna_storage: str | None = None
+    storage_path: str | None = None
+    resolved: dict[str, Any] | None = None  # absent in states of older versions
+    dir: str = Field("", exclude=True)  # where it was found: not saved
+
+
 def _save_state(study: Study, parent_run_id: str, uri: str) -> None:
-    """The study's bookkeeping and its resolved definition (overrides applied), so a resume
-    needs neither the study file nor the `--set` items it was started with."""
-    storage.write_text(
-        _state_path(study),
-        json.dumps(
-            {
-                "name": study.name,
-                "parent_run_id": parent_run_id,
-                "tracking_uri": tracking.public_uri(uri),
-                "experiment": study.base_config.tracking.experiment,
-                "study_file": str(study.source),
-                "metric": study.cfg.metric,
-                "mode": study.cfg.mode,
-                "created": time.time(),
-                "num_samples": study.cfg.num_samples,
-                "optuna_storage": tracking.public_uri(optuna_url(study, uri) or "") or None,
-                "storage_path": study.base_config.storage_path,
-                "resolved": _redacted(study.resolved()),
-            },
-            indent=2,
-        ),
+    state = StudyState(
+        name=study.name,
+        parent_run_id=parent_run_id,
+        tracking_uri=tracking.public_uri(uri),
+        experiment=study.base_config.tracking.experiment,
+        study_file=str(study.source),
+        metric=study.cfg.metric,
+        mode=study.cfg.mode,
+        created=time.time(),
+        num_samples=study.cfg.num_samples,
+        optuna_storage=tracking.public_uri(optuna_url(study, uri) or "") or None,
+        storage_path=study.base_config.storage_path,
+        resolved=_redacted(study.resolved()),
     )
+    storage.write_text(_state_path(study), state.model_dump_json(indent=2))
 
 
 def _redacted(data: Any) -> Any:
@@ -416,13 +432,13 @@ def _redacted(data: Any) -> Any:
     return tracking.public_uri(data) if isinstance(data, str) and "://" in data else data
 
 
-def load_state(name_or_dir: str, storage_path: str | Path = "ray_results") -> dict[str, Any]:
+def load_state(name_or_dir: str, storage_path: str | Path = "ray_results") -> StudyState:
     """The bookkeeping of a study by name (under `storage_path`) or by directory or URI."""
     candidates = [storage.normalize(name_or_dir), storage.join(storage.normalize(storage_path), name_or_dir)]
     for c in candidates:
         if storage.exists(storage.join(c, STATE_FILE)):
-            state = json.loads(storage.read_text(storage.join(c, STATE_FILE)))
-            state["dir"] = c
+            state = StudyState.model_validate_json(storage.read_text(storage.join(c, STATE_FILE)))
+            state.dir = c
             return state
     raise StudyError(
         f"no study {name_or_dir!r}: looked for {STATE_FILE} in " + ", ".join(storage.display(c) for c in candidates)
@@ -436,12 +452,12 @@ def optuna_url(study: Study, uri: str) -> str | None:
     return study.cfg.optuna_storage or default_storage_url(uri, study.base_config.storage_path)
 
 
-def study_from_state(state: dict[str, Any]) -> Study:
+def study_from_state(state: StudyState) -> Study:
     """The study as it was started (overrides included); from its file for older states."""
-    if "resolved" in state:
+    if state.resolved is not None:
         # the store it started with, not today's default
-        return Study.from_resolved(state["resolved"]).with_tracking_uri(state["tracking_uri"])
-    return load_study(state["study_file"])
+        return Study.from_resolved(state.resolved).with_tracking_uri(state.tracking_uri)
+    return load_study(state.study_file)
 
 
 def trial_resources(study: Study) -> dict[str, float]:
@@ -607,22 +623,22 @@ def resume_study(
 
     state = load_state(name, storage_path)
     study = study_from_state(state)
-    uri = state["tracking_uri"]
-    check_cluster_setup(address, uri, study.base_config.storage_path, storage.display(state["dir"]))
+    uri = state.tracking_uri
+    check_cluster_setup(address, uri, study.base_config.storage_path, storage.display(state.dir))
     tracking.check_reachable(uri)
     init_ray(address, verbose=verbose, dashboard=not trains_in_trial(study))
     if retry_failed:  # their errors may have been fixed (data, a node); let them run again
         _clear_failed_marks(study)
-    tracking.client(uri).update_run(state["parent_run_id"], status="RUNNING")
+    tracking.client(uri).update_run(state.parent_run_id, status="RUNNING")
     trainable = _trainable(study)
     tuner = tune.Tuner.restore(
-        state["dir"], trainable=trainable, resume_unfinished=True, resume_errored=retry_failed, restart_errored=False
+        state.dir, trainable=trainable, resume_unfinished=True, resume_errored=retry_failed, restart_errored=False
     )
     say(
-        f"resuming study {study.name} from {storage.display(state['dir'])}"
+        f"resuming study {study.name} from {storage.display(state.dir)}"
         + (" (retrying failed trials)" if retry_failed else "")
     )
-    return _fit_and_finish(study, tuner, uri, state["parent_run_id"])
+    return _fit_and_finish(study, tuner, uri, state.parent_run_id)
 
 
 def _clear_failed_marks(study: Study) -> None:
@@ -796,10 +812,10 @@ def collect(name: str, uri: str, experiment: str, parent: str, metric: str, mode
 def outcome_from_state(name: str, storage_path: str | Path = "ray_results") -> StudyOutcome:
     state = load_state(name, storage_path)
     return collect(
-        state["name"],
-        state["tracking_uri"],
-        state["experiment"],
-        state["parent_run_id"],
-        state["metric"],
-        state["mode"],
+        state.name,
+        state.tracking_uri,
+        state.experiment,
+        state.parent_run_id,
+        state.metric,
+        state.mode,
     )

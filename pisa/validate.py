@@ -138,24 +138,24 @@ def validate_study(
     outcome = outcome_from_state(name, storage_path)
     variants = plan(study, outcome, top)
     seed_list = validation_seeds(study, seeds, first_seed)
-    uri, metric, mode = state["tracking_uri"], state["metric"], state["mode"]
+    uri, metric, mode = state.tracking_uri, state.metric, state.mode
     tracking.check_reachable(uri)
 
     run_id = tracking.start_run(
         uri,
-        state["experiment"],
-        f"validate {state['name']}",
+        state.experiment,
+        f"validate {state.name}",
         params={
             "top": top,
             "seeds": json.dumps(seed_list),
             "metric": metric,
             "variants": json.dumps([v.label for v in variants]),
         },
-        tags={"pisa.kind": "validation", "pisa.study": state["name"], "pisa.study_run_id": state["parent_run_id"]},
+        tags={"pisa.kind": "validation", "pisa.study": state.name, "pisa.study_run_id": state.parent_run_id},
     )
-    tracking.set_tags(uri, state["parent_run_id"], {"pisa.validation_run_id": run_id})
+    tracking.set_tags(uri, state.parent_run_id, {"pisa.validation_run_id": run_id})
     say(
-        f"validating study {state['name']}: {len(variants)} variants x seeds {seed_list}, "
+        f"validating study {state.name}: {len(variants)} variants x seeds {seed_list}, "
         f"final-epoch {metric}; MLflow run {run_id}"
     )
     results = [VariantResult(v) for v in variants]
@@ -186,7 +186,7 @@ def validate_study(
             tags={
                 tracking.NESTED_TAG: run_id,
                 "pisa.kind": "validation_training",
-                "pisa.study": state["name"],
+                "pisa.study": state.name,
                 "pisa.variant": r.variant.label,
                 "pisa.seed": str(seed),
             },
@@ -205,7 +205,7 @@ def validate_study(
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="validate") as pool:
         list(pool.map(train, jobs))
     compare(results, mode)
-    validation = Validation(state["name"], metric, mode, seed_list, results, run_id, uri)
+    validation = Validation(state.name, metric, mode, seed_list, results, run_id, uri)
     log_validation(validation)
     tracking.end_run(uri, run_id, "FINISHED" if validation.ok else "FAILED")
     return validation

@@ -110,10 +110,10 @@ def test_validate_compares_with_intervals_and_logs_a_linked_run(seeded_study):
     assert "paired diff vs baseline" in res.stdout and "baseline" in res.stdout
     uri = outcome.tracking_uri
     state = load_state("seeded", tmp / "ray_results")
-    parent = tracking.client(uri).get_run(state["parent_run_id"])
+    parent = tracking.client(uri).get_run(state.parent_run_id)
     vid = parent.data.tags["pisa.validation_run_id"]
     vrun = tracking.client(uri).get_run(vid)
-    assert vrun.data.tags["pisa.study_run_id"] == state["parent_run_id"] and vrun.info.status == "FINISHED"
+    assert vrun.data.tags["pisa.study_run_id"] == state.parent_run_id and vrun.info.status == "FINISHED"
     arts = {a.path for a in tracking.client(uri).list_artifacts(vid, "validation")}
     assert {
         "validation/validation.txt",

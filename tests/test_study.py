@@ -75,10 +75,10 @@ def test_asha_ranks_and_best_reproduces_exactly(sqlite_study, tmp_path):
     study, outcome = sqlite_study
     finished = [t for t in outcome.trials if t.status == "finished"]
     assert finished, "ASHA let no trial finish"
-    state = load_state(study.name, study.base["storage_path"])
+    state = load_state(study.name, study.base_config.storage_path)
     out = tmp_path / "best.yaml"
     cli = subprocess.run(
-        PISA + ["study", "best", state["dir"], "--out", str(out)],
+        PISA + ["study", "best", state.dir, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -330,7 +330,7 @@ def test_optuna_storage_holds_the_trials_with_asha_stopped_ones_pruned(sqlite_st
 
     study, outcome = sqlite_study
     url = f"sqlite:///{Path(outcome.tracking_uri[len('sqlite:///') :]).parent / 'optuna.db'}"
-    assert load_state(study.name, study.base["storage_path"])["optuna_storage"] == url
+    assert load_state(study.name, study.base_config.storage_path).optuna_storage == url
     stored = optuna.load_study(study_name=study.name, storage=url).trials
     assert len(stored) == 4
     stopped = [t for t in outcome.trials if t.status == "stopped_early"]
@@ -411,5 +411,5 @@ def test_study_whose_trials_all_fail_exits_nonzero_with_the_common_error(ray_loc
     err = capsys.readouterr().err
     assert "all 2 trials of study doomed failed" in err and "non-finite loss" in err
     state = load_state("doomed", tmp_path / "ray_results")
-    parent = tracking.client(state["tracking_uri"]).get_run(state["parent_run_id"])
+    parent = tracking.client(state.tracking_uri).get_run(state.parent_run_id)
     assert parent.info.status == "FAILED" and "non-finite loss" in parent.data.tags["pisa.error"]
