@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,17 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from pisa.ray_runtime import free_port  # the product's: outside Ray's worker port range
+
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    """A free port outside Ray's worker port range (10002-19999)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not 10002 <= port <= 19999:
-            return port
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
