@@ -38,16 +38,23 @@ BASELINE: dict[str, Any] = {
 # study checks before it starts, and which values it can produce.
 
 
-class Uniform(StrictModel):
-    type: Literal["uniform"]
-    low: float
-    high: float
+class _Range(StrictModel):
+    """A numeric range: `low` < `high` (the subclasses declare their types)."""
+
+    low: Any
+    high: Any
 
     @model_validator(mode="after")
     def _order(self):
         if not self.low < self.high:
             raise ValueError(f"low ({self.low}) must be < high ({self.high})")
         return self
+
+
+class Uniform(_Range):
+    type: Literal["uniform"]
+    low: float
+    high: float
 
     def tune_domain(self) -> Any:
         from ray import tune
@@ -96,16 +103,10 @@ class LogUniform(Uniform):
         return [self.low, math.sqrt(self.low * self.high), self.high]
 
 
-class IntRange(StrictModel):
+class IntRange(_Range):
     type: Literal["int"]
     low: int
     high: int
-
-    @model_validator(mode="after")
-    def _order(self):
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
-        return self
 
     def tune_domain(self) -> Any:
         from ray import tune
