@@ -4,6 +4,7 @@ its basic-auth app, and a two-node Ray cluster (`ray start` head + node)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -277,5 +278,11 @@ def _wait_nodes(cluster: RayCluster, env: dict[str, str], n: int, proc, log: Pat
 
 
 def stop_ray_cluster(cluster: RayCluster) -> None:
-    for proc in reversed(cluster.processes):  # the node first, then the head
+    """Stops the node, then the head, and deletes their temp dirs (session logs and spilled
+    objects, hundreds of MB per cluster) so a suite run leaves nothing under /tmp."""
+    for proc in reversed(cluster.processes):
         stop_group(proc, grace=30)
+    for temp_dir in cluster.temp_dirs:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the short root, once its last attempt's dirs are gone
+        cluster.temp_dirs[0].parent.rmdir()
