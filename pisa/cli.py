@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     val.add_argument("--storage-path", default="ray_results")
     val.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+    val.add_argument("-v", "--verbose", action="store_true", help="show the trainings' and Ray's output")
     val.set_defaults(func=_study_validate)
     report = study.add_parser("report", help="(re)make the study's plots and tables in MLflow")
     report.add_argument("name")
@@ -284,6 +285,7 @@ def _study_validate(args: argparse.Namespace) -> int:
         storage_path=args.storage_path,
         first_seed=args.first_seed,
         address=args.address,
+        verbose=args.verbose,
     )
     print(format_validation(result))
     print(f"logged to MLflow run {result.run_id} ({result.tracking_uri})")

@@ -139,10 +139,10 @@ class StudyConsole(Callback):
         self._progress(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from .study import _trial_error
+        from .study import trial_error
 
         self.outcomes[trial.trial_id] = "failed"
-        say(f"{self._label(trial)} failed after epoch {self.epochs.get(trial.trial_id, 0)}: {_trial_error(trial)}")
+        say(f"{self._label(trial)} failed after epoch {self.epochs.get(trial.trial_id, 0)}: {trial_error(trial)}")
         self._progress(trials)
 
     def on_step_end(self, iteration, trials, **info):

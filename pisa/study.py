@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.tune import Callback
 
 from . import lineage, storage, tracking
-from .config import ConfigError, flatten
+from .config import ConfigError, ExperimentConfig, flatten
 from .console import StudyConsole
 from .errors import BackboneLoadError, DataError, NonFiniteLossError, StudyError, find_pisa_error, one_line
 from .progress import say
@@ -119,10 +119,40 @@ def trial_params(study: Study, config: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the trainable
 
 
-def trains_in_trial(study: Study) -> bool:
-    """Whether the study's trials train in the Tune trial's own process (1 worker, 1 seed each;
-    a point with several seeds drives one Ray Train run per seed)."""
-    return study.cfg.trial_process == "auto" and study.cfg.resources_per_trial.workers == 1 and study.cfg.seeds == 1
+def trains_in_trial(study: Study, seeds: int | None = None) -> bool:
+    """Whether a trial of `seeds` seeds (default: the study's) trains in the Tune trial's own
+    process: 1 worker and 1 seed; a point with several seeds drives one Ray Train run per seed."""
+    seeds = study.cfg.seeds if seeds is None else seeds
+    return study.cfg.trial_process == "auto" and study.cfg.resources_per_trial.workers == 1 and seeds == 1
+
+
+def fit_in_trial(
+    exp: ExperimentConfig,
+    *,
+    name: str,
+    in_trial: bool,
+    checkpoint_score: tuple[str, str],
+    faults: dict[str, Any] | None = None,
+) -> None:
+    """Train one config inside a Tune trial, reporting every epoch to Tune: in the trial's own
+    process (1 worker; a restarted trial resumes from its latest Tune checkpoint), or as a
+    `TorchTrainer` named `name` (a restart resumes from that run's latest checkpoint)."""
+    if in_trial:
+        from .engine import run_worker
+        from .session import TuneTrialSession
+
+        run_worker(
+            {"experiment": exp.model_dump(mode="json"), "faults": faults or {}}, TuneTrialSession(exp.train.use_gpu)
+        )
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train import build_trainer
+
+    trainer = build_trainer(
+        exp, name=name, callbacks=[TuneReportCallback()], faults=faults, checkpoint_score=checkpoint_score
+    )
+    trainer.fit()
 
 
 def run_trial(config: dict[str, Any], study: Study) -> None:
@@ -143,28 +173,13 @@ def run_trial(config: dict[str, Any], study: Study) -> None:
         return
     faults = json.loads(os.environ.get(FAULTS_ENV) or "null")
     try:
-        if trains_in_trial(study):
-            from .engine import run_worker
-            from .session import TuneTrialSession
-
-            # a restarted trial resumes from its latest Tune checkpoint (the session's)
-            run_worker(
-                {"experiment": exp.model_dump(mode="json"), "faults": faults or {}}, TuneTrialSession(exp.train.use_gpu)
-            )
-        else:
-            from ray.tune.integration.ray_train import TuneReportCallback
-
-            from .train import build_trainer
-
-            # same name on a restart: Ray Train resumes from this trial's latest checkpoint
-            trainer = build_trainer(
-                exp,
-                name=trial_id,
-                callbacks=[TuneReportCallback()],
-                faults=faults,
-                checkpoint_score=(study.cfg.metric, study.cfg.mode),
-            )
-            trainer.fit()
+        fit_in_trial(
+            exp,
+            name=trial_id,
+            in_trial=trains_in_trial(study),
+            checkpoint_score=(study.cfg.metric, study.cfg.mode),
+            faults=faults,
+        )
     except Exception as exc:
         if isinstance(find_pisa_error(exc), DETERMINISTIC_ERRORS):
             storage.write_text(mark, one_line(exc))
@@ -243,12 +258,7 @@ class MlflowStudyLogger(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        metrics = {
-            k: v
-            for k, v in result.items()
-            if k in _REPORTED or k.startswith(("bbox_", "segm_", "train_", "pisa_", SEED_PREFIX))
-        }
-        tracking.log_metrics(self.uri, run_id, metrics, step=epoch)
+        tracking.log_metrics(self.uri, run_id, epoch_metrics(result), step=epoch)
         self.last[trial.trial_id] = dict(result)
         value = result.get(self.study.cfg.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
@@ -327,7 +337,7 @@ class MlflowStudyLogger(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
-        message = _trial_error(trial)
+        message = trial_error(trial)
         tracking.set_tags(self.uri, run_id, {"pisa.status": "failed", "pisa.error": message})
         self._stop_system_metrics(trial.trial_id)
         tracking.end_run(self.uri, run_id, "FAILED")
@@ -350,11 +360,20 @@ class MlflowStudyLogger(Callback):
 _REPORTED = {"epoch", "iteration", "lr", "images_per_sec", "time_train_s", "time_eval_s"}
 
 
+def epoch_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """The training's own metrics in a Tune result (not Tune's timers and counters)."""
+    return {
+        k: v
+        for k, v in result.items()
+        if k in _REPORTED or k.startswith(("bbox_", "segm_", "train_", "pisa_", SEED_PREFIX))
+    }
+
+
 def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _trial_error(trial) -> str:
+def trial_error(trial) -> str:
     """One line on why a trial failed, from the exception Tune pickled for it."""
     from .errors import one_line
 
@@ -460,9 +479,9 @@ def study_from_state(state: StudyState) -> Study:
     return load_study(state.study_file)
 
 
-def trial_resources(study: Study) -> dict[str, float]:
+def trial_resources(study: Study, in_trial: bool | None = None) -> dict[str, float]:
     """A trial that trains in its own process holds its worker's CPUs (and GPU) itself."""
-    if not trains_in_trial(study):
+    if not (trains_in_trial(study) if in_trial is None else in_trial):
         return trial_driver_resources()
     res = study.cfg.resources_per_trial
     return {

@@ -17,9 +17,7 @@ import csv
 import json
 import re
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from .config import ConfigError
 from .progress import say
 from .stats import Paired, Summary, paired, summarize
 from .study_schema import BASELINE, PAPER_DEFAULTS
+from .training_grid import GridTraining
 
 
 @dataclass
@@ -122,12 +121,16 @@ def validate_study(
     storage_path: str | Path = "ray_results",
     first_seed: int | None = None,
     address: str | None = None,
+    verbose: bool = False,
 ) -> Validation:
-    """Train every variant on every seed (seed by seed), log and return the comparison."""
-    from .ray_runtime import init_ray
+    """Train every variant on every seed (seed by seed), log and return the comparison.
+    `verbose` shows the trainings' own output (otherwise in each trial's directory)."""
+    from .cluster import check_cluster_setup
+    from .ray_runtime import init_ray, quiet_libraries
     from .storage import join
-    from .study import load_state, outcome_from_state, study_dir, study_from_state
-    from .train import run_training
+    from .study import load_state, outcome_from_state, study_dir, study_from_state, trains_in_trial, trial_resources
+    from .train import prepare_data
+    from .training_grid import train_grid
 
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be at least 1 (2 or more for an interval)")
@@ -139,7 +142,10 @@ def validate_study(
     variants = plan(study, outcome, top)
     seed_list = validation_seeds(study, seeds, first_seed)
     uri, metric, mode = state.tracking_uri, state.metric, state.mode
+    check_cluster_setup(address, uri, study.base_config.storage_path, "study")
     tracking.check_reachable(uri)
+    if not verbose:
+        quiet_libraries()
 
     run_id = tracking.start_run(
         uri,
@@ -159,56 +165,59 @@ def validate_study(
         f"final-epoch {metric}; MLflow run {run_id}"
     )
     results = [VariantResult(v) for v in variants]
-    storage = join(study_dir(study), f"validation-{time.strftime('%Y%m%d-%H%M%S')}")
     # seed-major: a validation cut short leaves complete pairs
     jobs = [(seed, r) for seed in seed_list for r in results]
-    init_ray(address)
+    name = f"validation-{time.strftime('%Y%m%d-%H%M%S')}"
+    trainings_dir = join(study_dir(study), name, "trainings")  # where multi-worker trainings checkpoint
+    trainings = [_training(study, r.variant, seed, uri, state.name, trainings_dir) for seed, r in jobs]
+    num_classes = prepare_data(study.base_config)
+    in_trial = trains_in_trial(study, seeds=1)
+    init_ray(address, verbose=verbose, dashboard=not in_trial)
     parallel = trainings_at_once(study, len(jobs))
     say(f"{len(jobs)} trainings, {parallel} at a time")
-    lock = threading.Lock()
-    done = 0
-
-    def train(job: tuple[int, VariantResult]) -> None:
-        nonlocal done
-        seed, r = job
-        exp = study.experiment(r.variant.params)
-        exp = exp.model_copy(
-            update={
-                "train": exp.train.model_copy(update={"seed": seed}),
-                "storage_path": storage,
-                "tracking": exp.tracking.model_copy(update={"uri": uri}),
-            }
-        )
-        out = run_training(
-            exp,
-            address=address,
-            run_name=f"{_slug(r.variant.label)} seed {seed}",
-            tags={
-                tracking.NESTED_TAG: run_id,
-                "pisa.kind": "validation_training",
-                "pisa.study": state.name,
-                "pisa.variant": r.variant.label,
-                "pisa.seed": str(seed),
-            },
-        )
+    outcomes = train_grid(
+        trainings,
+        uri=uri,
+        parent_run_id=run_id,
+        storage_path=study_dir(study),
+        name=name,
+        in_trial=in_trial,
+        resources=trial_resources(study, in_trial=in_trial),
+        concurrent=parallel,
+        max_failures=study.cfg.max_failures,
+        score=(metric, mode),
+        num_classes=num_classes,
+    )
+    for (seed, r), out in zip(jobs, outcomes):
         value = out.metrics.get(metric)
-        with lock:
-            done += 1
-            if out.status == "FINISHED" and isinstance(value, (int, float)):
-                r.values[seed], r.run_ids[seed] = float(value), out.run_id
-                shown = f"{metric} {float(value):.4f}"
-            else:
-                r.failed[seed] = out.error or "no metric"
-                shown = f"failed: {r.failed[seed]}"
-            say(f"validation {done}/{len(jobs)}: {r.variant.label}, seed {seed}: {shown}")
-
-    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="validate") as pool:
-        list(pool.map(train, jobs))
+        if out.status == "FINISHED" and isinstance(value, (int, float)):
+            r.values[seed], r.run_ids[seed] = float(value), out.run_id
+        else:
+            r.failed[seed] = out.error or "no metric"
     compare(results, mode)
     validation = Validation(state.name, metric, mode, seed_list, results, run_id, uri)
     log_validation(validation)
     tracking.end_run(uri, run_id, "FINISHED" if validation.ok else "FAILED")
     return validation
+
+
+def _training(study, variant: Variant, seed: int, uri: str, study_name: str, storage_path: str) -> GridTraining:
+    """The study's base config with the variant's params and the seed, tracked in `uri`."""
+    exp = study.experiment(variant.params)
+    exp = exp.model_copy(
+        update={
+            "train": exp.train.model_copy(update={"seed": seed}),
+            "tracking": exp.tracking.model_copy(update={"uri": uri}),
+            "storage_path": storage_path,
+        }
+    )
+    tags = {
+        "pisa.kind": "validation_training",
+        "pisa.study": study_name,
+        "pisa.variant": variant.label,
+        "pisa.seed": str(seed),
+    }
+    return GridTraining(exp, f"{_slug(variant.label)} seed {seed}", tags)
 
 
 def trainings_at_once(study, jobs: int) -> int:

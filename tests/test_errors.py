@@ -108,7 +108,7 @@ def test_a_failed_tune_trial_is_explained_by_its_pisa_error(ray_local, tmp_path)
     """The study's MLflow callback reads a failed trial's error as Tune pickled it."""
     from ray import tune
 
-    from pisa.study import _trial_error
+    from pisa.study import trial_error
 
     messages: list[str] = []
 
@@ -117,7 +117,7 @@ def test_a_failed_tune_trial_is_explained_by_its_pisa_error(ray_local, tmp_path)
 
     class Grab(tune.Callback):
         def on_trial_error(self, iteration, trials, trial, **info):
-            messages.append(_trial_error(trial))
+            messages.append(trial_error(trial))
 
     trainable = tune.with_resources(fails_in_a_worker, {"CPU": 0.01})
     tune.Tuner(trainable, run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=[Grab()], verbose=0)).fit()

@@ -1,0 +1,218 @@
+"""A list of independent trainings (a variant x seed grid) run as one Ray Tune run.
+
+`pisa study validate` trains every variant on every seed. Each training is a Tune trial of
+the study's trainable path (`pisa.study.fit_in_trial`): a 1-worker study's trainings train
+in the trial's own process and Tune reuses the trial actors, so a training starts in
+seconds instead of paying a Ray Train controller, worker group and process group each; a
+multi-worker study's trainings run as `TorchTrainer`s as its trials did. Tune also brings
+what the trials have: as many side by side as the cluster fits, restarts from the last
+checkpoint after a lost worker (`max_failures`), and each trial's log in its directory.
+
+Each training gets its own MLflow run, nested under `parent_run_id`, written from the
+driver only (a Tune callback): params and config, per-epoch metrics, system metrics, then
+the final checkpoint's plots (and the checkpoint, if the config logs it) and its status.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune import Callback
+
+from . import lineage, tracking
+from .config import ExperimentConfig
+from .errors import one_line
+from .progress import say
+from .seeds import CHECKPOINT_PATH_KEY
+
+JOB_TAG = "pisa.grid_job"  # a training's index in the grid, on its MLflow run
+
+
+@dataclass
+class GridTraining:
+    """One training of the grid: its config (seed included), MLflow run name and tags."""
+
+    experiment: ExperimentConfig
+    run_name: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class GridOutcome:
+    """What one training ended with: its MLflow run, status and final-epoch metrics."""
+
+    run_id: str | None
+    status: str  # FINISHED | FAILED
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _train_one(config: dict[str, Any], experiments: list[dict[str, Any]], in_trial: bool, score: tuple[str, str]):
+    """Tune function trainable: the grid's training number `config["job"]`."""
+    from ray import tune
+
+    from .study import fit_in_trial
+
+    exp = ExperimentConfig.model_validate(experiments[config["job"]])
+    fit_in_trial(exp, name=tune.get_context().get_trial_id(), in_trial=in_trial, checkpoint_score=score)
+
+
+class GridLogger(Callback):
+    """Tune callback on the driver: one MLflow run per training, nested under the parent."""
+
+    def __init__(self, uri: str, parent_run_id: str, trainings: list[GridTraining], num_classes: int, metric: str):
+        self.uri = uri
+        self.parent_run_id = parent_run_id
+        self.trainings = trainings
+        self.num_classes = num_classes
+        self.metric = metric
+        self.run_ids: dict[int, str] = {}
+        self.last: dict[int, dict[str, Any]] = {}
+        self.monitors: dict[int, lineage.SystemMetrics] = {}
+        self.done = 0
+
+    def run_id(self, job: int) -> str:
+        if job not in self.run_ids:
+            t = self.trainings[job]
+            params = t.experiment.flat_params()
+            params["data.num_classes"] = self.num_classes
+            run_id = tracking.start_run(
+                self.uri,
+                t.experiment.tracking.experiment,
+                t.run_name,
+                params=params,
+                tags={**t.tags, JOB_TAG: str(job)},
+                parent_run_id=self.parent_run_id,
+            )
+            tracking.log_text(self.uri, run_id, t.experiment.to_yaml(), "config.yaml")
+            lineage.log_datasets(self.uri, run_id, t.experiment.data)
+            self.run_ids[job] = run_id
+        return self.run_ids[job]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        job = trial.config["job"]
+        resumed = job in self.run_ids
+        run_id = self.run_id(job)
+        tracking.client(self.uri).update_run(run_id, status="RUNNING")
+        self._stop_monitor(job)
+        interval = float(self.trainings[job].experiment.tracking.system_metrics_interval_s or 0)
+        self.monitors[job] = lineage.SystemMetrics(self.uri, run_id, interval, resume=resumed)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from .study import epoch_metrics
+
+        job = trial.config["job"]
+        tracking.log_metrics(self.uri, self.run_id(job), epoch_metrics(result), step=int(result.get("epoch", 0)))
+        self.last[job] = dict(result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finished(trial, None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        from .study import trial_error
+
+        self._finished(trial, trial_error(trial))
+
+    def _finished(self, trial, error: str | None) -> None:
+        job = trial.config["job"]
+        self._stop_monitor(job)
+        self.done += 1
+        t = self.trainings[job]
+        if error is not None:
+            shown = f"failed: {error}"
+        else:
+            value = self.last.get(job, {}).get(self.metric)
+            shown = f"{self.metric} {value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "done"
+        say(f"training {self.done}/{len(self.trainings)}: {t.run_name}: {shown}")
+
+    def _stop_monitor(self, job: int) -> None:
+        monitor = self.monitors.pop(job, None)
+        if monitor is not None:
+            monitor.stop()
+
+    def on_experiment_end(self, trials, **info):
+        for job in list(self.monitors):
+            self._stop_monitor(job)
+
+
+def train_grid(
+    trainings: list[GridTraining],
+    *,
+    uri: str,
+    parent_run_id: str,
+    storage_path: str,
+    name: str,
+    in_trial: bool,
+    resources: dict[str, float],
+    concurrent: int,
+    max_failures: int,
+    score: tuple[str, str],
+    num_classes: int,
+) -> list[GridOutcome]:
+    """Train every config of `trainings` (in order, `concurrent` at a time) as the trials of
+    one Tune run under `storage_path/name`; their outcomes, in the same order."""
+    from ray import tune
+
+    from .storage import location_of
+    from .train import log_final_artifacts
+
+    experiments = [t.experiment.model_dump(mode="json") for t in trainings]
+    dir_names = [re.sub(r"[^A-Za-z0-9_.\-]+", "_", t.run_name).strip("_") for t in trainings]
+    logger = GridLogger(tracking.public_uri(uri), parent_run_id, trainings, num_classes, score[0])
+    trainable = tune.with_resources(
+        tune.with_parameters(_train_one, experiments=experiments, in_trial=in_trial, score=score), resources
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"job": tune.grid_search(list(range(len(trainings))))},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=concurrent,
+            reuse_actors=in_trial,  # a reused actor has torch imported and the data cached
+            trial_dirname_creator=lambda trial: f"{trial.trial_id}-{dir_names[trial.config['job']]}",
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=[logger],
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=trainings[0].experiment.train.keep_checkpoints if trainings else None,
+                checkpoint_score_attribute=score[0],
+                checkpoint_score_order=score[1],
+            ),
+            log_to_file=True,
+            verbose=0,
+        ),
+    )
+    results = tuner.fit()
+    # the runs by their job tag: through Ray Client the logger ran on the cluster, not here
+    run_ids = {
+        int(run.data.tags[JOB_TAG]): run.info.run_id
+        for run in tracking.find_runs(
+            uri, trainings[0].experiment.tracking.experiment, f"tags.`{tracking.NESTED_TAG}` = '{parent_run_id}'"
+        )
+        if JOB_TAG in run.data.tags
+    }
+    outcomes = [GridOutcome(None, "FAILED", error="not run") for _ in trainings]
+    for i in range(len(results)):
+        result = results[i]
+        job = int((result.config or {})["job"])
+        exp, run_id = trainings[job].experiment, run_ids.get(job)
+        metrics = dict(result.metrics or {})
+        if result.error is not None or run_id is None:
+            message = one_line(result.error, "never started")
+            if run_id is not None:
+                tracking.set_tags(uri, run_id, {"pisa.error": message})
+                tracking.end_run(uri, run_id, "FAILED")
+            outcomes[job] = GridOutcome(run_id, "FAILED", metrics, message)
+            continue
+        # in its own process a training reports checkpoints to Tune; a TorchTrainer, their path
+        path = result.checkpoint.path if result.checkpoint else metrics.get(CHECKPOINT_PATH_KEY)
+        checkpoint = location_of(path, exp.storage_path) if path else None
+        log_final_artifacts(uri, run_id, checkpoint, exp.tracking.log_checkpoint)
+        tracking.end_run(uri, run_id, "FINISHED")
+        outcomes[job] = GridOutcome(run_id, "FINISHED", metrics)
+    return outcomes
