@@ -263,11 +263,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- the loop
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; `config["experiment"]` is an `ExperimentConfig` dump."""
+def train_loop_per_worker(config: dict[str, Any]) -> str | None:
+    """Ray Train entry point; `config["experiment"]` is an `ExperimentConfig` dump. Returns
+    the error the training stopped on without a restart (`Result.return_value`), if any."""
     from .session import RayTrainSession
 
-    run_worker(config, RayTrainSession())
+    return run_worker(config, RayTrainSession())
 
 
 @dataclass
@@ -294,6 +295,7 @@ class _Faults:
     """Faults a test injects (`config["faults"]`): a NaN loss, a killed or stalled worker."""
 
     nan_at: int | None = None
+    nan_log: str | None = None  # a file each worker appends a line to when it injects the NaN
     kill_at: str | None = None
     stall_at: str | None = None
 
@@ -307,15 +309,44 @@ class _EpochStats:
     diagnostics: dict[str, list[torch.Tensor]]
 
 
-def run_worker(config: dict[str, Any], session: TrainSession) -> None:
-    """One worker's training: on a Ray Train worker or in a Tune trial's own process."""
+def run_worker(config: dict[str, Any], session: TrainSession) -> str | None:
+    """One worker's training: on a Ray Train worker or in a Tune trial's own process.
+
+    A non-finite loss is deterministic: a restart from the last checkpoint would diverge at
+    the same step again. Every worker sees it at the same step (`_all_finite`) and the
+    session ends the training without a restart (`TrainSession.stop_on`): a Ray Train
+    worker returns its message, which Ray Train would otherwise retry as a failure."""
     t = _build(ExperimentConfig.model_validate(config["experiment"]), session)
     start_epoch = _restore(t, session, config.get("resume_from"))
     faults = _Faults(**(config.get("faults") or {}))
-    for epoch in range(start_epoch, t.epochs):
-        stats = _train_epoch(t, epoch, faults)
-        metrics = _evaluate_epoch(t, epoch, stats)
-        _report(t, session, epoch, metrics, stats.diagnostics)
+    try:
+        for epoch in range(start_epoch, t.epochs):
+            stats = _train_epoch(t, epoch, faults)
+            metrics = _evaluate_epoch(t, epoch, stats)
+            _report(t, session, epoch, metrics, stats.diagnostics)
+    except NonFiniteLossError as exc:
+        session.stop_on(exc)
+        return str(exc)
+    return None
+
+
+def stopped_on(result: Any) -> NonFiniteLossError | None:
+    """The error a Ray Train run ended on without a restart (its return value), if any."""
+    message = getattr(result, "return_value", None)
+    return NonFiniteLossError(message) if isinstance(message, str) else None
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every worker, so that all stop at the same step (a
+    worker left behind would wait in the gradients' all-reduce)."""
+    import torch.distributed as dist
+
+    finite = bool(torch.isfinite(loss))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([1.0 if finite else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+    return finite
 
 
 def _build(cfg: ExperimentConfig, session: TrainSession) -> _Training:
@@ -406,12 +437,15 @@ def _train_epoch(t: _Training, epoch: int, faults: _Faults) -> _EpochStats:
         loss = sum(losses.values())
         if faults.nan_at is not None and t.iteration == int(faults.nan_at):
             loss = loss * float("nan")
-        if not torch.isfinite(loss):
+            if faults.nan_log:
+                with open(faults.nan_log, "a") as log:
+                    log.write(f"rank {t.rank}\n")
+        if not _all_finite(loss):
             detail = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            where = f"total={float(loss)} ({detail})" if not torch.isfinite(loss) else "on another worker"
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {epoch + 1} iteration {step + 1} "
-                f"(global {t.iteration}): total={float(loss)} ({detail}); lower the LR "
-                f"(train.lr) or enable train.grad_clip"
+                f"(global {t.iteration}): {where}; lower the LR (train.lr) or enable train.grad_clip"
             )
         optimizer_step(loss, t.model, t.optimizer, t.scaler, cfg.train.grad_clip)
         t.scheduler.step()

@@ -73,7 +73,8 @@ def find_pisa_error(exc: BaseException | None) -> PisaError | None:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, PisaError):
+        cause = getattr(current, "cause", None)  # Ray's RayTaskError(X) is an X too: X itself
+        if isinstance(current, PisaError) and not isinstance(cause, PisaError):
             return current
         queue.extend(_linked(current))
     return None

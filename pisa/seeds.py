@@ -72,6 +72,7 @@ def fit_seeds(exp, name: str, seeds: list[int], metric: str) -> None:
     from ray import tune
     from ray.util.queue import Empty, Queue
 
+    from .engine import stopped_on
     from .errors import one_line
     from .train import build_trainer
 
@@ -83,8 +84,9 @@ def fit_seeds(exp, name: str, seeds: list[int], metric: str) -> None:
         cfg = exp.model_copy(update={"train": exp.train.model_copy(update={"seed": seed})})
         try:
             result = build_trainer(cfg, name=f"{name}-seed{seed}", callbacks=[_seed_callback(queue, seed)]).fit()
-            if getattr(result, "error", None) is not None:
-                errors[seed] = one_line(result.error)
+            error = getattr(result, "error", None) or stopped_on(result)
+            if error is not None:
+                errors[seed] = one_line(error)
         except Exception as exc:  # TrainingFailedError and friends
             errors[seed] = one_line(exc)
         finally:

@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .errors import NonFiniteLossError
+
 
 class TrainSession(Protocol):
     """What the training loop needs from the process that runs it."""
@@ -40,6 +42,10 @@ class TrainSession(Protocol):
 
     def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         """The directory of the checkpoint to continue from after a restart, if any."""
+        ...
+
+    def stop_on(self, error: NonFiniteLossError) -> None:
+        """End the training on a deterministic error, without a restart."""
         ...
 
 
@@ -84,6 +90,11 @@ class RayTrainSession:
 
         return _checkpoint_dir(ray.train.get_checkpoint())
 
+    def stop_on(self, error: NonFiniteLossError) -> None:
+        """Ray Train restarts a worker group whose worker raised, up to `max_failures` times,
+        whatever the error: every worker returns instead, and the driver reads the error from
+        the run's return value (`pisa.engine.stopped_on`)."""
+
 
 class TuneTrialSession:
     """A 1-worker training inside a Tune function trainable: reports go straight to Tune."""
@@ -114,3 +125,7 @@ class TuneTrialSession:
         from ray import tune
 
         return _checkpoint_dir(tune.get_checkpoint())
+
+    def stop_on(self, error: NonFiniteLossError) -> None:
+        """The trial fails with the error; the study marks it so a retry fails at once."""
+        raise error

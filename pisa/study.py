@@ -12,10 +12,12 @@ so a SQLite store is only ever written by this one process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -147,12 +149,15 @@ def fit_in_trial(
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from .engine import stopped_on
     from .train import build_trainer
 
     trainer = build_trainer(
         exp, name=name, callbacks=[TuneReportCallback()], faults=faults, checkpoint_score=checkpoint_score
     )
-    trainer.fit()
+    error = stopped_on(trainer.fit())
+    if error is not None:
+        raise error
 
 
 def run_trial(config: dict[str, Any], study: Study) -> None:
@@ -163,23 +168,37 @@ def run_trial(config: dict[str, Any], study: Study) -> None:
     exp = study.experiment(params)
     trial_id = tune.get_context().get_trial_id()
     exp = exp.model_copy(update={"storage_path": trial_storage(study)})
-    mark = storage.join(trial_storage(study), trial_id, FAILED_MARK)
-    if storage.exists(mark):  # a retry of a trial that can only fail again
-        raise RuntimeError(storage.read_text(mark))
-    if study.cfg.seeds > 1:
-        from .seeds import fit_seeds
+    with failing_at_once_on_retry(storage.join(trial_storage(study), trial_id, FAILED_MARK)):
+        if study.cfg.seeds > 1:
+            from .seeds import fit_seeds
 
-        fit_seeds(exp, trial_id, study.seeds(), study.cfg.metric)
-        return
-    faults = json.loads(os.environ.get(FAULTS_ENV) or "null")
-    try:
+            fit_seeds(exp, trial_id, study.seeds(), study.cfg.metric)
+            return
         fit_in_trial(
             exp,
             name=trial_id,
             in_trial=trains_in_trial(study),
             checkpoint_score=(study.cfg.metric, study.cfg.mode),
-            faults=faults,
+            faults=json.loads(os.environ.get(FAULTS_ENV) or "null"),
         )
+
+
+@contextlib.contextmanager
+def failing_at_once_on_retry(mark: str) -> Iterator[None]:
+    """Tune retries a failed trial whatever the error; one that failed deterministically (a
+    non-finite loss, bad data, missing weights) would only fail again after the same work.
+    Its error is kept at `mark`, and the retry fails with it at once."""
+    if storage.exists(mark):
+        from . import errors
+
+        text = storage.read_text(mark)  # "<PisaError class>: <message>", as `one_line` wrote it
+        name, _, message = text.partition(": ")
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, errors.PisaError):
+            raise cls(message)
+        raise RuntimeError(text)
+    try:
+        yield
     except Exception as exc:
         if isinstance(find_pisa_error(exc), DETERMINISTIC_ERRORS):
             storage.write_text(mark, one_line(exc))

@@ -17,7 +17,7 @@ from typing import Any
 from . import tracking
 from .accel import process_group_backend
 from .config import ExperimentConfig
-from .engine import CHECKPOINT_FILE, DIAGNOSTICS_FILE, train_loop_per_worker
+from .engine import CHECKPOINT_FILE, DIAGNOSTICS_FILE, stopped_on, train_loop_per_worker
 from .errors import one_line
 from .progress import say
 from .ray_runtime import init_ray
@@ -78,7 +78,7 @@ def build_trainer(
     if faults:
         loop_config["faults"] = dict(faults)  # test-only fault injection (nan_at, kill_at)
     return TorchTrainer(
-        train_loop_per_worker,
+        train_loop_per_worker,  # type: ignore[arg-type]  # Ray Train keeps rank 0's return value
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend=process_group_backend(cfg.train.use_gpu)),
         scaling_config=scaling_config(cfg),
@@ -160,7 +160,7 @@ def run_training(
     system_metrics = SystemMetrics(uri, run_id, cfg.tracking.system_metrics_interval_s)
     try:
         result = trainer.fit()
-        error = getattr(result, "error", None)
+        error = getattr(result, "error", None) or stopped_on(result)
     except Exception as exc:  # TrainingFailedError and friends
         result, error = None, exc
     finally:

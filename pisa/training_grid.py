@@ -38,6 +38,7 @@ class GridTraining:
     experiment: ExperimentConfig
     run_name: str
     tags: dict[str, str] = field(default_factory=dict)
+    faults: dict[str, Any] | None = None  # test-only fault injection (see `pisa.engine`)
 
 
 @dataclass
@@ -50,14 +51,23 @@ class GridOutcome:
     error: str | None = None
 
 
-def _train_one(config: dict[str, Any], experiments: list[dict[str, Any]], in_trial: bool, score: tuple[str, str]):
+def _train_one(
+    config: dict[str, Any],
+    experiments: list[dict[str, Any]],
+    faults: list[dict[str, Any] | None],
+    in_trial: bool,
+    score: tuple[str, str],
+):
     """Tune function trainable: the grid's training number `config["job"]`."""
     from ray import tune
 
-    from .study import fit_in_trial
+    from . import storage
+    from .study import FAILED_MARK, failing_at_once_on_retry, fit_in_trial
 
     exp = ExperimentConfig.model_validate(experiments[config["job"]])
-    fit_in_trial(exp, name=tune.get_context().get_trial_id(), in_trial=in_trial, checkpoint_score=score)
+    trial_id = tune.get_context().get_trial_id()
+    with failing_at_once_on_retry(storage.join(exp.storage_path, trial_id, FAILED_MARK)):
+        fit_in_trial(exp, name=trial_id, in_trial=in_trial, checkpoint_score=score, faults=faults[config["job"]])
 
 
 class GridLogger(Callback):
@@ -163,7 +173,10 @@ def train_grid(
     dir_names = [re.sub(r"[^A-Za-z0-9_.\-]+", "_", t.run_name).strip("_") for t in trainings]
     logger = GridLogger(tracking.public_uri(uri), parent_run_id, trainings, num_classes, score[0])
     trainable = tune.with_resources(
-        tune.with_parameters(_train_one, experiments=experiments, in_trial=in_trial, score=score), resources
+        tune.with_parameters(
+            _train_one, experiments=experiments, faults=[t.faults for t in trainings], in_trial=in_trial, score=score
+        ),
+        resources,
     )
     tuner = tune.Tuner(
         trainable,

@@ -133,9 +133,13 @@ def test_killed_worker_is_restarted_from_last_checkpoint(ray_local, synthetic_di
 
 def test_non_finite_loss_stops_with_clear_error(ray_local, synthetic_dir, work):
     cfg = parse_config(tiny_experiment(synthetic_dir, work, epochs=1))
-    outcome = run_training(cfg, run_name="nan", faults={"nan_at": 1})
+    nan_log = work / "nan.log"
+    outcome = run_training(cfg, run_name="nan", faults={"nan_at": 1, "nan_log": str(nan_log)})
     assert outcome.status == "FAILED"
-    assert "non-finite loss" in outcome.error and "iteration" in outcome.error
+    assert "non-finite loss at epoch 1 iteration 2" in outcome.error
+    # both workers hit it once: no restart from a checkpoint (train.max_failures, 3 by
+    # default) repeats a divergence that would only come back
+    assert sorted(nan_log.read_text().split("\n")[:-1]) == ["rank 0", "rank 1"]
     run = tracking.client(cfg.tracking.resolved_uri()).get_run(outcome.run_id)
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags["pisa.error"]
 

@@ -15,21 +15,16 @@ from pisa.training_grid import GridTraining, train_grid
 pytestmark = pytest.mark.slow
 
 
-def test_torch_trainer_trainings_are_tracked_with_their_final_checkpoint(ray_local, synthetic_dir, tmp_path):
+def test_torch_trainer_trainings_are_tracked_and_a_diverging_one_fails_once(ray_local, synthetic_dir, tmp_path):
     raw = tiny_experiment(synthetic_dir, tmp_path, epochs=1, workers=1)
     base = ExperimentConfig.model_validate(raw)
     uri = base.tracking.resolved_uri()
     parent = tracking.start_run(uri, "tests", "grid parent")
-    trainings = [
-        GridTraining(
-            base.model_copy(update={"train": base.train.model_copy(update={"seed": seed})}),
-            f"seed {seed}",
-            {"pisa.seed": str(seed)},
-        )
-        for seed in (3, 4)
-    ]
+    healthy = base.model_copy(update={"train": base.train.model_copy(update={"seed": 3})})
+    nan_log = tmp_path / "nan.log"
+    diverging = GridTraining(base, "nan", {}, faults={"nan_at": 1, "nan_log": str(nan_log)})  # NaN at step 2
     outcomes = train_grid(
-        trainings,
+        [GridTraining(healthy, "seed 3", {"pisa.seed": "3"}), diverging],
         uri=uri,
         parent_run_id=parent,
         storage_path=str(tmp_path / "grid"),
@@ -37,22 +32,26 @@ def test_torch_trainer_trainings_are_tracked_with_their_final_checkpoint(ray_loc
         in_trial=False,
         resources=trial_driver_resources(),
         concurrent=1,
-        max_failures=0,
+        max_failures=2,
         score=("train_loss", "min"),
         num_classes=3,
     )
-    assert [o.status for o in outcomes] == ["FINISHED", "FINISHED"], [o.error for o in outcomes]
+    ok, failed = outcomes
+    assert ok.status == "FINISHED", ok.error
     client = tracking.client(uri)
-    losses = []
-    for seed, outcome in zip((3, 4), outcomes):
-        run = client.get_run(outcome.run_id)
-        assert run.info.status == "FINISHED"
-        assert run.data.tags[tracking.NESTED_TAG] == parent and run.data.tags["pisa.seed"] == str(seed)
-        assert run.data.params["train.seed"] == str(seed) and run.data.params["data.num_classes"] == "3"
-        history = client.get_metric_history(outcome.run_id, "train_loss")
-        assert [m.step for m in history] == [1]
-        assert history[0].value == pytest.approx(outcome.metrics["train_loss"])
-        losses.append(history[0].value)
-        # the TorchTrainer's last checkpoint, found through its trial: its plot is on the run
-        assert "plots/pisa_weights.png" in {a.path for a in client.list_artifacts(outcome.run_id, "plots")}
-    assert losses[0] != losses[1]  # two seeds, two trainings
+    run = client.get_run(ok.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.NESTED_TAG] == parent and run.data.tags["pisa.seed"] == "3"
+    assert run.data.params["train.seed"] == "3" and run.data.params["data.num_classes"] == "3"
+    history = client.get_metric_history(ok.run_id, "train_loss")
+    assert [m.step for m in history] == [1]
+    assert history[0].value == pytest.approx(ok.metrics["train_loss"])
+    # the TorchTrainer's last checkpoint, found through its trial: its plot is on the run
+    assert "plots/pisa_weights.png" in {a.path for a in client.list_artifacts(ok.run_id, "plots")}
+
+    # a non-finite loss ends the TorchTrainer without a restart, and the trial's retries
+    # (max_failures=2) fail at once with the same error
+    assert failed.status == "FAILED" and failed.error.startswith("NonFiniteLossError: non-finite loss"), failed.error
+    run = client.get_run(failed.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["pisa.error"] == failed.error
+    assert nan_log.read_text() == "rank 0\n"  # trained once: neither Ray Train nor Tune retried it
