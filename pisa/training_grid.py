@@ -169,6 +169,8 @@ def train_grid(
     from .storage import location_of
     from .train import log_final_artifacts
 
+    if not trainings:
+        return []
     experiments = [t.experiment.model_dump(mode="json") for t in trainings]
     dir_names = [re.sub(r"[^A-Za-z0-9_.\-]+", "_", t.run_name).strip("_") for t in trainings]
     logger = GridLogger(tracking.public_uri(uri), parent_run_id, trainings, num_classes, score[0])
@@ -192,7 +194,7 @@ def train_grid(
             callbacks=[logger],
             failure_config=tune.FailureConfig(max_failures=max_failures),
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=trainings[0].experiment.train.keep_checkpoints if trainings else None,
+                num_to_keep=trainings[0].experiment.train.keep_checkpoints,
                 checkpoint_score_attribute=score[0],
                 checkpoint_score_order=score[1],
             ),
