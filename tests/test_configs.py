@@ -5,6 +5,7 @@ Fast: nothing trains, nothing is downloaded, no dataset is read.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -304,3 +305,20 @@ def test_large_configs_build_without_weights(name: str, classes: int):
     c = load_config(REPO / "configs" / name, ["model.pretrained_backbone=null"])
     model = build_detector(c.model, num_classes=classes)
     assert sum(p.numel() for p in model.parameters()) > 10_000_000
+
+
+BCCD_SEARCH = REPO / "benchmarks" / "studies" / "bccd_3ep_search.yaml"
+
+
+def test_the_bccd_search_loads_with_the_command_in_its_header(monkeypatch):
+    monkeypatch.chdir(REPO)  # its header's command runs from the repository root
+    text = BCCD_SEARCH.read_text()
+    header = " ".join(ln.lstrip("#").strip().rstrip("\\") for ln in text.splitlines() if ln.startswith("#"))
+    overrides = [o.strip("'") for o in re.findall(r"--set ('[^']+'|\S+)", header)]
+    study = load_study(BCCD_SEARCH, overrides)
+    base = study.base_config
+    # the budget of the 3-epoch BCCD comparison in benchmarks/RESULTS.md, PISA fully on
+    assert base.train.epochs == 3 and base.train.milestones == [] and base.train.base_batch == 4
+    assert base.train.warmup_iters == 100 and base.data.val_limit is None
+    assert base.model.sampler == "score_hlr" and base.model.isr_p.enabled and base.model.carl.enabled
+    assert study.initial_points() == []  # the baseline and paper defaults are measured already
