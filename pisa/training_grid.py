@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
@@ -27,6 +27,9 @@ from .config import ExperimentConfig
 from .errors import one_line
 from .progress import say
 from .seeds import CHECKPOINT_PATH_KEY
+
+if TYPE_CHECKING:
+    from .train import TrainOutcome
 
 JOB_TAG = "pisa.grid_job"  # a training's index in the grid, on its MLflow run
 
@@ -41,14 +44,9 @@ class GridTraining:
     faults: dict[str, Any] | None = None  # test-only fault injection (see `pisa.engine`)
 
 
-@dataclass
-class GridOutcome:
-    """What one training ended with: its MLflow run, status and final-epoch metrics."""
-
-    run_id: str | None
-    status: str  # FINISHED | FAILED
-    metrics: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
+def slug(label: str) -> str:
+    """`label` as a file and metric name: runs of other characters become one `_`."""
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", label).strip("_")
 
 
 def _train_one(
@@ -161,18 +159,18 @@ def train_grid(
     max_failures: int,
     score: tuple[str, str],
     num_classes: int,
-) -> list[GridOutcome]:
+) -> list[TrainOutcome]:
     """Train every config of `trainings` (in order, `concurrent` at a time) as the trials of
     one Tune run under `storage_path/name`; their outcomes, in the same order."""
     from ray import tune
 
     from .storage import location_of
-    from .train import log_final_artifacts
+    from .train import TrainOutcome, log_final_artifacts
 
     if not trainings:
         return []
     experiments = [t.experiment.model_dump(mode="json") for t in trainings]
-    dir_names = [re.sub(r"[^A-Za-z0-9_.\-]+", "_", t.run_name).strip("_") for t in trainings]
+    dir_names = [slug(t.run_name) for t in trainings]
     logger = GridLogger(tracking.public_uri(uri), parent_run_id, trainings, num_classes, score[0])
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -211,7 +209,7 @@ def train_grid(
         )
         if JOB_TAG in run.data.tags
     }
-    outcomes = [GridOutcome(None, "FAILED", error="not run") for _ in trainings]
+    outcomes = [TrainOutcome(None, "FAILED", error="not run") for _ in trainings]
     for i in range(len(results)):
         result = results[i]
         job = int((result.config or {})["job"])
@@ -222,12 +220,12 @@ def train_grid(
             if run_id is not None:
                 tracking.set_tags(uri, run_id, {"pisa.error": message})
                 tracking.end_run(uri, run_id, "FAILED")
-            outcomes[job] = GridOutcome(run_id, "FAILED", metrics, message)
+            outcomes[job] = TrainOutcome(run_id, "FAILED", metrics, error=message)
             continue
         # in its own process a training reports checkpoints to Tune; a TorchTrainer, their path
         path = result.checkpoint.path if result.checkpoint else metrics.get(CHECKPOINT_PATH_KEY)
         checkpoint = location_of(path, exp.storage_path) if path else None
         log_final_artifacts(uri, run_id, checkpoint, exp.tracking.log_checkpoint)
         tracking.end_run(uri, run_id, "FINISHED")
-        outcomes[job] = GridOutcome(run_id, "FINISHED", metrics)
+        outcomes[job] = TrainOutcome(run_id, "FINISHED", metrics, checkpoint)
     return outcomes

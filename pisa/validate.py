@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from .config import ConfigError
 from .progress import say
 from .stats import Paired, Summary, paired, summarize
 from .study_schema import BASELINE, PAPER_DEFAULTS
-from .training_grid import GridTraining
+from .training_grid import GridTraining, slug
 
 
 @dataclass
@@ -217,7 +216,7 @@ def _training(study, variant: Variant, seed: int, uri: str, study_name: str, sto
         "pisa.variant": variant.label,
         "pisa.seed": str(seed),
     }
-    return GridTraining(exp, f"{_slug(variant.label)} seed {seed}", tags)
+    return GridTraining(exp, f"{slug(variant.label)} seed {seed}", tags)
 
 
 def trainings_at_once(study, jobs: int) -> int:
@@ -230,10 +229,6 @@ def trainings_at_once(study, jobs: int) -> int:
     per_training = res.workers * (res.gpus_per_worker if kind == "GPU" else res.cpus_per_worker)
     fits = int(ray.cluster_resources().get(kind, 0) // max(per_training, 1e-9))
     return max(1, min(jobs, fits, study.cfg.max_concurrent_trials * study.cfg.seeds))
-
-
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", label).strip("_")
 
 
 # ---------------------------------------------------------------- output
@@ -373,10 +368,10 @@ def log_validation(v: Validation) -> None:
     rows = table_rows(v)
     metrics: dict[str, float] = {}
     for r, row in zip(v.results, rows):
-        slug = _slug(r.variant.label.split(" = ")[0])
+        name = slug(r.variant.label.split(" = ")[0])
         for key in ("mean", "std", "ci_low", "ci_high", "diff_mean", "diff_ci_low", "diff_ci_high", "wins"):
             if row[key] is not None:
-                metrics[f"{slug}.{key}"] = row[key]
+                metrics[f"{name}.{key}"] = row[key]
     tracking.log_metrics(v.tracking_uri, v.run_id, metrics, step=0)
     with tempfile.TemporaryDirectory(prefix="pisa-validate-") as tmp:
         out = Path(tmp)
