@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster address (default: a local cluster)")
     train.add_argument("--resume", help="checkpoint directory or file to continue from")
     train.add_argument("--run-name", help="MLflow run name")
+    train.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output on the console")
     _add_register(train, "the config's name")
     train.set_defaults(func=_train)
 
@@ -332,7 +333,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.cpu:
         overrides.append("train.use_gpu=false")
     cfg = load_config(args.config, overrides)
-    outcome = run_training(cfg, address=args.address, run_name=args.run_name, resume_from=args.resume)
+    outcome = run_training(
+        cfg, address=args.address, run_name=args.run_name, resume_from=args.resume, verbose=args.verbose
+    )
     print(summary_json(outcome))
     if outcome.status != "FINISHED":
         return 1

@@ -16,6 +16,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,6 +269,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
     the error the training stopped on without a restart (`Result.return_value`), if any."""
     from .session import RayTrainSession
 
+    if config.get("quiet"):
+        from .ray_runtime import quiet_ray_train_worker
+
+        quiet_ray_train_worker()
     return run_worker(config, RayTrainSession())
 
 
@@ -374,6 +379,10 @@ def _build(cfg: ExperimentConfig, session: TrainSession) -> _Training:
     loader = build_train_loader(train_set, cfg, rank, world, plan)
     iters_per_epoch = len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, iters_per_epoch, schedule))
+    if plan.grad_scaler:
+        # the scaler skips the first steps while it finds its scale (fp16 gradients overflow);
+        # the schedule advances regardless, as mmdetection's does: torch's warning is expected
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
     if rank == 0:
         say(
             f"{cfg.model.detector}/{cfg.model.backbone} sampler={cfg.model.sampler} "

@@ -85,8 +85,35 @@ def free_port() -> int:
 
 def quiet_libraries() -> None:
     """Warnings only from the libraries a study drives (Ray, MLflow's store migrations)."""
+    # MLflow sets its logger's level from this when it is first imported, over any set here
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("ray", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     import optuna  # its logger configures itself on first use: ask it
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class _RayInfoFilter(logging.Filter):
+    """Drops Ray's own records below WARNING. Ray Train logs every report (its whole metrics
+    dict) from a logger named after its source file, outside the `ray` logger tree, so a
+    level on `ray` does not reach it; the record's path does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import ray
+
+        self._ray_dir = os.path.dirname(ray.__file__) + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self._ray_dir)
+
+
+def quiet_ray_train_worker() -> None:
+    """On a Ray Train worker: keep Ray's INFO lines (process group set-up, each report,
+    each checkpoint) off the console, where the driver forwards them beside pisa's own."""
+    root = logging.getLogger()
+    if not any(isinstance(f, _RayInfoFilter) for h in root.handlers for f in h.filters):
+        ray_filter = _RayInfoFilter()
+        for handler in root.handlers:
+            handler.addFilter(ray_filter)

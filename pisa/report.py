@@ -10,6 +10,7 @@ import csv
 import io
 import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,9 @@ def write_plots(outcome, study, out_dir: Path) -> list[Path]:
     import optuna
     from optuna.visualization import matplotlib as ovm
 
+    # Optuna marks its matplotlib plots experimental and warns on every call: noise on a
+    # study's console, not something its user can act on
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     ostudy = optuna_study(outcome, study)
     paths: list[Path] = []
     ax: Any  # an Axes, or from plot_contour an array of them

@@ -18,6 +18,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -603,8 +604,7 @@ def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
 def run_study(study: Study, *, address: str | None = None, verbose: bool = False) -> StudyOutcome:
     """Run a study from the start; the tracking store is checked before any trial."""
     from .cluster import check_cluster_setup
-    from .ray_runtime import init_ray, quiet_libraries
-    from .train import prepare_data
+    from .ray_runtime import quiet_libraries
 
     if not verbose:
         quiet_libraries()
@@ -616,8 +616,7 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
             f"study {study.name!r} already exists in {storage.display(study_dir(study))}: continue it with "
             f"`pisa study resume {study.name}` or choose another name (--set name=...)"
         )
-    prepare_data(study.base_config)
-    init_ray(address, verbose=verbose, dashboard=not trains_in_trial(study))
+    _start_ray_and_prepare(study, uri, address, verbose)
     concurrent_trials(study)  # a point that cannot fit the cluster fails before any run exists
     experiment = study.base_config.tracking.experiment
     parent = tracking.start_run(
@@ -641,6 +640,33 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
         say(f"note: {note}")
     tuner = _tuner(study, uri, parent, verbose)
     return _fit_and_finish(study, tuner, uri, parent)
+
+
+def _start_ray_and_prepare(study: Study, uri: str, address: str | None, verbose: bool) -> None:
+    """Start Ray while a thread checks the data and sets up the tracking store (a new SQLite
+    store creates its tables): Ray's start-up mostly waits for its processes, and these fixed
+    costs are most of what a small study pays before its first trial. A data error still
+    ends the study before anything is written; a Ray started here is stopped again."""
+    import ray
+
+    from .ray_runtime import init_ray
+    from .train import prepare_data
+
+    def prepare() -> None:
+        prepare_data(study.base_config)
+        tracking.client(uri)
+
+    ray_was_running = ray.is_initialized()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pisa-prepare") as pool:
+        prepared = pool.submit(prepare)
+        try:
+            init_ray(address, verbose=verbose, dashboard=not trains_in_trial(study))
+        finally:
+            error = prepared.exception()
+    if error is not None:
+        if not ray_was_running:
+            ray.shutdown()
+        raise error
 
 
 def resume_study(

@@ -20,7 +20,7 @@ from .config import ExperimentConfig
 from .engine import CHECKPOINT_FILE, DIAGNOSTICS_FILE, stopped_on, train_loop_per_worker
 from .errors import one_line
 from .progress import say
-from .ray_runtime import init_ray
+from .ray_runtime import init_ray, quiet_libraries
 
 
 @dataclass
@@ -64,15 +64,16 @@ def build_trainer(
     resume_from: str | None = None,
     faults: dict[str, Any] | None = None,
     checkpoint_score: tuple[str, str] | None = ("bbox_mAP", "max"),
+    verbose: bool = False,
 ):
     """The `TorchTrainer` of one training: gloo on CPU; NCCL for CUDA tensors plus gloo for
     the CPU collectives on GPU (`pisa.accel.process_group_backend`). Ray keeps the
     `keep_checkpoints` best by `checkpoint_score` (metric, mode) and always the latest,
-    which a restart resumes from."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    which a restart resumes from. Not `verbose`: Ray Train's INFO lines stay in its log files."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    loop_config: dict[str, Any] = {"experiment": cfg.model_dump(mode="json")}
+    loop_config: dict[str, Any] = {"experiment": cfg.model_dump(mode="json"), "quiet": not verbose}
     if resume_from:
         loop_config["resume_from"] = str(resume_from)
     if faults:
@@ -82,7 +83,7 @@ def build_trainer(
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend=process_group_backend(cfg.train.use_gpu)),
         scaling_config=scaling_config(cfg),
-        run_config=RunConfig(
+        run_config=RunConfig(  # type: ignore[call-arg]  # Ray Train v2's RunConfig (RAY_TRAIN_V2_ENABLED)
             name=name,
             storage_path=str(cfg.storage_path),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -92,6 +93,7 @@ def build_trainer(
                 checkpoint_score_order=checkpoint_score[1] if checkpoint_score else "max",
             ),
             callbacks=list(callbacks),
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
     )
 
@@ -134,15 +136,19 @@ def run_training(
     tags: dict[str, str] | None = None,
     resume_from: str | None = None,
     faults: dict[str, Any] | None = None,
+    verbose: bool = False,
 ) -> TrainOutcome:
-    """Train one config end to end and track it in MLflow; never raises for a failed fit."""
+    """Train one config end to end and track it in MLflow; never raises for a failed fit.
+    The console shows pisa's progress lines; `verbose` adds Ray's own."""
     from .cluster import check_cluster_setup
 
     uri = cfg.tracking.resolved_uri()
     check_cluster_setup(address, uri, cfg.storage_path, "config")
     tracking.check_reachable(uri)
     num_classes = prepare_data(cfg)
-    init_ray(address)
+    if not verbose:
+        quiet_libraries()
+    init_ray(address)  # verbose: the workers' progress lines reach the console
     name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     params = cfg.flat_params()
     params["data.num_classes"] = num_classes
@@ -155,7 +161,12 @@ def run_training(
     log_datasets(uri, run_id, cfg.data)
     say(f"MLflow run {run_id} in {tracking.redact(uri)}")
     trainer = build_trainer(
-        cfg, name=name, callbacks=[_mlflow_callback(uri, run_id)], resume_from=resume_from, faults=faults
+        cfg,
+        name=name,
+        callbacks=[_mlflow_callback(uri, run_id)],
+        resume_from=resume_from,
+        faults=faults,
+        verbose=verbose,
     )
     system_metrics = SystemMetrics(uri, run_id, cfg.tracking.system_metrics_interval_s)
     try:

@@ -110,11 +110,17 @@ def test_pisa_train_runs_the_gpu_code_path_on_cpu(ray_local, synthetic_dir, work
             "data.num_workers=2",
         ]
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out, console = captured.out, captured.out + captured.err
     assert code == 0, out[-3000:]
     summary = json.loads(out[out.rindex('{\n  "run_id"') :])
     assert summary["status"] == "FINISHED" and summary["metrics"]["epoch"] == 1
     assert summary["metrics"]["train_loss"] > 0
+    # the console: the workers' progress lines, without Ray Train's INFO lines (its process
+    # group set-up comes before the first iteration; each report is a multi-kilobyte dict)
+    assert "[pisa] epoch 1/1 iter 1/2" in console, console[-3000:]
+    assert "Setting up process group" not in console, console[-3000:]
+    assert "Reporting training result" not in console, console[-3000:]
     params = tracking.client(f"sqlite:///{work / 'mlflow.db'}").get_run(summary["run_id"]).data.params
     assert (params["train.amp"], params["train.channels_last"], params["data.num_workers"]) == ("True", "True", "2")
 
