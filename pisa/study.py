@@ -517,6 +517,22 @@ def _trainable(study: Study):
     return tune.with_resources(tune.with_parameters(run_trial, study=study), trial_resources(study))
 
 
+def training_footprint(study: Study) -> tuple[str, float]:
+    """What one training of this study holds: ("GPU", GPUs) or ("CPU", CPUs), all workers."""
+    res = study.cfg.resources_per_trial
+    if res.gpus_per_worker > 0:
+        return "GPU", res.workers * res.gpus_per_worker
+    return "CPU", res.workers * res.cpus_per_worker
+
+
+def trainings_that_fit(study: Study) -> int:
+    """How many of this study's trainings the Ray cluster holds at once (0 if not one)."""
+    import ray
+
+    kind, per_training = training_footprint(study)
+    return int(ray.cluster_resources().get(kind, 0) // max(per_training, 1e-9))
+
+
 def concurrent_trials(study: Study) -> int:
     """How many trials run at once. A point with N seeds trains N runs side by side, so
     fewer points fit the cluster at a time; a point that cannot fit at all is an error
@@ -524,22 +540,18 @@ def concurrent_trials(study: Study) -> int:
     cfg = study.cfg
     if cfg.seeds == 1:
         return cfg.max_concurrent_trials
-    import ray
-
-    workers = cfg.resources_per_trial.workers
-    kind = "GPU" if cfg.resources_per_trial.gpus_per_worker > 0 else "CPU"
-    need = cfg.seeds * workers
-    have = int(ray.cluster_resources().get(kind, 0))
-    if have < need:
+    kind, per_training = training_footprint(study)
+    fit = trainings_that_fit(study)
+    if fit < cfg.seeds:
         raise ConfigError(
-            f"{study.source}: seeds: {cfg.seeds} seeds x {workers} worker(s) train at once and "
-            f"need {need} {kind}s; the Ray cluster has {have}"
+            f"{study.source}: seeds: {cfg.seeds} seeds x {cfg.resources_per_trial.workers} worker(s) train at "
+            f"once and need {cfg.seeds * per_training:g} {kind}s; the Ray cluster has {fit * per_training:g}"
         )
-    fits = min(cfg.max_concurrent_trials, have // need)
+    fits = min(cfg.max_concurrent_trials, fit // cfg.seeds)
     if fits < cfg.max_concurrent_trials:
         say(
             f"{fits} trial(s) at a time, not {cfg.max_concurrent_trials}: each trains {cfg.seeds} seeds "
-            f"at once ({need} {kind}s) and the cluster has {have}"
+            f"at once ({cfg.seeds * per_training:g} {kind}s) and the cluster fits {fit} trainings"
         )
     return fits
 

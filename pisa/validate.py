@@ -222,13 +222,9 @@ def _training(study, variant: Variant, seed: int, uri: str, study_name: str, sto
 def trainings_at_once(study, jobs: int) -> int:
     """As many trainings side by side as the study ran at its busiest (points x seeds) and the
     Ray cluster has CPUs (GPUs) for."""
-    import ray
+    from .study import trainings_that_fit
 
-    res = study.cfg.resources_per_trial
-    kind = "GPU" if res.gpus_per_worker > 0 else "CPU"
-    per_training = res.workers * (res.gpus_per_worker if kind == "GPU" else res.cpus_per_worker)
-    fits = int(ray.cluster_resources().get(kind, 0) // max(per_training, 1e-9))
-    return max(1, min(jobs, fits, study.cfg.max_concurrent_trials * study.cfg.seeds))
+    return max(1, min(jobs, trainings_that_fit(study), study.cfg.max_concurrent_trials * study.cfg.seeds))
 
 
 # ---------------------------------------------------------------- output
