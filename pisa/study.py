@@ -605,7 +605,13 @@ def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
                 StudyConsole(study, status_every_s=math.inf if verbose else STATUS_EVERY_S),
             ],
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=study.base_config.train.keep_checkpoints),
+            # the best `keep_checkpoints` by the study's metric (and the latest, which Tune never
+            # deletes): the best epoch's checkpoint is what MLflow and `--register` get
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=study.base_config.train.keep_checkpoints,
+                checkpoint_score_attribute=cfg.metric,
+                checkpoint_score_order=cfg.mode,
+            ),
             # each trial's stdout/stderr in its directory under the Ray results directory
             log_to_file=True,
             verbose=1 if verbose else 0,
@@ -657,12 +663,16 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
 def _start_ray_and_prepare(study: Study, uri: str, address: str | None, verbose: bool) -> None:
     """Start Ray while a thread checks the data and sets up the tracking store (a new SQLite
     store creates its tables): Ray's start-up mostly waits for its processes, and these fixed
-    costs are most of what a small study pays before its first trial. A data error still
-    ends the study before anything is written; a Ray started here is stopped again."""
+    costs are most of what a small study pays before its first trial. A missing data file
+    fails before Ray starts; any other data error still ends the study before anything is
+    written, and a Ray started here is stopped again."""
     import ray
 
+    from .data import check_data_files
     from .ray_runtime import init_ray
     from .train import prepare_data
+
+    check_data_files(study.base_config.data)
 
     def prepare() -> None:
         prepare_data(study.base_config)

@@ -157,6 +157,33 @@ def test_in_trial_and_ray_train_paths_give_the_recorded_metrics(ray_local, synth
         assert in_trial[key] == pytest.approx(values, rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.slow
+def test_the_best_epochs_checkpoint_outlives_newer_ones_and_reaches_mlflow(ray_local, synthetic_dir, tmp_path):
+    """A trial keeps its checkpoints by the study's metric: with `keep_checkpoints: 1` and
+    `epoch` (min) as the metric, the best is the oldest, and it is what MLflow gets."""
+    import torch
+
+    path = write_study(
+        tmp_path,
+        synthetic_dir,
+        "keepbest",
+        num_samples=1,
+        max_concurrent_trials=1,
+        search_space={"model.isr_p.k": {"type": "choice", "values": [2.0]}},
+        scheduler={"type": "fifo"},
+        metric="epoch",
+        mode="min",
+        experiment={"train": {"epochs": 3, "keep_checkpoints": 1}},
+    )
+    outcome = run_study(load_study(path))
+    (trial,) = outcome.trials
+    assert trial.status == "finished", trial.error
+    art = tracking.client(outcome.tracking_uri).download_artifacts(
+        trial.run_id, "checkpoint/checkpoint.pt", str(tmp_path)
+    )
+    assert torch.load(art, weights_only=True)["epoch"] == 0  # epoch 1, not the last (2)
+
+
 # ---------------------------------------------------------------- a real MLflow server
 
 
@@ -318,6 +345,42 @@ def test_unreachable_tracking_server_fails_before_any_trial(synthetic_dir, tmp_p
     assert code == 1
     assert "MLflow tracking server http://127.0.0.1:9 is not reachable" in err
     assert not (tmp_path / "ray_results").exists()
+
+
+def _study_with_annotations(tmp_path: Path, synthetic_dir: Path, annotations: Path) -> Path:
+    path = write_study(tmp_path, synthetic_dir, "baddata")
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["data"]["train_annotations"] = str(annotations)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    return path
+
+
+def test_missing_annotation_file_fails_before_ray_starts(synthetic_dir, tmp_path, monkeypatch, capsys, no_ray):
+    monkeypatch.chdir(tmp_path)
+    path = _study_with_annotations(tmp_path, synthetic_dir, tmp_path / "nope.json")
+    code, err = _pisa(capsys, "study", "run", str(path))
+    assert code == 2, err[-2000:]
+    assert err.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.json'}: annotation file not found"
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_corrupt_annotations_found_while_ray_starts_leave_nothing_behind(synthetic_dir, tmp_path, monkeypatch, capsys):
+    """The annotations are parsed beside Ray's start-up: a bad file still ends the study with
+    its one-line error before the study or any run exists, and the Ray it started is gone."""
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [')
+    path = _study_with_annotations(tmp_path, synthetic_dir, broken)
+    ray_was_running = ray.is_initialized()
+    code, err = _pisa(capsys, "study", "run", str(path))
+    assert code == 2, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"error: {broken}:1:13: malformed JSON")
+    assert not (tmp_path / "ray_results").exists()
+    assert ray.is_initialized() == ray_was_running
+    if (tmp_path / "mlflow.db").exists():  # the store may exist (it is set up beside Ray): no run in it
+        assert tracking.find_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "tests", "") == []
 
 
 # ---------------------------------------------------------------- from the study to its winner

@@ -24,12 +24,27 @@ __all__ = [
     "DetectionTransform",
     "build_dataset",
     "build_transforms",
+    "check_data_files",
     "collate_fn",
     "ensure_synthetic",
     "generate_synthetic",
     "load_coco_json",
     "synth_command",
 ]
+
+
+def check_data_files(cfg: DataConfig) -> None:
+    """The annotation files and image directories exist: the instant part of the data check,
+    made before anything starts (parsing the annotations can take a while on a large set)."""
+    if cfg.synthetic is not None:
+        return  # generated when missing
+    for split in ("train", "val"):
+        annotations: Path = getattr(cfg, f"{split}_annotations")
+        images: Path = getattr(cfg, f"{split}_images")
+        if not Path(annotations).is_file():
+            raise DataError(f"{annotations}: annotation file not found")
+        if not Path(images).is_dir():
+            raise DataError(f"{annotations}: image directory {images} not found")
 
 
 def build_dataset(
