@@ -62,13 +62,26 @@ def init_ray(
         try:
             ray.init(**kwargs)
             return
-        except Exception as exc:  # Ray gives a local node 30 s to register: a busy machine needs more
-            if address is not None or "timed out during startup" not in str(exc) or attempt == 2:
+        except Exception as exc:
+            if attempt == 2 or not _worth_retrying(address, exc):
                 raise
-            say("the local Ray node was slow to start; trying again")
+            say(
+                "the local Ray node was slow to start; trying again"
+                if address is None
+                else f"the Ray Client server at {address} failed to start this session; trying again"
+            )
             ray.shutdown()
         finally:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def _worth_retrying(address: str | None, exc: Exception) -> bool:
+    """Start-up failures that a second try gets past: Ray gives a local node 30 s to register
+    (a busy machine needs more), and a Ray Client server starts one process per session,
+    which can die before it answers ("Initialization failure from server")."""
+    if address is None:
+        return "timed out during startup" in str(exc)
+    return address.startswith("ray://") and isinstance(exc, ConnectionAbortedError)
 
 
 def free_port() -> int:

@@ -72,3 +72,15 @@ def test_ray_client_needs_a_tracking_server():
     assert check_cluster_setup("ray://head:10001", "http://mlflow:5000", "s3://b/p", "study.yaml") == []
     assert check_cluster_setup("ray://head:10001", "http://mlflow:5000", "/data/runs", "s") != []
     assert check_cluster_setup("head:6379", "sqlite:////tmp/mlflow.db", "/data/runs", "s") == []
+
+
+def test_start_up_failures_a_second_try_gets_past():
+    from pisa.ray_runtime import _worth_retrying
+
+    # a local node slow to register, a Ray Client session whose server process died at start
+    assert _worth_retrying(None, RuntimeError("The current node timed out during startup."))
+    assert _worth_retrying("ray://head:10001", ConnectionAbortedError("Initialization failure from server"))
+    # not: a refused or unreachable cluster, a joined GCS address, any other local error
+    assert not _worth_retrying("ray://head:10001", ConnectionError("ray client connection timeout"))
+    assert not _worth_retrying("head:6379", ConnectionAbortedError("Initialization failure from server"))
+    assert not _worth_retrying(None, RuntimeError("Address already in use"))
