@@ -89,6 +89,9 @@ class BoxLossConfig(StrictModel):
     beta: float = Field(1.0, gt=0, description="smooth-L1 transition point (unused by l1)")
 
 
+TORCHVISION_BOX_HEAD_WIDTH = 1024  # the box head FasterRCNN builds when given none (the paper's)
+
+
 class ModelConfig(StrictModel):
     """Which detector, which backbone, which PISA parts."""
 
@@ -121,6 +124,12 @@ class ModelConfig(StrictModel):
     box_loss: BoxLossConfig | None = Field(
         None, description="box regression loss; None keeps the detector's torchvision loss"
     )
+    box_head_width: int = Field(
+        TORCHVISION_BOX_HEAD_WIDTH,
+        ge=16,
+        description="two-stage: width of the box head's two fully connected layers (mmdetection's "
+        "fc_out_channels; 1024 in the paper); narrower is cheaper for small CPU studies",
+    )
     # inference
     score_thresh: float = Field(0.05, ge=0, lt=1)
     detections_per_img: int = Field(100, ge=1)
@@ -134,6 +143,8 @@ class ModelConfig(StrictModel):
                 f"sampler '{self.sampler}' needs a two-stage detector (faster_rcnn, mask_rcnn); "
                 f"'{self.detector}' samples no RoIs (the paper uses no ISR-N for single-stage models)"
             )
+        if not two_stage and self.box_head_width != TORCHVISION_BOX_HEAD_WIDTH:
+            raise ValueError(f"box_head_width is for two-stage detectors; '{self.detector}' has no box head")
         if self.detector.startswith("ssd") and self.backbone != "vgg16":
             raise ValueError(f"detector '{self.detector}' needs backbone 'vgg16'")
         if self.backbone == "vgg16" and not self.detector.startswith("ssd"):

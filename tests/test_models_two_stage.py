@@ -277,6 +277,32 @@ def test_build_detector_num_classes():
     assert model.pisa_diagnostics() == {}
 
 
+def test_box_head_width():
+    # the default is torchvision's own head: the same seed gives torchvision's initial weights
+    torch.manual_seed(0)
+    ours = build_detector(tiny_cfg(), NUM_CLASSES)
+    torch.manual_seed(0)
+    reference = FasterRCNN(build_backbone(tiny_cfg()), num_classes=NUM_CLASSES + 1)
+    for name in ("fc6", "fc7"):
+        assert torch.equal(
+            getattr(ours.roi_heads.box_head, name).weight, getattr(reference.roi_heads.box_head, name).weight
+        )
+    assert torch.equal(
+        ours.roi_heads.box_predictor.cls_score.weight, reference.roi_heads.box_predictor.cls_score.weight
+    )
+
+    # narrower: both FC layers and the predictor's input; it trains with ISR-N's ranking pass
+    model, losses = train_step(tiny_cfg(box_head_width=64, sampler="score_hlr"))
+    head, predictor = model.roi_heads.box_head, model.roi_heads.box_predictor
+    assert (head.fc6.in_features, head.fc6.out_features, head.fc7.out_features) == (256 * 7 * 7, 64, 64)
+    assert (predictor.cls_score.in_features, predictor.cls_score.out_features) == (64, NUM_CLASSES + 1)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert head.fc6.weight.grad is not None and head.fc6.weight.grad.abs().sum() > 0
+
+    with pytest.raises(ValueError, match="box_head_width is for two-stage detectors"):
+        ModelConfig(detector="retinanet", box_head_width=256)
+
+
 # ---------------------------------------------------------------- backbones
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
-from pisa.config import ModelConfig
+from pisa.config import TORCHVISION_BOX_HEAD_WIDTH, ModelConfig
 from pisa.models.backbones import build_backbone
 from pisa.models.pisa_loss import DiagnosticsMixin, collect_diagnostics
 from pisa.models.roi_heads import PisaRoIHeads
@@ -41,6 +42,12 @@ def _two_stage(cls: type[FasterRCNN], cfg: ModelConfig, num_classes: int) -> Fas
         box_score_thresh=cfg.score_thresh,
         box_detections_per_img=cfg.detections_per_img,
     )
+    if cfg.box_head_width != TORCHVISION_BOX_HEAD_WIDTH:
+        # the same two FC layers, narrower; the default keeps torchvision's own modules, so a
+        # seed gives the same initial weights as it always did
+        pooled = model.backbone.out_channels * 7 * 7  # MultiScaleRoIAlign's 7x7 output
+        model.roi_heads.box_head = TwoMLPHead(pooled, cfg.box_head_width)
+        model.roi_heads.box_predictor = FastRCNNPredictor(cfg.box_head_width, num_classes + 1)
     model.roi_heads = PisaRoIHeads.from_torchvision(model.roi_heads, cfg)
     return model
 
