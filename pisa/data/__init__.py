@@ -9,7 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pisa.data.coco import BOX_TOLERANCE, CocoDetection, DataError, load_coco_json
+from pisa.data.coco import (
+    BOX_TOLERANCE,
+    CocoDetection,
+    DataError,
+    load_coco_json,
+    require_annotation_file,
+    require_image_dir,
+)
 from pisa.data.synthetic import CLASSES, ensure_synthetic, generate_synthetic, synth_command
 from pisa.data.transforms import DetectionTransform, build_transforms, collate_fn
 
@@ -39,12 +46,9 @@ def check_data_files(cfg: DataConfig) -> None:
     if cfg.synthetic is not None:
         return  # generated when missing
     for split in ("train", "val"):
-        annotations: Path = getattr(cfg, f"{split}_annotations")
-        images: Path = getattr(cfg, f"{split}_images")
-        if not Path(annotations).is_file():
-            raise DataError(f"{annotations}: annotation file not found")
-        if not Path(images).is_dir():
-            raise DataError(f"{annotations}: image directory {images} not found")
+        annotations = Path(getattr(cfg, f"{split}_annotations"))
+        require_annotation_file(annotations)
+        require_image_dir(annotations, Path(getattr(cfg, f"{split}_images")))
 
 
 def build_dataset(

@@ -47,9 +47,18 @@ def _quiet_coco(dataset: dict[str, Any]) -> COCO:
     return coco
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def require_annotation_file(path: Path) -> None:
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found")
+
+
+def require_image_dir(ann_file: Path, image_dir: Path) -> None:
+    if not image_dir.is_dir():
+        raise DataError(f"{ann_file}: image directory {image_dir} not found")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    require_annotation_file(path)
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -139,8 +148,7 @@ def load_coco_json(
 
     if image_dir is not None:
         root = Path(image_dir)
-        if not root.is_dir():
-            raise DataError(f"{path}: image directory {root} not found")
+        require_image_dir(path, root)
         missing = [img for img in images if not os.path.exists(root / img["file_name"])]
         if missing:
             listed = "; ".join(f"{root / m['file_name']} (image id {m['id']})" for m in missing[:10])

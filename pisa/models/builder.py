@@ -45,7 +45,8 @@ def _two_stage(cls: type[FasterRCNN], cfg: ModelConfig, num_classes: int) -> Fas
     if cfg.box_head_width != TORCHVISION_BOX_HEAD_WIDTH:
         # the same two FC layers, narrower; the default keeps torchvision's own modules, so a
         # seed gives the same initial weights as it always did
-        pooled = model.backbone.out_channels * 7 * 7  # MultiScaleRoIAlign's 7x7 output
+        resolution = model.roi_heads.box_roi_pool.output_size[0]
+        pooled = model.backbone.out_channels * resolution**2
         model.roi_heads.box_head = TwoMLPHead(pooled, cfg.box_head_width)
         model.roi_heads.box_predictor = FastRCNNPredictor(cfg.box_head_width, num_classes + 1)
     model.roi_heads = PisaRoIHeads.from_torchvision(model.roi_heads, cfg)
