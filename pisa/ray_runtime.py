@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from .progress import say
 
 DRIVER_RESOURCE = "pisa_trial_driver"
+
+T = TypeVar("T")
 
 
 def init_ray(
@@ -73,6 +77,27 @@ def init_ray(
             ray.shutdown()
         finally:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def init_ray_alongside(task: Callable[[], T], address: str | None = None, **init_kwargs: Any) -> T:
+    """`init_ray` while `task` (parsing annotations, setting up a tracking store) runs in a
+    thread, and `task`'s result. Ray's start-up mostly waits on its own processes, and these
+    fixed costs are most of what a short training or a small study pays before it starts.
+    If `task` fails, a Ray started here is stopped again and the error is raised."""
+    import ray
+
+    ray_was_running = ray.is_initialized()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pisa-prepare") as pool:
+        prepared = pool.submit(task)
+        try:
+            init_ray(address, **init_kwargs)
+        finally:
+            error = prepared.exception()
+    if error is not None:
+        if not ray_was_running:
+            ray.shutdown()
+        raise error
+    return prepared.result()
 
 
 def _worth_retrying(address: str | None, exc: Exception) -> bool:

@@ -18,7 +18,6 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -661,15 +660,11 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
 
 
 def _start_ray_and_prepare(study: Study, uri: str, address: str | None, verbose: bool) -> None:
-    """Start Ray while a thread checks the data and sets up the tracking store (a new SQLite
-    store creates its tables): Ray's start-up mostly waits for its processes, and these fixed
-    costs are most of what a small study pays before its first trial. A missing data file
-    fails before Ray starts; any other data error still ends the study before anything is
-    written, and a Ray started here is stopped again."""
-    import ray
-
+    """Start Ray while the data is checked and the tracking store set up (a new SQLite store
+    creates its tables). A missing data file fails before Ray starts; any other data error
+    still ends the study before anything is written."""
     from .data import check_data_files
-    from .ray_runtime import init_ray
+    from .ray_runtime import init_ray_alongside
     from .train import prepare_data
 
     check_data_files(study.base_config.data)
@@ -678,17 +673,7 @@ def _start_ray_and_prepare(study: Study, uri: str, address: str | None, verbose:
         prepare_data(study.base_config)
         tracking.client(uri)
 
-    ray_was_running = ray.is_initialized()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pisa-prepare") as pool:
-        prepared = pool.submit(prepare)
-        try:
-            init_ray(address, verbose=verbose, dashboard=not trains_in_trial(study))
-        finally:
-            error = prepared.exception()
-    if error is not None:
-        if not ray_was_running:
-            ray.shutdown()
-        raise error
+    init_ray_alongside(prepare, address, verbose=verbose, dashboard=not trains_in_trial(study))
 
 
 def resume_study(
@@ -705,14 +690,14 @@ def resume_study(
     from ray import tune
 
     from .cluster import check_cluster_setup
-    from .ray_runtime import init_ray
+    from .ray_runtime import init_ray_alongside
 
     state = load_state(name, storage_path)
     study = study_from_state(state)
     uri = state.tracking_uri
     check_cluster_setup(address, uri, study.base_config.storage_path, storage.display(state.dir))
     tracking.check_reachable(uri)
-    init_ray(address, verbose=verbose, dashboard=not trains_in_trial(study))
+    init_ray_alongside(lambda: tracking.client(uri), address, verbose=verbose, dashboard=not trains_in_trial(study))
     if retry_failed:  # their errors may have been fixed (data, a node); let them run again
         _clear_failed_marks(study)
     tracking.client(uri).update_run(state.parent_run_id, status="RUNNING")

@@ -20,7 +20,7 @@ from .config import ExperimentConfig
 from .engine import CHECKPOINT_FILE, DIAGNOSTICS_FILE, stopped_on, train_loop_per_worker
 from .errors import one_line
 from .progress import say
-from .ray_runtime import init_ray, quiet_libraries
+from .ray_runtime import init_ray_alongside, quiet_libraries
 
 
 @dataclass
@@ -141,14 +141,22 @@ def run_training(
     """Train one config end to end and track it in MLflow; never raises for a failed fit.
     The console shows pisa's progress lines; `verbose` adds Ray's own."""
     from .cluster import check_cluster_setup
+    from .data import check_data_files
 
     uri = cfg.tracking.resolved_uri()
     check_cluster_setup(address, uri, cfg.storage_path, "config")
     tracking.check_reachable(uri)
-    num_classes = prepare_data(cfg)
+    check_data_files(cfg.data)
     if not verbose:
         quiet_libraries()
-    init_ray(address)  # verbose: the workers' progress lines reach the console
+
+    def prepare() -> int:
+        num_classes = prepare_data(cfg)
+        tracking.client(uri)  # a new SQLite store creates its tables
+        return num_classes
+
+    # verbose Ray: the workers' progress lines reach the console
+    num_classes = init_ray_alongside(prepare, address)
     name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     params = cfg.flat_params()
     params["data.num_classes"] = num_classes

@@ -26,21 +26,27 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 def stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
     """SIGTERM the process group this test started, SIGKILL what is left after `grace`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
+    stop_groups([proc], grace)
+
+
+def stop_groups(procs: list[subprocess.Popen], grace: float = 20) -> None:
+    """`stop_group` for several groups at once: all get SIGTERM together and share one
+    `grace`, so services that each take seconds to shut down do so side by side."""
+
+    def signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
-        if sig == signal.SIGTERM:
-            try:  # children of the group leader may still run
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return
+
+    for proc in procs:
+        signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in procs:  # the leader's children may still run, or the leader itself
+        signal_group(proc, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180) -> None:
@@ -140,6 +146,9 @@ def start_mlflow_server(
     docker/compose.yaml (never on a command line). The caller's MLFLOW_* settings stay out."""
     port = free_port()
     env = {k: v for k, v in (env or os.environ).items() if not k.startswith("MLFLOW_")}
+    # no job runner: its consumer processes (several, each importing MLflow) serve MLflow's
+    # server-side jobs, which pisa does not use, and would take CPU from the tests
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     login: list[str] = []
     if admin_password is not None:
         env.update(MLFLOW_AUTH_ADMIN_PASSWORD=admin_password, MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())
@@ -278,10 +287,11 @@ def _wait_nodes(cluster: RayCluster, env: dict[str, str], n: int, proc, log: Pat
 
 
 def stop_ray_cluster(cluster: RayCluster) -> None:
-    """Stops the node, then the head, and deletes their temp dirs (session logs and spilled
-    objects, hundreds of MB per cluster) so a suite run leaves nothing under /tmp."""
-    for proc in reversed(cluster.processes):
-        stop_group(proc, grace=30)
+    """Stops the nodes side by side and deletes their temp dirs (session logs and spilled
+    objects, hundreds of MB per cluster) so a suite run leaves nothing under /tmp. A node
+    given SIGTERM takes over 30 s to wind down its processes: they hold nothing the tests
+    need, so a short grace then SIGKILL for what is left of each group."""
+    stop_groups(cluster.processes, grace=3)
     for temp_dir in cluster.temp_dirs:
         shutil.rmtree(temp_dir, ignore_errors=True)
     with contextlib.suppress(OSError):  # the short root, once its last attempt's dirs are gone

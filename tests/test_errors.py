@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import tiny_experiment
 from ray.train import WorkerGroupError
 
+from pisa import tracking
 from pisa.cli import main
 from pisa.errors import (
     BackboneLoadError,
@@ -101,6 +103,27 @@ def test_point_outside_the_search_space_is_refused_not_clamped(tmp_path, capsys)
 def test_unknown_study_name_is_exit_2(tmp_path, capsys):
     code, err = _run(capsys, "study", "best", "nope", "--storage-path", str(tmp_path))
     assert code == 2 and "no study 'nope'" in err
+
+
+def test_pisa_train_with_corrupt_annotations_is_one_line_exit_2_and_leaves_no_run(synthetic_dir, tmp_path, capsys):
+    """`pisa train` parses the annotations while Ray starts: a bad file still ends it with its
+    one-line error before any MLflow run or Ray Train directory exists, and a Ray it started
+    is stopped again."""
+    import ray
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [')
+    data = tiny_experiment(synthetic_dir, tmp_path)
+    data["data"]["val_annotations"] = str(broken)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(data))
+    ray_was_running = ray.is_initialized()
+    code, err = _run(capsys, "train", str(config))
+    assert code == 2 and err.splitlines()[-1].startswith(f"error: {broken}:1:13: malformed JSON"), err[-2000:]
+    assert ray.is_initialized() == ray_was_running
+    assert not (tmp_path / "ray_results").exists()
+    if (tmp_path / "mlflow.db").exists():  # set up beside Ray: no run in it
+        assert tracking.find_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "tests", "") == []
 
 
 @pytest.mark.slow

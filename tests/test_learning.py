@@ -25,9 +25,11 @@ QUICKSTART = REPO / "configs" / "quickstart_trial.yaml"
 # measured on a shared 2-core CPU: bbox_mAP 0.221 after 4 epochs (0.029 / 0.067 / 0.132 / 0.221;
 # deterministic), 107 s train + 11 s eval, ~190 s with Ray start-up under load
 SYNTHETIC_MIN_MAP = 0.10
-# measured on 2 cores: bbox_mAP 0.0117 after epoch 1 (AP50 0.059: PISA from scratch is slow to
-# start), 0.160 after epoch 2 (AP50 0.399); deterministic; ~125 s per epoch + 9 s eval
-BCCD_MIN_MAP = 0.08
+# measured on 2 cores with a 256-wide box head (2026-11-26, idle machine): bbox_mAP 0.0038 after
+# epoch 1 (PISA from scratch is slow to start), 0.115 after epoch 2; deterministic; 84 s and
+# 76 s of training per epoch, the test 218 s in all. The paper's 1024-wide head reached 0.160
+# after epoch 2 at ~125 s per epoch (measured under load): the learning check does not need it.
+BCCD_MIN_MAP = 0.06
 
 
 def _tracking(work: Path, experiment: str) -> list[str]:
@@ -59,8 +61,9 @@ def test_quickstart_trial_learns_synthetic_shapes(ray_local, tmp_path):
 
 
 def bccd_experiment(bccd: Path, work: Path) -> dict:
-    """Faster R-CNN (ResNet-18-FPN from scratch, trainable BN) with PISA: two epochs of 64 BCCD
-    train images at 224x299 (64 steps), evaluated on the first 24 val images."""
+    """Faster R-CNN (ResNet-18-FPN from scratch, trainable BN, a 256-wide box head) with PISA:
+    two epochs of 64 BCCD train images at 224x299 (64 steps), evaluated on the first 24 val
+    images."""
     return {
         "name": "bccd-learning",
         "model": {
@@ -74,6 +77,7 @@ def bccd_experiment(bccd: Path, work: Path) -> dict:
             "rpn_pre_nms_top_n_test": 300,
             "rpn_post_nms_top_n_test": 300,
             "rois_per_image": 128,
+            "box_head_width": 256,
             "sampler": "score_hlr",
             "isr_p": {"enabled": True},
             "carl": {"enabled": True},

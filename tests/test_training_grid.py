@@ -31,7 +31,7 @@ def test_torch_trainer_trainings_are_tracked_and_a_diverging_one_fails_once(ray_
         name="grid",
         in_trial=False,
         resources=trial_driver_resources(),
-        concurrent=1,
+        concurrent=2,  # side by side: each start-up overlaps the other's
         max_failures=2,
         score=("train_loss", "min"),
         num_classes=3,
