@@ -11,8 +11,6 @@ import csv
 import io
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,8 +23,6 @@ from pisa.config import ConfigError
 from pisa.seeds import mean_report
 from pisa.study import collect, concurrent_trials, load_state, run_study
 from pisa.study_config import load_study
-
-PISA = [sys.executable, "-m", "pisa.cli"]
 
 
 def test_mean_report_averages_seeds_and_keeps_each_value():
@@ -88,26 +84,24 @@ def test_a_point_trains_every_seed_and_ranks_by_their_mean(seeded_study):
 
 
 @pytest.mark.slow
-def test_best_says_whether_the_winner_is_within_the_noise(seeded_study):
+def test_best_says_whether_the_winner_is_within_the_noise(seeded_study, monkeypatch, capsys):
     tmp, study, outcome = seeded_study
-    res = subprocess.run(PISA + ["study", "best", "seeded"], capture_output=True, text=True, timeout=120, cwd=tmp)
-    assert res.returncode == 0, res.stderr
-    line = next(ln for ln in res.stdout.splitlines() if "runner-up" in ln)
+    monkeypatch.chdir(tmp)
+    code = cli.main(["study", "best", "seeded"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    line = next(ln for ln in out.splitlines() if "runner-up" in ln)
     assert "over 2 seeds" in line and ("within the noise" in line or "beyond the seed noise" in line)
 
 
 @pytest.mark.slow
-def test_validate_compares_with_intervals_and_logs_a_linked_run(seeded_study):
+def test_validate_compares_with_intervals_and_logs_a_linked_run(seeded_study, monkeypatch, capsys):
     tmp, study, outcome = seeded_study
-    res = subprocess.run(
-        PISA + ["study", "validate", "seeded", "--top", "1", "--seeds", "2"],
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        cwd=tmp,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "paired diff vs baseline" in res.stdout and "baseline" in res.stdout
+    monkeypatch.chdir(tmp)  # in this process: it joins the session's Ray
+    code = cli.main(["study", "validate", "seeded", "--top", "1", "--seeds", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "paired diff vs baseline" in out and "baseline" in out
     uri = outcome.tracking_uri
     state = load_state("seeded", tmp / "ray_results")
     parent = tracking.client(uri).get_run(state.parent_run_id)
