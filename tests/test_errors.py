@@ -105,6 +105,39 @@ def test_unknown_study_name_is_exit_2(tmp_path, capsys):
     assert code == 2 and "no study 'nope'" in err
 
 
+@pytest.mark.parametrize(
+    "argv, code, says",
+    [
+        (["--version"], 0, "pisa "),
+        (["--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["study", "run", "missing.yaml"], 2, "missing.yaml: no such file"),
+        (["study", "list"], 2, "no study storage at ray_results"),
+    ],
+)
+def test_the_pisa_command_exits_with_the_code_of_its_outcome(tmp_path, argv, code, says):
+    """The command skips the interpreter's teardown once its exit handlers ran: the exit code
+    and everything printed must survive that, argparse's own exits included."""
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "pisa.cli", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == code, res.stderr[-2000:]
+    assert says in res.stdout + res.stderr
+
+
+def test_the_pisa_command_imports_ray_only_when_a_command_needs_it():
+    """Ray registers its shutdown as an exit handler when it is imported: after `pisa.cli`'s
+    own (which ends the process) it runs before it. Importing the CLI stays light too."""
+    import subprocess
+    import sys
+
+    probe = "import sys, pisa.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'mlflow'}))"
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
 def test_pisa_train_with_corrupt_annotations_is_one_line_exit_2_and_leaves_no_run(synthetic_dir, tmp_path, capsys):
     """`pisa train` parses the annotations while Ray starts: a bad file still ends it with its
     one-line error before any MLflow run or Ray Train directory exists, and a Ray it started
