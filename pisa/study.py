@@ -622,6 +622,7 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
     """Run a study from the start; the tracking store is checked before any trial."""
     from .cluster import check_cluster_setup
     from .ray_runtime import quiet_libraries
+    from .train import start_ray_with_data
 
     if not verbose:
         quiet_libraries()
@@ -633,7 +634,7 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
             f"study {study.name!r} already exists in {storage.display(study_dir(study))}: continue it with "
             f"`pisa study resume {study.name}` or choose another name (--set name=...)"
         )
-    _start_ray_and_prepare(study, uri, address, verbose)
+    start_ray_with_data(study.base_config, uri, address, verbose=verbose, dashboard=not trains_in_trial(study))
     concurrent_trials(study)  # a point that cannot fit the cluster fails before any run exists
     experiment = study.base_config.tracking.experiment
     parent = tracking.start_run(
@@ -657,23 +658,6 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
         say(f"note: {note}")
     tuner = _tuner(study, uri, parent, verbose)
     return _fit_and_finish(study, tuner, uri, parent)
-
-
-def _start_ray_and_prepare(study: Study, uri: str, address: str | None, verbose: bool) -> None:
-    """Start Ray while the data is checked and the tracking store set up (a new SQLite store
-    creates its tables). A missing data file fails before Ray starts; any other data error
-    still ends the study before anything is written."""
-    from .data import check_data_files
-    from .ray_runtime import init_ray_alongside
-    from .train import prepare_data
-
-    check_data_files(study.base_config.data)
-
-    def prepare() -> None:
-        prepare_data(study.base_config)
-        tracking.client(uri)
-
-    init_ray_alongside(prepare, address, verbose=verbose, dashboard=not trains_in_trial(study))
 
 
 def resume_study(

@@ -45,6 +45,22 @@ def prepare_data(cfg: ExperimentConfig) -> int:
     return train.num_classes
 
 
+def start_ray_with_data(cfg: ExperimentConfig, uri: str, address: str | None, **init_kwargs: Any) -> int:
+    """Start (or join) Ray while the data is prepared and the tracking store set up (a new
+    SQLite store creates its tables); the number of classes. A missing data file fails
+    before Ray starts; any other data error once it has started, which stops it again."""
+    from .data import check_data_files
+
+    check_data_files(cfg.data)
+
+    def prepare() -> int:
+        num_classes = prepare_data(cfg)
+        tracking.client(uri)
+        return num_classes
+
+    return init_ray_alongside(prepare, address, **init_kwargs)
+
+
 def scaling_config(cfg: ExperimentConfig):
     """Workers with the CPUs and (fractions of) GPUs each one asks for."""
     from ray.train import ScalingConfig
@@ -141,22 +157,14 @@ def run_training(
     """Train one config end to end and track it in MLflow; never raises for a failed fit.
     The console shows pisa's progress lines; `verbose` adds Ray's own."""
     from .cluster import check_cluster_setup
-    from .data import check_data_files
 
     uri = cfg.tracking.resolved_uri()
     check_cluster_setup(address, uri, cfg.storage_path, "config")
     tracking.check_reachable(uri)
-    check_data_files(cfg.data)
     if not verbose:
         quiet_libraries()
-
-    def prepare() -> int:
-        num_classes = prepare_data(cfg)
-        tracking.client(uri)  # a new SQLite store creates its tables
-        return num_classes
-
     # verbose Ray: the workers' progress lines reach the console
-    num_classes = init_ray_alongside(prepare, address)
+    num_classes = start_ray_with_data(cfg, uri, address)
     name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     params = cfg.flat_params()
     params["data.num_classes"] = num_classes

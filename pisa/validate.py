@@ -125,10 +125,10 @@ def validate_study(
     """Train every variant on every seed (seed by seed), log and return the comparison.
     `verbose` shows the trainings' own output (otherwise in each trial's directory)."""
     from .cluster import check_cluster_setup
-    from .ray_runtime import init_ray_alongside, quiet_libraries
+    from .ray_runtime import quiet_libraries
     from .storage import join
     from .study import load_state, outcome_from_state, study_dir, study_from_state, trains_in_trial, trial_resources
-    from .train import prepare_data
+    from .train import start_ray_with_data
     from .training_grid import train_grid
 
     if seeds < 1:
@@ -170,9 +170,7 @@ def validate_study(
     trainings_dir = join(study_dir(study), name, "trainings")  # where multi-worker trainings checkpoint
     trainings = [_training(study, r.variant, seed, uri, state.name, trainings_dir) for seed, r in jobs]
     in_trial = trains_in_trial(study, seeds=1)
-    num_classes = init_ray_alongside(
-        lambda: prepare_data(study.base_config), address, verbose=verbose, dashboard=not in_trial
-    )
+    num_classes = start_ray_with_data(study.base_config, uri, address, verbose=verbose, dashboard=not in_trial)
     parallel = trainings_at_once(study, len(jobs))
     say(f"{len(jobs)} trainings, {parallel} at a time")
     outcomes = train_grid(

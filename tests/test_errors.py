@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,9 +119,6 @@ def test_unknown_study_name_is_exit_2(tmp_path, capsys):
 def test_the_pisa_command_exits_with_the_code_of_its_outcome(tmp_path, argv, code, says):
     """The command skips the interpreter's teardown once its exit handlers ran: the exit code
     and everything printed must survive that, argparse's own exits included."""
-    import subprocess
-    import sys
-
     res = subprocess.run(
         [sys.executable, "-m", "pisa.cli", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
@@ -130,9 +129,6 @@ def test_the_pisa_command_exits_with_the_code_of_its_outcome(tmp_path, argv, cod
 def test_the_pisa_command_imports_ray_only_when_a_command_needs_it():
     """Ray registers its shutdown as an exit handler when it is imported: after `pisa.cli`'s
     own (which ends the process) it runs before it. Importing the CLI stays light too."""
-    import subprocess
-    import sys
-
     probe = "import sys, pisa.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'mlflow'}))"
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
