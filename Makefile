@@ -7,10 +7,12 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test test-fast lint bench gpu-check clean
 
+# --no-compile: byte-compiling every installed module (torch, Ray, MLflow; most are never
+# imported here) takes longer than compiling the used ones on their first import
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)
