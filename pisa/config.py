@@ -90,6 +90,7 @@ class BoxLossConfig(StrictModel):
 
 
 TORCHVISION_BOX_HEAD_WIDTH = 1024  # the box head FasterRCNN builds when given none (the paper's)
+TORCHVISION_FPN_CHANNELS = 256  # torchvision's FPN width (mmdetection's FPN out_channels, the paper's)
 
 
 class ModelConfig(StrictModel):
@@ -130,6 +131,14 @@ class ModelConfig(StrictModel):
         description="two-stage: width of the box head's two fully connected layers (mmdetection's "
         "fc_out_channels; 1024 in the paper); narrower is cheaper for small CPU studies",
     )
+    fpn_channels: int = Field(
+        TORCHVISION_FPN_CHANNELS,
+        ge=32,
+        multiple_of=32,  # GroupNorm's 32 groups (norm: gn, RetinaNet's head)
+        description="FPN detectors: channels of every pyramid level, and so of the RPN head and the "
+        "pooled RoI features (mmdetection's FPN out_channels; 256 in the paper); 128 halves a small "
+        "CPU detector's step",
+    )
     # inference
     score_thresh: float = Field(0.05, ge=0, lt=1)
     detections_per_img: int = Field(100, ge=1)
@@ -145,6 +154,8 @@ class ModelConfig(StrictModel):
             )
         if not two_stage and self.box_head_width != TORCHVISION_BOX_HEAD_WIDTH:
             raise ValueError(f"box_head_width is for two-stage detectors; '{self.detector}' has no box head")
+        if self.detector.startswith("ssd") and self.fpn_channels != TORCHVISION_FPN_CHANNELS:
+            raise ValueError(f"fpn_channels is for FPN backbones; '{self.detector}' uses VGG16 without an FPN")
         if self.detector.startswith("ssd") and self.backbone != "vgg16":
             raise ValueError(f"detector '{self.detector}' needs backbone 'vgg16'")
         if self.backbone == "vgg16" and not self.detector.startswith("ssd"):

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.slow
 
 QUICKSTART = REPO / "configs" / "quickstart_trial.yaml"
 
-# measured on 2 cores (2026-11-26, one training alone, seed 0): bbox_mAP 0.022 / 0.030 / 0.060 /
-# 0.207 after epochs 1-4; deterministic; epochs of 20-23 s
+# measured on 2 cores (2026-11-26, seed 0, the config's 128-channel FPN): bbox_mAP 0.006 / 0.030 /
+# 0.112 / 0.195 after epochs 1-4 (seeds 1 and 2: 0.161 and 0.154); deterministic; epochs of
+# 13-18 s beside another training
 SYNTHETIC_MIN_MAP = 0.10
 # measured on 2 cores with a 256-wide box head (2026-11-26, idle machine): bbox_mAP 0.0038 after
 # epoch 1 (PISA from scratch is slow to start), 0.115 after epoch 2; deterministic; 84 s and

@@ -303,6 +303,33 @@ def test_box_head_width():
         ModelConfig(detector="retinanet", box_head_width=256)
 
 
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_fpn_channels(norm):
+    # every pyramid level, the RPN head, the pooled features the box head sees, the mask head
+    cfg = tiny_cfg(fpn_channels=96, norm=norm, sampler="score_hlr", box_head_width=64)
+    bb = build_backbone(cfg)
+    assert bb.out_channels == 96 and bb.in_channels_list == [64, 128, 256, 512]
+    with torch.no_grad():
+        levels = bb(torch.rand(1, 3, 64, 64))
+    assert [tuple(v.shape[:2]) for v in levels.values()] == [(1, 96)] * 5  # P2-P5 + max-pooled P6
+    model, losses = train_step(cfg)
+    assert model.rpn.head.conv[0][0].in_channels == 96
+    assert model.roi_heads.box_head.fc6.in_features == 96 * 7 * 7
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert model.backbone.fpn.layer_blocks[0][0].weight.grad.abs().sum() > 0  # the narrow FPN trains
+    mask = build_detector(tiny_cfg(detector="mask_rcnn", fpn_channels=64), NUM_CLASSES)
+    assert mask.roi_heads.mask_head[0][0].in_channels == 64
+
+    # RetinaNet's P6/P7 follow the width; SSD has no FPN
+    retina = build_detector(tiny_cfg(detector="retinanet", fpn_channels=64), NUM_CLASSES)
+    assert retina.backbone.fpn.extra_blocks.p6.out_channels == 64
+    assert retina.head.classification_head.conv[0][0].in_channels == 64
+    with pytest.raises(ValueError, match="fpn_channels is for FPN backbones"):
+        ModelConfig(detector="ssd300", backbone="vgg16", fpn_channels=128)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ModelConfig(fpn_channels=100)
+
+
 # ---------------------------------------------------------------- backbones
 
 

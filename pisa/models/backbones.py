@@ -26,10 +26,10 @@ from torchvision.models.detection.backbone_utils import (
     _resnet_fpn_extractor,
 )
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
-from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from pisa.config import ModelConfig
+from pisa.config import TORCHVISION_FPN_CHANNELS, ModelConfig
 from pisa.errors import BackboneLoadError
 
 __all__ = ["build_backbone", "resolve_norm", "load_trunk_weights", "BackboneLoadError"]
@@ -174,7 +174,8 @@ def build_backbone(
     returned_layers: Sequence[int] = (1, 2, 3, 4),
     extra_blocks: ExtraFPNBlock | None = None,
 ) -> BackboneWithFPN:
-    """The configured trunk + FPN (256 channels); `.in_channels_list` = trunk channels per level.
+    """The configured trunk + FPN (`cfg.fpn_channels`, torchvision's 256 by default);
+    `.in_channels_list` = trunk channels per level.
 
     `returned_layers` index the trunk stages (1..4 = strides 4..32 for both ResNets and
     MobileNetV3). Layers are frozen per `cfg.trainable_backbone_layers` only with
@@ -213,4 +214,11 @@ def build_backbone(
         backbone = _resnet_fpn_extractor(model, trainable, layers, extra_blocks, norm_layer=fpn_norm)
         in_channels = [cast(int, model.inplanes) // 8 * 2 ** (i - 1) for i in layers]
     backbone.in_channels_list = in_channels
+    if cfg.fpn_channels != TORCHVISION_FPN_CHANNELS:
+        # torchvision's extractors build a 256-wide FPN; the default keeps their modules, so a
+        # seed gives the same initial weights as it always did
+        backbone.fpn = FeaturePyramidNetwork(
+            in_channels, cfg.fpn_channels, extra_blocks=backbone.fpn.extra_blocks, norm_layer=fpn_norm
+        )
+        backbone.out_channels = cfg.fpn_channels
     return backbone

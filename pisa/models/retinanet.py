@@ -114,7 +114,9 @@ def build_retinanet(cfg: ModelConfig, num_classes: int) -> nn.Module:
     that dataset labels 1..K index them directly, as torchvision's COCO RetinaNet does
     (logit 0 is never a positive and never reported as a detection).
     """
-    backbone = build_backbone(cfg, returned_layers=(2, 3, 4), extra_blocks=LastLevelP6P7(256, 256))
+    backbone = build_backbone(
+        cfg, returned_layers=(2, 3, 4), extra_blocks=LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels)
+    )
     anchor_generator = _default_anchorgen()  # 5 levels x 9 anchors, sizes 32..512
     norm_layer = None if resolve_norm(cfg) == "frozen_bn" else partial(nn.GroupNorm, 32)
     head = PISARetinaNetHead(
