@@ -7,6 +7,7 @@ study (logged from the Tune driver: one parent run, one nested child per trial).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import urllib.error
@@ -144,7 +145,31 @@ def client(uri: str):
 def _client_of(uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with _one_process_at_a_time(uri):
+        # the first client of a new SQLite file creates its tables and runs MLflow's
+        # migrations; two processes doing that at once (two `pisa train`s on a new store)
+        # break each other's ("duplicate column name")
+        c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        c.search_experiments(max_results=1)
+    return c
+
+
+@contextlib.contextmanager
+def _one_process_at_a_time(uri: str):
+    """An exclusive lock on a SQLite store's folder (`flock`, released when the block ends
+    or the process dies); other stores need none."""
+    folder = Path(uri[len("sqlite:///") :].split("?")[0]).parent if uri.startswith("sqlite:///") else None
+    if folder is None or not folder.is_dir():
+        yield
+        return
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def get_or_create_experiment(uri: str, name: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+
 from pisa import tracking
 
 
@@ -11,3 +13,31 @@ def test_long_tag_values_are_cut_at_mlflows_limit_not_rejected(tmp_path):
     tracking.set_tags(uri, run_id, {"pisa.error": "x" * 9000, "short": "ok"})
     tags = tracking.client(uri).get_run(run_id).data.tags
     assert tags["pisa.error"] == "x" * 8000 and tags["short"] == "ok"
+
+
+def _first_run_on(uri: str, barrier, results) -> None:
+    import mlflow  # noqa: F401 (imported before the barrier: the processes race on the store, not on imports)
+
+    barrier.wait(timeout=120)
+    try:
+        results.put(tracking.start_run(uri, "tests", "racer"))
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_that_create_a_new_sqlite_store_at_once_all_succeed(tmp_path):
+    # two `pisa train`s started together on a new store: MLflow's table creation and
+    # migrations, run by both at once, used to fail one ("duplicate column name: step")
+    ctx = mp.get_context("spawn")
+    n = 3
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    procs = [ctx.Process(target=_first_run_on, args=(uri, barrier, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert all(len(o) == 32 for o in outcomes), outcomes  # three run ids, no error
+    runs = tracking.client(uri).search_runs([tracking.client(uri).get_experiment_by_name("tests").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(outcomes)
