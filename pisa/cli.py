@@ -327,7 +327,7 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import run_training, summary_json
+    from .train import run_training
 
     overrides = list(args.overrides)
     if args.workers:
@@ -338,7 +338,7 @@ def _train(args: argparse.Namespace) -> int:
     outcome = run_training(
         cfg, address=args.address, run_name=args.run_name, resume_from=args.resume, verbose=args.verbose
     )
-    print(summary_json(outcome))
+    print(outcome.to_json())
     if outcome.status != "FINISHED":
         return 1
     if args.register is not None and not outcome.checkpoint_dir:

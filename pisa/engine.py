@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,12 +72,7 @@ def build_optimizer(model: nn.Module, schedule: Schedule) -> torch.optim.Optimiz
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
+    np.random.seed(seed % 2**32)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -465,10 +461,12 @@ def _train_epoch(t: _Training, epoch: int, faults: _Faults) -> _EpochStats:
         for k, v in losses.items():
             stats.sums[k] += float(v.detach())
         logs_now = (step + 1) % cfg.train.log_every == 0
+        if rank != 0:
+            continue
         # once per logging interval (and at the epoch's end): the copy syncs the GPU
-        if rank == 0 and cfg.model.diagnostics and (logs_now or step + 1 == iters_per_epoch):
+        if cfg.model.diagnostics and (logs_now or step + 1 == iters_per_epoch):
             _read_diagnostics(t.model, stats.diagnostics)
-        if rank == 0 and logs_now:
+        if logs_now:
             elapsed = time.perf_counter() - t_epoch
             remaining = (iters_per_epoch - step - 1) + (t.epochs - epoch - 1) * iters_per_epoch
             say(
@@ -484,7 +482,7 @@ def _evaluate_epoch(t: _Training, epoch: int, stats: _EpochStats) -> dict[str, f
     """The epoch's metrics, the same on every rank: mean training losses over the workers,
     the val set's COCO AP, and the epoch's throughput."""
     steps = max(1, stats.steps)
-    metrics = {f"train_{k}" if k != "loss" else "train_loss": v / steps for k, v in stats.sums.items()}
+    metrics = {f"train_{k}": v / steps for k, v in stats.sums.items()}
     metrics = _all_reduce_mean(metrics)
     iou_types = ("bbox", "segm") if t.cfg.model.detector == "mask_rcnn" else ("bbox",)
     t_eval = time.perf_counter()

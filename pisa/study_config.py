@@ -126,7 +126,10 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     base: dict[str, Any] = {}
     if cfg.base is not None:
         base_path = cfg.base if cfg.base.is_absolute() else (path.parent / cfg.base)
-        base = load_yaml(base_path)
+        try:
+            base = load_yaml(base_path)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: base: {exc}") from None
     base = merge(base, cfg.experiment)
     base = apply_overrides(base, exp_over)
     base.setdefault("name", cfg.name)

@@ -32,6 +32,14 @@ class TrainOutcome:
     error: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def to_json(self) -> str:
+        """What `pisa train` prints last: the run, its status, final metrics and error."""
+        return json.dumps(
+            {"run_id": self.run_id, "status": self.status, "metrics": self.metrics, "error": self.error},
+            indent=2,
+            default=str,
+        )
+
 
 def prepare_data(cfg: ExperimentConfig) -> int:
     """Generate the synthetic set if asked, and validate the annotations once on the driver,
@@ -207,11 +215,3 @@ def run_training(
     log_final_artifacts(uri, run_id, checkpoint_dir, cfg.tracking.log_checkpoint)
     tracking.end_run(uri, run_id, "FINISHED")
     return TrainOutcome(run_id, "FINISHED", metrics, checkpoint_dir)
-
-
-def summary_json(outcome: TrainOutcome) -> str:
-    return json.dumps(
-        {"run_id": outcome.run_id, "status": outcome.status, "metrics": outcome.metrics, "error": outcome.error},
-        indent=2,
-        default=str,
-    )

@@ -234,3 +234,13 @@ def mlflow_server_pg(postgres_server: PostgresServer, tmp_path_factory: pytest.T
     server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), backend, env=env)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if the command gets as far as starting (or joining) Ray."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr("pisa.ray_runtime.init_ray", refuse)

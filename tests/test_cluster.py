@@ -182,19 +182,3 @@ def test_two_node_study_with_login(work, synthetic_dir, mlflow_login, env, clust
         if p.is_file() and not p.is_symlink() and PASSWORD.encode() in p.read_bytes()
     ]
     assert not leaks
-
-
-def test_ray_client_with_a_local_tracking_store_fails_before_any_trial(work, synthetic_dir):
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    path = _study_file(work, synthetic_dir, f"sqlite:///{work / 'local.db'}")
-    res = subprocess.run(
-        PISA + ["study", "run", str(path), "--address", "ray://127.0.0.1:9", "--set", "name=client-sqlite"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "tracking server" in res.stderr and "ray://" in res.stderr
-    assert not (work / "ray_results" / "client-sqlite").exists()

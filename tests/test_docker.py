@@ -12,7 +12,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -366,7 +365,6 @@ def test_worker_with_all_gpus_or_none(fake_node):
             p.wait(timeout=10)
     # no usable GPU: nvidia-smi fails (no driver) -> a CPU-only node
     (Path(fake_node["PATH"].split(":")[0]) / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")
-    start = time.monotonic()
     p = _start_worker(fake_node)
     try:
         assert (
@@ -376,7 +374,6 @@ def test_worker_with_all_gpus_or_none(fake_node):
     finally:
         p.kill()
         p.wait(timeout=10)
-    assert time.monotonic() - start < 30
 
 
 # ---------------------------------------------------------------- KubeRay, ray up

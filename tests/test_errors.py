@@ -75,23 +75,36 @@ def _run(capsys, *argv: str) -> tuple[int, str]:
     return code, err
 
 
-def test_binary_study_file_is_one_line_exit_2(tmp_path, capsys):
+def _nothing_started(work: Path) -> bool:
+    """Nothing beside the input files: no data generated, no study storage, no tracking
+    store (and with `no_ray`, no Ray)."""
+    return not [p.name for p in work.iterdir() if p.suffix != ".yaml" and p.name != "base"]
+
+
+def test_binary_study_file_is_one_line_exit_2(tmp_path, capsys, monkeypatch, no_ray):
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "garbage.yaml"
     path.write_bytes(b"name: x\n\xff\xfe\x00\x81binary")
     code, err = _run(capsys, "study", "run", str(path))
     assert code == 2 and err.count("\n") == 0
     assert str(path) in err and "not a UTF-8 text file" in err
+    assert _nothing_started(tmp_path)
 
 
-def test_directory_given_as_study_file(tmp_path, capsys):
+def test_directory_given_as_study_file(tmp_path, capsys, monkeypatch, no_ray):
+    monkeypatch.chdir(tmp_path)
     code, err = _run(capsys, "study", "run", str(tmp_path))
     assert code == 2 and err == f"error: {tmp_path}: is a directory, expected a YAML file"
+    assert _nothing_started(tmp_path)
 
 
-def test_directory_given_as_base_file(tmp_path, capsys):
+def test_directory_given_as_base_file(tmp_path, capsys, monkeypatch, no_ray):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "base").mkdir()
-    code, err = _run(capsys, "study", "run", str(_study(tmp_path, base="base")))
-    assert code == 2 and f"{tmp_path / 'base'}: is a directory" in err
+    study = _study(tmp_path, base="base")
+    code, err = _run(capsys, "study", "run", str(study))
+    assert code == 2 and err == f"error: {study}: base: {tmp_path / 'base'}: is a directory, expected a YAML file"
+    assert _nothing_started(tmp_path)
 
 
 def test_point_outside_the_search_space_is_refused_not_clamped(tmp_path, capsys):
@@ -100,6 +113,20 @@ def test_point_outside_the_search_space_is_refused_not_clamped(tmp_path, capsys)
     assert code == 2 and err.count("\n") == 0
     assert f"{path}: points_to_evaluate[0].model.isr_p.k: -5 is outside the search space" in err
     assert not (tmp_path / "data").exists() and not (tmp_path / "ray_results").exists()
+
+
+def test_ray_client_with_a_local_tracking_store_fails_before_any_trial(tmp_path, capsys, monkeypatch, no_ray):
+    # through Ray Client the study's logger runs on the cluster: a local file store is not there
+    monkeypatch.chdir(tmp_path)
+    experiment = {
+        "data": {"synthetic": {"out": str(tmp_path / "data")}},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'local.db'}"},
+    }
+    path = _study(tmp_path, experiment=experiment)
+    code, err = _run(capsys, "study", "run", str(path), "--address", "ray://127.0.0.1:9")
+    assert code == 2 and err.count("\n") == 0, err
+    assert "tracking server" in err and "ray://" in err
+    assert _nothing_started(tmp_path)
 
 
 def test_unknown_study_name_is_exit_2(tmp_path, capsys):

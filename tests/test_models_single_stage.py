@@ -287,8 +287,6 @@ def test_carl_gradient_reaches_positive_logits(detector):
     fg = torch.stack(matched) >= 0
     assert (grad[fg].abs().sum(-1) > 0).all()
     assert grad[~fg].abs().sum() == 0
-    carl_w = model.pisa_diagnostics()["carl_weights"]
-    torch.testing.assert_close(carl_w.mean(), torch.tensor(1.0))
 
 
 @pytest.mark.parametrize("detector", DETECTORS)

@@ -300,16 +300,6 @@ BAD_STUDIES = [
 ]
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fails the test if the command gets as far as starting (or joining) Ray."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("Ray was started")
-
-    monkeypatch.setattr("pisa.ray_runtime.init_ray", refuse)
-
-
 def _pisa(capsys, *argv: str) -> tuple[int, str]:
     """`pisa ...` in this process: the exit code and what it wrote to stderr."""
     code = cli.main(list(argv))
