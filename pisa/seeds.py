@@ -67,17 +67,25 @@ class SeedFailed(RuntimeError):
     """One seed's training failed: the whole point fails (its mean would be biased)."""
 
 
+def _raise_first(errors: dict[int, BaseException]) -> None:
+    """The lowest failed seed's error, chained: the pisa error inside (a non-finite loss, bad
+    data) still decides the exit code and that a retry would fail the same way."""
+    from .errors import one_line
+
+    seed = min(errors)
+    raise SeedFailed(f"seed {seed}: {one_line(errors[seed])}") from errors[seed]
+
+
 def fit_seeds(exp, name: str, seeds: list[int], metric: str) -> None:
     """Train `exp` once per seed at the same time; report per-epoch seed means to Tune."""
     from ray import tune
     from ray.util.queue import Empty, Queue
 
     from .engine import stopped_on
-    from .errors import one_line
     from .train import build_trainer
 
     queue = Queue(actor_options={"num_cpus": 0})
-    errors: dict[int, str] = {}
+    errors: dict[int, BaseException] = {}
     done: set[int] = set()
 
     def fit(seed: int) -> None:
@@ -86,9 +94,9 @@ def fit_seeds(exp, name: str, seeds: list[int], metric: str) -> None:
             result = build_trainer(cfg, name=f"{name}-seed{seed}", callbacks=[_seed_callback(queue, seed)]).fit()
             error = getattr(result, "error", None) or stopped_on(result)
             if error is not None:
-                errors[seed] = one_line(error)
+                errors[seed] = error
         except Exception as exc:  # TrainingFailedError and friends
-            errors[seed] = one_line(exc)
+            errors[seed] = exc
         finally:
             done.add(seed)
 
@@ -104,8 +112,7 @@ def fit_seeds(exp, name: str, seeds: list[int], metric: str) -> None:
         except Empty:
             pass
         if errors:
-            seed = min(errors)
-            raise SeedFailed(f"seed {seed}: {errors[seed]}")
+            _raise_first(errors)
         for epoch in sorted(pending):
             if epoch <= reported:
                 pending.pop(epoch)
@@ -117,5 +124,4 @@ def fit_seeds(exp, name: str, seeds: list[int], metric: str) -> None:
     for t in threads:
         t.join()
     if errors:
-        seed = min(errors)
-        raise SeedFailed(f"seed {seed}: {errors[seed]}")
+        _raise_first(errors)

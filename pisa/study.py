@@ -189,19 +189,15 @@ def failing_at_once_on_retry(mark: str) -> Iterator[None]:
     non-finite loss, bad data, missing weights) would only fail again after the same work.
     Its error is kept at `mark`, and the retry fails with it at once."""
     if storage.exists(mark):
-        from . import errors
-
-        text = storage.read_text(mark)  # "<PisaError class>: <message>", as `one_line` wrote it
-        name, _, message = text.partition(": ")
-        cls = getattr(errors, name, None)
-        if isinstance(cls, type) and issubclass(cls, errors.PisaError):
-            raise cls(message)
-        raise RuntimeError(text)
+        kept = json.loads(storage.read_text(mark))
+        kinds = {cls.__name__: cls for cls in DETERMINISTIC_ERRORS}
+        raise kinds.get(kept["error"], RuntimeError)(kept["message"])
     try:
         yield
     except Exception as exc:
-        if isinstance(find_pisa_error(exc), DETERMINISTIC_ERRORS):
-            storage.write_text(mark, one_line(exc))
+        found = find_pisa_error(exc)
+        if isinstance(found, DETERMINISTIC_ERRORS):
+            storage.write_text(mark, json.dumps({"error": type(found).__name__, "message": str(found)}))
         raise
 
 
@@ -394,7 +390,6 @@ def _short(v: Any) -> str:
 
 def trial_error(trial) -> str:
     """One line on why a trial failed, from the exception Tune pickled for it."""
-    from .errors import one_line
 
     error = None
     pickled = getattr(trial, "pickled_error_file", None)  # written locally before callbacks run

@@ -201,3 +201,37 @@ def test_a_failed_tune_trial_is_explained_by_its_pisa_error(ray_local, tmp_path)
     trainable = tune.with_resources(fails_in_a_worker, {"CPU": 0.01})
     tune.Tuner(trainable, run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=[Grab()], verbose=0)).fit()
     assert messages == ["NonFiniteLossError: non-finite loss at epoch 1 iteration 2"]
+
+
+def _fails_with(errors: dict[int, BaseException], mark: str) -> None:
+    """A seeded point whose seeds failed with `errors`, inside the retry guard."""
+    from pisa.seeds import _raise_first
+    from pisa.study import failing_at_once_on_retry
+
+    with failing_at_once_on_retry(mark):
+        _raise_first(errors)
+
+
+def test_a_deterministic_failure_makes_the_retry_fail_at_once_with_it(tmp_path):
+    from pisa.seeds import SeedFailed
+    from pisa.study import failing_at_once_on_retry
+
+    mark = str(tmp_path / "failed.json")
+    nan = NonFiniteLossError("non-finite loss at epoch 2 iteration 5: total=nan")
+    with pytest.raises(SeedFailed) as failed:
+        _fails_with({2: RuntimeError("collateral"), 1: nan}, mark)
+    assert str(failed.value) == "seed 1: NonFiniteLossError: non-finite loss at epoch 2 iteration 5: total=nan"
+    assert find_pisa_error(failed.value) is nan  # decides the exit code and the retry
+    ran = []
+    with pytest.raises(NonFiniteLossError, match="^non-finite loss at epoch 2 iteration 5: total=nan$"):
+        with failing_at_once_on_retry(mark):
+            ran.append(True)  # the retry's training
+    assert ran == []
+
+    # an error that could pass on a retry (a lost node, a timeout) leaves no mark
+    other = str(tmp_path / "other.json")
+    with pytest.raises(SeedFailed):
+        _fails_with({0: RuntimeError("node lost")}, other)
+    with failing_at_once_on_retry(other):
+        ran.append(True)
+    assert ran == [True]
