@@ -13,12 +13,15 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .errors import EXIT_BAD_INPUT, PisaError
+
+if TYPE_CHECKING:
+    from .config import ExperimentConfig
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -50,7 +53,7 @@ class Detector:
 
     model: nn.Module
     categories: list[Category]
-    config: dict[str, Any]
+    config: ExperimentConfig  # the training config of the weights
 
     def name_of(self, label: int) -> str:
         return self.categories[label - 1].name if 0 < label <= len(self.categories) else str(label)
@@ -82,15 +85,24 @@ def categories_of(annotation_file: str | Path) -> list[Category]:
     return [Category(int(c["id"]), str(c["name"])) for c in sorted(cats, key=lambda c: int(c["id"]))]
 
 
-def build_detector(config: dict[str, Any], categories: list[Category], weights: dict[str, torch.Tensor]) -> Detector:
+def read_config(path: str | Path) -> ExperimentConfig:
+    """The training config saved beside a checkpoint (`config.json`)."""
     from .config import parse_config
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise PredictInputError(f"{path}: cannot read the training config ({exc})") from None
+    return parse_config(data, source=str(path))
+
+
+def build_detector(cfg: ExperimentConfig, categories: list[Category], weights: dict[str, torch.Tensor]) -> Detector:
     from .models import build_detector as build_model
 
-    cfg = parse_config(config, source="model config")
     model = build_model(cfg.model, num_classes=len(categories))
     model.load_state_dict(weights)
     model.eval()
-    return Detector(model, categories, config)
+    return Detector(model, categories, cfg)
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -117,9 +129,9 @@ def load_checkpoint_dir(path: str | Path) -> Detector:
         raise PredictInputError(f"{ckpt}: no such checkpoint")
     if not config_file.exists():
         raise PredictInputError(f"{ckpt}: no config.json beside it (the training config of these weights)")
-    config = json.loads(config_file.read_text())
-    categories = categories_of(config["data"]["train_annotations"])
-    return build_detector(config, categories, load_weights(ckpt))
+    cfg = read_config(config_file)
+    assert cfg.data.train_annotations is not None  # the config's validation fills or refuses it
+    return build_detector(cfg, categories_of(cfg.data.train_annotations), load_weights(ckpt))
 
 
 def load_detector(ref: str, tracking_uri: str | None = None) -> Detector:

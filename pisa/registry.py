@@ -36,12 +36,12 @@ class PisaDetectorModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined
     _skip_type_hint_validation = True  # the signature given at logging validates the input
 
     def load_context(self, context) -> None:
-        from .predict import Category, build_detector, load_weights
+        from .predict import Category, build_detector, load_weights, read_config
 
-        config = json.loads(Path(context.artifacts["config"]).read_text())
+        cfg = read_config(context.artifacts["config"])
         classes = json.loads(Path(context.artifacts["classes"]).read_text())
         categories = [Category(int(c["id"]), str(c["name"])) for c in classes]
-        self.detector = build_detector(config, categories, load_weights(context.artifacts["weights"]))
+        self.detector = build_detector(cfg, categories, load_weights(context.artifacts["weights"]))
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
@@ -135,7 +135,7 @@ def log_detector_model(uri: str, run_id: str, checkpoint: str | Path, model_name
         weights = Path(tmp) / WEIGHTS_FILE
         torch.save(load_weights(ckpt), weights)  # the model only: no optimizer or scheduler state
         config = Path(tmp) / CONFIG_FILE
-        config.write_text(json.dumps(detector.config, indent=2))
+        config.write_text(detector.config.model_dump_json(indent=2))
         classes = Path(tmp) / CLASSES_FILE
         classes.write_text(json.dumps([{"id": c.id, "name": c.name} for c in detector.categories], indent=2))
         example = pd.DataFrame({IMAGE_COLUMN: [encode_png(_example_image(detector))]})
@@ -169,11 +169,11 @@ def _example_image(detector):
 
     from .predict import read_image
 
-    data = detector.config.get("data", {})
+    data = detector.config.data
     try:
-        ann = json.loads(Path(data["val_annotations"]).read_text())
+        ann = json.loads(Path(str(data.val_annotations)).read_text())
         first = sorted(ann["images"], key=lambda i: int(i["id"]))[0]
-        image = read_image(Path(data["val_images"]) / first["file_name"])
+        image = read_image(Path(str(data.val_images)) / first["file_name"])
         scale = 128 / max(image.shape[-2:])
         if scale < 1:
             import torch.nn.functional as F
