@@ -218,7 +218,7 @@ class MlflowStudyLogger(Callback):
         self.best: dict[str, tuple[float, str | None]] = {}
         self.system_metrics: dict[str, lineage.SystemMetrics] = {}
 
-    def setup(self, **info):
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
         for run in tracking.find_runs(
             self.uri, self.study.base_config.tracking.experiment, f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
         ):
@@ -802,16 +802,16 @@ def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]
     root = Path(storage_path)
     if not root.is_dir():
         raise StudyError(f"no study storage at {root}")
-    states = []
+    states: list[StudyState] = []
     for path in root.glob(f"*/{STATE_FILE}"):
         try:
-            states.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
+            states.append(StudyState.model_validate_json(path.read_text()))
+        except (OSError, ValueError):  # not a study's state (pydantic's errors are ValueErrors)
             continue
-    states.sort(key=lambda st: st.get("created", 0), reverse=True)
+    states.sort(key=lambda st: st.created, reverse=True)
     out = []
     for st in states:
-        uri, parent = st["tracking_uri"], st["parent_run_id"]
+        uri, parent = st.tracking_uri, st.parent_run_id
         try:
             run = tracking.client(uri).get_run(parent)
             status = (
@@ -819,13 +819,13 @@ def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]
                 if run.info.status == "RUNNING"
                 else run.data.tags.get("pisa.status") or run.info.status.lower()
             )
-            outcome = collect(st["name"], uri, st["experiment"], parent, st["metric"], st["mode"])
+            outcome = collect(st.name, uri, st.experiment, parent, st.metric, st.mode)
             done = [t for t in outcome.trials if t.status in ("finished", "stopped_early", "failed")]
             failed = sum(t.status == "failed" for t in outcome.trials)
             best = outcome.best.metric if outcome.best else None
         except Exception as exc:  # an unreachable store must not hide the other studies
             status, done, failed, best = f"unknown ({type(exc).__name__})", [], 0, None
-        out.append(StudyListing(st["name"], status, len(done), failed, st.get("num_samples"), st["metric"], best, uri))
+        out.append(StudyListing(st.name, status, len(done), failed, st.num_samples, st.metric, best, uri))
     return out
 
 

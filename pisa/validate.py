@@ -63,12 +63,6 @@ class Validation:
         return all(not r.failed for r in self.results)
 
 
-def _parse(value: Any) -> Any:
-    from .report import _parse as parse
-
-    return parse(value) if isinstance(value, str) else value
-
-
 def plan(study, outcome, top: int) -> list[Variant]:
     """Baseline, paper defaults, then the top `top` trials; a trial whose training config
     equals the baseline's or the paper's is trained once, under both labels."""
@@ -78,7 +72,10 @@ def plan(study, outcome, top: int) -> list[Variant]:
     variants = [Variant("baseline", dict(BASELINE)), Variant("paper defaults", dict(PAPER_DEFAULTS))]
     configs = [_config_key(study, v.params) for v in variants]
     for rank, trial in enumerate(ranked[:top], 1):
-        params = {k: _parse(v) for k, v in trial.params.items()}
+        space = study.cfg.search_space
+        params = {
+            k: space[k].parse_logged(v) if k in space and isinstance(v, str) else v for k, v in trial.params.items()
+        }
         key = _config_key(study, params)
         label = f"#{rank} {trial.trial_id}"
         if key in configs:
@@ -92,8 +89,7 @@ def plan(study, outcome, top: int) -> list[Variant]:
 
 
 def _config_key(study, params: dict[str, Any]) -> str:
-    dump = study.experiment(params).model_dump(mode="json")
-    return json.dumps(dump.get("model"), sort_keys=True)
+    return study.experiment(params).model.model_dump_json()
 
 
 def compare(results: list[VariantResult], mode: str, confidence: float = 0.95) -> None:
