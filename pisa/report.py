@@ -77,18 +77,19 @@ def optuna_study(outcome, study):
     """The finished trials as an Optuna study, for Optuna's own visualizations."""
     import optuna
 
-    dists = {key: dist.optuna_distribution() for key, dist in study.cfg.search_space.items()}
+    space = study.cfg.search_space
+    dists = {key: dist.optuna_distribution() for key, dist in space.items()}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ostudy = optuna.create_study(direction="maximize" if study.cfg.mode == "max" else "minimize")
     for t in outcome.trials:
         if t.status == "failed" or t.metric is None or not math.isfinite(t.metric):
             continue
         params = {}
-        for key, dist in dists.items():
+        for key in dists:
             raw = t.params.get(key)
             if raw is None:
                 break
-            params[key] = raw if isinstance(dist, optuna.distributions.CategoricalDistribution) else _parse(raw)
+            params[key] = space[key].optuna_value(space[key].parse_logged(raw))
         else:
             ostudy.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=t.metric))
     return ostudy

@@ -50,11 +50,19 @@ class _Range(StrictModel):
             raise ValueError(f"low ({self.low}) must be < high ({self.high})")
         return self
 
+    def optuna_value(self, value: Any) -> Any:
+        """`value` as this distribution's Optuna counterpart holds it."""
+        return value
+
 
 class Uniform(_Range):
     type: Literal["uniform"]
     low: float
     high: float
+
+    def parse_logged(self, text: str) -> Any:
+        """A value as MLflow gave it back (params are strings)."""
+        return float(text)
 
     def tune_domain(self) -> Any:
         from ray import tune
@@ -108,6 +116,9 @@ class IntRange(_Range):
     low: int
     high: int
 
+    def parse_logged(self, text: str) -> Any:
+        return int(float(text))
+
     def tune_domain(self) -> Any:
         from ray import tune
 
@@ -159,6 +170,13 @@ class Choice(StrictModel):
 
     def why_not(self, value: Any) -> str | None:
         return None if value in self.values else f"is not one of {self.values}"
+
+    def parse_logged(self, text: str) -> Any:
+        """The choice whose text MLflow logged (`True`, `score_hlr`, `[8, 11]`)."""
+        return next((v for v in self.values if str(v) == text), text)
+
+    def optuna_value(self, value: Any) -> Any:
+        return str(value)  # the categories are strings (`optuna_distribution`)
 
 
 Distribution = Annotated[Uniform | LogUniform | IntRange | Choice, Field(discriminator="type")]

@@ -466,3 +466,42 @@ def test_study_whose_trials_all_fail_exits_nonzero_with_the_common_error(ray_loc
     state = load_state("doomed", tmp_path / "ray_results")
     parent = tracking.client(state.tracking_uri).get_run(state.parent_run_id)
     assert parent.info.status == "FAILED" and "non-finite loss" in parent.data.tags["pisa.error"]
+
+
+def test_values_logged_to_mlflow_come_back_as_the_search_spaces_values(tmp_path):
+    import optuna
+
+    from pisa.study_schema import StudyConfig
+
+    space = StudyConfig.model_validate(
+        {
+            "name": "roundtrip",
+            "search_space": {
+                "model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0},
+                "model.carl.k": {"type": "loguniform", "low": 0.1, "high": 2.0},
+                "train.images_per_worker": {"type": "int", "low": 1, "high": 8},
+                "model.isr_p.enabled": {"type": "choice", "values": [True, False]},
+                "train.milestones": {"type": "choice", "values": [[8, 11], [16, 22]]},
+                "model.sampler": {"type": "choice", "values": ["score_hlr", "random"]},
+            },
+        }
+    ).search_space
+    values = {
+        "model.isr_p.k": 1.2345678901234567,
+        "model.carl.k": 0.3,
+        "train.images_per_worker": 4,
+        "model.isr_p.enabled": False,
+        "train.milestones": [16, 22],
+        "model.sampler": "random",
+    }
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run(uri, "tests", "params")
+    tracking.log_params(uri, run_id, values)
+    logged = tracking.client(uri).get_run(run_id).data.params  # MLflow gives strings back
+    assert {k: space[k].parse_logged(logged[k]) for k in values} == values
+    # and Optuna takes them in its own distributions (it refuses a value outside them)
+    dists = {k: d.optuna_distribution() for k, d in space.items()}
+    trial = optuna.trial.create_trial(
+        params={k: space[k].optuna_value(v) for k, v in values.items()}, distributions=dists, value=0.5
+    )
+    assert trial.params["model.isr_p.enabled"] == "False" and trial.params["train.images_per_worker"] == 4
