@@ -49,7 +49,7 @@ class StudyConsole(Callback):
         self.epochs: dict[str, int] = {}
         self.best: dict[str, float] = {}
         self.outcomes: dict[str, str] = {}  # trial id -> finished | stopped early | failed
-        self.table = None
+        self.table: Any = None  # Tune's trial table (an internal Ray class), when it could be built
 
     # ------------------------------------------------------------ helpers
 
@@ -84,23 +84,24 @@ class StudyConsole(Callback):
 
     # ------------------------------------------------------------ Tune hooks
 
-    def setup(self, **info):
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
         self.start = self.last_status = time.time()
         try:  # Tune's own trial table, printed here at a calm interval
             from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter
 
             from .study import tune_space
 
-            self.table = TuneTerminalReporter(
+            table: Any = TuneTerminalReporter(
                 AirVerbosity.DEFAULT,
                 num_samples=self.total,
                 metric=self.metric,
                 mode=self.study.cfg.mode,
                 config=tune_space(self.study),
             )
-            self.table.setup(start_time=self.start, total_samples=self.total)
-            self.table._heartbeat_freq = 0  # this callback keeps the interval
-            self.table._inferred_metric = ["epoch", self.metric, "train_loss"]  # not the first 4 keys
+            table.setup(start_time=self.start, total_samples=self.total)
+            table._heartbeat_freq = 0  # this callback keeps the interval
+            table._inferred_metric = ["epoch", self.metric, "train_loss"]  # not the first 4 keys
+            self.table = table
         except Exception:  # an internal Ray API: without it the progress lines remain
             self.table = None
 
