@@ -256,11 +256,14 @@ def test_one_gpu_worker_container_per_host_holds_every_gpu(services):
 
 
 def _pip_install_args(text: str) -> list[str]:
-    """The arguments of every `pip install` in a Makefile/Dockerfile, without output-only flags."""
+    """The arguments of every `pip install` in a Makefile/Dockerfile, without the flags that
+    change how, not what, it installs (output, cache, byte-compiling: a venv skips it, an
+    image keeps it so that containers start without compiling)."""
     text = text.replace("\\\n", " ")
     out = []
     for m in re.finditer(r"pip install ([^\n;&|]+)", text):
-        args = [a for a in shlex.split(m.group(1)) if a not in ("--quiet", "-q", "--no-cache-dir")]
+        how = ("--quiet", "-q", "--no-cache-dir", "--no-compile")
+        args = [a for a in shlex.split(m.group(1)) if a not in how]
         out.append(" ".join(args))
     return out
 
