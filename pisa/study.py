@@ -189,7 +189,11 @@ def failing_at_once_on_retry(mark: str) -> Iterator[None]:
     non-finite loss, bad data, missing weights) would only fail again after the same work.
     Its error is kept at `mark`, and the retry fails with it at once."""
     if storage.exists(mark):
-        kept = json.loads(storage.read_text(mark))
+        text = storage.read_text(mark)
+        try:
+            kept = json.loads(text)
+        except ValueError:  # a plain-text record, as an earlier version wrote it
+            raise RuntimeError(text) from None
         kinds = {cls.__name__: cls for cls in DETERMINISTIC_ERRORS}
         raise kinds.get(kept["error"], RuntimeError)(kept["message"])
     try:

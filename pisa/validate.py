@@ -71,8 +71,8 @@ def plan(study, outcome, top: int) -> list[Variant]:
         raise ConfigError(f"--top {top}: study {outcome.name!r} has only {len(ranked)} ranked trial(s)")
     variants = [Variant("baseline", dict(BASELINE)), Variant("paper defaults", dict(PAPER_DEFAULTS))]
     configs = [_config_key(study, v.params) for v in variants]
+    space = study.cfg.search_space
     for rank, trial in enumerate(ranked[:top], 1):
-        space = study.cfg.search_space
         params = {
             k: space[k].parse_logged(v) if k in space and isinstance(v, str) else v for k, v in trial.params.items()
         }
