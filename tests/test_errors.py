@@ -235,3 +235,13 @@ def test_a_deterministic_failure_makes_the_retry_fail_at_once_with_it(tmp_path):
     with failing_at_once_on_retry(other):
         ran.append(True)
     assert ran == [True]
+
+
+def test_a_retry_mark_of_an_earlier_version_fails_the_retry_with_its_text(tmp_path):
+    from pisa.study import failing_at_once_on_retry
+
+    mark = tmp_path / "failed"
+    mark.write_text("NonFiniteLossError: non-finite loss at epoch 1 iteration 2")
+    with pytest.raises(RuntimeError, match="^NonFiniteLossError: non-finite loss at epoch 1 iteration 2$"):
+        with failing_at_once_on_retry(str(mark)):
+            pytest.fail("the retry trained")
