@@ -147,13 +147,13 @@ def log_study_report(outcome, study) -> list[str]:
         summary = format_ranking(outcome, study.cfg.metric)
         (out / "summary.txt").write_text(summary)
         files.append(out / "summary.txt")
-        tracking.log_artifacts(outcome.tracking_uri, outcome.parent_run_id, files, "report")
+        tracking.tracker(outcome.tracking_uri).log_artifacts(outcome.parent_run_id, files, "report")
         best = outcome.best
         if best is not None and best.metric is not None:
-            tracking.log_metrics(
-                outcome.tracking_uri, outcome.parent_run_id, {f"best_{study.cfg.metric}": best.metric}, 0
+            tracking.tracker(outcome.tracking_uri).log_metrics(
+                outcome.parent_run_id, {f"best_{study.cfg.metric}": best.metric}, 0
             )
-            tracking.set_tags(outcome.tracking_uri, outcome.parent_run_id, {"pisa.best_run_id": best.run_id})
+            tracking.tracker(outcome.tracking_uri).set_tags(outcome.parent_run_id, {"pisa.best_run_id": best.run_id})
         return [f.name for f in files]
 
 

@@ -222,10 +222,13 @@ class MlflowStudyLogger(Callback):
         self.best: dict[str, tuple[float, str | None]] = {}
         self.system_metrics: dict[str, lineage.SystemMetrics] = {}
 
+    @property
+    def tracker(self) -> tracking.Tracker:
+        """Looked up, not held: Tune pickles its callbacks with the experiment's state."""
+        return tracking.tracker(self.uri)
+
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
-        for run in tracking.find_runs(
-            self.uri, self.study.base_config.tracking.experiment, f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
-        ):
+        for run in self.tracker.children(self.study.base_config.tracking.experiment, self.parent_run_id):
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id:
                 self.runs[trial_id] = run.info.run_id
@@ -238,8 +241,7 @@ class MlflowStudyLogger(Callback):
         exp = self.study.experiment(params)
         flat = exp.flat_params()
         label = ", ".join(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in params.items())
-        run_id = tracking.start_run(
-            self.uri,
+        run_id = self.tracker.start_run(
             exp.tracking.experiment,
             f"{trial.trial_id} {label}"[:250],
             params=flat,
@@ -252,7 +254,7 @@ class MlflowStudyLogger(Callback):
             },
             parent_run_id=self.parent_run_id,
         )
-        tracking.log_text(self.uri, run_id, exp.to_yaml(), "config.yaml")
+        self.tracker.log_text(run_id, exp.to_yaml(), "config.yaml")
         lineage.log_datasets(self.uri, run_id, exp.data)
         self.runs[trial.trial_id] = run_id
         return run_id
@@ -260,7 +262,7 @@ class MlflowStudyLogger(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         resumed = trial.trial_id in self.runs
         run_id = self._run_for(trial)
-        c = tracking.client(self.uri)
+        c = self.tracker.client
         if "pisa.error" in c.get_run(run_id).data.tags:  # a failed trial, retried
             c.delete_tag(run_id, "pisa.error")
             c.set_tag(run_id, "pisa.status", "running")
@@ -277,7 +279,7 @@ class MlflowStudyLogger(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        tracking.log_metrics(self.uri, run_id, epoch_metrics(result), step=epoch)
+        self.tracker.log_metrics(run_id, epoch_metrics(result), step=epoch)
         self.last[trial.trial_id] = dict(result)
         value = result.get(self.study.cfg.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
@@ -305,7 +307,7 @@ class MlflowStudyLogger(Callback):
         # the best epoch from MLflow's history: also right for a trial resumed mid-way
         history = [
             m.value
-            for m in tracking.client(self.uri).get_metric_history(run_id, self.study.cfg.metric)
+            for m in self.tracker.client.get_metric_history(run_id, self.study.cfg.metric)
             if math.isfinite(m.value)
         ]
         if history:
@@ -316,13 +318,13 @@ class MlflowStudyLogger(Callback):
         best = self.best.get(trial.trial_id)
         if best is not None:
             self._log_checkpoint(run_id, best[1])
-        tracking.set_tags(self.uri, run_id, tags)
+        self.tracker.set_tags(run_id, tags)
         self._stop_system_metrics(trial.trial_id)
-        tracking.end_run(self.uri, run_id, "FINISHED")
+        self.tracker.end_run(run_id, "FINISHED")
 
     def _seed_values(self, run_id: str) -> dict[str, float]:
         """Each seed's metric at the epoch where the seed mean was best."""
-        client = tracking.client(self.uri)
+        client = self.tracker.client
         metric, sign = self.study.cfg.metric, 1 if self.study.cfg.mode == "max" else -1
         mean = [m for m in client.get_metric_history(run_id, metric) if math.isfinite(m.value)]
         if not mean:
@@ -342,10 +344,8 @@ class MlflowStudyLogger(Callback):
         for trial_id in list(self.system_metrics):
             self._stop_system_metrics(trial_id)
         known = {t.trial_id for t in trials}
-        c = tracking.client(self.uri)
-        for run in tracking.find_runs(
-            self.uri, self.study.base_config.tracking.experiment, f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
-        ):
+        c = self.tracker.client
+        for run in self.tracker.children(self.study.base_config.tracking.experiment, self.parent_run_id):
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id not in known and run.info.status == "RUNNING":
                 say(
@@ -357,9 +357,9 @@ class MlflowStudyLogger(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
         message = trial_error(trial)
-        tracking.set_tags(self.uri, run_id, {"pisa.status": "failed", "pisa.error": message})
+        self.tracker.set_tags(run_id, {"pisa.status": "failed", "pisa.error": message})
         self._stop_system_metrics(trial.trial_id)
-        tracking.end_run(self.uri, run_id, "FAILED")
+        self.tracker.end_run(run_id, "FAILED")
 
     def _log_checkpoint(self, run_id: str, path: str | None) -> None:
         from .engine import CHECKPOINT_FILE
@@ -373,7 +373,7 @@ class MlflowStudyLogger(Callback):
         with storage.local_copy(location) as ckpt:
             files = [ckpt / CHECKPOINT_FILE, ckpt / "config.json"]
             if files[0].exists():
-                tracking.log_artifacts(self.uri, run_id, [f for f in files if f.exists()], "checkpoint")
+                self.tracker.log_artifacts(run_id, [f for f in files if f.exists()], "checkpoint")
 
 
 _REPORTED = {"epoch", "iteration", "lr", "images_per_sec", "time_train_s", "time_eval_s"}
@@ -636,8 +636,7 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
     start_ray_with_data(study.base_config, uri, address, verbose=verbose, dashboard=not trains_in_trial(study))
     concurrent_trials(study)  # a point that cannot fit the cluster fails before any run exists
     experiment = study.base_config.tracking.experiment
-    parent = tracking.start_run(
-        uri,
+    parent = tracking.tracker(uri).start_run(
         experiment,
         f"study {study.name}",
         params={
@@ -646,11 +645,11 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
         },
         tags={"pisa.kind": "study", "pisa.study": study.name},
     )
-    tracking.log_text(uri, parent, study.source.read_text(), "study.yaml")
-    tracking.log_text(
-        uri, parent, json.dumps(study.cfg.model_dump(mode="json")["search_space"], indent=2), "search_space.json"
+    tracking.tracker(uri).log_text(parent, study.source.read_text(), "study.yaml")
+    tracking.tracker(uri).log_text(
+        parent, json.dumps(study.cfg.model_dump(mode="json")["search_space"], indent=2), "search_space.json"
     )
-    tracking.log_text(uri, parent, study.base_config.to_yaml(), "base_config.yaml")
+    tracking.tracker(uri).log_text(parent, study.base_config.to_yaml(), "base_config.yaml")
     _save_state(study, parent, uri)
     _print_start(study, uri)
     for note in notes:
@@ -742,19 +741,18 @@ def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
         say(f"report skipped: {exc}")
     summarize_parent(uri, parent, outcome)
     if interrupted:
-        tracking.set_tags(uri, parent, {"pisa.status": "interrupted"})
-        tracking.end_run(uri, parent, "KILLED")
+        tags, status = {"pisa.status": "interrupted"}, "KILLED"
     elif outcome.all_failed:
         error, count = outcome.most_common_error()
-        tracking.set_tags(
-            uri,
-            parent,
-            {"pisa.status": "failed", "pisa.error": f"all {len(outcome.trials)} trials failed; {count} with: {error}"},
-        )
-        tracking.end_run(uri, parent, "FAILED")
+        tags = {
+            "pisa.status": "failed",
+            "pisa.error": f"all {len(outcome.trials)} trials failed; {count} with: {error}",
+        }
+        status = "FAILED"
     else:
-        tracking.set_tags(uri, parent, {"pisa.status": "finished"})
-        tracking.end_run(uri, parent, "FINISHED")
+        tags, status = {"pisa.status": "finished"}, "FINISHED"
+    tracking.tracker(uri).set_tags(parent, tags)
+    tracking.tracker(uri).end_run(parent, status)
     return outcome
 
 
@@ -766,7 +764,7 @@ def summarize_parent(uri: str, parent: str, outcome: StudyOutcome) -> None:
         return
     c = tracking.client(uri)
     experiment_id = c.get_run(parent).info.experiment_id
-    tracking.log_metrics(uri, parent, {f"best_{outcome.metric}": best.metric}, step=0)
+    tracking.tracker(uri).log_metrics(parent, {f"best_{outcome.metric}": best.metric}, step=0)
     tags = {
         "pisa.best_run_id": best.run_id,
         "pisa.best_trial": best.trial_id,
@@ -780,9 +778,9 @@ def summarize_parent(uri: str, parent: str, outcome: StudyOutcome) -> None:
         f"{sum(t.status != 'failed' for t in outcome.trials)} of {len(outcome.trials)} trials ran; "
         f"use it with `pisa study best {outcome.name} --register`."
     )
-    tracking.set_tags(uri, parent, tags)
+    tracking.tracker(uri).set_tags(parent, tags)
     try:  # params are write-once: a resumed study with a new winner keeps the tags only
-        tracking.log_params(uri, parent, {f"best.{k}": v for k, v in best.params.items()})
+        tracking.tracker(uri).log_params(parent, {f"best.{k}": v for k, v in best.params.items()})
     except Exception:
         pass
 
@@ -835,7 +833,7 @@ def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]
 
 def collect(name: str, uri: str, experiment: str, parent: str, metric: str, mode: str) -> StudyOutcome:
     """The study's trials from MLflow, best first."""
-    runs = tracking.find_runs(uri, experiment, f"tags.`mlflow.parentRunId` = '{parent}'")
+    runs = tracking.tracker(uri).children(experiment, parent)
     trials = []
     for run in runs:
         tags = run.data.tags

@@ -108,9 +108,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise TrackingError(f"unsupported MLflow tracking URI scheme {scheme!r} in {redact(uri)}")
 
 
-_redact = redact
-
-
 def _check_login(uri: str, timeout: float) -> None:
     """A server with a login answers 401 without (or with wrong) credentials: say so now."""
     import base64
@@ -138,11 +135,17 @@ def client(uri: str):
     """The process's client of the store at `uri` (one per store), whose model registry is that
     store too: without it MLflow falls back to the process-wide registry URI, which may be
     another database."""
-    return _client_of(_use_credentials(uri))
+    return tracker(uri).client
+
+
+def tracker(uri: str) -> Tracker:
+    """The process's `Tracker` of the store at `uri`: one per store, so one client and one
+    database connection pool however many runs a process writes."""
+    return _tracker_of(_use_credentials(uri))
 
 
 @functools.lru_cache(maxsize=32)
-def _client_of(uri: str):
+def _tracker_of(uri: str) -> Tracker:
     from mlflow.tracking import MlflowClient
 
     with _one_process_at_a_time(uri):
@@ -151,7 +154,7 @@ def _client_of(uri: str):
         # break each other's ("duplicate column name")
         c = MlflowClient(tracking_uri=uri, registry_uri=uri)
         c.search_experiments(max_results=1)
-    return c
+    return Tracker(uri, c)
 
 
 @contextlib.contextmanager
@@ -172,52 +175,108 @@ def _one_process_at_a_time(uri: str):
         os.close(fd)
 
 
-def get_or_create_experiment(uri: str, name: str) -> str:
-    c = client(uri)
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            c.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    artifact_location = None
-    if uri.startswith("sqlite:///"):
-        # keep artifacts next to the SQLite file, not in whatever directory a process runs in
-        artifact_location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
-    try:
-        return c.create_experiment(name, artifact_location=artifact_location)
-    except Exception:  # created concurrently
+class Tracker:
+    """Runs, params, metrics, tags and artifacts in one MLflow store, through one client.
+
+    Get it with `tracker(uri)`. What it writes follows MLflow's own limits: params and tags
+    are cut at MLflow's maximum lengths, batches are split by MLflow's client, params that
+    are URIs lose their credentials."""
+
+    def __init__(self, uri: str, mlflow_client: Any):
+        self.uri = uri
+        self.client = mlflow_client
+
+    def experiment_id(self, name: str) -> str:
+        """The id of experiment `name`, created (or restored from deletion) as needed."""
+        c = self.client
         exp = c.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                c.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        artifact_location = None
+        if self.uri.startswith("sqlite:///"):
+            # keep artifacts next to the SQLite file, not in whatever directory a process runs in
+            artifact_location = (Path(self.uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+        try:
+            return c.create_experiment(name, artifact_location=artifact_location)
+        except Exception:  # created concurrently
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def start_run(
+        self,
+        experiment: str,
+        run_name: str,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        parent_run_id: str | None = None,
+    ) -> str:
+        """Create a run (nested under `parent_run_id` if given) with its lineage tags and params."""
+        from .lineage import lineage_tags
+
+        tags = {**lineage_tags(), **(tags or {})}
+        if parent_run_id:
+            tags[NESTED_TAG] = parent_run_id
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags)
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        # MLflow's client splits a batch into the chunks its stores accept
+        self.client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in sorted(params.items())])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
+        """Log the numeric, finite-or-not entries of `metrics` at `step`."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, int(step))
+            for k, v in sorted(metrics.items())
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        self.client.log_batch(run_id, metrics=items)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_artifacts(self, run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
+        """Log each file or folder of `paths` that exists."""
+        for p in map(Path, paths):
+            if p.is_dir():
+                self.client.log_artifacts(run_id, str(p), artifact_path)
+            elif p.exists():
+                self.client.log_artifact(run_id, str(p), artifact_path)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        """Tag values cut at MLflow's own limit (a longer one would fail the whole call)."""
+        from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v)[:MAX_TAG_VAL_LENGTH])
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """status: FINISHED, FAILED or KILLED (MLflow's terminal states)."""
+        self.client.set_terminated(run_id, status)
+
+    def find_runs(self, experiment: str, filter_string: str = "", max_results: int = 1000) -> list:
+        """The runs of experiment `experiment` that match `filter_string` (none if it doesn't exist)."""
+        exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            raise
-        return exp.experiment_id
+            return []
+        return self.client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=max_results)
 
-
-def start_run(
-    uri: str,
-    experiment: str,
-    run_name: str,
-    params: dict[str, Any] | None = None,
-    tags: dict[str, str] | None = None,
-    parent_run_id: str | None = None,
-) -> str:
-    """Create a run (nested under `parent_run_id` if given) with its lineage tags and params."""
-    from .lineage import lineage_tags
-
-    c = client(uri)
-    tags = {**lineage_tags(), **(tags or {})}
-    if parent_run_id:
-        tags[NESTED_TAG] = parent_run_id
-    run = c.create_run(get_or_create_experiment(uri, experiment), run_name=run_name, tags=tags)
-    if params:
-        log_params(uri, run.info.run_id, params)
-    return run.info.run_id
-
-
-def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
-    from mlflow.entities import Param
-
-    # MLflow's client splits a batch into the chunks its stores accept
-    client(uri).log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in sorted(params.items())])
+    def children(self, experiment: str, parent_run_id: str) -> list:
+        """The runs nested under `parent_run_id`."""
+        return self.find_runs(experiment, f"tags.`{NESTED_TAG}` = '{parent_run_id}'")
 
 
 def _param_value(value: Any) -> str:
@@ -228,54 +287,3 @@ def _param_value(value: Any) -> str:
     if "://" in text:
         text = public_uri(text)
     return text[:MAX_PARAM_VAL_LENGTH]
-
-
-def log_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int) -> None:
-    """Log the numeric, finite-or-not entries of `metrics` at `step`."""
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    items = [
-        Metric(k, float(v), now, int(step))
-        for k, v in sorted(metrics.items())
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    ]
-    client(uri).log_batch(run_id, metrics=items)
-
-
-def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
-    client(uri).log_text(run_id, text, artifact_file)
-
-
-def log_artifacts(uri: str, run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
-    c = client(uri)
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            c.log_artifacts(run_id, str(p), artifact_path)
-        elif p.exists():
-            c.log_artifact(run_id, str(p), artifact_path)
-
-
-def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
-    """Tag values cut at MLflow's own limit (a longer one would fail the whole call)."""
-    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
-
-    c = client(uri)
-    for k, v in tags.items():
-        c.set_tag(run_id, k, str(v)[:MAX_TAG_VAL_LENGTH])
-
-
-def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    """status: FINISHED, FAILED or KILLED (MLflow's terminal states)."""
-    client(uri).set_terminated(run_id, status)
-
-
-def find_runs(uri: str, experiment: str, filter_string: str = "", max_results: int = 1000) -> list:
-    c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=max_results)

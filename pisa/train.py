@@ -132,7 +132,7 @@ def _mlflow_callback(uri: str, run_id: str):
                 return
             m = metrics[0]
             step = int(m.get("epoch", 0))
-            tracking.log_metrics(uri, run_id, m, step=step)
+            tracking.tracker(uri).log_metrics(run_id, m, step=step)
 
     return MlflowEpochLogger()
 
@@ -147,9 +147,9 @@ def log_final_artifacts(uri: str, run_id: str, checkpoint_dir: str | None, log_c
 
         png = diagnostics_plot(ckpt / DIAGNOSTICS_FILE, Path(tmp) / "pisa_weights.png")
         if png is not None:
-            tracking.log_artifacts(uri, run_id, [png], "plots")
+            tracking.tracker(uri).log_artifacts(run_id, [png], "plots")
         if log_checkpoint and (ckpt / CHECKPOINT_FILE).exists():
-            tracking.log_artifacts(uri, run_id, [ckpt / CHECKPOINT_FILE, ckpt / "config.json"], "checkpoint")
+            tracking.tracker(uri).log_artifacts(run_id, [ckpt / CHECKPOINT_FILE, ckpt / "config.json"], "checkpoint")
 
 
 def run_training(
@@ -169,6 +169,7 @@ def run_training(
     uri = cfg.tracking.resolved_uri()
     check_cluster_setup(address, uri, cfg.storage_path, "config")
     tracking.check_reachable(uri)
+    mlflow_store = tracking.tracker(uri)
     if not verbose:
         quiet_libraries()
     # verbose Ray: the workers' progress lines reach the console
@@ -176,10 +177,10 @@ def run_training(
     name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     params = cfg.flat_params()
     params["data.num_classes"] = num_classes
-    run_id = tracking.start_run(
-        uri, cfg.tracking.experiment, name, params=params, tags={"pisa.kind": "train", **(tags or {})}
+    run_id = mlflow_store.start_run(
+        cfg.tracking.experiment, name, params=params, tags={"pisa.kind": "train", **(tags or {})}
     )
-    tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
+    mlflow_store.log_text(run_id, cfg.to_yaml(), "config.yaml")
     from .lineage import SystemMetrics, log_datasets
 
     log_datasets(uri, run_id, cfg.data)
@@ -208,10 +209,10 @@ def run_training(
     metrics = dict(result.metrics or {}) if result is not None else {}
     if error is not None:
         message = one_line(error)
-        tracking.set_tags(uri, run_id, {"pisa.error": message})
-        tracking.end_run(uri, run_id, "FAILED")
+        mlflow_store.set_tags(run_id, {"pisa.error": message})
+        mlflow_store.end_run(run_id, "FAILED")
         say(f"training failed: {message}")
         return TrainOutcome(run_id, "FAILED", metrics, checkpoint_dir, message)
     log_final_artifacts(uri, run_id, checkpoint_dir, cfg.tracking.log_checkpoint)
-    tracking.end_run(uri, run_id, "FINISHED")
+    mlflow_store.end_run(run_id, "FINISHED")
     return TrainOutcome(run_id, "FINISHED", metrics, checkpoint_dir)

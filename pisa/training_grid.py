@@ -82,20 +82,24 @@ class GridLogger(Callback):
         self.monitors: dict[int, lineage.SystemMetrics] = {}
         self.done = 0
 
+    @property
+    def tracker(self) -> tracking.Tracker:
+        """Looked up, not held: Tune pickles its callbacks with the experiment's state."""
+        return tracking.tracker(self.uri)
+
     def run_id(self, job: int) -> str:
         if job not in self.run_ids:
             t = self.trainings[job]
             params = t.experiment.flat_params()
             params["data.num_classes"] = self.num_classes
-            run_id = tracking.start_run(
-                self.uri,
+            run_id = self.tracker.start_run(
                 t.experiment.tracking.experiment,
                 t.run_name,
                 params=params,
                 tags={**t.tags, JOB_TAG: str(job)},
                 parent_run_id=self.parent_run_id,
             )
-            tracking.log_text(self.uri, run_id, t.experiment.to_yaml(), "config.yaml")
+            self.tracker.log_text(run_id, t.experiment.to_yaml(), "config.yaml")
             lineage.log_datasets(self.uri, run_id, t.experiment.data)
             self.run_ids[job] = run_id
         return self.run_ids[job]
@@ -104,7 +108,7 @@ class GridLogger(Callback):
         job = trial.config["job"]
         resumed = job in self.run_ids
         run_id = self.run_id(job)
-        tracking.client(self.uri).update_run(run_id, status="RUNNING")
+        self.tracker.client.update_run(run_id, status="RUNNING")
         self._stop_monitor(job)
         interval = float(self.trainings[job].experiment.tracking.system_metrics_interval_s or 0)
         self.monitors[job] = lineage.SystemMetrics(self.uri, run_id, interval, resume=resumed)
@@ -113,7 +117,7 @@ class GridLogger(Callback):
         from .study import epoch_metrics
 
         job = trial.config["job"]
-        tracking.log_metrics(self.uri, self.run_id(job), epoch_metrics(result), step=int(result.get("epoch", 0)))
+        self.tracker.log_metrics(self.run_id(job), epoch_metrics(result), step=int(result.get("epoch", 0)))
         self.last[job] = dict(result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -204,8 +208,8 @@ def train_grid(
     # the runs by their job tag: through Ray Client the logger ran on the cluster, not here
     run_ids = {
         int(run.data.tags[JOB_TAG]): run.info.run_id
-        for run in tracking.find_runs(
-            uri, trainings[0].experiment.tracking.experiment, f"tags.`{tracking.NESTED_TAG}` = '{parent_run_id}'"
+        for run in tracking.tracker(uri).find_runs(
+            trainings[0].experiment.tracking.experiment, f"tags.`{tracking.NESTED_TAG}` = '{parent_run_id}'"
         )
         if JOB_TAG in run.data.tags
     }
@@ -218,14 +222,14 @@ def train_grid(
         if result.error is not None or run_id is None:
             message = one_line(result.error, "never started")
             if run_id is not None:
-                tracking.set_tags(uri, run_id, {"pisa.error": message})
-                tracking.end_run(uri, run_id, "FAILED")
+                tracking.tracker(uri).set_tags(run_id, {"pisa.error": message})
+                tracking.tracker(uri).end_run(run_id, "FAILED")
             outcomes[job] = TrainOutcome(run_id, "FAILED", metrics, error=message)
             continue
         # in its own process a training reports checkpoints to Tune; a TorchTrainer, their path
         path = result.checkpoint.path if result.checkpoint else metrics.get(CHECKPOINT_PATH_KEY)
         checkpoint = location_of(path, exp.storage_path) if path else None
         log_final_artifacts(uri, run_id, checkpoint, exp.tracking.log_checkpoint)
-        tracking.end_run(uri, run_id, "FINISHED")
+        tracking.tracker(uri).end_run(run_id, "FINISHED")
         outcomes[job] = TrainOutcome(run_id, "FINISHED", metrics, checkpoint)
     return outcomes

@@ -142,8 +142,7 @@ def validate_study(
     if not verbose:
         quiet_libraries()
 
-    run_id = tracking.start_run(
-        uri,
+    run_id = tracking.tracker(uri).start_run(
         state.experiment,
         f"validate {state.name}",
         params={
@@ -154,7 +153,7 @@ def validate_study(
         },
         tags={"pisa.kind": "validation", "pisa.study": state.name, "pisa.study_run_id": state.parent_run_id},
     )
-    tracking.set_tags(uri, state.parent_run_id, {"pisa.validation_run_id": run_id})
+    tracking.tracker(uri).set_tags(state.parent_run_id, {"pisa.validation_run_id": run_id})
     say(
         f"validating study {state.name}: {len(variants)} variants x seeds {seed_list}, "
         f"final-epoch {metric}; MLflow run {run_id}"
@@ -191,7 +190,7 @@ def validate_study(
     compare(results, mode)
     validation = Validation(state.name, metric, mode, seed_list, results, run_id, uri)
     log_validation(validation)
-    tracking.end_run(uri, run_id, "FINISHED" if validation.ok else "FAILED")
+    tracking.tracker(uri).end_run(run_id, "FINISHED" if validation.ok else "FAILED")
     return validation
 
 
@@ -363,7 +362,7 @@ def log_validation(v: Validation) -> None:
         for key in ("mean", "std", "ci_low", "ci_high", "diff_mean", "diff_ci_low", "diff_ci_high", "wins"):
             if row[key] is not None:
                 metrics[f"{name}.{key}"] = row[key]
-    tracking.log_metrics(v.tracking_uri, v.run_id, metrics, step=0)
+    tracking.tracker(v.tracking_uri).log_metrics(v.run_id, metrics, step=0)
     with tempfile.TemporaryDirectory(prefix="pisa-validate-") as tmp:
         out = Path(tmp)
         (out / "validation.txt").write_text(format_validation(v))
@@ -388,4 +387,4 @@ def log_validation(v: Validation) -> None:
             files.append(write_plot(v, out / "per_seed.png"))
         except Exception as exc:  # a plot must never cost the results
             say(f"validation plot skipped: {exc}")
-        tracking.log_artifacts(v.tracking_uri, v.run_id, files, "validation")
+        tracking.tracker(v.tracking_uri).log_artifacts(v.run_id, files, "validation")

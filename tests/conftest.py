@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
-from services import free_port, start_mlflow_server
+from services import MlflowServer, free_port, start_mlflow_server
 
 
 def find_bccd() -> Path:
@@ -201,6 +201,14 @@ class PostgresServer:
             conn.close()
         return name
 
+    def mlflow_backend(self, database: str = "mlflow") -> tuple[str, dict[str, str]]:
+        """Database `database` (created once) as an MLflow backend store: its URI, which holds
+        no credentials, and the libpq environment that does (as in docker/compose.yaml)."""
+        if not self.query("SELECT 1 FROM pg_database WHERE datname = %s", (database,)):
+            self.create_database(database)
+        env = {**os.environ, "PGUSER": self.user, "PGPASSWORD": self.password}
+        return f"postgresql://{self.host}:{self.port}/{database}", env
+
 
 @pytest.fixture(scope="session")
 def postgres_server():
@@ -225,15 +233,25 @@ def postgres_server():
 
 
 @pytest.fixture(scope="session")
-def mlflow_server_pg(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory):
-    """`mlflow server` with a PostgreSQL backend store and proxied artifacts in a tmp dir."""
-    database = postgres_server.create_database("mlflow")
-    # user and password from libpq's environment, the URI holds neither (as in docker/compose.yaml)
-    env = {**os.environ, "PGUSER": postgres_server.user, "PGPASSWORD": postgres_server.password}
-    backend = f"postgresql://{postgres_server.host}:{postgres_server.port}/{database}"
-    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), backend, env=env)
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """Real `mlflow server`s on 127.0.0.1, one per kind, started when a test first asks and
+    stopped when the session ends: `mlflow_server()` has a SQLite store,
+    `mlflow_server(*postgres_server.mlflow_backend())` a PostgreSQL one, and
+    `mlflow_server(admin_password=...)` MLflow's login."""
+    started: dict[tuple[str | None, str | None], MlflowServer] = {}
+
+    def server(
+        backend_store_uri: str | None = None, env: dict[str, str] | None = None, admin_password: str | None = None
+    ) -> MlflowServer:
+        key = (backend_store_uri, admin_password)
+        if key not in started:
+            work = tmp_path_factory.mktemp("mlflow-server")
+            started[key] = start_mlflow_server(work, backend_store_uri, env=env, admin_password=admin_password)
+        return started[key]
+
     yield server
-    server.stop()
+    for s in started.values():
+        s.stop()
 
 
 @pytest.fixture

@@ -83,4 +83,4 @@ def write_study(tmp: Path, data_dir: Path, name: str, uri: str | None = None, **
 
 
 def children(uri: str, experiment: str, parent: str):
-    return tracking.find_runs(uri, experiment, f"tags.`mlflow.parentRunId` = '{parent}'")
+    return tracking.tracker(uri).children(experiment, parent)

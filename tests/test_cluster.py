@@ -19,7 +19,6 @@ import yaml
 from helpers import tiny_experiment
 from services import (
     RayCluster,
-    start_mlflow_server,
     start_ray_cluster,
     stop_ray_cluster,
 )
@@ -39,13 +38,8 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mlflow_login(work):
-    server_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"pisa-mlflow-auth-{os.getpid()}"
-    server_dir.mkdir(exist_ok=True)  # outside `work`: the server's own files are not the study's
-    server = start_mlflow_server(server_dir, admin_password=PASSWORD)
-    yield server
-    server.stop()
-    shutil.rmtree(server_dir, ignore_errors=True)
+def mlflow_login(mlflow_server):
+    return mlflow_server(admin_password=PASSWORD)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +157,7 @@ def test_two_node_study_with_login(work, synthetic_dir, mlflow_login, env, clust
     try:
         c = tracking.client(mlflow_login.uri)
         assert c.get_run(state["parent_run_id"]).info.status == "FINISHED"
-        runs = tracking.find_runs(mlflow_login.uri, "tests", f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
+        runs = tracking.tracker(mlflow_login.uri).children("tests", state["parent_run_id"])
         assert len(runs) == 2
         for run in runs:
             assert run.info.status == "FINISHED" and "bbox_mAP" in run.data.metrics

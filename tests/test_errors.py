@@ -179,7 +179,7 @@ def test_pisa_train_with_corrupt_annotations_is_one_line_exit_2_and_leaves_no_ru
     assert ray.is_initialized() == ray_was_running
     assert not (tmp_path / "ray_results").exists()
     if (tmp_path / "mlflow.db").exists():  # set up beside Ray: no run in it
-        assert tracking.find_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "tests", "") == []
+        assert tracking.tracker(f"sqlite:///{tmp_path / 'mlflow.db'}").find_runs("tests", "") == []
 
 
 @pytest.mark.slow

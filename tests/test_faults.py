@@ -37,7 +37,7 @@ def _wait(predicate, timeout: float, proc: subprocess.Popen, log: Path, what: st
 
 
 def _children(uri: str, parent: str):
-    return tracking.find_runs(uri, "tests", f"tags.`mlflow.parentRunId` = '{parent}'")
+    return tracking.tracker(uri).children("tests", parent)
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ def trained(ray_local, synthetic_dir, tmp_path_factory):
     assert rc == 0, text[-3000:]
     assert f"registered models:/{MODEL_NAME}@champion" in text, text[-3000:]
     uri = exp["tracking"]["uri"]
-    runs = tracking.find_runs(uri, "tests", "attributes.run_name = 'registered'")
+    runs = tracking.tracker(uri).find_runs("tests", "attributes.run_name = 'registered'")
     assert len(runs) == 1
     return uri, runs[0].info.run_id, work
 
@@ -179,7 +179,7 @@ def test_predict_from_run_id_and_checkpoint_match_the_registered_model(trained, 
 def test_predict_bad_input_is_one_line_and_exit_2(case, synthetic_dir, tmp_path, capsys):
     image = str(val_images(synthetic_dir, 1)[0])
     uri = f"sqlite:///{tmp_path / 'empty.db'}"
-    tracking.get_or_create_experiment(uri, "tests")  # a store that exists, without that model or run
+    tracking.tracker(uri).experiment_id("tests")  # a store that exists, without that model or run
     capsys.readouterr()
     text_file = tmp_path / "notes.png"
     text_file.write_text("not pixels")

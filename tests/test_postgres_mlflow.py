@@ -13,13 +13,14 @@ from pisa.train import run_training
 pytestmark = pytest.mark.slow
 
 
-def test_training_run_is_stored_in_postgres(ray_local, synthetic_dir, postgres_server, mlflow_server_pg, tmp_path):
+def test_training_run_is_stored_in_postgres(ray_local, synthetic_dir, postgres_server, mlflow_server, tmp_path):
+    pg_server = mlflow_server(*postgres_server.mlflow_backend())
     data = tiny_experiment(synthetic_dir, tmp_path, epochs=1)
-    data["tracking"] = {"uri": mlflow_server_pg.uri, "experiment": "postgres"}
+    data["tracking"] = {"uri": pg_server.uri, "experiment": "postgres"}
     outcome = run_training(parse_config(data), run_name="pg")
     assert outcome.status == "FINISHED", outcome.error
 
-    c = tracking.client(mlflow_server_pg.uri)
+    c = tracking.client(pg_server.uri)
     run = c.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.isr_p.enabled"] == "True"
@@ -30,7 +31,7 @@ def test_training_run_is_stored_in_postgres(ray_local, synthetic_dir, postgres_s
 
     # artifacts went through the server's proxy into --artifacts-destination
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
-    assert list(mlflow_server_pg.artifacts.rglob("config.yaml")), "config.yaml not in the artifact store"
+    assert list(pg_server.artifacts.rglob("config.yaml")), "config.yaml not in the artifact store"
 
     # and the rows really are in PostgreSQL
     db = "mlflow"
@@ -44,17 +45,18 @@ def test_training_run_is_stored_in_postgres(ray_local, synthetic_dir, postgres_s
     assert steps == [(1,)]
 
 
-def test_two_trial_study_is_stored_in_postgres(ray_local, synthetic_dir, postgres_server, mlflow_server_pg, tmp_path):
+def test_two_trial_study_is_stored_in_postgres(ray_local, synthetic_dir, postgres_server, mlflow_server, tmp_path):
+    pg_server = mlflow_server(*postgres_server.mlflow_backend())
     from helpers import children, write_study
 
     from pisa.study import run_study
     from pisa.study_config import load_study
 
     path = write_study(
-        tmp_path, synthetic_dir, "pg-study", uri=mlflow_server_pg.uri, num_samples=2, scheduler={"type": "fifo"}
+        tmp_path, synthetic_dir, "pg-study", uri=pg_server.uri, num_samples=2, scheduler={"type": "fifo"}
     )
     outcome = run_study(load_study(path))
-    runs = children(mlflow_server_pg.uri, "tests", outcome.parent_run_id)
+    runs = children(pg_server.uri, "tests", outcome.parent_run_id)
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     ids = [r.info.run_id for r in runs]
     rows = postgres_server.query(

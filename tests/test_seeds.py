@@ -156,14 +156,14 @@ def test_validate_compares_with_intervals_and_logs_a_linked_run(seeded_study, mo
 )
 def test_validate_bad_input_is_one_line_exit_2(seeded_study, monkeypatch, capsys, name, args, message):
     tmp, study, outcome = seeded_study
-    runs_before = len(tracking.find_runs(outcome.tracking_uri, "tests"))
+    runs_before = len(tracking.tracker(outcome.tracking_uri).find_runs("tests"))
     monkeypatch.chdir(tmp)
     code = cli.main(["study", "validate", name, *args])
     err = capsys.readouterr().err
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
-    assert len(tracking.find_runs(outcome.tracking_uri, "tests")) == runs_before  # nothing started
+    assert len(tracking.tracker(outcome.tracking_uri).find_runs("tests")) == runs_before  # nothing started
 
 
 def test_seeds_that_cannot_fit_the_cluster_fail_before_any_trial(ray_local, synthetic_dir, tmp_path):

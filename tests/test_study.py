@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import REPO, children, write_study
-from services import start_mlflow_server
 
 from pisa import cli, tracking
 from pisa.study import load_state, run_study, study_dir
@@ -187,33 +186,27 @@ def test_the_best_epochs_checkpoint_outlives_newer_ones_and_reaches_mlflow(ray_l
 # ---------------------------------------------------------------- a real MLflow server
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
-    yield server.uri
-    server.stop()
-
-
 @pytest.mark.slow
 def test_study_against_mlflow_server_with_a_diverging_trial(ray_local, synthetic_dir, mlflow_server, tmp_path):
+    uri = mlflow_server().uri
     path = write_study(
         tmp_path,
         synthetic_dir,
         "server",
-        uri=mlflow_server,
+        uri=uri,
         search_space={"train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e6}},
         num_samples=2,
         points_to_evaluate=[{"train.lr": 1e6}, {"train.lr": 0.02}],
     )
     outcome = run_study(load_study(path))
-    runs = children(mlflow_server, "tests", outcome.parent_run_id)
+    runs = children(uri, "tests", outcome.parent_run_id)
     assert len(runs) == 2
     by_lr = {float(r.data.params["train.lr"]): r for r in runs}
     diverged, healthy = by_lr[1e6], by_lr[0.02]
     assert diverged.info.status == "FAILED" and diverged.data.tags["pisa.status"] == "failed"
     assert "non-finite loss" in diverged.data.tags["pisa.error"]
     assert healthy.info.status == "FINISHED"
-    assert len(tracking.client(mlflow_server).get_metric_history(healthy.info.run_id, "bbox_mAP")) == 2
+    assert len(tracking.client(uri).get_metric_history(healthy.info.run_id, "bbox_mAP")) == 2
 
 
 # ---------------------------------------------------------------- interrupt and resume
@@ -370,7 +363,7 @@ def test_corrupt_annotations_found_while_ray_starts_leave_nothing_behind(synthet
     assert not (tmp_path / "ray_results").exists()
     assert ray.is_initialized() == ray_was_running
     if (tmp_path / "mlflow.db").exists():  # the store may exist (it is set up beside Ray): no run in it
-        assert tracking.find_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "tests", "") == []
+        assert tracking.tracker(f"sqlite:///{tmp_path / 'mlflow.db'}").find_runs("tests", "") == []
 
 
 # ---------------------------------------------------------------- from the study to its winner
@@ -495,8 +488,8 @@ def test_values_logged_to_mlflow_come_back_as_the_search_spaces_values(tmp_path)
         "model.sampler": "random",
     }
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = tracking.start_run(uri, "tests", "params")
-    tracking.log_params(uri, run_id, values)
+    run_id = tracking.tracker(uri).start_run("tests", "params")
+    tracking.tracker(uri).log_params(run_id, values)
     logged = tracking.client(uri).get_run(run_id).data.params  # MLflow gives strings back
     assert {k: space[k].parse_logged(logged[k]) for k in values} == values
     # and Optuna takes them in its own distributions (it refuses a value outside them)

@@ -9,10 +9,36 @@ from pisa import tracking
 
 def test_long_tag_values_are_cut_at_mlflows_limit_not_rejected(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = tracking.start_run(uri, "tests", "long-tag")
-    tracking.set_tags(uri, run_id, {"pisa.error": "x" * 9000, "short": "ok"})
+    run_id = tracking.tracker(uri).start_run("tests", "long-tag")
+    tracking.tracker(uri).set_tags(run_id, {"pisa.error": "x" * 9000, "short": "ok"})
     tags = tracking.client(uri).get_run(run_id).data.tags
     assert tags["pisa.error"] == "x" * 8000 and tags["short"] == "ok"
+
+
+def test_a_store_is_written_through_one_client_per_process(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = tracking.tracker(uri)
+    assert tracking.tracker(uri) is store and tracking.client(uri) is store.client
+    assert tracking.tracker(f"sqlite:///{tmp_path / 'other.db'}").client is not store.client
+
+
+def test_runs_nest_and_params_lose_credentials_and_length(tmp_path):
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    store = tracking.tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = store.start_run("tests", "parent")
+    child = store.start_run(
+        "tests",
+        "child",
+        params={"tracking.uri": "http://alice:secret@mlflow.example:5000", "long": "y" * 9000},
+        parent_run_id=parent,
+    )
+    store.start_run("tests", "unrelated")
+    assert [r.info.run_id for r in store.children("tests", parent)] == [child]
+    params = store.client.get_run(child).data.params
+    assert params["tracking.uri"] == "http://mlflow.example:5000"
+    assert params["long"] == "y" * MAX_PARAM_VAL_LENGTH
+    assert store.find_runs("no such experiment") == []
 
 
 def _first_run_on(uri: str, barrier, results) -> None:
@@ -20,7 +46,7 @@ def _first_run_on(uri: str, barrier, results) -> None:
 
     barrier.wait(timeout=120)
     try:
-        results.put(tracking.start_run(uri, "tests", "racer"))
+        results.put(tracking.tracker(uri).start_run("tests", "racer"))
     except Exception as exc:
         results.put(f"{type(exc).__name__}: {exc}")
 

@@ -19,7 +19,7 @@ def test_torch_trainer_trainings_are_tracked_and_a_diverging_one_fails_once(ray_
     raw = tiny_experiment(synthetic_dir, tmp_path, epochs=1, workers=1)
     base = ExperimentConfig.model_validate(raw)
     uri = base.tracking.resolved_uri()
-    parent = tracking.start_run(uri, "tests", "grid parent")
+    parent = tracking.tracker(uri).start_run("tests", "grid parent")
     healthy = base.model_copy(update={"train": base.train.model_copy(update={"seed": 3})})
     nan_log = tmp_path / "nan.log"
     diverging = GridTraining(base, "nan", {}, faults={"nan_at": 1, "nan_log": str(nan_log)})  # NaN at step 2
