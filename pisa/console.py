@@ -7,7 +7,7 @@ trial's directory under the Ray results directory, Ray's session logs under
     [pisa] trial 3/8 started: isr_p.k=1.2, isr_p.bias=0.31, carl.k=0.8, carl.bias=0.12
     [pisa] trial 3/8 epoch 2/4: bbox_mAP 0.0441 (train 21.3 s, eval 2.9 s)
     [pisa] trial 3/8 stopped early by asha after epoch 2: best bbox_mAP 0.0441
-    [pisa] progress: 3/8 trials done (1 stopped early, 0 failed), 2 running, elapsed 0:02:31, ETA ~0:04:10
+    [pisa] progress: 3/8 trials done (1 stopped early, 0 failed), 2 running, elapsed 0:02:31, ETA <=0:04:10
 
 and Tune's trial table every `status_every_s` seconds. `pisa study run -v` brings Ray's
 own output back instead.
@@ -71,16 +71,19 @@ class StudyConsole(Callback):
         )
 
     def _eta(self, elapsed: float, done: int) -> str:
+        """Epochs left at the rate epochs have been trained so far (all slots together). Every
+        epoch a trial could still train is counted, so under an early-stopping scheduler this
+        is an upper bound."""
         if done >= self.total:
             return _fmt_time(0)
-        if done:  # trials finish at a steady rate once the slots are full
-            return "~" + _fmt_time(elapsed / done * (self.total - done))
         epochs = sum(self.epochs.values())
         if not epochs:
             return "unknown"
-        # nothing finished yet: at most every trial trains every epoch
-        left = self.total * self.max_epochs - epochs
-        return "<=" + _fmt_time(elapsed / epochs * left)
+        unfinished = [t for t in self.numbers if t not in self.outcomes]
+        left = sum(self.max_epochs - self.epochs.get(t, 0) for t in unfinished)
+        left += (self.total - len(self.numbers)) * self.max_epochs  # trials not started yet
+        bound = "~" if self.study.cfg.scheduler.type == "fifo" else "<="
+        return bound + _fmt_time(elapsed / epochs * left)
 
     # ------------------------------------------------------------ Tune hooks
 

@@ -1,0 +1,40 @@
+"""The study console's progress line: what it promises about the time left."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import write_study
+
+from pisa.console import StudyConsole
+from pisa.study_config import load_study
+
+
+@pytest.mark.parametrize(("scheduler", "bound"), [("asha", "<="), ("fifo", "~")])
+def test_eta_counts_the_epochs_trials_could_still_train_at_the_rate_so_far(tmp_path, synthetic_dir, scheduler, bound):
+    study = load_study(
+        write_study(
+            tmp_path,
+            synthetic_dir,
+            "eta",
+            num_samples=5,
+            scheduler={"type": scheduler},
+            experiment={"train": {"epochs": 4}},
+        )
+    )
+    console = StudyConsole(study)
+    assert console._eta(30.0, done=0) == "unknown"  # no epoch trained yet: no rate
+
+    # 3 of 5 trials started: one finished its 4 epochs, one stopped after 2, one at epoch 2
+    console.numbers = {"a": 1, "b": 2, "c": 3}
+    console.epochs = {"a": 4, "b": 2, "c": 2}
+    console.outcomes = {"a": "finished", "b": "stopped early"}
+    # 8 epochs in 80 s: 10 s each; left: c's 2 more, and 4 for each of the 2 trials not started
+    assert console._eta(80.0, done=2) == f"{bound}0:01:40"
+
+    console.numbers.update(d=4, e=5)
+    console.epochs.update(c=4, d=4, e=1)
+    console.outcomes.update(c="finished", d="failed")
+    # 15 epochs in 150 s; only e has epochs left (3)
+    assert console._eta(150.0, done=4) == f"{bound}0:00:30"
+    console.outcomes["e"] = "finished"
+    assert console._eta(160.0, done=5) == "0:00:00"
