@@ -62,17 +62,6 @@ def write_table(outcome, out_dir: Path) -> list[Path]:
     return [csv_path, html_path]
 
 
-def _parse(value: str | None) -> Any:
-    if value is None:
-        return None
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return {"True": True, "False": False}.get(value, value)
-
-
 def optuna_study(outcome, study):
     """The finished trials as an Optuna study, for Optuna's own visualizations."""
     import optuna
@@ -181,16 +170,25 @@ def format_ranking(outcome, metric: str, limit: int | None = None) -> str:
             str(t.epochs),
             "-" if t.metric is None else f"{t.metric:.4f}",
             *per_seed,
-            *[_fmt(t.params.get(k)) for k in keys],
+            *[_fmt(t.params.get(k), outcome.search_space.get(k)) for k in keys],
         )
     buf = io.StringIO()
     Console(file=buf, width=200, force_terminal=False, color_system=None).print(table)
     return buf.getvalue()
 
 
-def _fmt(v: Any) -> str:
-    p = _parse(v) if isinstance(v, str) else v
-    return f"{p:.4g}" if isinstance(p, float) else str(p)
+def _fmt(logged: str | None, distribution: Any = None) -> str:
+    """A searched value as its distribution reads it back (floats to 4 significant digits),
+    else as MLflow logged it."""
+    if logged is None:
+        return "None"
+    value: Any = logged
+    if distribution is not None:
+        try:
+            value = distribution.parse_logged(logged)
+        except ValueError:
+            pass
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def diagnostics_plot(diag_file: Path, out_png: Path) -> Path | None:

@@ -28,10 +28,19 @@ from ray.tune import Callback
 from . import lineage, storage, tracking
 from .config import ConfigError, ExperimentConfig, flatten
 from .console import StudyConsole
-from .errors import BackboneLoadError, DataError, NonFiniteLossError, StudyError, find_pisa_error, one_line
+from .errors import (
+    BackboneLoadError,
+    DataError,
+    NonFiniteLossError,
+    PisaError,
+    StudyError,
+    find_pisa_error,
+    one_line,
+)
 from .progress import say
 from .seeds import SEED_PREFIX, seed_key
 from .study_config import Study, load_study
+from .study_schema import Distribution
 
 STATE_FILE = "pisa_study.json"
 STATUS_EVERY_S = 120.0  # Tune's trial table on the console, at most this often
@@ -79,6 +88,9 @@ class StudyOutcome:
     trials: list[TrialSummary]
     metric: str = "bbox_mAP"
     interrupted: bool = False
+    # the searched fields' distributions, which read their logged (text) values back;
+    # empty when the study's definition is not at hand
+    search_space: dict[str, Distribution] = field(default_factory=dict)
 
     @property
     def all_failed(self) -> bool:
@@ -729,6 +741,7 @@ def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
     except KeyboardInterrupt:
         interrupted = True
     outcome = collect(study.name, uri, study.base_config.tracking.experiment, parent, study.cfg.metric, study.cfg.mode)
+    outcome.search_space = dict(study.cfg.search_space)
     expected = study.cfg.num_samples
     done = [t for t in outcome.trials if t.status in ("finished", "stopped_early", "failed")]
     interrupted = interrupted or len(done) < expected
@@ -863,7 +876,7 @@ def collect(name: str, uri: str, experiment: str, parent: str, metric: str, mode
 
 def outcome_from_state(name: str, storage_path: str | Path = "ray_results") -> StudyOutcome:
     state = load_state(name, storage_path)
-    return collect(
+    outcome = collect(
         state.name,
         state.tracking_uri,
         state.experiment,
@@ -871,3 +884,8 @@ def outcome_from_state(name: str, storage_path: str | Path = "ray_results") -> S
         state.metric,
         state.mode,
     )
+    try:
+        outcome.search_space = dict(study_from_state(state).cfg.search_space)
+    except (PisaError, OSError):  # an older state whose study file is gone: values shown as logged
+        pass
+    return outcome

@@ -38,3 +38,28 @@ def test_eta_counts_the_epochs_trials_could_still_train_at_the_rate_so_far(tmp_p
     assert console._eta(150.0, done=4) == f"{bound}0:00:30"
     console.outcomes["e"] = "finished"
     assert console._eta(160.0, done=5) == "0:00:00"
+
+
+def test_ranking_shows_searched_values_as_their_distributions_read_them():
+    from pydantic import TypeAdapter
+
+    from pisa.report import format_ranking
+    from pisa.study import StudyOutcome, TrialSummary
+    from pisa.study_schema import Distribution
+
+    logged = {"model.isr_p.k": "1.8732563742634", "train.epochs": "3", "model.sampler": "1.5"}
+    trial = TrialSummary("run", "t1", "t1", "finished", 0.5, 3, params=logged)
+    outcome = StudyOutcome("s", "parent", "sqlite:///x.db", [trial])
+
+    # without the study's definition: the text MLflow holds, not a guess at its type
+    row = format_ranking(outcome, "bbox_mAP").splitlines()[-2]
+    assert "1.8732563742634" in row and "| 1.5 " in row.replace("│", "|")
+
+    read = TypeAdapter(Distribution).validate_python
+    outcome.search_space = {
+        "model.isr_p.k": read({"type": "uniform", "low": 0.5, "high": 3.0}),
+        "train.epochs": read({"type": "int", "low": 1, "high": 4}),
+        "model.sampler": read({"type": "choice", "values": ["random", "1.5"]}),  # a string that looks like a float
+    }
+    cells = [c.strip() for c in format_ranking(outcome, "bbox_mAP").splitlines()[-2].split("│")]
+    assert "1.873" in cells and "3" in cells and "1.5" in cells
