@@ -169,11 +169,11 @@ def run_training(
     uri = cfg.tracking.resolved_uri()
     check_cluster_setup(address, uri, cfg.storage_path, "config")
     tracking.check_reachable(uri)
-    mlflow_store = tracking.tracker(uri)
     if not verbose:
         quiet_libraries()
     # verbose Ray: the workers' progress lines reach the console
     num_classes = start_ray_with_data(cfg, uri, address)
+    mlflow_store = tracking.tracker(uri)  # set up beside Ray's start: no wait here
     name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     params = cfg.flat_params()
     params["data.num_classes"] = num_classes

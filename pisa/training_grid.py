@@ -208,9 +208,7 @@ def train_grid(
     # the runs by their job tag: through Ray Client the logger ran on the cluster, not here
     run_ids = {
         int(run.data.tags[JOB_TAG]): run.info.run_id
-        for run in tracking.tracker(uri).find_runs(
-            trainings[0].experiment.tracking.experiment, f"tags.`{tracking.NESTED_TAG}` = '{parent_run_id}'"
-        )
+        for run in tracking.tracker(uri).children(trainings[0].experiment.tracking.experiment, parent_run_id)
         if JOB_TAG in run.data.tags
     }
     outcomes = [TrainOutcome(None, "FAILED", error="not run") for _ in trainings]

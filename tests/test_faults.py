@@ -1,7 +1,8 @@
 """Faults survived by default, with real processes, on object storage: a SIGKILLed trial
-process (where a 1-worker trial trains) costs one restart from the trial's last checkpoint; a SIGKILLed driver costs a
-`pisa study resume`, which continues the study as it was started (its `--set` overrides
-included) from its state in an S3 bucket (a real S3-compatible server on 127.0.0.1)."""
+process (where a 1-worker trial trains) costs one restart from the trial's last checkpoint;
+a SIGKILLed driver costs a `pisa study resume`, which continues the study as it was started
+(its `--set` overrides included) from its state in an S3 bucket (a real S3-compatible
+server on 127.0.0.1)."""
 
 from __future__ import annotations
 
