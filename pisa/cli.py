@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import cast
 
-from . import __version__
+from . import __version__, signals
 from .errors import PisaError
 
 EXIT_USAGE = 2
@@ -138,7 +138,7 @@ def _finish_study(outcome, storage_path: str | None = None) -> int:
     if outcome.interrupted:
         where = f" --storage-path {storage_path}" if storage_path and storage_path != "ray_results" else ""
         print(f"study interrupted: continue it with `pisa study resume {outcome.name}{where}`")
-        return 130
+        return signals.interrupt_exit_code()
     if outcome.all_failed:
         error, count = outcome.most_common_error()
         print(
@@ -336,7 +336,12 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append("train.use_gpu=false")
     cfg = load_config(args.config, overrides)
     outcome = run_training(
-        cfg, address=args.address, run_name=args.run_name, resume_from=args.resume, verbose=args.verbose
+        cfg,
+        address=args.address,
+        run_name=args.run_name,
+        resume_from=args.resume,
+        verbose=args.verbose,
+        source=str(args.config),
     )
     print(outcome.to_json())
     if outcome.status != "FINISHED":
@@ -376,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("interrupted" + (" (SIGTERM)" if signals.terminated() else ""), file=sys.stderr)
+        return signals.interrupt_exit_code()
 
 
 def run() -> None:
@@ -392,6 +397,7 @@ def run() -> None:
         os._exit(code)
 
     atexit.register(end_now)  # registered first, so it runs after every other handler
+    signals.install()
     try:
         code = main()
     except SystemExit as exc:  # argparse's --help, --version and usage errors

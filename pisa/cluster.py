@@ -39,3 +39,40 @@ def check_cluster_setup(address: str | None, tracking_uri: str, storage_path: st
             f"that this machine and every node share (or use s3://, gs://)"
         )
     return notes
+
+
+def _fmt(resources: dict[str, float], zeros: bool = False) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if v or zeros) or "nothing"
+
+
+def check_fits(
+    workers: int, per_worker: dict[str, float], address: str | None, source: str, hint: str = ""
+) -> str | None:
+    """Fail in one line when the Ray cluster cannot hold `workers` bundles of `per_worker`:
+    on a cluster pisa started itself nothing will ever add the missing resources, and Ray
+    would wait forever. On a joined cluster (`--address`) an autoscaler may add nodes: the
+    returned line says what the training waits for. None when it fits now."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    total: dict[str, float] = {}
+    for node in nodes:
+        for k, v in node.items():
+            total[k] = total.get(k, 0.0) + float(v)
+    wanted = {k: v for k, v in per_worker.items() if v}
+    need = {k: v * workers for k, v in wanted.items()}
+    one_fits = any(all(node.get(k, 0.0) >= v for k, v in wanted.items()) for node in nodes)
+    if one_fits and all(total.get(k, 0.0) >= v for k, v in need.items()):
+        return None
+    shown = {k: total.get(k, 0.0) for k in need}
+    what = f"{workers} worker(s) x {_fmt(wanted)} = {_fmt(need)}; the Ray cluster has {_fmt(shown, zeros=True)}"
+    if not one_fits and all(total.get(k, 0.0) >= v for k, v in need.items()):
+        what += " but no node holds one worker's share"
+    if address is None:
+        from .config import ConfigError
+
+        raise ConfigError(f"{source}: the training needs {what}{f' ({hint})' if hint else ''}")
+    return (
+        f"waiting for the cluster at {address} to provide {_fmt(need)} "
+        f"(it has {_fmt(shown, zeros=True)}; an autoscaler may add nodes)"
+    )

@@ -125,14 +125,16 @@ def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
 def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int, rank: int, stall: str | None = None) -> None:
     """Fault injection for tests: 'EPOCH:ITER:MARKER' kills rank 0 once, mid-epoch; `stall`
     ('EPOCH:ITER:PIDFILE') makes rank 0 write its pid and wait there once, for a test to
-    SIGKILL it from outside."""
+    kill it (or the driver) from outside, or to let it go on by creating PIDFILE.go."""
     if stall:
         e, i, pidfile = stall.split(":", 2)
         if epoch == int(e) and iteration == int(i) and not Path(pidfile).exists() and rank == 0:
             Path(pidfile).with_suffix(".tmp").write_text(f"{os.getpid()}\n")
             Path(pidfile).with_suffix(".tmp").rename(pidfile)
             say(f"fault injection: worker {os.getpid()} waits at epoch {epoch} iteration {iteration}")
-            time.sleep(600)
+            go, deadline = Path(pidfile + ".go"), time.time() + 600
+            while not go.exists() and time.time() < deadline:
+                time.sleep(0.2)
     if not spec:
         return
     e, i, marker = spec.split(":", 2)

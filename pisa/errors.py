@@ -44,6 +44,12 @@ class StudyError(PisaError):
     exit_code = EXIT_BAD_INPUT
 
 
+class ClusterError(PisaError):
+    """The Ray cluster can't run what was asked (no auth token, too few GPUs): nothing started."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
 class TrackingError(PisaError, RuntimeError):
     """The MLflow tracking store can't be used; raised before any training starts."""
 

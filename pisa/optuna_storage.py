@@ -78,6 +78,11 @@ class PruningOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False):
         from optuna.trial import TrialState
 
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and ot_trial.storage.get_trial(ot_trial._trial_id).state.is_finished():
+            # told before a driver was lost, from a snapshot older than that: it stays as told
+            self._completed_trials.add(trial_id)
+            return
         if not error:
             self._report_intermediate(trial_id, result)
 

@@ -3,9 +3,11 @@ output, the dashboard on 127.0.0.1 only, and a fixed GCS port per local cluster.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -29,6 +31,10 @@ def init_ray(
         return
     if not verbose:
         quiet_libraries()
+    if address is not None:
+        use_auth_token_if_found(address)
+        if not address.startswith("ray://"):
+            check_gcs_reachable(address)
     env = {
         "RAY_TRAIN_V2_ENABLED": "1",
         "PYTHONUNBUFFERED": "1",
@@ -79,6 +85,77 @@ def init_ray(
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
+def find_auth_token() -> str | None:
+    """Where a Ray auth token is for this process: `RAY_AUTH_TOKEN`, the file named by
+    `RAY_AUTH_TOKEN_PATH`, or `~/.ray/auth_token` (what `ray start` and a local `ray.init`
+    write); None if nowhere."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), os.path.expanduser("~/.ray/auth_token")):
+        if path and os.path.isfile(path) and os.path.getsize(path) > 0:
+            return path
+    return None
+
+
+def use_auth_token_if_found(address: str) -> None:
+    """A cluster started by `ray start --head` where a token exists runs with token auth,
+    and every process joining it must send the token (`RAY_AUTH_MODE=token`). When the mode
+    is not set and a token is at hand, use it: a cluster without auth ignores it."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    where = find_auth_token()
+    if where is None:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    logging.getLogger(__name__).info("joining %s with the Ray auth token from %s", address, where)
+    try:  # Ray reads the mode once per process: make it read it again
+        from ray._raylet import Config  # type: ignore[attr-defined]  # compiled, no stubs
+
+        Config.initialize("")
+    except (ImportError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for a moment: output written below Python's streams."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def check_gcs_reachable(address: str) -> None:
+    """Ask the cluster's GCS one question before joining it, so that a refused token is one
+    line and exit 2 in about a second, not Ray's 20 s of retries and a traceback."""
+    from ray.exceptions import AuthenticationError
+
+    from .errors import ClusterError
+
+    try:
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # compiled, no stubs
+    except ImportError:  # a Ray without it: ray.init reports what it finds
+        return
+    try:
+        with _stderr_silenced():  # Ray's C++ client logs the refusal there as well
+            GcsClient(address=address).internal_kv_get(b"session_name", namespace=None, timeout=10)
+    except AuthenticationError:
+        token = find_auth_token()
+        fix = (
+            f"the token from {token} was refused: use the head's token (its ~/.ray/auth_token) in RAY_AUTH_TOKEN"
+            if token and os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+            else "set RAY_AUTH_TOKEN to the head's token (its ~/.ray/auth_token) and RAY_AUTH_MODE=token"
+        )
+        raise ClusterError(f"--address {address}: the Ray cluster needs token authentication; {fix}") from None
+    except Exception:  # unreachable or slow: ray.init says so in its own words
+        return
+
+
 def init_ray_alongside(task: Callable[[], T], address: str | None = None, **init_kwargs: Any) -> T:
     """`init_ray` while `task` (parsing annotations, setting up a tracking store) runs in a
     thread, and `task`'s result. Ray's start-up mostly waits on its own processes, and these
@@ -119,6 +196,28 @@ def free_port() -> int:
             port = sock.getsockname()[1]
         if not 10002 <= port <= 19999:
             return port
+
+
+def forward_only_worker_output(actor_prefix: str = "RayTrainWorker") -> None:
+    """Keep printing what the training workers print (pisa's progress lines, their errors)
+    but not the output of Ray's own actors (the Train controller's retries and resource
+    requests, "safe to ignore" tracebacks): it stays in the session's log files. Replaces
+    the handler Ray's `log_to_driver` installs; a Ray without it is left as it is."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    names = [name for name, _ in dispatcher.handlers]
+    if "ray_print_logs" not in names:
+        return
+    original = dict(dispatcher.handlers)["ray_print_logs"]
+
+    def from_workers(data: dict[str, Any]) -> None:
+        if str(data.get("actor_name") or "").startswith(actor_prefix) or data.get("pid") == "raylet":
+            original(data)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", from_workers)
 
 
 def quiet_libraries() -> None:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from ray.tune import Callback
 
-from . import lineage, storage, tracking
+from . import lineage, storage, tracking, trial_recovery
 from .config import ConfigError, ExperimentConfig, flatten
 from .console import StudyConsole
 from .errors import (
@@ -48,6 +48,7 @@ TRIAL_TAG = "pisa.trial_id"
 SEED_VALUES_TAG = "pisa.seed_values"  # {seed: metric} of a multi-seed trial, at its best epoch
 FAILED_MARK = "pisa_failed.txt"  # a trial that failed for a reason a restart can't fix
 FAULTS_ENV = "PISA_FAULTS"  # fault injection for recovery tests (JSON, see engine)
+DRIVER_FAULTS_ENV = "PISA_DRIVER_FAULTS"  # the same for the study's driver (see driver_fault)
 # errors that fail the same way on every restart: the trial is not retried
 DETERMINISTIC_ERRORS = (NonFiniteLossError, DataError, BackboneLoadError)
 
@@ -180,6 +181,10 @@ def run_trial(config: dict[str, Any], study: Study) -> None:
     exp = study.experiment(params)
     trial_id = tune.get_context().get_trial_id()
     exp = exp.model_copy(update={"storage_path": trial_storage(study)})
+    final = trial_recovery.read_done_mark(done_mark(study, trial_id))
+    if final is not None:  # it ended before a driver was lost: report its end, train nothing
+        tune.report(final)
+        return
     with failing_at_once_on_retry(storage.join(trial_storage(study), trial_id, FAILED_MARK)):
         if study.cfg.seeds > 1:
             from .seeds import fit_seeds
@@ -193,6 +198,31 @@ def run_trial(config: dict[str, Any], study: Study) -> None:
             checkpoint_score=(study.cfg.metric, study.cfg.mode),
             faults=json.loads(os.environ.get(FAULTS_ENV) or "null"),
         )
+
+
+def done_mark(study: Study, trial_id: str) -> str:
+    return storage.join(trial_storage(study), trial_id, trial_recovery.DONE_MARK)
+
+
+def driver_fault(point: str) -> None:
+    """Test-only: `PISA_DRIVER_FAULTS={"kill_at": "POINT:N"}` kills this driver with SIGKILL
+    the Nth time it passes POINT (trial_complete, checkpoint, mlflow_write), a crash at a
+    known place for the recovery tests."""
+    spec = os.environ.get(DRIVER_FAULTS_ENV)
+    if not spec:
+        return
+    where, _, count = json.loads(spec).get("kill_at", "").partition(":")
+    if where != point:
+        return
+    _DRIVER_FAULT_COUNTS[point] = _DRIVER_FAULT_COUNTS.get(point, 0) + 1
+    if _DRIVER_FAULT_COUNTS[point] == int(count or 1):
+        import signal
+
+        say(f"fault injection: killing the driver at {point} #{count or 1}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_DRIVER_FAULT_COUNTS: dict[str, int] = {}
 
 
 @contextlib.contextmanager
@@ -233,6 +263,8 @@ class MlflowStudyLogger(Callback):
         self.last: dict[str, dict[str, Any]] = {}
         self.best: dict[str, tuple[float, str | None]] = {}
         self.system_metrics: dict[str, lineage.SystemMetrics] = {}
+        self.logged_epochs: dict[str, int] = {}
+        self.reconciled = True  # until `setup` (a fresh or a resumed experiment)
 
     @property
     def tracker(self) -> tracking.Tracker:
@@ -244,6 +276,25 @@ class MlflowStudyLogger(Callback):
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id:
                 self.runs[trial_id] = run.info.run_id
+                # epochs already in MLflow: a trial that continues from an older checkpoint
+                # trains them again, and they are not logged twice
+                self.logged_epochs[trial_id] = int(run.data.metrics.get("epoch", 0) or 0)
+        self.reconciled = False
+
+    def on_step_begin(self, iteration, trials, **info):
+        """Once, before a resumed study starts any trial: point every restored trial at a
+        checkpoint that exists (`pisa.trial_recovery`)."""
+        if getattr(self, "reconciled", True):
+            return
+        self.reconciled = True
+        from .engine import CHECKPOINT_FILE
+
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR"):
+                continue
+            repair = trial_recovery.repair_restored_trial(trial, CHECKPOINT_FILE)
+            if repair is not None:
+                say(repair.line())
 
     def _run_for(self, trial) -> str:
         run_id = self.runs.get(trial.trial_id)
@@ -273,10 +324,14 @@ class MlflowStudyLogger(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         resumed = trial.trial_id in self.runs
+        if resumed and storage.exists(done_mark(self.study, trial.trial_id)):
+            return  # it ended before; it only reports that end again (see run_trial)
         run_id = self._run_for(trial)
         c = self.tracker.client
-        if "pisa.error" in c.get_run(run_id).data.tags:  # a failed trial, retried
+        tags = c.get_run(run_id).data.tags
+        if "pisa.error" in tags:  # a failed trial, retried
             c.delete_tag(run_id, "pisa.error")
+        if tags.get("pisa.status") != "running":  # retried, or resumed after an interruption
             c.set_tag(run_id, "pisa.status", "running")
         c.update_run(run_id, status="RUNNING")
         self._stop_system_metrics(trial.trial_id)
@@ -291,7 +346,10 @@ class MlflowStudyLogger(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        self.tracker.log_metrics(run_id, epoch_metrics(result), step=epoch)
+        if epoch > self.logged_epochs.get(trial.trial_id, 0):
+            self.tracker.log_metrics(run_id, epoch_metrics(result), step=epoch)
+            self.logged_epochs[trial.trial_id] = epoch
+            driver_fault("mlflow_write")
         self.last[trial.trial_id] = dict(result)
         value = result.get(self.study.cfg.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
@@ -307,11 +365,12 @@ class MlflowStudyLogger(Callback):
         last = self.last.get(trial.trial_id, {})
         if best is not None and best[1] is None and last.get(self.study.cfg.metric) == best[0]:
             self.best[trial.trial_id] = (best[0], checkpoint.path)
+        driver_fault("checkpoint")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
         last = self.last.get(trial.trial_id, {})
-        epochs = int(last.get("epoch", 0))
+        epochs = max(int(last.get("epoch", 0)), self.logged_epochs.get(trial.trial_id, 0))
         status = "finished" if epochs >= self.max_epochs else "stopped_early"
         tags = {"pisa.status": status, "pisa.epochs": epochs}
         if status == "stopped_early":
@@ -332,7 +391,11 @@ class MlflowStudyLogger(Callback):
             self._log_checkpoint(run_id, best[1])
         self.tracker.set_tags(run_id, tags)
         self._stop_system_metrics(trial.trial_id)
+        # before the run is closed: a driver lost after this point resumes without training
+        # this trial again, whatever Tune's last snapshot says of it
+        trial_recovery.write_done_mark(done_mark(self.study, trial.trial_id), epoch_metrics(last))
         self.tracker.end_run(run_id, "FINISHED")
+        driver_fault("trial_complete")
 
     def _seed_values(self, run_id: str) -> dict[str, float]:
         """Each seed's metric at the epoch where the seed mean was best."""
@@ -357,6 +420,11 @@ class MlflowStudyLogger(Callback):
             self._stop_system_metrics(trial_id)
         known = {t.trial_id for t in trials}
         c = self.tracker.client
+        for trial in trials:  # stopped by Ctrl-C or SIGTERM: not left RUNNING in MLflow
+            run_id = self.runs.get(trial.trial_id)
+            if trial.status not in ("TERMINATED", "ERROR") and run_id and c.get_run(run_id).info.status == "RUNNING":
+                self.tracker.set_tags(run_id, {"pisa.status": "interrupted"})
+                self.tracker.end_run(run_id, "KILLED")
         for run in self.tracker.children(self.study.base_config.tracking.experiment, self.parent_run_id):
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id not in known and run.info.status == "RUNNING":
@@ -527,6 +595,23 @@ def _trainable(study: Study):
     return tune.with_resources(tune.with_parameters(run_trial, study=study), trial_resources(study))
 
 
+def check_trial_fits(study: Study, address: str | None) -> None:
+    """One trial's training must fit the cluster, or the study would wait forever."""
+    from .cluster import check_fits
+
+    res = study.cfg.resources_per_trial
+    per_worker = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker, **res.resources_per_worker}
+    waiting = check_fits(
+        res.workers,
+        per_worker,
+        address,
+        f"{study.source}: resources_per_trial",
+        hint="on CPUs: gpus_per_worker: 0; fewer workers: workers: N",
+    )
+    if waiting:
+        say(waiting)
+
+
 def training_footprint(study: Study) -> tuple[str, float]:
     """What one training of this study holds: ("GPU", GPUs) or ("CPU", CPUs), all workers."""
     res = study.cfg.resources_per_trial
@@ -646,6 +731,7 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
             f"`pisa study resume {study.name}` or choose another name (--set name=...)"
         )
     start_ray_with_data(study.base_config, uri, address, verbose=verbose, dashboard=not trains_in_trial(study))
+    check_trial_fits(study, address)
     concurrent_trials(study)  # a point that cannot fit the cluster fails before any run exists
     experiment = study.base_config.tracking.experiment
     parent = tracking.tracker(uri).start_run(
@@ -692,6 +778,7 @@ def resume_study(
     check_cluster_setup(address, uri, study.base_config.storage_path, storage.display(state.dir))
     tracking.check_reachable(uri)
     init_ray_alongside(lambda: tracking.client(uri), address, verbose=verbose, dashboard=not trains_in_trial(study))
+    check_trial_fits(study, address)
     if retry_failed:  # their errors may have been fixed (data, a node); let them run again
         _clear_failed_marks(study)
     tracking.client(uri).update_run(state.parent_run_id, status="RUNNING")

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import tracking
+from . import signals, tracking
 from .accel import process_group_backend
 from .config import ExperimentConfig
 from .engine import CHECKPOINT_FILE, DIAGNOSTICS_FILE, stopped_on, train_loop_per_worker
 from .errors import one_line
 from .progress import say
-from .ray_runtime import init_ray_alongside, quiet_libraries
+from .ray_runtime import forward_only_worker_output, init_ray_alongside, quiet_libraries
 
 
 @dataclass
@@ -69,15 +69,22 @@ def start_ray_with_data(cfg: ExperimentConfig, uri: str, address: str | None, **
     return init_ray_alongside(prepare, address, **init_kwargs)
 
 
-def scaling_config(cfg: ExperimentConfig):
-    """Workers with the CPUs and (fractions of) GPUs each one asks for."""
-    from ray.train import ScalingConfig
-
+def worker_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What one worker asks Ray for: its CPUs, (a fraction of) a GPU, any custom resources."""
     resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = cfg.train.gpus_per_worker
     resources.update(cfg.train.resources_per_worker)
-    return ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources)
+    return resources
+
+
+def scaling_config(cfg: ExperimentConfig):
+    """Workers with the CPUs and (fractions of) GPUs each one asks for."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=worker_resources(cfg)
+    )
 
 
 def build_trainer(
@@ -161,18 +168,31 @@ def run_training(
     resume_from: str | None = None,
     faults: dict[str, Any] | None = None,
     verbose: bool = False,
+    source: str = "config",
 ) -> TrainOutcome:
     """Train one config end to end and track it in MLflow; never raises for a failed fit.
-    The console shows pisa's progress lines; `verbose` adds Ray's own."""
-    from .cluster import check_cluster_setup
+    The console shows pisa's progress lines; `verbose` adds Ray's own. `source` names the
+    config in errors (its file)."""
+    from .cluster import check_cluster_setup, check_fits
 
     uri = cfg.tracking.resolved_uri()
-    check_cluster_setup(address, uri, cfg.storage_path, "config")
+    check_cluster_setup(address, uri, cfg.storage_path, source)
     tracking.check_reachable(uri)
     if not verbose:
         quiet_libraries()
     # verbose Ray: the workers' progress lines reach the console
     num_classes = start_ray_with_data(cfg, uri, address)
+    waiting = check_fits(
+        cfg.train.workers,
+        worker_resources(cfg),
+        address,
+        source,
+        hint="on CPUs: --cpu; fewer workers: --workers N",
+    )
+    if waiting:
+        say(waiting)
+    if not verbose:  # the workers' progress lines, not Ray's own (they are in its session logs)
+        forward_only_worker_output()
     mlflow_store = tracking.tracker(uri)  # set up beside Ray's start: no wait here
     name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     params = cfg.flat_params()
@@ -180,6 +200,26 @@ def run_training(
     run_id = mlflow_store.start_run(
         cfg.tracking.experiment, name, params=params, tags={"pisa.kind": "train", **(tags or {})}
     )
+    try:
+        return _fit_tracked(cfg, uri, run_id, name, resume_from, faults, verbose)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run is not left RUNNING
+        mlflow_store.set_tags(run_id, {"pisa.status": "interrupted"})
+        mlflow_store.end_run(run_id, "KILLED")
+        say(f"training interrupted; MLflow run {run_id} marked KILLED")
+        raise
+
+
+def _fit_tracked(
+    cfg: ExperimentConfig,
+    uri: str,
+    run_id: str,
+    name: str,
+    resume_from: str | None,
+    faults: dict[str, Any] | None,
+    verbose: bool,
+) -> TrainOutcome:
+    """The part of `run_training` that runs with its MLflow run open."""
+    mlflow_store = tracking.tracker(uri)
     mlflow_store.log_text(run_id, cfg.to_yaml(), "config.yaml")
     from .lineage import SystemMetrics, log_datasets
 
@@ -201,6 +241,8 @@ def run_training(
         result, error = None, exc
     finally:
         system_metrics.stop()
+    if signals.terminated():  # Ray Train aborted the run on the SIGTERM passed on to it
+        raise KeyboardInterrupt
     from .storage import location_of
 
     checkpoint_dir = (

@@ -139,12 +139,13 @@ def start_mlflow_server(
     backend_store_uri: str | None = None,
     env: dict[str, str] | None = None,
     admin_password: str | None = None,
+    port: int | None = None,
 ) -> MlflowServer:
     """A real `mlflow server` on 127.0.0.1 with proxied artifacts in `work` and a SQLite store
     there unless `backend_store_uri` says otherwise. `admin_password` starts it with its
     login (`--app-name basic-auth`), the password from the environment as in
     docker/compose.yaml (never on a command line). The caller's MLFLOW_* settings stay out."""
-    port = free_port()
+    port = port or free_port()  # a given port: the same server started again
     env = {k: v for k, v in (env or os.environ).items() if not k.startswith("MLFLOW_")}
     # no job runner: its consumer processes (several, each importing MLflow) serve MLflow's
     # server-side jobs, which pisa does not use, and would take CPU from the tests

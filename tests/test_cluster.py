@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -100,6 +101,31 @@ def _train_worker_nodes(cluster: RayCluster, env: dict[str, str]) -> dict[str, s
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _without_auth_mode(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+
+
+def test_a_cluster_with_token_auth_and_no_token_here_is_one_line_exit_2(
+    work, synthetic_dir, mlflow_login, env, cluster
+):
+    """A machine without the cluster's token (no RAY_AUTH_TOKEN, no ~/.ray/auth_token): one
+    line naming the fix, exit 2, without Ray's retries, and nothing started."""
+    path = _study_file(work, synthetic_dir, mlflow_login.uri)
+    home = work / "home-without-token"
+    home.mkdir(exist_ok=True)
+    shell = {k: v for k, v in _without_auth_mode(env).items() if not k.startswith("RAY_AUTH_TOKEN")}
+    started = time.monotonic()
+    res = _run_study(work, {**shell, "HOME": str(home)}, path, cluster.gcs_address, "no-token")
+    took = time.monotonic() - started
+    assert res.returncode == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --address {cluster.gcs_address}: the Ray cluster needs token authentication")
+    assert "RAY_AUTH_TOKEN" in last and "RAY_AUTH_MODE=token" in last
+    assert "Traceback" not in res.stderr and res.stderr.count("InvalidAuthToken") <= 1, res.stderr[-3000:]
+    assert not (work / "ray_results" / "no-token").exists()
+    print(f"refused in {took:.1f} s")
+
+
 def _run_study(work, env, study_file, address, name) -> subprocess.CompletedProcess:
     return subprocess.run(
         PISA + ["study", "run", str(study_file), "--address", address, "--set", f"name={name}"],
@@ -143,7 +169,9 @@ def test_two_node_study_with_login(work, synthetic_dir, mlflow_login, env, clust
     path = _study_file(work, synthetic_dir, mlflow_login.uri)
     before = _train_worker_nodes(cluster, env)
     address = cluster.gcs_address if mode == "gcs" else cluster.client_address
-    res = _run_study(work, env, path, address, f"two-nodes-{mode}")
+    # the cluster runs with token auth; pisa finds the token (~/.ray/auth_token, which the
+    # head wrote) and uses it, without RAY_AUTH_MODE in the user's shell
+    res = _run_study(work, _without_auth_mode(env), path, address, f"two-nodes-{mode}")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
 
     # trials on both nodes

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import tiny_experiment
+from helpers import REPO, tiny_experiment
 from ray.train import WorkerGroupError
 
 from pisa import tracking
@@ -245,3 +245,29 @@ def test_a_retry_mark_of_an_earlier_version_fails_the_retry_with_its_text(tmp_pa
     with pytest.raises(RuntimeError, match="^NonFiniteLossError: non-finite loss at epoch 1 iteration 2$"):
         with failing_at_once_on_retry(str(mark)):
             pytest.fail("the retry trained")
+
+
+def test_a_gpu_config_on_a_cluster_without_gpus_is_one_line_exit_2_and_leaves_no_run(
+    ray_local, synthetic_dir, tmp_path, capsys
+):
+    """The paper's 8-GPU config on this CPU-only cluster: what it needs against what the
+    cluster has, with the flags that fit, instead of Ray waiting forever."""
+    config = REPO / "configs" / "faster_rcnn_r50_fpn_1x_pisa.yaml"
+    data = {
+        "data.train_images": synthetic_dir / "train",
+        "data.train_annotations": synthetic_dir / "train.json",
+        "data.val_images": synthetic_dir / "val",
+        "data.val_annotations": synthetic_dir / "val.json",
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.experiment": "tests",
+        "storage_path": tmp_path / "ray_results",
+    }
+    sets = [x for k, v in data.items() for x in ("--set", f"{k}={v}")]
+    code, err = _run(capsys, "train", str(config), *sets)
+    last = err.strip().splitlines()[-1]
+    assert code == 2, err[-2000:]
+    assert last.startswith(f"error: {config}: the training needs 8 worker(s) x 1 CPU, 1 GPU = 8 CPU, 8 GPU"), last
+    assert "the Ray cluster has 2 CPU, 0 GPU" in last and "--cpu" in last and "--workers" in last
+    assert not (tmp_path / "ray_results").exists()
+    if (tmp_path / "mlflow.db").exists():
+        assert tracking.tracker(f"sqlite:///{tmp_path / 'mlflow.db'}").find_runs("tests", "") == []

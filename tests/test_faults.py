@@ -88,8 +88,10 @@ def test_killed_worker_then_killed_driver_then_resume_with_overrides(synthetic_d
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
-        "PISA_FAULTS": json.dumps({"stall_at": f"1:1:{pidfile}"}),
-    }  # epoch 2, iteration 2
+        "PISA_FAULTS": json.dumps({"stall_at": f"1:1:{pidfile}"}),  # epoch 2, iteration 2
+        # the driver dies right after the restarted trial ends, before Tune saves its state
+        "PISA_DRIVER_FAULTS": json.dumps({"kill_at": "trial_complete:1"}),
+    }
     log = tmp_path / "run.log"
     # -v: the workers' own output (the fault injection's line) reaches the console only then
     cmd = PISA + ["study", "run", str(study_file), "-v"] + [x for o in overrides for x in ("--set", o)]
@@ -107,20 +109,16 @@ def test_killed_worker_then_killed_driver_then_resume_with_overrides(synthetic_d
         )
         os.kill(worker, signal.SIGKILL)  # a worker lost mid-epoch (OOM killer, pre-empted node)
         parent = json.loads(storage.read_text(state_file))["parent_run_id"]
-
-        def second_trial_running():
-            runs = _children(uri, parent)
-            return len(runs) == 2 and any(r.info.status == "FINISHED" for r in runs)
-
-        _wait(second_trial_running, 600, proc, log, "the first trial to finish and the second to start")
-        os.kill(proc.pid, signal.SIGKILL)  # the driver, without a chance to clean up
-        proc.wait(timeout=60)
+        assert proc.wait(timeout=600) == -signal.SIGKILL, log.read_text()[-4000:]
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # what the driver had started (its local Ray)
         except ProcessLookupError:
             pass
     assert "fault injection: worker" in log.read_text()
+    assert "killing the driver at trial_complete" in log.read_text()
+    first_done = [r for r in _children(uri, parent) if r.info.status == "FINISHED"]
+    assert len(first_done) == 1  # the restarted trial had finished when the driver died
 
     assert not (tmp_path / "ray_results").exists()  # the study's state is only in the bucket
     resumed = subprocess.run(
@@ -133,6 +131,7 @@ def test_killed_worker_then_killed_driver_then_resume_with_overrides(synthetic_d
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming study ovr" in resumed.stdout and "from-file" not in resumed.stdout
+    assert "does not exist on storage" not in resumed.stdout + resumed.stderr
 
     c = tracking.client(uri)
     assert c.get_run(parent).info.status == "FINISHED"

@@ -213,7 +213,7 @@ def test_study_against_mlflow_server_with_a_diverging_trial(ray_local, synthetic
 
 
 @pytest.mark.slow
-def test_interrupted_study_resumes_without_duplicate_runs(synthetic_dir, tmp_path):
+def test_a_study_stopped_by_sigterm_resumes_without_duplicate_runs(synthetic_dir, tmp_path):
     path = write_study(
         tmp_path, synthetic_dir, "resumable", num_samples=3, max_concurrent_trials=1, scheduler={"type": "fifo"}
     )
@@ -243,13 +243,22 @@ def test_interrupted_study_resumes_without_duplicate_runs(synthetic_dir, tmp_pat
             time.sleep(2)
         else:
             pytest.fail("no trial finished in time")
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-        proc.wait(timeout=120)
+        # what Kubernetes, Slurm and `timeout` send, to the driver alone; handled as Ctrl-C is
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 143, (tmp_path / "run.log").read_text()[-3000:]
     before = children(uri, "tests", parent)
     assert 1 <= len([r for r in before if r.info.status == "FINISHED"]) < 3
+    # nothing left RUNNING: the study and the trial it stopped are marked interrupted
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in before), [r.info.status for r in before]
+    assert all(r.data.tags["pisa.status"] == "interrupted" for r in before if r.info.status == "KILLED")
+    study_run = tracking.client(uri).get_run(parent)
+    assert study_run.info.status == "KILLED" and study_run.data.tags["pisa.status"] == "interrupted"
+    listed = subprocess.run(PISA + ["study", "list"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "interrupted" in listed.stdout and "running" not in listed.stdout, listed.stdout
 
     resumed = subprocess.run(
         PISA + ["study", "resume", "resumable"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600

@@ -158,3 +158,44 @@ def test_unreachable_tracking_server_fails_fast(synthetic_dir, work, tmp_path):
     with pytest.raises(tracking.TrackingError, match="not reachable"):
         run_training(cfg)
     assert not Path(cfg.storage_path).exists()  # failed before Ray Train wrote anything
+
+
+def test_pisa_train_stopped_by_sigterm_leaves_its_run_killed_not_running(synthetic_dir, tmp_path):
+    """SIGTERM (Kubernetes, Slurm, `timeout`) once the workers train: Ray Train's run is
+    aborted as on Ctrl-C, the MLflow run is KILLED and marked interrupted, exit 143; and
+    no Ray traceback reaches the console on the way."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    data = tiny_experiment(synthetic_dir, tmp_path, workers=1, epochs=3)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(data))
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pisa.cli", "train", "train.yaml", "--run-name", "stopped"],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 300
+        while "epoch 1/3" not in log.read_text():  # a worker's first progress line
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code == 143, text[-3000:]
+    assert "Traceback" not in text and "TrainController" not in text, text[-3000:]
+    (run,) = tracking.tracker(data["tracking"]["uri"]).find_runs("tests", "")
+    assert run.info.status == "KILLED" and run.data.tags["pisa.status"] == "interrupted"

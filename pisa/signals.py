@@ -1,0 +1,39 @@
+"""SIGTERM handled as Ctrl-C is: what Kubernetes, Slurm and `timeout` send to stop a job.
+
+Python ends a process on SIGTERM without running anything: a study's runs stayed RUNNING
+in MLflow and the study could not tell it had been stopped. Here SIGTERM goes to whatever
+handles SIGINT at that moment (Tune's graceful stop during a study, Ray Train's abort
+during `pisa train`, else a `KeyboardInterrupt`), so the same clean-up runs, and the
+command exits 143 (128 + SIGTERM) instead of 130.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+_received: list[int] = []
+
+
+def install() -> None:
+    """Route SIGTERM to the SIGINT handler of the moment (main thread only)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:  # SIGINT ignored or left to the system: stop here all the same
+        raise KeyboardInterrupt
+
+
+def terminated() -> bool:
+    """Whether this process was asked to stop by SIGTERM."""
+    return bool(_received)
+
+
+def interrupt_exit_code() -> int:
+    """The exit code of a command stopped by Ctrl-C (130) or SIGTERM (143)."""
+    return 128 + signal.SIGTERM if terminated() else 130

@@ -1,0 +1,115 @@
+"""A resumed study trusts what is on storage, not Tune's last experiment snapshot.
+
+Tune saves its experiment state every few seconds; a driver killed between two saves
+leaves a snapshot that can name a trial checkpoint that checkpoint retention has since
+deleted (Tune then fails the trial `max_failures` times: "does not exist on storage
+anymore"), and that can call a trial running when it had already finished.
+
+Two records survive any driver crash and win over the snapshot:
+- the checkpoints actually on storage: a restored trial whose recorded checkpoint is
+  gone continues from the newest intact one in its directory, else from scratch;
+- a trial's *done mark* (`pisa_done.json` in its storage directory), written by the
+  driver when the trial ends and before its MLflow run is closed: a trial that has one
+  is not trained again; it reports its final result once so that Tune, the scheduler
+  and the searcher see it end as before.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from . import storage
+
+DONE_MARK = "pisa_done.json"
+CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
+
+
+def write_done_mark(location: str, result: dict[str, Any]) -> None:
+    """Record that a trial ended, with the result it ended on (JSON numbers and strings)."""
+    storage.write_text(location, json.dumps(result, default=str))
+
+
+def read_done_mark(location: str) -> dict[str, Any] | None:
+    """The final result of a trial that ended before, None if it has not."""
+    if not storage.exists(location):
+        return None
+    try:
+        return dict(json.loads(storage.read_text(location)))
+    except ValueError:  # cut short by a crash while it was written: the trial did not end
+        return None
+
+
+@dataclass
+class Repair:
+    trial_id: str
+    gone: str
+    continue_from: str | None  # the checkpoint directory's name, None: from scratch
+
+    def line(self) -> str:
+        start = f"from {self.continue_from}" if self.continue_from else "from scratch (no intact checkpoint left)"
+        return f"trial {self.trial_id}: its last recorded checkpoint {self.gone} is gone; continuing {start}"
+
+
+def _intact(fs, path: str, checkpoint_file: str) -> bool:
+    """A checkpoint directory whose weights file is there and not empty. A checkpoint cut
+    short while written has no file yet (it is written whole, then renamed) or none at all."""
+    import pyarrow.fs as pafs
+
+    info = fs.get_file_info(f"{path.rstrip('/')}/{checkpoint_file}")
+    return info.type == pafs.FileType.File and (info.size or 0) > 0
+
+
+def newest_intact_checkpoint(fs, trial_dir: str, checkpoint_file: str) -> str | None:
+    """The path of the newest intact `checkpoint_NNNNNN` directory of a trial, if any."""
+    import pyarrow.fs as pafs
+
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
+    except OSError:
+        return None
+    found = []
+    for info in entries:
+        match = CHECKPOINT_DIR.match(info.base_name)
+        if info.type == pafs.FileType.Directory and match:
+            found.append((int(match.group(1)), info.path))
+    for _, path in sorted(found, reverse=True):
+        if _intact(fs, path, checkpoint_file):
+            return path
+    return None
+
+
+def repair_restored_trial(trial, checkpoint_file: str) -> Repair | None:
+    """Point a restored Tune trial at a checkpoint that exists; the repair made, if any.
+
+    Works on Tune's trial object before the trial starts (Tune's own restore would try the
+    recorded path and fail). Reaches into Tune's checkpoint bookkeeping, which has no
+    public setter: a Tune without it leaves the trial as it is."""
+    manager = getattr(getattr(trial, "run_metadata", None), "checkpoint_manager", None)
+    latest = getattr(manager, "_latest_checkpoint_result", None)
+    if manager is None or latest is None or latest.checkpoint is None:
+        return None
+    checkpoint = latest.checkpoint
+    fs = checkpoint.filesystem
+    if _intact(fs, checkpoint.path, checkpoint_file):
+        return None
+    from ray.train._internal.session import _TrainingResult
+
+    newest = newest_intact_checkpoint(fs, trial.storage.trial_fs_path, checkpoint_file)
+    kept = [r for r in manager._checkpoint_results if _intact(fs, r.checkpoint.path, checkpoint_file)]
+    replacement = None
+    if newest is not None:
+        replacement = next((r for r in kept if r.checkpoint.path == newest), None)
+        if replacement is None:
+            replacement = _TrainingResult(checkpoint=type(checkpoint)(newest, filesystem=fs), metrics={})
+            kept.append(replacement)
+    manager._checkpoint_results = kept
+    manager._latest_checkpoint_result = replacement
+    trial.run_metadata.invalidate_cache()
+    return Repair(
+        trial.trial_id,
+        checkpoint.path.rstrip("/").rsplit("/", 1)[-1],
+        newest.rstrip("/").rsplit("/", 1)[-1] if newest else None,
+    )
