@@ -393,7 +393,8 @@ class MlflowStudyLogger(Callback):
         self._stop_system_metrics(trial.trial_id)
         # before the run is closed: a driver lost after this point resumes without training
         # this trial again, whatever Tune's last snapshot says of it
-        trial_recovery.write_done_mark(done_mark(self.study, trial.trial_id), epoch_metrics(last))
+        final = epoch_metrics(last) or epoch_metrics(dict(self.tracker.client.get_run(run_id).data.metrics))
+        trial_recovery.write_done_mark(done_mark(self.study, trial.trial_id), final)
         self.tracker.end_run(run_id, "FINISHED")
         driver_fault("trial_complete")
 
