@@ -21,7 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m pisa.cli study run studies/quickstart.yaml --set name=quickstart-$$(date +%Y%m%d-%H%M%S)
 
-# lint, format and types first (seconds), then the suite
+# lint, format, types and the layers first (seconds), then the suite
 test: $(STAMP) lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -29,6 +29,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy pisa
+	$(VENV)/bin/lint-imports
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -15,7 +15,7 @@ import time
 import torch
 from torchvision.ops import box_iou
 
-from pisa import ops
+from pisa.core import pisa_math
 
 
 def loop_isr_p(ious, labels, gt_inds, cls_loss, k=2.0, bias=0.0):
@@ -78,7 +78,7 @@ def main() -> None:
     ious = torch.rand(n, generator=g) * 0.5 + 0.5
     cls_loss = torch.rand(n, generator=g)
     t_loop, w_loop = timed(lambda: loop_isr_p(ious, labels, gt_inds, cls_loss), args.repeat)
-    t_vec, w_vec = timed(lambda: ops.isr_p_weights(ious, labels, gt_inds, cls_loss), args.repeat)
+    t_vec, w_vec = timed(lambda: pisa_math.isr_p_weights(ious, labels, gt_inds, cls_loss), args.repeat)
     assert torch.allclose(w_loop, w_vec, atol=1e-5), "vectorized ISR-P differs from the loop"
     print(
         f"ISR-P     {n} positives, {labels.unique().numel()} classes, {gt_inds.unique().numel()} GTs: "
@@ -91,9 +91,9 @@ def main() -> None:
     boxes = torch.cat([xy, xy + torch.rand(m, 2, generator=g) * 150 + 8], 1)
     scores = torch.rand(m, generator=g)
     t_loop, r_loop = timed(lambda: loop_score_hlr(boxes, scores), max(1, args.repeat // 4))
-    t_vec, r_vec = timed(lambda: ops.score_hlr(boxes, scores), args.repeat)
+    t_vec, r_vec = timed(lambda: pisa_math.score_hlr(boxes, scores), args.repeat)
     assert torch.equal(r_loop, r_vec), "vectorized Score-HLR differs from the loop"
-    groups = ops.nms_groups(boxes, scores).unique().numel()
+    groups = pisa_math.nms_groups(boxes, scores).unique().numel()
     print(
         f"Score-HLR {m} boxes, {groups} NMS groups: "
         f"loop {t_loop * 1e3:8.2f} ms  vectorized {t_vec * 1e3:7.2f} ms  speedup {t_loop / t_vec:6.1f}x"

@@ -2,7 +2,7 @@
 
 Every variant trains the same small detector (`configs/bccd_cpu.yaml`, optionally reduced
 with `--set`) for the same number of epochs on the same images, once per seed, with
-`pisa.train.run_training` (one Ray Train worker), and is evaluated on the same val
+`pisa.training.train.run_training` (one Ray Train worker), and is evaluated on the same val
 images. Variants:
 
   baseline  random RoI sampling, ISR-P off, CARL off
@@ -245,8 +245,8 @@ def main() -> int:
 
     import torch
 
-    from pisa.config import load_config
-    from pisa.train import run_training
+    from pisa.core.config import load_config
+    from pisa.training.train import run_training
 
     work = Path(tempfile.mkdtemp(prefix="pisa-bench-quality-"))
     common = data_overrides(bccd) + list(args.overrides)
@@ -326,7 +326,7 @@ def main() -> int:
         return row
 
     if args.parallel:
-        from pisa.ray_runtime import init_ray
+        from pisa.training.ray_runtime import init_ray
 
         init_ray(num_cpus=max(os.cpu_count() or 1, len(variants)))  # one CPU slot per variant
     for seed in args.seeds:

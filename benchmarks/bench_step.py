@@ -17,7 +17,7 @@ Variants:
         --proposals 500 --rois 128 --steps 20
     python benchmarks/bench_step.py --device cuda              # paper sizes: 2000 proposals, 512 RoIs
 
-On CUDA the steps run as training runs them (`pisa.accel`): fp16 autocast with a GradScaler
+On CUDA the steps run as training runs them (`pisa.training.device_plan`): fp16 autocast with a GradScaler
 and a channels_last model, timed between `torch.cuda.synchronize()` calls; img/s is reported
 too. `--amp` and `--channels-last` turn the same on for CPU (bfloat16 autocast there).
 """
@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from pisa.accel import DevicePlan, apply_channels_last, make_grad_scaler, optimizer_step, plan_for
-from pisa.config import ModelConfig, TrainConfig
+from pisa.core.config import ModelConfig, TrainConfig
 from pisa.data import collate_fn, generate_synthetic
 from pisa.data.coco import CocoDetection
 from pisa.data.transforms import build_transforms
 from pisa.models import build_detector
+from pisa.training.device_plan import DevicePlan, apply_channels_last, make_grad_scaler, optimizer_step, plan_for
 
 
 def variants(detector: str, second_pass: bool = False) -> dict[str, dict]:

@@ -42,16 +42,16 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pisa.accel import (
+from pisa.core.config import TrainConfig, load_config
+from pisa.models import build_detector
+from pisa.training.device_plan import (
     DevicePlan,
     apply_channels_last,
     make_grad_scaler,
     optimizer_step,
     plan_for,
 )
-from pisa.config import TrainConfig, load_config
-from pisa.engine import build_optimizer
-from pisa.models import build_detector
+from pisa.training.engine import build_optimizer
 
 # detector name -> the paper config it is built from
 DETECTORS = {

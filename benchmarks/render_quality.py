@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pisa.stats import paired, summarize  # noqa: E402
+from pisa.core.stats import paired, summarize  # noqa: E402
 
 LABELS = {
     "baseline": "baseline (random, PISA off)",

@@ -9,8 +9,13 @@ import sys
 from pathlib import Path
 from typing import cast
 
-from . import __version__, signals
-from .errors import PisaError
+from . import __version__
+from .core.errors import PisaError
+from .training import signals
+
+# Each command imports what it needs when it runs: `import pisa.cli` (and `pisa --help`) loads
+# neither Ray, torch nor MLflow, and Ray's exit handler is only registered by a command that
+# starts it (tests/test_errors.py).
 
 EXIT_USAGE = 2
 
@@ -118,8 +123,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _finish_study(outcome, storage_path: str | None = None) -> int:
-    from .report import format_ranking
-    from .tracking import public_uri
+    from .core.uris import public_uri
+    from .study.report import format_ranking
 
     print(format_ranking(outcome, outcome.metric, limit=20))
     best = outcome.best
@@ -169,7 +174,7 @@ def _print_registered(registered) -> None:
 
 
 def _study_list(args: argparse.Namespace) -> int:
-    from .study import list_studies
+    from .study.results import list_studies
 
     rows = list_studies(args.storage_path)
     if not rows:
@@ -187,7 +192,7 @@ def _study_list(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import predict_files
+    from .tracking.predict import predict_files
 
     run = predict_files(
         args.model,
@@ -211,15 +216,15 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _study_run(args: argparse.Namespace) -> int:
-    from .study import run_study
-    from .study_config import load_study
+    from .study.loading import load_study
+    from .study.tuner import run_study
 
     study = load_study(args.study, args.overrides)
     return _finish_study(run_study(study, address=args.address, verbose=args.verbose), study.base_config.storage_path)
 
 
 def _study_resume(args: argparse.Namespace) -> int:
-    from .study import resume_study
+    from .study.tuner import resume_study
 
     outcome = resume_study(
         args.name,
@@ -232,9 +237,10 @@ def _study_resume(args: argparse.Namespace) -> int:
 
 
 def _study_best(args: argparse.Namespace) -> int:
-    from .report import format_ranking
-    from .reproduce import write_best
-    from .study import load_state, outcome_from_state
+    from .study.report import format_ranking
+    from .study.reproduce import write_best
+    from .study.results import outcome_from_state
+    from .study.state import load_state
 
     state = load_state(args.name, args.storage_path)
     outcome = outcome_from_state(args.name, args.storage_path)
@@ -249,7 +255,7 @@ def _study_best(args: argparse.Namespace) -> int:
         path = write_best(state.tracking_uri, best.run_id, args.out, state.metric, best.metric)
         print(f"wrote {path}; reproduce it with: pisa reproduce {path}")
     if args.register is not None:
-        from .registry import register_run
+        from .tracking.registry import register_run
 
         _print_registered(register_run(state.tracking_uri, best.run_id, args.register or state.name))
     return 0
@@ -257,7 +263,7 @@ def _study_best(args: argparse.Namespace) -> int:
 
 def _noise_note(outcome, name: str) -> str:
     """Whether the winner's lead over the runner-up is larger than the seed noise."""
-    from .stats import paired
+    from .core.stats import paired
 
     ranked = [t for t in outcome.trials if t.status != "failed" and t.metric is not None]
     if len(ranked) < 2:
@@ -279,7 +285,7 @@ def _noise_note(outcome, name: str) -> str:
 
 
 def _study_validate(args: argparse.Namespace) -> int:
-    from .validate import format_validation, validate_study
+    from .study.validate import format_validation, validate_study
 
     result = validate_study(
         args.name,
@@ -296,8 +302,9 @@ def _study_validate(args: argparse.Namespace) -> int:
 
 
 def _study_report(args: argparse.Namespace) -> int:
-    from .report import log_study_report
-    from .study import load_state, outcome_from_state, study_from_state
+    from .study.report import log_study_report
+    from .study.results import outcome_from_state
+    from .study.state import load_state, study_from_state
 
     state = load_state(args.name, args.storage_path)
     outcome = outcome_from_state(args.name, args.storage_path)
@@ -307,7 +314,7 @@ def _study_report(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import format_comparison, reproduce
+    from .study.reproduce import format_comparison, reproduce
 
     result = reproduce(args.source, tracking_uri=args.tracking_uri, address=args.address, overrides=args.overrides)
     print(format_comparison(result))
@@ -326,8 +333,8 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .train import run_training
+    from .core.config import load_config
+    from .training.train import run_training
 
     overrides = list(args.overrides)
     if args.workers:
@@ -350,7 +357,7 @@ def _train(args: argparse.Namespace) -> int:
         print("nothing to register: the training left no checkpoint", file=sys.stderr)
         return 1
     if args.register is not None:
-        from .registry import log_detector_model
+        from .tracking.registry import log_detector_model
 
         registered = log_detector_model(
             cfg.tracking.resolved_uri(),

@@ -44,7 +44,7 @@ def ray_local():
     """One local Ray cluster (2 CPUs) for the whole session."""
     import ray
 
-    from pisa.ray_runtime import init_ray
+    from pisa.training.ray_runtime import init_ray
 
     init_ray(num_cpus=2)
     yield ray
@@ -261,4 +261,4 @@ def no_ray(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr("pisa.ray_runtime.init_ray", refuse)
+    monkeypatch.setattr("pisa.training.ray_runtime.init_ray", refuse)

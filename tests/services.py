@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pisa.ray_runtime import free_port  # the product's: outside Ray's worker port range
+from pisa.training.ray_runtime import free_port  # the product's: outside Ray's worker port range
 
 RAY = str(Path(sys.executable).parent / "ray")
 

@@ -17,7 +17,9 @@ import torch
 from helpers import tiny_experiment
 from torch import nn
 
-from pisa.accel import (
+from pisa.core.config import ModelConfig, TrainConfig, parse_config
+from pisa.models import build_detector
+from pisa.training.device_plan import (
     apply_channels_last,
     autocast_dtype,
     convert_sync_batchnorm,
@@ -28,9 +30,7 @@ from pisa.accel import (
     process_group_backend,
     use_sync_batchnorm,
 )
-from pisa.config import ModelConfig, TrainConfig, parse_config
-from pisa.engine import _to_device, build_train_loader, seed_loader_for_epoch
-from pisa.models import build_detector
+from pisa.training.engine import _to_device, build_train_loader, seed_loader_for_epoch
 
 # ---------------------------------------------------------------- decisions
 
@@ -97,8 +97,8 @@ def _stand_in(backend: str) -> str:
 def _collectives_worker(rank: int, backend: str, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from pisa.engine import _all_reduce_mean, _broadcast
     from pisa.evaluation import gather_predictions
+    from pisa.training.engine import _all_reduce_mean, _broadcast
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(backend, rank=rank, world_size=2)

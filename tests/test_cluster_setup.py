@@ -7,11 +7,13 @@ import pytest
 import yaml
 from helpers import tiny_experiment
 
-from pisa import storage, tracking
-from pisa.cluster import check_cluster_setup
-from pisa.config import ConfigError, parse_config
-from pisa.study_config import load_study
-from pisa.train import scaling_config
+from pisa.core import storage
+from pisa.core.config import ConfigError, parse_config
+from pisa.core.uris import public_uri, redact
+from pisa.study.loading import load_study
+from pisa.tracking.store import _param_value
+from pisa.training.cluster import check_cluster_setup
+from pisa.training.train import scaling_config
 
 
 def _study(tmp_path, synthetic_dir, resources) -> object:
@@ -58,9 +60,9 @@ def test_storage_locations(tmp_path):
 
 def test_credentials_are_masked_in_output_and_absent_from_what_is_stored(synthetic_dir, tmp_path):
     uri = "http://alice:s3cr3t@mlflow.example:5000"
-    assert tracking.redact(uri) == "http://alice:***@mlflow.example:5000"
-    assert tracking.public_uri(uri) == "http://mlflow.example:5000"
-    assert tracking._param_value(uri) == "http://mlflow.example:5000"
+    assert redact(uri) == "http://alice:***@mlflow.example:5000"
+    assert public_uri(uri) == "http://mlflow.example:5000"
+    assert _param_value(uri) == "http://mlflow.example:5000"
     data = tiny_experiment(synthetic_dir, tmp_path)
     data["tracking"]["uri"] = uri
     assert "s3cr3t" not in parse_config(data).to_yaml()
@@ -75,7 +77,7 @@ def test_ray_client_needs_a_tracking_server():
 
 
 def test_start_up_failures_a_second_try_gets_past():
-    from pisa.ray_runtime import _worth_retrying
+    from pisa.training.ray_runtime import _worth_retrying
 
     # a local node slow to register, a Ray Client session whose server process died at start
     assert _worth_retrying(None, RuntimeError("The current node timed out during startup."))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pisa.config import ExperimentConfig, load_config
-from pisa.study_config import load_study
-from pisa.study_schema import PAPER_DEFAULTS
+from pisa.core.config import ExperimentConfig, load_config
+from pisa.study.loading import load_study
+from pisa.study.schema import PAPER_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

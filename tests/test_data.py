@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.ops import box_iou
 
-from pisa.config import DataConfig, SyntheticConfig
+from pisa.core.config import DataConfig, SyntheticConfig
 from pisa.data import (
     CLASSES,
     CocoDetection,
@@ -461,7 +461,7 @@ def test_ssd_augmentation_keeps_boxes_valid_and_drops_cropped_ones():
 
 
 def test_augment_preset_from_config(tmp_path):
-    from pisa.config import DataConfig
+    from pisa.core.config import DataConfig
     from pisa.data import build_dataset
 
     cfg = DataConfig(synthetic={"out": tmp_path / "syn", "train": 2, "val": 1, "image_size": 64}, augment="ssd")

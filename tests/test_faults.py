@@ -20,7 +20,8 @@ import yaml
 from helpers import tiny_experiment
 from services import start_s3, stop_group
 
-from pisa import storage, tracking
+from pisa import tracking
+from pisa.core import storage
 
 PISA = [sys.executable, "-m", "pisa.cli"]
 

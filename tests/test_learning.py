@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from pisa.config import ExperimentConfig, apply_overrides, load_yaml, parse_config
-from pisa.train import TrainOutcome, run_training
+from pisa.core.config import ExperimentConfig, apply_overrides, load_yaml, parse_config
+from pisa.training.train import TrainOutcome, run_training
 
 pytestmark = pytest.mark.slow
 

@@ -54,7 +54,7 @@ def reference_outputs(uri: str, run_id: str, work: Path, images: list[Path]) -> 
     from PIL import Image
     from torchvision.transforms.functional import to_tensor
 
-    from pisa.config import parse_config
+    from pisa.core.config import parse_config
     from pisa.models import build_detector
 
     local = Path(tracking.client(uri).download_artifacts(run_id, "checkpoint", str(work / "ref")))
@@ -161,7 +161,7 @@ def test_predict_writes_coco_results_and_drawn_pngs(trained, synthetic_dir, tmp_
 
 @pytest.mark.slow
 def test_predict_from_run_id_and_checkpoint_match_the_registered_model(trained, synthetic_dir, tmp_path):
-    from pisa.predict import predict_files
+    from pisa.tracking.predict import predict_files
 
     uri, run_id, work = trained
     images = [str(p) for p in val_images(synthetic_dir, 2)]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torchvision.models.detection._utils import BoxCoder
 
-from pisa.config import BoxLossConfig, CARLConfig, ISRPConfig, ModelConfig
+from pisa.core.config import BoxLossConfig, CARLConfig, ISRPConfig, ModelConfig
 from pisa.models import build_detector
 from pisa.models.pisa_loss import PisaLoss, mean_over_workers
 from pisa.models.retinanet import PISARetinaNetHead

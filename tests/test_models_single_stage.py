@@ -14,8 +14,8 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.ssd import SSD
 from torchvision.ops import box_iou
 
-from pisa import ops
-from pisa.config import CARLConfig, ISRPConfig, ModelConfig
+from pisa.core import pisa_math
+from pisa.core.config import CARLConfig, ISRPConfig, ModelConfig
 from pisa.models.retinanet import PISARetinaNet, build_retinanet
 from pisa.models.ssd import PISASSD, _vgg16, build_ssd, ssd_feature_sizes
 
@@ -243,9 +243,9 @@ def test_isr_p_weights_match_ops(detector):
     targets, head_outputs, anchors, matched = _loss_inputs(model, detector, 2)
     _compute_loss(model, detector, targets, head_outputs, anchors, matched)
     d = model.pisa_diagnostics()
-    expected = ops.isr_p_weights(d["ious"], d["labels"], d["gt_inds"], d["cls_loss"], k=2.0, bias=0.0)
+    expected = pisa_math.isr_p_weights(d["ious"], d["labels"], d["gt_inds"], d["cls_loss"], k=2.0, bias=0.0)
     torch.testing.assert_close(d["isr_p_weights"], expected)
-    torch.testing.assert_close(d["iou_hlr"], ops.iou_hlr(d["ious"], d["labels"], d["gt_inds"]))
+    torch.testing.assert_close(d["iou_hlr"], pisa_math.iou_hlr(d["ious"], d["labels"], d["gt_inds"]))
     # inputs: gt_inds unique across images, labels are the GT classes, IoUs of decoded boxes
     num_first = len(targets[0]["boxes"])
     first = torch.cat([m[m >= 0] for m in matched[:1]])

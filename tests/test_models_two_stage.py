@@ -11,11 +11,11 @@ from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from pisa.config import ModelConfig
+from pisa.core.config import ModelConfig
+from pisa.core.pisa_math import carl_loss
 from pisa.models import build_backbone, build_detector
 from pisa.models.backbones import BackboneLoadError
 from pisa.models.roi_heads import PisaRoIHeads, _Samples
-from pisa.ops import carl_loss
 
 SIZE = 128
 ROIS = 64
@@ -152,7 +152,7 @@ def test_isr_p_weights_rank_the_positives_by_iou():
     model, _ = train_step(cfg, seed=4)
     d = model.pisa_diagnostics()
     w, ious, gts, labels = d["isr_p_weights"], d["ious"], d["gt_inds"], d["labels"]
-    # the paper's definitions, independent of `ops`: the positives' weighted classification
+    # the paper's definitions, independent of `pisa_math`: the positives' weighted classification
     # loss equals the unweighted one; around one GT, a higher IoU never weighs less; the
     # best-localised positive of a class (its highest IoU) weighs the most in that class
     loss = d["cls_loss"].float()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from pisa import ops
+from pisa.core import pisa_math
 
 # ---------------------------------------------------------------- loop references
 
@@ -94,7 +94,7 @@ def random_boxes(n, seed, size=200.0):
 @pytest.mark.parametrize("seed,n,classes,gts", [(0, 50, 5, 12), (1, 200, 20, 60), (2, 7, 1, 3), (3, 30, 3, 30)])
 def test_iou_hlr_matches_loop(seed, n, classes, gts):
     ious, labels, gt_inds, _ = random_positives(n, classes, gts, seed)
-    assert torch.equal(ops.iou_hlr(ious, labels, gt_inds), loop_iou_hlr(ious, labels, gt_inds))
+    assert torch.equal(pisa_math.iou_hlr(ious, labels, gt_inds), loop_iou_hlr(ious, labels, gt_inds))
 
 
 def test_iou_hlr_small_case_by_hand():
@@ -103,7 +103,7 @@ def test_iou_hlr_small_case_by_hand():
     ious = torch.tensor([0.9, 0.5, 0.8, 0.7])
     labels = torch.tensor([1, 1, 1, 1])
     gt_inds = torch.tensor([0, 0, 1, 1])
-    assert ops.iou_hlr(ious, labels, gt_inds).tolist() == [0, 3, 1, 2]
+    assert pisa_math.iou_hlr(ious, labels, gt_inds).tolist() == [0, 3, 1, 2]
 
 
 @pytest.mark.parametrize("k,bias", [(2.0, 0.0), (1.0, 0.3), (0.5, 0.9)])
@@ -111,7 +111,7 @@ def test_iou_hlr_small_case_by_hand():
 def test_isr_p_matches_loop(k, bias, seed):
     ious, labels, gt_inds, cls_loss = random_positives(120, 8, 30, seed)
     lw = torch.rand(120, generator=torch.Generator().manual_seed(seed + 10)) + 0.5
-    got = ops.isr_p_weights(ious, labels, gt_inds, cls_loss, k=k, bias=bias, label_weights=lw)
+    got = pisa_math.isr_p_weights(ious, labels, gt_inds, cls_loss, k=k, bias=bias, label_weights=lw)
     want = loop_isr_p(ious, labels, gt_inds, cls_loss, k, bias, lw)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     # the positives' loss magnitude is unchanged
@@ -121,30 +121,30 @@ def test_isr_p_matches_loop(k, bias, seed):
 def test_isr_p_multiclass_loss_is_summed():
     ious, labels, gt_inds, _ = random_positives(40, 4, 10, 5)
     loss2d = torch.rand(40, 5, generator=torch.Generator().manual_seed(3))
-    got = ops.isr_p_weights(ious, labels, gt_inds, loss2d)
+    got = pisa_math.isr_p_weights(ious, labels, gt_inds, loss2d)
     want = loop_isr_p(ious, labels, gt_inds, loss2d, 2.0, 0.0)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_isr_p_edge_cases():
     empty = torch.zeros(0)
-    assert ops.isr_p_weights(empty, empty.long(), empty.long(), empty).numel() == 0
+    assert pisa_math.isr_p_weights(empty, empty.long(), empty.long(), empty).numel() == 0
     # one sample per GT, one class: IoU-HLR is the plain IoU order
     ious = torch.tensor([0.6, 0.9, 0.7])
     labels = torch.tensor([2, 2, 2])
     gts = torch.tensor([0, 1, 2])
-    assert ops.iou_hlr(ious, labels, gts).tolist() == [2, 0, 1]
-    w = ops.isr_p_weights(ious, labels, gts, torch.ones(3), k=1.0)
+    assert pisa_math.iou_hlr(ious, labels, gts).tolist() == [2, 0, 1]
+    w = pisa_math.isr_p_weights(ious, labels, gts, torch.ones(3), k=1.0)
     # linear map (3 - hlr)/3 -> [1/3, 1, 2/3], rescaled to sum 3
     torch.testing.assert_close(w, torch.tensor([1 / 3, 1.0, 2 / 3]) * 1.5)
     # zero loss: weights stay finite
-    assert torch.isfinite(ops.isr_p_weights(ious, labels, gts, torch.zeros(3))).all()
+    assert torch.isfinite(pisa_math.isr_p_weights(ious, labels, gts, torch.zeros(3))).all()
 
 
 def test_isr_p_prime_samples_get_more_weight():
     ious, labels, gt_inds, cls_loss = random_positives(100, 3, 20, 9)
-    w = ops.isr_p_weights(ious, labels, gt_inds, cls_loss)
-    hlr = ops.iou_hlr(ious, labels, gt_inds)
+    w = pisa_math.isr_p_weights(ious, labels, gt_inds, cls_loss)
+    hlr = pisa_math.iou_hlr(ious, labels, gt_inds)
     for cls in labels.unique():
         m = labels == cls
         order = torch.argsort(hlr[m])
@@ -162,8 +162,8 @@ def test_carl_value_matches_formula():
     v = (b + (1 - b) * p) ** k
     c = v / v.mean()
     want = (c[:, None] * reg).sum() / 30
-    torch.testing.assert_close(ops.carl_loss(p, reg, k=k, bias=b), want)
-    torch.testing.assert_close(ops.carl_loss(p, reg, k=k, bias=b, avg_factor=512), want * 30 / 512)
+    torch.testing.assert_close(pisa_math.carl_loss(p, reg, k=k, bias=b), want)
+    torch.testing.assert_close(pisa_math.carl_loss(p, reg, k=k, bias=b, avg_factor=512), want * 30 / 512)
 
 
 @pytest.mark.parametrize("k,bias", [(1.0, 0.2), (2.0, 0.0), (0.5, 0.5)])
@@ -172,7 +172,7 @@ def test_carl_gradient_matches_appendix_a(k, bias):
     n = 64
     p = torch.rand(n, generator=g, dtype=torch.float64).requires_grad_()
     reg = torch.rand(n, generator=g, dtype=torch.float64) * 3
-    loss = ops.carl_loss(p, reg, k=k, bias=bias, avg_factor=1.0)
+    loss = pisa_math.carl_loss(p, reg, k=k, bias=bias, avg_factor=1.0)
     (grad,) = torch.autograd.grad(loss, p)
     with torch.no_grad():
         v = (bias + (1 - bias) * p) ** k
@@ -188,7 +188,7 @@ def test_carl_gradient_proportional_to_loss_for_k1_large_n():
     n, b = 20000, 0.2
     p = torch.rand(n, generator=g, dtype=torch.float64).requires_grad_()
     reg = torch.rand(n, generator=g, dtype=torch.float64)
-    (grad,) = torch.autograd.grad(ops.carl_loss(p, reg, k=1.0, bias=b, avg_factor=1.0), p)
+    (grad,) = torch.autograd.grad(pisa_math.carl_loss(p, reg, k=1.0, bias=b, avg_factor=1.0), p)
     s = float((b + (1 - b) * p.detach()).sum())
     approx = n * (1 - b) / s * reg  # Appendix A, eq. (7)
     # the mean-loss term shifts every gradient by the same constant; the slope is exact
@@ -200,7 +200,7 @@ def test_carl_gradient_proportional_to_loss_for_k1_large_n():
 
 def test_carl_empty_is_zero_with_grad():
     p = torch.zeros(0, requires_grad=True)
-    out = ops.carl_loss(p, torch.zeros(0, 4))
+    out = pisa_math.carl_loss(p, torch.zeros(0, 4))
     assert float(out.detach()) == 0.0
     out.backward()
 
@@ -211,12 +211,12 @@ def test_carl_empty_is_zero_with_grad():
 @pytest.mark.parametrize("seed,n,thr", [(0, 60, 0.5), (1, 300, 0.5), (2, 150, 0.3), (3, 40, 0.7)])
 def test_score_hlr_matches_loop(seed, n, thr):
     boxes, scores = random_boxes(n, seed)
-    assert torch.equal(ops.score_hlr(boxes, scores, thr), loop_score_hlr(boxes, scores, thr))
+    assert torch.equal(pisa_math.score_hlr(boxes, scores, thr), loop_score_hlr(boxes, scores, thr))
 
 
 def test_nms_groups_match_greedy_nms():
     boxes, scores = random_boxes(200, 7)
-    groups = ops.nms_groups(boxes, scores, 0.5)
+    groups = pisa_math.nms_groups(boxes, scores, 0.5)
     ref = loop_nms_match(boxes, scores, 0.5)
     assert len(set(groups.tolist())) == len(ref)
     for members in ref:
@@ -224,15 +224,15 @@ def test_nms_groups_match_greedy_nms():
 
 
 def test_score_hlr_edge_cases():
-    assert ops.score_hlr(torch.zeros(0, 4), torch.zeros(0)).numel() == 0
-    one = ops.score_hlr(torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([0.3]))
+    assert pisa_math.score_hlr(torch.zeros(0, 4), torch.zeros(0)).numel() == 0
+    one = pisa_math.score_hlr(torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([0.3]))
     assert one.tolist() == [0]
     # far-apart boxes: every box leads its own group -> plain score order
     boxes = torch.tensor([[0.0, 0, 10, 10], [100, 100, 110, 110], [200, 0, 210, 10]])
-    assert ops.score_hlr(boxes, torch.tensor([0.2, 0.9, 0.5])).tolist() == [2, 0, 1]
+    assert pisa_math.score_hlr(boxes, torch.tensor([0.2, 0.9, 0.5])).tolist() == [2, 0, 1]
     # a cluster of three: the two suppressed boxes go after every leader
     boxes = torch.tensor([[0.0, 0, 10, 10], [0.5, 0, 10.5, 10], [1, 0, 11, 10], [100, 100, 110, 110]])
-    assert ops.score_hlr(boxes, torch.tensor([0.9, 0.8, 0.7, 0.1])).tolist() == [0, 2, 3, 1]
+    assert pisa_math.score_hlr(boxes, torch.tensor([0.9, 0.8, 0.7, 0.1])).tolist() == [0, 2, 3, 1]
 
 
 def loop_score_hlr_weights(num_hlr_selected, loss, num_expected, num_valid, k, bias):
@@ -248,7 +248,7 @@ def loop_score_hlr_weights(num_hlr_selected, loss, num_expected, num_valid, k, b
 def test_score_hlr_weights_match_loop(num_valid, num_expected):
     num_hlr = min(num_valid, num_expected)
     loss = torch.rand(num_expected, generator=torch.Generator().manual_seed(0)) + 0.1
-    got = ops.score_hlr_weights(
+    got = pisa_math.score_hlr_weights(
         torch.arange(num_hlr), loss, num_expected, num_valid, k=0.5, bias=0.1, num_random=num_expected - num_hlr
     )
     want = loop_score_hlr_weights(num_hlr, loss, num_expected, num_valid, 0.5, 0.1)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pisa import ops
-from pisa.config import ModelConfig
-from pisa.sampling import OHEMSampler, RandomSampler, RoIStats, ScoreHLRSampler, build_sampler
+from pisa.core import pisa_math
+from pisa.core.config import ModelConfig
+from pisa.core.sampling import OHEMSampler, RandomSampler, RoIStats, ScoreHLRSampler, build_sampler
 
 
 def make_labels(num_pos, num_neg, num_ignored=0, seed=0):
@@ -76,7 +76,7 @@ def test_score_hlr_sampler_picks_by_hlr_and_weights():
     assert res.pos_inds.numel() == 100 and res.neg_inds.numel() == 412
     neg = torch.nonzero(labels == 0).flatten()
     valid = neg[stats.fg_score[neg] > 0.05]
-    hlr = ops.score_hlr(stats.pred_boxes[valid], stats.fg_score[valid], 0.5)
+    hlr = pisa_math.score_hlr(stats.pred_boxes[valid], stats.fg_score[valid], 0.5)
     expected = valid[torch.argsort(hlr)[:412]]
     assert torch.equal(res.neg_inds, expected)
     up = max(412, valid.numel())

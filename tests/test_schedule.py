@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pisa.config import TrainConfig, parse_config
-from pisa.engine import lr_factor
+from pisa.core.config import TrainConfig, parse_config
+from pisa.core.schedule import lr_factor
 
 
 def test_lr_schedule_warmup_and_steps():

@@ -19,10 +19,13 @@ from helpers import children, write_study
 from scipy import stats as sps
 
 from pisa import cli, tracking
-from pisa.config import ConfigError
-from pisa.seeds import mean_report
-from pisa.study import collect, concurrent_trials, load_state, run_study
-from pisa.study_config import load_study
+from pisa.core.config import ConfigError
+from pisa.study.loading import load_study
+from pisa.study.resources import concurrent_trials
+from pisa.study.results import collect
+from pisa.study.seeds import mean_report
+from pisa.study.state import load_state
+from pisa.study.tuner import run_study
 
 
 def test_mean_report_averages_seeds_and_keeps_each_value():

@@ -7,7 +7,7 @@ import math
 import pytest
 from scipy import stats as sps
 
-from pisa.stats import paired, summarize, t_cdf, t_quantile, within_noise
+from pisa.core.stats import paired, summarize, t_cdf, t_quantile, within_noise
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 7, 10, 29])

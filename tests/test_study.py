@@ -15,9 +15,11 @@ import yaml
 from helpers import REPO, children, write_study
 
 from pisa import cli, tracking
-from pisa.study import load_state, run_study, study_dir
-from pisa.study_config import load_study
-from pisa.study_schema import PAPER_DEFAULTS
+from pisa.study.layout import study_dir
+from pisa.study.loading import load_study
+from pisa.study.schema import PAPER_DEFAULTS
+from pisa.study.state import load_state
+from pisa.study.tuner import run_study
 
 PISA = [sys.executable, "-m", "pisa.cli"]
 
@@ -88,7 +90,7 @@ def test_asha_ranks_and_best_reproduces_exactly(sqlite_study, tmp_path):
     best = outcome.best
     assert f"run_id={best.run_id}" in out.read_text()
 
-    from pisa.reproduce import reproduce
+    from pisa.study.reproduce import reproduce
 
     target = finished[0]
     result = reproduce(target.run_id, tracking_uri=outcome.tracking_uri)
@@ -473,7 +475,7 @@ def test_study_whose_trials_all_fail_exits_nonzero_with_the_common_error(ray_loc
 def test_values_logged_to_mlflow_come_back_as_the_search_spaces_values(tmp_path):
     import optuna
 
-    from pisa.study_schema import StudyConfig
+    from pisa.study.schema import StudyConfig
 
     space = StudyConfig.model_validate(
         {

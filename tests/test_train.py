@@ -8,8 +8,9 @@ import pytest
 from helpers import tiny_experiment
 
 from pisa import tracking
-from pisa.config import parse_config
-from pisa.train import TrainOutcome, run_training
+from pisa.core.config import parse_config
+from pisa.core.errors import TrackingError
+from pisa.training.train import TrainOutcome, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +156,7 @@ def test_unreachable_tracking_server_fails_fast(synthetic_dir, work, tmp_path):
     data["tracking"]["uri"] = "http://127.0.0.1:9"  # nothing listens on the discard port
     data["storage_path"] = str(tmp_path / "ray_results")  # this test's own: nothing may appear
     cfg = parse_config(data)
-    with pytest.raises(tracking.TrackingError, match="not reachable"):
+    with pytest.raises(TrackingError, match="not reachable"):
         run_training(cfg)
     assert not Path(cfg.storage_path).exists()  # failed before Ray Train wrote anything
 

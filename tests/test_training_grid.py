@@ -1,4 +1,4 @@
-"""`pisa.training_grid` on the path a multi-worker study takes: each training a `TorchTrainer`
+"""`pisa.study.training_grid` on the path a multi-worker study takes: each training a `TorchTrainer`
 driven from its Tune trial (the in-process path is what `pisa study validate` runs in
 tests/test_seeds.py). Real Ray Tune + Train and MLflow (SQLite); tiny synthetic data."""
 
@@ -8,9 +8,10 @@ import pytest
 from helpers import tiny_experiment
 
 from pisa import tracking
-from pisa.config import ExperimentConfig
-from pisa.study import trial_driver_resources
-from pisa.training_grid import GridTraining, train_grid
+from pisa.core.config import ExperimentConfig
+from pisa.study.resources import trial_driver_resources
+from pisa.study.training_grid import GridTraining, train_grid
+from pisa.tracking.store import NESTED_TAG
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def test_torch_trainer_trainings_are_tracked_and_a_diverging_one_fails_once(ray_
     client = tracking.client(uri)
     run = client.get_run(ok.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags[tracking.NESTED_TAG] == parent and run.data.tags["pisa.seed"] == "3"
+    assert run.data.tags[NESTED_TAG] == parent and run.data.tags["pisa.seed"] == "3"
     assert run.data.params["train.seed"] == "3" and run.data.params["data.num_classes"] == "3"
     history = client.get_metric_history(ok.run_id, "train_loss")
     assert [m.step for m in history] == [1]

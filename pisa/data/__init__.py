@@ -1,4 +1,4 @@
-"""Datasets for detection: validated COCO loading, v2 transforms, a synthetic shapes set.
+"""Datasets for detection: validated COCO loading, v2 transforms, a synthetic shapes set; imports core only.
 
 `build_dataset` is the one entry point training and evaluation use, so every Ray worker
 builds its data the same way from a `DataConfig`.
@@ -21,7 +21,7 @@ from pisa.data.synthetic import CLASSES, ensure_synthetic, generate_synthetic, s
 from pisa.data.transforms import DetectionTransform, build_transforms, collate_fn
 
 if TYPE_CHECKING:
-    from pisa.config import DataConfig
+    from pisa.core.config import DataConfig
 
 __all__ = [
     "BOX_TOLERANCE",

@@ -24,7 +24,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from pisa.errors import DataError
+from pisa.core.errors import DataError
 
 __all__ = ["DataError", "CocoDetection", "load_coco_json", "BOX_TOLERANCE"]
 

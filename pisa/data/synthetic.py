@@ -21,8 +21,10 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pisa.core.errors import DataError
+
 if TYPE_CHECKING:
-    from pisa.config import SyntheticConfig
+    from pisa.core.config import SyntheticConfig
 
 __all__ = ["CLASSES", "generate_synthetic", "ensure_synthetic", "synth_command"]
 
@@ -187,8 +189,6 @@ def ensure_synthetic(cfg: SyntheticConfig) -> Path:
     folder and renames it into place atomically; a loser of the race discards its copy and
     uses the winner's (identical, since generation is deterministic).
     """
-    from pisa.data.coco import DataError
-
     out = Path(cfg.out)
     wanted = _meta(cfg.train, cfg.val, cfg.seed, cfg.image_size)
 

@@ -1,4 +1,4 @@
-"""Detectors: torchvision models with PISA heads, built from a `ModelConfig`."""
+"""Detectors: torchvision models with PISA heads, built from a `ModelConfig`; imports core only."""
 
 from pisa.models.backbones import build_backbone
 from pisa.models.builder import build_detector

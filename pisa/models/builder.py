@@ -10,10 +10,12 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
-from pisa.config import TORCHVISION_BOX_HEAD_WIDTH, ModelConfig
+from pisa.core.config import TORCHVISION_BOX_HEAD_WIDTH, ModelConfig
 from pisa.models.backbones import build_backbone
 from pisa.models.pisa_loss import DiagnosticsMixin, collect_diagnostics
+from pisa.models.retinanet import build_retinanet
 from pisa.models.roi_heads import PisaRoIHeads
+from pisa.models.ssd import build_ssd
 
 __all__ = ["build_detector", "collect_diagnostics", "DiagnosticsMixin", "PisaFasterRCNN", "PisaMaskRCNN"]
 
@@ -66,12 +68,8 @@ def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> nn.Modul
         case "mask_rcnn":
             return _two_stage(PisaMaskRCNN, cfg, num_classes)
         case "retinanet":
-            from pisa.models.retinanet import build_retinanet
-
             return build_retinanet(cfg, num_classes)
         case "ssd300" | "ssd512":
-            from pisa.models.ssd import build_ssd
-
             return build_ssd(cfg, num_classes)
         case other:
             raise ValueError(f"unknown detector {other!r}")

@@ -2,9 +2,9 @@
 
 Every head hands its positives here the same way (decoded-box inputs, labels, batch-unique
 GT indices, unweighted classification loss, per-coordinate box loss) and gets back the
-ISR-P weights of the positives and the CARL term. The maths is `pisa.ops`; this module adds
-what the heads had in common around it: the box loss chosen by config, IoUs of decoded
-boxes in float32 whatever the autocast dtype, and one diagnostics record per step.
+ISR-P weights of the positives and the CARL term. The maths is `pisa.core.pisa_math`; this
+module adds what the heads had in common around it: the box loss chosen by config, IoUs of
+decoded boxes in float32 whatever the autocast dtype, and one diagnostics record per step.
 
 Diagnostics stay on the device as detached tensors (no host sync per step); the training
 loop copies them once per logging interval through `collect_diagnostics`.
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 
-from pisa.config import BoxLossConfig, CARLConfig, ISRPConfig
-from pisa.ops import carl_loss, carl_weights, iou_hlr, isr_p_weights
+from pisa.core.config import BoxLossConfig, CARLConfig, ISRPConfig
+from pisa.core.pisa_math import carl_loss, carl_weights, iou_hlr, isr_p_weights
 
 __all__ = [
     "AnchorPositives",

@@ -23,7 +23,7 @@ from torchvision.models.detection.retinanet import (
 from torchvision.ops import sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from pisa.config import BoxLossConfig, CARLConfig, ISRPConfig, ModelConfig
+from pisa.core.config import BoxLossConfig, CARLConfig, ISRPConfig, ModelConfig
 from pisa.models.backbones import build_backbone, resolve_norm
 from pisa.models.pisa_loss import (
     AnchorPositives,

@@ -1,7 +1,7 @@
 """Two-stage RoI heads with PISA training: pluggable RoI sampler, ISR-P, ISR-N and CARL.
 
 Inference is torchvision's `RoIHeads` unchanged; only the training path differs:
-proposals (plus the GT boxes) are matched as in torchvision, sampled by a `pisa.sampling`
+proposals (plus the GT boxes) are matched as in torchvision, sampled by a `pisa.core.sampling`
 sampler (OHEM / Score-HLR rank all proposals with one batched no-grad pass of the box
 head), and the classification loss becomes a per-RoI weighted cross-entropy (ISR-N
 weights on negatives, ISR-P weights on positives). CARL is added as its own loss term.
@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
 
-from pisa.config import BoxLossConfig, ModelConfig
+from pisa.core.config import BoxLossConfig, ModelConfig
+from pisa.core.sampling import RoIStats, build_sampler
 from pisa.models.box_head_reuse import HeadPass, can_reuse, forward_all, reuse_sampled
 from pisa.models.pisa_loss import PisaLoss, box_loss_fn
-from pisa.sampling import RoIStats, build_sampler
 
 __all__ = ["PisaRoIHeads", "TORCHVISION_BOX_LOSS"]
 

@@ -19,7 +19,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD, SSDHead, _vgg_extractor, _xavier_init
 
-from pisa.config import BoxLossConfig, CARLConfig, ISRPConfig, ModelConfig
+from pisa.core.config import BoxLossConfig, CARLConfig, ISRPConfig, ModelConfig
 from pisa.models.pisa_loss import (
     AnchorPositives,
     DiagnosticsMixin,

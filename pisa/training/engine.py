@@ -7,12 +7,11 @@ rank) at every epoch start, and so are the data order (a DistributedSampler seed
 `train.seed`) and the DataLoader workers' augmentation draws (the loader's generator), so a
 run resumed from the epoch-N checkpoint continues exactly like the uninterrupted run.
 Device choices (AMP dtype, GradScaler, channels_last, SyncBatchNorm) come from
-`pisa.accel.plan_for`, the same code on CPU and GPU.
+`pisa.training.device_plan.plan_for`, the same code on CPU and GPU.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import tempfile
 import time
@@ -26,32 +25,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from .accel import DevicePlan, apply_channels_last, convert_sync_batchnorm, make_grad_scaler, optimizer_step, plan_for
-from .config import ExperimentConfig, Schedule
-from .errors import NonFiniteLossError
-from .progress import say
+from ..core.config import ExperimentConfig
+from ..core.errors import NonFiniteLossError
+from ..core.progress import say
+from ..core.schedule import Schedule, lr_factor
+from ..core.storage import CHECKPOINT_FILE
+from .device_plan import (
+    DevicePlan,
+    apply_channels_last,
+    convert_sync_batchnorm,
+    make_grad_scaler,
+    optimizer_step,
+    plan_for,
+)
+from .faults import Faults
+from .ray_runtime import quiet_ray_train_worker
+from .session import RayTrainSession, TrainSession
 
 if TYPE_CHECKING:
-    from .models.pisa_loss import DiagnosticsMixin
-    from .session import TrainSession
+    from ..models.pisa_loss import DiagnosticsMixin
 
-CHECKPOINT_FILE = "checkpoint.pt"
 DIAGNOSTICS_FILE = "diagnostics.pt"
 MAX_DIAGNOSTIC_VALUES = 50_000
 
 
-# ---------------------------------------------------------------- schedule
-
-
-def lr_factor(iteration: int, iters_per_epoch: int, schedule: Schedule) -> float:
-    """Multiplier of the scaled LR at a global iteration: linear warm-up, then steps."""
-    epoch = iteration // max(1, iters_per_epoch)
-    factor = schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
-    warmup = schedule.warmup_iters
-    if warmup and iteration < warmup:
-        ratio = schedule.warmup_ratio
-        factor *= ratio + (1.0 - ratio) * iteration / warmup
-    return factor
+# ---------------------------------------------------------------- optimizer and seeds
 
 
 def build_optimizer(model: nn.Module, schedule: Schedule) -> torch.optim.Optimizer:
@@ -122,28 +120,6 @@ def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _maybe_inject_failure(spec: str | None, epoch: int, iteration: int, rank: int, stall: str | None = None) -> None:
-    """Fault injection for tests: 'EPOCH:ITER:MARKER' kills rank 0 once, mid-epoch; `stall`
-    ('EPOCH:ITER:PIDFILE') makes rank 0 write its pid and wait there once, for a test to
-    kill it (or the driver) from outside, or to let it go on by creating PIDFILE.go."""
-    if stall:
-        e, i, pidfile = stall.split(":", 2)
-        if epoch == int(e) and iteration == int(i) and not Path(pidfile).exists() and rank == 0:
-            Path(pidfile).with_suffix(".tmp").write_text(f"{os.getpid()}\n")
-            Path(pidfile).with_suffix(".tmp").rename(pidfile)
-            say(f"fault injection: worker {os.getpid()} waits at epoch {epoch} iteration {iteration}")
-            go, deadline = Path(pidfile + ".go"), time.time() + 600
-            while not go.exists() and time.time() < deadline:
-                time.sleep(0.2)
-    if not spec:
-        return
-    e, i, marker = spec.split(":", 2)
-    if epoch == int(e) and iteration == int(i) and not Path(marker).exists() and rank == 0:
-        Path(marker).write_text("killed\n")
-        say(f"fault injection: killing this worker at epoch {epoch} iteration {iteration}")
-        os._exit(1)
-
-
 def _read_diagnostics(model: nn.Module, into: dict[str, list[torch.Tensor]]) -> None:
     """Append the last step's float PISA diagnostics (on the device) to `into`, on the CPU."""
     for k, v in cast("DiagnosticsMixin", _unwrap(model)).pisa_diagnostics().items():
@@ -166,7 +142,7 @@ def build_train_loader(dataset, cfg: ExperimentConfig, rank: int, world: int, pl
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
-    from .data import collate_fn
+    from ..data import collate_fn  # pycocotools and torchvision: loaded where a worker trains
 
     sampler: DistributedSampler[Any] = DistributedSampler(
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=False
@@ -197,7 +173,7 @@ def evaluate(
     model: nn.Module, dataset, device, rank: int, world: int, batch_size: int, iou_types: tuple[str, ...]
 ) -> dict[str, float]:
     """COCO metrics of the whole val set: each rank predicts a strided shard."""
-    from .evaluation import encode_masks, evaluate_coco, gather_predictions
+    from ..evaluation import encode_masks, evaluate_coco, gather_predictions  # pycocotools: where a worker evaluates
 
     net = _unwrap(model)
     was_training = net.training
@@ -265,11 +241,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def train_loop_per_worker(config: dict[str, Any]) -> str | None:
     """Ray Train entry point; `config["experiment"]` is an `ExperimentConfig` dump. Returns
     the error the training stopped on without a restart (`Result.return_value`), if any."""
-    from .session import RayTrainSession
-
     if config.get("quiet"):
-        from .ray_runtime import quiet_ray_train_worker
-
         quiet_ray_train_worker()
     return run_worker(config, RayTrainSession())
 
@@ -294,16 +266,6 @@ class _Training:
 
 
 @dataclass
-class _Faults:
-    """Faults a test injects (`config["faults"]`): a NaN loss, a killed or stalled worker."""
-
-    nan_at: int | None = None
-    nan_log: str | None = None  # a file each worker appends a line to when it injects the NaN
-    kill_at: str | None = None
-    stall_at: str | None = None
-
-
-@dataclass
 class _EpochStats:
     sums: dict[str, float]
     steps: int
@@ -321,7 +283,7 @@ def run_worker(config: dict[str, Any], session: TrainSession) -> str | None:
     worker returns its message, which Ray Train would otherwise retry as a failure."""
     t = _build(ExperimentConfig.model_validate(config["experiment"]), session)
     start_epoch = _restore(t, session, config.get("resume_from"))
-    faults = _Faults(**(config.get("faults") or {}))
+    faults = Faults(**(config.get("faults") or {}))
     try:
         for epoch in range(start_epoch, t.epochs):
             stats = _train_epoch(t, epoch, faults)
@@ -353,8 +315,10 @@ def _all_finite(loss: torch.Tensor) -> bool:
 
 
 def _build(cfg: ExperimentConfig, session: TrainSession) -> _Training:
-    from .data import build_dataset
-    from .models import build_detector
+    # torchvision's detectors and pycocotools: loaded where a worker trains, not by a driver
+    # that imports this module for `train_loop_per_worker`
+    from ..data import build_dataset
+    from ..models import build_detector
 
     rank, world = session.rank, session.world_size
     device = session.device()
@@ -428,7 +392,7 @@ def _restore(t: _Training, session: TrainSession, resume_from: str | None) -> in
     return start_epoch
 
 
-def _train_epoch(t: _Training, epoch: int, faults: _Faults) -> _EpochStats:
+def _train_epoch(t: _Training, epoch: int, faults: Faults) -> _EpochStats:
     cfg, rank = t.cfg, t.rank
     seed_everything(epoch_seed(cfg.train.seed, epoch, rank))
     seed_loader_for_epoch(t.loader, cfg.train.seed, epoch, rank)
@@ -437,16 +401,11 @@ def _train_epoch(t: _Training, epoch: int, faults: _Faults) -> _EpochStats:
     stats = _EpochStats(defaultdict(float), 0, 0, 0.0, defaultdict(list))
     t_epoch = time.perf_counter()
     for step, (images, targets) in enumerate(t.loader):
-        _maybe_inject_failure(faults.kill_at, epoch, step, rank, faults.stall_at)
+        faults.at_step(epoch, step, rank)
         images, targets = _to_device(images, targets, t.device)
         with torch.autocast(t.device.type, dtype=t.plan.autocast_dtype, enabled=t.plan.amp):
             losses = t.model(images, targets)
-        loss = sum(losses.values())
-        if faults.nan_at is not None and t.iteration == int(faults.nan_at):
-            loss = loss * float("nan")
-            if faults.nan_log:
-                with open(faults.nan_log, "a") as log:
-                    log.write(f"rank {t.rank}\n")
+        loss = faults.poisoned(sum(losses.values()), t.iteration, t.rank)
         if not _all_finite(loss):
             detail = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
             where = f"total={float(loss)} ({detail})" if not torch.isfinite(loss) else "on another worker"

@@ -1,16 +1,15 @@
 """Validated configuration: one pydantic model per concern, defaults from the paper.
 
 A training config (`ExperimentConfig`) is what one Ray Train run needs; a study
-(`pisa.study`) wraps one with a search space. Relative paths are resolved against the
-directory the YAML file was loaded from's working directory at load time, because Ray
-workers run in other working directories.
+(`pisa.study.loading.Study`) wraps one with a search space. Relative paths are resolved
+against the directory the YAML file was loaded from's working directory at load time,
+because Ray workers run in other working directories.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .schedule import SCHEDULES, Schedule
+from .storage import normalize
+from .uris import public_uri
 
 __all__ = [
     "ConfigError",
@@ -37,7 +39,6 @@ __all__ = [
     "load_config",
     "parse_config",
     "flatten",
-    "SCHEDULES",
     "format_validation_error",
 ]
 
@@ -226,62 +227,6 @@ class DataConfig(StrictModel):
 ScheduleName = Literal["1x", "2x", "ssd", "custom"]
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """The effective schedule of a training: a paper preset with the config's overrides, and
-    the learning rate scaled linearly from `base_batch` to the real total batch."""
-
-    epochs: int
-    lr: float
-    base_batch: int
-    milestones: tuple[int, ...]
-    momentum: float
-    weight_decay: float
-    warmup_iters: int
-    warmup_ratio: float
-    gamma: float
-    total_batch: int
-
-    @property
-    def scaled_lr(self) -> float:
-        return self.lr * self.total_batch / self.base_batch
-
-
-# The paper's schedules (supplement, Appendix B). base_batch is the total batch the LR is for.
-SCHEDULES: dict[str, dict[str, Any]] = {
-    "1x": dict(
-        epochs=12,
-        lr=0.02,
-        base_batch=16,
-        milestones=[8, 11],
-        momentum=0.9,
-        weight_decay=1e-4,
-        warmup_iters=500,
-        warmup_ratio=0.001,
-    ),
-    "2x": dict(
-        epochs=24,
-        lr=0.02,
-        base_batch=16,
-        milestones=[16, 22],
-        momentum=0.9,
-        weight_decay=1e-4,
-        warmup_iters=500,
-        warmup_ratio=0.001,
-    ),
-    "ssd": dict(
-        epochs=120,
-        lr=1e-3,
-        base_batch=64,
-        milestones=[80, 110],
-        momentum=0.9,
-        weight_decay=5e-4,
-        warmup_iters=500,
-        warmup_ratio=0.001,
-    ),
-}
-
-
 class TrainConfig(StrictModel):
     """Schedule and scaling. `schedule` picks a paper preset; other fields override it."""
 
@@ -387,8 +332,6 @@ class ExperimentConfig(StrictModel):
     def to_yaml(self) -> str:
         """The config as logged (`config.yaml`): credentials come from the environment,
         never from a file, so the tracking URI goes without them."""
-        from .tracking import public_uri
-
         data = self.model_dump(mode="json")
         if data["tracking"]["uri"]:
             data["tracking"]["uri"] = public_uri(data["tracking"]["uri"])
@@ -411,8 +354,6 @@ class ExperimentConfig(StrictModel):
             syn = data.synthetic.model_copy()
             object.__setattr__(syn, "out", fix(syn.out))
             object.__setattr__(data, "synthetic", syn)
-        from .storage import normalize
-
         out = self.model_copy(update={"data": data, "storage_path": normalize(self.storage_path, base)})
         tracking = out.tracking
         if tracking.uri and tracking.uri.startswith("sqlite:///") and not tracking.uri.startswith("sqlite:////"):

@@ -15,6 +15,8 @@ import statistics
 import threading
 from typing import Any
 
+from ..core.errors import one_line
+
 SEED_PREFIX = "seed_"
 CHECKPOINT_PATH_KEY = "checkpoint_path"
 
@@ -70,8 +72,6 @@ class SeedFailed(RuntimeError):
 def _raise_first(errors: dict[int, BaseException]) -> None:
     """The lowest failed seed's error, chained: the pisa error inside (a non-finite loss, bad
     data) still decides the exit code and that a retry would fail the same way."""
-    from .errors import one_line
-
     seed = min(errors)
     raise SeedFailed(f"seed {seed}: {one_line(errors[seed])}") from errors[seed]
 
@@ -81,8 +81,8 @@ def fit_seeds(exp, name: str, seeds: list[int], metric: str) -> None:
     from ray import tune
     from ray.util.queue import Empty, Queue
 
-    from .engine import stopped_on
-    from .train import build_trainer
+    from ..training.engine import stopped_on  # torch: where the seeds train, not where this is imported
+    from ..training.train import build_trainer
 
     queue = Queue(actor_options={"num_cpus": 0})
     errors: dict[int, BaseException] = {}

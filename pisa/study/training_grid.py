@@ -1,7 +1,7 @@
 """A list of independent trainings (a variant x seed grid) run as one Ray Tune run.
 
 `pisa study validate` trains every variant on every seed. Each training is a Tune trial of
-the study's trainable path (`pisa.study.fit_in_trial`): a 1-worker study's trainings train
+the study's trainable path (`pisa.study.trial.fit_in_trial`): a 1-worker study's trainings train
 in the trial's own process and Tune reuses the trial actors, so a training starts in
 seconds instead of paying a Ray Train controller, worker group and process group each; a
 multi-worker study's trainings run as `TorchTrainer`s as its trials did. Tune also brings
@@ -22,14 +22,20 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from . import lineage, tracking
-from .config import ExperimentConfig
-from .errors import one_line
-from .progress import say
+from .. import tracking
+from ..core import storage
+from ..core.config import ExperimentConfig
+from ..core.errors import one_line
+from ..core.progress import say
+from ..core.storage import location_of
+from ..core.uris import public_uri
+from ..tracking.lineage import SystemMetrics
+from .layout import FAILED_MARK
 from .seeds import CHECKPOINT_PATH_KEY
+from .trial import epoch_metrics, failing_at_once_on_retry, fit_in_trial, trial_error
 
 if TYPE_CHECKING:
-    from .train import TrainOutcome
+    from ..training.train import TrainOutcome
 
 JOB_TAG = "pisa.grid_job"  # a training's index in the grid, on its MLflow run
 
@@ -41,7 +47,7 @@ class GridTraining:
     experiment: ExperimentConfig
     run_name: str
     tags: dict[str, str] = field(default_factory=dict)
-    faults: dict[str, Any] | None = None  # test-only fault injection (see `pisa.engine`)
+    faults: dict[str, Any] | None = None  # test-only fault injection (see `pisa.training.faults`)
 
 
 def slug(label: str) -> str:
@@ -58,9 +64,6 @@ def _train_one(
 ):
     """Tune function trainable: the grid's training number `config["job"]`."""
     from ray import tune
-
-    from . import storage
-    from .study import FAILED_MARK, failing_at_once_on_retry, fit_in_trial
 
     exp = ExperimentConfig.model_validate(experiments[config["job"]])
     trial_id = tune.get_context().get_trial_id()
@@ -79,7 +82,7 @@ class GridLogger(Callback):
         self.metric = metric
         self.run_ids: dict[int, str] = {}
         self.last: dict[int, dict[str, Any]] = {}
-        self.monitors: dict[int, lineage.SystemMetrics] = {}
+        self.monitors: dict[int, SystemMetrics] = {}
         self.done = 0
 
     @property
@@ -100,7 +103,7 @@ class GridLogger(Callback):
                 parent_run_id=self.parent_run_id,
             )
             self.tracker.log_text(run_id, t.experiment.to_yaml(), "config.yaml")
-            lineage.log_datasets(self.uri, run_id, t.experiment.data)
+            self.tracker.log_datasets(run_id, t.experiment.data)
             self.run_ids[job] = run_id
         return self.run_ids[job]
 
@@ -111,11 +114,9 @@ class GridLogger(Callback):
         self.tracker.client.update_run(run_id, status="RUNNING")
         self._stop_monitor(job)
         interval = float(self.trainings[job].experiment.tracking.system_metrics_interval_s or 0)
-        self.monitors[job] = lineage.SystemMetrics(self.uri, run_id, interval, resume=resumed)
+        self.monitors[job] = SystemMetrics(self.uri, run_id, interval, resume=resumed)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from .study import epoch_metrics
-
         job = trial.config["job"]
         self.tracker.log_metrics(self.run_id(job), epoch_metrics(result), step=int(result.get("epoch", 0)))
         self.last[job] = dict(result)
@@ -124,8 +125,6 @@ class GridLogger(Callback):
         self._finished(trial, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from .study import trial_error
-
         self._finished(trial, trial_error(trial))
 
     def _finished(self, trial, error: str | None) -> None:
@@ -168,14 +167,13 @@ def train_grid(
     one Tune run under `storage_path/name`; their outcomes, in the same order."""
     from ray import tune
 
-    from .storage import location_of
-    from .train import TrainOutcome, log_final_artifacts
+    from ..training.train import TrainOutcome, log_final_artifacts  # torch (the train loop's module)
 
     if not trainings:
         return []
     experiments = [t.experiment.model_dump(mode="json") for t in trainings]
     dir_names = [slug(t.run_name) for t in trainings]
-    logger = GridLogger(tracking.public_uri(uri), parent_run_id, trainings, num_classes, score[0])
+    logger = GridLogger(public_uri(uri), parent_run_id, trainings, num_classes, score[0])
     trainable = tune.with_resources(
         tune.with_parameters(
             _train_one, experiments=experiments, faults=[t.faults for t in trainings], in_trial=in_trial, score=score

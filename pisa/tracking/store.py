@@ -1,4 +1,4 @@
-"""MLflow: runs, params, metrics and artifacts, written by one process at a time.
+"""The MLflow store: runs, params, metrics and artifacts, written by one process at a time.
 
 Runs are addressed by id through `MlflowClient` (no global "active run"), so the
 same code serves a single training (logged from the Ray Train controller) and a
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import urllib.error
 import urllib.request
@@ -17,31 +18,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import TrackingError
+from ..core.errors import TrackingError
+from ..core.uris import public_uri, redact
+from .lineage import DatasetSummary, dataset_inputs, lineage_tags
+
+log = logging.getLogger(__name__)
 
 NESTED_TAG = "mlflow.parentRunId"
 
 
 USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
-
-
-def redact(uri: str) -> str:
-    """The URI with its password masked, for messages and logs."""
-    parsed = urlparse(uri)
-    if parsed.password:
-        return uri.replace(f":{parsed.password}@", ":***@", 1)
-    return uri
-
-
-def public_uri(uri: str) -> str:
-    """The URI without user and password: what is stored (state, params, config.yaml).
-    Credentials travel in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
-    parsed = urlparse(uri)
-    if parsed.username is None and parsed.password is None:
-        return uri
-    host = parsed.hostname or ""
-    netloc = f"{host}:{parsed.port}" if parsed.port else host
-    return parsed._replace(netloc=netloc).geturl()
 
 
 def _use_credentials(uri: str) -> str:
@@ -215,8 +201,6 @@ class Tracker:
         parent_run_id: str | None = None,
     ) -> str:
         """Create a run (nested under `parent_run_id` if given) with its lineage tags and params."""
-        from .lineage import lineage_tags
-
         tags = {**lineage_tags(), **(tags or {})}
         if parent_run_id:
             tags[NESTED_TAG] = parent_run_id
@@ -244,6 +228,16 @@ class Tracker:
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
         self.client.log_batch(run_id, metrics=items)
+
+    def log_datasets(self, run_id: str, data_cfg) -> list[DatasetSummary]:
+        """Log the train and val annotation files of a `DataConfig` as the run's dataset inputs."""
+        summaries, inputs = dataset_inputs(data_cfg)
+        if inputs:
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+            except Exception as exc:  # lineage is worth a warning, never a lost run
+                log.warning("dataset inputs not logged for run %s: %s", run_id, exc)
+        return summaries
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)

@@ -1,7 +1,7 @@
 """The study file's schema: the search space, the search settings, the trial resources,
 and the points every study evaluates first (the paper's defaults and the baseline).
 
-Loading and checking a study file against its training config is `study_config`'s job.
+Loading and checking a study file against its training config is `pisa.study.loading`'s job.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .config import StrictModel
+from ..core.config import StrictModel
 
 # The paper's PISA defaults, evaluated first in every study (`points_to_evaluate: paper`).
 PAPER_DEFAULTS: dict[str, Any] = {

@@ -6,7 +6,7 @@ noisy values is optimistic: the winner is partly the luckiest. Validation trains
 variant again, with seeds the study did not use (by default), all variants on the same
 seeds, as many trainings side by side as the study ran (each with its trial resources), and compares the
 final-epoch metric: mean, standard deviation, t-interval per variant, and the paired
-difference to the baseline per seed (`pisa.stats`). Everything is logged to one MLflow run
+difference to the baseline per seed (`pisa.core.stats`). Everything is logged to one MLflow run
 linked to the study (tag `pisa.study_run_id`; the study's run gets `pisa.validation_run_id`),
 with the trainings nested under it.
 """
@@ -21,12 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import tracking
-from .config import ConfigError
-from .progress import say
-from .stats import Paired, Summary, paired, summarize
-from .study_schema import BASELINE, PAPER_DEFAULTS
-from .training_grid import GridTraining, slug
+from .. import tracking
+from ..core.errors import ConfigError
+from ..core.progress import say
+from ..core.stats import Paired, Summary, paired, summarize
+from ..core.storage import join
+from ..training.cluster import check_cluster_setup
+from ..training.ray_runtime import quiet_libraries
+from .layout import study_dir
+from .resources import trainings_that_fit, trial_resources
+from .results import outcome_from_state
+from .schema import BASELINE, PAPER_DEFAULTS
+from .state import load_state, study_from_state
+from .training_grid import GridTraining, slug, train_grid
+from .trial import trains_in_trial
 
 
 @dataclass
@@ -120,12 +128,7 @@ def validate_study(
 ) -> Validation:
     """Train every variant on every seed (seed by seed), log and return the comparison.
     `verbose` shows the trainings' own output (otherwise in each trial's directory)."""
-    from .cluster import check_cluster_setup
-    from .ray_runtime import quiet_libraries
-    from .storage import join
-    from .study import load_state, outcome_from_state, study_dir, study_from_state, trains_in_trial, trial_resources
-    from .train import start_ray_with_data
-    from .training_grid import train_grid
+    from ..training.train import start_ray_with_data  # torch: the training's entry points
 
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be at least 1 (2 or more for an interval)")
@@ -216,8 +219,6 @@ def _training(study, variant: Variant, seed: int, uri: str, study_name: str, sto
 def trainings_at_once(study, jobs: int) -> int:
     """As many trainings side by side as the study ran at its busiest (points x seeds) and the
     Ray cluster has CPUs (GPUs) for."""
-    from .study import trainings_that_fit
-
     return max(1, min(jobs, trainings_that_fit(study), study.cfg.max_concurrent_trials * study.cfg.seeds))
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .ops import score_hlr, score_hlr_weights
+from .pisa_math import score_hlr, score_hlr_weights
 
 if TYPE_CHECKING:
     from .config import ModelConfig

@@ -14,12 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import signals, tracking
-from .accel import process_group_backend
-from .config import ExperimentConfig
-from .engine import CHECKPOINT_FILE, DIAGNOSTICS_FILE, stopped_on, train_loop_per_worker
-from .errors import one_line
-from .progress import say
+from .. import tracking
+from ..core import storage
+from ..core.config import ExperimentConfig
+from ..core.errors import one_line
+from ..core.progress import say
+from ..core.storage import CHECKPOINT_FILE, location_of
+from ..core.uris import redact
+from ..tracking.lineage import SystemMetrics
+from . import signals
+from .cluster import check_cluster_setup, check_fits
+from .device_plan import process_group_backend
+from .engine import DIAGNOSTICS_FILE, stopped_on, train_loop_per_worker
 from .ray_runtime import forward_only_worker_output, init_ray_alongside, quiet_libraries
 
 
@@ -44,7 +50,7 @@ class TrainOutcome:
 def prepare_data(cfg: ExperimentConfig) -> int:
     """Generate the synthetic set if asked, and validate the annotations once on the driver,
     so a corrupt file fails before any worker starts. Returns the number of classes."""
-    from .data import build_dataset, ensure_synthetic
+    from ..data import build_dataset, ensure_synthetic  # torchvision, pycocotools: where the data is prepared
 
     if cfg.data.synthetic is not None:
         ensure_synthetic(cfg.data.synthetic)
@@ -57,7 +63,7 @@ def start_ray_with_data(cfg: ExperimentConfig, uri: str, address: str | None, **
     """Start (or join) Ray while the data is prepared and the tracking store set up (a new
     SQLite store creates its tables); the number of classes. A missing data file fails
     before Ray starts; any other data error once it has started, which stops it again."""
-    from .data import check_data_files
+    from ..data import check_data_files  # torchvision, pycocotools: where the data is prepared
 
     check_data_files(cfg.data)
 
@@ -98,7 +104,7 @@ def build_trainer(
     verbose: bool = False,
 ):
     """The `TorchTrainer` of one training: gloo on CPU; NCCL for CUDA tensors plus gloo for
-    the CPU collectives on GPU (`pisa.accel.process_group_backend`). Ray keeps the
+    the CPU collectives on GPU (`pisa.training.device_plan.process_group_backend`). Ray keeps the
     `keep_checkpoints` best by `checkpoint_score` (metric, mode) and always the latest,
     which a restart resumes from. Not `verbose`: Ray Train's INFO lines stay in its log files."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
@@ -147,11 +153,7 @@ def _mlflow_callback(uri: str, run_id: str):
 def log_final_artifacts(uri: str, run_id: str, checkpoint_dir: str | None, log_checkpoint: bool) -> None:
     if not checkpoint_dir:
         return
-    from . import storage
-
     with storage.local_copy(checkpoint_dir) as ckpt, tempfile.TemporaryDirectory(prefix="pisa-art-") as tmp:
-        from .report import diagnostics_plot
-
         png = diagnostics_plot(ckpt / DIAGNOSTICS_FILE, Path(tmp) / "pisa_weights.png")
         if png is not None:
             tracking.tracker(uri).log_artifacts(run_id, [png], "plots")
@@ -173,8 +175,6 @@ def run_training(
     """Train one config end to end and track it in MLflow; never raises for a failed fit.
     The console shows pisa's progress lines; `verbose` adds Ray's own. `source` names the
     config in errors (its file)."""
-    from .cluster import check_cluster_setup, check_fits
-
     uri = cfg.tracking.resolved_uri()
     check_cluster_setup(address, uri, cfg.storage_path, source)
     tracking.check_reachable(uri)
@@ -221,10 +221,8 @@ def _fit_tracked(
     """The part of `run_training` that runs with its MLflow run open."""
     mlflow_store = tracking.tracker(uri)
     mlflow_store.log_text(run_id, cfg.to_yaml(), "config.yaml")
-    from .lineage import SystemMetrics, log_datasets
-
-    log_datasets(uri, run_id, cfg.data)
-    say(f"MLflow run {run_id} in {tracking.redact(uri)}")
+    mlflow_store.log_datasets(run_id, cfg.data)
+    say(f"MLflow run {run_id} in {redact(uri)}")
     trainer = build_trainer(
         cfg,
         name=name,
@@ -243,8 +241,6 @@ def _fit_tracked(
         system_metrics.stop()
     if signals.terminated():  # Ray Train aborted the run on the SIGTERM passed on to it
         raise KeyboardInterrupt
-    from .storage import location_of
-
     checkpoint_dir = (
         location_of(result.checkpoint.path, cfg.storage_path) if result is not None and result.checkpoint else None
     )
@@ -258,3 +254,29 @@ def _fit_tracked(
     log_final_artifacts(uri, run_id, checkpoint_dir, cfg.tracking.log_checkpoint)
     mlflow_store.end_run(run_id, "FINISHED")
     return TrainOutcome(run_id, "FINISHED", metrics, checkpoint_dir)
+
+
+def diagnostics_plot(diag_file: Path, out_png: Path) -> Path | None:
+    """Histograms of the last epoch's PISA weights (ISR-P, ISR-N, CARL)."""
+    import torch
+
+    if not diag_file.exists():
+        return None
+    data = torch.load(diag_file, map_location="cpu", weights_only=True)
+    keys = [k for k, v in data.items() if v.numel() > 0]
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        ax.hist(data[k].numpy(), bins=50, color="#3572b0")
+        ax.set_title(k)
+        ax.set_xlabel("value")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png

@@ -13,125 +13,19 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import nn
 
-from .errors import EXIT_BAD_INPUT, PisaError
-
-if TYPE_CHECKING:
-    from .config import ExperimentConfig
+from ..core.config import TrackingConfig
+from ..core.uris import redact
+from .detector import Detections, Detector, PredictInputError, load_checkpoint_dir, read_image
+from .store import client
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-class PredictInputError(PisaError, ValueError):
-    """A model reference or image that can't be used; one line, naming what is wrong."""
-
-    exit_code = EXIT_BAD_INPUT
-
-
-@dataclass(frozen=True)
-class Category:
-    id: int  # the COCO category id
-    name: str
-
-
-@dataclass
-class Detections:
-    """One image's detections: boxes xyxy in the image's pixels, model labels 1..C."""
-
-    boxes: torch.Tensor
-    labels: torch.Tensor
-    scores: torch.Tensor
-
-
-@dataclass
-class Detector:
-    """A detector in eval mode with the classes its labels 1..C stand for."""
-
-    model: nn.Module
-    categories: list[Category]
-    config: ExperimentConfig  # the training config of the weights
-
-    def name_of(self, label: int) -> str:
-        return self.categories[label - 1].name if 0 < label <= len(self.categories) else str(label)
-
-    def category_id(self, label: int) -> int:
-        return self.categories[label - 1].id if 0 < label <= len(self.categories) else int(label)
-
-    @torch.no_grad()
-    def predict(self, images: list[torch.Tensor], score_thr: float = 0.0, batch_size: int = 4) -> list[Detections]:
-        """Float CHW images in [0, 1] -> their detections with score >= `score_thr`."""
-        out: list[Detections] = []
-        for start in range(0, len(images), batch_size):
-            for raw in self.model(images[start : start + batch_size]):
-                keep = raw["scores"] >= score_thr
-                out.append(Detections(raw["boxes"][keep].cpu(), raw["labels"][keep].cpu(), raw["scores"][keep].cpu()))
-        return out
-
-
-# ---------------------------------------------------------------- building one
-
-
-def categories_of(annotation_file: str | Path) -> list[Category]:
-    """The classes of a COCO file in the order the dataset gives them labels (by id)."""
-    path = Path(annotation_file)
-    try:
-        cats = json.loads(path.read_text()).get("categories", [])
-    except (OSError, ValueError) as exc:
-        raise PredictInputError(f"{path}: cannot read the class names ({exc})") from None
-    return [Category(int(c["id"]), str(c["name"])) for c in sorted(cats, key=lambda c: int(c["id"]))]
-
-
-def read_config(path: str | Path) -> ExperimentConfig:
-    """The training config saved beside a checkpoint (`config.json`)."""
-    from .config import parse_config
-
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise PredictInputError(f"{path}: cannot read the training config ({exc})") from None
-    return parse_config(data, source=str(path))
-
-
-def build_detector(cfg: ExperimentConfig, categories: list[Category], weights: dict[str, torch.Tensor]) -> Detector:
-    from .models import build_detector as build_model
-
-    model = build_model(cfg.model, num_classes=len(categories))
-    model.load_state_dict(weights)
-    model.eval()
-    return Detector(model, categories, cfg)
-
-
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model's state dict from a training checkpoint or a weights file (tensors only)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PredictInputError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PredictInputError(f"{path}: holds no model weights")
-    return state
-
-
-def load_checkpoint_dir(path: str | Path) -> Detector:
-    """A detector from a checkpoint directory (or its `checkpoint.pt`) with its `config.json`."""
-    from .engine import CHECKPOINT_FILE
-
-    path = Path(path)
-    ckpt = path / CHECKPOINT_FILE if path.is_dir() else path
-    config_file = ckpt.parent / "config.json"
-    if not ckpt.exists():
-        raise PredictInputError(f"{ckpt}: no such checkpoint")
-    if not config_file.exists():
-        raise PredictInputError(f"{ckpt}: no config.json beside it (the training config of these weights)")
-    cfg = read_config(config_file)
-    assert cfg.data.train_annotations is not None  # the config's validation fills or refuses it
-    return build_detector(cfg, categories_of(cfg.data.train_annotations), load_weights(ckpt))
+# ---------------------------------------------------------------- loading one
 
 
 def load_detector(ref: str, tracking_uri: str | None = None) -> Detector:
@@ -148,8 +42,6 @@ def load_detector(ref: str, tracking_uri: str | None = None) -> Detector:
 
 def _resolved_uri(tracking_uri: str | None, ref: str) -> str:
     """The store to look `ref` up in; a SQLite file that isn't there is an error, not a new store."""
-    from .config import TrackingConfig
-
     uri = tracking_uri or TrackingConfig().resolved_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         raise PredictInputError(
@@ -159,7 +51,7 @@ def _resolved_uri(tracking_uri: str | None, ref: str) -> str:
 
 
 def _load_pyfunc(ref: str, tracking_uri: str | None) -> Detector:
-    from .registry import load_pyfunc
+    from .registry import load_pyfunc  # mlflow's pyfunc: only for a logged or registered model
 
     try:
         model = load_pyfunc(ref, _resolved_uri(tracking_uri, ref))
@@ -170,42 +62,25 @@ def _load_pyfunc(ref: str, tracking_uri: str | None) -> Detector:
 
 
 def _load_run(run_id: str, tracking_uri: str | None) -> Detector:
-    from . import tracking
-    from .registry import logged_model_uri
+    from .registry import logged_model_uri  # mlflow's pyfunc: only for a run id
 
     uri = _resolved_uri(tracking_uri, run_id)
     try:
-        tracking.client(uri).get_run(run_id)
+        client(uri).get_run(run_id)
     except Exception:
-        raise PredictInputError(f"model {run_id!r}: no such MLflow run in {tracking.redact(uri)}") from None
+        raise PredictInputError(f"model {run_id!r}: no such MLflow run in {redact(uri)}") from None
     model_uri = logged_model_uri(uri, run_id)
     if model_uri is not None:
         return _load_pyfunc(model_uri, uri)
     with tempfile.TemporaryDirectory(prefix="pisa-model-") as tmp:
         try:
-            local = tracking.client(uri).download_artifacts(run_id, "checkpoint", tmp)
+            local = client(uri).download_artifacts(run_id, "checkpoint", tmp)
         except Exception:
             raise PredictInputError(f"run {run_id}: has neither a logged model nor a checkpoint/ artifact") from None
         return load_checkpoint_dir(local)
 
 
 # ---------------------------------------------------------------- images in, results out
-
-
-def read_image(path: str | Path) -> torch.Tensor:
-    """An image file as float CHW RGB in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms.v2 import functional as F
-
-    path = Path(path)
-    if not path.is_file():
-        raise PredictInputError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise PredictInputError(f"{path}: not a readable image ({type(exc).__name__})") from None
-    return F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
 
 
 def image_ids(paths: list[Path], annotations: str | Path | None = None) -> list[int]:

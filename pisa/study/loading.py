@@ -13,8 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .config import (
-    ConfigError,
+from ..core.config import (
     ExperimentConfig,
     apply_overrides,
     format_validation_error,
@@ -22,7 +21,8 @@ from .config import (
     parse_config,
     set_dotted,
 )
-from .study_schema import BASELINE, PAPER_DEFAULTS, StudyConfig
+from ..core.errors import ConfigError
+from .schema import BASELINE, PAPER_DEFAULTS, StudyConfig
 
 
 def get_dotted(data: dict[str, Any], key: str, default: Any = None) -> Any:

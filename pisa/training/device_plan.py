@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from ..core.config import TrainConfig
 
 __all__ = [
     "DevicePlan",

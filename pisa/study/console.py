@@ -21,8 +21,9 @@ from typing import Any
 
 from ray.tune import Callback
 
-from .progress import say
-from .study_config import Study
+from ..core.progress import say
+from .loading import Study
+from .trial import trial_error, tune_space
 
 
 def _fmt_time(seconds: float) -> str:
@@ -92,8 +93,6 @@ class StudyConsole(Callback):
         try:  # Tune's own trial table, printed here at a calm interval
             from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter
 
-            from .study import tune_space
-
             table: Any = TuneTerminalReporter(
                 AirVerbosity.DEFAULT,
                 num_samples=self.total,
@@ -143,8 +142,6 @@ class StudyConsole(Callback):
         self._progress(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from .study import trial_error
-
         self.outcomes[trial.trial_id] = "failed"
         say(f"{self._label(trial)} failed after epoch {self.epochs.get(trial.trial_id, 0)}: {trial_error(trial)}")
         self._progress(trials)

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from . import storage
+from ..core import storage
 
 DONE_MARK = "pisa_done.json"
 CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")

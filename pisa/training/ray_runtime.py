@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from .progress import say
+from ..core.errors import ClusterError
+from ..core.progress import say
 
 DRIVER_RESOURCE = "pisa_trial_driver"
 
@@ -134,8 +135,6 @@ def check_gcs_reachable(address: str) -> None:
     """Ask the cluster's GCS one question before joining it, so that a refused token is one
     line and exit 2 in about a second, not Ray's 20 s of retries and a traceback."""
     from ray.exceptions import AuthenticationError
-
-    from .errors import ClusterError
 
     try:
         from ray._raylet import GcsClient  # type: ignore[attr-defined]  # compiled, no stubs

@@ -11,8 +11,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import tracking
-from .config import ConfigError, load_config, parse_config
+import yaml
+
+from .. import tracking
+from ..core.config import TrackingConfig, apply_overrides, load_config, parse_config
+from ..core.errors import ConfigError
+from .seeds import seed_key
 
 HEADER = re.compile(r"^# pisa-source: run_id=(?P<run>[0-9a-f]+) tracking_uri=(?P<uri>\S+)", re.M)
 COMPARED = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "train_loss")
@@ -78,7 +82,7 @@ def reproduce(
     source: str, *, tracking_uri: str | None = None, address: str | None = None, overrides: list[str] | None = None
 ) -> ReproduceOutcome:
     """Retrain a run's config (same seed) as a new, linked MLflow run; compare metrics."""
-    from .train import run_training
+    from ..training.train import run_training  # torch: only when a training runs
 
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
@@ -87,13 +91,7 @@ def reproduce(
         original, uri = (m.group("run"), m.group("uri")) if m else (None, None)
     else:
         original = source
-        from .config import TrackingConfig
-
         uri = tracking_uri or TrackingConfig().resolved_uri()
-        import yaml
-
-        from .config import apply_overrides
-
         data = apply_overrides(yaml.safe_load(run_config_text(uri, original)), overrides)
         cfg = parse_config(data, source=f"run {original}")
     tags = {"pisa.kind": "reproduce"}
@@ -108,8 +106,6 @@ def reproduce(
     if original and uri:
         run = tracking.client(uri).get_run(original)
         epochs_orig = int(run.data.metrics.get("epoch", 0)) or None
-    from .seeds import seed_key
-
     # a multi-seed trial logs the seed mean; its own value for this seed is `seed_<S>/<key>`
     # (the study metric only): compare with that, and not with means of other metrics
     multi_seed = bool(

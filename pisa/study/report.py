@@ -14,8 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import tracking
-from .progress import say
+from .. import tracking
+from ..core.progress import say
 
 CONTOUR_PAIRS = [
     ("model.isr_p.k", "model.isr_p.bias"),
@@ -189,29 +189,3 @@ def _fmt(logged: str | None, distribution: Any = None) -> str:
         except ValueError:
             pass
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def diagnostics_plot(diag_file: Path, out_png: Path) -> Path | None:
-    """Histograms of the last epoch's PISA weights (ISR-P, ISR-N, CARL)."""
-    import torch
-
-    if not diag_file.exists():
-        return None
-    data = torch.load(diag_file, map_location="cpu", weights_only=True)
-    keys = [k for k, v in data.items() if v.numel() > 0]
-    if not keys:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        ax.hist(data[k].numpy(), bins=50, color="#3572b0")
-        ax.set_title(k)
-        ax.set_xlabel("value")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return out_png

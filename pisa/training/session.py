@@ -1,6 +1,6 @@
 """Where the per-worker training loop runs: a Ray Train worker or a Tune trial itself.
 
-`pisa.engine.run_worker` speaks only to a `TrainSession`: its rank and world size, the
+`pisa.training.engine.run_worker` speaks only to a `TrainSession`: its rank and world size, the
 device, how to place the model, how to report an epoch (metrics and
 a checkpoint directory) and where to resume from. Two implementations:
 
@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .errors import NonFiniteLossError
+from ..core.errors import NonFiniteLossError
 
 
 class TrainSession(Protocol):
@@ -93,7 +93,7 @@ class RayTrainSession:
     def stop_on(self, error: NonFiniteLossError) -> None:
         """Ray Train restarts a worker group whose worker raised, up to `max_failures` times,
         whatever the error: every worker returns instead, and the driver reads the error from
-        the run's return value (`pisa.engine.stopped_on`)."""
+        the run's return value (`pisa.training.engine.stopped_on`)."""
 
 
 class TuneTrialSession:

@@ -3,9 +3,9 @@
 Runs are created with `MlflowClient` (one writer per store), which sets none of the
 context tags MLflow's fluent API adds; `lineage_tags` resolves the same ones through
 MLflow's own context providers, so the runs table's Source and User columns fill.
-`log_datasets` records the train/val annotation files as dataset inputs (the Dataset
-column); `SystemMetrics` samples CPU, memory, disk, network and (with nvidia-ml-py on a
-GPU machine) GPU use into the run's `system/*` metrics.
+`dataset_inputs` are the train/val annotation files as dataset inputs (the Dataset column,
+logged by `Tracker.log_datasets`); `SystemMetrics` samples CPU, memory, disk, network and
+(with nvidia-ml-py on a GPU machine) GPU use into the run's `system/*` metrics.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import __version__
+
 log = logging.getLogger(__name__)
 
 DIGEST_CHARS = 16  # MLflow's dataset digest column holds 36
@@ -27,8 +29,6 @@ def library_versions() -> dict[str, str]:
     """pisa, torch, torchvision, Ray, MLflow and Optuna versions as `pisa.version.*` tags; the
     module's own `__version__`, so torch's carries its build (`2.14.1+cu130`)."""
     import importlib
-
-    from . import __version__
 
     out = {"pisa.version.pisa": __version__}
     for name in ("torch", "torchvision", "ray", "mlflow", "optuna"):
@@ -130,11 +130,10 @@ def summarize_dataset(annotations: Path, images: Path, split: str, limit: int | 
     )
 
 
-def log_datasets(uri: str, run_id: str, data_cfg) -> list[DatasetSummary]:
-    """Log the train and val annotation files of a `DataConfig` as the run's dataset inputs."""
+def dataset_inputs(data_cfg) -> tuple[list[DatasetSummary], list]:
+    """The train and val annotation files of a `DataConfig` that exist, as MLflow dataset
+    inputs of a run (`Tracker.log_datasets` logs them), with their summaries."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    from . import tracking
 
     summaries, inputs = [], []
     for split in ("train", "val"):
@@ -149,12 +148,7 @@ def log_datasets(uri: str, run_id: str, data_cfg) -> list[DatasetSummary]:
             name=s.name, digest=s.digest, source_type="local", source=json.dumps({"uri": s.source}), profile=s.profile()
         )
         inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", split)]))
-    if inputs:
-        try:
-            tracking.client(uri).log_inputs(run_id, datasets=inputs)
-        except Exception as exc:  # lineage is worth a warning, never a lost run
-            log.warning("dataset inputs not logged for run %s: %s", run_id, exc)
-    return summaries
+    return summaries, inputs
 
 
 # ---------------------------------------------------------------- system metrics

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
-from . import storage
-from .config import ConfigError
+from ..core import storage
+from ..core.errors import ConfigError
 
 LOCAL_TRACKING_SCHEMES = ("sqlite", "file", "")
 
@@ -69,8 +69,6 @@ def check_fits(
     if not one_fits and all(total.get(k, 0.0) >= v for k, v in need.items()):
         what += " but no node holds one worker's share"
     if address is None:
-        from .config import ConfigError
-
         raise ConfigError(f"{source}: the training needs {what}{f' ({hint})' if hint else ''}")
     return (
         f"waiting for the cluster at {address} to provide {_fmt(need)} "

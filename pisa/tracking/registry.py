@@ -18,7 +18,17 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from . import tracking
+from ..core.storage import CHECKPOINT_FILE
+from .detector import (
+    Category,
+    PredictInputError,
+    build_detector,
+    load_checkpoint_dir,
+    load_weights,
+    read_config,
+    read_image,
+)
+from .store import client
 
 ALIAS = "champion"
 ARTIFACT_NAME = "model"
@@ -36,8 +46,6 @@ class PisaDetectorModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined
     _skip_type_hint_validation = True  # the signature given at logging validates the input
 
     def load_context(self, context) -> None:
-        from .predict import Category, build_detector, load_weights, read_config
-
         cfg = read_config(context.artifacts["config"])
         classes = json.loads(Path(context.artifacts["classes"]).read_text())
         categories = [Category(int(c["id"]), str(c["name"])) for c in classes]
@@ -123,11 +131,9 @@ def log_detector_model(uri: str, run_id: str, checkpoint: str | Path, model_name
     `model_name` with alias `champion` when a name is given."""
     from mlflow.models import infer_signature
 
-    from .predict import load_checkpoint_dir, load_weights
-
     detector = load_checkpoint_dir(checkpoint)  # checks weights, config and classes fit together
     ckpt = Path(checkpoint)
-    ckpt = ckpt / "checkpoint.pt" if ckpt.is_dir() else ckpt
+    ckpt = ckpt / CHECKPOINT_FILE if ckpt.is_dir() else ckpt
     with tempfile.TemporaryDirectory(prefix="pisa-register-") as tmp:
         import pandas as pd
         import torch
@@ -156,7 +162,7 @@ def log_detector_model(uri: str, run_id: str, checkpoint: str | Path, model_name
             )
     if not model_name:
         return None
-    c = tracking.client(uri)
+    c = client(uri)
     version = str(info.registered_model_version)
     c.set_registered_model_alias(model_name, ALIAS, version)
     c.set_model_version_tag(model_name, version, "pisa.source_run_id", run_id)
@@ -166,8 +172,6 @@ def log_detector_model(uri: str, run_id: str, checkpoint: str | Path, model_name
 def _example_image(detector):
     """A small real image when the val set is at hand, else a grey square."""
     import torch
-
-    from .predict import read_image
 
     data = detector.config.data
     grey = torch.full((3, 64, 64), 0.5)
@@ -201,11 +205,9 @@ def _requirements() -> list[str]:
 
 def register_run(uri: str, run_id: str, model_name: str) -> RegisteredModel:
     """Register a finished run's best checkpoint (its `checkpoint/` artifact)."""
-    from .predict import PredictInputError
-
     with tempfile.TemporaryDirectory(prefix="pisa-ckpt-") as tmp:
         try:
-            local = tracking.client(uri).download_artifacts(run_id, "checkpoint", tmp)
+            local = client(uri).download_artifacts(run_id, "checkpoint", tmp)
         except Exception:
             raise PredictInputError(
                 f"run {run_id}: no checkpoint/ artifact to register (was tracking.log_checkpoint off?)"
@@ -224,7 +226,7 @@ def logged_model_uri(uri: str, run_id: str) -> str | None:
     """The `models:/` URI of the pisa model logged in a run, if there is one."""
     with _tracking(uri):
         try:
-            experiment_id = tracking.client(uri).get_run(run_id).info.experiment_id
+            experiment_id = client(uri).get_run(run_id).info.experiment_id
             models = mlflow.search_logged_models(
                 experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
             )

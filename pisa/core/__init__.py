@@ -1,0 +1,1 @@
+"""Bottom layer: PISA maths, sampling, configs, schedules, errors, stats, progress, storage, URIs; imports no layer."""

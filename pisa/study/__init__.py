@@ -1,0 +1,1 @@
+"""A search: study file, Tuner, trials, their MLflow runs, state, results, reports; imports every layer but cli."""

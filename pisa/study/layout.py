@@ -1,0 +1,30 @@
+"""Where a study keeps things and what it names them: its directory, its state file, its
+trials' storage and marks, and the tags its MLflow runs carry."""
+
+from __future__ import annotations
+
+from ..core import storage
+from . import trial_recovery
+from .loading import Study
+
+STATE_FILE = "pisa_study.json"
+TRIAL_TAG = "pisa.trial_id"
+SEED_VALUES_TAG = "pisa.seed_values"  # {seed: metric} of a multi-seed trial, at its best epoch
+FAILED_MARK = "pisa_failed.txt"  # a trial that failed for a reason a restart can't fix
+
+
+def study_dir(study: Study) -> str:
+    """The study's directory: a local path or a URI (see `pisa.core.storage`)."""
+    return storage.join(study.base_config.storage_path, study.name)
+
+
+def state_path(study: Study) -> str:
+    return storage.join(study_dir(study), STATE_FILE)
+
+
+def trial_storage(study: Study) -> str:
+    return storage.join(study_dir(study), "trials")
+
+
+def done_mark(study: Study, trial_id: str) -> str:
+    return storage.join(trial_storage(study), trial_id, trial_recovery.DONE_MARK)

@@ -1,0 +1,179 @@
+"""What a study found, read back from MLflow: its trials ranked, the winner put on the
+study's own run, and the studies under a storage path."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import tracking
+from ..core.errors import PisaError, StudyError
+from .layout import SEED_VALUES_TAG, STATE_FILE, TRIAL_TAG
+from .schema import Distribution
+from .state import StudyState, load_state, study_from_state
+
+
+@dataclass
+class TrialSummary:
+    run_id: str
+    trial_id: str
+    name: str
+    status: str  # finished | stopped_early | failed | running
+    metric: float | None
+    epochs: int
+    params: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    seed_values: dict[int, float] = field(default_factory=dict)  # empty for one seed per point
+
+
+@dataclass
+class StudyOutcome:
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    trials: list[TrialSummary]
+    metric: str = "bbox_mAP"
+    interrupted: bool = False
+    # the searched fields' distributions, which read their logged (text) values back;
+    # empty when the study's definition is not at hand
+    search_space: dict[str, Distribution] = field(default_factory=dict)
+
+    @property
+    def all_failed(self) -> bool:
+        return bool(self.trials) and all(t.status == "failed" for t in self.trials)
+
+    def most_common_error(self) -> tuple[str, int]:
+        """The error most failed trials ended with, and how many."""
+        from collections import Counter
+
+        errors = Counter(t.error or "unknown error" for t in self.trials if t.status == "failed")
+        return errors.most_common(1)[0] if errors else ("", 0)
+
+    @property
+    def best(self) -> TrialSummary | None:
+        ranked = [t for t in self.trials if t.metric is not None and t.status != "failed"]
+        return ranked[0] if ranked else None
+
+
+def summarize_parent(uri: str, parent: str, outcome: StudyOutcome) -> None:
+    """Put "what won" on the study's own run: the best value as a metric, the best trial's
+    params as `best.*` tags, its run id as a tag, and a note linking to it."""
+    best = outcome.best
+    if best is None:
+        return
+    c = tracking.client(uri)
+    experiment_id = c.get_run(parent).info.experiment_id
+    tracking.tracker(uri).log_metrics(parent, {f"best_{outcome.metric}": best.metric}, step=0)
+    tags = {
+        "pisa.best_run_id": best.run_id,
+        "pisa.best_trial": best.trial_id,
+        f"pisa.best_{outcome.metric}": f"{best.metric:.6g}",
+        **{f"best.{k}": v for k, v in best.params.items()},
+    }
+    params = ", ".join(f"`{k}` = {v}" for k, v in best.params.items())
+    tags["mlflow.note.content"] = (
+        f"**Best trial**: [{best.name or best.trial_id}](#/experiments/{experiment_id}/runs/{best.run_id}) "
+        f"with {outcome.metric} = {best.metric:.4f} ({params}).\n\n"
+        f"{sum(t.status != 'failed' for t in outcome.trials)} of {len(outcome.trials)} trials ran; "
+        f"use it with `pisa study best {outcome.name} --register`."
+    )
+    tracking.tracker(uri).set_tags(parent, tags)
+    try:  # params are write-once: a resumed study with a new winner keeps the tags only
+        tracking.tracker(uri).log_params(parent, {f"best.{k}": v for k, v in best.params.items()})
+    except Exception:
+        pass
+
+
+@dataclass
+class StudyListing:
+    """One line of `pisa study list`."""
+
+    name: str
+    status: str
+    trials_done: int
+    trials_failed: int
+    num_samples: int | None
+    metric: str
+    best: float | None
+    tracking_uri: str
+
+
+def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]:
+    """The studies under `storage_path` (one directory each), newest first, read from MLflow."""
+    root = Path(storage_path)
+    if not root.is_dir():
+        raise StudyError(f"no study storage at {root}")
+    states: list[StudyState] = []
+    for path in root.glob(f"*/{STATE_FILE}"):
+        try:
+            states.append(StudyState.model_validate_json(path.read_text()))
+        except (OSError, ValueError):  # not a study's state (pydantic's errors are ValueErrors)
+            continue
+    states.sort(key=lambda st: st.created, reverse=True)
+    out = []
+    for st in states:
+        uri, parent = st.tracking_uri, st.parent_run_id
+        try:
+            run = tracking.client(uri).get_run(parent)
+            status = (
+                "running"
+                if run.info.status == "RUNNING"
+                else run.data.tags.get("pisa.status") or run.info.status.lower()
+            )
+            outcome = collect(st.name, uri, st.experiment, parent, st.metric, st.mode)
+            done = [t for t in outcome.trials if t.status in ("finished", "stopped_early", "failed")]
+            failed = sum(t.status == "failed" for t in outcome.trials)
+            best = outcome.best.metric if outcome.best else None
+        except Exception as exc:  # an unreachable store must not hide the other studies
+            status, done, failed, best = f"unknown ({type(exc).__name__})", [], 0, None
+        out.append(StudyListing(st.name, status, len(done), failed, st.num_samples, st.metric, best, uri))
+    return out
+
+
+def collect(name: str, uri: str, experiment: str, parent: str, metric: str, mode: str) -> StudyOutcome:
+    """The study's trials from MLflow, best first."""
+    runs = tracking.tracker(uri).children(experiment, parent)
+    trials = []
+    for run in runs:
+        tags = run.data.tags
+        searched = [k for k in tags.get("pisa.searched", "").split(",") if k]
+        best = tags.get(f"pisa.best_{metric}")
+        value = float(best) if best is not None else run.data.metrics.get(metric)
+        status = tags.get("pisa.status", "running")
+        trials.append(
+            TrialSummary(
+                run_id=run.info.run_id,
+                trial_id=tags.get(TRIAL_TAG, ""),
+                name=run.info.run_name or "",
+                status=status,
+                metric=value,
+                epochs=int(float(tags.get("pisa.epochs", run.data.metrics.get("epoch", 0) or 0))),
+                params={k: run.data.params.get(k) for k in searched},
+                error=tags.get("pisa.error"),
+                seed_values={int(k): float(v) for k, v in json.loads(tags.get(SEED_VALUES_TAG, "{}")).items()},
+            )
+        )
+    sign = -1 if mode == "max" else 1
+    trials.sort(
+        key=lambda t: (t.status == "failed", t.metric is None, sign * (t.metric if t.metric is not None else 0.0))
+    )
+    return StudyOutcome(name, parent, uri, trials, metric)
+
+
+def outcome_from_state(name: str, storage_path: str | Path = "ray_results") -> StudyOutcome:
+    state = load_state(name, storage_path)
+    outcome = collect(
+        state.name,
+        state.tracking_uri,
+        state.experiment,
+        state.parent_run_id,
+        state.metric,
+        state.mode,
+    )
+    try:
+        outcome.search_space = dict(study_from_state(state).cfg.search_space)
+    except (PisaError, OSError):  # an older state whose study file is gone: values shown as logged
+        pass
+    return outcome

@@ -1,0 +1,92 @@
+"""A study's bookkeeping, saved beside its trials when it starts and read back to resume,
+rank, report or validate it without its study file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core import storage
+from ..core.errors import StudyError
+from ..core.uris import public_uri
+from .layout import STATE_FILE, state_path
+from .loading import Study, load_study
+
+
+class StudyState(BaseModel):
+    """A study's bookkeeping, saved beside its trials (`pisa_study.json`): where it logs,
+    what it ranks by, and its resolved definition, so a resume needs neither the study
+    file nor the `--set` items it was started with."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+    study_file: str
+    metric: str
+    mode: Literal["max", "min"]
+    created: float
+    num_samples: int
+    optuna_storage: str | None = None
+    storage_path: str | None = None
+    resolved: dict[str, Any] | None = None  # absent in states of older versions
+    dir: str = Field("", exclude=True)  # where it was found: not saved
+
+
+def save_state(study: Study, parent_run_id: str, uri: str) -> None:
+    state = StudyState(
+        name=study.name,
+        parent_run_id=parent_run_id,
+        tracking_uri=public_uri(uri),
+        experiment=study.base_config.tracking.experiment,
+        study_file=str(study.source),
+        metric=study.cfg.metric,
+        mode=study.cfg.mode,
+        created=time.time(),
+        num_samples=study.cfg.num_samples,
+        optuna_storage=public_uri(optuna_url(study, uri) or "") or None,
+        storage_path=study.base_config.storage_path,
+        resolved=_redacted(study.resolved()),
+    )
+    storage.write_text(state_path(study), state.model_dump_json(indent=2))
+
+
+def _redacted(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _redacted(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_redacted(v) for v in data]
+    return public_uri(data) if isinstance(data, str) and "://" in data else data
+
+
+def load_state(name_or_dir: str, storage_path: str | Path = "ray_results") -> StudyState:
+    """The bookkeeping of a study by name (under `storage_path`) or by directory or URI."""
+    candidates = [storage.normalize(name_or_dir), storage.join(storage.normalize(storage_path), name_or_dir)]
+    for c in candidates:
+        if storage.exists(storage.join(c, STATE_FILE)):
+            state = StudyState.model_validate_json(storage.read_text(storage.join(c, STATE_FILE)))
+            state.dir = c
+            return state
+    raise StudyError(
+        f"no study {name_or_dir!r}: looked for {STATE_FILE} in " + ", ".join(storage.display(c) for c in candidates)
+    )
+
+
+def optuna_url(study: Study, uri: str) -> str | None:
+    """The study's Optuna storage: the study file's, else beside the MLflow store."""
+    from .optuna_storage import default_storage_url  # Optuna and Ray Tune: only when it is asked for
+
+    return study.cfg.optuna_storage or default_storage_url(uri, study.base_config.storage_path)
+
+
+def study_from_state(state: StudyState) -> Study:
+    """The study as it was started (overrides included); from its file for older states."""
+    if state.resolved is not None:
+        # the store it started with, not today's default
+        return Study.from_resolved(state.resolved).with_tracking_uri(state.tracking_uri)
+    return load_study(state.study_file)

@@ -1,0 +1,241 @@
+"""`pisa study`: a Ray Tune search over PISA's parameters, every trial tracked in MLflow.
+
+A 1-worker trial trains in its Tune trial's own process (`TuneTrialSession`): no Ray
+Train controller or worker group to start, and Tune reuses the trial actors, so the
+next trial starts with torch already imported. A multi-worker trial is one Ray Train
+run (a `TorchTrainer` fitted inside a Tune function trainable that holds no CPU
+itself); `trial_process: ray_train` forces that path for every trial. Optuna's TPE proposes the points (the paper's
+defaults first), ASHA stops weak trials by epoch, and a Tune callback on the driver
+logs everything to MLflow: one parent run per study, one nested child run per trial,
+so a SQLite store is only ever written by this one process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .. import tracking
+from ..core import storage
+from ..core.config import flatten
+from ..core.errors import StudyError
+from ..core.progress import say
+from ..core.uris import public_uri, redact
+from ..training.cluster import check_cluster_setup
+from ..training.ray_runtime import init_ray_alongside, quiet_libraries
+from .console import StudyConsole
+from .layout import FAILED_MARK, state_path, study_dir, trial_storage
+from .loading import Study
+from .mlflow_logger import MlflowStudyLogger
+from .report import log_study_report
+from .resources import check_trial_fits, concurrent_trials, trial_resources
+from .results import StudyOutcome, collect, summarize_parent
+from .state import load_state, optuna_url, save_state, study_from_state
+from .trial import run_trial, trains_in_trial, tune_space
+
+STATUS_EVERY_S = 120.0  # Tune's trial table on the console, at most this often
+
+
+def _trainable(study: Study):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(run_trial, study=study), trial_resources(study))
+
+
+def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+    from ray.tune.search import ConcurrencyLimiter, Searcher
+
+    from .optuna_storage import PruningOptunaSearch, open_storage  # Optuna
+
+    cfg = study.cfg
+    epochs = study.base_config.train.resolved().epochs
+    searcher: Searcher = PruningOptunaSearch(
+        points_to_evaluate=study.initial_points() or None,
+        seed=cfg.seed,
+        study_name=study.name,
+        storage=open_storage(optuna_url(study, uri)),
+        time_attr="epoch",
+        max_t=epochs,
+    )
+    searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrent_trials(study))
+    if cfg.scheduler.type == "asha":
+        scheduler: TrialScheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=epochs,
+            grace_period=min(cfg.scheduler.grace_period, epochs),
+            reduction_factor=cfg.scheduler.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    trainable = _trainable(study)
+    return tune.Tuner(
+        trainable,
+        param_space=tune_space(study),
+        tune_config=tune.TuneConfig(
+            metric=cfg.metric,
+            mode=cfg.mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=cfg.num_samples,
+            # a reused trial actor has torch and the data loaded already
+            reuse_actors=trains_in_trial(study),
+        ),
+        run_config=tune.RunConfig(
+            name=study.name,
+            storage_path=study.base_config.storage_path,
+            # the logger is saved with the experiment: no credentials in it (they're in the env)
+            callbacks=[
+                MlflowStudyLogger(study, public_uri(uri), parent_run_id),
+                StudyConsole(study, status_every_s=math.inf if verbose else STATUS_EVERY_S),
+            ],
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            # the best `keep_checkpoints` by the study's metric (and the latest, which Tune never
+            # deletes): the best epoch's checkpoint is what MLflow and `--register` get
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=study.base_config.train.keep_checkpoints,
+                checkpoint_score_attribute=cfg.metric,
+                checkpoint_score_order=cfg.mode,
+            ),
+            # each trial's stdout/stderr in its directory under the Ray results directory
+            log_to_file=True,
+            verbose=1 if verbose else 0,
+        ),
+    )
+
+
+def run_study(study: Study, *, address: str | None = None, verbose: bool = False) -> StudyOutcome:
+    """Run a study from the start; the tracking store is checked before any trial."""
+    from ..training.train import start_ray_with_data  # torch: the training's entry points
+
+    if not verbose:
+        quiet_libraries()
+    uri = study.base_config.tracking.resolved_uri()
+    notes = check_cluster_setup(address, uri, study.base_config.storage_path, str(study.source))
+    tracking.check_reachable(uri)
+    if storage.exists(state_path(study)) and storage.exists(storage.join(study_dir(study), "tuner.pkl")):
+        raise StudyError(
+            f"study {study.name!r} already exists in {storage.display(study_dir(study))}: continue it with "
+            f"`pisa study resume {study.name}` or choose another name (--set name=...)"
+        )
+    start_ray_with_data(study.base_config, uri, address, verbose=verbose, dashboard=not trains_in_trial(study))
+    check_trial_fits(study, address)
+    concurrent_trials(study)  # a point that cannot fit the cluster fails before any run exists
+    experiment = study.base_config.tracking.experiment
+    parent = tracking.tracker(uri).start_run(
+        experiment,
+        f"study {study.name}",
+        params={
+            "study." + k: v
+            for k, v in flatten(study.cfg.model_dump(mode="json", exclude={"experiment", "search_space"})).items()
+        },
+        tags={"pisa.kind": "study", "pisa.study": study.name},
+    )
+    tracking.tracker(uri).log_text(parent, study.source.read_text(), "study.yaml")
+    tracking.tracker(uri).log_text(
+        parent, json.dumps(study.cfg.model_dump(mode="json")["search_space"], indent=2), "search_space.json"
+    )
+    tracking.tracker(uri).log_text(parent, study.base_config.to_yaml(), "base_config.yaml")
+    save_state(study, parent, uri)
+    _print_start(study, uri)
+    for note in notes:
+        say(f"note: {note}")
+    tuner = _tuner(study, uri, parent, verbose)
+    return _fit_and_finish(study, tuner, uri, parent)
+
+
+def resume_study(
+    name: str,
+    *,
+    storage_path: str | Path = "ray_results",
+    address: str | None = None,
+    retry_failed: bool = False,
+    verbose: bool = False,
+) -> StudyOutcome:
+    """Continue an interrupted study as it was started (its `--set` overrides included):
+    finished trials stay, unfinished ones restart from their last checkpoint, failed ones
+    stay failed unless `retry_failed` (then they continue from their last checkpoint)."""
+    from ray import tune
+
+    state = load_state(name, storage_path)
+    study = study_from_state(state)
+    uri = state.tracking_uri
+    check_cluster_setup(address, uri, study.base_config.storage_path, storage.display(state.dir))
+    tracking.check_reachable(uri)
+    init_ray_alongside(lambda: tracking.client(uri), address, verbose=verbose, dashboard=not trains_in_trial(study))
+    check_trial_fits(study, address)
+    if retry_failed:  # their errors may have been fixed (data, a node); let them run again
+        _clear_failed_marks(study)
+    tracking.client(uri).update_run(state.parent_run_id, status="RUNNING")
+    trainable = _trainable(study)
+    tuner = tune.Tuner.restore(
+        state.dir, trainable=trainable, resume_unfinished=True, resume_errored=retry_failed, restart_errored=False
+    )
+    say(
+        f"resuming study {study.name} from {storage.display(state.dir)}"
+        + (" (retrying failed trials)" if retry_failed else "")
+    )
+    return _fit_and_finish(study, tuner, uri, state.parent_run_id)
+
+
+def _clear_failed_marks(study: Study) -> None:
+    import pyarrow.fs as pafs
+
+    root = trial_storage(study)
+    if not storage.exists(root):
+        return
+    fs, path = storage._fs(root)
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        if info.type == pafs.FileType.Directory:
+            storage.delete(storage.join(root, info.base_name, FAILED_MARK))
+
+
+def _print_start(study: Study, uri: str) -> None:
+    cfg = study.cfg
+    say(
+        f"study {study.name}: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at a time, "
+        f"{cfg.scheduler.type} scheduler, metric {cfg.metric} ({cfg.mode})"
+        f"{f' = mean over seeds {study.seeds()}' if cfg.seeds > 1 else ''}; "
+        f"searching {', '.join(cfg.search_space)}"
+    )
+    say(f"MLflow: {redact(uri)}")
+    say(f"storage: {storage.display(study_dir(study))}")
+    url = optuna_url(study, uri)
+    if url:
+        shown = redact(url)
+        say(f"Optuna: {shown}  (see it with `optuna-dashboard {shown}`)")
+
+
+def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
+    interrupted = False
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:
+        interrupted = True
+    outcome = collect(study.name, uri, study.base_config.tracking.experiment, parent, study.cfg.metric, study.cfg.mode)
+    outcome.search_space = dict(study.cfg.search_space)
+    expected = study.cfg.num_samples
+    done = [t for t in outcome.trials if t.status in ("finished", "stopped_early", "failed")]
+    interrupted = interrupted or len(done) < expected
+    outcome.interrupted = interrupted
+    try:
+        log_study_report(outcome, study)
+    except Exception as exc:  # a plot must never cost the study's results
+        say(f"report skipped: {exc}")
+    summarize_parent(uri, parent, outcome)
+    if interrupted:
+        tags, status = {"pisa.status": "interrupted"}, "KILLED"
+    elif outcome.all_failed:
+        error, count = outcome.most_common_error()
+        tags = {
+            "pisa.status": "failed",
+            "pisa.error": f"all {len(outcome.trials)} trials failed; {count} with: {error}",
+        }
+        status = "FAILED"
+    else:
+        tags, status = {"pisa.status": "finished"}, "FINISHED"
+    tracking.tracker(uri).set_tags(parent, tags)
+    tracking.tracker(uri).end_run(parent, status)
+    return outcome

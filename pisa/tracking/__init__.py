@@ -1,0 +1,6 @@
+"""MLflow: the store's Tracker, run lineage, trained detectors, the registry; imports models, data, evaluation, core."""
+
+from .store import Tracker, check_reachable, client, tracker
+
+# the store's entry points, the ones every layer above uses: `tracking.tracker(uri)`
+__all__ = ["Tracker", "check_reachable", "client", "tracker"]

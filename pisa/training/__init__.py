@@ -1,0 +1,1 @@
+"""One training: train loop, session, device plan, TorchTrainer, Ray; imports tracking and the layers below."""
