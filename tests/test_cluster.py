@@ -64,7 +64,7 @@ def cluster(work, env):
     shutil.rmtree(c.temp_dirs[0].parent, ignore_errors=True)
 
 
-def _study_file(work: Path, synthetic_dir: Path, uri: str) -> Path:
+def _study_file(work: Path, synthetic_dir: Path, uri: str, trial_process: str = "ray_train") -> Path:
     base = tiny_experiment(synthetic_dir, work, epochs=1)
     base["tracking"]["uri"] = uri
     (work / "base.yaml").write_text(yaml.safe_dump(base))
@@ -80,8 +80,9 @@ def _study_file(work: Path, synthetic_dir: Path, uri: str) -> Path:
             "cpus_per_worker": 0.5,
             "resources_per_worker": {NODE_RESOURCE: 1},
         },
-        # Ray Train workers spread over the nodes are what is tested here
-        "trial_process": "ray_train",
+        # through the GCS address: Ray Train workers spread over the nodes; through Ray
+        # Client: trials that train in their own process (the default for 1 worker)
+        "trial_process": trial_process,
         "scheduler": {"type": "fifo"},
     }
     path = work / "cluster.yaml"
@@ -89,12 +90,13 @@ def _study_file(work: Path, synthetic_dir: Path, uri: str) -> Path:
     return path
 
 
-def _train_worker_nodes(cluster: RayCluster, env: dict[str, str]) -> dict[str, str]:
-    """actor id -> node id of every Ray Train worker the cluster has run (state API)."""
+def _train_worker_nodes(cluster: RayCluster, env: dict[str, str], class_name: str = "RayTrainWorker") -> dict[str, str]:
+    """actor id -> node id of every actor of `class_name` the cluster has run (state API): Ray
+    Train workers, or `ImplicitFunc`, a Tune trial of a function trainable."""
     script = (
         "import json; from ray.util.state import list_actors; "
         f"print(json.dumps({{a.actor_id: a.node_id for a in list_actors(address={cluster.dashboard!r}, "
-        "filters=[('class_name', '=', 'RayTrainWorker')], limit=1000, detail=True)}))"
+        f"filters=[('class_name', '=', {class_name!r})], limit=1000, detail=True)}}))"
     )
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -166,8 +168,9 @@ def test_wrong_password_fails_before_any_trial(work, synthetic_dir, mlflow_login
 
 @pytest.mark.parametrize("mode", ["gcs", "client"])
 def test_two_node_study_with_login(work, synthetic_dir, mlflow_login, env, cluster, mode):
-    path = _study_file(work, synthetic_dir, mlflow_login.uri)
-    before = _train_worker_nodes(cluster, env)
+    path = _study_file(work, synthetic_dir, mlflow_login.uri, "ray_train" if mode == "gcs" else "auto")
+    trainer = "RayTrainWorker" if mode == "gcs" else "ImplicitFunc"
+    before = _train_worker_nodes(cluster, env, trainer)
     address = cluster.gcs_address if mode == "gcs" else cluster.client_address
     # the cluster runs with token auth; pisa finds the token (~/.ray/auth_token, which the
     # head wrote) and uses it, without RAY_AUTH_MODE in the user's shell
@@ -175,7 +178,7 @@ def test_two_node_study_with_login(work, synthetic_dir, mlflow_login, env, clust
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
 
     # trials on both nodes
-    new = {a: n for a, n in _train_worker_nodes(cluster, env).items() if a not in before}
+    new = {a: n for a, n in _train_worker_nodes(cluster, env, trainer).items() if a not in before}
     assert len(set(new.values())) == 2, new
 
     # everything logged, with the credentials from the environment

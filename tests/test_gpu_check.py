@@ -17,9 +17,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_gpu_check_dry_run_passes_on_cpu(tmp_path):
+    """Every detector's step through the check's code path. Its second half, `pisa train` with
+    2 workers, AMP and channels_last and a bit-exact resume from epoch 1, is what
+    tests/test_train.py runs (`test_pisa_train_runs_the_gpu_code_path_on_cpu`,
+    `test_resume_from_epoch_one_matches_uninterrupted`): two more `pisa train` processes
+    here would only repeat them, at 2 minutes of the suite."""
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--dry-run", "--out", str(out)],
+        [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--dry-run", "--skip-train", "--out", str(out)],
         cwd=REPO,
         env=ENV,
         capture_output=True,
@@ -38,9 +43,7 @@ def test_gpu_check_dry_run_passes_on_cpu(tmp_path):
     ]
     assert all(d["ok"] and d["img_per_s"] > 0 and d["peak_mem_gib"] > 0 for d in report["detectors"])
     assert report["plan"] == {"amp": "torch.bfloat16", "grad_scaler": False, "channels_last": True}
-    training = report["training"]
-    assert training["ok"] and training["workers"] == 2
-    assert training["resumed_train_loss"] == pytest.approx(training["train_loss"], rel=1e-6)
+    assert not report["training"]
     assert "GPU check passed." in proc.stdout
 
 
