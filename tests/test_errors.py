@@ -230,8 +230,9 @@ def test_a_deterministic_failure_makes_the_retry_fail_at_once_with_it(tmp_path):
 
     # an error that could pass on a retry (a lost node, a timeout) leaves no mark
     other = str(tmp_path / "other.json")
-    with pytest.raises(SeedFailed):
+    with pytest.raises(SeedFailed) as lost:
         _fails_with({0: RuntimeError("node lost")}, other)
+    assert find_pisa_error(lost.value) is lost.value and lost.value.exit_code == 1  # no pisa error inside
     with failing_at_once_on_retry(other):
         ran.append(True)
     assert ran == [True]

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_ops import loop_iou_hlr, loop_isr_p
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.ssd import SSD
 from torchvision.ops import box_iou
 
-from pisa.core import pisa_math
 from pisa.core.config import CARLConfig, ISRPConfig, ModelConfig
+from pisa.core.errors import BackboneLoadError
 from pisa.models.retinanet import PISARetinaNet, build_retinanet
 from pisa.models.ssd import PISASSD, _vgg16, build_ssd, ssd_feature_sizes
 
@@ -206,7 +207,8 @@ def test_vgg16_loads_local_state_dict(tmp_path):
     loaded = _vgg16(str(path))
     torch.testing.assert_close(loaded.features[0].weight, source.features[0].weight)
     torch.save({"conv.weight": torch.zeros(3)}, path)
-    with pytest.raises(ValueError, match="not a VGG16"):
+    # a weights file that is not what it claims: exit 2 and no retry (BackboneLoadError)
+    with pytest.raises(BackboneLoadError, match="not a VGG16"):
         _vgg16(str(path))
 
 
@@ -243,21 +245,23 @@ def test_isr_p_weights_match_ops(detector):
     targets, head_outputs, anchors, matched = _loss_inputs(model, detector, 2)
     _compute_loss(model, detector, targets, head_outputs, anchors, matched)
     d = model.pisa_diagnostics()
-    expected = pisa_math.isr_p_weights(d["ious"], d["labels"], d["gt_inds"], d["cls_loss"], k=2.0, bias=0.0)
-    torch.testing.assert_close(d["isr_p_weights"], expected)
-    torch.testing.assert_close(d["iou_hlr"], pisa_math.iou_hlr(d["ious"], d["labels"], d["gt_inds"]))
-    # inputs: gt_inds unique across images, labels are the GT classes, IoUs of decoded boxes
+    # the head's inputs, computed here from the matches and the decoded boxes: GT indices
+    # unique across images, labels the GT classes, IoUs of the decoded positives
     num_first = len(targets[0]["boxes"])
     first = torch.cat([m[m >= 0] for m in matched[:1]])
     second = torch.cat([m[m >= 0] for m in matched[1:]]) + num_first
-    assert torch.equal(d["gt_inds"], torch.cat([first, second]))
-    all_labels = torch.cat([t["labels"] for t in targets])
-    assert torch.equal(d["labels"], all_labels[d["gt_inds"]])
+    gt_inds = torch.cat([first, second])
+    labels = torch.cat([t["labels"] for t in targets])[gt_inds]
     box_coder = model.head.regression_head.box_coder if detector == "retinanet" else model.box_coder
     fg = torch.stack(matched) >= 0
     pred = box_coder.decode_single(head_outputs["bbox_regression"][fg].detach(), torch.stack(anchors)[fg])
-    gt = torch.cat([t["boxes"] for t in targets])[d["gt_inds"]]
-    torch.testing.assert_close(d["ious"], box_iou(pred, gt).diagonal())
+    ious = box_iou(pred, torch.cat([t["boxes"] for t in targets])[gt_inds]).diagonal()
+    assert torch.equal(d["gt_inds"], gt_inds) and torch.equal(d["labels"], labels)
+    torch.testing.assert_close(d["ious"], ious)
+    # the weights: the paper's ISR-P written as loops (tests/test_ops.py) on those inputs
+    torch.testing.assert_close(d["iou_hlr"], loop_iou_hlr(ious, labels, gt_inds).to(d["iou_hlr"].dtype))
+    expected = loop_isr_p(ious, labels, gt_inds, d["cls_loss"], k=2.0, bias=0.0)
+    torch.testing.assert_close(d["isr_p_weights"], expected.to(d["isr_p_weights"].dtype), rtol=1e-5, atol=1e-6)
     assert d["isr_p_weights"].std() > 0  # the weights do rank the positives
 
 

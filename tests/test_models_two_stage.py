@@ -12,7 +12,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pisa.core.config import ModelConfig
-from pisa.core.pisa_math import carl_loss
 from pisa.models import build_backbone, build_detector
 from pisa.models.backbones import BackboneLoadError
 from pisa.models.roi_heads import PisaRoIHeads, _Samples
@@ -256,8 +255,13 @@ def test_carl_loss_is_added_and_reaches_scores():
         beta=1 / 9,
         reduction="none",
     )
-    expected = carl_loss(logits.softmax(-1)[pos, lab], reg, k=1.0, bias=0.2, avg_factor=len(samples.labels))
-    torch.testing.assert_close(ours["loss_carl"], expected)
+    # the paper's CARL, written out per positive: v_i = (b + (1 - b) p_i)^k, weights
+    # c_i = n v_i / sum(v), loss = sum_i c_i * L_i / (number of sampled RoIs)
+    probs = logits.softmax(-1)
+    v = [(0.2 + 0.8 * float(probs[i, c])) ** 1.0 for i, c in zip(pos.tolist(), lab.tolist())]
+    c = [len(v) * vi / sum(v) for vi in v]
+    expected = sum(ci * float(reg[j].sum()) for j, ci in enumerate(c)) / len(samples.labels)
+    assert float(ours["loss_carl"]) == pytest.approx(expected, rel=1e-5)
     ours["loss_carl"].backward()
     assert logits.grad[pos].abs().sum() > 0
 

@@ -94,7 +94,17 @@ def test_best_says_whether_the_winner_is_within_the_noise(seeded_study, monkeypa
     out, err = capsys.readouterr()
     assert code == 0, err
     line = next(ln for ln in out.splitlines() if "runner-up" in ln)
-    assert "over 2 seeds" in line and ("within the noise" in line or "beyond the seed noise" in line)
+    # the verdict, worked out here from the two points' per-seed values in MLflow: a paired
+    # t interval (scipy) over the seeds both share; significant when it excludes zero
+    ranked = collect(outcome.name, outcome.tracking_uri, "tests", outcome.parent_run_id, "train_loss", "min").trials
+    first, second = ranked[0].seed_values, ranked[1].seed_values
+    diffs = [first[s] - second[s] for s in sorted(first)]
+    mean, sem = sum(diffs) / len(diffs), sps.sem(diffs)
+    low, high = sps.t.interval(0.95, len(diffs) - 1, loc=mean, scale=sem)
+    assert "over 2 seeds" in line and f"paired difference {mean:+.4f}" in line, line
+    assert f"95% CI [{low:+.4f}, {high:+.4f}]" in line, line
+    expected = "beyond the seed noise" if (low > 0 or high < 0) else "within the noise"
+    assert expected in line, line
 
 
 @pytest.mark.slow

@@ -50,6 +50,12 @@ class ClusterError(PisaError):
     exit_code = EXIT_BAD_INPUT
 
 
+class WrappingError(PisaError):
+    """A failure that stands for another one (a seed's failure fails its whole point): the
+    pisa error inside it, if any, is what is reported and what decides retries and the exit
+    code; without one, this error is."""
+
+
 class TrackingError(PisaError, RuntimeError):
     """The MLflow tracking store can't be used; raised before any training starts."""
 
@@ -74,16 +80,19 @@ def _linked(exc: BaseException) -> Iterator[BaseException]:
 def find_pisa_error(exc: BaseException | None) -> PisaError | None:
     """The first `PisaError` in `exc`'s chain (breadth first), or None."""
     queue, seen = [exc] if exc is not None else [], set()
+    wrapper: PisaError | None = None
     while queue:
         current = queue.pop(0)
         if id(current) in seen:
             continue
         seen.add(id(current))
         cause = getattr(current, "cause", None)  # Ray's RayTaskError(X) is an X too: X itself
-        if isinstance(current, PisaError) and not isinstance(cause, PisaError):
+        if isinstance(current, WrappingError):
+            wrapper = wrapper or current
+        elif isinstance(current, PisaError) and not isinstance(cause, PisaError):
             return current
         queue.extend(_linked(current))
-    return None
+    return wrapper
 
 
 def one_line(exc: BaseException | None, fallback: str = "unknown error") -> str:

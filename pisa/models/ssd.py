@@ -20,6 +20,7 @@ from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD, SSDHead, _vgg_extractor, _xavier_init
 
 from pisa.core.config import BoxLossConfig, CARLConfig, ISRPConfig, ModelConfig
+from pisa.core.errors import BackboneLoadError
 from pisa.models.pisa_loss import (
     AnchorPositives,
     DiagnosticsMixin,
@@ -100,18 +101,18 @@ def _vgg16(spec: str | None) -> nn.Module:
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
         if not isinstance(state, dict):
-            raise ValueError(f"pretrained_backbone {path} holds a {type(state).__name__}, not a state_dict")
+            raise BackboneLoadError(f"pretrained_backbone {path} holds a {type(state).__name__}, not a state_dict")
         state = {k.removeprefix("module."): v for k, v in state.items()}
         own = vgg.state_dict()
         features = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
         missing = [k for k in own if k.startswith("features.") and k not in features]
         if missing:
-            raise ValueError(f"pretrained_backbone {path} is not a VGG16 state_dict (missing {missing[:3]})")
+            raise BackboneLoadError(f"pretrained_backbone {path} is not a VGG16 state_dict (missing {missing[:3]})")
         vgg.load_state_dict(features, strict=False)
         return vgg
     weights = torchvision.models.get_weight(spec)
     if not type(weights).__name__.startswith("VGG16_"):
-        raise ValueError(f"pretrained_backbone {spec!r} is not a VGG16 weights enum")
+        raise BackboneLoadError(f"pretrained_backbone {spec!r} is not a VGG16 weights enum")
     return torchvision.models.vgg16(weights=weights)
 
 

@@ -15,7 +15,7 @@ import statistics
 import threading
 from typing import Any
 
-from ..core.errors import one_line
+from ..core.errors import WrappingError, one_line
 
 SEED_PREFIX = "seed_"
 CHECKPOINT_PATH_KEY = "checkpoint_path"
@@ -65,7 +65,7 @@ def _seed_callback(queue, seed: int):
     return SeedReporter()
 
 
-class SeedFailed(RuntimeError):
+class SeedFailed(WrappingError):
     """One seed's training failed: the whole point fails (its mean would be biased)."""
 
 
