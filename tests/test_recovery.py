@@ -155,9 +155,12 @@ def test_study_survives_a_crash_at_every_point(synthetic_dir, tmp_path):
         out = leg.output()
         assert code == 0, out[-4000:]
         assert "is gone; continuing from scratch" in out, out[-4000:]
+        _check_everything_logged_once(uri, parent)
     finally:
         server.stop()
 
+
+def _check_everything_logged_once(uri: str, parent: str) -> None:
     c = tracking.client(uri)
     assert c.get_run(parent).info.status == "FINISHED"
     runs = tracking.tracker(uri).children("tests", parent)
