@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -212,68 +209,8 @@ def test_study_against_mlflow_server_with_a_diverging_trial(ray_local, synthetic
 
 
 # ---------------------------------------------------------------- interrupt and resume
-
-
-@pytest.mark.slow
-def test_a_study_stopped_by_sigterm_resumes_without_duplicate_runs(synthetic_dir, tmp_path):
-    path = write_study(
-        tmp_path, synthetic_dir, "resumable", num_samples=3, max_concurrent_trials=1, scheduler={"type": "fifo"}
-    )
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "run.log", "w")
-    proc = subprocess.Popen(
-        PISA + ["study", "run", str(path)],
-        cwd=tmp_path,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    state_file = tmp_path / "ray_results" / "resumable" / "pisa_study.json"
-    deadline = time.time() + 420
-    try:
-        while time.time() < deadline:  # interrupt once the first trial has finished
-            if state_file.exists():
-                import json
-
-                parent = json.loads(state_file.read_text())["parent_run_id"]
-                done = [r for r in children(uri, "tests", parent) if r.info.status == "FINISHED"]
-                if done:
-                    break
-            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-            time.sleep(2)
-        else:
-            pytest.fail("no trial finished in time")
-        # what Kubernetes, Slurm and `timeout` send, to the driver alone; handled as Ctrl-C is
-        os.kill(proc.pid, signal.SIGTERM)
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert code == 143, (tmp_path / "run.log").read_text()[-3000:]
-    before = children(uri, "tests", parent)
-    assert 1 <= len([r for r in before if r.info.status == "FINISHED"]) < 3
-    # nothing left RUNNING: the study and the trial it stopped are marked interrupted
-    assert all(r.info.status in ("FINISHED", "KILLED") for r in before), [r.info.status for r in before]
-    assert all(r.data.tags["pisa.status"] == "interrupted" for r in before if r.info.status == "KILLED")
-    study_run = tracking.client(uri).get_run(parent)
-    assert study_run.info.status == "KILLED" and study_run.data.tags["pisa.status"] == "interrupted"
-    listed = subprocess.run(PISA + ["study", "list"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert "interrupted" in listed.stdout and "running" not in listed.stdout, listed.stdout
-
-    resumed = subprocess.run(
-        PISA + ["study", "resume", "resumable"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    after = children(uri, "tests", parent)
-    trial_ids = [r.data.tags["pisa.trial_id"] for r in after]
-    assert len(after) == 3 and len(set(trial_ids)) == 3
-    assert all(r.info.status == "FINISHED" for r in after)
-    finished_first = {r.info.run_id for r in before if r.info.status == "FINISHED"}
-    for run in after:  # trials that had finished were not trained again
-        if run.info.run_id in finished_first:
-            assert len(tracking.client(uri).get_metric_history(run.info.run_id, "bbox_mAP")) == 2
+# SIGTERM (handled as Ctrl-C), killed drivers and trials, a lost MLflow server, each
+# followed by `pisa study resume`: tests/test_recovery.py, one study through all of them.
 
 
 # ---------------------------------------------------------------- invalid study files

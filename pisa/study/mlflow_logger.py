@@ -61,7 +61,9 @@ class MlflowStudyLogger(Callback):
         for trial in trials:
             if trial.status in ("TERMINATED", "ERROR"):
                 continue
-            repair = trial_recovery.repair_restored_trial(trial, CHECKPOINT_FILE)
+            repair = trial_recovery.repair_restored_trial(
+                trial, CHECKPOINT_FILE, self.logged_epochs.get(trial.trial_id, 0)
+            )
             if repair is not None:
                 say(repair.line())
 

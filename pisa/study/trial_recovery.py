@@ -62,8 +62,9 @@ def _intact(fs, path: str, checkpoint_file: str) -> bool:
     return info.type == pafs.FileType.File and (info.size or 0) > 0
 
 
-def newest_intact_checkpoint(fs, trial_dir: str, checkpoint_file: str) -> str | None:
-    """The path of the newest intact `checkpoint_NNNNNN` directory of a trial, if any."""
+def newest_intact_checkpoint(fs, trial_dir: str, checkpoint_file: str, max_index: int | None = None) -> str | None:
+    """The path of the newest intact `checkpoint_NNNNNN` directory of a trial, if any, among
+    those numbered up to `max_index`."""
     import pyarrow.fs as pafs
 
     try:
@@ -73,7 +74,7 @@ def newest_intact_checkpoint(fs, trial_dir: str, checkpoint_file: str) -> str | 
     found = []
     for info in entries:
         match = CHECKPOINT_DIR.match(info.base_name)
-        if info.type == pafs.FileType.Directory and match:
+        if info.type == pafs.FileType.Directory and match and (max_index is None or int(match.group(1)) <= max_index):
             found.append((int(match.group(1)), info.path))
     for _, path in sorted(found, reverse=True):
         if _intact(fs, path, checkpoint_file):
@@ -81,8 +82,13 @@ def newest_intact_checkpoint(fs, trial_dir: str, checkpoint_file: str) -> str | 
     return None
 
 
-def repair_restored_trial(trial, checkpoint_file: str) -> Repair | None:
+def repair_restored_trial(trial, checkpoint_file: str, logged_epochs: int | None = None) -> Repair | None:
     """Point a restored Tune trial at a checkpoint that exists; the repair made, if any.
+
+    With `logged_epochs` (the epochs MLflow has for the trial), only checkpoints of those
+    epochs qualify (Tune numbers a trial's checkpoints 0, 1, ... one per reported epoch): a
+    newer one was written by a driver that died before logging its epoch, and continuing
+    after it would leave that epoch out of MLflow.
 
     Works on Tune's trial object before the trial starts (Tune's own restore would try the
     recorded path and fail). Reaches into Tune's checkpoint bookkeeping, which has no
@@ -97,7 +103,8 @@ def repair_restored_trial(trial, checkpoint_file: str) -> Repair | None:
         return None
     from ray.train._internal.session import _TrainingResult
 
-    newest = newest_intact_checkpoint(fs, trial.storage.trial_fs_path, checkpoint_file)
+    max_index = None if logged_epochs is None else logged_epochs - 1
+    newest = newest_intact_checkpoint(fs, trial.storage.trial_fs_path, checkpoint_file, max_index)
     kept = [r for r in manager._checkpoint_results if _intact(fs, r.checkpoint.path, checkpoint_file)]
     replacement = None
     if newest is not None:
