@@ -21,6 +21,8 @@ EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The whole command line in one place. Long, not complex: one declaration per
+    sub-command and option, read top to bottom like `pisa --help`."""
     parser = argparse.ArgumentParser(
         prog="pisa",
         description="Hyperparameter studies of PISA detectors (Ray Train + Tune + Optuna + MLflow).",

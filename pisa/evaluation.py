@@ -110,7 +110,8 @@ def predictions_to_coco_results(
     bbox: `{"image_id", "category_id", "bbox": [x, y, w, h], "score"}` from xyxy boxes.
     segm: `{"image_id", "category_id", "segmentation": RLE, "score"}` from `rles` (see
     `encode_masks`) or from `masks` (N,1,H,W) probabilities thresholded at `mask_threshold`
-    (no "bbox" key: pycocotools would then treat the results as boxes).
+    (no "bbox" key: pycocotools would then treat the results as boxes). Long because it
+    covers both IoU types and both mask inputs in the one loop over predictions.
     """
     if iou_type not in _IOU_TYPES:
         raise ValueError(f"iou_type must be one of {_IOU_TYPES}, got {iou_type!r}")

@@ -131,7 +131,10 @@ class PisaRoIHeads(RoIHeads):
         image_shapes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]],
     ) -> _Samples:
-        """Match proposals (+ GTs) to GTs as torchvision does, then sample with `self.sampler`."""
+        """Match proposals (+ GTs) to GTs as torchvision does, then sample with `self.sampler`.
+        Long because it is torchvision's `select_training_samples` with the sampler's
+        inputs (scores, losses, IoUs) kept in step: split, the shared tensors would travel
+        between the parts."""
         self.check_targets(targets)
         dtype, device = proposals[0].dtype, proposals[0].device
         gt_boxes = [t["boxes"].to(dtype) for t in targets]

@@ -127,7 +127,9 @@ def validate_study(
     verbose: bool = False,
 ) -> Validation:
     """Train every variant on every seed (seed by seed), log and return the comparison.
-    `verbose` shows the trainings' own output (otherwise in each trial's directory)."""
+    `verbose` shows the trainings' own output (otherwise in each trial's directory). Long
+    because it checks every argument up front (one-line errors, nothing started) before
+    the one call that trains."""
     from ..training.train import start_ray_with_data  # torch: the training's entry points
 
     if seeds < 1:

@@ -19,6 +19,19 @@ DRIVER_RESOURCE = "pisa_trial_driver"
 T = TypeVar("T")
 
 
+def _driver_and_worker_env() -> dict[str, str]:
+    """Settings this process and every Ray worker it starts share."""
+    return {
+        "RAY_TRAIN_V2_ENABLED": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Ray Train's print() patch logs even prints a library sends to a redirected
+        # stdout (COCOeval's tables) and doubles the progress lines: keep plain print
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        # slow machines need more than Ray's 60 s to start a worker process
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"),
+    }
+
+
 def init_ray(
     address: str | None = None, num_cpus: int | None = None, verbose: bool = True, dashboard: bool = True
 ) -> None:
@@ -33,18 +46,8 @@ def init_ray(
     if not verbose:
         quiet_libraries()
     if address is not None:
-        use_auth_token_if_found(address)
-        if not address.startswith("ray://"):
-            check_gcs_reachable(address)
-    env = {
-        "RAY_TRAIN_V2_ENABLED": "1",
-        "PYTHONUNBUFFERED": "1",
-        # Ray Train's print() patch logs even prints a library sends to a redirected
-        # stdout (COCOeval's tables) and doubles the progress lines: keep plain print
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-        # slow machines need more than Ray's 60 s to start a worker process
-        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"),
-    }
+        prepare_to_join(address)
+    env = _driver_and_worker_env()
     os.environ.update(env)
     kwargs: dict[str, Any] = dict(
         address=address,
@@ -84,6 +87,14 @@ def init_ray(
             ray.shutdown()
         finally:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def prepare_to_join(address: str) -> None:
+    """Before joining a cluster: its auth token if one is at hand, and a fast answer if the
+    cluster refuses this process (Ray Client's `ray://` has no GCS to ask)."""
+    use_auth_token_if_found(address)
+    if not address.startswith("ray://"):
+        check_gcs_reachable(address)
 
 
 def find_auth_token() -> str | None:
