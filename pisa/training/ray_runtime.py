@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from ..core.errors import ClusterError
 from ..core.progress import say
+from . import signals
 
 DRIVER_RESOURCE = "pisa_trial_driver"
 
@@ -75,6 +76,7 @@ def init_ray(
             kwargs["runtime_env"] = {"env_vars": {**env, "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}}
         try:
             ray.init(**kwargs)
+            signals.reinstall()  # Ray's core installs its own SIGTERM handler, which ends the process
             return
         except Exception as exc:
             if attempt == 2 or not _worth_retrying(address, exc):

@@ -15,9 +15,24 @@ from types import FrameType
 _received: list[int] = []
 
 
+_installed = False
+
+
 def install() -> None:
     """Route SIGTERM to the SIGINT handler of the moment (main thread only)."""
+    global _installed
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _installed = True
+
+
+def reinstall() -> None:
+    """Take SIGTERM back after a library installed its own handler (Ray's core does, in
+    `ray.init`: it logs the signal and ends the process, leaving the runs RUNNING). Only
+    where `install` was called (the `pisa` command), and only from the main thread."""
+    import threading
+
+    if _installed and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
