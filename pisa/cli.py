@@ -266,8 +266,9 @@ def _study_best(args: argparse.Namespace) -> int:
 def _noise_note(outcome, name: str) -> str:
     """Whether the winner's lead over the runner-up is larger than the seed noise."""
     from .core.stats import paired
+    from .tracking.tags import Status
 
-    ranked = [t for t in outcome.trials if t.status != "failed" and t.metric is not None]
+    ranked = [t for t in outcome.trials if t.status != Status.FAILED and t.metric is not None]
     if len(ranked) < 2:
         return "only one ranked trial: nothing to compare it with"
     first, second = ranked[0], ranked[1]

@@ -20,7 +20,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs")
-CHECKPOINT_FILE = "checkpoint.pt"  # a training checkpoint's file in its directory (beside config.json)
 
 
 def is_uri(location: str | os.PathLike) -> bool:

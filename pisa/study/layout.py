@@ -1,15 +1,16 @@
 """Where a study keeps things and what it names them: its directory, its state file, its
-trials' storage and marks, and the tags its MLflow runs carry."""
+trials' storage and marks, and the names of its runs' tags (from `pisa.tracking.tags`)."""
 
 from __future__ import annotations
 
 from ..core import storage
+from ..tracking import tags
 from . import trial_recovery
 from .loading import Study
 
 STATE_FILE = "pisa_study.json"
-TRIAL_TAG = "pisa.trial_id"
-SEED_VALUES_TAG = "pisa.seed_values"  # {seed: metric} of a multi-seed trial, at its best epoch
+TRIAL_TAG = tags.TRIAL
+SEED_VALUES_TAG = tags.SEED_VALUES  # {seed: metric} of a multi-seed trial, at its best epoch
 FAILED_MARK = "pisa_failed.txt"  # a trial that failed for a reason a restart can't fix
 
 

@@ -7,49 +7,47 @@ import json
 import math
 from typing import Any
 
-from ray.tune import Callback
-
-from .. import tracking
 from ..core import storage
+from ..core.checkpoint import CHECKPOINT_FILE
+from ..core.epoch_report import epoch_metrics
 from ..core.progress import say
-from ..core.storage import CHECKPOINT_FILE
-from ..tracking.lineage import SystemMetrics
+from ..tracking import tags as tag
+from ..tracking.run_writer import TrainingRun
+from ..tracking.tags import Kind, RunStatus, Status
 from . import trial_recovery
-from .layout import SEED_VALUES_TAG, TRIAL_TAG, done_mark
+from .layout import done_mark
 from .loading import Study
+from .run_callback import TrainingRunsCallback
 from .seeds import seed_key
-from .trial import driver_fault, epoch_metrics, trial_error, trial_params
+from .trial import driver_fault, trial_error, trial_params
 
 
-class MlflowStudyLogger(Callback):
+class MlflowStudyLogger(TrainingRunsCallback):
     """Tune callback: a nested MLflow run per trial (params, per-epoch metrics, status,
-    config, best checkpoint). Runs on the driver: the only MLflow writer of the study."""
+    config, best checkpoint). Runs on the driver: the only MLflow writer of the study.
+
+    Its attributes are those an earlier version pickled into a study's Tune state (which a
+    resume unpickles): `runs` (a `TrainingRun` per trial id), `last`, `best`, `reconciled`."""
 
     def __init__(self, study: Study, uri: str, parent_run_id: str):
+        super().__init__(uri, parent_run_id)
         self.study = study
-        self.uri = uri
-        self.parent_run_id = parent_run_id
         self.max_epochs = study.base_config.train.resolved().epochs
-        self.runs: dict[str, str] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.best: dict[str, tuple[float, str | None]] = {}
-        self.system_metrics: dict[str, SystemMetrics] = {}
-        self.logged_epochs: dict[str, int] = {}
         self.reconciled = True  # until `setup` (a fresh or a resumed experiment)
 
-    @property
-    def tracker(self) -> tracking.Tracker:
-        """Looked up, not held: Tune pickles its callbacks with the experiment's state."""
-        return tracking.tracker(self.uri)
+    def key(self, trial) -> str:
+        return trial.trial_id
 
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
         for run in self.tracker.children(self.study.base_config.tracking.experiment, self.parent_run_id):
-            trial_id = run.data.tags.get(TRIAL_TAG)
+            trial_id = run.data.tags.get(tag.TRIAL)
             if trial_id:
-                self.runs[trial_id] = run.info.run_id
                 # epochs already in MLflow: a trial that continues from an older checkpoint
                 # trains them again, and they are not logged twice
-                self.logged_epochs[trial_id] = int(run.data.metrics.get("epoch", 0) or 0)
+                logged = int(run.data.metrics.get("epoch", 0) or 0)
+                self.runs[trial_id] = TrainingRun(self.uri, run.info.run_id, logged_epoch=logged)
         self.reconciled = False
 
     def on_step_begin(self, iteration, trials, **info):
@@ -61,65 +59,45 @@ class MlflowStudyLogger(Callback):
         for trial in trials:
             if trial.status in ("TERMINATED", "ERROR"):
                 continue
+            known = self.runs.get(trial.trial_id)
             repair = trial_recovery.repair_restored_trial(
-                trial, CHECKPOINT_FILE, self.logged_epochs.get(trial.trial_id, 0)
+                trial, CHECKPOINT_FILE, known.logged_epoch if known is not None else 0
             )
             if repair is not None:
                 say(repair.line())
 
-    def _run_for(self, trial) -> str:
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is not None:
-            return run_id
+    def _create_run(self, trial) -> TrainingRun:
         params = trial_params(self.study, trial.config)
         exp = self.study.experiment(params)
-        flat = exp.flat_params()
         label = ", ".join(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in params.items())
-        run_id = self.tracker.start_run(
-            exp.tracking.experiment,
+        run = TrainingRun.start(
+            self.uri,
+            exp,
             f"{trial.trial_id} {label}"[:250],
-            params=flat,
+            kind=Kind.TRIAL,
             tags={
-                TRIAL_TAG: trial.trial_id,
-                "pisa.study": self.study.name,
-                "pisa.kind": "trial",
-                "pisa.status": "running",
-                "pisa.searched": ",".join(params),
+                tag.TRIAL: trial.trial_id,
+                tag.STUDY: self.study.name,
+                tag.STATUS: Status.RUNNING,
+                tag.SEARCHED: ",".join(params),
             },
             parent_run_id=self.parent_run_id,
         )
-        self.tracker.log_text(run_id, exp.to_yaml(), "config.yaml")
-        self.tracker.log_datasets(run_id, exp.data)
-        self.runs[trial.trial_id] = run_id
-        return run_id
+        run.log_config(exp)
+        return run
+
+    def _system_metrics_interval(self, trial) -> float | None:
+        return self.study.base_config.tracking.system_metrics_interval_s
 
     def on_trial_start(self, iteration, trials, trial, **info):
         resumed = trial.trial_id in self.runs
         if resumed and storage.exists(done_mark(self.study, trial.trial_id)):
             return  # it ended before; it only reports that end again (see `trial.run_trial`)
-        run_id = self._run_for(trial)
-        c = self.tracker.client
-        tags = c.get_run(run_id).data.tags
-        if "pisa.error" in tags:  # a failed trial, retried
-            c.delete_tag(run_id, "pisa.error")
-        if tags.get("pisa.status") != "running":  # retried, or resumed after an interruption
-            c.set_tag(run_id, "pisa.status", "running")
-        c.update_run(run_id, status="RUNNING")
-        self._stop_system_metrics(trial.trial_id)
-        interval = float(self.study.base_config.tracking.system_metrics_interval_s or 0)
-        self.system_metrics[trial.trial_id] = SystemMetrics(self.uri, run_id, interval, resume=resumed)
-
-    def _stop_system_metrics(self, trial_id: str) -> None:
-        monitor = self.system_metrics.pop(trial_id, None)
-        if monitor is not None:
-            monitor.stop()
+        self._trial_started(trial, resumed=resumed, status_tag=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._run_for(trial)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        if epoch > self.logged_epochs.get(trial.trial_id, 0):
-            self.tracker.log_metrics(run_id, epoch_metrics(result), step=epoch)
-            self.logged_epochs[trial.trial_id] = epoch
+        if self._log_result(trial, result, epoch):
             driver_fault("mlflow_write")
         self.last[trial.trial_id] = dict(result)
         value = result.get(self.study.cfg.metric)
@@ -139,35 +117,41 @@ class MlflowStudyLogger(Callback):
         driver_fault("checkpoint")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._run_for(trial)
+        run = self._run_for(trial)
         last = self.last.get(trial.trial_id, {})
-        epochs = max(int(last.get("epoch", 0)), self.logged_epochs.get(trial.trial_id, 0))
-        status = "finished" if epochs >= self.max_epochs else "stopped_early"
-        tags = {"pisa.status": status, "pisa.epochs": epochs}
-        if status == "stopped_early":
-            tags["pisa.stopped_by"] = f"{self.study.cfg.scheduler.type} scheduler after epoch {epochs}"
+        epochs = max(int(last.get("epoch", 0)), run.logged_epoch)
+        tags = self._final_tags(run, epochs)
+        best = self.best.get(trial.trial_id)
+        if best is not None:
+            self._log_checkpoint(run, best[1])
+        run.set_tags(tags)
+        run.stop_system_metrics()
+        # before the run is closed: a driver lost after this point resumes without training
+        # this trial again, whatever Tune's last snapshot says of it
+        final = epoch_metrics(last) or epoch_metrics(dict(self.tracker.client.get_run(run.run_id).data.metrics))
+        trial_recovery.write_done_mark(done_mark(self.study, trial.trial_id), dict(final))
+        run.end(RunStatus.FINISHED)
+        driver_fault("trial_complete")
+
+    def _final_tags(self, run: TrainingRun, epochs: int) -> dict[str, Any]:
+        """A completed trial's status (finished, or stopped early by the scheduler), epochs,
+        best value and, over several seeds, each seed's value at the best epoch."""
+        status = Status.FINISHED if epochs >= self.max_epochs else Status.STOPPED_EARLY
+        tags: dict[str, Any] = {tag.STATUS: status, tag.EPOCHS: epochs}
+        if status == Status.STOPPED_EARLY:
+            tags[tag.STOPPED_BY] = f"{self.study.cfg.scheduler.type} scheduler after epoch {epochs}"
         # the best epoch from MLflow's history: also right for a trial resumed mid-way
         history = [
             m.value
-            for m in self.tracker.client.get_metric_history(run_id, self.study.cfg.metric)
+            for m in self.tracker.client.get_metric_history(run.run_id, self.study.cfg.metric)
             if math.isfinite(m.value)
         ]
         if history:
             value = max(history) if self.study.cfg.mode == "max" else min(history)
-            tags[f"pisa.best_{self.study.cfg.metric}"] = f"{value:.6g}"
+            tags[tag.best(self.study.cfg.metric)] = f"{value:.6g}"
         if self.study.cfg.seeds > 1:
-            tags[SEED_VALUES_TAG] = json.dumps(self._seed_values(run_id))
-        best = self.best.get(trial.trial_id)
-        if best is not None:
-            self._log_checkpoint(run_id, best[1])
-        self.tracker.set_tags(run_id, tags)
-        self._stop_system_metrics(trial.trial_id)
-        # before the run is closed: a driver lost after this point resumes without training
-        # this trial again, whatever Tune's last snapshot says of it
-        final = epoch_metrics(last) or epoch_metrics(dict(self.tracker.client.get_run(run_id).data.metrics))
-        trial_recovery.write_done_mark(done_mark(self.study, trial.trial_id), final)
-        self.tracker.end_run(run_id, "FINISHED")
-        driver_fault("trial_complete")
+            tags[tag.SEED_VALUES] = json.dumps(self._seed_values(run.run_id))
+        return tags
 
     def _seed_values(self, run_id: str) -> dict[str, float]:
         """Each seed's metric at the epoch where the seed mean was best."""
@@ -188,32 +172,28 @@ class MlflowStudyLogger(Callback):
         """Stop the system-metrics monitors. A driver killed between creating a trial's run and
         saving Tune's state leaves a run for a trial the resumed search never knew: remove it,
         one child run per trial."""
-        for trial_id in list(self.system_metrics):
-            self._stop_system_metrics(trial_id)
+        super().on_experiment_end(trials, **info)
         known = {t.trial_id for t in trials}
         c = self.tracker.client
         for trial in trials:  # stopped by Ctrl-C or SIGTERM: not left RUNNING in MLflow
-            run_id = self.runs.get(trial.trial_id)
-            if trial.status not in ("TERMINATED", "ERROR") and run_id and c.get_run(run_id).info.status == "RUNNING":
-                self.tracker.set_tags(run_id, {"pisa.status": "interrupted"})
-                self.tracker.end_run(run_id, "KILLED")
-        for run in self.tracker.children(self.study.base_config.tracking.experiment, self.parent_run_id):
-            trial_id = run.data.tags.get(TRIAL_TAG)
-            if trial_id not in known and run.info.status == "RUNNING":
+            run = self.runs.get(trial.trial_id)
+            if trial.status in ("TERMINATED", "ERROR") or run is None:
+                continue
+            if c.get_run(run.run_id).info.status == RunStatus.RUNNING:
+                run.end(RunStatus.KILLED, status=Status.INTERRUPTED)
+        for found in self.tracker.children(self.study.base_config.tracking.experiment, self.parent_run_id):
+            trial_id = found.data.tags.get(tag.TRIAL)
+            if trial_id not in known and found.info.status == RunStatus.RUNNING:
                 say(
-                    f"removing MLflow run {run.info.run_id} of trial {trial_id}, lost with "
+                    f"removing MLflow run {found.info.run_id} of trial {trial_id}, lost with "
                     f"the previous driver before it was saved (restarted as a new trial)"
                 )
-                c.delete_run(run.info.run_id)
+                c.delete_run(found.info.run_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run_for(trial)
-        message = trial_error(trial)
-        self.tracker.set_tags(run_id, {"pisa.status": "failed", "pisa.error": message})
-        self._stop_system_metrics(trial.trial_id)
-        self.tracker.end_run(run_id, "FAILED")
+        self._run_for(trial).end(RunStatus.FAILED, status=Status.FAILED, error=trial_error(trial))
 
-    def _log_checkpoint(self, run_id: str, path: str | None) -> None:
+    def _log_checkpoint(self, run: TrainingRun, path: str | None) -> None:
         if not path or not self.study.base_config.tracking.log_checkpoint:
             return
         location = storage.location_of(path, self.study.base_config.storage_path)
@@ -221,9 +201,7 @@ class MlflowStudyLogger(Callback):
             say(f"checkpoint {storage.display(location)} is gone; not logged to MLflow")
             return
         with storage.local_copy(location) as ckpt:
-            files = [ckpt / CHECKPOINT_FILE, ckpt / "config.json"]
-            if files[0].exists():
-                self.tracker.log_artifacts(run_id, [f for f in files if f.exists()], "checkpoint")
+            run.log_checkpoint(ckpt)
 
 
 def _short(v: Any) -> str:

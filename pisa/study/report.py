@@ -16,6 +16,8 @@ from typing import Any
 
 from .. import tracking
 from ..core.progress import say
+from ..tracking import tags as tag
+from ..tracking.tags import Status
 
 CONTOUR_PAIRS = [
     ("model.isr_p.k", "model.isr_p.bias"),
@@ -71,7 +73,7 @@ def optuna_study(outcome, study):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ostudy = optuna.create_study(direction="maximize" if study.cfg.mode == "max" else "minimize")
     for t in outcome.trials:
-        if t.status == "failed" or t.metric is None or not math.isfinite(t.metric):
+        if t.status == Status.FAILED or t.metric is None or not math.isfinite(t.metric):
             continue
         params = {}
         for key in dists:
@@ -142,7 +144,7 @@ def log_study_report(outcome, study) -> list[str]:
             tracking.tracker(outcome.tracking_uri).log_metrics(
                 outcome.parent_run_id, {f"best_{study.cfg.metric}": best.metric}, 0
             )
-            tracking.tracker(outcome.tracking_uri).set_tags(outcome.parent_run_id, {"pisa.best_run_id": best.run_id})
+            tracking.tracker(outcome.tracking_uri).set_tags(outcome.parent_run_id, {tag.BEST_RUN_ID: best.run_id})
         return [f.name for f in files]
 
 

@@ -16,6 +16,8 @@ import yaml
 from .. import tracking
 from ..core.config import TrackingConfig, apply_overrides, load_config, parse_config
 from ..core.errors import ConfigError
+from ..tracking import tags as tag
+from ..tracking.tags import Kind
 from .seeds import seed_key
 
 HEADER = re.compile(r"^# pisa-source: run_id=(?P<run>[0-9a-f]+) tracking_uri=(?P<uri>\S+)", re.M)
@@ -94,9 +96,9 @@ def reproduce(
         uri = tracking_uri or TrackingConfig().resolved_uri()
         data = apply_overrides(yaml.safe_load(run_config_text(uri, original)), overrides)
         cfg = parse_config(data, source=f"run {original}")
-    tags = {"pisa.kind": "reproduce"}
+    tags: dict[str, str] = {tag.KIND: Kind.REPRODUCE}
     if original:
-        tags.update({"pisa.reproduces": original, "mlflow.note.content": f"Reproduction of run {original} ({uri})"})
+        tags.update({tag.REPRODUCES: original, tag.NOTE: f"Reproduction of run {original} ({uri})"})
     outcome = run_training(
         cfg, address=address, run_name=f"reproduce {original[:8] if original else path.stem}", tags=tags
     )

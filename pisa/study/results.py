@@ -10,6 +10,8 @@ from typing import Any
 
 from .. import tracking
 from ..core.errors import PisaError, StudyError
+from ..tracking import tags as tag
+from ..tracking.tags import RunStatus, Status
 from .layout import SEED_VALUES_TAG, STATE_FILE, TRIAL_TAG
 from .schema import Distribution
 from .state import StudyState, load_state, study_from_state
@@ -42,18 +44,18 @@ class StudyOutcome:
 
     @property
     def all_failed(self) -> bool:
-        return bool(self.trials) and all(t.status == "failed" for t in self.trials)
+        return bool(self.trials) and all(t.status == Status.FAILED for t in self.trials)
 
     def most_common_error(self) -> tuple[str, int]:
         """The error most failed trials ended with, and how many."""
         from collections import Counter
 
-        errors = Counter(t.error or "unknown error" for t in self.trials if t.status == "failed")
+        errors = Counter(t.error or "unknown error" for t in self.trials if t.status == Status.FAILED)
         return errors.most_common(1)[0] if errors else ("", 0)
 
     @property
     def best(self) -> TrialSummary | None:
-        ranked = [t for t in self.trials if t.metric is not None and t.status != "failed"]
+        ranked = [t for t in self.trials if t.metric is not None and t.status != Status.FAILED]
         return ranked[0] if ranked else None
 
 
@@ -67,16 +69,16 @@ def summarize_parent(uri: str, parent: str, outcome: StudyOutcome) -> None:
     experiment_id = c.get_run(parent).info.experiment_id
     tracking.tracker(uri).log_metrics(parent, {f"best_{outcome.metric}": best.metric}, step=0)
     tags = {
-        "pisa.best_run_id": best.run_id,
-        "pisa.best_trial": best.trial_id,
-        f"pisa.best_{outcome.metric}": f"{best.metric:.6g}",
+        tag.BEST_RUN_ID: best.run_id,
+        tag.BEST_TRIAL: best.trial_id,
+        tag.best(outcome.metric): f"{best.metric:.6g}",
         **{f"best.{k}": v for k, v in best.params.items()},
     }
     params = ", ".join(f"`{k}` = {v}" for k, v in best.params.items())
-    tags["mlflow.note.content"] = (
+    tags[tag.NOTE] = (
         f"**Best trial**: [{best.name or best.trial_id}](#/experiments/{experiment_id}/runs/{best.run_id}) "
         f"with {outcome.metric} = {best.metric:.4f} ({params}).\n\n"
-        f"{sum(t.status != 'failed' for t in outcome.trials)} of {len(outcome.trials)} trials ran; "
+        f"{sum(t.status != Status.FAILED for t in outcome.trials)} of {len(outcome.trials)} trials ran; "
         f"use it with `pisa study best {outcome.name} --register`."
     )
     tracking.tracker(uri).set_tags(parent, tags)
@@ -118,13 +120,13 @@ def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]
         try:
             run = tracking.client(uri).get_run(parent)
             status = (
-                "running"
-                if run.info.status == "RUNNING"
-                else run.data.tags.get("pisa.status") or run.info.status.lower()
+                str(Status.RUNNING)
+                if run.info.status == RunStatus.RUNNING
+                else run.data.tags.get(tag.STATUS) or run.info.status.lower()
             )
             outcome = collect(st.name, uri, st.experiment, parent, st.metric, st.mode)
-            done = [t for t in outcome.trials if t.status in ("finished", "stopped_early", "failed")]
-            failed = sum(t.status == "failed" for t in outcome.trials)
+            done = [t for t in outcome.trials if t.status in tag.DONE]
+            failed = sum(t.status == Status.FAILED for t in outcome.trials)
             best = outcome.best.metric if outcome.best else None
         except Exception as exc:  # an unreachable store must not hide the other studies
             status, done, failed, best = f"unknown ({type(exc).__name__})", [], 0, None
@@ -138,10 +140,10 @@ def collect(name: str, uri: str, experiment: str, parent: str, metric: str, mode
     trials = []
     for run in runs:
         tags = run.data.tags
-        searched = [k for k in tags.get("pisa.searched", "").split(",") if k]
-        best = tags.get(f"pisa.best_{metric}")
+        searched = [k for k in tags.get(tag.SEARCHED, "").split(",") if k]
+        best = tags.get(tag.best(metric))
         value = float(best) if best is not None else run.data.metrics.get(metric)
-        status = tags.get("pisa.status", "running")
+        status = tags.get(tag.STATUS, str(Status.RUNNING))
         trials.append(
             TrialSummary(
                 run_id=run.info.run_id,
@@ -149,15 +151,15 @@ def collect(name: str, uri: str, experiment: str, parent: str, metric: str, mode
                 name=run.info.run_name or "",
                 status=status,
                 metric=value,
-                epochs=int(float(tags.get("pisa.epochs", run.data.metrics.get("epoch", 0) or 0))),
+                epochs=int(float(tags.get(tag.EPOCHS, run.data.metrics.get("epoch", 0) or 0))),
                 params={k: run.data.params.get(k) for k in searched},
-                error=tags.get("pisa.error"),
+                error=tags.get(tag.ERROR),
                 seed_values={int(k): float(v) for k, v in json.loads(tags.get(SEED_VALUES_TAG, "{}")).items()},
             )
         )
     sign = -1 if mode == "max" else 1
     trials.sort(
-        key=lambda t: (t.status == "failed", t.metric is None, sign * (t.metric if t.metric is not None else 0.0))
+        key=lambda t: (t.status == Status.FAILED, t.metric is None, sign * (t.metric if t.metric is not None else 0.0))
     )
     return StudyOutcome(name, parent, uri, trials, metric)
 

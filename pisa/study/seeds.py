@@ -15,9 +15,9 @@ import statistics
 import threading
 from typing import Any
 
+from ..core.epoch_report import SEED_PREFIX
 from ..core.errors import WrappingError, one_line
 
-SEED_PREFIX = "seed_"
 CHECKPOINT_PATH_KEY = "checkpoint_path"
 
 

@@ -20,8 +20,6 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ray.tune import Callback
-
 from .. import tracking
 from ..core import storage
 from ..core.config import ExperimentConfig
@@ -29,15 +27,17 @@ from ..core.errors import one_line
 from ..core.progress import say
 from ..core.storage import location_of
 from ..core.uris import public_uri
-from ..tracking.lineage import SystemMetrics
+from ..tracking.run_writer import TrainingRun
+from ..tracking.tags import GRID_JOB, RunStatus
 from .layout import FAILED_MARK
+from .run_callback import TrainingRunsCallback
 from .seeds import CHECKPOINT_PATH_KEY
-from .trial import epoch_metrics, failing_at_once_on_retry, fit_in_trial, trial_error
+from .trial import failing_at_once_on_retry, fit_in_trial, trial_error
 
 if TYPE_CHECKING:
     from ..training.train import TrainOutcome
 
-JOB_TAG = "pisa.grid_job"  # a training's index in the grid, on its MLflow run
+JOB_TAG = GRID_JOB  # a training's index in the grid, on its MLflow run
 
 
 @dataclass
@@ -71,55 +71,43 @@ def _train_one(
         fit_in_trial(exp, name=trial_id, in_trial=in_trial, checkpoint_score=score, faults=faults[config["job"]])
 
 
-class GridLogger(Callback):
+class GridLogger(TrainingRunsCallback):
     """Tune callback on the driver: one MLflow run per training, nested under the parent."""
 
     def __init__(self, uri: str, parent_run_id: str, trainings: list[GridTraining], num_classes: int, metric: str):
-        self.uri = uri
-        self.parent_run_id = parent_run_id
+        super().__init__(uri, parent_run_id)
         self.trainings = trainings
         self.num_classes = num_classes
         self.metric = metric
-        self.run_ids: dict[int, str] = {}
         self.last: dict[int, dict[str, Any]] = {}
-        self.monitors: dict[int, SystemMetrics] = {}
         self.done = 0
 
-    @property
-    def tracker(self) -> tracking.Tracker:
-        """Looked up, not held: Tune pickles its callbacks with the experiment's state."""
-        return tracking.tracker(self.uri)
+    def key(self, trial) -> int:
+        return int(trial.config["job"])
 
-    def run_id(self, job: int) -> str:
-        if job not in self.run_ids:
-            t = self.trainings[job]
-            params = t.experiment.flat_params()
-            params["data.num_classes"] = self.num_classes
-            run_id = self.tracker.start_run(
-                t.experiment.tracking.experiment,
-                t.run_name,
-                params=params,
-                tags={**t.tags, JOB_TAG: str(job)},
-                parent_run_id=self.parent_run_id,
-            )
-            self.tracker.log_text(run_id, t.experiment.to_yaml(), "config.yaml")
-            self.tracker.log_datasets(run_id, t.experiment.data)
-            self.run_ids[job] = run_id
-        return self.run_ids[job]
+    def _create_run(self, trial) -> TrainingRun:
+        job = self.key(trial)
+        t = self.trainings[job]
+        run = TrainingRun.start(
+            self.uri,
+            t.experiment,
+            t.run_name,
+            tags={**t.tags, JOB_TAG: str(job)},
+            params={"data.num_classes": self.num_classes},
+            parent_run_id=self.parent_run_id,
+        )
+        run.log_config(t.experiment)
+        return run
+
+    def _system_metrics_interval(self, trial) -> float | None:
+        return self.trainings[self.key(trial)].experiment.tracking.system_metrics_interval_s
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        job = trial.config["job"]
-        resumed = job in self.run_ids
-        run_id = self.run_id(job)
-        self.tracker.client.update_run(run_id, status="RUNNING")
-        self._stop_monitor(job)
-        interval = float(self.trainings[job].experiment.tracking.system_metrics_interval_s or 0)
-        self.monitors[job] = SystemMetrics(self.uri, run_id, interval, resume=resumed)
+        self._trial_started(trial, resumed=self.key(trial) in self.runs, status_tag=False)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        job = trial.config["job"]
-        self.tracker.log_metrics(self.run_id(job), epoch_metrics(result), step=int(result.get("epoch", 0)))
-        self.last[job] = dict(result)
+        self._log_result(trial, result, int(result.get("epoch", 0)))
+        self.last[self.key(trial)] = dict(result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finished(trial, None)
@@ -128,8 +116,8 @@ class GridLogger(Callback):
         self._finished(trial, trial_error(trial))
 
     def _finished(self, trial, error: str | None) -> None:
-        job = trial.config["job"]
-        self._stop_monitor(job)
+        job = self.key(trial)
+        self._stop_system_metrics(trial)
         self.done += 1
         t = self.trainings[job]
         if error is not None:
@@ -138,15 +126,6 @@ class GridLogger(Callback):
             value = self.last.get(job, {}).get(self.metric)
             shown = f"{self.metric} {value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "done"
         say(f"training {self.done}/{len(self.trainings)}: {t.run_name}: {shown}")
-
-    def _stop_monitor(self, job: int) -> None:
-        monitor = self.monitors.pop(job, None)
-        if monitor is not None:
-            monitor.stop()
-
-    def on_experiment_end(self, trials, **info):
-        for job in list(self.monitors):
-            self._stop_monitor(job)
 
 
 def train_grid(
@@ -164,10 +143,11 @@ def train_grid(
     num_classes: int,
 ) -> list[TrainOutcome]:
     """Train every config of `trainings` (in order, `concurrent` at a time) as the trials of
-    one Tune run under `storage_path/name`; their outcomes, in the same order."""
+    one Tune run under `storage_path/name`; their outcomes, in the same order. (Over 60 lines:
+    most are its keyword arguments and the Tuner's settings, each spelled out once.)"""
     from ray import tune
 
-    from ..training.train import TrainOutcome, log_final_artifacts  # torch (the train loop's module)
+    from ..training.train import TrainOutcome  # torch (the train loop's module)
 
     if not trainings:
         return []
@@ -209,23 +189,28 @@ def train_grid(
         for run in tracking.tracker(uri).children(trainings[0].experiment.tracking.experiment, parent_run_id)
         if JOB_TAG in run.data.tags
     }
-    outcomes = [TrainOutcome(None, "FAILED", error="not run") for _ in trainings]
+    outcomes = [TrainOutcome(None, str(RunStatus.FAILED), error="not run") for _ in trainings]
     for i in range(len(results)):
-        result = results[i]
-        job = int((result.config or {})["job"])
-        exp, run_id = trainings[job].experiment, run_ids.get(job)
-        metrics = dict(result.metrics or {})
-        if result.error is not None or run_id is None:
-            message = one_line(result.error, "never started")
-            if run_id is not None:
-                tracking.tracker(uri).set_tags(run_id, {"pisa.error": message})
-                tracking.tracker(uri).end_run(run_id, "FAILED")
-            outcomes[job] = TrainOutcome(run_id, "FAILED", metrics, error=message)
-            continue
-        # in its own process a training reports checkpoints to Tune; a TorchTrainer, their path
-        path = result.checkpoint.path if result.checkpoint else metrics.get(CHECKPOINT_PATH_KEY)
-        checkpoint = location_of(path, exp.storage_path) if path else None
-        log_final_artifacts(uri, run_id, checkpoint, exp.tracking.log_checkpoint)
-        tracking.tracker(uri).end_run(run_id, "FINISHED")
-        outcomes[job] = TrainOutcome(run_id, "FINISHED", metrics, checkpoint)
+        job = int((results[i].config or {})["job"])
+        outcomes[job] = _finish(results[i], trainings[job].experiment, uri, run_ids.get(job))
     return outcomes
+
+
+def _finish(result, exp: ExperimentConfig, uri: str, run_id: str | None) -> TrainOutcome:
+    """A training's outcome from its Tune result; its MLflow run ended with it (and for a
+    finished one, its final checkpoint's plots and, if the config says so, the checkpoint)."""
+    from ..training.train import TrainOutcome, log_final_artifacts  # torch (the train loop's module)
+
+    metrics = dict(result.metrics or {})
+    if result.error is not None or run_id is None:
+        message = one_line(result.error, "never started")
+        if run_id is not None:
+            TrainingRun(uri, run_id).end(RunStatus.FAILED, error=message)
+        return TrainOutcome(run_id, str(RunStatus.FAILED), metrics, error=message)
+    # in its own process a training reports checkpoints to Tune; a TorchTrainer, their path
+    path = result.checkpoint.path if result.checkpoint else metrics.get(CHECKPOINT_PATH_KEY)
+    checkpoint = location_of(path, exp.storage_path) if path else None
+    run = TrainingRun(uri, run_id)
+    log_final_artifacts(run, checkpoint, exp.tracking.log_checkpoint)
+    run.end(RunStatus.FINISHED)
+    return TrainOutcome(run_id, str(RunStatus.FINISHED), metrics, checkpoint)

@@ -1,6 +1,6 @@
 """A study's trials as they run: the Tune trainable and what it trains, the marks that make a
 retry fail at once or a finished trial report its end again, the driver's fault hook (tests),
-and a trial's metrics and error as the driver's callbacks read them."""
+and a trial's error as the driver's callbacks read it (its metrics: `pisa.core.epoch_report`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ..core.progress import say
 from . import trial_recovery
 from .layout import FAILED_MARK, done_mark, trial_storage
 from .loading import Study
-from .seeds import SEED_PREFIX, fit_seeds
+from .seeds import fit_seeds
 
 FAULTS_ENV = "PISA_FAULTS"  # fault injection for recovery tests (JSON, see pisa.training.faults)
 DRIVER_FAULTS_ENV = "PISA_DRIVER_FAULTS"  # the same for the study's driver (see driver_fault)
@@ -141,18 +141,6 @@ def failing_at_once_on_retry(mark: str) -> Iterator[None]:
         if isinstance(found, DETERMINISTIC_ERRORS):
             storage.write_text(mark, json.dumps({"error": type(found).__name__, "message": str(found)}))
         raise
-
-
-_REPORTED = {"epoch", "iteration", "lr", "images_per_sec", "time_train_s", "time_eval_s"}
-
-
-def epoch_metrics(result: dict[str, Any]) -> dict[str, Any]:
-    """The training's own metrics in a Tune result (not Tune's timers and counters)."""
-    return {
-        k: v
-        for k, v in result.items()
-        if k in _REPORTED or k.startswith(("bbox_", "segm_", "train_", "pisa_", SEED_PREFIX))
-    }
 
 
 def trial_error(trial) -> str:

@@ -22,6 +22,8 @@ from ..core.config import flatten
 from ..core.errors import StudyError
 from ..core.progress import say
 from ..core.uris import public_uri, redact
+from ..tracking import tags as tag
+from ..tracking.tags import Kind, RunStatus, Status
 from ..training.cluster import check_cluster_setup
 from ..training.ray_runtime import init_ray_alongside, quiet_libraries
 from .console import StudyConsole
@@ -131,7 +133,7 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
             "study." + k: v
             for k, v in flatten(study.cfg.model_dump(mode="json", exclude={"experiment", "search_space"})).items()
         },
-        tags={"pisa.kind": "study", "pisa.study": study.name},
+        tags={tag.KIND: Kind.STUDY, tag.STUDY: study.name},
     )
     tracking.tracker(uri).log_text(parent, study.source.read_text(), "study.yaml")
     tracking.tracker(uri).log_text(
@@ -168,7 +170,7 @@ def resume_study(
     check_trial_fits(study, address)
     if retry_failed:  # their errors may have been fixed (data, a node); let them run again
         _clear_failed_marks(study)
-    tracking.client(uri).update_run(state.parent_run_id, status="RUNNING")
+    tracking.client(uri).update_run(state.parent_run_id, status=str(RunStatus.RUNNING))
     trainable = _trainable(study)
     tuner = tune.Tuner.restore(
         state.dir, trainable=trainable, resume_unfinished=True, resume_errored=retry_failed, restart_errored=False
@@ -217,7 +219,7 @@ def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
     outcome = collect(study.name, uri, study.base_config.tracking.experiment, parent, study.cfg.metric, study.cfg.mode)
     outcome.search_space = dict(study.cfg.search_space)
     expected = study.cfg.num_samples
-    done = [t for t in outcome.trials if t.status in ("finished", "stopped_early", "failed")]
+    done = [t for t in outcome.trials if t.status in tag.DONE]
     interrupted = interrupted or len(done) < expected
     outcome.interrupted = interrupted
     try:
@@ -225,17 +227,18 @@ def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
     except Exception as exc:  # a plot must never cost the study's results
         say(f"report skipped: {exc}")
     summarize_parent(uri, parent, outcome)
+    tags: dict[str, str]
     if interrupted:
-        tags, status = {"pisa.status": "interrupted"}, "KILLED"
+        tags, status = {tag.STATUS: Status.INTERRUPTED}, RunStatus.KILLED
     elif outcome.all_failed:
         error, count = outcome.most_common_error()
         tags = {
-            "pisa.status": "failed",
-            "pisa.error": f"all {len(outcome.trials)} trials failed; {count} with: {error}",
+            tag.STATUS: Status.FAILED,
+            tag.ERROR: f"all {len(outcome.trials)} trials failed; {count} with: {error}",
         }
-        status = "FAILED"
+        status = RunStatus.FAILED
     else:
-        tags, status = {"pisa.status": "finished"}, "FINISHED"
+        tags, status = {tag.STATUS: Status.FINISHED}, RunStatus.FINISHED
     tracking.tracker(uri).set_tags(parent, tags)
     tracking.tracker(uri).end_run(parent, status)
     return outcome

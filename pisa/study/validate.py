@@ -19,22 +19,27 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import tracking
 from ..core.errors import ConfigError
 from ..core.progress import say
 from ..core.stats import Paired, Summary, paired, summarize
 from ..core.storage import join
+from ..tracking import tags as tag
+from ..tracking.tags import Kind, RunStatus, Status
 from ..training.cluster import check_cluster_setup
 from ..training.ray_runtime import quiet_libraries
 from .layout import study_dir
 from .resources import trainings_that_fit, trial_resources
 from .results import outcome_from_state
 from .schema import BASELINE, PAPER_DEFAULTS
-from .state import load_state, study_from_state
+from .state import StudyState, load_state, study_from_state
 from .training_grid import GridTraining, slug, train_grid
 from .trial import trains_in_trial
+
+if TYPE_CHECKING:
+    from ..training.train import TrainOutcome
 
 
 @dataclass
@@ -55,6 +60,14 @@ class VariantResult:
     summary: Summary | None = None
     vs_baseline: Paired | None = None  # None for the baseline itself
 
+    def add(self, seed: int, out: TrainOutcome, metric: str) -> None:
+        """One seed's training: its final `metric`, or why it has none."""
+        value = out.metrics.get(metric)
+        if out.status == RunStatus.FINISHED and isinstance(value, (int, float)):
+            self.values[seed], self.run_ids[seed] = float(value), out.run_id
+        else:
+            self.failed[seed] = out.error or "no metric"
+
 
 @dataclass
 class Validation:
@@ -74,7 +87,7 @@ class Validation:
 def plan(study, outcome, top: int) -> list[Variant]:
     """Baseline, paper defaults, then the top `top` trials; a trial whose training config
     equals the baseline's or the paper's is trained once, under both labels."""
-    ranked = [t for t in outcome.trials if t.status != "failed" and t.metric is not None]
+    ranked = [t for t in outcome.trials if t.status != Status.FAILED and t.metric is not None]
     if top > len(ranked):
         raise ConfigError(f"--top {top}: study {outcome.name!r} has only {len(ranked)} ranked trial(s)")
     variants = [Variant("baseline", dict(BASELINE)), Variant("paper defaults", dict(PAPER_DEFAULTS))]
@@ -147,22 +160,7 @@ def validate_study(
     if not verbose:
         quiet_libraries()
 
-    run_id = tracking.tracker(uri).start_run(
-        state.experiment,
-        f"validate {state.name}",
-        params={
-            "top": top,
-            "seeds": json.dumps(seed_list),
-            "metric": metric,
-            "variants": json.dumps([v.label for v in variants]),
-        },
-        tags={"pisa.kind": "validation", "pisa.study": state.name, "pisa.study_run_id": state.parent_run_id},
-    )
-    tracking.tracker(uri).set_tags(state.parent_run_id, {"pisa.validation_run_id": run_id})
-    say(
-        f"validating study {state.name}: {len(variants)} variants x seeds {seed_list}, "
-        f"final-epoch {metric}; MLflow run {run_id}"
-    )
+    run_id = _start_run(state, top, seed_list, variants)
     results = [VariantResult(v) for v in variants]
     # seed-major: a validation cut short leaves complete pairs
     jobs = [(seed, r) for seed in seed_list for r in results]
@@ -187,16 +185,33 @@ def validate_study(
         num_classes=num_classes,
     )
     for (seed, r), out in zip(jobs, outcomes):
-        value = out.metrics.get(metric)
-        if out.status == "FINISHED" and isinstance(value, (int, float)):
-            r.values[seed], r.run_ids[seed] = float(value), out.run_id
-        else:
-            r.failed[seed] = out.error or "no metric"
+        r.add(seed, out, metric)
     compare(results, mode)
     validation = Validation(state.name, metric, mode, seed_list, results, run_id, uri)
     log_validation(validation)
-    tracking.tracker(uri).end_run(run_id, "FINISHED" if validation.ok else "FAILED")
+    tracking.tracker(uri).end_run(run_id, RunStatus.FINISHED if validation.ok else RunStatus.FAILED)
     return validation
+
+
+def _start_run(state: StudyState, top: int, seed_list: list[int], variants: list[Variant]) -> str:
+    """The validation's own MLflow run, linked with the study's run both ways; announced."""
+    run_id = tracking.tracker(state.tracking_uri).start_run(
+        state.experiment,
+        f"validate {state.name}",
+        params={
+            "top": top,
+            "seeds": json.dumps(seed_list),
+            "metric": state.metric,
+            "variants": json.dumps([v.label for v in variants]),
+        },
+        tags={tag.KIND: Kind.VALIDATION, tag.STUDY: state.name, tag.STUDY_RUN_ID: state.parent_run_id},
+    )
+    tracking.tracker(state.tracking_uri).set_tags(state.parent_run_id, {tag.VALIDATION_RUN_ID: run_id})
+    say(
+        f"validating study {state.name}: {len(variants)} variants x seeds {seed_list}, "
+        f"final-epoch {state.metric}; MLflow run {run_id}"
+    )
+    return run_id
 
 
 def _training(study, variant: Variant, seed: int, uri: str, study_name: str, storage_path: str) -> GridTraining:
@@ -210,10 +225,10 @@ def _training(study, variant: Variant, seed: int, uri: str, study_name: str, sto
         }
     )
     tags = {
-        "pisa.kind": "validation_training",
-        "pisa.study": study_name,
-        "pisa.variant": variant.label,
-        "pisa.seed": str(seed),
+        tag.KIND: Kind.VALIDATION_TRAINING,
+        tag.STUDY: study_name,
+        tag.VARIANT: variant.label,
+        tag.SEED: str(seed),
     }
     return GridTraining(exp, f"{slug(variant.label)} seed {seed}", tags)
 

@@ -1,4 +1,5 @@
-"""MLflow: the store's Tracker, run lineage, trained detectors, the registry; imports models, data, evaluation, core."""
+"""MLflow: the store's Tracker, a training's run, tag names, run lineage, trained detectors, the registry; imports
+models, data, evaluation, core."""
 
 from .store import Tracker, check_reachable, client, tracker
 

@@ -1,6 +1,7 @@
-"""A trained detector from its training's files: the weights (tensors only,
-`torch.load(weights_only=True)`), the training config saved beside them and the class names
-of its annotations; and image files read the way it takes them (float CHW RGB in [0, 1])."""
+"""A trained detector from its training's checkpoint (`pisa.core.checkpoint`): the weights
+(tensors only, `torch.load(weights_only=True)`), the training config saved beside them and the
+class names the checkpoint carries (or, in one of an earlier version, those of the training
+annotations); and image files read the way it takes them (float CHW RGB in [0, 1])."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.config import ExperimentConfig, parse_config
-from ..core.errors import EXIT_BAD_INPUT, PisaError
-from ..core.storage import CHECKPOINT_FILE
+from ..core import checkpoint
+from ..core.checkpoint import CONFIG_FILE, Checkpoint, checkpoint_file, is_checkpoint_state
+from ..core.config import ExperimentConfig
+from ..core.errors import EXIT_BAD_INPUT, ConfigError, PisaError
 from ..models import build_detector as build_model
 
 
@@ -73,13 +75,24 @@ def categories_of(annotation_file: str | Path) -> list[Category]:
     return [Category(int(c["id"]), str(c["name"])) for c in sorted(cats, key=lambda c: int(c["id"]))]
 
 
+def categories_in(ckpt: Checkpoint) -> list[Category] | None:
+    """The classes a checkpoint carries, in label order; None for one of an earlier version."""
+    if ckpt.class_names is None:
+        return None
+    ids = ckpt.category_ids
+    if ids is None or len(ids) != len(ckpt.class_names):
+        ids = list(range(1, len(ckpt.class_names) + 1))
+    return [Category(int(i), str(name)) for i, name in zip(ids, ckpt.class_names)]
+
+
 def read_config(path: str | Path) -> ExperimentConfig:
     """The training config saved beside a checkpoint (`config.json`)."""
     try:
-        data = json.loads(Path(path).read_text())
+        return checkpoint.read_config(path)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as exc:
         raise PredictInputError(f"{path}: cannot read the training config ({exc})") from None
-    return parse_config(data, source=str(path))
 
 
 def build_detector(cfg: ExperimentConfig, categories: list[Category], weights: dict[str, torch.Tensor]) -> Detector:
@@ -89,31 +102,42 @@ def build_detector(cfg: ExperimentConfig, categories: list[Category], weights: d
     return Detector(model, categories, cfg)
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model's state dict from a training checkpoint or a weights file (tensors only)."""
+def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoint | None]:
+    """The model's state dict in a training checkpoint or a weights file (tensors only), and
+    the checkpoint (None for a weights file)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint.read_state(path)
     except Exception as exc:
         raise PredictInputError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    ckpt = Checkpoint.from_state(state) if is_checkpoint_state(state) else None
+    weights = ckpt.model if ckpt is not None else state
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise PredictInputError(f"{path}: holds no model weights")
-    return state
+    return weights, ckpt
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model's state dict from a training checkpoint or a weights file (tensors only)."""
+    return _read(path)[0]
 
 
 def load_checkpoint_dir(path: str | Path) -> Detector:
-    """A detector from a checkpoint directory (or its `checkpoint.pt`) with its `config.json`."""
-    path = Path(path)
-    ckpt = path / CHECKPOINT_FILE if path.is_dir() else path
-    config_file = ckpt.parent / "config.json"
-    if not ckpt.exists():
-        raise PredictInputError(f"{ckpt}: no such checkpoint")
+    """A detector from a checkpoint directory (or its `checkpoint.pt`) with its `config.json`;
+    the classes from the checkpoint, or for one of an earlier version (which carries none)
+    from the training annotations the config names, at their path."""
+    ckpt_file = checkpoint_file(path)
+    config_file = ckpt_file.parent / CONFIG_FILE
+    if not ckpt_file.exists():
+        raise PredictInputError(f"{ckpt_file}: no such checkpoint")
     if not config_file.exists():
-        raise PredictInputError(f"{ckpt}: no config.json beside it (the training config of these weights)")
+        raise PredictInputError(f"{ckpt_file}: no {CONFIG_FILE} beside it (the training config of these weights)")
     cfg = read_config(config_file)
-    assert cfg.data.train_annotations is not None  # the config's validation fills or refuses it
-    return build_detector(cfg, categories_of(cfg.data.train_annotations), load_weights(ckpt))
+    weights, ckpt = _read(ckpt_file)
+    categories = categories_in(ckpt) if ckpt is not None else None
+    if categories is None:
+        assert cfg.data.train_annotations is not None  # the config's validation fills or refuses it
+        categories = categories_of(cfg.data.train_annotations)
+    return build_detector(cfg, categories, weights)
 
 
 def read_image(path: str | Path) -> torch.Tensor:

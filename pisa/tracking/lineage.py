@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from .tags import VERSION_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,10 @@ def library_versions() -> dict[str, str]:
     module's own `__version__`, so torch's carries its build (`2.14.1+cu130`)."""
     import importlib
 
-    out = {"pisa.version.pisa": __version__}
+    out = {f"{VERSION_PREFIX}pisa": __version__}
     for name in ("torch", "torchvision", "ray", "mlflow", "optuna"):
         try:
-            out[f"pisa.version.{name}"] = str(importlib.import_module(name).__version__)
+            out[f"{VERSION_PREFIX}{name}"] = str(importlib.import_module(name).__version__)
         except ImportError:
             continue
     return out

@@ -3,7 +3,9 @@
 A model reference is a `models:/NAME@ALIAS` (or `models:/NAME/VERSION`) URI, an MLflow
 run id (its registered pyfunc model if it has one, else its `checkpoint/` artifact), or
 a checkpoint file/directory on disk (`checkpoint.pt` + `config.json`, as training
-writes them). Only weights are loaded, with `torch.load(weights_only=True)`.
+writes them: `pisa.core.checkpoint`). Only weights are loaded, with
+`torch.load(weights_only=True)`; the class names come from the checkpoint (from the
+training annotations for one written before checkpoints carried them).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from ..core.storage import CHECKPOINT_FILE
+from ..core.checkpoint import CONFIG_FILE, checkpoint_file
 from .detector import (
     Category,
     PredictInputError,
@@ -29,11 +29,11 @@ from .detector import (
     read_image,
 )
 from .store import client
+from .tags import SOURCE_RUN_ID
 
 ALIAS = "champion"
 ARTIFACT_NAME = "model"
-WEIGHTS_FILE = "weights.pt"
-CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.pt"  # beside it CONFIG_FILE, the training config, named as in a checkpoint
 CLASSES_FILE = "classes.json"
 IMAGE_COLUMN = "image"
 
@@ -132,8 +132,7 @@ def log_detector_model(uri: str, run_id: str, checkpoint: str | Path, model_name
     from mlflow.models import infer_signature
 
     detector = load_checkpoint_dir(checkpoint)  # checks weights, config and classes fit together
-    ckpt = Path(checkpoint)
-    ckpt = ckpt / CHECKPOINT_FILE if ckpt.is_dir() else ckpt
+    ckpt = checkpoint_file(checkpoint)
     with tempfile.TemporaryDirectory(prefix="pisa-register-") as tmp:
         import pandas as pd
         import torch
@@ -165,7 +164,7 @@ def log_detector_model(uri: str, run_id: str, checkpoint: str | Path, model_name
     c = client(uri)
     version = str(info.registered_model_version)
     c.set_registered_model_alias(model_name, ALIAS, version)
-    c.set_model_version_tag(model_name, version, "pisa.source_run_id", run_id)
+    c.set_model_version_tag(model_name, version, SOURCE_RUN_ID, run_id)
     return RegisteredModel(model_name, version, ALIAS, f"models:/{model_name}@{ALIAS}", run_id)
 
 

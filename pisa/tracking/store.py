@@ -13,7 +13,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -21,10 +21,11 @@ from urllib.parse import urlparse
 from ..core.errors import TrackingError
 from ..core.uris import public_uri, redact
 from .lineage import DatasetSummary, dataset_inputs, lineage_tags
+from .tags import PARENT_RUN_ID, RunStatus
 
 log = logging.getLogger(__name__)
 
-NESTED_TAG = "mlflow.parentRunId"
+NESTED_TAG = PARENT_RUN_ID
 
 
 USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
@@ -196,26 +197,26 @@ class Tracker:
         self,
         experiment: str,
         run_name: str,
-        params: dict[str, Any] | None = None,
-        tags: dict[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
         parent_run_id: str | None = None,
     ) -> str:
         """Create a run (nested under `parent_run_id` if given) with its lineage tags and params."""
-        tags = {**lineage_tags(), **(tags or {})}
+        run_tags = {**lineage_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
         if parent_run_id:
-            tags[NESTED_TAG] = parent_run_id
-        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags)
+            run_tags[NESTED_TAG] = parent_run_id
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=run_tags)
         if params:
             self.log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         # MLflow's client splits a batch into the chunks its stores accept
         self.client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in sorted(params.items())])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
         """Log the numeric, finite-or-not entries of `metrics` at `step`."""
         import time
 
@@ -250,16 +251,16 @@ class Tracker:
             elif p.exists():
                 self.client.log_artifact(run_id, str(p), artifact_path)
 
-    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         """Tag values cut at MLflow's own limit (a longer one would fail the whole call)."""
         from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
         for k, v in tags.items():
             self.client.set_tag(run_id, k, str(v)[:MAX_TAG_VAL_LENGTH])
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+    def end_run(self, run_id: str, status: str = RunStatus.FINISHED) -> None:
         """status: FINISHED, FAILED or KILLED (MLflow's terminal states)."""
-        self.client.set_terminated(run_id, status)
+        self.client.set_terminated(run_id, str(status))
 
     def find_runs(self, experiment: str, filter_string: str = "", max_results: int = 1000) -> list:
         """The runs of experiment `experiment` that match `filter_string` (none if it doesn't exist)."""

@@ -1,11 +1,12 @@
 """The per-worker training loop: on every Ray Train worker, or in a 1-worker Tune trial.
 
 One epoch = train on this worker's shard, evaluate the val set (sharded, gathered,
-COCOeval on rank 0, broadcast), then report the metrics with a checkpoint
-(model, optimizer, scheduler, scaler, epoch). RNGs are re-seeded from (seed, epoch,
-rank) at every epoch start, and so are the data order (a DistributedSampler seeded from
-`train.seed`) and the DataLoader workers' augmentation draws (the loader's generator), so a
-run resumed from the epoch-N checkpoint continues exactly like the uninterrupted run.
+COCOeval on rank 0, broadcast), then report the metrics (`pisa.core.epoch_report.EpochReport`)
+with a checkpoint (model, optimizer, scheduler, scaler, epoch, config and the class names: the
+format of `pisa.core.checkpoint`). RNGs are re-seeded from (seed, epoch, rank) at every epoch
+start, and so are the data order (a DistributedSampler seeded from `train.seed`) and the
+DataLoader workers' augmentation draws (the loader's generator), so a run resumed from the
+epoch-N checkpoint continues exactly like the uninterrupted run.
 Device choices (AMP dtype, GradScaler, channels_last, SyncBatchNorm) come from
 `pisa.training.device_plan.plan_for`, the same code on CPU and GPU.
 """
@@ -25,11 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from ..core.config import ExperimentConfig
+from ..core.epoch_report import EpochCounters, EpochReport, epoch_report, with_metrics
 from ..core.errors import NonFiniteLossError
 from ..core.progress import say
 from ..core.schedule import Schedule, lr_factor
-from ..core.storage import CHECKPOINT_FILE
 from .device_plan import (
     DevicePlan,
     apply_channels_last,
@@ -198,43 +200,6 @@ def evaluate(
     return _broadcast(metrics)
 
 
-# ---------------------------------------------------------------- checkpoint
-
-
-def save_checkpoint(
-    directory: Path,
-    model,
-    optimizer,
-    scheduler,
-    scaler,
-    epoch: int,
-    iteration: int,
-    cfg: ExperimentConfig,
-    metrics: dict[str, float],
-) -> Path:
-    state = {
-        "model": _unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {},
-        "epoch": epoch,
-        "iteration": iteration,
-        "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-    }
-    path = directory / CHECKPOINT_FILE
-    torch.save(state, path)
-    (directory / "config.json").write_text(cfg.model_dump_json(indent=2))
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Checkpoints may come from a shared store: load tensors only (`weights_only=True`)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -262,6 +227,8 @@ class _Training:
     rank: int
     world: int
     epochs: int
+    class_names: list[str]  # the training set's categories, in the model's label order 1..C
+    category_ids: list[int]  # their COCO ids
     iteration: int = 0  # global, across epochs
 
 
@@ -367,7 +334,27 @@ def _build(cfg: ExperimentConfig, session: TrainSession) -> _Training:
         rank,
         world,
         schedule.epochs,
+        list(train_set.cat_names),
+        [int(train_set.label_to_cat_id[label]) for label in range(1, train_set.num_classes + 1)],
     )
+
+
+def save_checkpoint(directory: Path, t: _Training, epoch: int, metrics: EpochReport) -> Path:
+    """`t`'s state after epoch index `epoch` as a checkpoint in `directory` (the format is
+    `pisa.core.checkpoint`'s): weights, optimizer, scheduler, scaler, counters, config, classes."""
+    payload = Checkpoint(
+        model=_unwrap(t.model).state_dict(),
+        optimizer=t.optimizer.state_dict(),
+        scheduler=t.scheduler.state_dict(),
+        scaler=t.scaler.state_dict() if t.scaler is not None else {},
+        epoch=epoch,
+        iteration=t.iteration,
+        config=t.cfg,
+        class_names=t.class_names,
+        category_ids=t.category_ids,
+        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+    )
+    return write_checkpoint(directory, payload)
 
 
 def _restore(t: _Training, session: TrainSession, resume_from: str | None) -> int:
@@ -376,17 +363,17 @@ def _restore(t: _Training, session: TrainSession, resume_from: str | None) -> in
     state = None
     with session.restored_checkpoint() as restored:
         if restored is not None:
-            state = load_checkpoint(restored)
+            state = read_checkpoint(restored)
     if state is None and resume_from:
-        state = load_checkpoint(resume_from)
+        state = read_checkpoint(resume_from)
     if state is None:
         return 0
-    _unwrap(t.model).load_state_dict(state["model"])
-    t.optimizer.load_state_dict(state["optimizer"])
-    t.scheduler.load_state_dict(state["scheduler"])
-    if t.scaler is not None and state.get("scaler"):
-        t.scaler.load_state_dict(state["scaler"])
-    start_epoch, t.iteration = int(state["epoch"]) + 1, int(state["iteration"])
+    _unwrap(t.model).load_state_dict(state.model)
+    t.optimizer.load_state_dict(state.optimizer)
+    t.scheduler.load_state_dict(state.scheduler)
+    if t.scaler is not None and state.scaler:
+        t.scaler.load_state_dict(state.scaler)
+    start_epoch, t.iteration = state.epoch + 1, state.iteration
     if t.rank == 0:
         say(f"resumed from epoch {start_epoch} (iteration {t.iteration})")
     return start_epoch
@@ -439,16 +426,15 @@ def _train_epoch(t: _Training, epoch: int, faults: Faults) -> _EpochStats:
     return stats
 
 
-def _evaluate_epoch(t: _Training, epoch: int, stats: _EpochStats) -> dict[str, float]:
-    """The epoch's metrics, the same on every rank: mean training losses over the workers,
+def _evaluate_epoch(t: _Training, epoch: int, stats: _EpochStats) -> EpochReport:
+    """The epoch's report, the same on every rank: mean training losses over the workers,
     the val set's COCO AP, and the epoch's throughput."""
     steps = max(1, stats.steps)
-    metrics = {f"train_{k}": v / steps for k, v in stats.sums.items()}
-    metrics = _all_reduce_mean(metrics)
+    losses = _all_reduce_mean({f"train_{k}": v / steps for k, v in stats.sums.items()})
     iou_types = ("bbox", "segm") if t.cfg.model.detector == "mask_rcnn" else ("bbox",)
     t_eval = time.perf_counter()
-    metrics.update(evaluate(t.model, t.val_set, t.device, t.rank, t.world, t.cfg.train.images_per_worker, iou_types))
-    metrics.update(
+    coco = evaluate(t.model, t.val_set, t.device, t.rank, t.world, t.cfg.train.images_per_worker, iou_types)
+    counters = EpochCounters(
         epoch=epoch + 1,
         iteration=t.iteration,
         lr=t.optimizer.param_groups[0]["lr"],
@@ -456,21 +442,23 @@ def _evaluate_epoch(t: _Training, epoch: int, stats: _EpochStats) -> dict[str, f
         time_train_s=stats.seconds,
         time_eval_s=time.perf_counter() - t_eval,
     )
-    return metrics
+    return epoch_report(counters, losses, coco)
 
 
 def _report(
     t: _Training,
     session: TrainSession,
     epoch: int,
-    metrics: dict[str, float],
+    metrics: EpochReport,
     diagnostics: dict[str, list[torch.Tensor]],
 ) -> None:
     """Rank 0 reports with a checkpoint (and the PISA weight samples), the others without."""
     diag = {k: torch.cat(v) for k, v in diagnostics.items() if v}
+    weights: dict[str, float] = {}
     for k, v in diag.items():
-        metrics[f"pisa_{k}_mean"] = float(v.mean())
-        metrics[f"pisa_{k}_max"] = float(v.max())
+        weights[f"pisa_{k}_mean"] = float(v.mean())
+        weights[f"pisa_{k}_max"] = float(v.max())
+    metrics = with_metrics(metrics, weights)
     if t.rank != 0:
         session.report(metrics, None)
         return
@@ -479,7 +467,7 @@ def _report(
         f"bbox_mAP {metrics.get('bbox_mAP', 0.0):.4f} ({metrics['time_train_s']:.1f}s train)"
     )
     with tempfile.TemporaryDirectory(prefix="pisa-ckpt-") as tmp:
-        save_checkpoint(Path(tmp), t.model, t.optimizer, t.scheduler, t.scaler, epoch, t.iteration, t.cfg, metrics)
+        save_checkpoint(Path(tmp), t, epoch, metrics)
         if diag:
             torch.save(diag, Path(tmp) / DIAGNOSTICS_FILE)
         session.report(metrics, Path(tmp))

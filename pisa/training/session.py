@@ -20,11 +20,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from ..core.epoch_report import EpochReport
 from ..core.errors import NonFiniteLossError
 
 
@@ -38,7 +39,7 @@ class TrainSession(Protocol):
 
     def prepare_model(self, model: nn.Module, find_unused_parameters: bool) -> nn.Module: ...
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
+    def report(self, metrics: EpochReport, checkpoint_dir: Path | None) -> None: ...
 
     def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         """The directory of the checkpoint to continue from after a restart, if any."""
@@ -79,7 +80,7 @@ class RayTrainSession:
             model, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters}
         )
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    def report(self, metrics: EpochReport, checkpoint_dir: Path | None) -> None:
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -115,7 +116,7 @@ class TuneTrialSession:
     def prepare_model(self, model: nn.Module, find_unused_parameters: bool) -> nn.Module:
         return model.to(self.device())
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    def report(self, metrics: EpochReport, checkpoint_dir: Path | None) -> None:
         from ray import tune
 
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None

@@ -19,9 +19,10 @@ from ..core import storage
 from ..core.config import ExperimentConfig
 from ..core.errors import one_line
 from ..core.progress import say
-from ..core.storage import CHECKPOINT_FILE, location_of
+from ..core.storage import location_of
 from ..core.uris import redact
-from ..tracking.lineage import SystemMetrics
+from ..tracking.run_writer import TrainingRun
+from ..tracking.tags import Kind, RunStatus, Status
 from . import signals
 from .cluster import check_cluster_setup, check_fits
 from .device_plan import process_group_backend
@@ -32,7 +33,7 @@ from .ray_runtime import forward_only_worker_output, init_ray_alongside, quiet_l
 @dataclass
 class TrainOutcome:
     run_id: str | None
-    status: str  # FINISHED | FAILED
+    status: str  # a `RunStatus`: FINISHED | FAILED
     metrics: dict[str, Any] = field(default_factory=dict)
     checkpoint_dir: str | None = None
     error: str | None = None
@@ -135,8 +136,8 @@ def build_trainer(
     )
 
 
-def _mlflow_callback(uri: str, run_id: str):
-    """A Ray Train callback (runs in the controller) logging each epoch to MLflow."""
+def _mlflow_callback(run: TrainingRun):
+    """A Ray Train callback (runs in the controller) logging each epoch to the MLflow run."""
     from ray.train import UserCallback
 
     class MlflowEpochLogger(UserCallback):
@@ -144,21 +145,22 @@ def _mlflow_callback(uri: str, run_id: str):
             if not metrics:
                 return
             m = metrics[0]
-            step = int(m.get("epoch", 0))
-            tracking.tracker(uri).log_metrics(run_id, m, step=step)
+            run.log_epoch(m, int(m.get("epoch", 0)))
 
     return MlflowEpochLogger()
 
 
-def log_final_artifacts(uri: str, run_id: str, checkpoint_dir: str | None, log_checkpoint: bool) -> None:
+def log_final_artifacts(run: TrainingRun, checkpoint_dir: str | None, log_checkpoint: bool) -> None:
+    """The PISA weights' histograms of a training's final checkpoint (`plots/`) and, if
+    `log_checkpoint`, the checkpoint itself (`checkpoint/`)."""
     if not checkpoint_dir:
         return
     with storage.local_copy(checkpoint_dir) as ckpt, tempfile.TemporaryDirectory(prefix="pisa-art-") as tmp:
         png = diagnostics_plot(ckpt / DIAGNOSTICS_FILE, Path(tmp) / "pisa_weights.png")
         if png is not None:
-            tracking.tracker(uri).log_artifacts(run_id, [png], "plots")
-        if log_checkpoint and (ckpt / CHECKPOINT_FILE).exists():
-            tracking.tracker(uri).log_artifacts(run_id, [ckpt / CHECKPOINT_FILE, ckpt / "config.json"], "checkpoint")
+            run.log_files([png], "plots")
+        if log_checkpoint:
+            run.log_checkpoint(ckpt)
 
 
 def run_training(
@@ -174,7 +176,7 @@ def run_training(
 ) -> TrainOutcome:
     """Train one config end to end and track it in MLflow; never raises for a failed fit.
     The console shows pisa's progress lines; `verbose` adds Ray's own. `source` names the
-    config in errors (its file)."""
+    config in errors (its file); `tags` are the run's (they may name another `pisa.kind`)."""
     uri = cfg.tracking.resolved_uri()
     check_cluster_setup(address, uri, cfg.storage_path, source)
     tracking.check_reachable(uri)
@@ -193,52 +195,44 @@ def run_training(
         say(waiting)
     if not verbose:  # the workers' progress lines, not Ray's own (they are in its session logs)
         forward_only_worker_output()
-    mlflow_store = tracking.tracker(uri)  # set up beside Ray's start: no wait here
     name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    params = cfg.flat_params()
-    params["data.num_classes"] = num_classes
-    run_id = mlflow_store.start_run(
-        cfg.tracking.experiment, name, params=params, tags={"pisa.kind": "train", **(tags or {})}
-    )
+    # the tracking store was set up beside Ray's start: no wait here
+    run = TrainingRun.start(uri, cfg, name, kind=Kind.TRAIN, tags=tags, params={"data.num_classes": num_classes})
     try:
-        return _fit_tracked(cfg, uri, run_id, name, resume_from, faults, verbose)
+        return _fit_tracked(cfg, run, name, resume_from, faults, verbose)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run is not left RUNNING
-        mlflow_store.set_tags(run_id, {"pisa.status": "interrupted"})
-        mlflow_store.end_run(run_id, "KILLED")
-        say(f"training interrupted; MLflow run {run_id} marked KILLED")
+        run.end(RunStatus.KILLED, status=Status.INTERRUPTED)
+        say(f"training interrupted; MLflow run {run.run_id} marked KILLED")
         raise
 
 
 def _fit_tracked(
     cfg: ExperimentConfig,
-    uri: str,
-    run_id: str,
+    run: TrainingRun,
     name: str,
     resume_from: str | None,
     faults: dict[str, Any] | None,
     verbose: bool,
 ) -> TrainOutcome:
     """The part of `run_training` that runs with its MLflow run open."""
-    mlflow_store = tracking.tracker(uri)
-    mlflow_store.log_text(run_id, cfg.to_yaml(), "config.yaml")
-    mlflow_store.log_datasets(run_id, cfg.data)
-    say(f"MLflow run {run_id} in {redact(uri)}")
+    run.log_config(cfg)
+    say(f"MLflow run {run.run_id} in {redact(run.uri)}")
     trainer = build_trainer(
         cfg,
         name=name,
-        callbacks=[_mlflow_callback(uri, run_id)],
+        callbacks=[_mlflow_callback(run)],
         resume_from=resume_from,
         faults=faults,
         verbose=verbose,
     )
-    system_metrics = SystemMetrics(uri, run_id, cfg.tracking.system_metrics_interval_s)
+    run.start_system_metrics(cfg.tracking.system_metrics_interval_s)
     try:
         result = trainer.fit()
         error = getattr(result, "error", None) or stopped_on(result)
     except Exception as exc:  # TrainingFailedError and friends
         result, error = None, exc
     finally:
-        system_metrics.stop()
+        run.stop_system_metrics()
     if signals.terminated():  # Ray Train aborted the run on the SIGTERM passed on to it
         raise KeyboardInterrupt
     checkpoint_dir = (
@@ -247,13 +241,12 @@ def _fit_tracked(
     metrics = dict(result.metrics or {}) if result is not None else {}
     if error is not None:
         message = one_line(error)
-        mlflow_store.set_tags(run_id, {"pisa.error": message})
-        mlflow_store.end_run(run_id, "FAILED")
+        run.end(RunStatus.FAILED, error=message)
         say(f"training failed: {message}")
-        return TrainOutcome(run_id, "FAILED", metrics, checkpoint_dir, message)
-    log_final_artifacts(uri, run_id, checkpoint_dir, cfg.tracking.log_checkpoint)
-    mlflow_store.end_run(run_id, "FINISHED")
-    return TrainOutcome(run_id, "FINISHED", metrics, checkpoint_dir)
+        return TrainOutcome(run.run_id, str(RunStatus.FAILED), metrics, checkpoint_dir, message)
+    log_final_artifacts(run, checkpoint_dir, cfg.tracking.log_checkpoint)
+    run.end(RunStatus.FINISHED)
+    return TrainOutcome(run.run_id, str(RunStatus.FINISHED), metrics, checkpoint_dir)
 
 
 def diagnostics_plot(diag_file: Path, out_png: Path) -> Path | None:
