@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Ray folds log lines that differ only in their numbers, from any training of this test
+# session, into "[repeated Nx across cluster]": a test reading its own training's progress
+# lines must see them all (read when Ray is first imported, so before any test module)
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
 import pytest
 from helpers import REPO
 from services import MlflowServer, free_port, start_mlflow_server
