@@ -46,6 +46,9 @@ def _trainable(study: Study):
 
 
 def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
+    """The study's `Tuner`, read top to bottom as Ray's Tune examples are: searcher,
+    scheduler, trainable, then the run's settings (over 60 lines: each setting once, with
+    why)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
     from ray.tune.search import ConcurrencyLimiter, Searcher
