@@ -134,7 +134,7 @@ def _retina_case(dtype=torch.float32, scale: float = 1.0):
 
 
 def _retina_head(**kw) -> PISARetinaNetHead:
-    return PISARetinaNetHead(8, 1, 4, **kw)
+    return PISARetinaNetHead(8, 1, 4, ModelConfig(**kw))
 
 
 def _retina_focal():
@@ -213,7 +213,7 @@ def test_mean_over_workers_without_process_group():
 def test_ssd_isr_p_by_hand():
     """1 image, 10 anchors: p0 (shifted 0.5 px: IoU 95/105), p1 (shifted 2 px: IoU 80/120), both
     on one GT of class 1; 8 negatives of which hard mining keeps 3 per positive (6, all ln 4)."""
-    head = PISASSDHead([8], [1], 4, isr_p=ISRPConfig(enabled=True))
+    head = PISASSDHead([8], [1], 4, ModelConfig(isr_p=ISRPConfig(enabled=True)))
     box = torch.tensor([0.0, 0.0, 10.0, 10.0])
     anchors = [torch.stack([box, box] + [box + 30 + 5 * i for i in range(8)])]
     targets = [{"boxes": box[None].clone(), "labels": torch.tensor([1])}]
@@ -243,7 +243,7 @@ def test_every_detector_records_the_same_keys():
     pisa = dict(isr_p=ISRPConfig(enabled=True), carl=CARLConfig(enabled=True))
     retina = _retina_head(**pisa)
     retina.compute_loss(*_retina_case())
-    ssd = PISASSDHead([8], [1], 4, **pisa)
+    ssd = PISASSDHead([8], [1], 4, ModelConfig(**pisa))
     targets, outputs, anchors, matched = _retina_case()
     ssd.compute_loss(targets, outputs, anchors, matched, BoxCoder((10.0, 10.0, 5.0, 5.0)), 3.0)
     heads = _two_stage_heads(isr_p={"enabled": True}, carl={"enabled": True})

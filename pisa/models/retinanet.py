@@ -23,7 +23,7 @@ from torchvision.models.detection.retinanet import (
 from torchvision.ops import sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from pisa.core.config import BoxLossConfig, CARLConfig, ISRPConfig, ModelConfig
+from pisa.core.config import BoxLossConfig, ModelConfig
 from pisa.models.backbones import build_backbone, resolve_norm
 from pisa.models.pisa_loss import (
     AnchorPositives,
@@ -49,15 +49,15 @@ class PISARetinaNetHead(RetinaNetHead):
         in_channels: int,
         num_anchors: int,
         num_classes: int,
+        cfg: ModelConfig | None = None,
         norm_layer=None,
-        isr_p: ISRPConfig | None = None,
-        carl: CARLConfig | None = None,
-        diagnostics: bool = True,
-        box_loss: BoxLossConfig | None = None,
     ):
+        """The PISA settings (`isr_p`, `carl`, `box_loss`, `diagnostics`) come from `cfg`, as
+        `PisaRoIHeads` takes them; without one, plain RetinaNet losses."""
         super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm_layer)
-        self.pisa = PisaLoss(isr_p, carl, diagnostics)
-        self.box_loss = box_loss_fn(box_loss, TORCHVISION_BOX_LOSS)
+        cfg = cfg or ModelConfig()
+        self.pisa = PisaLoss(cfg.isr_p, cfg.carl, cfg.diagnostics)
+        self.box_loss = box_loss_fn(cfg.box_loss, TORCHVISION_BOX_LOSS)
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
         cls_logits = head_outputs["cls_logits"].float()  # (N, A, C)
@@ -123,11 +123,8 @@ def build_retinanet(cfg: ModelConfig, num_classes: int) -> nn.Module:
         backbone.out_channels,
         anchor_generator.num_anchors_per_location()[0],
         num_classes + 1,
+        cfg,
         norm_layer=norm_layer,
-        isr_p=cfg.isr_p,
-        carl=cfg.carl,
-        diagnostics=cfg.diagnostics,
-        box_loss=cfg.box_loss,
     )
     return PISARetinaNet(
         backbone,

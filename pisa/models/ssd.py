@@ -19,7 +19,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD, SSDHead, _vgg_extractor, _xavier_init
 
-from pisa.core.config import BoxLossConfig, CARLConfig, ISRPConfig, ModelConfig
+from pisa.core.config import BoxLossConfig, ModelConfig
 from pisa.core.errors import BackboneLoadError
 from pisa.models.pisa_loss import (
     AnchorPositives,
@@ -141,14 +141,14 @@ class PISASSDHead(SSDHead):
         in_channels: list[int],
         num_anchors: list[int],
         num_classes: int,
-        isr_p: ISRPConfig | None = None,
-        carl: CARLConfig | None = None,
-        diagnostics: bool = True,
-        box_loss: BoxLossConfig | None = None,
+        cfg: ModelConfig | None = None,
     ):
+        """The PISA settings (`isr_p`, `carl`, `box_loss`, `diagnostics`) come from `cfg`, as
+        `PisaRoIHeads` takes them; without one, plain SSD losses."""
         super().__init__(in_channels, num_anchors, num_classes)
-        self.pisa = PisaLoss(isr_p, carl, diagnostics)
-        self.box_loss = box_loss_fn(box_loss, TORCHVISION_BOX_LOSS)
+        cfg = cfg or ModelConfig()
+        self.pisa = PisaLoss(cfg.isr_p, cfg.carl, cfg.diagnostics)
+        self.box_loss = box_loss_fn(cfg.box_loss, TORCHVISION_BOX_LOSS)
 
     def compute_loss(
         self,
@@ -232,10 +232,7 @@ def build_ssd(cfg: ModelConfig, num_classes: int) -> nn.Module:
         _OUT_CHANNELS[cfg.detector],
         anchor_generator.num_anchors_per_location(),
         num_classes + 1,
-        isr_p=cfg.isr_p,
-        carl=cfg.carl,
-        diagnostics=cfg.diagnostics,
-        box_loss=cfg.box_loss,
+        cfg,
     )
     return PISASSD(
         backbone,
