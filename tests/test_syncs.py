@@ -1,0 +1,36 @@
+"""The host-sync ops of a training step stay under their ceilings (benchmarks/bench_syncs.py).
+
+A count is deterministic, not a timing: each `.item()`, `nonzero`, `masked_select` or
+`unique` in a step is a wait for the GPU there, and a change that adds one shows here. The
+ceilings are the counts measured on 2026-12-02 (RESULTS.md, bench_syncs); lower them when a
+change removes syncs."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+CEILINGS = {
+    ("faster_rcnn", "baseline"): 56,
+    ("faster_rcnn", "isr_p+carl"): 58,
+    ("faster_rcnn", "isr_p+carl+isr_n"): 69,
+    ("retinanet", "baseline"): 11,
+    ("retinanet", "isr_p+carl"): 13,
+}
+
+
+@pytest.mark.slow
+def test_host_syncs_per_step_stay_under_their_ceilings():
+    import bench_syncs
+
+    counts = bench_syncs.measure(bench_syncs.parse_args(["--size", "128", "--proposals", "200", "--rois", "64"]))
+    found = {(d, v): c["total"] for d, by_variant in counts.items() for v, c in by_variant.items()}
+    assert set(found) == set(CEILINGS)
+    over = {k: (found[k], ceiling) for k, ceiling in CEILINGS.items() if found[k] > ceiling}
+    assert not over, f"more host syncs per step than before (found, ceiling): {over}"
+    # PISA's own share: ISR-P + CARL add item() reads, ISR-N adds nonzero selections
+    assert found[("faster_rcnn", "isr_p+carl+isr_n")] > found[("faster_rcnn", "isr_p+carl")]
