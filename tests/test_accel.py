@@ -309,3 +309,23 @@ def test_train_seed_changes_the_data_order(tmp_path):
     other = _loader(tmp_path, seed=0, num_workers=0, rank=1)
     seed_loader_for_epoch(other, 0, 0, 1)
     assert sorted(orders[0] + [x for x, _ in _epoch(other)]) == [float(i) for i in range(12)]
+
+
+def test_faults_come_as_a_session_wrapper_and_leave_the_session_alone_otherwise(tmp_path):
+    """A test's faults wrap the worker's session: the loss is NaN exactly at the asked global
+    iteration (and each NaN noted), every other step and call goes to the real session."""
+    import math
+
+    from pisa.training.faults import FaultInjectingSession, with_faults
+    from pisa.training.session import TuneTrialSession
+
+    real = TuneTrialSession(use_gpu=False)
+    assert with_faults(real, None) is real and with_faults(real, {}) is real
+    log = tmp_path / "nan.log"
+    session = with_faults(real, {"nan_at": 3, "nan_log": str(log)})
+    assert isinstance(session, FaultInjectingSession) and session.rank == 0 and session.world_size == 1
+    assert session.device() == torch.device("cpu")
+    losses = [float(session.step_loss(torch.tensor(2.0), i)) for i in range(5)]
+    assert [math.isnan(v) for v in losses] == [False, False, False, True, False]
+    assert losses[0] == 2.0 and log.read_text() == "rank 0\n"
+    session.before_step(0, 0)  # no kill or stall asked: returns

@@ -40,7 +40,7 @@ from .device_plan import (
     optimizer_step,
     plan_for,
 )
-from .faults import Faults
+from .faults import with_faults
 from .ray_runtime import quiet_ray_train_worker
 from .session import RayTrainSession, TrainSession
 
@@ -248,12 +248,12 @@ def run_worker(config: dict[str, Any], session: TrainSession) -> str | None:
     the same step again. Every worker sees it at the same step (`_all_finite`) and the
     session ends the training without a restart (`TrainSession.stop_on`): a Ray Train
     worker returns its message, which Ray Train would otherwise retry as a failure."""
+    session = with_faults(session, config.get("faults"))  # a test's faults, around the session
     t = _build(ExperimentConfig.model_validate(config["experiment"]), session)
     start_epoch = _restore(t, session, config.get("resume_from"))
-    faults = Faults(**(config.get("faults") or {}))
     try:
         for epoch in range(start_epoch, t.epochs):
-            stats = _train_epoch(t, epoch, faults)
+            stats = _train_epoch(t, session, epoch)
             metrics = _evaluate_epoch(t, epoch, stats)
             _report(t, session, epoch, metrics, stats.diagnostics)
     except NonFiniteLossError as exc:
@@ -379,7 +379,7 @@ def _restore(t: _Training, session: TrainSession, resume_from: str | None) -> in
     return start_epoch
 
 
-def _train_epoch(t: _Training, epoch: int, faults: Faults) -> _EpochStats:
+def _train_epoch(t: _Training, session: TrainSession, epoch: int) -> _EpochStats:
     cfg, rank = t.cfg, t.rank
     seed_everything(epoch_seed(cfg.train.seed, epoch, rank))
     seed_loader_for_epoch(t.loader, cfg.train.seed, epoch, rank)
@@ -388,11 +388,11 @@ def _train_epoch(t: _Training, epoch: int, faults: Faults) -> _EpochStats:
     stats = _EpochStats(defaultdict(float), 0, 0, 0.0, defaultdict(list))
     t_epoch = time.perf_counter()
     for step, (images, targets) in enumerate(t.loader):
-        faults.at_step(epoch, step, rank)
+        session.before_step(epoch, step)
         images, targets = _to_device(images, targets, t.device)
         with torch.autocast(t.device.type, dtype=t.plan.autocast_dtype, enabled=t.plan.amp):
             losses = t.model(images, targets)
-        loss = faults.poisoned(sum(losses.values()), t.iteration, t.rank)
+        loss = session.step_loss(sum(losses.values()), t.iteration)
         if not _all_finite(loss):
             detail = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
             where = f"total={float(loss)} ({detail})" if not torch.isfinite(loss) else "on another worker"

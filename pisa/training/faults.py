@@ -1,5 +1,7 @@
-"""Faults a test injects into the train loop (`config["faults"]`): a NaN loss at a global
-iteration, a worker killed or stalled mid-epoch. Nothing here runs unless a test asks."""
+"""Faults a test injects into a training (`config["faults"]`): a NaN loss at a global
+iteration, a worker killed or stalled mid-epoch. They come in as a session wrapper
+(`with_faults`) around the worker's real session: the train loop knows nothing of them,
+and nothing here runs unless a test asks."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,3 +59,27 @@ def maybe_inject_failure(spec: str | None, epoch: int, iteration: int, rank: int
         Path(marker).write_text("killed\n")
         say(f"fault injection: killing this worker at epoch {epoch} iteration {iteration}")
         os._exit(1)
+
+
+class FaultInjectingSession:
+    """A `TrainSession` that passes everything to `inner` and injects `faults` at its
+    per-step hooks: the kill or stall before a step, the NaN in a step's loss."""
+
+    def __init__(self, inner: Any, faults: Faults):
+        self.inner, self.faults = inner, faults
+        self.rank, self.world_size = inner.rank, inner.world_size
+
+    def __getattr__(self, name: str) -> Any:  # device, prepare_model, report, ...: the inner's
+        return getattr(self.inner, name)
+
+    def before_step(self, epoch: int, step: int) -> None:
+        self.faults.at_step(epoch, step, self.rank)
+        self.inner.before_step(epoch, step)
+
+    def step_loss(self, loss: torch.Tensor, iteration: int) -> torch.Tensor:
+        return self.inner.step_loss(self.faults.poisoned(loss, iteration, self.rank), iteration)
+
+
+def with_faults(session: Any, spec: dict[str, Any] | None) -> Any:
+    """`session` itself, or wrapped in the faults a test's `config["faults"]` asks for."""
+    return FaultInjectingSession(session, Faults(**spec)) if spec else session
