@@ -176,10 +176,10 @@ class MlflowStudyLogger(TrainingRunsCallback):
         known = {t.trial_id for t in trials}
         c = self.tracker.client
         for trial in trials:  # stopped by Ctrl-C or SIGTERM: not left RUNNING in MLflow
+            # (a trial that ended has its run ended already; Tune calls a trial it stopped
+            # on Ctrl-C TERMINATED too, so MLflow's status is what tells them apart)
             run = self.runs.get(trial.trial_id)
-            if trial.status in ("TERMINATED", "ERROR") or run is None:
-                continue
-            if c.get_run(run.run_id).info.status == RunStatus.RUNNING:
+            if run is not None and c.get_run(run.run_id).info.status == RunStatus.RUNNING:
                 run.end(RunStatus.KILLED, status=Status.INTERRUPTED)
         for found in self.tracker.children(self.study.base_config.tracking.experiment, self.parent_run_id):
             trial_id = found.data.tags.get(tag.TRIAL)
