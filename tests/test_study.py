@@ -142,8 +142,11 @@ def _one_trial_histories(tmp: Path, data_dir: Path, name: str, trial_process: st
     )
     study = load_study(path)
     outcome = run_study(study)
-    # only a Ray Train trial writes a Ray Train run of its own under the study's trials/
-    assert (Path(study_dir(study)) / "trials").exists() == (trial_process == "ray_train")
+    # only a Ray Train trial writes a Ray Train run of its own (its checkpoints) under the
+    # study's trials/; beside it, each trial's done mark
+    written = {p.name for p in (Path(study_dir(study)) / "trials").rglob("*") if p.is_file()}
+    assert "pisa_done.json" in written
+    assert ("checkpoint.pt" in written) == (trial_process == "ray_train"), written
     (trial,) = outcome.trials
     assert trial.status == "finished", trial.error
     c = tracking.client(outcome.tracking_uri)

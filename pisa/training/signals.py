@@ -9,7 +9,9 @@ command exits 143 (128 + SIGTERM) instead of 130.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 from types import FrameType
 
 _received: list[int] = []
@@ -37,11 +39,29 @@ def reinstall() -> None:
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     _received.append(signum)
+    if _interrupt_at_once:
+        raise KeyboardInterrupt
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, frame)
     else:  # SIGINT ignored or left to the system: stop here all the same
         raise KeyboardInterrupt
+
+
+_interrupt_at_once = False
+
+
+@contextlib.contextmanager
+def interrupting_at_once() -> Iterator[None]:
+    """SIGTERM as a `KeyboardInterrupt` right where the main thread is, not through the SIGINT
+    handler of the moment: Ray Train's (in `TorchTrainer.fit`) aborts the run and then exits
+    the process itself, before the caller can mark its MLflow run."""
+    global _interrupt_at_once
+    before, _interrupt_at_once = _interrupt_at_once, True
+    try:
+        yield
+    finally:
+        _interrupt_at_once = before
 
 
 def terminated() -> bool:

@@ -227,14 +227,13 @@ def _fit_tracked(
     )
     run.start_system_metrics(cfg.tracking.system_metrics_interval_s)
     try:
-        result = trainer.fit()
+        with signals.interrupting_at_once():  # SIGTERM: the caller marks the run, Ray stops with us
+            result = trainer.fit()
         error = getattr(result, "error", None) or stopped_on(result)
     except Exception as exc:  # TrainingFailedError and friends
         result, error = None, exc
     finally:
         run.stop_system_metrics()
-    if signals.terminated():  # Ray Train aborted the run on the SIGTERM passed on to it
-        raise KeyboardInterrupt
     checkpoint_dir = (
         location_of(result.checkpoint.path, cfg.storage_path) if result is not None and result.checkpoint else None
     )
