@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import tracking
+from ..core import storage
 from ..core.errors import PisaError, StudyError
 from ..tracking import tags as tag
 from ..tracking.tags import RunStatus, Status
@@ -103,14 +104,21 @@ class StudyListing:
 
 
 def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]:
-    """The studies under `storage_path` (one directory each), newest first, read from MLflow."""
-    root = Path(storage_path)
-    if not root.is_dir():
-        raise StudyError(f"no study storage at {root}")
+    """The studies under `storage_path` (one directory each; a local path or a URI such as
+    `s3://bucket/pisa`), newest first, read from MLflow."""
+    import pyarrow.fs as pafs
+
+    root = storage.normalize(storage_path)
+    if not storage.exists(root):
+        raise StudyError(f"no study storage at {storage_path}")
+    fs, path = storage._fs(root)
     states: list[StudyState] = []
-    for path in root.glob(f"*/{STATE_FILE}"):
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        state_file = storage.join(root, info.base_name, STATE_FILE)
+        if info.type != pafs.FileType.Directory or not storage.exists(state_file):
+            continue
         try:
-            states.append(StudyState.model_validate_json(path.read_text()))
+            states.append(StudyState.model_validate_json(storage.read_text(state_file)))
         except (OSError, ValueError):  # not a study's state (pydantic's errors are ValueErrors)
             continue
     states.sort(key=lambda st: st.created, reverse=True)
