@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..core.errors import ConfigError
 from ..core.progress import say
-from ..training.cluster import check_fits
+from ..training.cluster import check_fits, worker_resources
 from ..training.ray_runtime import DRIVER_RESOURCE
 from .loading import Study
 from .trial import trains_in_trial
@@ -37,11 +37,10 @@ def trial_resources(study: Study, in_trial: bool | None = None) -> dict[str, flo
 
 def check_trial_fits(study: Study, address: str | None) -> None:
     """One trial's training must fit the cluster, or the study would wait forever."""
-    res = study.cfg.resources_per_trial
-    per_worker = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker, **res.resources_per_worker}
+    exp = study.base_config  # its train.* are the study's resources_per_trial (see loading)
     waiting = check_fits(
-        res.workers,
-        per_worker,
+        exp.train.workers,
+        worker_resources(exp),
         address,
         f"{study.source}: resources_per_trial",
         hint="on CPUs: gpus_per_worker: 0; fewer workers: workers: N",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 from ..core import storage
+from ..core.config import ExperimentConfig
 from ..core.errors import ConfigError
 
 LOCAL_TRACKING_SCHEMES = ("sqlite", "file", "")
@@ -41,6 +42,15 @@ def check_cluster_setup(address: str | None, tracking_uri: str, storage_path: st
     return notes
 
 
+def worker_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What one worker asks Ray for: its CPUs, (a fraction of) a GPU, any custom resources."""
+    resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    resources.update(cfg.train.resources_per_worker)
+    return resources
+
+
 def _fmt(resources: dict[str, float], zeros: bool = False) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if v or zeros) or "nothing"
 
@@ -62,11 +72,12 @@ def check_fits(
     wanted = {k: v for k, v in per_worker.items() if v}
     need = {k: v * workers for k, v in wanted.items()}
     one_fits = any(all(node.get(k, 0.0) >= v for k, v in wanted.items()) for node in nodes)
-    if one_fits and all(total.get(k, 0.0) >= v for k, v in need.items()):
+    enough_in_all = all(total.get(k, 0.0) >= v for k, v in need.items())
+    if one_fits and enough_in_all:
         return None
     shown = {k: total.get(k, 0.0) for k in need}
     what = f"{workers} worker(s) x {_fmt(wanted)} = {_fmt(need)}; the Ray cluster has {_fmt(shown, zeros=True)}"
-    if not one_fits and all(total.get(k, 0.0) >= v for k, v in need.items()):
+    if not one_fits and enough_in_all:
         what += " but no node holds one worker's share"
     if address is None:
         raise ConfigError(f"{source}: the training needs {what}{f' ({hint})' if hint else ''}")

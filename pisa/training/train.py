@@ -24,7 +24,7 @@ from ..core.uris import redact
 from ..tracking.run_writer import TrainingRun
 from ..tracking.tags import Kind, RunStatus, Status
 from . import signals
-from .cluster import check_cluster_setup, check_fits
+from .cluster import check_cluster_setup, check_fits, worker_resources
 from .device_plan import process_group_backend
 from .engine import DIAGNOSTICS_FILE, stopped_on, train_loop_per_worker
 from .ray_runtime import forward_only_worker_output, init_ray_alongside, quiet_libraries
@@ -74,15 +74,6 @@ def start_ray_with_data(cfg: ExperimentConfig, uri: str, address: str | None, **
         return num_classes
 
     return init_ray_alongside(prepare, address, **init_kwargs)
-
-
-def worker_resources(cfg: ExperimentConfig) -> dict[str, float]:
-    """What one worker asks Ray for: its CPUs, (a fraction of) a GPU, any custom resources."""
-    resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
-    if cfg.train.use_gpu:
-        resources["GPU"] = cfg.train.gpus_per_worker
-    resources.update(cfg.train.resources_per_worker)
-    return resources
 
 
 def scaling_config(cfg: ExperimentConfig):
