@@ -6,6 +6,7 @@ import argparse
 import atexit
 import os
 import sys
+import time
 from pathlib import Path
 from typing import cast
 
@@ -102,6 +103,21 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("name")
     report.add_argument("--storage-path", default="ray_results")
     report.set_defaults(func=_study_report)
+
+    cmp = sub.add_parser("compare", help="train configs on the same seeds; compare each with the first, with intervals")
+    cmp.add_argument("configs", nargs="+", metavar="CONFIG", help="training config YAMLs; the first is the reference")
+    _add_grid_options(cmp, "compare-<time>")
+    cmp.set_defaults(func=_compare)
+
+    paper = sub.add_parser("paper", help="the paper's table: each PISA config against its baseline, over N seeds")
+    paper.add_argument(
+        "--detectors",
+        default="all",
+        help="comma-separated rows (faster_rcnn_r50, retinanet_r50, ...) or all (default)",
+    )
+    paper.add_argument("--configs", default="configs", help="directory of the paired configs (default configs/)")
+    _add_grid_options(paper, "paper-<time>")
+    paper.set_defaults(func=_paper)
 
     pred = sub.add_parser("predict", help="run a trained detector on images: COCO results JSON, drawn PNGs")
     pred.add_argument("model", help="models:/NAME@champion, an MLflow run id, or a checkpoint file/directory")
@@ -288,7 +304,8 @@ def _noise_note(outcome, name: str) -> str:
 
 
 def _study_validate(args: argparse.Namespace) -> int:
-    from .study.validate import format_validation, validate_study
+    from .study.comparison import format_validation
+    from .study.validate import validate_study
 
     result = validate_study(
         args.name,
@@ -322,6 +339,61 @@ def _reproduce(args: argparse.Namespace) -> int:
     result = reproduce(args.source, tracking_uri=args.tracking_uri, address=args.address, overrides=args.overrides)
     print(format_comparison(result))
     return 0 if result.status == "FINISHED" else 1
+
+
+def _add_grid_options(p: argparse.ArgumentParser, default_name: str) -> None:
+    """What `compare` and `paper` share: seeds, overrides, name, storage, metric, cluster."""
+    p.add_argument("--seeds", type=int, default=3, help="seeds per config, the same for all (default 3)")
+    p.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
+    _add_set(p)
+    p.add_argument("--name", help=f"name (default {default_name}); the same name again continues a cut-short run")
+    p.add_argument("--storage-path", default="ray_results")
+    p.add_argument("--metric", default="bbox_mAP", help="the final-epoch metric compared (default bbox_mAP)")
+    p.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the trainings' and Ray's output")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .study.compare import load_entries, run_compare, seed_list
+    from .study.comparison import format_per_class, format_validation
+
+    entries = load_entries(args.configs, args.overrides)
+    result = run_compare(
+        entries,
+        seeds=seed_list(args.seeds, args.first_seed),
+        name=args.name,
+        storage_path=args.storage_path,
+        metric=args.metric,
+        address=args.address,
+        verbose=args.verbose,
+    )
+    print(format_validation(result))
+    print(format_per_class(result), end="")
+    print(f"logged to MLflow run {result.run_id} ({result.tracking_uri})")
+    return 0 if result.ok else 1
+
+
+def _paper(args: argparse.Namespace) -> int:
+    from .study.compare import run_compare, seed_list
+    from .study.paper import format_paper, log_paper, paper_entries, paper_rows
+
+    detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
+    entries, pairs = paper_entries(args.configs, detectors, args.overrides)
+    result = run_compare(
+        entries,
+        seeds=seed_list(args.seeds, args.first_seed),
+        name=args.name or f"paper-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage_path=args.storage_path,
+        metric=args.metric,
+        address=args.address,
+        verbose=args.verbose,
+        title="PISA vs baseline",
+    )
+    rows = paper_rows(result, entries, pairs)
+    log_paper(result, rows)
+    print(format_paper(result, rows))
+    print(f"logged to MLflow run {result.run_id} ({result.tracking_uri})")
+    return 0 if result.ok else 1
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "TrackingConfig",
     "ExperimentConfig",
+    "ReferenceConfig",
     "load_yaml",
     "apply_overrides",
     "load_config",
@@ -315,6 +316,17 @@ class TrackingConfig(StrictModel):
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+class ReferenceConfig(StrictModel):
+    """The published result a config reproduces: `pisa paper` prints it beside what was
+    trained. A PISA config names its baseline config (a file in the same directory)."""
+
+    row: str = Field(description="the paper table's row this config belongs to, e.g. faster_rcnn_r50")
+    source: str = Field(description="where the numbers and the set-up come from")
+    metrics: dict[str, float] = Field(description="the reference's final metrics, e.g. {bbox_mAP: 0.384}")
+    baseline: str | None = Field(None, description="for a PISA config: its baseline config's file name")
+    budget: str = Field("COCO 2017 train, 12 epochs", description="what the reference trained on, for how long")
+
+
 class ExperimentConfig(StrictModel):
     """One training run: detector + data + schedule + tracking."""
 
@@ -328,6 +340,7 @@ class ExperimentConfig(StrictModel):
         description="Ray checkpoints and study state: a directory "
         "or a pyarrow.fs URI (s3://bucket/path, gs://..., file://...)",
     )
+    reference: ReferenceConfig | None = None
 
     def to_yaml(self) -> str:
         """The config as logged (`config.yaml`): credentials come from the environment,
@@ -372,8 +385,9 @@ class ExperimentConfig(StrictModel):
         return out
 
     def flat_params(self) -> dict[str, Any]:
-        """The whole config flattened to dotted keys (MLflow params)."""
-        return flatten(self.model_dump(mode="json"))
+        """The whole config flattened to dotted keys (MLflow params); the published reference
+        is not a parameter of the training (it stays in the logged config.yaml)."""
+        return flatten(self.model_dump(mode="json", exclude={"reference"}))
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

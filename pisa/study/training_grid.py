@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import tracking
 from ..core import storage
+from ..core.checkpoint import CHECKPOINT_FILE
 from ..core.config import ExperimentConfig
 from ..core.errors import one_line
 from ..core.progress import say
@@ -29,10 +30,11 @@ from ..core.storage import location_of
 from ..core.uris import public_uri
 from ..tracking.run_writer import TrainingRun
 from ..tracking.tags import GRID_JOB, RunStatus
+from . import trial_recovery
 from .layout import FAILED_MARK
 from .run_callback import TrainingRunsCallback
 from .seeds import CHECKPOINT_PATH_KEY
-from .trial import failing_at_once_on_retry, fit_in_trial, trial_error
+from .trial import driver_fault, failing_at_once_on_retry, fit_in_trial, trial_error
 
 if TYPE_CHECKING:
     from ..training.train import TrainOutcome
@@ -48,6 +50,10 @@ class GridTraining:
     run_name: str
     tags: dict[str, str] = field(default_factory=dict)
     faults: dict[str, Any] | None = None  # test-only fault injection (see `pisa.training.faults`)
+    # where the grid's trainings differ (`pisa compare`): this one's own, else the grid's
+    in_trial: bool | None = None
+    resources: dict[str, float] | None = None
+    num_classes: int | None = None
 
 
 def slug(label: str) -> str:
@@ -59,16 +65,21 @@ def _train_one(
     config: dict[str, Any],
     experiments: list[dict[str, Any]],
     faults: list[dict[str, Any] | None],
-    in_trial: bool,
+    in_trial: list[bool],
     score: tuple[str, str],
 ):
     """Tune function trainable: the grid's training number `config["job"]`."""
     from ray import tune
 
-    exp = ExperimentConfig.model_validate(experiments[config["job"]])
+    job = config["job"]
+    exp = ExperimentConfig.model_validate(experiments[job])
     trial_id = tune.get_context().get_trial_id()
+    final = trial_recovery.read_done_mark(storage.join(exp.storage_path, trial_id, trial_recovery.DONE_MARK))
+    if final is not None:  # it ended before a driver was lost: report its end, train nothing
+        tune.report(final)
+        return
     with failing_at_once_on_retry(storage.join(exp.storage_path, trial_id, FAILED_MARK)):
-        fit_in_trial(exp, name=trial_id, in_trial=in_trial, checkpoint_score=score, faults=faults[config["job"]])
+        fit_in_trial(exp, name=trial_id, in_trial=in_trial[job], checkpoint_score=score, faults=faults[job])
 
 
 class GridLogger(TrainingRunsCallback):
@@ -81,9 +92,37 @@ class GridLogger(TrainingRunsCallback):
         self.metric = metric
         self.last: dict[int, dict[str, Any]] = {}
         self.done = 0
+        self.reconciled = True  # until `setup` (a fresh or a resumed grid)
 
     def key(self, trial) -> int:
         return int(trial.config["job"])
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+        """A resumed grid (`pisa compare` run again) keeps its trainings' runs and the
+        epochs they logged; only the trainings that had not finished train again."""
+        experiment = self.trainings[0].experiment.tracking.experiment
+        for run in self.tracker.children(experiment, self.parent_run_id):
+            job = run.data.tags.get(JOB_TAG)
+            if job is not None and job.isdigit():
+                logged = int(run.data.metrics.get("epoch", 0) or 0)
+                self.runs[int(job)] = TrainingRun(self.uri, run.info.run_id, logged_epoch=logged)
+        self.reconciled = False
+
+    def on_step_begin(self, iteration, trials, **info):
+        """Once, before a resumed grid starts a training: every restored training pointed at
+        a checkpoint that exists (`pisa.study.trial_recovery`)."""
+        if getattr(self, "reconciled", True):
+            return
+        self.reconciled = True
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR"):
+                continue
+            known = self.runs.get(self.key(trial))
+            repair = trial_recovery.repair_restored_trial(
+                trial, CHECKPOINT_FILE, known.logged_epoch if known is not None else 0
+            )
+            if repair is not None:
+                say(repair.line())
 
     def _create_run(self, trial) -> TrainingRun:
         job = self.key(trial)
@@ -93,7 +132,7 @@ class GridLogger(TrainingRunsCallback):
             t.experiment,
             t.run_name,
             tags={**t.tags, JOB_TAG: str(job)},
-            params={"data.num_classes": self.num_classes},
+            params={"data.num_classes": t.num_classes if t.num_classes is not None else self.num_classes},
             parent_run_id=self.parent_run_id,
         )
         run.log_config(t.experiment)
@@ -110,7 +149,13 @@ class GridLogger(TrainingRunsCallback):
         self.last[self.key(trial)] = dict(result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        exp = self.trainings[self.key(trial)].experiment
+        last = self.last.get(self.key(trial))
+        if last is not None:  # survives the driver: a resumed grid does not train it again
+            mark = storage.join(exp.storage_path, trial.trial_id, trial_recovery.DONE_MARK)
+            trial_recovery.write_done_mark(mark, _json_result(last))
         self._finished(trial, None)
+        driver_fault("trial_complete")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finished(trial, trial_error(trial))
@@ -128,6 +173,11 @@ class GridLogger(TrainingRunsCallback):
         say(f"training {self.done}/{len(self.trainings)}: {t.run_name}: {shown}")
 
 
+def _json_result(result: dict[str, Any]) -> dict[str, Any]:
+    """A Tune result's numbers and strings: what a done mark keeps and reports again."""
+    return {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) and not k.startswith("_")}
+
+
 def train_grid(
     trainings: list[GridTraining],
     *,
@@ -141,10 +191,12 @@ def train_grid(
     max_failures: int,
     score: tuple[str, str],
     num_classes: int,
+    resume: bool = False,
 ) -> list[TrainOutcome]:
     """Train every config of `trainings` (in order, `concurrent` at a time) as the trials of
-    one Tune run under `storage_path/name`; their outcomes, in the same order. (Over 60 lines:
-    most are its keyword arguments and the Tuner's settings, each spelled out once.)"""
+    one Tune run under `storage_path/name`; their outcomes, in the same order. `resume`
+    continues that run: finished trainings stay, the others go on from their last
+    checkpoint. (Over 60 lines: most are the Tuner's settings, each spelled out once.)"""
     from ray import tune
 
     from ..training.train import TrainOutcome  # torch (the train loop's module)
@@ -153,35 +205,45 @@ def train_grid(
         return []
     experiments = [t.experiment.model_dump(mode="json") for t in trainings]
     dir_names = [slug(t.run_name) for t in trainings]
-    logger = GridLogger(public_uri(uri), parent_run_id, trainings, num_classes, score[0])
+    own_process = [in_trial if t.in_trial is None else t.in_trial for t in trainings]
+    held = [resources if t.resources is None else t.resources for t in trainings]
     trainable = tune.with_resources(
         tune.with_parameters(
-            _train_one, experiments=experiments, faults=[t.faults for t in trainings], in_trial=in_trial, score=score
+            _train_one, experiments=experiments, faults=[t.faults for t in trainings], in_trial=own_process, score=score
         ),
-        resources,
+        lambda config: held[config["job"]],
     )
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"job": tune.grid_search(list(range(len(trainings))))},
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=concurrent,
-            reuse_actors=in_trial,  # a reused actor has torch imported and the data cached
-            trial_dirname_creator=lambda trial: f"{trial.trial_id}-{dir_names[trial.config['job']]}",
-        ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage_path,
-            callbacks=[logger],
-            failure_config=tune.FailureConfig(max_failures=max_failures),
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=trainings[0].experiment.train.keep_checkpoints,
-                checkpoint_score_attribute=score[0],
-                checkpoint_score_order=score[1],
+    if resume:
+        tuner = tune.Tuner.restore(
+            storage.join(storage_path, name),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"job": tune.grid_search(list(range(len(trainings))))},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=concurrent,
+                reuse_actors=all(own_process),  # a reused actor has torch imported and the data cached
+                trial_dirname_creator=lambda trial: f"{trial.trial_id}-{dir_names[trial.config['job']]}",
             ),
-            log_to_file=True,
-            verbose=0,
-        ),
-    )
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                callbacks=[GridLogger(public_uri(uri), parent_run_id, trainings, num_classes, score[0])],
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=trainings[0].experiment.train.keep_checkpoints,
+                    checkpoint_score_attribute=score[0],
+                    checkpoint_score_order=score[1],
+                ),
+                log_to_file=True,
+                verbose=0,
+            ),
+        )
     results = tuner.fit()
     # the runs by their job tag: through Ray Client the logger ran on the cluster, not here
     run_ids = {

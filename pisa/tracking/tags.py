@@ -31,6 +31,7 @@ VALIDATION_RUN_ID = "pisa.validation_run_id"  # on the study's run: its latest v
 VARIANT = "pisa.variant"
 SEED = "pisa.seed"
 GRID_JOB = "pisa.grid_job"  # a training's index in its grid
+COMPARE = "pisa.compare"  # a compare's name (on its own run and its trainings')
 
 # reproductions, registered models, lineage
 REPRODUCES = "pisa.reproduces"  # the run a reproduction reruns
@@ -56,6 +57,8 @@ class Kind(StrEnum):
     REPRODUCE = "reproduce"  # `pisa reproduce`
     VALIDATION = "validation"  # `pisa study validate`'s own run
     VALIDATION_TRAINING = "validation_training"  # one training of a validation, nested under it
+    COMPARE = "compare"  # `pisa compare`'s (and `pisa paper`'s) own run
+    COMPARE_TRAINING = "compare_training"  # one training of a compare, nested under it
 
 
 class Status(StrEnum):

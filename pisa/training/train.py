@@ -51,13 +51,18 @@ class TrainOutcome:
 def prepare_data(cfg: ExperimentConfig) -> int:
     """Generate the synthetic set if asked, and validate the annotations once on the driver,
     so a corrupt file fails before any worker starts. Returns the number of classes."""
+    return prepare_data_sizes(cfg)[0]
+
+
+def prepare_data_sizes(cfg: ExperimentConfig) -> tuple[int, int]:
+    """`prepare_data`, returning (classes, training images): what an epoch of it trains on."""
     from ..data import build_dataset, ensure_synthetic  # torchvision, pycocotools: where the data is prepared
 
     if cfg.data.synthetic is not None:
         ensure_synthetic(cfg.data.synthetic)
     train = build_dataset(cfg.data, "train", train=False)
     build_dataset(cfg.data, "val", train=False)
-    return train.num_classes
+    return train.num_classes, len(train)
 
 
 def start_ray_with_data(cfg: ExperimentConfig, uri: str, address: str | None, **init_kwargs: Any) -> int:
