@@ -21,9 +21,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m pisa.cli study run studies/quickstart.yaml --set name=quickstart-$$(date +%Y%m%d-%H%M%S)
 
-# lint, format, types and the layers first (seconds), then the suite
+# lint, format, types and the layers first (seconds), then the suite on 2 workers: much of a
+# test's time is waiting (processes and Ray starting, servers, checkpoints), which the other
+# worker fills; a file runs whole on one worker (its module fixtures are built once)
+TEST_WORKERS ?= 2
 test: $(STAMP) lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -32,7 +35,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_hlr.py

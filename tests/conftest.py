@@ -21,6 +21,29 @@ def find_bccd() -> Path:
     return Path(env) if env else REPO / "datasets" / "bccd"
 
 
+# Seconds per file in a serial run (benchmarks/RESULTS.md, "The suite per file"): `make test`
+# runs the files on 2 pytest-xdist workers, a file per worker at a time (`--dist loadfile`),
+# and hands them out longest first, so that no long file starts last and runs alone
+FILE_SECONDS = {
+    "test_recovery.py": 480,
+    "test_train.py": 330,
+    "test_cluster.py": 310,
+    "test_study.py": 300,
+    "test_seeds.py": 190,
+    "test_learning.py": 185,
+    "test_compare.py": 110,
+    "test_training_grid.py": 100,
+    "test_accel.py": 80,
+    "test_model.py": 65,
+    "test_postgres_mlflow.py": 55,
+}
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest files first (stable within a file and among the short ones)."""
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))
+
+
 @pytest.fixture(scope="session")
 def bccd_dir() -> Path:
     path = find_bccd()

@@ -37,8 +37,10 @@ from pisa.training.engine import _to_device, build_train_loader, seed_loader_for
 
 def test_defaults_turn_the_gpu_path_on_for_cuda_only():
     train = TrainConfig()
-    gpu, cpu = plan_for(train, "cuda", 8), plan_for(train, "cpu", 2)
-    assert gpu.autocast_dtype == torch.float16 and gpu.grad_scaler
+    gpu, cpu = plan_for(train, "cuda", 8, bf16_supported=True), plan_for(train, "cpu", 2)
+    assert gpu.autocast_dtype == torch.bfloat16 and not gpu.grad_scaler  # Ampere and later
+    old_gpu = plan_for(train, "cuda", 8, bf16_supported=False)
+    assert old_gpu.autocast_dtype == torch.float16 and old_gpu.grad_scaler  # Volta, Turing
     assert gpu.channels_last and gpu.sync_batchnorm and gpu.pin_memory
     assert cpu.autocast_dtype is None and not cpu.grad_scaler
     assert not cpu.channels_last and not cpu.sync_batchnorm and not cpu.pin_memory
@@ -51,18 +53,20 @@ def test_amp_on_cpu_is_bfloat16_without_a_scaler():
 
 
 @pytest.mark.parametrize(
-    "amp, amp_dtype, device, dtype, scaler",
+    "amp, amp_dtype, device, bf16, dtype, scaler",
     [
-        ("auto", "auto", "cuda", torch.float16, True),
-        ("auto", "bfloat16", "cuda", torch.bfloat16, False),
-        (True, "float16", "cpu", torch.float16, True),
-        (True, "auto", "cpu", torch.bfloat16, False),
-        (False, "float16", "cuda", None, False),
-        ("auto", "float16", "cpu", None, False),
+        ("auto", "auto", "cuda", True, torch.bfloat16, False),
+        ("auto", "auto", "cuda", False, torch.float16, True),
+        ("auto", "float16", "cuda", True, torch.float16, True),
+        ("auto", "bfloat16", "cuda", True, torch.bfloat16, False),
+        (True, "float16", "cpu", None, torch.float16, True),
+        (True, "auto", "cpu", None, torch.bfloat16, False),
+        (False, "float16", "cuda", True, None, False),
+        ("auto", "float16", "cpu", None, None, False),
     ],
 )
-def test_grad_scaler_only_for_float16(amp, amp_dtype, device, dtype, scaler):
-    assert autocast_dtype(amp, amp_dtype, device) == dtype
+def test_grad_scaler_only_for_float16(amp, amp_dtype, device, bf16, dtype, scaler):
+    assert autocast_dtype(amp, amp_dtype, device, bf16) == dtype
     assert needs_grad_scaler(dtype) is scaler
 
 
@@ -98,7 +102,7 @@ def _collectives_worker(rank: int, backend: str, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from pisa.evaluation import gather_predictions
-    from pisa.training.engine import _all_reduce_mean, _broadcast
+    from pisa.training.engine import LossTally, _all_reduce_mean, _broadcast
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(backend, rank=rank, world_size=2)
@@ -115,6 +119,18 @@ def _collectives_worker(rank: int, backend: str, port: int, out: str) -> None:
             }
         ]
         result["gathered_ids"] = [int(p["image_id"]) for p in gather_predictions(preds)]
+        # rank 1's loss goes non-finite at step 2 (and stays so); rank 0's never does
+        tally = LossTally(torch.device("cpu"))
+        reads = []
+        for step in range(4):
+            bad = rank == 1 and step >= 2
+            value = torch.tensor(float("nan") if bad else 1.0 + step)
+            finite = tally.add(value * 2, {"a": value, "b": value}, step)
+            assert bool(finite) is not bad
+            if step % 2 == 1:  # read every 2 steps, as log_every would
+                reads.append(tally.read())
+        result["tally"] = [[r[0].get("loss"), r[1], r[2]] for r in reads]
+        result["detail"] = tally.bad_detail() if rank == 1 else None
     except RuntimeError as exc:
         result["error"] = str(exc)
     finally:
@@ -147,6 +163,10 @@ def test_engine_collectives_work_under_the_gpu_backend_device_rule(tmp_path):
         assert r["mean"] == {"loss": 2.0, "n": 0.5}
         assert r["broadcast"] == {"bbox_mAP": 0.5}
         assert r["gathered_ids"] == [0, 1]
+    # the loss tally: the same first non-finite step on both workers, at the same read
+    assert results[0]["tally"] == [[6.0, None, False], [20.0, 2, False]]
+    assert results[1]["tally"][0] == [6.0, None, False] and results[1]["tally"][1][1:] == [2, True]
+    assert results[1]["detail"] == "total=nan (a=nan, b=nan)"
 
 
 # ---------------------------------------------------------------- one training step
@@ -329,3 +349,50 @@ def test_faults_come_as_a_session_wrapper_and_leave_the_session_alone_otherwise(
     assert [math.isnan(v) for v in losses] == [False, False, False, True, False]
     assert losses[0] == 2.0 and log.read_text() == "rank 0\n"
     session.before_step(0, 0)  # no kill or stall asked: returns
+
+
+@pytest.mark.parametrize("detector", ["faster_rcnn", "mask_rcnn"])
+@pytest.mark.parametrize("with_objects", [True, False])
+def test_every_parameter_gets_a_gradient_in_every_step(detector, with_objects):
+    """DDP runs without `find_unused_parameters` (a pass over the graph per step): it needs
+    a gradient for every trainable parameter in every step, Mask R-CNN's mask head included,
+    also in a batch without a single object (no positive RoI: the mask loss is 0 x its output)."""
+    model = _tiny_model(detector=detector)
+    images, targets = _batch()
+    for t in targets:
+        if not with_objects:
+            t["boxes"], t["labels"] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+        if detector == "mask_rcnn":
+            masks = torch.zeros(len(t["boxes"]), 64, 64, dtype=torch.uint8)
+            for m, (x0, y0, x1, y1) in zip(masks, t["boxes"].int().tolist()):
+                m[y0:y1, x0:x1] = 1
+            t["masks"] = masks
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+
+
+def test_ddp_broadcasts_buffers_only_for_norms_with_running_statistics():
+    from pisa.training.engine import _frozen_norms_only
+
+    assert not _frozen_norms_only(_tiny_model(norm="bn"))
+    assert _frozen_norms_only(_tiny_model(norm="frozen_bn"))
+    assert _frozen_norms_only(_tiny_model(norm="gn"))
+
+
+def test_a_non_finite_step_leaves_the_weights_as_they_were():
+    """The fused SGD takes the step's non-finite flag on the device (no host read) and skips
+    the update: the weights stay as they were until the next read stops the training."""
+    from pisa.core.config import TrainConfig as _Train
+    from pisa.training.engine import build_optimizer
+
+    model = _tiny_model()
+    optimizer = build_optimizer(model, _Train(lr=0.02, base_batch=2, images_per_worker=2, workers=1).resolved())
+    assert all(g["fused"] for g in optimizer.param_groups)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    images, targets = _batch()
+    loss = sum(model(images, targets).values()) * float("nan")
+    optimizer.found_inf = (~torch.isfinite(loss)).float()
+    optimizer_step(loss, model, optimizer, None, grad_clip=None)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

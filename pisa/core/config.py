@@ -254,7 +254,9 @@ class TrainConfig(StrictModel):
         "auto", description="mixed precision: auto = on GPU only; true = on CPU too (bfloat16 there)"
     )
     amp_dtype: Literal["auto", "float16", "bfloat16"] = Field(
-        "auto", description="autocast dtype: auto = float16 (+ GradScaler) on GPU, bfloat16 on CPU"
+        "auto",
+        description="autocast dtype: auto = bfloat16 where the device has it (CPU, GPUs from Ampere on), "
+        "else float16 + GradScaler",
     )
     channels_last: bool | Literal["auto"] = Field(
         "auto", description="channels_last memory format: auto = on GPU only; true = on CPU too"

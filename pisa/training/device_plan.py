@@ -55,13 +55,20 @@ def _enabled(value: bool | str, device_type: str) -> bool:
     return device_type == "cuda" if value == "auto" else bool(value)
 
 
-def autocast_dtype(amp: bool | str, amp_dtype: str, device_type: str) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. `auto` dtype: fp16 on CUDA (the paper's
-    mixed precision), bfloat16 on CPU (CPU autocast's native type)."""
+def autocast_dtype(
+    amp: bool | str, amp_dtype: str, device_type: str, bf16_supported: bool | None = None
+) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. `auto` dtype: bfloat16 where the device has it
+    (every CPU; GPUs from Ampere on: fp32's range, so no GradScaler and none of its host
+    reads), fp16 on older GPUs (with a GradScaler). `bf16_supported` None: ask the device."""
     if not _enabled(amp, device_type):
         return None
     if amp_dtype == "auto":
-        return torch.float16 if device_type == "cuda" else torch.bfloat16
+        if device_type != "cuda":
+            return torch.bfloat16
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if bf16_supported else torch.float16
     return _DTYPES[amp_dtype]
 
 
@@ -89,8 +96,8 @@ def process_group_backend(use_gpu: bool) -> str:
     return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
 
 
-def plan_for(train: TrainConfig, device_type: str, world: int) -> DevicePlan:
-    dtype = autocast_dtype(train.amp, train.amp_dtype, device_type)
+def plan_for(train: TrainConfig, device_type: str, world: int, bf16_supported: bool | None = None) -> DevicePlan:
+    dtype = autocast_dtype(train.amp, train.amp_dtype, device_type, bf16_supported)
     return DevicePlan(
         device_type=device_type,
         autocast_dtype=dtype,

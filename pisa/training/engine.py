@@ -62,10 +62,14 @@ def build_optimizer(model: nn.Module, schedule: Schedule) -> torch.optim.Optimiz
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 else decay).append(p)
+    # fused: one kernel for all parameters, and it takes the step's non-finite flag on the
+    # device (`found_inf`), so a skipped step needs no host read (see `_train_epoch`)
+    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
     return torch.optim.SGD(
         [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=schedule.scaled_lr,
         momentum=schedule.momentum,
+        fused=fused,
     )
 
 
@@ -245,7 +249,7 @@ def run_worker(config: dict[str, Any], session: TrainSession) -> str | None:
     """One worker's training: on a Ray Train worker or in a Tune trial's own process.
 
     A non-finite loss is deterministic: a restart from the last checkpoint would diverge at
-    the same step again. Every worker sees it at the same step (`_all_finite`) and the
+    the same step again. Every worker sees it at the same step (`LossTally`) and the
     session ends the training without a restart (`TrainSession.stop_on`): a Ray Train
     worker returns its message, which Ray Train would otherwise retry as a failure."""
     session = with_faults(session, config.get("faults"))  # a test's faults, around the session
@@ -268,17 +272,70 @@ def stopped_on(result: Any) -> NonFiniteLossError | None:
     return NonFiniteLossError(message) if isinstance(message, str) else None
 
 
-def _all_finite(loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every worker, so that all stop at the same step (a
-    worker left behind would wait in the gradients' all-reduce)."""
-    import torch.distributed as dist
+class LossTally:
+    """The epoch's loss sums and its first non-finite step, kept on the device.
 
-    finite = bool(torch.isfinite(loss))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = torch.tensor([1.0 if finite else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-    return finite
+    On a GPU each `float(loss)` or finiteness test is a wait for the device; here a step adds
+    its losses and notes whether they are finite without leaving the device, and the host
+    reads everything in one copy (`read`) where it prints or checks: every `log_every` steps
+    and at the epoch's end. Every worker reads at the same steps, so all stop at the same
+    step, and the message still names the first non-finite iteration and its loss terms."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.names: list[str] = []
+        self.sums: torch.Tensor | None = None
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)  # -1: all finite so far
+        self.bad_values: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        """Count one step's losses; whether they are all finite (a device tensor)."""
+        if not self.names:
+            self.names = ["loss", *losses]
+        values = torch.stack([loss.detach().float(), *(losses[k].detach().float() for k in self.names[1:])])
+        finite = torch.isfinite(values).all()
+        first = (~finite) & (self.bad_step < 0)
+        self.bad_step = torch.where(first, torch.full_like(self.bad_step, step), self.bad_step)
+        self.bad_values = values if self.bad_values is None else torch.where(first, values, self.bad_values)
+        self.sums = values if self.sums is None else self.sums + values
+        return finite
+
+    def read(self) -> tuple[dict[str, float], int | None, bool]:
+        """(sums by name, the first non-finite step on any worker or None, whether it was
+        this worker's), after one all-reduce across workers and one copy to the host."""
+        import torch.distributed as dist
+
+        if self.sums is None:
+            return {}, None, False
+        never = 2**52  # exact as a double, past any step
+        own = torch.where(self.bad_step < 0, torch.full_like(self.bad_step, never), self.bad_step)
+        first = own.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        host = torch.cat([self.sums.double(), own.double().view(1), first.double().view(1)]).tolist()
+        sums = dict(zip(self.names, host[:-2]))
+        mine, any_worker = int(host[-2]), int(host[-1])
+        if any_worker == never:
+            return sums, None, False
+        return sums, any_worker, mine == any_worker
+
+    def bad_detail(self) -> str:
+        """This worker's loss terms at its first non-finite step (read after `read` found one)."""
+        values = cast(torch.Tensor, self.bad_values).tolist()
+        detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.names[1:], values[1:]))
+        return f"total={values[0]} ({detail})"
+
+
+def _non_finite(epoch: int, step: int, first_iteration: int, where: str) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"non-finite loss at epoch {epoch + 1} iteration {step + 1} "
+        f"(global {first_iteration + step}): {where}; lower the LR (train.lr) or enable train.grad_clip"
+    )
+
+
+def _frozen_norms_only(model: nn.Module) -> bool:
+    """No norm layer with running statistics: DDP need not broadcast buffers every step
+    (frozen BN's and GroupNorm's never change)."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _build(cfg: ExperimentConfig, session: TrainSession) -> _Training:
@@ -302,8 +359,9 @@ def _build(cfg: ExperimentConfig, session: TrainSession) -> _Training:
         model = apply_channels_last(model)
     schedule = cfg.train.resolved()  # world == cfg.train.workers: the LR is scaled for it
 
-    # Mask R-CNN's mask branch is idle in a step without positives
-    model = session.prepare_model(model, find_unused_parameters=with_masks)
+    # every parameter gets a gradient in every step: Mask R-CNN's mask loss is 0 x the mask
+    # head's output when a batch has no positives (tests/test_models_two_stage.py)
+    model = session.prepare_model(model, find_unused_parameters=False, broadcast_buffers=not _frozen_norms_only(model))
     optimizer = build_optimizer(model, schedule)
     loader = build_train_loader(train_set, cfg, rank, world, plan)
     iters_per_epoch = len(loader)
@@ -380,50 +438,72 @@ def _restore(t: _Training, session: TrainSession, resume_from: str | None) -> in
 
 
 def _train_epoch(t: _Training, session: TrainSession, epoch: int) -> _EpochStats:
+    """One epoch on this worker's shard. The host reads the device only every `log_every`
+    steps and at the end (`LossTally`); a non-finite step updates nothing (the fused SGD
+    skips it on the device), and the training stops at the next read with its message."""
     cfg, rank = t.cfg, t.rank
     seed_everything(epoch_seed(cfg.train.seed, epoch, rank))
     seed_loader_for_epoch(t.loader, cfg.train.seed, epoch, rank)
     t.model.train()
     iters_per_epoch = len(t.loader)
     stats = _EpochStats(defaultdict(float), 0, 0, 0.0, defaultdict(list))
+    tally = LossTally(t.device)
+    first_iteration = t.iteration
     t_epoch = time.perf_counter()
     for step, (images, targets) in enumerate(t.loader):
         session.before_step(epoch, step)
-        images, targets = _to_device(images, targets, t.device)
-        with torch.autocast(t.device.type, dtype=t.plan.autocast_dtype, enabled=t.plan.amp):
-            losses = t.model(images, targets)
-        loss = session.step_loss(sum(losses.values()), t.iteration)
-        if not _all_finite(loss):
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
-            where = f"total={float(loss)} ({detail})" if not torch.isfinite(loss) else "on another worker"
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {epoch + 1} iteration {step + 1} "
-                f"(global {t.iteration}): {where}; lower the LR (train.lr) or enable train.grad_clip"
-            )
-        optimizer_step(loss, t.model, t.optimizer, t.scaler, cfg.train.grad_clip)
-        t.scheduler.step()
-        t.iteration += 1
+        try:
+            _train_step(t, session, tally, images, targets, step)
+        except NonFiniteLossError:
+            raise
+        except Exception:  # after a non-finite step, an op may fail on NaN first
+            _check_finite(tally, epoch, first_iteration)
+            raise
         stats.steps += 1
         stats.images += len(images)
-        stats.sums["loss"] += float(loss.detach())
-        for k, v in losses.items():
-            stats.sums[k] += float(v.detach())
         logs_now = (step + 1) % cfg.train.log_every == 0
+        if not logs_now:
+            continue
+        sums = _check_finite(tally, epoch, first_iteration)
         if rank != 0:
             continue
-        # once per logging interval (and at the epoch's end): the copy syncs the GPU
-        if cfg.model.diagnostics and (logs_now or step + 1 == iters_per_epoch):
+        if cfg.model.diagnostics:
             _read_diagnostics(t.model, stats.diagnostics)
-        if logs_now:
-            elapsed = time.perf_counter() - t_epoch
-            remaining = (iters_per_epoch - step - 1) + (t.epochs - epoch - 1) * iters_per_epoch
-            say(
-                f"epoch {epoch + 1}/{t.epochs} iter {step + 1}/{iters_per_epoch} "
-                f"loss {stats.sums['loss'] / stats.steps:.4f} lr {t.optimizer.param_groups[0]['lr']:.4g} "
-                f"{stats.images * t.world / elapsed:.1f} img/s eta {_fmt_eta(elapsed / (step + 1) * remaining)}"
-            )
+        elapsed = time.perf_counter() - t_epoch
+        remaining = (iters_per_epoch - step - 1) + (t.epochs - epoch - 1) * iters_per_epoch
+        say(
+            f"epoch {epoch + 1}/{t.epochs} iter {step + 1}/{iters_per_epoch} "
+            f"loss {sums.get('loss', float('nan')) / stats.steps:.4f} lr {t.optimizer.param_groups[0]['lr']:.4g} "
+            f"{stats.images * t.world / elapsed:.1f} img/s eta {_fmt_eta(elapsed / (step + 1) * remaining)}"
+        )
+    stats.sums.update(_check_finite(tally, epoch, first_iteration))
+    if rank == 0 and cfg.model.diagnostics and stats.steps % cfg.train.log_every != 0:
+        _read_diagnostics(t.model, stats.diagnostics)  # the epoch's last steps, once
     stats.seconds = time.perf_counter() - t_epoch
     return stats
+
+
+def _train_step(t: _Training, session: TrainSession, tally: LossTally, images, targets, step: int) -> None:
+    """Forward, backward and update, without a host read."""
+    images, targets = _to_device(images, targets, t.device)
+    with torch.autocast(t.device.type, dtype=t.plan.autocast_dtype, enabled=t.plan.amp):
+        losses = t.model(images, targets)
+    loss = session.step_loss(sum(losses.values()), t.iteration)
+    finite = tally.add(loss, losses, step)
+    if getattr(t.optimizer, "_step_supports_amp_scaling", False) and t.scaler is None:
+        t.optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]  # fused SGD skips on the device
+    optimizer_step(loss, t.model, t.optimizer, t.scaler, t.cfg.train.grad_clip)
+    t.scheduler.step()
+    t.iteration += 1
+
+
+def _check_finite(tally: LossTally, epoch: int, first_iteration: int) -> dict[str, float]:
+    """The tally's sums, or the error of its first non-finite step on any worker."""
+    sums, bad_step, mine = tally.read()
+    if bad_step is not None:
+        where = tally.bad_detail() if mine else "on another worker"
+        raise _non_finite(epoch, bad_step, first_iteration, where)
+    return sums
 
 
 def _evaluate_epoch(t: _Training, epoch: int, stats: _EpochStats) -> EpochReport:

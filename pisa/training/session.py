@@ -37,7 +37,9 @@ class TrainSession(Protocol):
 
     def device(self) -> torch.device: ...
 
-    def prepare_model(self, model: nn.Module, find_unused_parameters: bool) -> nn.Module: ...
+    def prepare_model(
+        self, model: nn.Module, find_unused_parameters: bool, broadcast_buffers: bool = True
+    ) -> nn.Module: ...
 
     def report(self, metrics: EpochReport, checkpoint_dir: Path | None) -> None: ...
 
@@ -81,11 +83,17 @@ class RayTrainSession:
 
         return ray.train.torch.get_device()
 
-    def prepare_model(self, model: nn.Module, find_unused_parameters: bool) -> nn.Module:
+    def prepare_model(
+        self, model: nn.Module, find_unused_parameters: bool, broadcast_buffers: bool = True
+    ) -> nn.Module:
         import ray.train.torch
 
         return ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters}
+            model,
+            parallel_strategy_kwargs={
+                "find_unused_parameters": find_unused_parameters,
+                "broadcast_buffers": broadcast_buffers,
+            },
         )
 
     def report(self, metrics: EpochReport, checkpoint_dir: Path | None) -> None:
@@ -127,7 +135,9 @@ class TuneTrialSession:
             return torch.device("cuda", 0)
         return torch.device("cpu")
 
-    def prepare_model(self, model: nn.Module, find_unused_parameters: bool) -> nn.Module:
+    def prepare_model(
+        self, model: nn.Module, find_unused_parameters: bool, broadcast_buffers: bool = True
+    ) -> nn.Module:
         return model.to(self.device())
 
     def report(self, metrics: EpochReport, checkpoint_dir: Path | None) -> None:
