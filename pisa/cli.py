@@ -149,6 +149,10 @@ def _finish_study(outcome, storage_path: str | None = None) -> int:
     if best is not None:
         params = ", ".join(f"{k}={v}" for k, v in best.params.items())
         print(f"best trial: {best.trial_id} ({params}): {outcome.metric} {best.metric:.4f}, MLflow run {best.run_id}")
+    if outcome.fidelity is not None:
+        print(outcome.fidelity.text())
+        if warning := outcome.fidelity.warning():
+            print(warning, file=sys.stderr)
     uri = public_uri(outcome.tracking_uri)
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     mlflow_cmd = str(mlflow_bin) if mlflow_bin.exists() else "mlflow"
@@ -257,7 +261,7 @@ def _study_resume(args: argparse.Namespace) -> int:
 def _study_best(args: argparse.Namespace) -> int:
     from .study.report import format_ranking
     from .study.reproduce import write_best
-    from .study.results import outcome_from_state
+    from .study.results import fidelity_from_state, outcome_from_state
     from .study.state import load_state
 
     state = load_state(args.name, args.storage_path)
@@ -269,6 +273,9 @@ def _study_best(args: argparse.Namespace) -> int:
         return 1
     print(f"best: {best.trial_id} {state.metric}={best.metric:.4f} run {best.run_id}")
     print(_noise_note(outcome, args.name))
+    fidelity = fidelity_from_state(state, outcome)  # could ASHA's first rung tell the points apart?
+    if fidelity is not None and (warning := fidelity.warning()):
+        print(warning, file=sys.stderr)
     if args.out:
         path = write_best(state.tracking_uri, best.run_id, args.out, state.metric, best.metric)
         print(f"wrote {path}; reproduce it with: pisa reproduce {path}")

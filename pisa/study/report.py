@@ -1,4 +1,5 @@
-"""Plots and tables of a study: trials table, Optuna parameter importances, k-b contours.
+"""Plots and tables of a study: trials table, Optuna parameter importances, k-b contours,
+rung fidelity (`pisa.study.fidelity`).
 
 The Optuna study is rebuilt from the MLflow trials (their searched params and best
 metric), so a report can be made again at any time, e.g. `pisa study report NAME`.
@@ -18,6 +19,8 @@ from .. import tracking
 from ..core.progress import say
 from ..tracking import tags as tag
 from ..tracking.tags import Status
+from .fidelity import Fidelity
+from .results import fidelity_of
 
 CONTOUR_PAIRS = [
     ("model.isr_p.k", "model.isr_p.bias"),
@@ -131,11 +134,17 @@ def write_plots(outcome, study, out_dir: Path) -> list[Path]:
 
 
 def log_study_report(outcome, study) -> list[str]:
-    """Write the table and plots, log them to the parent run; returns the artifact names."""
+    """Write the table, the plots and the rung fidelity (measured unless the outcome has it),
+    log them to the parent run; returns the artifact names."""
+    fidelity = _fidelity(outcome, study)  # first: `pisa study run` prints it, whatever fails below
     with tempfile.TemporaryDirectory(prefix="pisa-report-") as tmp:
         out = Path(tmp)
         files = write_table(outcome, out) + write_plots(outcome, study, out)
         summary = format_ranking(outcome, study.cfg.metric)
+        if fidelity is not None:
+            summary += "\n" + fidelity.text() + "\n"
+            files.append(fidelity.write_csv(out / "rung_fidelity.csv"))
+            tracking.tracker(outcome.tracking_uri).log_metrics(outcome.parent_run_id, fidelity.metrics(), 0)
         (out / "summary.txt").write_text(summary)
         files.append(out / "summary.txt")
         tracking.tracker(outcome.tracking_uri).log_artifacts(outcome.parent_run_id, files, "report")
@@ -146,6 +155,17 @@ def log_study_report(outcome, study) -> list[str]:
             )
             tracking.tracker(outcome.tracking_uri).set_tags(outcome.parent_run_id, {tag.BEST_RUN_ID: best.run_id})
         return [f.name for f in files]
+
+
+def _fidelity(outcome, study) -> Fidelity | None:
+    """The outcome's rung fidelity, measured if it has none (`pisa study report`); None
+    where the store cannot give it: the rest of the report still gets logged."""
+    if outcome.fidelity is None:
+        try:
+            outcome.fidelity = fidelity_of(outcome, study)
+        except Exception as exc:
+            say(f"rung fidelity skipped: {exc}")
+    return outcome.fidelity
 
 
 def format_ranking(outcome, metric: str, limit: int | None = None) -> str:

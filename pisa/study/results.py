@@ -13,7 +13,9 @@ from ..core import storage
 from ..core.errors import PisaError, StudyError
 from ..tracking import tags as tag
 from ..tracking.tags import RunStatus, Status
+from .fidelity import Fidelity, measure
 from .layout import SEED_VALUES_TAG, STATE_FILE, TRIAL_TAG
+from .loading import Study
 from .schema import Distribution
 from .state import StudyState, load_state, study_from_state
 
@@ -42,6 +44,8 @@ class StudyOutcome:
     # the searched fields' distributions, which read their logged (text) values back;
     # empty when the study's definition is not at hand
     search_space: dict[str, Distribution] = field(default_factory=dict)
+    # how well the scheduler's rungs ranked the finished trials (`fidelity_of`); None until measured
+    fidelity: Fidelity | None = None
 
     @property
     def all_failed(self) -> bool:
@@ -187,3 +191,21 @@ def outcome_from_state(name: str, storage_path: str | Path = "ray_results") -> S
     except (PisaError, OSError):  # an older state whose study file is gone: values shown as logged
         pass
     return outcome
+
+
+def fidelity_of(outcome: StudyOutcome, study: Study) -> Fidelity:
+    """The rung fidelity of the study's finished trials (`pisa.study.fidelity`), read from
+    their MLflow metric histories: only they reached the last epoch."""
+    run_ids = [t.run_id for t in outcome.trials if t.status == Status.FINISHED]
+    epochs = study.base_config.train.resolved().epochs
+    cfg = study.cfg
+    return measure(outcome.tracking_uri, run_ids, cfg.metric, cfg.scheduler, epochs, cfg.seeds)
+
+
+def fidelity_from_state(state: StudyState, outcome: StudyOutcome) -> Fidelity | None:
+    """`fidelity_of` a study known by its state; None for an older state whose study file is gone."""
+    try:
+        study = study_from_state(state)
+    except (PisaError, OSError):
+        return None
+    return fidelity_of(outcome, study)

@@ -29,7 +29,7 @@ from ..training.ray_runtime import quiet_libraries
 from .comparison import Validation, Variant, VariantResult, compare, log_validation
 from .layout import study_dir
 from .resources import trainings_that_fit, trial_resources
-from .results import outcome_from_state
+from .results import fidelity_of, outcome_from_state
 from .schema import BASELINE, PAPER_DEFAULTS
 from .state import StudyState, load_state, study_from_state
 from .training_grid import GridTraining, slug, train_grid
@@ -103,8 +103,13 @@ def validate_study(
     tracking.check_reachable(uri)
     if not verbose:
         quiet_libraries()
+    fidelity = fidelity_of(outcome, study)  # how far the study's own ranking can be trusted
 
     run_id = _start_run(state, top, seed_list, variants)
+    say(fidelity.text())
+    if warning := fidelity.warning():
+        say(warning)
+    tracking.tracker(uri).log_metrics(run_id, fidelity.metrics(), 0)
     results = [VariantResult(v) for v in variants]
     # seed-major: a validation cut short leaves complete pairs
     jobs = [(seed, r) for seed in seed_list for r in results]
