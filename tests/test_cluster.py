@@ -19,6 +19,7 @@ import pytest
 import yaml
 from helpers import tiny_experiment
 from services import (
+    RAY,
     RayCluster,
     start_ray_cluster,
     stop_ray_cluster,
@@ -57,6 +58,10 @@ def env(mlflow_login) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(work, env):
+    # a machine where Ray has run before holds a token (~/.ray/auth_token, which a local
+    # ray.init writes); `ray start --head` with token auth needs one, so make sure of it on
+    # a fresh machine, whatever ran before this module (`ray get-auth-token --generate`)
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, check=True, timeout=60)
     # the nodes hold the credentials too: through Ray Client the study's logger runs there
     c = start_ray_cluster(work, env, NODE_RESOURCE)
     yield c
@@ -173,7 +178,7 @@ def test_two_node_study_with_login(work, synthetic_dir, mlflow_login, env, clust
     before = _train_worker_nodes(cluster, env, trainer)
     address = cluster.gcs_address if mode == "gcs" else cluster.client_address
     # the cluster runs with token auth; pisa finds the token (~/.ray/auth_token, which the
-    # head wrote) and uses it, without RAY_AUTH_MODE in the user's shell
+    # cluster's nodes read too) and uses it, without RAY_AUTH_MODE in the user's shell
     res = _run_study(work, _without_auth_mode(env), path, address, f"two-nodes-{mode}")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
 

@@ -291,7 +291,8 @@ class LossTally:
         """Count one step's losses; whether they are all finite (a device tensor)."""
         if not self.names:
             self.names = ["loss", *losses]
-        values = torch.stack([loss.detach().float(), *(losses[k].detach().float() for k in self.names[1:])])
+        # float64, as the host's sums were: a long epoch's sum keeps its digits
+        values = torch.stack([loss.detach().double(), *(losses[k].detach().double() for k in self.names[1:])])
         finite = torch.isfinite(values).all()
         first = (~finite) & (self.bad_step < 0)
         self.bad_step = torch.where(first, torch.full_like(self.bad_step, step), self.bad_step)
