@@ -66,6 +66,17 @@ def _parser() -> argparse.ArgumentParser:
         help="show Ray's own output (worker logs, Tune's result tables) on the console",
     )
     run.set_defaults(func=_study_run)
+    plan = study.add_parser("plan", help="what a study will cost (GPU-hours, wall time) before it starts")
+    plan.add_argument("study", help="study YAML (see studies/)")
+    _add_set(plan)
+    plan.add_argument(
+        "--gpus", type=int, metavar="N", help="assume a cluster of N GPUs (no Ray is started); default: this machine"
+    )
+    plan.add_argument(
+        "--probe", action="store_true", help="time a few training steps on this machine's device for the rate"
+    )
+    plan.add_argument("--address", help="Ray cluster address whose resources the trials share (default: this machine)")
+    plan.set_defaults(func=_study_plan)
     resume = study.add_parser("resume", help="continue an interrupted study")
     resume.add_argument("name", help="study name (or its directory)")
     resume.add_argument("--storage-path", default="ray_results")
@@ -243,6 +254,18 @@ def _study_run(args: argparse.Namespace) -> int:
 
     study = load_study(args.study, args.overrides)
     return _finish_study(run_study(study, address=args.address, verbose=args.verbose), study.base_config.storage_path)
+
+
+def _study_plan(args: argparse.Namespace) -> int:
+    from .core.errors import ConfigError
+    from .study.loading import load_study
+    from .study.plan import plan_study
+
+    study = load_study(args.study, args.overrides)
+    if args.gpus is not None and args.gpus < 0:
+        raise ConfigError(f"--gpus: {args.gpus} is not a number of GPUs")
+    print(plan_study(study, gpus=args.gpus, address=args.address, probe=args.probe).text(), end="")
+    return 0
 
 
 def _study_resume(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ FILE_SECONDS = {
     "test_seeds.py": 190,
     "test_learning.py": 185,
     "test_compare.py": 110,
+    "test_plan.py": 40,
     "test_training_grid.py": 100,
     "test_accel.py": 80,
     "test_model.py": 65,

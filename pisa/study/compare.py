@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import BaseModel
 
@@ -28,12 +28,12 @@ from ..core.config import ExperimentConfig, load_config
 from ..core.errors import ConfigError
 from ..core.progress import say
 from ..tracking import tags as tag
-from ..tracking.tags import Kind, RunStatus
+from ..tracking.tags import Kind, RunStatus, Status
 from ..training.cluster import check_cluster_setup, check_fits, worker_resources
 from ..training.ray_runtime import init_ray_alongside, quiet_libraries
 from .comparison import Validation, Variant, VariantResult, compare, log_validation
 from .resources import trial_driver_resources
-from .training_grid import GridTraining, slug, train_grid
+from .training_grid import INTERRUPTED, GridTraining, slug, train_grid
 
 STATE_FILE = "compare.json"
 
@@ -117,7 +117,8 @@ def run_compare(
             f"{entry.source or entry.label}: train",
             hint="on CPUs: --set train.use_gpu=false; fewer workers: --set train.workers=N",
         )
-    resume = state is not None
+    # a compare killed before Tune saved its first state starts its trainings afresh
+    resume = state is not None and storage.exists(storage.join(root, "trainings", "tuner.pkl"))
     if state is None:
         state = _start(name, uri, experiment, (metric, mode), seeds, entries, configs, root, title)
     else:
@@ -128,20 +129,25 @@ def run_compare(
     trainings = [_training(configs[i], entries[i], seed, name, sizes[i][0]) for seed, i in jobs]
     parallel = _trainings_at_once(configs, len(jobs))
     say(f"{len(jobs)} trainings ({len(entries)} configs x {len(seeds)} seeds), {parallel} at a time")
-    outcomes = train_grid(
-        trainings,
-        uri=uri,
-        parent_run_id=state.run_id,
-        storage_path=root,
-        name="trainings",
-        in_trial=True,
-        resources={},
-        concurrent=parallel,
-        max_failures=2,
-        score=(metric, mode),
-        num_classes=sizes[0][0],
-        resume=resume,
-    )
+    try:
+        outcomes = train_grid(
+            trainings,
+            uri=uri,
+            parent_run_id=state.run_id,
+            storage_path=root,
+            name="trainings",
+            in_trial=True,
+            resources={},
+            concurrent=parallel,
+            max_failures=2,
+            score=(metric, mode),
+            num_classes=sizes[0][0],
+            resume=resume,
+        )
+    except KeyboardInterrupt:
+        outcomes = None
+    if outcomes is None or any(out.error == INTERRUPTED for out in outcomes):
+        _interrupted(state, name, uri)
     for (seed, i), out in zip(jobs, outcomes):
         results[i].add(seed, out, metric)
     compare(results, mode)
@@ -150,6 +156,14 @@ def run_compare(
     tracking.tracker(uri).end_run(state.run_id, RunStatus.FINISHED if result.ok else RunStatus.FAILED)
     storage.write_text(storage.join(root, STATE_FILE), state.model_copy(update={"finished": True}).model_dump_json())
     return result
+
+
+def _interrupted(state: CompareState, name: str, uri: str) -> NoReturn:
+    """Ctrl-C or SIGTERM: the compare's run KILLED, its state left unfinished, and how to go on."""
+    tracking.tracker(uri).set_tags(state.run_id, {tag.STATUS: Status.INTERRUPTED})
+    tracking.tracker(uri).end_run(state.run_id, RunStatus.KILLED)
+    say(f"compare {name} interrupted: continue it with the same command (finished trainings stay)")
+    raise KeyboardInterrupt
 
 
 def _training_config(cfg: ExperimentConfig, uri: str, experiment: str, runs: str) -> ExperimentConfig:

@@ -29,7 +29,7 @@ from ..core.progress import say
 from ..core.storage import location_of
 from ..core.uris import public_uri
 from ..tracking.run_writer import TrainingRun
-from ..tracking.tags import GRID_JOB, RunStatus
+from ..tracking.tags import GRID_JOB, RunStatus, Status
 from . import trial_recovery
 from .layout import FAILED_MARK
 from .run_callback import TrainingRunsCallback
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ..training.train import TrainOutcome
 
 JOB_TAG = GRID_JOB  # a training's index in the grid, on its MLflow run
+INTERRUPTED = "interrupted"  # a training's error when the grid was stopped before it ended
 
 
 @dataclass
@@ -264,6 +265,11 @@ def _finish(result, exp: ExperimentConfig, uri: str, run_id: str | None) -> Trai
     from ..training.train import TrainOutcome, log_final_artifacts  # torch (the train loop's module)
 
     metrics = dict(result.metrics or {})
+    if result.error is None and int(metrics.get("epoch", 0) or 0) < exp.train.resolved().epochs:
+        # neither finished nor failed: the grid was stopped (Ctrl-C, SIGTERM) before it ended
+        if run_id is not None:
+            TrainingRun(uri, run_id).end(RunStatus.KILLED, status=Status.INTERRUPTED)
+        return TrainOutcome(run_id, str(RunStatus.KILLED), metrics, error=INTERRUPTED)
     if result.error is not None or run_id is None:
         message = one_line(result.error, "never started")
         if run_id is not None:

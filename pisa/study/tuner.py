@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import tracking
 from ..core import storage
 from ..core.config import flatten
-from ..core.errors import StudyError
+from ..core.errors import StudyError, one_line
 from ..core.progress import say
 from ..core.uris import public_uri, redact
 from ..tracking import tags as tag
@@ -30,6 +30,7 @@ from .console import StudyConsole
 from .layout import FAILED_MARK, state_path, study_dir, trial_storage
 from .loading import Study
 from .mlflow_logger import MlflowStudyLogger
+from .plan import plan_at_start
 from .report import log_study_report
 from .resources import check_trial_fits, concurrent_trials, trial_resources
 from .results import StudyOutcome, collect, summarize_parent
@@ -144,7 +145,7 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
     )
     tracking.tracker(uri).log_text(parent, study.base_config.to_yaml(), "base_config.yaml")
     save_state(study, parent, uri)
-    _print_start(study, uri)
+    _print_start(study, uri, parent)
     for note in notes:
         say(f"note: {note}")
     tuner = _tuner(study, uri, parent, verbose)
@@ -197,7 +198,7 @@ def _clear_failed_marks(study: Study) -> None:
             storage.delete(storage.join(root, info.base_name, FAILED_MARK))
 
 
-def _print_start(study: Study, uri: str) -> None:
+def _print_start(study: Study, uri: str, parent: str) -> None:
     cfg = study.cfg
     say(
         f"study {study.name}: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at a time, "
@@ -205,6 +206,13 @@ def _print_start(study: Study, uri: str) -> None:
         f"{f' = mean over seeds {study.seeds()}' if cfg.seeds > 1 else ''}; "
         f"searching {', '.join(cfg.search_space)}"
     )
+    try:  # what it will cost, from an earlier run's rate (no probe: it would delay the trials)
+        plan = plan_at_start(study, uri)
+        say(plan.line())
+        tracking.tracker(uri).log_text(parent, plan.text(), "plan.txt")
+        tracking.tracker(uri).log_text(parent, json.dumps(plan.to_dict(), indent=2, default=str), "plan.json")
+    except Exception as exc:  # a forecast never stops a study
+        say(f"plan skipped: {one_line(exc)}")
     say(f"MLflow: {redact(uri)}")
     say(f"storage: {storage.display(study_dir(study))}")
     url = optuna_url(study, uri)

@@ -1,0 +1,489 @@
+"""What a study will cost, known before anything trains (`pisa study plan`, and one line of
+it when `pisa study run` starts): its trials and their layout, how many run at once, the
+images an epoch trains on, a training rate, and from those the GPU- (or CPU-) hours and
+wall time with FIFO and ASHA's bounds.
+
+The arithmetic (`asha_segments`, `schedule_cost`, `make_plan`) is pure; `plan_study` and
+`plan_at_start` gather its inputs: the cluster (assumed with `--gpus N`, this machine for a
+local cluster, Ray's view of a joined one), the training set's size, and the rate — from a
+probe on this machine's device, else from an earlier run of the same model in the MLflow
+store, else unknown (then everything that needs no rate is still given).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import ConfigError
+from .loading import Study
+from .resources import training_footprint
+
+# The logged params that decide how fast a step is: an earlier run's `images_per_sec` prices
+# this study's trials only if it trained the same model on the same layout (keys the study
+# searches are left out: its trials differ there anyway)
+RATE_KEYS = (
+    "model.detector",
+    "model.backbone",
+    "model.norm",
+    "model.min_size",
+    "model.max_size",
+    "model.fpn_channels",
+    "model.box_head_width",
+    "model.rpn_post_nms_top_n_train",
+    "model.rois_per_image",
+    "model.sampler",
+    "train.images_per_worker",
+    "train.workers",
+    "train.use_gpu",
+)
+RATE_METRIC = "images_per_sec"  # per epoch, over all of a training's workers (engine)
+EVAL_METRIC = "time_eval_s"
+
+
+# ---------------------------------------------------------------- the hand-offs
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What the trials share, and where that count came from."""
+
+    gpus: float
+    cpus: float
+    where: str  # "4 GPUs (--gpus) ...", "this machine ...", "the Ray cluster at ..."
+
+    def total(self, kind: str) -> float:
+        return self.gpus if kind == "GPU" else self.cpus
+
+
+@dataclass(frozen=True)
+class Rate:
+    """One training's throughput (all its workers), and where it was measured."""
+
+    images_per_sec: float
+    source: str
+    eval_s: float | None = None  # evaluation seconds per epoch, when the source measured them
+    run_id: str | None = None  # the MLflow run it came from
+    device: str | None = None  # the device a probe ran on
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One schedule's bill. `trial_epochs` needs no rate; hours and wall time do."""
+
+    schedule: str  # "FIFO", "ASHA lower bound"
+    trial_epochs: int
+    wave_epochs: int  # epochs one after the other on the cluster, trials run in waves of `at_once`
+    hours: float | None  # GPU- or CPU-hours (the study's kind), all seeds
+    wall_s: float | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything `pisa study plan` prints, and the one line `pisa study run` starts with."""
+
+    study: str
+    source: str
+    num_samples: int
+    search_keys: list[str]
+    seeds: int
+    workers: int
+    images_per_worker: int
+    kind: str  # "GPU" or "CPU": what a worker holds, and what the hours are of
+    per_worker: float  # GPUs (or CPUs) per worker
+    cluster: Cluster
+    at_once: int  # trials at a time
+    epochs: int
+    images_per_epoch: int  # the training set after `data.train_limit`
+    iters_per_epoch: int  # optimizer steps of each worker
+    scheduler: str  # "asha" or "fifo"
+    rungs: list[int]  # ASHA's rungs (epochs) before the last epoch
+    fifo: Cost
+    asha: Cost | None  # the lower bound; the upper is `fifo` (no trial stopped)
+    rate: Rate | None
+    rate_note: str = ""  # why there is no rate
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def batch(self) -> int:
+        return self.workers * self.images_per_worker
+
+    @property
+    def epoch_s(self) -> float | None:
+        """Seconds of one epoch: the images every worker trains (its shard, padded as the
+        DistributedSampler pads it) at the rate, plus evaluation when the rate's source timed it."""
+        if self.rate is None:
+            return None
+        return epoch_seconds(self.images_per_epoch, self.workers, self.rate)
+
+    def line(self) -> str:
+        """The plan in one line (what `pisa study run` prints and logs)."""
+        head = (
+            f"plan: {self.num_samples} trials x {self.epochs} epochs"
+            f"{f' x {self.seeds} seeds' if self.seeds > 1 else ''}, {self.at_once} at a time, "
+            f"{self.images_per_epoch} images/epoch ({self.iters_per_epoch} iters)"
+        )
+        if self.rate is None:
+            asha = f", ASHA {self.asha.trial_epochs}-{self.fifo.trial_epochs}" if self.asha else ""
+            return f"{head}; {self.fifo.trial_epochs} trial-epochs (FIFO){asha}; rate unknown ({self.rate_note})"
+        wall = {c.schedule: "?" if c.wall_s is None else f"~{fmt_wall(c.wall_s)}" for c in (self.fifo, self.asha) if c}
+        cost = f"~{fmt_hours(self.fifo.hours)} {self.kind}-hours, {wall['FIFO']} wall (FIFO)"
+        if self.asha is not None:
+            cost += (
+                f", ASHA ~{fmt_hours(self.asha.hours)}-{fmt_hours(self.fifo.hours)} {self.kind}-hours, "
+                f"{wall[self.asha.schedule]}-{wall['FIFO']} wall"
+            )
+        return f"{head}; {cost}; rate {self.rate.images_per_sec:.3g} img/s from {self.rate.source}"
+
+    def text(self) -> str:
+        """The plan as a short block of two plain-text tables (what `pisa study plan` prints)."""
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+
+        res = "GPU" if self.kind == "GPU" else "CPU"
+        facts = Table(title=f"study {self.study} ({self.source})", show_header=False, box=None, title_justify="left")
+        facts.add_column(style="bold")
+        facts.add_column()
+        seeds = f" x {self.seeds} seeds each" if self.seeds > 1 else ""
+        facts.add_row("trials", f"{self.num_samples}{seeds}; searching {', '.join(self.search_keys)}")
+        facts.add_row(
+            "per trial",
+            f"{self.workers} worker(s) x {self.images_per_worker} images = batch {self.batch}; "
+            f"{self.per_worker:g} {res}(s) per worker",
+        )
+        facts.add_row("at once", f"{self.at_once} trial(s), on {self.cluster.where}")
+        facts.add_row(
+            "epoch",
+            f"{self.images_per_epoch} images, {self.iters_per_epoch} iterations per worker; {self.epochs} epochs"
+            + (f"; ASHA rungs at epochs {', '.join(map(str, self.rungs))}" if self.scheduler == "asha" else ""),
+        )
+        if self.rate is not None and self.epoch_s is not None:
+            ev = (
+                "evaluation not included"
+                if self.rate.eval_s is None
+                else f"{self.epoch_s - self.rate.eval_s:.3g} s training + {self.rate.eval_s:.3g} s evaluation"
+            )
+            facts.add_row("rate", f"{self.rate.images_per_sec:.3g} img/s per trial, from {self.rate.source}")
+            facts.add_row("epoch time", f"~{fmt_seconds(self.epoch_s)} per trial ({ev})")
+        else:
+            facts.add_row("rate", f"unknown: {self.rate_note}")
+
+        costs = Table(box=box.SIMPLE_HEAD)
+        for name in ("schedule", "trial-epochs", "epochs in a row", f"{self.kind}-hours", "wall"):
+            costs.add_column(name, justify="left" if name == "schedule" else "right")
+        rows = [self.fifo] if self.asha is None else [self.asha, self.fifo]
+        for cost in rows:
+            label = "ASHA, upper bound = FIFO" if self.asha is not None and cost is self.fifo else cost.schedule
+            hours = "?" if cost.hours is None else f"~{fmt_hours(cost.hours)}"
+            wall = "?" if cost.wall_s is None else f"~{fmt_wall(cost.wall_s)}"
+            costs.add_row(label, str(cost.trial_epochs), str(cost.wave_epochs), hours, wall)
+
+        buf = io.StringIO()
+        console = Console(file=buf, width=120, force_terminal=False, color_system=None)
+        console.print(facts)
+        console.print(costs)
+        notes = [
+            f"wall = epochs in a row (the trials run in waves of {self.at_once}) x the epoch time; "
+            "trial start-up and checkpoints are not included",
+            *self.notes,
+        ]
+        if self.asha is not None:
+            notes.insert(0, "ASHA lower bound: every rung keeps only 1/reduction_factor of the trials reaching it")
+        table = "".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines())
+        return table + "".join(f"note: {n}\n" for n in notes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "line": self.line(), "epoch_s": self.epoch_s}
+
+
+# ---------------------------------------------------------------- the arithmetic
+
+
+def asha_rungs(epochs: int, grace_period: int, reduction_factor: float) -> list[int]:
+    """The epochs where ASHA may stop a trial: grace_period x reduction_factor^k (Ray's
+    milestones, reached at the first whole epoch past them), before the last epoch."""
+    rungs: list[int] = []
+    milestone = float(min(grace_period, epochs))
+    while math.ceil(milestone) < epochs:
+        if not rungs or math.ceil(milestone) > rungs[-1]:
+            rungs.append(math.ceil(milestone))
+        milestone *= reduction_factor
+    return rungs
+
+
+def asha_segments(trials: int, epochs: int, grace_period: int, reduction_factor: float) -> list[tuple[int, int]]:
+    """ASHA's least work: (trials, epochs) per segment between rungs, each rung keeping
+    ceil(1/reduction_factor) of the trials that reach it."""
+    segments, start, alive = [], 0, trials
+    for rung in asha_rungs(epochs, grace_period, reduction_factor):
+        segments.append((alive, rung - start))
+        start, alive = rung, math.ceil(alive / reduction_factor)
+    segments.append((alive, epochs - start))
+    return segments
+
+
+def schedule_cost(
+    schedule: str,
+    segments: list[tuple[int, int]],
+    at_once: int,
+    epoch_s: float | None,
+    trial_footprint: float,
+) -> Cost:
+    """The bill of `segments` ((trials, epochs) each) with `at_once` trials at a time, each
+    holding `trial_footprint` GPUs (or CPUs) for `epoch_s` seconds per epoch."""
+    trial_epochs = sum(n * e for n, e in segments)
+    waves = sum(math.ceil(n / at_once) * e for n, e in segments) if at_once > 0 else 0
+    if epoch_s is None:
+        return Cost(schedule, trial_epochs, waves, None, None)
+    hours = trial_epochs * epoch_s * trial_footprint / 3600
+    return Cost(schedule, trial_epochs, waves, hours, waves * epoch_s if at_once > 0 else None)
+
+
+def epoch_seconds(images: int, workers: int, rate: Rate) -> float:
+    """A training's epoch: every worker trains ceil(images / workers) images (the sampler pads
+    the shards), at `rate` over all workers; plus evaluation when the rate's source timed it."""
+    trained = workers * math.ceil(images / workers)
+    return trained / rate.images_per_sec + (rate.eval_s or 0.0)
+
+
+def iterations_per_epoch(images: int, workers: int, images_per_worker: int) -> int:
+    return math.ceil(math.ceil(images / workers) / images_per_worker)
+
+
+def trials_at_once(study: Study, cluster: Cluster) -> int:
+    """`resources.concurrent_trials` on `cluster`: the study's limit, and no more points
+    (of `seeds` trainings each) than the cluster holds at a time, nor than the study has."""
+    kind, per_training = training_footprint(study)
+    fit = int(cluster.total(kind) // max(per_training, 1e-9))
+    return min(study.cfg.max_concurrent_trials, fit // study.cfg.seeds, study.cfg.num_samples)
+
+
+def make_plan(
+    study: Study,
+    cluster: Cluster,
+    images: int,
+    rate: Rate | None,
+    rate_note: str = "",
+    notes: list[str] | None = None,
+) -> Plan:
+    """The plan of `study` on `cluster`, for a training set of `images` at `rate`."""
+    cfg, exp = study.cfg, study.base_config
+    res = cfg.resources_per_trial
+    kind, per_training = training_footprint(study)
+    epochs = exp.train.resolved().epochs
+    at_once = trials_at_once(study, cluster)
+    workers, ipw = exp.train.workers, exp.train.images_per_worker
+    epoch_s = epoch_seconds(images, workers, rate) if rate is not None else None
+    footprint = per_training * cfg.seeds  # a point trains its seeds side by side
+    fifo = schedule_cost("FIFO", [(cfg.num_samples, epochs)], at_once, epoch_s, footprint)
+    asha, rungs = None, []
+    if cfg.scheduler.type == "asha":
+        grace, rf = min(cfg.scheduler.grace_period, epochs), cfg.scheduler.reduction_factor
+        rungs = asha_rungs(epochs, grace, rf)
+        segments = asha_segments(cfg.num_samples, epochs, grace, rf)
+        asha = schedule_cost("ASHA lower bound", segments, at_once, epoch_s, footprint)
+    return Plan(
+        study=study.name,
+        source=_display_path(study.source),
+        num_samples=cfg.num_samples,
+        search_keys=list(cfg.search_space),
+        seeds=cfg.seeds,
+        workers=workers,
+        images_per_worker=ipw,
+        kind=kind,
+        per_worker=res.gpus_per_worker if kind == "GPU" else res.cpus_per_worker,
+        cluster=cluster,
+        at_once=at_once,
+        epochs=epochs,
+        images_per_epoch=images,
+        iters_per_epoch=iterations_per_epoch(images, workers, ipw),
+        scheduler=cfg.scheduler.type,
+        rungs=rungs,
+        fifo=fifo,
+        asha=asha,
+        rate=rate,
+        rate_note=rate_note if rate is None else "",
+        notes=list(notes or []),
+    )
+
+
+def _display_path(path: Path) -> str:
+    """The study file as the user named it: relative to the working directory when under it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def fmt_hours(hours: float | None) -> str:
+    if hours is None:
+        return "?"
+    return f"{hours:.0f}" if hours >= 10 else f"{hours:.1f}" if hours >= 1 else f"{hours:.2g}"
+
+
+def fmt_wall(seconds: float) -> str:
+    """h:mm, rounded up to the minute (a 20 s study is 0:01, not 0:00)."""
+    minutes = math.ceil(seconds / 60)
+    return f"{minutes // 60}:{minutes % 60:02d}"
+
+
+def fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.3g} s" if seconds < 600 else fmt_wall(seconds)
+
+
+# ---------------------------------------------------------------- the inputs
+
+
+def assumed_cluster(gpus: int) -> Cluster:
+    """`--gpus N`: N GPUs and this machine's CPUs, without asking Ray."""
+    cpus = os.cpu_count() or 1
+    return Cluster(float(gpus), float(cpus), f"{gpus} GPU(s) (--gpus) and this machine's {cpus} CPUs")
+
+
+def local_cluster() -> Cluster:
+    """What the local Ray cluster `pisa study run` starts would hold: this machine's CPUs and
+    visible GPUs (no Ray is started to count them)."""
+    import torch
+
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    return Cluster(float(gpus), float(cpus), f"this machine ({cpus} CPUs, {gpus} GPUs; a local Ray cluster)")
+
+
+def ray_cluster(address: str | None = None) -> Cluster:
+    """The running Ray cluster's totals (joined first when `address` is given)."""
+    import ray
+
+    if not ray.is_initialized():
+        from ..training.ray_runtime import init_ray
+
+        init_ray(address, verbose=False, dashboard=False)
+    total = ray.cluster_resources()
+    gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 0))
+    where = f"the Ray cluster at {address}" if address else "the Ray cluster"
+    return Cluster(gpus, cpus, f"{where} ({cpus:g} CPUs, {gpus:g} GPUs)")
+
+
+def training_images(study: Study) -> int:
+    """The images of one epoch: the training set after `data.train_limit` (the train split of
+    `training.train.prepare_data_sizes`: a study's start has checked both splits already)."""
+    from ..data import build_dataset  # torchvision, pycocotools
+
+    return len(build_dataset(study.base_config.data, "train", train=False))
+
+
+def rate_params(study: Study) -> dict[str, str]:
+    """The params (as MLflow holds them) a run must share with this study for its rate to count."""
+    params = study.base_config.flat_params()
+    keys = [k for k in RATE_KEYS if k in params and k not in study.cfg.search_space]
+    keys.append("train.gpus_per_worker" if study.base_config.train.use_gpu else "train.cpus_per_worker")
+    return {k: "None" if params[k] is None else str(params[k]) for k in keys}
+
+
+def rate_from_mlflow(study: Study, uri: str | None = None, max_runs: int = 20) -> tuple[Rate | None, str]:
+    """The latest run of the same model and layout with an `images_per_sec` history: the
+    median over its epochs (and of its evaluation time). (None, why) when there is none."""
+    from .. import tracking
+
+    uri = uri or study.base_config.tracking.resolved_uri()
+    shown = _shown(uri)
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///") :].split("?")[0]):
+        return None, f"no MLflow store at {shown} yet"
+    wanted = rate_params(study)
+    where = " and ".join(f"params.`{k}` = '{v.replace(chr(39), chr(39) * 2)}'" for k, v in wanted.items())
+    try:
+        tracking.check_reachable(uri)
+        client = tracking.client(uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(
+            experiments,
+            f"{where} and metrics.{RATE_METRIC} > 0",
+            max_results=max_runs,
+            order_by=["attributes.start_time DESC"],
+        )
+        for run in runs:
+            rates = _finite(client.get_metric_history(run.info.run_id, RATE_METRIC))
+            if not rates:
+                continue
+            evals = _finite(client.get_metric_history(run.info.run_id, EVAL_METRIC))
+            name = run.info.run_name or ""
+            return (
+                Rate(
+                    statistics.median(rates),
+                    f"run {run.info.run_id[:8]} ({name[:40]}; median of {len(rates)} epochs)",
+                    statistics.median(evals) if evals else None,
+                    run.info.run_id,
+                ),
+                "",
+            )
+    except Exception as exc:  # no rate is worth a note, never a failed plan
+        return None, f"MLflow store {shown} not searched: {str(exc).splitlines()[0][:160]}"
+    return None, f"no earlier run of this model and layout in {shown}; `pisa study plan --probe` measures one"
+
+
+def _finite(history) -> list[float]:
+    return [m.value for m in history if math.isfinite(m.value) and m.value > 0]
+
+
+def _shown(uri: str) -> str:
+    from ..core.uris import redact
+
+    return redact(uri)
+
+
+def rate_from_probe(study: Study) -> Rate:
+    """A few steps of the study's base config on this machine, one worker's rate x the workers
+    (linear scaling assumed: a probe has no all-reduce)."""
+    from ..training.probe import probe_rate
+
+    probe = probe_rate(study.base_config)
+    workers = study.base_config.train.workers
+    scaled = f", x {workers} workers" if workers > 1 else ""
+    where = f"{probe.device}, {probe.threads} thread(s)" if probe.device == "cpu" else probe.device
+    source = f"a probe ({probe.steps} steps on {where}, {probe.step_s * 1e3:.0f} ms each{scaled})"
+    # evaluation is sharded over the workers: each runs the detector over its part of the val set
+    eval_s = math.ceil(probe.val_images / workers) * probe.eval_image_s
+    device = "cpu" if probe.device == "cpu" else "cuda"
+    return Rate(probe.images_per_sec * workers, source, eval_s=eval_s, device=device)
+
+
+def plan_study(study: Study, *, gpus: int | None = None, address: str | None = None, probe: bool = False) -> Plan:
+    """`pisa study plan`: the cluster (`--gpus N` assumed, else this machine or the cluster at
+    `address`), the training set, and the rate (probed, else from MLflow, else unknown)."""
+    if gpus is not None:
+        cluster = assumed_cluster(gpus)
+    elif address is not None:
+        cluster = ray_cluster(address)
+    else:
+        cluster = local_cluster()
+    notes: list[str] = []
+    kind, per_training = training_footprint(study)
+    if trials_at_once(study, cluster) < 1:
+        need = per_training * study.cfg.seeds
+        message = (
+            f"{study.source}: resources_per_trial: a trial needs {need:g} {kind}s"
+            f"{f' ({study.cfg.seeds} seeds side by side)' if study.cfg.seeds > 1 else ''}; "
+            f"{cluster.where} has {cluster.total(kind):g}"
+        )
+        if address is None:
+            raise ConfigError(message)
+        notes.append(f"{message}: the trials wait for more resources")
+    if gpus is not None and kind == "CPU":
+        notes.append("the trials train on CPUs: --gpus does not change how many run at once")
+    images = training_images(study)
+    rate, rate_note = (rate_from_probe(study), "") if probe else rate_from_mlflow(study)
+    if rate is not None and rate.device == "cpu" and kind == "GPU":
+        notes.append("the probe ran on this machine's CPU, the trials train on GPUs: their rate will differ")
+    return make_plan(study, cluster, images, rate, rate_note, notes)
+
+
+def plan_at_start(study: Study, uri: str) -> Plan:
+    """The plan `pisa study run` starts with: Ray's cluster (already started), the rate of an
+    earlier run in the study's store; no probe (it would delay the first trial)."""
+    rate, note = rate_from_mlflow(study, uri)
+    return make_plan(study, ray_cluster(), training_images(study), rate, note)
