@@ -236,9 +236,6 @@ def quiet_libraries() -> None:
     """Warnings only from the libraries a study drives (Ray, MLflow's store migrations)."""
     # MLflow sets its logger's level from this when it is first imported, over any set here
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    # Tune's newer console output prints an experiment header whatever its verbosity; the
-    # older one is silent at verbose=0 (the trials' own lines come from pisa's callbacks)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     for name in ("ray", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     import optuna  # its logger configures itself on first use: ask it
