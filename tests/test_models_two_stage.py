@@ -505,6 +505,11 @@ def test_sampled_rois_reuse_the_ranking_pass(sampler, autocast):
     tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-4, atol=1e-6)
     for key in l_a:
         torch.testing.assert_close(l_a[key], l_b[key], **tol)
+    # gradients, as fractions of each tensor's largest: the two passes sum in other orders
+    # (a CPU's kernels block the all-proposal and the sampled batch differently), up to
+    # 1.5e-6 of the largest in fp32 and 1.2e-2 in bf16 (8 mantissa bits, rounded at every
+    # layer of the backward) on an Intel Xeon; a wrong reuse is off by the gradient itself
+    tol = dict(rtol=2e-2, atol=3e-2) if autocast else dict(rtol=1e-4, atol=1e-5)
     grads_b = dict(b.named_parameters())
     checked = 0
     for name, p in a.named_parameters():

@@ -75,7 +75,9 @@ class Leg:
 
     def __init__(self, tmp_path: Path, args: list[str], index: int, **faults: str):
         self.log = tmp_path / f"leg{index}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # MLflow's client retries an unreachable store after 1, 2, 4, 8 ... s (factor 1; its
+        # default 2 waits twice as long): leg 6's store comes back after 10 s
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
         if "kill_at" in faults:
             env["PISA_DRIVER_FAULTS"] = json.dumps({"kill_at": faults["kill_at"]})
         if "stall_at" in faults:

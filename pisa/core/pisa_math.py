@@ -21,6 +21,9 @@ __all__ = [
     "nms_groups",
     "score_hlr",
     "score_hlr_weights",
+    "score_hlr_slot_weights",
+    "compact_ids",
+    "mask_groups",
 ]
 
 
@@ -69,14 +72,30 @@ def iou_hlr(ious: Tensor, labels: Tensor, gt_inds: Tensor) -> Tensor:
     if n == 0:
         return labels.new_zeros(0, dtype=torch.long)
     # One integer sort key per step (exact, no float ties): group * n^2 + ... + IoU order.
+    # Compact group ids are < n, so the bound is known on the host (no `int(t.max())`).
     iou_order = _dense_rank(-ious)
-    gt = gt_inds.long() - gt_inds.min()
-    cls = labels.long() - labels.min()
-    if (int(cls.max()) + 1) * n * n >= 2**62 or (int(gt.max()) + 1) * n >= 2**62:
+    if n**3 >= 2**62:
         local_rank = rank_within_groups(gt_inds, -ious)
         return rank_within_groups(labels, local_rank, -ious)
+    gt, cls = compact_ids(gt_inds), compact_ids(labels)
     local_rank = _rank_by_key(gt, gt * n + iou_order)
     return _rank_by_key(cls, (cls * n + local_rank) * n + iou_order)
+
+
+def compact_ids(groups: Tensor) -> Tensor:
+    """Group labels renumbered 0, 1, ... in sorted order: same partition, values below n.
+
+    Keeps integer sort keys in range with a bound known on the host, where the raw labels
+    would need `max()` read back from the device."""
+    n = groups.numel()
+    if n == 0:
+        return groups.new_zeros(0, dtype=torch.long)
+    sorted_groups, order = torch.sort(groups.long())
+    is_start = torch.ones(n, dtype=torch.long, device=groups.device)
+    is_start[1:] = (sorted_groups[1:] != sorted_groups[:-1]).long()
+    ids = torch.empty_like(order)
+    ids[order] = torch.cumsum(is_start, 0) - 1
+    return ids
 
 
 def _dense_rank(values: Tensor) -> Tensor:
@@ -102,13 +121,16 @@ def isr_p_weights(
     bias: float = 0.0,
     label_weights: Tensor | None = None,
     hlr: Tensor | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """ISR-P: importance weights of the positives from their IoU-HLR.
 
     `w = lw * (M - hlr) / M` (M: most positives of one class), then
     `(bias + (1 - bias) w) ** k`, then rescaled so the positives' weighted
     classification loss equals the original one (ISR-P moves attention, not magnitude).
-    `hlr` passes an IoU-HLR already computed from the same inputs.
+    `hlr` passes an IoU-HLR already computed from the same inputs. `valid` marks the
+    positives among fixed-size slots (the others get weight 1 and change nothing): the
+    same weights as over the selected positives alone, without selecting them.
     """
     n = ious.numel()
     ious = ious.detach().float()
@@ -117,24 +139,43 @@ def isr_p_weights(
     label_weights = label_weights.detach().float()
     if n == 0:
         return label_weights.clone()
+    if valid is not None:
+        labels, gt_inds = mask_groups(labels, valid), mask_groups(gt_inds, valid)
     if hlr is None:
         hlr = iou_hlr(ious, labels, gt_inds)
-    max_per_class = torch.bincount(labels.long()).max().to(ious.dtype)
+    mask = ious.new_ones(n) if valid is None else valid.to(ious.dtype)
+    # M = the largest class: its last rank + 1 (bincount would read its size back on a GPU)
+    max_per_class = (hlr.to(ious.dtype) * mask).max() + 1.0
     weights = label_weights * (max_per_class - hlr.to(ious.dtype)) / max_per_class
     weights = (bias + (1.0 - bias) * weights).pow(k)
     loss = cls_loss.detach().float()
     if loss.dim() > 1:
         loss = loss.sum(dim=tuple(range(1, loss.dim())))
+    loss = loss * mask
     original = (label_weights * loss).sum()
     reweighted = (weights * loss).sum()
     ratio = torch.where(reweighted > 0, original / reweighted.clamp_min(1e-12), torch.ones_like(original))
-    return weights * ratio
+    weights = weights * ratio
+    return weights if valid is None else torch.where(valid, weights, torch.ones_like(weights))
 
 
-def carl_weights(cls_prob: Tensor, k: float = 1.0, bias: float = 0.2) -> Tensor:
-    """CARL's per-positive factors `c = n v / sum(v)` with `v = (bias + (1 - bias) p) ** k` (mean 1)."""
+def mask_groups(groups: Tensor, valid: Tensor) -> Tensor:
+    """Group labels with every invalid slot in one extra group below all valid ones, so
+    that ranks inside the valid groups are those of the valid elements alone."""
+    groups = groups.long()
+    return torch.where(valid, groups, groups.min() - 1)
+
+
+def carl_weights(cls_prob: Tensor, k: float = 1.0, bias: float = 0.2, valid: Tensor | None = None) -> Tensor:
+    """CARL's per-positive factors `c = n v / sum(v)` with `v = (bias + (1 - bias) p) ** k` (mean 1).
+
+    With `valid` (fixed-size slots) n and the sum run over the valid slots; the others get 0."""
     v = (bias + (1.0 - bias) * cls_prob).pow(k)
-    return v * (cls_prob.numel() / v.sum())
+    if valid is None:
+        return v * (cls_prob.numel() / v.sum())
+    mask = valid.to(v.dtype)
+    v = v * mask
+    return v * (mask.sum() / v.sum().clamp_min(1e-12))
 
 
 def carl_loss(
@@ -143,21 +184,25 @@ def carl_loss(
     k: float = 1.0,
     bias: float = 0.2,
     avg_factor: float | Tensor | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """CARL: regression loss of positives weighted by their classification score.
 
     `v = (bias + (1 - bias) p) ** k`, `c = n v / sum(v)`, loss = `sum(c * reg) / avg_factor`.
     Gradients flow into `cls_prob`: a positive with a large regression loss is pushed
-    to a higher score (Appendix A: dL/dp_i is proportional to L_i for k = 1).
+    to a higher score (Appendix A: dL/dp_i is proportional to L_i for k = 1). `valid` marks
+    the positives among fixed-size slots (the same loss as over those alone).
     """
     n = cls_prob.numel()
     if n == 0:
         return reg_loss.sum() * 0.0 + cls_prob.sum() * 0.0
-    c = carl_weights(cls_prob, k, bias)
+    c = carl_weights(cls_prob, k, bias, valid)
     if reg_loss.dim() > 1:
         c = c.reshape(-1, *([1] * (reg_loss.dim() - 1)))
     if avg_factor is None:
-        avg_factor = n
+        avg_factor = n if valid is None else valid.sum().clamp_min(1)
+    if valid is not None:  # zero, not 0 * loss: an unused slot's loss may be inf
+        return torch.where(c > 0, c * reg_loss, torch.zeros_like(reg_loss)).sum() / avg_factor
     return (c * reg_loss).sum() / avg_factor
 
 
@@ -174,36 +219,40 @@ def nms_groups(boxes: Tensor, scores: Tensor, iou_thr: float = 0.5) -> Tensor:
     boxes = boxes.detach().float()
     scores = scores.detach().float()
     keep = nms(boxes, scores, iou_thr)  # leaders, in descending score order
-    leader = torch.empty(n, dtype=torch.long, device=boxes.device)
-    leader[keep] = torch.arange(keep.numel(), device=boxes.device)
-    suppressed = torch.ones(n, dtype=torch.bool, device=boxes.device)
-    suppressed[keep] = False
-    followers = torch.nonzero(suppressed).flatten()
-    if followers.numel() > 0:
-        overlaps = box_iou(boxes[keep], boxes[followers]) > iou_thr  # (K, S)
-        matched = overlaps.any(dim=0)
-        # the first (best-scoring) kept box overlapping a follower is its suppressor
-        first = overlaps.to(torch.uint8).argmax(dim=0)
-        # degenerate boxes (NaN IoU) match nothing: each becomes its own group
-        own = keep.numel() + torch.arange(followers.numel(), device=boxes.device)
-        leader[followers] = torch.where(matched, first, own)
+    num_keep = keep.numel()  # known on the host once NMS has run: no further wait
+    # every box against the leaders (not only the suppressed ones: no variable-size selection)
+    overlaps = box_iou(boxes[keep], boxes) > iou_thr  # (K, N)
+    # the first (best-scoring) kept box overlapping a follower is its suppressor
+    first = overlaps.to(torch.uint8).argmax(dim=0)
+    # degenerate boxes (NaN IoU) match nothing: each becomes its own group
+    own = num_keep + torch.arange(n, device=boxes.device)
+    leader = torch.where(overlaps.any(dim=0), first, own)
+    leader[keep] = torch.arange(num_keep, device=boxes.device)
     return leader
 
 
-def score_hlr(boxes: Tensor, scores: Tensor, iou_thr: float = 0.5) -> Tensor:
+def score_hlr(boxes: Tensor, scores: Tensor, iou_thr: float = 0.5, valid: Tensor | None = None) -> Tensor:
     """Score hierarchical local rank of negatives (0 = most important).
 
     Boxes are grouped by NMS matching; a box's local rank is its score rank inside
-    its group; the HLR orders all boxes by (local rank, score descending).
+    its group; the HLR orders all boxes by (local rank, score descending). With `valid`,
+    the valid boxes get the HLR they would get alone (0 .. V-1) and the others rank after
+    them: invalid boxes score -inf, so NMS meets them last and they never lead a valid
+    box, and they sort behind every valid box inside a group.
     """
     n = boxes.shape[0]
     if n == 0:
         return boxes.new_zeros(0, dtype=torch.long)
     scores = scores.detach().float()
+    if valid is not None:
+        scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
     groups = nms_groups(boxes, scores, iou_thr)
     score_order = _dense_rank(-scores)
     local_rank = _rank_by_key(groups, groups * n + score_order)
-    return _dense_rank(local_rank * n + score_order)
+    key = local_rank * n + score_order
+    if valid is not None:
+        key = torch.where(valid, key, n * n + score_order)
+    return _dense_rank(key)
 
 
 @torch.no_grad()
@@ -237,3 +286,37 @@ def score_hlr_weights(
     reweighted = (weights * loss).sum()
     ratio = torch.where(reweighted > 0, original / reweighted.clamp_min(1e-12), torch.ones_like(original))
     return weights * ratio
+
+
+@torch.no_grad()
+def score_hlr_slot_weights(
+    hlr: Tensor,
+    loss: Tensor,
+    is_hlr: Tensor,
+    is_random: Tensor,
+    num_valid: Tensor,
+    k: float = 0.5,
+    bias: float = 0.0,
+) -> Tensor:
+    """`score_hlr_weights` over fixed-size slots, with the counts left on the device.
+
+    Slots `is_hlr` hold the negatives picked by Score-HLR (`hlr` their rank among the
+    `num_valid` high-score negatives, the picks being ranks 0 .. h-1), `is_random` the random
+    low-score ones; other slots get weight 1. Same weights as `score_hlr_weights` on the picks.
+    """
+    is_hlr = is_hlr.bool()
+    is_random = is_random.bool()
+    num_hlr = is_hlr.sum()
+    num_expected = num_hlr + is_random.sum()
+    up = torch.maximum(num_expected, num_valid).float().clamp_min(1.0)
+    w_hlr = (up - hlr.float()) / up
+    # random picks share the smallest weight of the picks: the last pick has rank h - 1
+    fill = torch.where(num_hlr > 0, (up - (num_hlr - 1).float()) / up, torch.ones_like(up))
+    weights = torch.where(is_hlr, w_hlr, fill)
+    weights = (bias + (1.0 - bias) * weights).pow(k)
+    picked = is_hlr | is_random
+    loss = torch.where(picked, loss.detach().float(), torch.zeros_like(weights))
+    original = loss.sum()
+    reweighted = (weights * loss).sum()
+    ratio = torch.where(reweighted > 0, original / reweighted.clamp_min(1e-12), torch.ones_like(original))
+    return torch.where(picked, weights * ratio, torch.ones_like(weights))

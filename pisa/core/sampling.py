@@ -4,6 +4,11 @@ All samplers share one call: `sampler(labels, stats)` where `labels` holds, per
 proposal of one image, the matched class (>= 1), 0 for background and -1 for ignored.
 Samplers that rank by the head's own predictions (`needs_stats = True`) get a
 `RoIStats` computed by the head in a no-grad forward over all proposals.
+
+Every sampler returns fixed-size slots (`SampleResult`): a top-k over keys (random keys,
+losses or Score-HLR ranks) with ineligible proposals at -inf, and a validity mask for the
+count actually eligible. Nothing is selected by `nonzero` or drawn by a `randperm` sized by a
+device count, so sampling never makes the host wait for a GPU.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .pisa_math import score_hlr, score_hlr_weights
+from .pisa_math import score_hlr, score_hlr_slot_weights
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -22,6 +27,10 @@ if TYPE_CHECKING:
 __all__ = [
     "RoIStats",
     "SampleResult",
+    "balanced_sample",
+    "fill_slots",
+    "random_keys",
+    "top_positives",
     "RandomSampler",
     "OHEMSampler",
     "ScoreHLRSampler",
@@ -41,21 +50,70 @@ class RoIStats:
 
 @dataclass
 class SampleResult:
-    pos_inds: Tensor  # (P,) indices into the proposals
-    neg_inds: Tensor  # (Q,)
-    neg_weights: Tensor | None = None  # (Q,) ISR-N label weights, aligned with neg_inds
+    """A fixed-size sample of one image's proposals (no variable-size selection, no host sync).
+
+    `inds` has `min(num, N)` slots, a size known on the host: the sampled positives first,
+    then the sampled negatives, then unused slots (`valid` False) when fewer were eligible.
+    """
+
+    inds: Tensor  # (S,) indices into the proposals
+    valid: Tensor  # (S,) bool, the slots actually sampled
+    is_pos: Tensor  # (S,) bool, valid positive slots
+    weights: Tensor | None = None  # (S,) ISR-N label weights on negative slots, 1 elsewhere
+
+    @property
+    def pos_inds(self) -> Tensor:
+        """The sampled positives as an index list (a host sync: for tests and inspection)."""
+        return self.inds[self.is_pos]
+
+    @property
+    def neg_inds(self) -> Tensor:
+        """The sampled negatives as an index list (a host sync)."""
+        return self.inds[self.valid & ~self.is_pos]
+
+    @property
+    def neg_weights(self) -> Tensor | None:
+        """ISR-N weights aligned with `neg_inds` (a host sync)."""
+        return None if self.weights is None else self.weights[self.valid & ~self.is_pos]
 
 
-def _random_subset(inds: Tensor, num: int) -> Tensor:
-    if inds.numel() <= num:
-        return inds
-    return inds[torch.randperm(inds.numel(), device=inds.device)[:num]]
+def random_keys(n: int, device: torch.device) -> Tensor:
+    """Uniform keys: the top-k of iid keys over a set is a uniform random subset of it."""
+    return torch.rand(n, device=device).double()
 
 
-def _split(labels: Tensor) -> tuple[Tensor, Tensor]:
-    pos = torch.nonzero(labels >= 1).flatten()
-    neg = torch.nonzero(labels == 0).flatten()
-    return pos, neg
+def top_positives(labels: Tensor, key: Tensor, num: int) -> Tensor:
+    """Mask of the (up to) `num` positives of largest `key`: a fixed-size top-k, not nonzero + randperm."""
+    chosen = torch.zeros_like(labels, dtype=torch.bool)
+    k = min(num, labels.numel())
+    if k == 0:
+        return chosen
+    eligible = labels >= 1
+    top = torch.topk(torch.where(eligible, key, torch.full_like(key, float("-inf"))), k)
+    return chosen.scatter(0, top.indices, eligible[top.indices])
+
+
+def fill_slots(labels: Tensor, chosen_pos: Tensor, neg_key: Tensor, num: int) -> SampleResult:
+    """The chosen positives, then up to `num - #positives` eligible negatives (labels 0) of
+    largest `neg_key`, in `min(num, N)` slots: counts stay on the device."""
+    n = labels.numel()
+    negative = labels == 0
+    inf = torch.full_like(neg_key, float("inf"))
+    key = torch.where(chosen_pos, inf, torch.where(negative, neg_key, -inf))
+    slots = min(num, n)
+    inds = torch.topk(key, slots).indices
+    num_pos = chosen_pos.sum()
+    num_neg = torch.minimum(negative.sum(), num - num_pos)
+    position = torch.arange(slots, device=labels.device)
+    return SampleResult(inds, position < num_pos + num_neg, position < num_pos)
+
+
+def balanced_sample(labels: Tensor, num: int, pos_fraction: float) -> SampleResult:
+    """torchvision's `BalancedPositiveNegativeSampler` without host syncs: up to
+    `int(num * pos_fraction)` random positives, random negatives for the rest (as many as there are)."""
+    keys = random_keys(labels.numel(), labels.device)
+    chosen = top_positives(labels, keys, int(num * pos_fraction))
+    return fill_slots(labels, chosen, keys, num)
 
 
 class RandomSampler:
@@ -68,10 +126,7 @@ class RandomSampler:
         self.pos_fraction = pos_fraction
 
     def __call__(self, labels: Tensor, stats: RoIStats | None = None) -> SampleResult:
-        pos, neg = _split(labels)
-        pos = _random_subset(pos, int(self.num * self.pos_fraction))
-        neg = _random_subset(neg, self.num - pos.numel())
-        return SampleResult(pos, neg)
+        return balanced_sample(labels, self.num, self.pos_fraction)
 
     def __repr__(self) -> str:
         return f"RandomSampler(num={self.num}, pos_fraction={self.pos_fraction})"
@@ -90,24 +145,26 @@ class OHEMSampler:
         self.num = num
         self.pos_fraction = pos_fraction
 
-    @staticmethod
-    def _hardest(inds: Tensor, loss: Tensor, num: int) -> Tensor:
-        if inds.numel() <= num:
-            return inds
-        return inds[torch.topk(loss[inds], num, sorted=False).indices]
-
     def __call__(self, labels: Tensor, stats: RoIStats | None = None) -> SampleResult:
         if stats is None or stats.loss is None:
             raise ValueError("OHEMSampler needs RoIStats.loss")
-        loss = stats.loss
+        loss = stats.loss.detach().double()
         if self.pos_fraction is None:
-            chosen = self._hardest(torch.nonzero(labels >= 0).flatten(), loss, self.num)
-            chosen_labels = labels[chosen]
-            return SampleResult(chosen[chosen_labels >= 1], chosen[chosen_labels == 0])
-        pos, neg = _split(labels)
-        pos = self._hardest(pos, loss, int(self.num * self.pos_fraction))
-        neg = self._hardest(neg, loss, self.num - pos.numel())
-        return SampleResult(pos, neg)
+            return self._hardest_of_all(labels, loss)
+        chosen = top_positives(labels, loss, int(self.num * self.pos_fraction))
+        return fill_slots(labels, chosen, loss, self.num)
+
+    def _hardest_of_all(self, labels: Tensor, loss: Tensor) -> SampleResult:
+        """The `num` non-ignored RoIs of highest loss, positives first within the slots."""
+        eligible = labels >= 0
+        slots = min(self.num, labels.numel())
+        key = torch.where(eligible, loss, torch.full_like(loss, float("-inf")))
+        inds = torch.topk(key, slots).indices
+        valid = torch.arange(slots, device=labels.device) < eligible.sum()
+        # positives first, as the other samplers lay out their slots
+        pos = valid & (labels[inds] >= 1)
+        order = torch.sort((~pos).to(torch.uint8), stable=True).indices
+        return SampleResult(inds[order], valid[order], pos[order])
 
     def __repr__(self) -> str:
         return f"OHEMSampler(num={self.num}, pos_fraction={self.pos_fraction})"
@@ -140,39 +197,26 @@ class ScoreHLRSampler:
     def __call__(self, labels: Tensor, stats: RoIStats | None = None) -> SampleResult:
         if stats is None or stats.fg_score is None or stats.pred_boxes is None or stats.bg_loss is None:
             raise ValueError("ScoreHLRSampler needs RoIStats.fg_score, pred_boxes and bg_loss")
-        pos, neg = _split(labels)
-        pos = _random_subset(pos, int(self.num * self.pos_fraction))
-        num_expected = min(neg.numel(), self.num - pos.numel())
-        if num_expected == 0:
-            return SampleResult(pos, neg[:0], stats.bg_loss.new_ones(0))
-
-        score = stats.fg_score[neg]
-        valid = score > self.score_thr
-        valid_inds = torch.nonzero(valid).flatten()
-        invalid_inds = torch.nonzero(~valid).flatten()
-        num_valid = valid_inds.numel()
-        if num_valid == 0:
-            chosen = _random_subset(neg, num_expected)
-            return SampleResult(pos, chosen, stats.bg_loss.new_ones(chosen.numel()))
-
-        num_hlr = min(num_valid, num_expected)
-        num_rand = num_expected - num_hlr
-        hlr = score_hlr(stats.pred_boxes[neg[valid_inds]], score[valid_inds], self.iou_thr)
-        hlr_order = torch.argsort(hlr)[:num_hlr]
-        picked = [valid_inds[hlr_order]]
-        if num_rand > 0:
-            picked.append(_random_subset(invalid_inds, num_rand))
-        chosen = neg[torch.cat(picked)]
-        weights = score_hlr_weights(
-            hlr[hlr_order],
-            stats.bg_loss[chosen],
-            num_expected=num_expected,
-            num_valid=num_valid,
+        n = labels.numel()
+        keys = random_keys(n, labels.device)
+        chosen = top_positives(labels, keys, int(self.num * self.pos_fraction))
+        high = (labels == 0) & (stats.fg_score > self.score_thr)  # the negatives Score-HLR ranks
+        hlr = score_hlr(stats.pred_boxes, stats.fg_score, self.iou_thr, valid=high)
+        # high-score negatives by HLR (keys in (2, 3]) before random low-score ones ([0, 1))
+        neg_key = torch.where(high, 2.0 + 1.0 / (1.0 + hlr.double()), keys)
+        result = fill_slots(labels, chosen, neg_key, self.num)
+        neg_slot = result.valid & ~result.is_pos
+        from_hlr = high[result.inds]
+        result.weights = score_hlr_slot_weights(
+            hlr[result.inds],
+            stats.bg_loss[result.inds],
+            is_hlr=neg_slot & from_hlr,
+            is_random=neg_slot & ~from_hlr,
+            num_valid=high.sum(),
             k=self.k,
             bias=self.bias,
-            num_random=chosen.numel() - num_hlr,
         )
-        return SampleResult(pos, chosen, weights)
+        return result
 
     def __repr__(self) -> str:
         return (

@@ -12,6 +12,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 
 from pisa.core.config import TORCHVISION_BOX_HEAD_WIDTH, ModelConfig
 from pisa.models.backbones import build_backbone
+from pisa.models.fixed_size import PisaRPN, PisaTransform
 from pisa.models.pisa_loss import DiagnosticsMixin, collect_diagnostics
 from pisa.models.retinanet import build_retinanet
 from pisa.models.roi_heads import PisaRoIHeads
@@ -52,6 +53,9 @@ def _two_stage(cls: type[FasterRCNN], cfg: ModelConfig, num_classes: int) -> Fas
         model.roi_heads.box_head = TwoMLPHead(pooled, cfg.box_head_width)
         model.roi_heads.box_predictor = FastRCNNPredictor(cfg.box_head_width, num_classes + 1)
     model.roi_heads = PisaRoIHeads.from_torchvision(model.roi_heads, cfg)
+    # the same RPN and transform, selecting with fixed-size ops in training (no host syncs)
+    model.rpn = PisaRPN.from_torchvision(model.rpn)
+    model.transform = PisaTransform.from_torchvision(model.transform)
     return model
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 
 from pisa.core.config import BoxLossConfig, CARLConfig, ISRPConfig
-from pisa.core.pisa_math import carl_loss, carl_weights, iou_hlr, isr_p_weights
+from pisa.core.pisa_math import carl_loss, carl_weights, iou_hlr, isr_p_weights, mask_groups
 
 __all__ = [
     "AnchorPositives",
@@ -158,18 +158,41 @@ class PisaLoss(nn.Module):
         self.isr_p = isr_p or ISRPConfig()
         self.carl = carl or CARLConfig()
         self.diagnostics = diagnostics
-        self.record = PisaDiagnostics()
+        self._record = PisaDiagnostics()
+        self._masked: dict[str, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def record(self) -> PisaDiagnostics:
+        """This step's record; values noted with a mask are selected now, when read (one
+        host sync per logging interval instead of one per step)."""
+        for name, (value, mask) in self._masked.items():
+            setattr(self._record, name, value[mask])
+        self._masked.clear()
+        return self._record
+
+    @record.setter
+    def record(self, value: PisaDiagnostics) -> None:
+        self._record = value
+        self._masked.clear()
 
     def start_step(self) -> PisaDiagnostics:
         """A fresh record for this step (kept empty when diagnostics are off)."""
         self.record = PisaDiagnostics()
-        return self.record
+        return self._record
 
     def note(self, **values: Tensor) -> None:
         """Keep detached copies of `values` in this step's record (no device transfer)."""
         if self.diagnostics:
             for name, value in values.items():
-                setattr(self.record, name, value.detach())
+                self._masked.pop(name, None)
+                setattr(self._record, name, value.detach())
+
+    def note_masked(self, mask: Tensor, **values: Tensor) -> None:
+        """Keep `values[mask]` in the record, selected only when the record is read: fixed-size
+        slots need no variable-size selection (a host sync) in the step itself."""
+        if self.diagnostics:
+            for name, value in values.items():
+                self._masked[name] = (value.detach(), mask.detach())
 
     def positive_weights(
         self,
@@ -180,33 +203,54 @@ class PisaLoss(nn.Module):
         labels: Tensor,
         gt_inds: Tensor,
         cls_loss: Tensor,
+        valid: Tensor | None = None,
     ) -> Tensor | None:
         """ISR-P importance weights of the positives, or None when ISR-P is off or there are none.
 
         Per positive: predicted `deltas` on its anchor/proposal `boxes`, its GT box, class
         and batch-unique GT index, and its unweighted classification loss ((P,) or (P, C),
         summed over classes). The weights keep the positives' total of that loss unchanged.
+        With `valid`, the rows are fixed-size slots and `valid` marks the positives among them
+        (weights 1 elsewhere): the same weights, without selecting the positives.
         """
-        self.note(num_pos=torch.tensor(labels.numel(), device=labels.device))
+        if valid is None:
+            self.note(num_pos=torch.tensor(labels.numel(), device=labels.device))
+        else:
+            self.note(num_pos=valid.sum())
         if not self.isr_p.enabled or labels.numel() == 0:
             return None
         ious = decoded_ious(box_coder, deltas, boxes, gt_boxes)
-        hlr = iou_hlr(ious, labels, gt_inds)
         loss = cls_loss.detach().float()
         if loss.dim() > 1:
             loss = loss.sum(dim=tuple(range(1, loss.dim())))
-        weights = isr_p_weights(ious, labels, gt_inds, loss, k=self.isr_p.k, bias=self.isr_p.bias, hlr=hlr)
-        self.note(ious=ious, labels=labels, gt_inds=gt_inds, cls_loss=loss, iou_hlr=hlr, isr_p_weights=weights)
+        if valid is None:
+            hlr = iou_hlr(ious, labels, gt_inds)
+            weights = isr_p_weights(ious, labels, gt_inds, loss, k=self.isr_p.k, bias=self.isr_p.bias, hlr=hlr)
+            self.note(ious=ious, labels=labels, gt_inds=gt_inds, cls_loss=loss, iou_hlr=hlr, isr_p_weights=weights)
+            return weights
+        groups, gts = mask_groups(labels, valid), mask_groups(gt_inds, valid)
+        hlr = iou_hlr(ious, groups, gts)
+        weights = isr_p_weights(ious, groups, gts, loss, k=self.isr_p.k, bias=self.isr_p.bias, hlr=hlr, valid=valid)
+        self.note_masked(
+            valid, ious=ious, labels=labels, gt_inds=gt_inds, cls_loss=loss, iou_hlr=hlr, isr_p_weights=weights
+        )
         return weights
 
-    def carl_term(self, cls_prob: Tensor, reg_loss: Tensor, avg_factor: float | Tensor) -> Tensor | None:
-        """CARL loss of the positives (`cls_prob` of their GT class, `reg_loss` (P, 4)), or None when off."""
+    def carl_term(
+        self, cls_prob: Tensor, reg_loss: Tensor, avg_factor: float | Tensor, valid: Tensor | None = None
+    ) -> Tensor | None:
+        """CARL loss of the positives (`cls_prob` of their GT class, `reg_loss` (P, 4)), or None when off.
+
+        With `valid`, rows are fixed-size slots and `valid` marks the positives among them."""
         if not self.carl.enabled:
             return None
         cls_prob = cls_prob.float()
-        if cls_prob.numel() > 0:
-            self.note(carl_weights=carl_weights(cls_prob, k=self.carl.k, bias=self.carl.bias))
-        return carl_loss(cls_prob, reg_loss.float(), k=self.carl.k, bias=self.carl.bias, avg_factor=avg_factor)
+        k, bias = self.carl.k, self.carl.bias
+        if valid is not None:
+            self.note_masked(valid, carl_weights=carl_weights(cls_prob.detach(), k=k, bias=bias, valid=valid))
+        elif cls_prob.numel() > 0:
+            self.note(carl_weights=carl_weights(cls_prob, k=k, bias=bias))
+        return carl_loss(cls_prob, reg_loss.float(), k=k, bias=bias, avg_factor=avg_factor, valid=valid)
 
 
 def collect_diagnostics(model: nn.Module) -> dict[str, Tensor]:

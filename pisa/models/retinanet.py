@@ -25,6 +25,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from pisa.core.config import BoxLossConfig, ModelConfig
 from pisa.models.backbones import build_backbone, resolve_norm
+from pisa.models.fixed_size import PisaTransform, pisa_matcher
 from pisa.models.pisa_loss import (
     AnchorPositives,
     DiagnosticsMixin,
@@ -126,7 +127,7 @@ def build_retinanet(cfg: ModelConfig, num_classes: int) -> nn.Module:
         cfg,
         norm_layer=norm_layer,
     )
-    return PISARetinaNet(
+    model = PISARetinaNet(
         backbone,
         num_classes + 1,
         min_size=cfg.min_size,
@@ -136,3 +137,7 @@ def build_retinanet(cfg: ModelConfig, num_classes: int) -> nn.Module:
         score_thresh=cfg.score_thresh,
         detections_per_img=cfg.detections_per_img,
     )
+    # the same matching and transform without host syncs (`torch.where`, no random size draw)
+    model.proposal_matcher = pisa_matcher(model.proposal_matcher)
+    model.transform = PisaTransform.from_torchvision(model.transform)
+    return model

@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
+from torchvision.ops import boxes as box_ops
 
 from pisa.core.config import BoxLossConfig, ModelConfig
 from pisa.core.sampling import RoIStats, build_sampler
 from pisa.models.box_head_reuse import HeadPass, can_reuse, forward_all, reuse_sampled
+from pisa.models.fixed_size import pisa_matcher
 from pisa.models.pisa_loss import PisaLoss, box_loss_fn
 
 __all__ = ["PisaRoIHeads", "TORCHVISION_BOX_LOSS"]
@@ -41,6 +43,8 @@ class _Samples:
     label_weights: Tensor  # (S,) ISR-N weights on negatives, 1 elsewhere
     head_pass: HeadPass | None = None  # the ranking pass over all proposals, when there was one
     rows: Tensor | None = None  # (S,) the sampled RoIs' rows in `head_pass`
+    valid: Tensor | None = None  # (S,) bool: slots actually sampled (fixed-size samples); None: all
+    isr_n: bool = False  # the sampler weighed the negatives (ISR-N)
 
 
 class PisaRoIHeads(RoIHeads):
@@ -73,7 +77,27 @@ class PisaRoIHeads(RoIHeads):
             mask_predictor=heads.mask_predictor,
             cfg=cfg,
         )
+        new.proposal_matcher = pisa_matcher(heads.proposal_matcher)
         return new
+
+    def assign_targets_to_proposals(
+        self, proposals: list[Tensor], gt_boxes: list[Tensor], gt_labels: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's matching and labels (0 background, -1 ignored) by `torch.where`, not masked writes."""
+        matched_idxs, labels = [], []
+        for props, boxes, classes in zip(proposals, gt_boxes, gt_labels):
+            if boxes.numel() == 0:  # background image
+                zeros = torch.zeros(props.shape[0], dtype=torch.int64, device=props.device)
+                matched_idxs.append(zeros)
+                labels.append(zeros.clone())
+                continue
+            matched = self.proposal_matcher(box_ops.box_iou(boxes, props))
+            label = classes[matched.clamp(min=0)].to(torch.int64)
+            label = torch.where(matched == self.proposal_matcher.BELOW_LOW_THRESHOLD, 0, label)
+            label = torch.where(matched == self.proposal_matcher.BETWEEN_THRESHOLDS, -1, label)
+            matched_idxs.append(matched.clamp(min=0))
+            labels.append(label)
+        return matched_idxs, labels
 
     # ------------------------------------------------------------------ sampling
 
@@ -154,79 +178,85 @@ class PisaRoIHeads(RoIHeads):
         else:
             stats = [None] * len(proposals)
 
-        gt_offset = 0
-        out: dict[str, list[Tensor]]
-        out_props, out_matched, out = [], [], {k: [] for k in ("labels", "targets", "gt", "gt_inds", "w")}
-        num_sampled, sampled_global, base = [], [], 0
+        gt_offset, base = 0, 0
+        parts: dict[str, list[Tensor]] = {k: [] for k in ("labels", "targets", "gt", "gt_inds", "w", "valid", "rows")}
+        out_props, out_matched, isr_n = [], [], False
         for i, stat in enumerate(stats):
-            result = self.sampler(labels[i], stat)
-            inds = torch.cat([result.pos_inds, result.neg_inds])
+            result = self.sampler(labels[i], stat)  # fixed-size slots: no host sync
+            inds = result.inds
             weights = torch.ones(inds.numel(), dtype=torch.float32, device=device)
-            if result.neg_weights is not None:
-                weights[result.pos_inds.numel() :] = result.neg_weights.float()
+            if result.weights is not None:
+                weights, isr_n = result.weights.float(), True
             out_props.append(proposals[i][inds])
             out_matched.append(matched_idxs[i][inds])
-            out["labels"].append(labels[i][inds])
-            out["targets"].append(regression_targets[i][inds])
-            out["gt"].append(matched_boxes[i][inds])
-            out["gt_inds"].append(matched_idxs[i][inds] + gt_offset)
-            out["w"].append(weights)
+            parts["labels"].append(labels[i][inds])
+            parts["targets"].append(regression_targets[i][inds])
+            parts["gt"].append(matched_boxes[i][inds])
+            parts["gt_inds"].append(matched_idxs[i][inds] + gt_offset)
+            parts["w"].append(weights)
+            parts["valid"].append(result.valid)
+            parts["rows"].append(inds + base)  # into the concatenated proposals (+ GTs), as `roi_loss`
             gt_offset += gt_boxes[i].shape[0]
-            num_sampled.append(inds.numel())
-            sampled_global.append(inds + base)
             base += proposals[i].shape[0]
 
-        # indices into the concatenated proposals (+ GTs) of the batch, as in `roi_loss`
-        rows = torch.cat(sampled_global)
-        self.pisa.note(sampled_inds=rows, num_sampled=torch.tensor(num_sampled))
+        rows, valid = torch.cat(parts["rows"]), torch.cat(parts["valid"])
+        self.pisa.note(num_sampled=torch.stack([v.sum() for v in parts["valid"]]))
+        self.pisa.note_masked(valid, sampled_inds=rows)
         return _Samples(
             proposals=out_props,
             matched_idxs=out_matched,
-            labels=torch.cat(out["labels"]),
-            regression_targets=torch.cat(out["targets"]),
-            gt_boxes=torch.cat(out["gt"]),
-            gt_inds=torch.cat(out["gt_inds"]),
-            label_weights=torch.cat(out["w"]),
+            labels=torch.cat(parts["labels"]),
+            regression_targets=torch.cat(parts["targets"]),
+            gt_boxes=torch.cat(parts["gt"]),
+            gt_inds=torch.cat(parts["gt_inds"]),
+            label_weights=torch.cat(parts["w"]),
             head_pass=head_pass,
             rows=rows,
+            valid=valid,
+            isr_n=isr_n,
         )
 
     # ------------------------------------------------------------------ losses
 
     def pisa_box_loss(self, class_logits: Tensor, box_regression: Tensor, s: _Samples) -> dict[str, Tensor]:
-        """Weighted CE + box loss (+ CARL), each normalized by the number of sampled RoIs."""
-        class_logits = class_logits.float()
-        labels = s.labels
-        num = max(labels.numel(), 1)
-        cls_loss = F.cross_entropy(class_logits, labels, reduction="none")
-        weights = s.label_weights.to(cls_loss.dtype)
+        """Weighted CE + box loss (+ CARL), each normalized by the number of sampled RoIs.
 
-        pos = torch.where(labels > 0)[0]
-        labels_pos = labels[pos]
+        Fixed-size: every slot is computed and masks (`valid`, positives) weigh them, which
+        sums to the losses over the selected RoIs without selecting them (no host sync)."""
+        class_logits = class_logits.float()
         n = class_logits.shape[0]
-        deltas_pos = box_regression.reshape(n, -1, 4)[pos, labels_pos]
-        reg_pos = self.box_loss(deltas_pos, s.regression_targets[pos])
+        valid = s.valid if s.valid is not None else torch.ones(n, dtype=torch.bool, device=class_logits.device)
+        labels = s.labels.clamp(min=0)  # unused slots may hold ignored proposals (-1)
+        num = valid.sum().clamp_min(1).to(class_logits.dtype)
+        cls_loss = F.cross_entropy(class_logits, labels, reduction="none")
+        weights = torch.where(valid, s.label_weights.to(cls_loss.dtype), torch.zeros_like(cls_loss))
+
+        pos = valid & (labels > 0)
+        deltas = box_regression.reshape(n, -1, 4)[torch.arange(n, device=labels.device), labels]
+        reg = self.box_loss(deltas, s.regression_targets)
+        reg = torch.where(pos[:, None], reg, torch.zeros_like(reg))
 
         w_pos = self.pisa.positive_weights(
             self.box_coder,
-            deltas_pos,
-            torch.cat(s.proposals)[pos],
-            s.gt_boxes[pos],
-            labels_pos,
-            s.gt_inds[pos],
-            cls_loss[pos],
+            deltas,
+            torch.cat(s.proposals),
+            s.gt_boxes,
+            labels,
+            s.gt_inds,
+            cls_loss,
+            valid=pos,
         )
         if w_pos is not None:
-            weights = weights.clone()
-            weights[pos] = w_pos.to(weights.dtype)
-        if s.label_weights.ne(1).any():
-            self.pisa.note(isr_n_weights=s.label_weights[labels == 0])
+            weights = torch.where(pos, w_pos.to(weights.dtype), weights)
+        if s.isr_n:
+            self.pisa.note_masked(valid & (labels == 0), isr_n_weights=s.label_weights)
 
         losses = {
             "loss_classifier": (cls_loss * weights).sum() / num,
-            "loss_box_reg": reg_pos.sum() / num,
+            "loss_box_reg": reg.sum() / num,
         }
-        carl = self.pisa.carl_term(class_logits.softmax(-1)[pos, labels_pos], reg_pos, avg_factor=num)
+        cls_prob = class_logits.softmax(-1).gather(1, labels[:, None]).squeeze(1)
+        carl = self.pisa.carl_term(cls_prob, reg, avg_factor=num, valid=pos)
         if carl is not None:
             losses["loss_carl"] = carl
         return losses
@@ -270,8 +300,10 @@ class PisaRoIHeads(RoIHeads):
         if self.has_mask():
             counts = [p.shape[0] for p in samples.proposals]
             mask_proposals, pos_matched_idxs = [], []
-            for props, matched, labels in zip(samples.proposals, samples.matched_idxs, samples.labels.split(counts)):
-                pos = torch.where(labels > 0)[0]
+            valid = samples.valid if samples.valid is not None else torch.ones_like(samples.labels, dtype=torch.bool)
+            pos_masks = ((samples.labels > 0) & valid).split(counts)
+            for props, matched, pos_mask in zip(samples.proposals, samples.matched_idxs, pos_masks):
+                pos = torch.where(pos_mask)[0]  # mask loss over variable positives: a sync per image
                 mask_proposals.append(props[pos])
                 pos_matched_idxs.append(matched[pos])
             mask_logits = self.mask_predictor(
