@@ -7,7 +7,9 @@ same ops run on CPU, and `torch.profiler` counts them there. A count is determin
 a timing), so a test can hold it under a ceiling (tests/test_syncs.py).
 
 One step = forward + backward + SGD step of `bench_step`'s models (same variants, same
-batch), counted after one warm-up step:
+batch), counted after one warm-up step. With `--engine`, also the training loop's whole
+iteration (`pisa.training.engine._train_step`: the loss tally, the fused SGD with its
+on-device skip flag) outside a logging step and at one (its one read of the tally):
 
     python benchmarks/bench_syncs.py                      # ResNet-18-FPN, frozen BN, 2 x 320 px
     python benchmarks/bench_syncs.py --json counts.json
@@ -56,6 +58,62 @@ def count_syncs(runner: Runner, images, targets, seed: int) -> Counter:
     return counts
 
 
+class _Passthrough:
+    """The session `_train_step` asks for the step's loss: as it is (no faults)."""
+
+    @staticmethod
+    def step_loss(loss, iteration: int):
+        return loss
+
+
+def _kinds(prof) -> Counter:
+    counts: Counter = Counter()
+    for event in prof.events():
+        kind = SYNC_OPS.get(event.name)
+        if kind is not None:
+            counts[kind] += 1
+    return counts
+
+
+def count_engine_syncs(runner: Runner, images, targets, seed: int) -> dict[str, int]:
+    """The engine's iteration on `runner`'s model: its host syncs outside a logging step and
+    at one, and the engine's own share of each (the iteration minus the model's step)."""
+    from types import SimpleNamespace
+
+    from pisa.core.config import TrainConfig as _Train
+    from pisa.training.engine import LossTally, _check_finite, _train_step, build_optimizer
+
+    optimizer = build_optimizer(runner.model, _Train(lr=1e-4, base_batch=2, images_per_worker=2, workers=1).resolved())
+    t = SimpleNamespace(
+        model=runner.model,
+        device=torch.device("cpu"),
+        plan=runner.plan,
+        optimizer=optimizer,
+        scaler=None,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0),
+        cfg=SimpleNamespace(train=SimpleNamespace(grad_clip=None)),
+        iteration=0,
+    )
+    tally = LossTally(torch.device("cpu"))
+    _train_step(t, _Passthrough(), tally, images, targets, 0)  # warm-up
+    torch.manual_seed(seed)
+    with profile(activities=[ProfilerActivity.CPU]) as plain:
+        _train_step(t, _Passthrough(), tally, images, targets, 1)
+    torch.manual_seed(seed)
+    with profile(activities=[ProfilerActivity.CPU]) as logging:
+        _train_step(t, _Passthrough(), tally, images, targets, 2)
+        _check_finite(tally, 0, 0)
+    model = sum(count_syncs(runner, images, targets, seed).values())
+    step, at_log = sum(_kinds(plain).values()), sum(_kinds(logging).values())
+    return {
+        "model": model,
+        "iteration": step,
+        "iteration_logging": at_log,
+        "engine": step - model,
+        "engine_logging": at_log - model,
+    }
+
+
 def measure(args: argparse.Namespace) -> dict[str, dict[str, dict[str, int]]]:
     """{detector: {variant: {kind: count, "total": n}}}."""
     device = torch.device("cpu")
@@ -72,6 +130,9 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, dict[str, int]]]:
             runner.step(images, targets)  # warm-up: lazy initialisations are not per step
             counts = count_syncs(runner, images, targets, args.seed)
             out[detector][name] = {**dict(sorted(counts.items())), "total": sum(counts.values())}
+            if args.engine:
+                engine = count_engine_syncs(runner, images, targets, args.seed)
+                out[detector][name].update({f"engine.{k}": v for k, v in engine.items()})
     return out
 
 
@@ -87,6 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the counts here")
+    p.add_argument("--engine", action="store_true", help="also count the training loop's whole iteration")
     return p.parse_args(argv)
 
 
@@ -97,8 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'detector':<12} {'variant':<18} {'total':>5}  by kind")
     for detector, by_variant in counts.items():
         for name, c in by_variant.items():
-            kinds = ", ".join(f"{k} {v}" for k, v in c.items() if k != "total")
+            kinds = ", ".join(f"{k} {v}" for k, v in c.items() if k != "total" and not k.startswith("engine."))
             print(f"{detector:<12} {name:<18} {c['total']:>5}  {kinds}")
+            if "engine.iteration" in c:
+                print(
+                    f"{'':<12} {'  engine iteration':<18} {c['engine.iteration']:>5}  "
+                    f"(the loop's own: {c['engine.engine']}; at a logging step {c['engine.iteration_logging']}, "
+                    f"the loop's own {c['engine.engine_logging']})"
+                )
     if args.json:
         args.json.write_text(json.dumps(counts, indent=2))
     return 0

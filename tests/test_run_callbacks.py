@@ -82,7 +82,7 @@ def test_the_study_logger_writes_each_trials_run_and_resumes_without_logging_an_
 
 
 def test_the_grid_logger_writes_each_trainings_run_and_the_grid_ends_it(synthetic_dir, tmp_path):
-    cfg = ExperimentConfig.model_validate(tiny_experiment(synthetic_dir, tmp_path))
+    cfg = ExperimentConfig.model_validate(tiny_experiment(synthetic_dir, tmp_path, epochs=1))
     uri = cfg.tracking.resolved_uri()
     parent = tracking.tracker(uri).start_run(cfg.tracking.experiment, "grid parent")
     trainings = [GridTraining(cfg, "seed 3", {"pisa.kind": "validation_training", "pisa.seed": "3"})]
@@ -100,6 +100,13 @@ def test_the_grid_logger_writes_each_trainings_run_and_the_grid_ends_it(syntheti
     assert run.data.tags["pisa.kind"] == "validation_training" and run.data.tags["pisa.seed"] == "3"
     assert "pisa.status" not in run.data.tags
     assert run.data.params["data.num_classes"] == "3" and run.data.metrics["bbox_mAP"] == 0.4
+
+    # a training the grid's stop (Ctrl-C, SIGTERM) cut short: neither finished nor failed
+    two_epochs = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2})})
+    cut = _finish(SimpleNamespace(error=None, metrics=_result(1, 0.4), checkpoint=None), two_epochs, uri, run_id)
+    assert cut.status == "KILLED" and cut.error == "interrupted"
+    run = tracking.client(uri).get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["pisa.status"] == "interrupted"
 
     failed = _finish(SimpleNamespace(error=RuntimeError("boom"), metrics={}, checkpoint=None), cfg, uri, run_id)
     assert failed.status == "FAILED" and failed.error == "boom"
