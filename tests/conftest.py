@@ -21,22 +21,24 @@ def find_bccd() -> Path:
     return Path(env) if env else REPO / "datasets" / "bccd"
 
 
-# Seconds per file in a serial run (benchmarks/RESULTS.md, "The suite per file"): `make test`
+# Seconds per file on a worker (benchmarks/RESULTS.md, "The suite on two workers"). `make test`
 # runs the files on 2 pytest-xdist workers, a file per worker at a time (`--dist loadfile`),
-# and hands them out longest first, so that no long file starts last and runs alone
+# handed out longest first, so that no long file starts last and runs alone
 FILE_SECONDS = {
-    "test_recovery.py": 480,
-    "test_train.py": 330,
-    "test_cluster.py": 310,
-    "test_study.py": 300,
-    "test_seeds.py": 190,
-    "test_learning.py": 185,
-    "test_compare.py": 110,
+    "test_recovery.py": 500,
+    "test_cluster.py": 355,
+    "test_train.py": 355,
+    "test_learning.py": 280,
+    "test_study.py": 280,
+    "test_seeds.py": 255,
+    "test_compare.py": 200,
+    "test_model.py": 125,
+    "test_models_two_stage.py": 105,
+    "test_training_grid.py": 95,
+    "test_postgres_mlflow.py": 70,
+    "test_accel.py": 50,
+    "test_tracking.py": 45,
     "test_plan.py": 40,
-    "test_training_grid.py": 100,
-    "test_accel.py": 80,
-    "test_model.py": 65,
-    "test_postgres_mlflow.py": 55,
 }
 
 

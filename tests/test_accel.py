@@ -47,6 +47,13 @@ def test_defaults_turn_the_gpu_path_on_for_cuda_only():
     assert not plan_for(train, "cuda", 1).sync_batchnorm  # nothing to synchronise with
 
 
+def test_cudnn_autotuning_only_for_fixed_size_inputs_on_cuda():
+    train = TrainConfig()
+    assert plan_for(train, "cuda", 8, bf16_supported=True, fixed_size=True).cudnn_benchmark  # SSD
+    assert not plan_for(train, "cuda", 8, bf16_supported=True, fixed_size=False).cudnn_benchmark  # R-CNNs
+    assert not plan_for(train, "cpu", 2, fixed_size=True).cudnn_benchmark
+
+
 def test_amp_on_cpu_is_bfloat16_without_a_scaler():
     cpu = plan_for(TrainConfig(amp=True, channels_last=True), "cpu", 2)
     assert cpu.autocast_dtype == torch.bfloat16 and not cpu.grad_scaler and cpu.channels_last

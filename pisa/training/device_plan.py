@@ -44,6 +44,7 @@ class DevicePlan:
     channels_last: bool
     sync_batchnorm: bool
     pin_memory: bool
+    cudnn_benchmark: bool = False  # autotuned convolutions: only when every batch has one size
 
     @property
     def amp(self) -> bool:
@@ -96,7 +97,12 @@ def process_group_backend(use_gpu: bool) -> str:
     return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
 
 
-def plan_for(train: TrainConfig, device_type: str, world: int, bf16_supported: bool | None = None) -> DevicePlan:
+def plan_for(
+    train: TrainConfig, device_type: str, world: int, bf16_supported: bool | None = None, fixed_size: bool = False
+) -> DevicePlan:
+    """`fixed_size`: every batch has the same shape (SSD's resize), so cuDNN's autotuner,
+    which benchmarks each new input shape once, pays off; with varying sizes it would tune
+    again for every batch."""
     dtype = autocast_dtype(train.amp, train.amp_dtype, device_type, bf16_supported)
     return DevicePlan(
         device_type=device_type,
@@ -105,6 +111,7 @@ def plan_for(train: TrainConfig, device_type: str, world: int, bf16_supported: b
         channels_last=_enabled(train.channels_last, device_type),
         sync_batchnorm=use_sync_batchnorm(device_type, world, train.sync_bn),
         pin_memory=device_type == "cuda",
+        cudnn_benchmark=device_type == "cuda" and fixed_size,
     )
 
 

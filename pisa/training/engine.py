@@ -347,7 +347,8 @@ def _build(cfg: ExperimentConfig, session: TrainSession) -> _Training:
 
     rank, world = session.rank, session.world_size
     device = session.device()
-    plan = plan_for(cfg.train, device.type, world)
+    plan = plan_for(cfg.train, device.type, world, fixed_size=cfg.model.detector in ("ssd300", "ssd512"))
+    torch.backends.cudnn.benchmark = plan.cudnn_benchmark
     seed_everything(cfg.train.seed)
 
     with_masks = cfg.model.detector == "mask_rcnn"
