@@ -50,12 +50,7 @@ def count_syncs(runner: Runner, images, targets, seed: int) -> Counter:
     torch.manual_seed(seed)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         runner.step(images, targets)
-    counts: Counter = Counter()
-    for event in prof.events():
-        kind = SYNC_OPS.get(event.name)
-        if kind is not None:
-            counts[kind] += 1
-    return counts
+    return _kinds(prof)
 
 
 class _Passthrough:
@@ -67,6 +62,7 @@ class _Passthrough:
 
 
 def _kinds(prof) -> Counter:
+    """The host-sync ops a profile saw, by kind."""
     counts: Counter = Counter()
     for event in prof.events():
         kind = SYNC_OPS.get(event.name)

@@ -8,7 +8,6 @@ import math
 from typing import Any
 
 from ..core import storage
-from ..core.checkpoint import CHECKPOINT_FILE
 from ..core.epoch_report import epoch_metrics
 from ..core.progress import say
 from ..tracking import tags as tag
@@ -40,31 +39,11 @@ class MlflowStudyLogger(TrainingRunsCallback):
     def key(self, trial) -> str:
         return trial.trial_id
 
-    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
-        for run in self.tracker.children(self.study.base_config.tracking.experiment, self.parent_run_id):
-            trial_id = run.data.tags.get(tag.TRIAL)
-            if trial_id:
-                # epochs already in MLflow: a trial that continues from an older checkpoint
-                # trains them again, and they are not logged twice
-                logged = int(run.data.metrics.get("epoch", 0) or 0)
-                self.runs[trial_id] = TrainingRun(self.uri, run.info.run_id, logged_epoch=logged)
-        self.reconciled = False
+    def _experiment(self) -> str:
+        return self.study.base_config.tracking.experiment
 
-    def on_step_begin(self, iteration, trials, **info):
-        """Once, before a resumed study starts any trial: point every restored trial at a
-        checkpoint that exists (`pisa.study.trial_recovery`)."""
-        if getattr(self, "reconciled", True):
-            return
-        self.reconciled = True
-        for trial in trials:
-            if trial.status in ("TERMINATED", "ERROR"):
-                continue
-            known = self.runs.get(trial.trial_id)
-            repair = trial_recovery.repair_restored_trial(
-                trial, CHECKPOINT_FILE, known.logged_epoch if known is not None else 0
-            )
-            if repair is not None:
-                say(repair.line())
+    def _key_of_run(self, run) -> str | None:
+        return run.data.tags.get(tag.TRIAL) or None
 
     def _create_run(self, trial) -> TrainingRun:
         params = trial_params(self.study, trial.config)

@@ -11,15 +11,19 @@ from typing import Any
 from ray.tune import Callback
 
 from .. import tracking
+from ..core.checkpoint import CHECKPOINT_FILE
 from ..core.epoch_report import epoch_metrics
+from ..core.progress import say
 from ..tracking.run_writer import TrainingRun
+from . import trial_recovery
 
 
 class TrainingRunsCallback(Callback):
     """A Tune callback writing one `TrainingRun` per trial, nested under `parent_run_id`.
 
-    A subclass says which key stands for a trial (`key`), creates its run (`_create_run`)
-    and says how often to sample the machine (`_system_metrics_interval`)."""
+    A subclass says which key stands for a trial (`key`) and for an existing run
+    (`_key_of_run`, in `_experiment`), creates its run (`_create_run`) and says how often to
+    sample the machine (`_system_metrics_interval`)."""
 
     def __init__(self, uri: str, parent_run_id: str) -> None:
         self.uri = uri
@@ -36,6 +40,40 @@ class TrainingRunsCallback(Callback):
 
     def _create_run(self, trial) -> TrainingRun:
         raise NotImplementedError
+
+    def _experiment(self) -> str:
+        raise NotImplementedError
+
+    def _key_of_run(self, run) -> Any | None:
+        """The trial key an existing MLflow child run belongs to, None if none."""
+        raise NotImplementedError
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+        """Fresh or resumed: the runs already in MLflow are kept, with the epochs they logged
+        (a trial that continues from an older checkpoint trains them again, and they are not
+        logged twice)."""
+        for run in self.tracker.children(self._experiment(), self.parent_run_id):
+            key = self._key_of_run(run)
+            if key is not None:
+                logged = int(run.data.metrics.get("epoch", 0) or 0)
+                self.runs[key] = TrainingRun(self.uri, run.info.run_id, logged_epoch=logged)
+        self.reconciled = False
+
+    def on_step_begin(self, iteration, trials, **info):
+        """Once, before a resumed experiment starts any trial: every restored trial pointed at
+        a checkpoint that exists (`pisa.study.trial_recovery`)."""
+        if getattr(self, "reconciled", True):
+            return
+        self.reconciled = True
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR"):
+                continue
+            known = self.runs.get(self.key(trial))
+            repair = trial_recovery.repair_restored_trial(
+                trial, CHECKPOINT_FILE, known.logged_epoch if known is not None else 0
+            )
+            if repair is not None:
+                say(repair.line())
 
     def _system_metrics_interval(self, trial) -> float | None:
         raise NotImplementedError

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from .. import tracking
 from ..core import storage
-from ..core.checkpoint import CHECKPOINT_FILE
 from ..core.config import ExperimentConfig
 from ..core.errors import one_line
 from ..core.progress import say
@@ -98,32 +97,13 @@ class GridLogger(TrainingRunsCallback):
     def key(self, trial) -> int:
         return int(trial.config["job"])
 
-    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
-        """A resumed grid (`pisa compare` run again) keeps its trainings' runs and the
-        epochs they logged; only the trainings that had not finished train again."""
-        experiment = self.trainings[0].experiment.tracking.experiment
-        for run in self.tracker.children(experiment, self.parent_run_id):
-            job = run.data.tags.get(JOB_TAG)
-            if job is not None and job.isdigit():
-                logged = int(run.data.metrics.get("epoch", 0) or 0)
-                self.runs[int(job)] = TrainingRun(self.uri, run.info.run_id, logged_epoch=logged)
-        self.reconciled = False
+    def _experiment(self) -> str:
+        return self.trainings[0].experiment.tracking.experiment
 
-    def on_step_begin(self, iteration, trials, **info):
-        """Once, before a resumed grid starts a training: every restored training pointed at
-        a checkpoint that exists (`pisa.study.trial_recovery`)."""
-        if getattr(self, "reconciled", True):
-            return
-        self.reconciled = True
-        for trial in trials:
-            if trial.status in ("TERMINATED", "ERROR"):
-                continue
-            known = self.runs.get(self.key(trial))
-            repair = trial_recovery.repair_restored_trial(
-                trial, CHECKPOINT_FILE, known.logged_epoch if known is not None else 0
-            )
-            if repair is not None:
-                say(repair.line())
+    def _key_of_run(self, run) -> int | None:
+        """A resumed grid (`pisa compare` run again) keeps its trainings' runs."""
+        job = run.data.tags.get(JOB_TAG)
+        return int(job) if job is not None and job.isdigit() else None
 
     def _create_run(self, trial) -> TrainingRun:
         job = self.key(trial)
