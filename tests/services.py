@@ -201,68 +201,69 @@ def short_temp_root() -> Path:
     return Path(tempfile.mkdtemp(prefix="pisa-ray-", dir="/tmp"))
 
 
-def start_ray_cluster(work: Path, env: dict[str, str], node_resource: str, attempts: int = 3) -> RayCluster:
-    """A head and a second node on 127.0.0.1, one CPU and one `node_resource` each, each with
-    its own temp dir; `ray start --block` keeps every node's processes in one group. A node
-    that fails to register in time (Ray allows 30 s; a busy CI machine can need more) is
-    started again."""
+def ensure_ray_token(env: dict[str, str]) -> None:
+    """A machine where Ray has run before holds a token (~/.ray/auth_token, which a local
+    ray.init writes); `ray start --head` with token auth needs one, so make sure of it on a
+    fresh machine, whatever ran before (`ray get-auth-token --generate`)."""
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, check=True, timeout=60)
+
+
+def start_ray_cluster(
+    work: Path,
+    env: dict[str, str],
+    node_resource: str | None,
+    attempts: int = 3,
+    nodes: int = 2,
+    cpus_per_node: int = 1,
+) -> RayCluster:
+    """A head and `nodes - 1` more nodes on 127.0.0.1, `cpus_per_node` CPUs and one
+    `node_resource` each, each with its own temp dir; `ray start --block` keeps every node's
+    processes in one group. A node that fails to register in time (Ray allows 30 s; a busy
+    CI machine can need more) is started again."""
     sockets_root = short_temp_root()
     for attempt in range(attempts):
         gcs, client, dash = free_port(), free_port(), free_port()
-        head_tmp, node_tmp = sockets_root / f"head{attempt}", sockets_root / f"node{attempt}"
+        temp_dirs = [sockets_root / f"{'head' if i == 0 else f'node{i}-'}{attempt}" for i in range(nodes)]
         common = [
             "--node-ip-address",
             "127.0.0.1",
             "--num-cpus",
-            "1",
+            str(cpus_per_node),
             "--block",
             "--disable-usage-stats",
-            "--resources",
-            json.dumps({node_resource: 1}),
         ]
-        cluster = RayCluster(
-            f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}", f"http://127.0.0.1:{dash}", [head_tmp, node_tmp]
-        )
-        head_log, node_log = work / f"ray-head-{attempt}.log", work / f"ray-node-{attempt}.log"
-        head = start(
-            [
-                RAY,
-                "start",
-                "--head",
-                "--port",
-                str(gcs),
-                "--ray-client-server-port",
-                str(client),
-                "--dashboard-host",
-                "127.0.0.1",
-                "--dashboard-port",
-                str(dash),
-                "--temp-dir",
-                str(head_tmp),
-                *common,
-            ],
-            head_log,
-            env=env,
-        )
-        cluster.processes.append(head)
+        if node_resource is not None:
+            common += ["--resources", json.dumps({node_resource: 1})]
+        cluster = RayCluster(f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}", f"http://127.0.0.1:{dash}", temp_dirs)
+        logs = [work / f"ray-{'head' if i == 0 else f'node{i}'}-{attempt}.log" for i in range(nodes)]
+        head_args = [
+            "--head",
+            "--port",
+            str(gcs),
+            "--ray-client-server-port",
+            str(client),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+        ]
         try:
-            if _wait_nodes(cluster, env, 1, head, head_log):
-                node = start(
-                    [RAY, "start", "--address", cluster.gcs_address, "--temp-dir", str(node_tmp), *common],
-                    node_log,
-                    env=env,
-                )
-                cluster.processes.append(node)
-                if _wait_nodes(cluster, env, 2, node, node_log) and head.poll() is None:
-                    return cluster
+            for i in range(nodes):
+                where = head_args if i == 0 else ["--address", cluster.gcs_address]
+                proc = start([RAY, "start", *where, "--temp-dir", str(temp_dirs[i]), *common], logs[i], env=env)
+                cluster.processes.append(proc)
+                if not _wait_nodes(cluster, env, i + 1, proc, logs[i]) or cluster.processes[0].poll() is not None:
+                    break
+            else:
+                return cluster
         except BaseException:
             stop_ray_cluster(cluster)
             raise
         stop_ray_cluster(cluster)
     shutil.rmtree(sockets_root, ignore_errors=True)
     pytest.fail(
-        f"no 2-node Ray cluster after {attempts} attempts:\n{head_log.read_text()[-3000:]}\n"
-        f"{node_log.read_text()[-3000:] if node_log.exists() else ''}",
+        f"no {nodes}-node Ray cluster after {attempts} attempts:\n"
+        + "\n".join(log.read_text()[-3000:] for log in logs if log.exists()),
         pytrace=False,
     )
 

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from helpers import tiny_experiment
 from services import (
-    RAY,
     RayCluster,
+    ensure_ray_token,
     start_ray_cluster,
     stop_ray_cluster,
 )
@@ -58,10 +58,7 @@ def env(mlflow_login) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(work, env):
-    # a machine where Ray has run before holds a token (~/.ray/auth_token, which a local
-    # ray.init writes); `ray start --head` with token auth needs one, so make sure of it on
-    # a fresh machine, whatever ran before this module (`ray get-auth-token --generate`)
-    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, check=True, timeout=60)
+    ensure_ray_token(env)
     # the nodes hold the credentials too: through Ray Client the study's logger runs there
     c = start_ray_cluster(work, env, NODE_RESOURCE)
     yield c

@@ -13,10 +13,12 @@ S3-compatible server) and a real `mlflow server`, started with `--set` overrides
 6. the MLflow server stopped while an epoch's results are written, started again on the
    same port 10 s later; the study ends.
 
-Each leg after the first is a `pisa study resume`, which keeps the overrides. The kills
-happen at fixed points (crash hooks, or a trial paused at a known iteration), not after
-sleeps. At the end: exactly the study's trials, one MLflow run each, every epoch of each
-logged once, the study's run FINISHED, exit 0."""
+Each leg after the first is a `pisa study resume`, which keeps the overrides. Every leg
+joins one running Ray cluster (`--address`), as on a cluster whose driver dies: Ray ends a
+dead driver's trials, and no leg pays for starting Ray. The kills happen at fixed points
+(crash hooks, or a trial paused at a known iteration), not after sleeps. At the end:
+exactly the study's trials, one MLflow run each, every epoch of each logged once, the
+study's run FINISHED, exit 0."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import pytest
 import torch
 import yaml
 from helpers import tiny_experiment
-from services import start_mlflow_server, start_s3, stop_group
+from services import ensure_ray_token, start_mlflow_server, start_ray_cluster, start_s3, stop_group, stop_ray_cluster
 
 from pisa import tracking
 from pisa.core import storage
@@ -176,7 +178,17 @@ def s3(tmp_path, monkeypatch):
     stop_group(server.process)
 
 
-def test_study_survives_a_crash_at_every_point(synthetic_dir, tmp_path, s3):
+@pytest.fixture
+def ray_head(tmp_path):
+    """One Ray node (2 CPUs) for every leg, with token auth as `ray start` turns it on."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    ensure_ray_token(env)
+    cluster = start_ray_cluster(tmp_path, env, None, nodes=1, cpus_per_node=2)
+    yield cluster.gcs_address
+    stop_ray_cluster(cluster)
+
+
+def test_study_survives_a_crash_at_every_point(synthetic_dir, tmp_path, s3, ray_head):
     server_dir = tmp_path / "server"
     server_dir.mkdir()
     server = start_mlflow_server(server_dir)
@@ -185,12 +197,12 @@ def test_study_survives_a_crash_at_every_point(synthetic_dir, tmp_path, s3):
     root = f"s3://{s3.bucket}/studies"
     study_dir = storage.join(root, NAME)
     path = _study(tmp_path, synthetic_dir, uri, root)
-    resume = ["study", "resume", NAME, "--storage-path", root]
+    resume = ["study", "resume", NAME, "--storage-path", root, "--address", ray_head]
     try:
         # 1. a trial process lost mid-epoch (OOM killer, a pre-empted node): Tune restarts it
         # from its checkpoint; the driver dies right after that trial ends
         worker_pid = tmp_path / "worker.pid"
-        run = ["study", "run", str(path), "-v"] + [x for o in OVERRIDES for x in ("--set", o)]
+        run = ["study", "run", str(path), "-v", "--address", ray_head] + [x for o in OVERRIDES for x in ("--set", o)]
         leg = Leg(tmp_path, run, 1, stall_at=f"1:1:{worker_pid}", kill_at="trial_complete:1")
         os.kill(leg.wait_for(worker_pid), signal.SIGKILL)
         _crashed(leg, "trial_complete")

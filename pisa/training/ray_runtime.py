@@ -20,9 +20,15 @@ DRIVER_RESOURCE = "pisa_trial_driver"
 T = TypeVar("T")
 
 
+# test-only fault injection (pisa.study.trial): a trial reads it where it runs, so a driver
+# joining a running cluster hands it over with the workers' environment
+_CARRIED_ENV = ("PISA_FAULTS",)
+
+
 def _driver_and_worker_env() -> dict[str, str]:
     """Settings this process and every Ray worker it starts share."""
     return {
+        **{key: os.environ[key] for key in _CARRIED_ENV if os.environ.get(key)},
         "RAY_TRAIN_V2_ENABLED": "1",
         "PYTHONUNBUFFERED": "1",
         # Ray Train's print() patch logs even prints a library sends to a redirected
