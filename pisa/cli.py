@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         "--probe", action="store_true", help="time a few training steps on this machine's device for the rate"
     )
     plan.add_argument("--address", help="Ray cluster address whose resources the trials share (default: this machine)")
+    plan.add_argument(
+        "--gpu-mem",
+        type=float,
+        metavar="GIB",
+        help="pack: auto: assume GPUs of GIB GiB (resources_per_trial.gpu_mem_gib); default: this machine's GPU",
+    )
     plan.set_defaults(func=_study_plan)
     resume = study.add_parser("resume", help="continue an interrupted study")
     resume.add_argument("name", help="study name (or its directory)")
@@ -261,9 +267,12 @@ def _study_plan(args: argparse.Namespace) -> int:
     from .study.loading import load_study
     from .study.plan import plan_study
 
-    study = load_study(args.study, args.overrides)
     if args.gpus is not None and args.gpus < 0:
         raise ConfigError(f"--gpus: {args.gpus} is not a number of GPUs")
+    if args.gpu_mem is not None and not args.gpu_mem > 0:
+        raise ConfigError(f"--gpu-mem: {args.gpu_mem} is not a GPU's memory in GiB")
+    gpu_mem = [] if args.gpu_mem is None else [f"resources_per_trial.gpu_mem_gib={args.gpu_mem}"]
+    study = load_study(args.study, [*(args.overrides or []), *gpu_mem])
     print(plan_study(study, gpus=args.gpus, address=args.address, probe=args.probe).text(), end="")
     return 0
 

@@ -274,3 +274,27 @@ def test_study_start_prints_and_logs_the_plan(tmp_path, synthetic_dir, monkeypat
     assert {"plan.txt", "plan.json"} <= artifacts
     logged = json.loads(Path(tracking.client(uri).download_artifacts(parent, "plan.json", str(tmp_path))).read_text())
     assert logged["line"] == line.removeprefix("[pisa] ") and logged["fifo"]["trial_epochs"] == 8
+
+
+def test_cli_gpu_mem_prices_the_packed_layout(tmp_path, synthetic_dir, capsys, no_ray):
+    from pisa import cli
+
+    # frozen BN, 8 x 2 given; 141 GiB cards at 3 GiB per image: 2 + 16 x 3 = 50 GiB <= 126.9, so 1 x 16
+    path = write_study(
+        tmp_path,
+        synthetic_dir,
+        "packed-plan",
+        experiment={"model": {"norm": "frozen_bn"}},
+        num_samples=8,
+        max_concurrent_trials=1,
+        resources_per_trial={"workers": 8, "gpus_per_worker": 1, "pack": "auto", "gpu_mem_per_image_gib": 3},
+    )
+    assert cli.main(["study", "plan", str(path), "--gpus", "8", "--gpu-mem", "141"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "per trial 1 worker(s) x 16 images = batch 16; 1 GPU(s) per worker; packed from 8 worker(s)" in out
+    # 1 trial of 8 GPUs allowed at once: 8 trials of 1 GPU on the same 8 GPUs
+    assert "at once 8 trial(s), on 8 GPU(s) (--gpus)" in out
+    assert "8 images, 1 iterations per worker; 2 epochs" in out  # 8 images, 16 per step
+    assert "(3 GiB/image from gpu_mem_per_image_gib, 2 GiB per worker, 127 of 141 GiB usable per worker)" in out
+    assert cli.main(["study", "plan", str(path), "--gpu-mem", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --gpu-mem: 0.0 is not a GPU's memory in GiB"

@@ -21,8 +21,19 @@ from ..core.config import (
     parse_config,
     set_dotted,
 )
-from ..core.errors import ConfigError
-from .schema import BASELINE, PAPER_DEFAULTS, StudyConfig
+from ..core.errors import ConfigError, one_line
+from ..core.progress import say
+from .packing import (
+    WORKER_OVERHEAD_GIB,
+    GpuMemory,
+    Layout,
+    Packing,
+    keep,
+    layout_free_norm,
+    pack,
+    per_worker_losses,
+)
+from .schema import BASELINE, PAPER_DEFAULTS, StudyConfig, TrialResources
 
 
 def get_dotted(data: dict[str, Any], key: str, default: Any = None) -> Any:
@@ -45,20 +56,32 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 class Study:
-    """A validated study: its config, the resolved base experiment dict, its source file."""
+    """A validated study: its config, the resolved base experiment dict, its source file.
 
-    def __init__(self, cfg: StudyConfig, base: dict[str, Any], source: Path, overrides: list[str] | None = None):
+    With `pack: auto`, `cfg.resources_per_trial`, `cfg.max_concurrent_trials` and the base
+    config's `train.*` are the packed ones (what the trials train with); `packing` says what
+    was given and why it changed, or why not."""
+
+    def __init__(
+        self,
+        cfg: StudyConfig,
+        base: dict[str, Any],
+        source: Path,
+        overrides: list[str] | None = None,
+        packing: Packing | None = None,
+    ):
         self.cfg = cfg
         self.base = base  # an ExperimentConfig dump, paths absolute: trials set dotted keys in copies of it
         self.base_config = ExperimentConfig.model_validate(base)  # the same, typed, for everything that reads it
         self.source = source
         self.overrides = list(overrides or [])  # `--set` items, kept with the study's state
+        self.packing = packing
 
     def with_tracking_uri(self, uri: str) -> Study:
         """This study logging to `uri` (a resumed study keeps the store it started with)."""
         base = copy.deepcopy(self.base)
         base["tracking"]["uri"] = uri
-        return Study(self.cfg, base, self.source, self.overrides)
+        return Study(self.cfg, base, self.source, self.overrides, self.packing)
 
     def resolved(self) -> dict[str, Any]:
         """Everything needed to rebuild this study without its file (saved with its state)."""
@@ -121,7 +144,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     try:
         cfg = StudyConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path))) from None
+        raise ConfigError(_validation_message(exc, path)) from None
 
     base: dict[str, Any] = {}
     if cfg.base is not None:
@@ -133,19 +156,23 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     base = merge(base, cfg.experiment)
     base = apply_overrides(base, exp_over)
     base.setdefault("name", cfg.name)
-    # trial resources come from the study, not the base config
-    set_dotted(base, "train.workers", cfg.resources_per_trial.workers)
-    set_dotted(base, "train.use_gpu", cfg.resources_per_trial.gpus_per_worker > 0)
-    set_dotted(base, "train.cpus_per_worker", cfg.resources_per_trial.cpus_per_worker)
-    if cfg.resources_per_trial.resources_per_worker:
-        set_dotted(base, "train.resources_per_worker", cfg.resources_per_trial.resources_per_worker)
-    if cfg.resources_per_trial.gpus_per_worker > 0:
-        set_dotted(base, "train.gpus_per_worker", cfg.resources_per_trial.gpus_per_worker)
+    _set_resources(base, cfg.resources_per_trial)
     resolved = parse_config(base, source=f"{path} (experiment)")
-    base = resolved.model_dump(mode="json")
-    study = Study(cfg, base, path, overrides)
+    study = Study(cfg, resolved.model_dump(mode="json"), path, overrides)
+    _check_search_space(study)
+    if cfg.resources_per_trial.pack == "auto":  # after the checks: it may probe the GPU
+        packing = choose_packing(cfg.resources_per_trial, study.base_config, set(cfg.search_space))
+        cfg = _packed_study(cfg, packing)
+        _set_resources(base, cfg.resources_per_trial)
+        resolved = parse_config(base, source=f"{path} (experiment)")
+        study = Study(cfg, resolved.model_dump(mode="json"), path, overrides, packing)
+    return study
 
-    # every admissible extreme of the space must give a valid training config
+
+def _check_search_space(study: Study) -> None:
+    """Every admissible extreme of the space, every initial point and every given point must
+    give a valid training config."""
+    cfg, base, path = study.cfg, study.base, study.source
     for key, dist in cfg.search_space.items():
         if get_dotted(base, key, default=KeyError) is KeyError:
             raise ConfigError(f"{path}: search_space.{key}: no such config field")
@@ -168,4 +195,112 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
                 problem = cfg.search_space[key].why_not(value)
                 if problem:
                     raise ConfigError(f"{path}: points_to_evaluate[{i}].{key}: {value!r} {problem}")
-    return study
+
+
+def _validation_message(exc: ValidationError, path: Path) -> str:
+    """One error in one line (`study.yaml: resources_per_trial.pack: Input should be 'auto'`),
+    several as a list under the file's name."""
+    if exc.error_count() > 1:
+        return format_validation_error(exc, str(path))
+    err = exc.errors()[0]
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    return f"{path}: {'.'.join(map(str, err['loc'])) or '<root>'}: {msg}"
+
+
+def _set_resources(base: dict[str, Any], res: TrialResources) -> None:
+    """Trial resources come from the study, not the base config."""
+    set_dotted(base, "train.workers", res.workers)
+    if res.images_per_worker is not None:  # an explicit layout is taken as given: the LR scales with its batch
+        set_dotted(base, "train.images_per_worker", res.images_per_worker)
+    set_dotted(base, "train.use_gpu", res.gpus_per_worker > 0)
+    set_dotted(base, "train.cpus_per_worker", res.cpus_per_worker)
+    if res.resources_per_worker:
+        set_dotted(base, "train.resources_per_worker", res.resources_per_worker)
+    if res.gpus_per_worker > 0:
+        set_dotted(base, "train.gpus_per_worker", res.gpus_per_worker)
+
+
+# ---------------------------------------------------------------- packing trials onto GPUs
+
+
+# config keys the layout is decided on (the split, the normalisation, the memory per image): a
+# study that searches one has trials the chosen layout may not suit
+LAYOUT_KEYS = (
+    "train.workers",
+    "train.images_per_worker",
+    "train.use_gpu",
+    "train.gpus_per_worker",
+    "train.sync_bn",
+    "train.amp",
+    "train.amp_dtype",
+    "model.norm",
+    "model.pretrained_backbone",
+    "model.trainable_backbone_layers",
+    "model.detector",
+    "model.backbone",
+    "model.min_size",
+    "model.max_size",
+)
+
+
+def choose_packing(res: TrialResources, exp: ExperimentConfig, searched: set[str] | None = None) -> Packing:
+    """`pack: auto`: the layout the trials train with (`pisa.study.packing`). The given one is
+    kept on CPUs, with a normalisation that depends on the split, when the search varies what
+    the layout is decided on, or without memory figures."""
+    searched = searched or set()
+    given = Layout(res.workers, exp.train.images_per_worker, res.gpus_per_worker)
+    if not res.gpus_per_worker:
+        return keep(given, "the workers train on CPUs (gpus_per_worker: 0); packing fits trials into GPU memory")
+    varied = [key for key in LAYOUT_KEYS if key in searched]
+    if varied:
+        return keep(given, f"the search varies {', '.join(varied)}, which the layout is chosen on")
+    equivalent, why = layout_free_norm(exp.model, exp.train.sync_bn)
+    if not equivalent:
+        return keep(given, why)
+    memory, unknown = gpu_memory(res, exp)
+    if memory is None:
+        return keep(given, unknown)
+    return pack(given, memory, why_equivalent=why, per_worker=per_worker_losses(exp.model, searched))
+
+
+def gpu_memory(res: TrialResources, exp: ExperimentConfig) -> tuple[GpuMemory | None, str]:
+    """The memory figures packing needs: the study file's, else a probe on this machine's GPU;
+    (None, why) when there are none."""
+    from ..training import probe  # torch: imported by the calls below only
+
+    if res.gpu_mem_per_image_gib is not None:
+        card = res.gpu_mem_gib or probe.local_gpu_gib()
+        if card is None:
+            return None, (
+                "the GPUs' memory is unknown: give resources_per_trial.gpu_mem_gib "
+                "(or start the study on a GPU machine)"
+            )
+        return GpuMemory(card, res.gpu_mem_per_image_gib, WORKER_OVERHEAD_GIB, "gpu_mem_per_image_gib"), ""
+    if probe.local_gpu_gib() is None:
+        return None, (
+            "the GPU memory per image is unknown: give resources_per_trial.gpu_mem_per_image_gib and "
+            "gpu_mem_gib, or start the study on a machine with the cluster's GPU (a probe measures it)"
+        )
+    say("pack: auto: measuring the GPU memory per image (a few training steps on this machine's GPU)")
+    try:
+        found = probe.probe_gpu_memory(exp)
+    except Exception as exc:  # no figures is a kept layout, never a failed study
+        return None, f"the GPU memory probe failed: {one_line(exc)}"
+    if found.per_image_gib is None:
+        too_many = found.sizes[1]
+        return None, f"{too_many} images per worker do not fit the probe's {found.card_gib:.0f} GiB {found.device}"
+    card = res.gpu_mem_gib or found.card_gib
+    return GpuMemory(card, found.per_image_gib, found.overhead_gib, f"a probe on {found.device}"), ""
+
+
+def _packed_study(cfg: StudyConfig, packing: Packing) -> StudyConfig:
+    """The study with the chosen layout; as many more trials at a time as fit the GPUs the given
+    layout would have held (`max_concurrent_trials` counts given-layout trials)."""
+    if not packing.packed:
+        return cfg
+    chosen = packing.chosen
+    res = cfg.resources_per_trial.model_copy(
+        update={"workers": chosen.workers, "images_per_worker": chosen.images_per_worker}
+    )
+    at_once = cfg.max_concurrent_trials * max(1, packing.trials_per_node)
+    return cfg.model_copy(update={"resources_per_trial": res, "max_concurrent_trials": at_once})

@@ -108,6 +108,7 @@ class Plan:
     rate: Rate | None
     rate_note: str = ""  # why there is no rate
     notes: list[str] = field(default_factory=list)
+    layout_note: str = ""  # `pack: auto`: the layout it replaced, or that it kept the given one
 
     @property
     def batch(self) -> int:
@@ -155,7 +156,7 @@ class Plan:
         facts.add_row(
             "per trial",
             f"{self.workers} worker(s) x {self.images_per_worker} images = batch {self.batch}; "
-            f"{self.per_worker:g} {res}(s) per worker",
+            f"{self.per_worker:g} {res}(s) per worker" + (f"; {self.layout_note}" if self.layout_note else ""),
         )
         facts.add_row("at once", f"{self.at_once} trial(s), on {self.cluster.where}")
         facts.add_row(
@@ -309,8 +310,24 @@ def make_plan(
         asha=asha,
         rate=rate,
         rate_note=rate_note if rate is None else "",
-        notes=list(notes or []),
+        notes=[*packing_notes(study), *(notes or [])],
+        layout_note=layout_note(study),
     )
+
+
+def layout_note(study: Study) -> str:
+    """The "per trial" row's word on `pack: auto`."""
+    packing = study.packing
+    if packing is None:
+        return ""
+    if packing.packed:
+        return f"packed from {packing.given.text()} (pack: auto, see the notes)"
+    return "as given (pack: auto kept it, see the notes)"
+
+
+def packing_notes(study: Study) -> list[str]:
+    """`pack: auto`: the layout chosen and why, or why the given one was kept."""
+    return [] if study.packing is None else [study.packing.line()]
 
 
 def _display_path(path: Path) -> str:

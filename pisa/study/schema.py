@@ -191,11 +191,29 @@ class SchedulerConfig(StrictModel):
 
 
 class TrialResources(StrictModel):
+    """What one trial trains on. `workers` x `images_per_worker` is the total batch the LR is
+    scaled to; `pack: auto` may train it on fewer workers, each with more images
+    (`pisa.study.packing`)."""
+
     workers: int = Field(8, ge=1, description="Ray Train workers per trial")
+    images_per_worker: int | None = Field(
+        None, ge=1, description="sets the base config's train.images_per_worker (None: the base config's)"
+    )
     gpus_per_worker: float = Field(1.0, ge=0, description="0: CPU workers; fractions share a GPU")
     cpus_per_worker: float = Field(1.0, gt=0)
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources per worker (e.g. a node or accelerator label)"
+    )
+    pack: Literal["auto"] | None = Field(
+        None,
+        description="auto: the same total batch on the fewest GPUs whose memory holds it, when the "
+        "model's normalisation does not depend on the split; None: the layout as given",
+    )
+    gpu_mem_per_image_gib: float | None = Field(
+        None, gt=0, description="pack: GPU memory a training image needs (None: probed on this machine's GPU)"
+    )
+    gpu_mem_gib: float | None = Field(
+        None, gt=0, description="pack: memory of one of the cluster's GPUs (None: this machine's first GPU)"
     )
 
 

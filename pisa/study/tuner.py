@@ -206,6 +206,8 @@ def _print_start(study: Study, uri: str, parent: str) -> None:
         f"{f' = mean over seeds {study.seeds()}' if cfg.seeds > 1 else ''}; "
         f"searching {', '.join(cfg.search_space)}"
     )
+    if study.packing is not None:
+        say(study.packing.line())
     try:  # what it will cost, from an earlier run's rate (no probe: it would delay the trials)
         plan = plan_at_start(study, uri)
         say(plan.line())

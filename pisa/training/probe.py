@@ -7,16 +7,27 @@ untimed warm-up. Then a few inference passes over the same images estimate the e
 forward only: COCOeval's own time is not in it). Data loading and the workers' gradient
 all-reduce are not measured: a probe answers "how fast does this model train here", in
 seconds, not a benchmark.
+
+A memory probe (`probe_gpu_memory`, CUDA only) measures the peak GPU memory of the same step
+at two batch sizes: the slope is the memory per image, the intercept what a worker holds
+whatever its batch (weights, gradients, optimizer state, workspaces). `pack: auto` studies
+choose their trials' layout from it (`pisa.study.packing`).
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ..core.config import ExperimentConfig
+
+GIB = 2**30
+# the CUDA context and its kernel images: held by every worker, outside torch's allocator
+CUDA_CONTEXT_GIB = 0.5
 
 
 @dataclass(frozen=True)
@@ -39,8 +50,6 @@ def probe_rate(cfg: ExperimentConfig, *, warmup: int = 2, steps: int = 5, max_se
     import torch
 
     from ..data import build_dataset, collate_fn  # torchvision, pycocotools: only when probing
-    from ..models import build_detector
-    from .device_plan import apply_channels_last, make_grad_scaler, optimizer_step, plan_for
 
     cuda = cfg.train.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -49,29 +58,18 @@ def probe_rate(cfg: ExperimentConfig, *, warmup: int = 2, steps: int = 5, max_se
     data = build_dataset(cfg.data, "train", train=True, with_masks=cfg.model.detector == "mask_rcnn")
     val_images = len(build_dataset(cfg.data, "val", train=False))
     size = cfg.train.images_per_worker
-    images, targets = collate_fn([data[i % len(data)] for i in range(size)])
-    images = [img.to(device) for img in images]
-    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    images, targets = _on(device, *collate_fn([data[i % len(data)] for i in range(size)]))
     # the weights do not change a step's time: none are loaded
     model_cfg = cfg.model.model_copy(update={"pretrained_backbone": None})
     torch.set_num_threads(threads)
     try:
-        torch.manual_seed(cfg.train.seed)
-        model = build_detector(model_cfg, num_classes=data.num_classes).to(device).train()
-        plan = plan_for(cfg.train, device.type, 1)
-        if plan.channels_last:
-            model = apply_channels_last(model)
-        # a tiny LR: the weights stay near their start, so no step is slowed by a diverging loss
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
-        scaler = make_grad_scaler(plan)
+        trainer = _Trainer(cfg, model_cfg, data.num_classes, device)
 
         def step() -> float:
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            with torch.autocast(device.type, dtype=plan.autocast_dtype, enabled=plan.amp):
-                losses = model(images, targets)
-            optimizer_step(sum(losses.values()), model, optimizer, scaler, cfg.train.grad_clip)
+            trainer.step(images, targets)
             if cuda:
                 torch.cuda.synchronize()
             return time.perf_counter() - start
@@ -83,7 +81,7 @@ def probe_rate(cfg: ExperimentConfig, *, warmup: int = 2, steps: int = 5, max_se
         while len(times) < max(1, steps) and (not times or time.perf_counter() - began < max_seconds):
             times.append(step())
 
-        model.eval()
+        model, plan = trainer.model.eval(), trainer.plan
         passes: list[float] = []
         with torch.no_grad(), torch.autocast(device.type, dtype=plan.autocast_dtype, enabled=plan.amp):
             for _ in range(1 + min(2, max(1, steps))):  # the first is a warm-up
@@ -108,3 +106,149 @@ def probe_rate(cfg: ExperimentConfig, *, warmup: int = 2, steps: int = 5, max_se
         eval_image_s=statistics.median(passes[1:]) / size,
         val_images=val_images,
     )
+
+
+class _Trainer:
+    """One worker's model, SGD and loss scaler on `device`, with the device plan a training
+    uses (autocast, channels_last): `step` is a training step on one batch."""
+
+    def __init__(self, cfg: ExperimentConfig, model_cfg: Any, num_classes: int, device: Any):
+        import torch
+
+        from ..models import build_detector
+        from .device_plan import apply_channels_last, make_grad_scaler, plan_for
+
+        torch.manual_seed(cfg.train.seed)
+        model = build_detector(model_cfg, num_classes=num_classes).to(device).train()
+        self.plan = plan_for(cfg.train, device.type, 1)
+        self.model = apply_channels_last(model) if self.plan.channels_last else model
+        # a tiny LR: the weights stay near their start, so no step is slowed by a diverging loss
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=1e-5, momentum=0.9)
+        self.scaler = make_grad_scaler(self.plan)
+        self.device, self.grad_clip = device, cfg.train.grad_clip
+
+    def step(self, images: list[Any], targets: list[dict[str, Any]]) -> None:
+        import torch
+
+        from .device_plan import optimizer_step
+
+        with torch.autocast(self.device.type, dtype=self.plan.autocast_dtype, enabled=self.plan.amp):
+            losses = self.model(images, targets)
+        optimizer_step(sum(losses.values()), self.model, self.optimizer, self.scaler, self.grad_clip)
+
+
+def _on(device: Any, images: list[Any], targets: list[dict[str, Any]]) -> tuple[list[Any], list[dict[str, Any]]]:
+    """A batch moved to `device`."""
+    import torch
+
+    moved = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    return [img.to(device) for img in images], moved
+
+
+# ---------------------------------------------------------------- GPU memory
+
+
+@dataclass(frozen=True)
+class MemoryProbe:
+    """Peak GPU memory of one worker's training step as a line in its images: `overhead_gib`
+    (weights, gradients, optimizer state, workspaces, the CUDA context) + images x `per_image_gib`."""
+
+    per_image_gib: float | None  # None: the larger batch did not fit the card
+    overhead_gib: float
+    card_gib: float  # the card's total memory
+    device: str  # "cuda (NVIDIA H200)"
+    sizes: tuple[int, int]  # the batch sizes measured
+    peaks_gib: tuple[float, ...]  # their peak memory (reserved by torch's allocator)
+
+
+def local_gpu_gib() -> float | None:
+    """The memory of this machine's first GPU, None without CUDA (checked only when asked:
+    it imports torch)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / GIB
+
+
+def probe_gpu_memory(cfg: ExperimentConfig, *, sizes: tuple[int, int] = (2, 4), steps: int = 2) -> MemoryProbe:
+    """The peak memory of `steps` training steps of `cfg`'s model (its weights loaded: frozen
+    layers keep no activations) at two batch sizes, after a warm-up step that allocates the
+    optimizer state. Each batch mixes a landscape and a portrait copy of one val image at
+    min_size x max_size, so the detector pads it to max_size x max_size: the largest input a
+    worker's batch can have. Peaks are what torch's allocator reserved (fragmentation
+    included; `torch.cuda.max_memory_reserved` after `torch.cuda.reset_peak_memory_stats`)."""
+    import torch
+
+    from ..data import build_dataset
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("a GPU memory probe needs CUDA")
+    device = torch.device("cuda", torch.cuda.current_device())
+    data = build_dataset(cfg.data, "val", train=False, with_masks=cfg.model.detector == "mask_rcnn")
+    sample = next((data[i] for i in range(min(len(data), 50)) if len(data[i][1]["boxes"])), data[0])
+    short, long = cfg.model.min_size, cfg.model.max_size
+    pair = [_resized(*sample, (short, long)), _resized(*sample, (long, short))]
+    peaks = _peaks(cfg, data.num_classes, device, lambda n: _on(device, *_mixed(pair, n)), sizes, steps)
+    gc.collect()
+    torch.cuda.empty_cache()  # the driver keeps no cache the trials' workers could use
+    card = torch.cuda.get_device_properties(device).total_memory / GIB
+    where = f"cuda ({torch.cuda.get_device_name(device)})"
+    if len(peaks) < 2:
+        return MemoryProbe(None, peaks[0] + CUDA_CONTEXT_GIB, card, where, sizes, tuple(peaks))
+    slope = (peaks[1] - peaks[0]) / (sizes[1] - sizes[0])
+    if slope <= 0:  # allocator rounding hid the difference: charge everything to the images
+        slope, intercept = peaks[1] / sizes[1], 0.0
+    else:
+        intercept = max(0.0, peaks[0] - sizes[0] * slope)
+    return MemoryProbe(slope, intercept + CUDA_CONTEXT_GIB, card, where, sizes, tuple(peaks))
+
+
+def _peaks(cfg: ExperimentConfig, num_classes: int, device: Any, batch: Any, sizes: tuple[int, int], steps: int):
+    """Peak reserved GiB per batch size; the list stops at the first size that runs out of memory
+    (the tensors of the failed step go with this function's frame)."""
+    import torch
+
+    trainer = _Trainer(cfg, cfg.model, num_classes, device)
+    trainer.step(*batch(sizes[0]))  # warm-up: momentum buffers, cuDNN and cuBLAS workspaces
+    peaks: list[float] = []
+    for n in sizes:
+        images, targets = batch(n)
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            for _ in range(max(1, steps)):
+                trainer.step(images, targets)
+            torch.cuda.synchronize(device)
+        except torch.OutOfMemoryError:
+            if not peaks:
+                raise
+            break
+        peaks.append(torch.cuda.max_memory_reserved(device) / GIB)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return peaks
+
+
+def _mixed(pair: list[tuple[Any, dict[str, Any]]], n: int) -> tuple[list[Any], list[dict[str, Any]]]:
+    """`n` images alternating between the two of `pair`."""
+    items = [pair[i % 2] for i in range(n)]
+    return [img for img, _ in items], [dict(t) for _, t in items]
+
+
+def _resized(image: Any, target: dict[str, Any], size: tuple[int, int]) -> tuple[Any, dict[str, Any]]:
+    """`image` (C, H, W) and its target stretched to `size` (H, W): boxes and masks follow."""
+    import torch
+    import torch.nn.functional as F
+
+    height, width = image.shape[-2:]
+    out = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    out = out if image.is_floating_point() else out.round().clamp(0, 255).to(image.dtype)
+    sx, sy = size[1] / width, size[0] / height
+    scaled = dict(target)
+    scaled["boxes"] = target["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=target["boxes"].dtype)
+    if "masks" in target and len(target["masks"]):
+        masks = F.interpolate(target["masks"][None].float(), size=size, mode="nearest")[0]
+        scaled["masks"] = masks.to(target["masks"].dtype)
+    return out, scaled
