@@ -12,6 +12,14 @@ Variants:
                  sampled RoIs reuse the ranking pass's pooled features and head outputs
   isr_n_2nd_pass the same, with a second pooling + box-head pass over the sampled RoIs
                  (`--second-pass`: the cost the reuse saves)
+  float_input    the baseline fed float32 images in [0, 1], as the loader made them before it
+                 handed over uint8 (`--float-input`: the old data path; every other variant
+                 gets uint8 images and scales them on the device)
+
+After the table, a loader line: the training data loader alone (its dataset, transforms and
+`data.num_workers`; `--config` for a config's data, else the synthetic set at `--size`) over
+`--loader-batches` batches, in img/s beside the steps' img/s, and whether the step would wait
+for it (data-bound: loader img/s < step img/s). `--loader-batches 0` skips it.
 
     python benchmarks/bench_step.py --device cpu --backbone mobilenet_v3_fpn --size 256 \\
         --proposals 500 --rois 128 --steps 20
@@ -32,16 +40,18 @@ import time
 from pathlib import Path
 
 import torch
+from torchvision.transforms.v2.functional import to_dtype
 
-from pisa.core.config import ModelConfig, TrainConfig
+from pisa.core.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, load_config
 from pisa.data import collate_fn, generate_synthetic
 from pisa.data.coco import CocoDetection
 from pisa.data.transforms import build_transforms
 from pisa.models import build_detector
 from pisa.training.device_plan import DevicePlan, apply_channels_last, make_grad_scaler, optimizer_step, plan_for
+from pisa.training.engine import build_train_loader, build_train_set, loader_images_per_sec
 
 
-def variants(detector: str, second_pass: bool = False) -> dict[str, dict]:
+def variants(detector: str, second_pass: bool = False, float_input: bool = False) -> dict[str, dict]:
     out = {
         "baseline": dict(sampler="random", isr_p={"enabled": False}, carl={"enabled": False}),
         "isr_p+carl": dict(sampler="random", isr_p={"enabled": True}, carl={"enabled": True}),
@@ -50,6 +60,8 @@ def variants(detector: str, second_pass: bool = False) -> dict[str, dict]:
         out["isr_p+carl+isr_n"] = dict(sampler="score_hlr", isr_p={"enabled": True}, carl={"enabled": True})
         if second_pass:
             out["isr_n_2nd_pass"] = dict(out["isr_p+carl+isr_n"])
+    if float_input:
+        out["float_input"] = dict(out["baseline"])
     return out
 
 
@@ -69,10 +81,40 @@ def model_config(args: argparse.Namespace, **pisa) -> ModelConfig:
 
 
 def make_batch(args: argparse.Namespace, work: Path):
-    """`args.batch` synthetic shapes images of `args.size` px with their targets."""
+    """`args.batch` synthetic shapes images of `args.size` px with their targets (uint8 images,
+    as the training loader hands them over)."""
     generate_synthetic(work, n_train=args.batch, n_val=1, seed=args.seed, image_size=args.size)
     ds = CocoDetection(work / "train", work / "train.json", transforms=build_transforms(train=False))
     return collate_fn([ds[i] for i in range(len(ds))])
+
+
+def loader_config(args: argparse.Namespace, work: Path) -> ExperimentConfig:
+    """`--config`'s experiment, or the synthetic set at `--size` with `--loader-workers` and the
+    flip preset, `--batch` images per batch."""
+    if args.config:
+        return load_config(args.config)
+    batches = args.loader_batches + 1 + 2 * args.loader_workers  # and the first and prefetched ones
+    synthetic = {"out": work / "loader", "train": args.batch * batches, "val": 1}
+    data = DataConfig(synthetic={**synthetic, "image_size": args.size}, num_workers=args.loader_workers)
+    return ExperimentConfig(model=model_config(args), data=data, train=TrainConfig(images_per_worker=args.batch))
+
+
+def loader_rate(cfg: ExperimentConfig, device_type: str, batches: int) -> float:
+    """The training loader of `cfg` alone: img/s over `batches` batches (`loader_images_per_sec`)."""
+    plan = plan_for(cfg.train, device_type, 1)
+    return loader_images_per_sec(build_train_loader(build_train_set(cfg), cfg, 0, 1, plan), batches)
+
+
+def print_loader_line(cfg: ExperimentConfig, rate: float, step_rates: dict[str, float]) -> None:
+    """The loader's img/s beside the steps', and which variants it would hold back."""
+    bound = [name for name, step in step_rates.items() if rate < step]
+    verdict = f"DATA-BOUND for {', '.join(bound)}" if bound else "not data-bound"
+    where = cfg.data.synthetic.out if cfg.data.synthetic else cfg.data.train_images
+    print(
+        f"loader: {rate:.2f} img/s ({where}, augment {cfg.data.augment}, {cfg.data.num_workers} workers, "
+        f"{cfg.train.images_per_worker} img/batch) vs step {min(step_rates.values()):.2f}-"
+        f"{max(step_rates.values()):.2f} img/s: {verdict}"
+    )
 
 
 class Runner:
@@ -93,6 +135,7 @@ class Runner:
         self.times: list[float] = []
 
     def step(self, images, targets) -> float:
+        """One timed training step (forward, backward, SGD)."""
         if self.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -129,6 +172,14 @@ def main() -> None:
         help="also time ISR-N with a second head pass over the sampled RoIs (no reuse)",
     )
     parser.add_argument(
+        "--float-input",
+        action="store_true",
+        help="also time the baseline fed float32 images (the data path before uint8 images)",
+    )
+    parser.add_argument("--loader-batches", type=int, default=5, help="batches the loader is timed over (0: skip)")
+    parser.add_argument("--loader-workers", type=int, default=0, help="loader workers without --config")
+    parser.add_argument("--config", type=Path, help="time this experiment's training loader (its data and workers)")
+    parser.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -150,7 +201,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         images, targets = make_batch(args, Path(tmp))
+        cfg = loader_config(args, Path(tmp))
+        rate = loader_rate(cfg, device.type, args.loader_batches) if args.loader_batches > 0 else None
     num_classes = 3
+    float_images = [to_dtype(img, torch.float32, scale=True).to(device) for img in images]
     images = [img.to(device) for img in images]  # 3-D: the model batches them
     targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
     auto = lambda flag: "auto" if flag is None else flag  # noqa: E731
@@ -158,15 +212,15 @@ def main() -> None:
 
     runners = {
         name: Runner(model_config(args, **pisa), num_classes, device, args.seed, plan)
-        for name, pisa in variants(args.detector, args.second_pass).items()
+        for name, pisa in variants(args.detector, args.second_pass, args.float_input).items()
     }
     if "isr_n_2nd_pass" in runners:
         runners["isr_n_2nd_pass"].model.roi_heads.reuse_ranking_pass = False
 
     for rnd in range(args.warmup + args.steps):
-        for runner in runners.values():
+        for name, runner in runners.items():
             torch.manual_seed(args.seed + rnd)  # same random sampling draws for every variant
-            t = runner.step(images, targets)
+            t = runner.step(float_images if name == "float_input" else images, targets)
             if rnd >= args.warmup:
                 runner.times.append(t)
 
@@ -195,6 +249,11 @@ def main() -> None:
             f"{med / base_med:6.3f}x {paired:6.3f}x"
         )
     print("ratio: median step time / baseline median; paired: median over rounds of step / baseline step")
+    if "float_input" in runners:
+        paired = statistics.median(b / f for b, f in zip(base, runners["float_input"].times))
+        print(f"uint8 input (scaled in the model) / float input (the old path), paired: {paired:.3f}x")
+    if rate is not None:
+        print_loader_line(cfg, rate, {name: args.batch / statistics.median(r.times) for name, r in runners.items()})
 
 
 if __name__ == "__main__":

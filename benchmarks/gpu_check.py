@@ -9,7 +9,11 @@
    downloaded) trains `--iters` iterations on one device with the engine's device plan:
    AMP (fp16 + GradScaler on GPU, bfloat16 on CPU), channels_last, the paper's input size
    and images per GPU, 80 classes. It prints img/s per GPU (after warm-up) and the peak
-   memory.
+   memory. The batch is what the training loader hands over: uint8 images (the model scales
+   them on the device), SSD's already at its square input. Beside it, the training loader
+   alone (the config's augmentation, images per GPU and `data.num_workers`; its data when it is
+   here, else BCCD's 640x480 photos, else generated ones) over `--loader-batches` batches, and
+   whether the step would wait for it (data-bound: loader img/s < step img/s).
 2. `pisa train` of Faster R-CNN PISA through Ray Train on `--gpus` workers (NCCL for the
    gradients and gloo for the CPU collectives; SyncBatchNorm, DDP and 2 loader workers per
    GPU when there are 2+), 2 short epochs on a generated data set at the paper's image size,
@@ -42,8 +46,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pisa.core.config import TrainConfig, load_config
-from pisa.models import build_detector
+from pisa.core.config import DataConfig, ExperimentConfig, TrainConfig, load_config
+from pisa.models import build_detector, fixed_input_size
 from pisa.training.device_plan import (
     DevicePlan,
     apply_channels_last,
@@ -51,7 +55,7 @@ from pisa.training.device_plan import (
     optimizer_step,
     plan_for,
 )
-from pisa.training.engine import build_optimizer
+from pisa.training.engine import build_optimizer, build_train_loader, build_train_set, loader_images_per_sec
 
 # detector name -> the paper config it is built from
 DETECTORS = {
@@ -83,7 +87,14 @@ class StepResult:
     final_loss: float = float("nan")
     grad_scale: float | None = None
     amp: bool = True
+    loader_img_per_s: float | None = None  # the training loader alone (None: not measured)
+    loader_data: str = ""
     error: str | None = None
+
+    @property
+    def data_bound(self) -> bool | None:
+        """The step would wait for the loader: it yields fewer images per second."""
+        return None if self.loader_img_per_s is None else self.loader_img_per_s < self.img_per_s
 
 
 @dataclass
@@ -106,8 +117,12 @@ class Report:
 # ---------------------------------------------------------------- 1. each detector
 
 
+def _experiment(name: str) -> ExperimentConfig:
+    return load_config(REPO / "configs" / DETECTORS[name])
+
+
 def _model_config(name: str, dry_run: bool):
-    cfg = load_config(REPO / "configs" / DETECTORS[name])
+    cfg = _experiment(name)
     # random init: no download; trainable BN, as from-scratch training uses
     update = {"pretrained_backbone": None, "norm": "bn"}
     if dry_run:
@@ -119,11 +134,11 @@ def _model_config(name: str, dry_run: bool):
 
 
 def _batch(n: int, height: int, width: int, with_masks: bool, device: torch.device, seed: int):
-    """`n` noise images with 1-8 random boxes each (COCO-like counts and sizes)."""
+    """`n` uint8 noise images with 1-8 random boxes each (COCO-like counts and sizes)."""
     g = torch.Generator().manual_seed(seed)
     images, targets = [], []
     for _ in range(n):
-        images.append(torch.rand(3, height, width, generator=g).to(device))
+        images.append(torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8).to(device))
         k = int(torch.randint(1, 9, (1,), generator=g))
         xy = torch.rand(k, 2, generator=g) * torch.tensor([width * 0.7, height * 0.7])
         wh = (0.05 + 0.25 * torch.rand(k, 2, generator=g)) * torch.tensor([width, height])
@@ -156,8 +171,9 @@ def check_detector(
     """`iters` training iterations of one detector; img/s over the iterations after warm-up."""
     mcfg, per_gpu = _model_config(name, dry_run)
     n = 1 if dry_run else per_gpu
-    if name.startswith("ssd"):  # SSD resizes to its square input: feed COCO-sized images
-        height, width = (mcfg.min_size, mcfg.min_size) if dry_run else (480, 640)
+    side = fixed_input_size(mcfg)
+    if side is not None:  # SSD: the loader resizes to its square input
+        height, width = side, side
     else:
         height, width = mcfg.min_size, (mcfg.min_size if dry_run else mcfg.max_size * 3 // 4)
     result = StepResult(name, ok=False, images_per_step=n, input_size=f"{n}x{height}x{width}")
@@ -209,6 +225,34 @@ def check_detector(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def _loader_data(data: DataConfig, work: Path) -> tuple[DataConfig, str]:
+    """The config's training data if it is here; else BCCD's real 640x480 JPEGs (decoding as
+    COCO's do), else generated 640 px images; the config's augmentation and workers either way."""
+    here = {"train_images": REPO / str(data.train_images), "train_annotations": REPO / str(data.train_annotations)}
+    if all(path.exists() for path in here.values()):
+        return data.model_copy(update=here), str(data.train_images)
+    keep = {"augment": data.augment, "flip_prob": data.flip_prob, "num_workers": data.num_workers}
+    bccd = REPO / "datasets" / "bccd"
+    if (bccd / "train.json").exists():
+        paths = {f"{s}_images": bccd / "images" for s in ("train", "val")}
+        paths |= {f"{s}_annotations": bccd / f"{s}.json" for s in ("train", "val")}
+        return DataConfig(**paths, **keep), "BCCD 640x480"
+    synthetic = {"out": work / "loader_data", "train": 64, "val": 1, "image_size": 640}
+    return DataConfig(synthetic=synthetic, **keep), "synthetic 640x640"
+
+
+def check_loader(name: str, result: StepResult, device: torch.device, batches: int, dry_run: bool, work: Path) -> None:
+    """The training loader of `name`'s config alone, at the batch the step used: its img/s."""
+    cfg = _experiment(name)
+    data, result.loader_data = _loader_data(cfg.data, work)
+    mcfg, _ = _model_config(name, dry_run)
+    train = cfg.train.model_copy(update={"images_per_worker": result.images_per_step})
+    cfg = cfg.model_copy(update={"model": mcfg, "data": data, "train": train})
+    loader = build_train_loader(build_train_set(cfg), cfg, 0, 1, plan_for(cfg.train, device.type, 1))
+    result.loader_img_per_s = loader_images_per_sec(loader, batches)
+    result.loader_data += f", {cfg.data.num_workers} workers"
 
 
 # ---------------------------------------------------------------- 2. pisa train + resume
@@ -310,16 +354,37 @@ def check_training(work: Path, gpus: int, dry_run: bool, timeout: float) -> dict
 # ---------------------------------------------------------------- main
 
 
+def _time_loader(name: str, result: StepResult, device: torch.device, args: argparse.Namespace, work: Path) -> None:
+    """`check_loader`, whose failure fails the detector: the step's data path is part of it."""
+    try:
+        check_loader(name, result, device, args.loader_batches, args.dry_run, work)
+        print(f"   loader: {result.loader_img_per_s:.2f} img/s ({result.loader_data})", flush=True)
+    except Exception as exc:  # noqa: BLE001 - reported, then fails the check
+        traceback.print_exc()
+        result.ok, result.error = False, f"training loader: {type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def print_report(report: Report) -> None:
     print(f"\n== pisa GPU check: {report.device}, torch {report.torch}, {report.gpus} GPU(s); plan {report.plan}")
     mem = "peak GiB" if report.gpus else "peak RSS GiB"
-    print(f"{'detector':<22} {'batch/GPU':<14} {'img/s/GPU':>9} {mem:>12} {'loss':>8} {'scale':>8}  status")
+    print(
+        f"{'detector':<22} {'batch/GPU':<14} {'img/s/GPU':>9} {'loader img/s':>12} {mem:>12} {'loss':>8} "
+        f"{'scale':>8}  status"
+    )
     for d in report.detectors:
         scale = f"{d.grad_scale:.0f}" if d.grad_scale is not None else "-"
+        loader = f"{d.loader_img_per_s:12.2f}" if d.loader_img_per_s is not None else f"{'-':>12}"
         print(
-            f"{d.name:<22} {d.input_size:<14} {d.img_per_s:9.2f} {d.peak_mem_gib:12.2f} "
+            f"{d.name:<22} {d.input_size:<14} {d.img_per_s:9.2f} {loader} {d.peak_mem_gib:12.2f} "
             f"{d.final_loss:8.3f} {scale:>8}  {'ok' if d.ok else 'FAILED: ' + str(d.error)}"
         )
+    for d in report.detectors:
+        if d.data_bound is not None:
+            verdict = "DATA-BOUND: the step waits for the loader" if d.data_bound else "not data-bound"
+            print(
+                f"  {d.name}: loader {d.loader_img_per_s:.2f} img/s ({d.loader_data}) vs step "
+                f"{d.img_per_s:.2f} img/s: {verdict}"
+            )
     t = report.training
     if t:
         status = "ok" if t.get("ok") else f"FAILED: {t.get('error')}"
@@ -342,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="iterations before timing starts")
     parser.add_argument("--detectors", nargs="+", choices=sorted(DETECTORS), default=list(DETECTORS))
     parser.add_argument("--skip-train", action="store_true", help="only the per-detector iterations")
+    parser.add_argument(
+        "--loader-batches", type=int, default=10, help="batches each training loader is timed over (0: skip)"
+    )
     parser.add_argument("--train-timeout", type=float, default=420.0, help="seconds per `pisa train`")
     parser.add_argument("--out", type=Path, help="also write the report as JSON here")
     args = parser.parse_args(argv)
@@ -350,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device available (use --device cpu --dry-run to check the code path on CPU)")
     if args.dry_run:
         args.iters, args.warmup = min(args.iters, 2), min(args.warmup, 1)
+        args.loader_batches = min(args.loader_batches, 2)
     device = torch.device(args.device)
     gpus = (args.gpus or torch.cuda.device_count()) if device.type == "cuda" else 0
     where = (
@@ -367,14 +436,17 @@ def main(argv: list[str] | None = None) -> int:
         {"amp": str(plan.autocast_dtype), "grad_scaler": plan.grad_scaler, "channels_last": plan.channels_last},
     )
 
-    for name in args.detectors:
-        print(f"-- {name}: {args.iters} iterations", flush=True)
-        result = check_detector(name, plan, device, args.iters, args.warmup, args.dry_run)
-        report.detectors.append(result)
-        print(
-            f"   {'ok' if result.ok else 'FAILED'}: {result.img_per_s:.2f} img/s, {result.peak_mem_gib:.2f} GiB",
-            flush=True,
-        )
+    with tempfile.TemporaryDirectory(prefix="pisa-gpu-check-data-") as data_tmp:
+        for name in args.detectors:
+            print(f"-- {name}: {args.iters} iterations", flush=True)
+            result = check_detector(name, plan, device, args.iters, args.warmup, args.dry_run)
+            report.detectors.append(result)
+            print(
+                f"   {'ok' if result.ok else 'FAILED'}: {result.img_per_s:.2f} img/s, {result.peak_mem_gib:.2f} GiB",
+                flush=True,
+            )
+            if result.ok and args.loader_batches > 0:
+                _time_loader(name, result, device, args, Path(data_tmp))
     if not args.skip_train:
         with tempfile.TemporaryDirectory(prefix="pisa-gpu-check-") as tmp:
             report.training = check_training(Path(tmp), gpus, args.dry_run, args.train_timeout)

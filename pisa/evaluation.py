@@ -303,8 +303,9 @@ def gather_predictions(preds: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def rescale_prediction(pred: dict[str, Any], from_size: Sequence[int], to_size: Sequence[int]) -> dict[str, Any]:
     """Map a prediction made on an image of `from_size` (H, W) to `to_size` (H, W).
 
-    Needed when the data pipeline shrank the image (`max_size`): boxes are scaled and masks
-    (N,1,h,w) are bilinearly resized so evaluation sees the original image's pixels.
+    Needed when the data pipeline resized the image (`max_size`, or SSD's fixed square input,
+    which also changes the aspect ratio): boxes are scaled per axis and masks (N,1,h,w) are
+    bilinearly resized so evaluation sees the original image's pixels.
     """
     fh, fw = (int(v) for v in from_size)
     th, tw = (int(v) for v in to_size)

@@ -57,12 +57,14 @@ def build_dataset(
     train: bool,
     with_masks: bool = False,
     max_size: int | None = None,
+    fixed_size: int | None = None,
 ) -> CocoDetection:
     """The `split` of a `DataConfig` as a dataset; generates the synthetic set first if needed.
 
     `train` switches on the `cfg.augment` preset (random flipping with `cfg.flip_prob`, and
     SSD's photometric distortion, zoom-out and crop for `ssd`); `cfg.train_limit`/`cfg.val_limit`
-    keep the first N images (sorted by image id) of the split.
+    keep the first N images (sorted by image id) of the split. `fixed_size` is the square input
+    of a fixed-size detector (`pisa.models.fixed_input_size`): images leave the loader at it.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -74,7 +76,9 @@ def build_dataset(
     return CocoDetection(
         images,
         annotations,
-        transforms=build_transforms(train, flip_prob=cfg.flip_prob, max_size=max_size, augment=cfg.augment),
+        transforms=build_transforms(
+            train, flip_prob=cfg.flip_prob, max_size=max_size, augment=cfg.augment, fixed_size=fixed_size
+        ),
         with_masks=with_masks,
         bad_boxes=cfg.bad_boxes,
         limit=limit,

@@ -198,10 +198,11 @@ def load_coco_json(
 class CocoDetection(Dataset):
     """Map-style COCO detection dataset (works with DistributedSampler).
 
-    `__getitem__` returns `(image, target)`: image float CHW in [0, 1] after `transforms`
-    (a callable `(PIL image, target) -> (tensor, target)`), target the torchvision format:
-    `boxes` (N,4) float xyxy pixels, `labels` (N,) int64 in 1..C, `image_id` (the COCO id),
-    `area`, `iscrowd`, `orig_size` (H, W of the file) and with `with_masks` `masks` (N,H,W) uint8.
+    `__getitem__` returns `(image, target)`: image uint8 CHW (the detector scales it to [0, 1] on
+    its device) after `transforms` (a callable `(PIL image, target) -> (tensor, target)`),
+    target the torchvision format: `boxes` (N,4) float xyxy pixels, `labels` (N,) int64 in
+    1..C, `image_id` (the COCO id), `area`, `iscrowd`, `orig_size` (H, W of the file) and with
+    `with_masks` `masks` (N,H,W) uint8.
     Crowd and `ignore` annotations are left out of targets; COCOeval handles them from the GT.
     """
 
@@ -307,4 +308,4 @@ class CocoDetection(Dataset):
             return self.transforms(image, target)
         from torchvision.transforms.v2 import functional as F
 
-        return F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True), target
+        return F.pil_to_tensor(image), target

@@ -1,8 +1,11 @@
 """Detection transforms on torchvision.transforms.v2 tv_tensors, plus the batch collate.
 
 Boxes and masks travel as `tv_tensors` so flips and resizes move them with the image.
-No normalization and no final resize here: the detector's GeneralizedRCNNTransform does both;
-the optional `max_size` cap only saves decode/collate time on large images.
+Images leave as uint8 CHW: a quarter of float32's bytes to pin and copy to the device, where
+the detector's transform (`pisa.models.fixed_size.PisaTransform`) scales them to [0, 1] and
+normalizes them. The final resize is the detector's too, except for a fixed-size input
+(`fixed_size`, SSD): that one is done here, so the zoom-out canvas (up to 16x the image's area)
+never travels. The optional `max_size` cap only saves decode/collate time on large images.
 
 Augmentation presets (`data.augment`): `flip` (horizontal flip only, the two-stage and RetinaNet
 set-ups) and `ssd`, the SSD papers' data set-up as torchvision's SSD reference builds it:
@@ -45,20 +48,40 @@ def ssd_augmentation() -> v2.Compose:
     )
 
 
-class DetectionTransform:
-    """`(PIL image, target) -> (float CHW image in [0,1], target)` with optional cap and flip.
+def _resize(
+    img: torch.Tensor, target: dict[str, Any], size: list[int], antialias: bool
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """`img` resized to `size` (H, W), bilinear; boxes, masks and `area` scaled along."""
+    height, width = img.shape[-2:]
+    if [height, width] == size:
+        return img, target
+    img, target = v2.Resize(size, antialias=antialias)(img, target)
+    if "area" in target:
+        target["area"] = target["area"] * ((size[1] / width) * (size[0] / height))
+    return img, target
 
-    `max_size` shrinks images whose longer side exceeds it (never enlarges); boxes, masks and
-    `area` are scaled along, `orig_size` keeps the file's size so predictions can be mapped back.
+
+class DetectionTransform:
+    """`(PIL image, target) -> (uint8 CHW image, target)` with optional cap, flip and fixed size.
+
+    `max_size` shrinks images whose longer side exceeds it (never enlarges); `fixed_size` resizes
+    every image to that square side (the input of a fixed-size detector, after augmentation).
+    Boxes, masks and `area` are scaled along, `orig_size` keeps the file's size so predictions
+    can be mapped back.
     """
 
-    def __init__(self, flip_prob: float = 0.0, max_size: int | None = None, augment: str = "flip") -> None:
+    def __init__(
+        self, flip_prob: float = 0.0, max_size: int | None = None, augment: str = "flip", fixed_size: int | None = None
+    ) -> None:
         if augment not in AUGMENT_PRESETS:
             raise ValueError(f"augment must be one of {AUGMENT_PRESETS}, got {augment!r}")
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         if max_size is not None and max_size < 1:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
+        if fixed_size is not None and fixed_size < 1:
+            raise ValueError(f"fixed_size must be >= 1, got {fixed_size}")
+        self.fixed_size = fixed_size
         self.flip_prob = flip_prob
         self.max_size = max_size
         self.flip = v2.RandomHorizontalFlip(p=flip_prob)
@@ -66,7 +89,10 @@ class DetectionTransform:
         self.ssd = ssd_augmentation() if augment == "ssd" else None
 
     def __repr__(self) -> str:
-        return f"DetectionTransform(flip_prob={self.flip_prob}, max_size={self.max_size}, augment={self.augment!r})"
+        return (
+            f"DetectionTransform(flip_prob={self.flip_prob}, max_size={self.max_size}, "
+            f"augment={self.augment!r}, fixed_size={self.fixed_size})"
+        )
 
     def __call__(
         self, image: Image.Image | torch.Tensor, target: dict[str, Any]
@@ -83,10 +109,7 @@ class DetectionTransform:
         if self.max_size is not None and max(height, width) > self.max_size:
             scale = self.max_size / max(height, width)
             new_size = [max(1, round(height * scale)), max(1, round(width * scale))]
-            img, target = v2.Resize(new_size, antialias=True)(img, target)
-            if "area" in target:
-                sy, sx = new_size[0] / height, new_size[1] / width
-                target["area"] = target["area"] * (sx * sy)
+            img, target = _resize(img, target, new_size, antialias=True)
 
         if self.ssd is not None:
             img, target = self.ssd(img, target)
@@ -94,10 +117,12 @@ class DetectionTransform:
             if "area" in target:  # the boxes were cropped and rescaled: their area is the box's
                 target["area"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
+        if self.fixed_size is not None:  # no antialiasing: as the detector's resize on the device did
+            img, target = _resize(img, target, [self.fixed_size, self.fixed_size], antialias=False)
+
         if self.flip_prob > 0:
             img, target = self.flip(img, target)
 
-        img = F.to_dtype(img, torch.float32, scale=True)
         target["boxes"] = target["boxes"].as_subclass(torch.Tensor)
         if "masks" in target:
             target["masks"] = target["masks"].as_subclass(torch.Tensor)
@@ -105,13 +130,18 @@ class DetectionTransform:
 
 
 def build_transforms(
-    train: bool, flip_prob: float = 0.5, max_size: int | None = None, augment: str = "flip"
+    train: bool,
+    flip_prob: float = 0.5,
+    max_size: int | None = None,
+    augment: str = "flip",
+    fixed_size: int | None = None,
 ) -> DetectionTransform:
     """Training: the `augment` preset (random horizontal flip with `flip_prob`, plus SSD's
-    photometric distortion, zoom-out and crop for `ssd`); evaluation: no randomness."""
+    photometric distortion, zoom-out and crop for `ssd`); evaluation: no randomness. Both end
+    at `fixed_size` when the detector takes one (SSD)."""
     if train:
-        return DetectionTransform(flip_prob=flip_prob, max_size=max_size, augment=augment)
-    return DetectionTransform(flip_prob=0.0, max_size=max_size)
+        return DetectionTransform(flip_prob=flip_prob, max_size=max_size, augment=augment, fixed_size=fixed_size)
+    return DetectionTransform(flip_prob=0.0, max_size=max_size, fixed_size=fixed_size)
 
 
 def collate_fn(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:

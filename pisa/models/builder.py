@@ -16,9 +16,16 @@ from pisa.models.fixed_size import PisaRPN, PisaTransform
 from pisa.models.pisa_loss import DiagnosticsMixin, collect_diagnostics
 from pisa.models.retinanet import build_retinanet
 from pisa.models.roi_heads import PisaRoIHeads
-from pisa.models.ssd import build_ssd
+from pisa.models.ssd import build_ssd, fixed_input_size
 
-__all__ = ["build_detector", "collect_diagnostics", "DiagnosticsMixin", "PisaFasterRCNN", "PisaMaskRCNN"]
+__all__ = [
+    "build_detector",
+    "collect_diagnostics",
+    "DiagnosticsMixin",
+    "fixed_input_size",
+    "PisaFasterRCNN",
+    "PisaMaskRCNN",
+]
 
 
 class PisaFasterRCNN(DiagnosticsMixin, FasterRCNN):

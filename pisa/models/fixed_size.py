@@ -17,6 +17,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import nms
+from torchvision.transforms.v2 import functional as TF
 
 from pisa.core.sampling import balanced_sample
 
@@ -58,7 +59,22 @@ def level_nms(boxes: Tensor, scores: Tensor, levels: Tensor, iou_thr: float) -> 
 
 
 class PisaTransform(GeneralizedRCNNTransform):
-    """torchvision's transform that draws no random size when there is only one to choose."""
+    """torchvision's transform that takes uint8 images too, draws no random size when there is
+    only one to choose, and does not resize an image already at the fixed input size."""
+
+    def normalize(self, image: Tensor) -> Tensor:
+        """uint8 images are scaled to [0, 1] here, on their device (the loader hands them over
+        as uint8: a quarter of float32's bytes to copy); float images in [0, 1] as before."""
+        if image.dtype == torch.uint8:
+            image = TF.to_dtype(image, torch.float32, scale=True)  # the loader's former conversion
+        return super().normalize(image)
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """No interpolation (an identity, kernel and copy included) when the loader already
+        resized to the fixed size; any other image is resized by torchvision as before."""
+        if self.fixed_size is not None and tuple(image.shape[-2:]) == (self.fixed_size[1], self.fixed_size[0]):
+            return image, target
+        return super().resize(image, target)
 
     def torch_choice(self, k: list[int]) -> int:
         # torchvision draws `int(uniform(0, len(k)))` with an `.item()` even for one size

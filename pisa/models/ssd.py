@@ -21,6 +21,7 @@ from torchvision.models.detection.ssd import SSD, SSDHead, _vgg_extractor, _xavi
 
 from pisa.core.config import BoxLossConfig, ModelConfig
 from pisa.core.errors import BackboneLoadError
+from pisa.models.fixed_size import PisaTransform
 from pisa.models.pisa_loss import (
     AnchorPositives,
     DiagnosticsMixin,
@@ -28,7 +29,15 @@ from pisa.models.pisa_loss import (
     box_loss_fn,
 )
 
-__all__ = ["PISASSDHead", "PISASSD", "build_ssd", "ssd_feature_sizes", "SSD_SPECS", "TORCHVISION_BOX_LOSS"]
+__all__ = [
+    "PISASSDHead",
+    "PISASSD",
+    "build_ssd",
+    "fixed_input_size",
+    "ssd_feature_sizes",
+    "SSD_SPECS",
+    "TORCHVISION_BOX_LOSS",
+]
 
 TORCHVISION_BOX_LOSS = BoxLossConfig(type="smooth_l1", beta=1.0)  # torchvision's (and the reference's) SSD loss
 
@@ -210,6 +219,17 @@ class PISASSD(DiagnosticsMixin, SSD):
         )
 
 
+def fixed_input_size(cfg: ModelConfig) -> int | None:
+    """The square side every input is resized to: SSD's nominal 300/512 px, or `cfg.min_size`
+    when that is smaller; None for detectors that keep the aspect ratio. The loader resizes to
+    it (`pisa.data.build_dataset`), so no larger image travels to the device."""
+    return _input_side(cfg) if cfg.detector in SSD_SPECS else None
+
+
+def _input_side(cfg: ModelConfig) -> int:
+    return min(SSD_SPECS[cfg.detector]["size"], cfg.min_size)
+
+
 def build_ssd(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """SSD300 or SSD512 (cfg.detector) for `num_classes` foreground classes.
 
@@ -219,7 +239,7 @@ def build_ssd(cfg: ModelConfig, num_classes: int) -> nn.Module:
     if cfg.detector not in SSD_SPECS:
         raise ValueError(f"build_ssd needs detector ssd300 or ssd512, got {cfg.detector!r}")
     spec = SSD_SPECS[cfg.detector]
-    size = min(spec["size"], cfg.min_size)
+    size = _input_side(cfg)
     sizes = ssd_feature_sizes(cfg.detector, size)
     if min(sizes) < 1:
         raise ValueError(f"{cfg.detector} input {size}px is too small: feature maps would be {sizes}")
@@ -234,7 +254,7 @@ def build_ssd(cfg: ModelConfig, num_classes: int) -> nn.Module:
         num_classes + 1,
         cfg,
     )
-    return PISASSD(
+    model = PISASSD(
         backbone,
         anchor_generator,
         (size, size),
@@ -245,3 +265,6 @@ def build_ssd(cfg: ModelConfig, num_classes: int) -> nn.Module:
         score_thresh=cfg.score_thresh,
         detections_per_img=cfg.detections_per_img,
     )
+    # uint8 inputs, and no resize of an input the loader already brought to the fixed size
+    model.transform = PisaTransform.from_torchvision(model.transform)
+    return model

@@ -91,7 +91,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _to_device(images, targets, device):
-    """Per-image tensors stay 3-D: the model batches them (and sets their memory format)."""
+    """Per-image tensors stay 3-D: the model batches them (and sets their memory format).
+    Images travel as the loader made them, uint8: the model scales them on the device."""
     images = [img.to(device, non_blocking=True) for img in images]
     targets = [
         {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets
@@ -165,6 +166,41 @@ def build_train_loader(dataset, cfg: ExperimentConfig, rank: int, world: int, pl
     )
 
 
+def build_train_set(cfg: ExperimentConfig):
+    """The training split as the engine trains on it: the `data.augment` preset, masks for
+    Mask R-CNN, and images brought to a fixed-size detector's input in the loader (SSD)."""
+    from ..data import build_dataset  # pycocotools and torchvision: loaded where a worker trains
+    from ..models import fixed_input_size
+
+    with_masks = cfg.model.detector == "mask_rcnn"
+    return build_dataset(cfg.data, "train", train=True, with_masks=with_masks, fixed_size=fixed_input_size(cfg.model))
+
+
+def build_val_set(cfg: ExperimentConfig):
+    """The val split as `evaluate` reads it (predictions are mapped back to `orig_size`)."""
+    from ..data import build_dataset
+    from ..models import fixed_input_size
+
+    return build_dataset(cfg.data, "val", train=False, fixed_size=fixed_input_size(cfg.model))
+
+
+def loader_images_per_sec(loader, batches: int) -> float:
+    """Images per second `loader` yields on its own over up to `batches` batches. Timed once its
+    workers run and the batches they prefetched are taken: the start-up is paid once per epoch,
+    and a queue of ready batches says nothing of the rate."""
+    it = iter(loader)
+    for _ in range(1 + loader.num_workers * (loader.prefetch_factor or 0)):
+        next(it, None)
+    images, start = 0, time.perf_counter()
+    for _ in range(batches):
+        batch = next(it, None)
+        if batch is None:
+            break
+        images += len(batch[0])
+    elapsed = time.perf_counter() - start
+    return images / elapsed if images and elapsed > 0 else float("nan")
+
+
 def seed_loader_for_epoch(loader, seed: int, epoch: int, rank: int) -> None:
     """The epoch's data order (sampler) and the loader workers' RNG seeds (generator)."""
     loader.sampler.set_epoch(epoch)
@@ -179,7 +215,12 @@ def evaluate(
     model: nn.Module, dataset, device, rank: int, world: int, batch_size: int, iou_types: tuple[str, ...]
 ) -> dict[str, float]:
     """COCO metrics of the whole val set: each rank predicts a strided shard."""
-    from ..evaluation import encode_masks, evaluate_coco, gather_predictions  # pycocotools: where a worker evaluates
+    from ..evaluation import (  # pycocotools: where a worker evaluates
+        encode_masks,
+        evaluate_coco,
+        gather_predictions,
+        rescale_prediction,
+    )
 
     net = _unwrap(model)
     was_training = net.training
@@ -190,7 +231,9 @@ def evaluate(
         items = [dataset[i] for i in indices[start : start + batch_size]]
         images = [img.to(device) for img, _ in items]
         outputs = net(images)
-        for (_, target), out in zip(items, outputs):
+        for (image, target), out in zip(items, outputs):
+            if "orig_size" in target:  # the loader resized the image (SSD's fixed input, max_size)
+                out = rescale_prediction(out, image.shape[-2:], target["orig_size"].tolist())
             out = encode_masks(out)  # masks -> RLEs here, per batch: only RLEs are kept and gathered
             pred = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in out.items()}
             pred["image_id"] = int(target["image_id"])
@@ -342,7 +385,6 @@ def _frozen_norms_only(model: nn.Module) -> bool:
 def _build(cfg: ExperimentConfig, session: TrainSession) -> _Training:
     # torchvision's detectors and pycocotools: loaded where a worker trains, not by a driver
     # that imports this module for `train_loop_per_worker`
-    from ..data import build_dataset
     from ..models import build_detector
 
     rank, world = session.rank, session.world_size
@@ -351,9 +393,8 @@ def _build(cfg: ExperimentConfig, session: TrainSession) -> _Training:
     torch.backends.cudnn.benchmark = plan.cudnn_benchmark
     seed_everything(cfg.train.seed)
 
-    with_masks = cfg.model.detector == "mask_rcnn"
-    train_set = build_dataset(cfg.data, "train", train=True, with_masks=with_masks)
-    val_set = build_dataset(cfg.data, "val", train=False)
+    train_set = build_train_set(cfg)
+    val_set = build_val_set(cfg)
     model = build_detector(cfg.model, num_classes=train_set.num_classes)
     if plan.sync_batchnorm:
         model = convert_sync_batchnorm(model)
