@@ -50,12 +50,13 @@ def probe_rate(cfg: ExperimentConfig, *, warmup: int = 2, steps: int = 5, max_se
     import torch
 
     from ..data import build_dataset, collate_fn  # torchvision, pycocotools: only when probing
+    from .engine import build_train_set
 
     cuda = cfg.train.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     threads_before = torch.get_num_threads()
     threads = threads_before if cuda else max(1, int(cfg.train.cpus_per_worker))
-    data = build_dataset(cfg.data, "train", train=True, with_masks=cfg.model.detector == "mask_rcnn")
+    data = build_train_set(cfg)  # as a worker trains on it: SSD's images at its input size
     val_images = len(build_dataset(cfg.data, "val", train=False))
     size = cfg.train.images_per_worker
     images, targets = _on(device, *collate_fn([data[i % len(data)] for i in range(size)]))
