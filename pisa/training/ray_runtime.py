@@ -40,12 +40,17 @@ def _driver_and_worker_env() -> dict[str, str]:
 
 
 def init_ray(
-    address: str | None = None, num_cpus: int | None = None, verbose: bool = True, dashboard: bool = True
+    address: str | None = None,
+    num_cpus: int | None = None,
+    verbose: bool = True,
+    dashboard: bool = True,
+    log_to_driver: bool | None = None,
 ) -> None:
     """Start (or join) Ray. `verbose=False` keeps Ray's own output off the console: workers'
-    output is not forwarded to the driver (Tune writes each trial's to its directory) and
-    only Ray's warnings are shown. `dashboard=False` (nothing runs Ray Train) saves a local
-    cluster the dashboard process."""
+    output is not forwarded to the driver (Tune writes each trial's to its directory, unless
+    `log_to_driver`: `pisa train` forwards its workers' progress lines) and only Ray's
+    warnings are shown. `dashboard=False` (nothing runs Ray Train) saves a local cluster the
+    dashboard process."""
     import ray
 
     if ray.is_initialized():
@@ -58,7 +63,7 @@ def init_ray(
     os.environ.update(env)
     kwargs: dict[str, Any] = dict(
         address=address,
-        log_to_driver=verbose,
+        log_to_driver=verbose if log_to_driver is None else log_to_driver,
         runtime_env={"env_vars": env},
         ignore_reinit_error=True,
         logging_level=logging.INFO if verbose else logging.WARNING,
@@ -244,6 +249,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("ray", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Token authentication is enabled for this Ray cluster": said at every start where a
+    # token exists (`pisa` uses it on purpose, see `use_auth_token_if_found`)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     import optuna  # its logger configures itself on first use: ask it
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

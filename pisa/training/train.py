@@ -178,8 +178,8 @@ def run_training(
     tracking.check_reachable(uri)
     if not verbose:
         quiet_libraries()
-    # verbose Ray: the workers' progress lines reach the console
-    num_classes = start_ray_with_data(cfg, uri, address)
+    # the workers' progress lines reach the console (forwarded by Ray), Ray's own INFO does not
+    num_classes = start_ray_with_data(cfg, uri, address, verbose=verbose, log_to_driver=True)
     waiting = check_fits(
         cfg.train.workers,
         worker_resources(cfg),
