@@ -15,12 +15,12 @@ from ..core import storage
 from ..core.config import ExperimentConfig
 from ..core.errors import BackboneLoadError, DataError, NonFiniteLossError, find_pisa_error, one_line
 from ..core.progress import say
+from ..training.ray_runtime import FAULTS_ENV
 from . import trial_recovery
 from .layout import FAILED_MARK, done_mark, trial_storage
 from .loading import Study
 from .seeds import fit_seeds
 
-FAULTS_ENV = "PISA_FAULTS"  # fault injection for recovery tests (JSON, see pisa.training.faults)
 DRIVER_FAULTS_ENV = "PISA_DRIVER_FAULTS"  # the same for the study's driver (see driver_fault)
 # errors that fail the same way on every restart: the trial is not retried
 DETERMINISTIC_ERRORS = (NonFiniteLossError, DataError, BackboneLoadError)

@@ -90,7 +90,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return cast(nn.Module, model.module) if hasattr(model, "module") else model
 
 
-def _to_device(images, targets, device):
+def batch_to_device(images, targets, device):
     """Per-image tensors stay 3-D: the model batches them (and sets their memory format).
     Images travel as the loader made them, uint8: the model scales them on the device."""
     images = [img.to(device, non_blocking=True) for img in images]
@@ -528,7 +528,7 @@ def _train_epoch(t: _Training, session: TrainSession, epoch: int) -> _EpochStats
 
 def _train_step(t: _Training, session: TrainSession, tally: LossTally, images, targets, step: int) -> None:
     """Forward, backward and update, without a host read."""
-    images, targets = _to_device(images, targets, t.device)
+    images, targets = batch_to_device(images, targets, t.device)
     with torch.autocast(t.device.type, dtype=t.plan.autocast_dtype, enabled=t.plan.amp):
         losses = t.model(images, targets)
     loss = session.step_loss(sum(losses.values()), t.iteration)

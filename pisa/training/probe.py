@@ -50,7 +50,7 @@ def probe_rate(cfg: ExperimentConfig, *, warmup: int = 2, steps: int = 5, max_se
     import torch
 
     from ..data import build_dataset, collate_fn  # torchvision, pycocotools: only when probing
-    from .engine import build_train_set
+    from .engine import batch_to_device, build_train_set
 
     cuda = cfg.train.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -59,7 +59,7 @@ def probe_rate(cfg: ExperimentConfig, *, warmup: int = 2, steps: int = 5, max_se
     data = build_train_set(cfg)  # as a worker trains on it: SSD's images at its input size
     val_images = len(build_dataset(cfg.data, "val", train=False))
     size = cfg.train.images_per_worker
-    images, targets = _on(device, *collate_fn([data[i % len(data)] for i in range(size)]))
+    images, targets = batch_to_device(*collate_fn([data[i % len(data)] for i in range(size)]), device)
     # the weights do not change a step's time: none are loaded
     model_cfg = cfg.model.model_copy(update={"pretrained_backbone": None})
     torch.set_num_threads(threads)
@@ -139,14 +139,6 @@ class _Trainer:
         optimizer_step(sum(losses.values()), self.model, self.optimizer, self.scaler, self.grad_clip)
 
 
-def _on(device: Any, images: list[Any], targets: list[dict[str, Any]]) -> tuple[list[Any], list[dict[str, Any]]]:
-    """A batch moved to `device`."""
-    import torch
-
-    moved = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-    return [img.to(device) for img in images], moved
-
-
 # ---------------------------------------------------------------- GPU memory
 
 
@@ -183,6 +175,7 @@ def probe_gpu_memory(cfg: ExperimentConfig, *, sizes: tuple[int, int] = (2, 4), 
     import torch
 
     from ..data import build_dataset
+    from .engine import batch_to_device
 
     if not torch.cuda.is_available():
         raise RuntimeError("a GPU memory probe needs CUDA")
@@ -191,7 +184,7 @@ def probe_gpu_memory(cfg: ExperimentConfig, *, sizes: tuple[int, int] = (2, 4), 
     sample = next((data[i] for i in range(min(len(data), 50)) if len(data[i][1]["boxes"])), data[0])
     short, long = cfg.model.min_size, cfg.model.max_size
     pair = [_resized(*sample, (short, long)), _resized(*sample, (long, short))]
-    peaks = _peaks(cfg, data.num_classes, device, lambda n: _on(device, *_mixed(pair, n)), sizes, steps)
+    peaks = _peaks(cfg, data.num_classes, device, lambda n: batch_to_device(*_mixed(pair, n), device), sizes, steps)
     gc.collect()
     torch.cuda.empty_cache()  # the driver keeps no cache the trials' workers could use
     card = torch.cuda.get_device_properties(device).total_memory / GIB

@@ -20,9 +20,10 @@ DRIVER_RESOURCE = "pisa_trial_driver"
 T = TypeVar("T")
 
 
-# test-only fault injection (pisa.study.trial): a trial reads it where it runs, so a driver
-# joining a running cluster hands it over with the workers' environment
-_CARRIED_ENV = ("PISA_FAULTS",)
+# test-only fault injection (JSON, see pisa.training.faults): a trial reads it where it runs
+# (pisa.study.trial), so a driver joining a running cluster hands it over with the workers' environment
+FAULTS_ENV = "PISA_FAULTS"
+_CARRIED_ENV = (FAULTS_ENV,)
 
 
 def _driver_and_worker_env() -> dict[str, str]:
