@@ -30,7 +30,7 @@ from pisa.training.device_plan import (
     process_group_backend,
     use_sync_batchnorm,
 )
-from pisa.training.engine import _to_device, build_train_loader, seed_loader_for_epoch
+from pisa.training.engine import batch_to_device, build_train_loader, seed_loader_for_epoch
 
 # ---------------------------------------------------------------- decisions
 
@@ -223,7 +223,7 @@ def test_channels_last_training_step_on_cpu():
     plan = plan_for(TrainConfig(channels_last=True), "cpu", 1)
     assert plan.channels_last and not plan.amp
     images, targets = _batch()
-    images, targets = _to_device(images, targets, torch.device("cpu"))
+    images, targets = batch_to_device(images, targets, torch.device("cpu"))
     assert all(img.dim() == 3 for img in images)
 
     seen = []
