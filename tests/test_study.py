@@ -181,62 +181,11 @@ def _cpu_model() -> str:
     return ""
 
 
-@pytest.mark.slow
-def test_the_best_epochs_checkpoint_outlives_newer_ones_and_reaches_mlflow(ray_local, synthetic_dir, tmp_path):
-    """A trial keeps its checkpoints by the study's metric: with `keep_checkpoints: 1` and
-    `epoch` (min) as the metric, the best is the oldest, and it is what MLflow gets."""
-    import torch
-
-    path = write_study(
-        tmp_path,
-        synthetic_dir,
-        "keepbest",
-        num_samples=1,
-        max_concurrent_trials=1,
-        search_space={"model.isr_p.k": {"type": "choice", "values": [2.0]}},
-        scheduler={"type": "fifo"},
-        metric="epoch",
-        mode="min",
-        experiment={"train": {"epochs": 3, "keep_checkpoints": 1}},
-    )
-    outcome = run_study(load_study(path))
-    (trial,) = outcome.trials
-    assert trial.status == "finished", trial.error
-    art = tracking.client(outcome.tracking_uri).download_artifacts(
-        trial.run_id, "checkpoint/checkpoint.pt", str(tmp_path)
-    )
-    assert torch.load(art, weights_only=True)["epoch"] == 0  # epoch 1, not the last (2)
-
-
-# ---------------------------------------------------------------- a real MLflow server
-
-
-@pytest.mark.slow
-def test_study_against_mlflow_server_with_a_diverging_trial(ray_local, synthetic_dir, mlflow_server, tmp_path):
-    uri = mlflow_server().uri
-    path = write_study(
-        tmp_path,
-        synthetic_dir,
-        "server",
-        uri=uri,
-        search_space={"train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e6}},
-        num_samples=2,
-        points_to_evaluate=[{"train.lr": 1e6}, {"train.lr": 0.02}],
-    )
-    outcome = run_study(load_study(path))
-    runs = children(uri, "tests", outcome.parent_run_id)
-    assert len(runs) == 2
-    by_lr = {float(r.data.params["train.lr"]): r for r in runs}
-    diverged, healthy = by_lr[1e6], by_lr[0.02]
-    assert diverged.info.status == "FAILED" and diverged.data.tags["pisa.status"] == "failed"
-    assert "non-finite loss" in diverged.data.tags["pisa.error"]
-    assert healthy.info.status == "FINISHED"
-    assert len(tracking.client(uri).get_metric_history(healthy.info.run_id, "bbox_mAP")) == 2
-
-
-# ---------------------------------------------------------------- interrupt and resume
+# ---------------------------------------------------------------- elsewhere
 # SIGTERM (handled as Ctrl-C), killed drivers and trials, a lost MLflow server, each
-# followed by `pisa study resume`: tests/test_recovery.py, one study through all of them.
+# followed by `pisa study resume`, and the best epoch's checkpoint kept over newer ones:
+# tests/test_recovery.py, one study through all of them. A study with a diverging trial
+# against a real `mlflow server`: tests/test_postgres_mlflow.py.
 
 
 # ---------------------------------------------------------------- invalid study files

@@ -1,7 +1,9 @@
-"""Ray Train engine end to end on CPU: 2 gloo workers, COCO metrics, MLflow, resume, faults."""
+"""Ray Train engine end to end on CPU: 2 gloo workers on the GPU code path, COCO metrics,
+MLflow, resume, a killed worker, a NaN, SIGTERM."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from helpers import tiny_experiment
 from pisa import tracking
 from pisa.core.config import parse_config
 from pisa.core.errors import TrackingError
-from pisa.training.train import TrainOutcome, run_training
+from pisa.training.train import run_training
 
 pytestmark = pytest.mark.slow
 
@@ -20,122 +22,120 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("train")
 
 
-def with_loader_workers(data: dict, num_workers: int = 2) -> dict:
-    """The config with DataLoader worker processes, as every paper config has."""
-    data["data"]["num_workers"] = num_workers
+@dataclass
+class FullRun:
+    """The uninterrupted `pisa train` every other test here compares with."""
+
+    summary: dict
+    console: str
+    config: dict
+    storage: Path
+
+    @property
+    def uri(self) -> str:
+        return self.config["tracking"]["uri"]
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(p for p in self.storage.glob("*/checkpoint_*") if p.is_dir())
+
+
+# The switches a GPU run turns on by default (AMP, bfloat16 on CPU; channels_last; loader
+# worker processes, as every paper config has), through the same engine code, on 2 workers.
+GPU_PATH = {"amp": True, "channels_last": True}
+
+
+def gpu_path_experiment(synthetic_dir: Path, work: Path, **train) -> dict:
+    data = tiny_experiment(synthetic_dir, work, epochs=3, keep_checkpoints=3, **GPU_PATH, **train)
+    data["data"]["num_workers"] = 2
     return data
 
 
 @pytest.fixture(scope="module")
-def full_run(ray_local, synthetic_dir, work) -> tuple[TrainOutcome, dict]:
-    cfg = parse_config(with_loader_workers(tiny_experiment(synthetic_dir, work)))
-    outcome = run_training(cfg, run_name="full")
-    return outcome, cfg
-
-
-def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    return [(m.step, m.value) for m in tracking.client(uri).get_metric_history(run_id, key)]
-
-
-def test_two_workers_train_and_report_coco_metrics(full_run):
-    outcome, cfg = full_run
-    assert outcome.status == "FINISHED", outcome.error
-    assert outcome.metrics["epoch"] == 2
-    for key in ("bbox_mAP", "bbox_mAP_50", "bbox_AR_100", "train_loss", "train_loss_carl", "lr", "images_per_sec"):
-        assert key in outcome.metrics
-    assert 0.0 <= outcome.metrics["bbox_mAP"] <= 1.0
-    assert outcome.metrics["train_loss"] > 0
-    assert Path(outcome.checkpoint_dir, "checkpoint.pt").exists()
-
-
-def test_mlflow_run_has_params_metrics_and_artifacts(full_run):
-    outcome, cfg = full_run
-    uri = cfg.tracking.resolved_uri()
-    c = tracking.client(uri)
-    run = c.get_run(outcome.run_id)
-    assert run.info.status == "FINISHED"
-    params = run.data.params
-    assert params["model.isr_p.k"] == "2.0" and params["model.carl.bias"] == "0.2"
-    assert params["train.workers"] == "2" and params["data.num_classes"] == "3"
-    assert [s for s, _ in _history(uri, outcome.run_id, "bbox_mAP")] == [1, 2]
-    assert len(_history(uri, outcome.run_id, "train_loss")) == 2
-    artifacts = {a.path for a in c.list_artifacts(outcome.run_id)}
-    assert {"config.yaml", "checkpoint", "plots"} <= artifacts
-    assert {a.path for a in c.list_artifacts(outcome.run_id, "checkpoint")} == {
-        "checkpoint/checkpoint.pt",
-        "checkpoint/config.json",
-    }
-
-
-def test_resume_from_epoch_one_matches_uninterrupted(full_run, synthetic_dir, work):
-    outcome, cfg = full_run
-    epoch1 = sorted(Path(outcome.checkpoint_dir).parent.glob("checkpoint_*"))[0]
-    import torch
-
-    assert torch.load(epoch1 / "checkpoint.pt", weights_only=True)["epoch"] == 0
-    # 2 Ray workers x 2 loader workers: epoch 2's data order and augmentation draws must be
-    # those of the uninterrupted run, not a replay of epoch 1's
-    resumed = run_training(
-        parse_config(with_loader_workers(tiny_experiment(synthetic_dir, work))),
-        run_name="resumed",
-        resume_from=str(epoch1),
-    )
-    assert resumed.status == "FINISHED", resumed.error
-    assert resumed.metrics["epoch"] == 2
-    for key in ("train_loss", "train_loss_classifier", "bbox_mAP", "bbox_AR_100"):
-        assert resumed.metrics[key] == pytest.approx(outcome.metrics[key], rel=1e-6, abs=1e-9), key
-
-
-def test_pisa_train_runs_the_gpu_code_path_on_cpu(ray_local, synthetic_dir, work, capsys):
-    """`pisa train` with 2 workers, AMP (bfloat16 on CPU), channels_last and loader workers:
-    the switches a GPU run turns on by default, through the same engine code."""
+def full_run(ray_local, synthetic_dir, work) -> FullRun:
+    """`pisa train` of 3 epochs on the GPU code path, its console captured."""
+    import contextlib
+    import io
     import json
 
     import yaml
 
     from pisa.cli import main
 
-    config = work / "gpu_path.yaml"
-    config.write_text(yaml.safe_dump(tiny_experiment(synthetic_dir, work, epochs=1)))
-    code = main(
-        [
-            "train",
-            str(config),
-            "--run-name",
-            "gpu-path",
-            "--set",
-            "train.amp=true",
-            "--set",
-            "train.channels_last=true",
-            "--set",
-            "data.num_workers=2",
-        ]
-    )
-    captured = capsys.readouterr()
-    out, console = captured.out, captured.out + captured.err
-    assert code == 0, out[-3000:]
-    summary = json.loads(out[out.rindex('{\n  "run_id"') :])
-    assert summary["status"] == "FINISHED" and summary["metrics"]["epoch"] == 1
-    assert summary["metrics"]["train_loss"] > 0
+    data = gpu_path_experiment(synthetic_dir, work)
+    data["storage_path"] = str(work / "full")
+    config = work / "full.yaml"
+    config.write_text(yaml.safe_dump(data))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["train", str(config), "--run-name", "full"])
+    text = out.getvalue()
+    assert code == 0, text[-3000:] + err.getvalue()[-3000:]
+    summary = json.loads(text[text.rindex('{\n  "run_id"') :])
+    return FullRun(summary, text + err.getvalue(), data, Path(data["storage_path"]))
+
+
+def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in tracking.client(uri).get_metric_history(run_id, key)]
+
+
+def test_two_workers_train_on_the_gpu_code_path_and_report_coco_metrics(full_run):
+    summary = full_run.summary
+    assert summary["status"] == "FINISHED", summary["error"]
+    metrics = summary["metrics"]
+    assert metrics["epoch"] == 3
+    for key in ("bbox_mAP", "bbox_mAP_50", "bbox_AR_100", "train_loss", "train_loss_carl", "lr", "images_per_sec"):
+        assert key in metrics
+    assert 0.0 <= metrics["bbox_mAP"] <= 1.0
+    assert metrics["train_loss"] > 0
+    assert len(full_run.checkpoints()) == 3 and all((c / "checkpoint.pt").exists() for c in full_run.checkpoints())
     # the console: the workers' progress lines, without Ray Train's INFO lines (its process
     # group set-up comes before the first iteration; each report is a multi-kilobyte dict)
-    assert "[pisa] epoch 1/1 iter 1/2" in console, console[-3000:]
+    console = full_run.console
+    assert "[pisa] epoch 1/3 iter 1/2" in console, console[-3000:]
     assert "Setting up process group" not in console, console[-3000:]
     assert "Reporting training result" not in console, console[-3000:]
-    params = tracking.client(f"sqlite:///{work / 'mlflow.db'}").get_run(summary["run_id"]).data.params
+
+
+def test_mlflow_run_has_params_metrics_and_artifacts(full_run):
+    uri, run_id = full_run.uri, full_run.summary["run_id"]
+    c = tracking.client(uri)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.isr_p.k"] == "2.0" and params["model.carl.bias"] == "0.2"
+    assert params["train.workers"] == "2" and params["data.num_classes"] == "3"
     assert (params["train.amp"], params["train.channels_last"], params["data.num_workers"]) == ("True", "True", "2")
+    assert [s for s, _ in _history(uri, run_id, "bbox_mAP")] == [1, 2, 3]
+    assert len(_history(uri, run_id, "train_loss")) == 3
+    artifacts = {a.path for a in c.list_artifacts(run_id)}
+    assert {"config.yaml", "checkpoint", "plots"} <= artifacts
+    assert {a.path for a in c.list_artifacts(run_id, "checkpoint")} == {
+        "checkpoint/checkpoint.pt",
+        "checkpoint/config.json",
+    }
 
 
-def test_killed_worker_is_restarted_from_last_checkpoint(ray_local, synthetic_dir, work, tmp_path):
-    cfg = parse_config(tiny_experiment(synthetic_dir, work, max_failures=1))
+def test_resumed_and_killed_worker_continue_exactly_as_uninterrupted(full_run, synthetic_dir, work, tmp_path):
+    """`pisa train --resume` from epoch 1's checkpoint; in epoch 3 a worker is killed and Ray
+    Train restarts the group, which continues from this run's own epoch 2 (not from the
+    resumed-from checkpoint). With 2 Ray workers x 2 loader workers, the data order and the
+    augmentation draws of epochs 2 and 3 must be the uninterrupted run's, and each epoch is
+    reported once."""
+    import torch
+
+    epoch1 = full_run.checkpoints()[0]
+    assert torch.load(epoch1 / "checkpoint.pt", weights_only=True)["epoch"] == 0
     marker = tmp_path / "killed"
-    outcome = run_training(cfg, run_name="killed", faults={"kill_at": f"1:1:{marker}"})
+    cfg = parse_config(gpu_path_experiment(synthetic_dir, work, max_failures=1))
+    resumed = run_training(cfg, run_name="resumed", resume_from=str(epoch1), faults={"kill_at": f"2:1:{marker}"})
     assert marker.exists(), "the fault was not injected"
-    assert outcome.status == "FINISHED", outcome.error
-    assert outcome.metrics["epoch"] == 2
-    uri = cfg.tracking.resolved_uri()
-    # epoch 1 was reported once before the kill; epoch 2 after the restart
-    assert [s for s, _ in _history(uri, outcome.run_id, "bbox_mAP")] == [1, 2]
+    assert resumed.status == "FINISHED", resumed.error
+    assert resumed.metrics["epoch"] == 3
+    for key in ("train_loss", "train_loss_classifier", "bbox_mAP", "bbox_AR_100"):
+        expected = full_run.summary["metrics"][key]
+        assert resumed.metrics[key] == pytest.approx(expected, rel=1e-6, abs=1e-9), key
+    # epoch 2 reported once before the kill, epoch 3 after the restart
+    assert [s for s, _ in _history(cfg.tracking.resolved_uri(), resumed.run_id, "bbox_mAP")] == [2, 3]
 
 
 def test_non_finite_loss_stops_with_clear_error(ray_local, synthetic_dir, work):
