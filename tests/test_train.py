@@ -134,7 +134,9 @@ def test_resumed_and_killed_worker_continue_exactly_as_uninterrupted(full_run, s
     for key in ("train_loss", "train_loss_classifier", "bbox_mAP", "bbox_AR_100"):
         expected = full_run.summary["metrics"][key]
         assert resumed.metrics[key] == pytest.approx(expected, rel=1e-6, abs=1e-9), key
-    # epoch 2 reported once before the kill, epoch 3 after the restart
+    # epoch 2 reported once before the kill, epoch 3 after the restart: a restart from the
+    # --resume checkpoint (epoch 1) instead of the run's own epoch 2 would train and report
+    # epoch 2 a second time (MLflow keeps every logged value, so the history would be [2, 2, 3])
     assert [s for s, _ in _history(cfg.tracking.resolved_uri(), resumed.run_id, "bbox_mAP")] == [2, 3]
 
 
