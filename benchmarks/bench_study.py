@@ -206,6 +206,7 @@ def run_one(label: str, study_path: Path, overrides: list[str], keep: bool, load
 
 def measure(info: dict) -> dict:
     from pisa import tracking
+    from pisa.study import fidelity
     from pisa.study.results import collect
 
     uri = info["uri"]
@@ -248,6 +249,10 @@ def measure(info: dict) -> dict:
     spans = sum(t["span_s"] or 0.0 for t in trials)
     parent = c.get_run(info["parent_run_id"])
     first_trial = min((t["start"] for t in trials), default=None)
+    # every epoch before the last, whatever the scheduler: a FIFO study is the unbiased pilot
+    histories = fidelity.metric_histories(uri, [t.run_id for t in outcome.trials], info["metric"])
+    last_epoch = info["max_epochs"]
+    rungs = fidelity.correlations(histories, range(1, last_epoch), last_epoch)
     best = outcome.best
     return {
         "wall": wall,
@@ -260,6 +265,7 @@ def measure(info: dict) -> dict:
         "driver_startup_s": parent.info.start_time / 1000 - info["t0"],
         "to_first_trial_s": (first_trial - info["t0"]) if first_trial else None,
         "trial_epochs": sum(t["epochs"] for t in trials),
+        "rank_correlation": [{"epoch": r.epoch, "spearman": r.spearman, "trials": r.trials} for r in rungs],
         "best": best.metric if best else None,
         "best_trial": best.trial_id if best else None,
     }
@@ -321,6 +327,10 @@ def print_study(r: dict) -> None:
         f"to the first trial {_f(r['to_first_trial_s'])} s"
     )
     print(f"  trial-epochs {r['trial_epochs']}, best {r['metric']} {_f(r['best'], '{:.4f}')} ({r['best_trial']})")
+    corr = ", ".join(
+        f"epoch {x['epoch']} {_f(x['spearman'], '{:.2f}')} ({x['trials']} trials)" for x in r["rank_correlation"]
+    )
+    print(f"  Spearman rank correlation of {r['metric']} with epoch {r['max_epochs']}'s: {corr or '-'}")
 
 
 def print_comparison(asha: dict, fifo: dict) -> None:
