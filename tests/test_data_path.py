@@ -110,8 +110,8 @@ def test_ssd_training_loader_output_has_the_model_input_size(tmp_path: Path) -> 
     cfg = ExperimentConfig(model=_ssd_config(), data=data)
     assert fixed_input_size(cfg.model) == SSD_SIDE
     train, val = build_train_set(cfg), build_val_set(cfg)
-    torch.manual_seed(0)
-    for _ in range(10):  # zoom-out and crop draws: every one ends at the model's input
+    for epoch in range(10):  # an image's zoom-out and crop draws, one per epoch: each ends at the input
+        train.set_epoch(epoch)
         img, target = train[0]
         assert img.dtype == torch.uint8 and img.shape == (3, SSD_SIDE, SSD_SIDE)
         assert (target["boxes"] >= 0).all() and (target["boxes"] <= SSD_SIDE).all()

@@ -9,12 +9,17 @@ Every sampler returns fixed-size slots (`SampleResult`): a top-k over keys (rand
 losses or Score-HLR ranks) with ineligible proposals at -inf, and a validity mask for the
 count actually eligible. Nothing is selected by `nonzero` or drawn by a `randperm` sized by a
 device count, so sampling never makes the host wait for a GPU.
+
+Random keys come from a generator per image when the image's target carries a `draw_seed`
+(`pisa.data.draws`: training data does), so an image's sample does not depend on which
+worker trains it or beside which other images; without one, from the process's RNG.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -25,10 +30,13 @@ if TYPE_CHECKING:
     from .config import ModelConfig
 
 __all__ = [
+    "DRAW_SEED",
+    "DrawStream",
     "RoIStats",
     "SampleResult",
     "balanced_sample",
     "fill_slots",
+    "image_generator",
     "random_keys",
     "top_positives",
     "RandomSampler",
@@ -36,6 +44,27 @@ __all__ = [
     "ScoreHLRSampler",
     "build_sampler",
 ]
+
+
+DRAW_SEED = "draw_seed"  # the target field with an image's seed for its draws
+
+
+class DrawStream(IntEnum):
+    """The independent draws a detector makes per image, each from its own generator."""
+
+    ANCHORS = 1  # the RPN's anchor sample
+    ROIS = 2  # the RoI head's proposal sample
+
+
+def image_generator(target: dict[str, Any], device: torch.device, stream: DrawStream) -> torch.Generator | None:
+    """A generator on `device` for one image's `stream` of draws, seeded from its target's
+    `draw_seed` (None without one: the process's RNG draws). Seeding is host-side: no sync."""
+    seed = target.get(DRAW_SEED)
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed) * 4 + int(stream))
+    return generator
 
 
 @dataclass
@@ -77,9 +106,9 @@ class SampleResult:
         return None if self.weights is None else self.weights[self.valid & ~self.is_pos]
 
 
-def random_keys(n: int, device: torch.device) -> Tensor:
+def random_keys(n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     """Uniform keys: the top-k of iid keys over a set is a uniform random subset of it."""
-    return torch.rand(n, device=device).double()
+    return torch.rand(n, device=device, generator=generator).double()
 
 
 def top_positives(labels: Tensor, key: Tensor, num: int) -> Tensor:
@@ -108,10 +137,12 @@ def fill_slots(labels: Tensor, chosen_pos: Tensor, neg_key: Tensor, num: int) ->
     return SampleResult(inds, position < num_pos + num_neg, position < num_pos)
 
 
-def balanced_sample(labels: Tensor, num: int, pos_fraction: float) -> SampleResult:
+def balanced_sample(
+    labels: Tensor, num: int, pos_fraction: float, generator: torch.Generator | None = None
+) -> SampleResult:
     """torchvision's `BalancedPositiveNegativeSampler` without host syncs: up to
     `int(num * pos_fraction)` random positives, random negatives for the rest (as many as there are)."""
-    keys = random_keys(labels.numel(), labels.device)
+    keys = random_keys(labels.numel(), labels.device, generator)
     chosen = top_positives(labels, keys, int(num * pos_fraction))
     return fill_slots(labels, chosen, keys, num)
 
@@ -125,8 +156,10 @@ class RandomSampler:
         self.num = num
         self.pos_fraction = pos_fraction
 
-    def __call__(self, labels: Tensor, stats: RoIStats | None = None) -> SampleResult:
-        return balanced_sample(labels, self.num, self.pos_fraction)
+    def __call__(
+        self, labels: Tensor, stats: RoIStats | None = None, generator: torch.Generator | None = None
+    ) -> SampleResult:
+        return balanced_sample(labels, self.num, self.pos_fraction, generator)
 
     def __repr__(self) -> str:
         return f"RandomSampler(num={self.num}, pos_fraction={self.pos_fraction})"
@@ -145,7 +178,10 @@ class OHEMSampler:
         self.num = num
         self.pos_fraction = pos_fraction
 
-    def __call__(self, labels: Tensor, stats: RoIStats | None = None) -> SampleResult:
+    def __call__(
+        self, labels: Tensor, stats: RoIStats | None = None, generator: torch.Generator | None = None
+    ) -> SampleResult:
+        """Deterministic: `generator` is taken for the common call and not used."""
         if stats is None or stats.loss is None:
             raise ValueError("OHEMSampler needs RoIStats.loss")
         loss = stats.loss.detach().double()
@@ -194,11 +230,13 @@ class ScoreHLRSampler:
         self.score_thr = score_thr
         self.iou_thr = iou_thr
 
-    def __call__(self, labels: Tensor, stats: RoIStats | None = None) -> SampleResult:
+    def __call__(
+        self, labels: Tensor, stats: RoIStats | None = None, generator: torch.Generator | None = None
+    ) -> SampleResult:
         if stats is None or stats.fg_score is None or stats.pred_boxes is None or stats.bg_loss is None:
             raise ValueError("ScoreHLRSampler needs RoIStats.fg_score, pred_boxes and bg_loss")
         n = labels.numel()
-        keys = random_keys(n, labels.device)
+        keys = random_keys(n, labels.device, generator)
         chosen = top_positives(labels, keys, int(self.num * self.pos_fraction))
         high = (labels == 0) & (stats.fg_score > self.score_thr)  # the negatives Score-HLR ranks
         hlr = score_hlr(stats.pred_boxes, stats.fg_score, self.iou_thr, valid=high)

@@ -19,7 +19,7 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops import nms
 from torchvision.transforms.v2 import functional as TF
 
-from pisa.core.sampling import balanced_sample
+from pisa.core.sampling import DrawStream, balanced_sample, image_generator
 
 __all__ = ["PisaMatcher", "PisaRPN", "PisaTransform", "level_nms", "pisa_matcher"]
 
@@ -97,6 +97,8 @@ class PisaTransform(GeneralizedRCNNTransform):
 class PisaRPN(RegionProposalNetwork):
     """torchvision's RPN whose training step selects with fixed-size ops (inference unchanged)."""
 
+    _anchor_draws: list[torch.Generator | None] | None = None  # this step's, per image
+
     @classmethod
     def from_torchvision(cls, rpn: RegionProposalNetwork) -> PisaRPN:
         """Wrap the modules and settings of an existing RPN."""
@@ -120,7 +122,10 @@ class PisaRPN(RegionProposalNetwork):
     def assign_targets_to_anchors(
         self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """torchvision's labels (1 fg, 0 bg, -1 between thresholds) by `torch.where`."""
+        """torchvision's labels (1 fg, 0 bg, -1 between thresholds) by `torch.where`. Also takes
+        each image's anchor-sampling generator from its target, for `compute_loss` (which
+        torchvision's `forward` calls without the targets) to use next."""
+        self._anchor_draws = [image_generator(t, anchors[0].device, DrawStream.ANCHORS) for t in targets]
         labels, matched_gt_boxes = [], []
         for anchors_per_image, targets_per_image in zip(anchors, targets):
             gt_boxes = targets_per_image["boxes"]
@@ -187,9 +192,11 @@ class PisaRPN(RegionProposalNetwork):
     ) -> tuple[Tensor, Tensor]:
         """torchvision's RPN losses over fixed-size samples (`balanced_sample`) weighted by validity."""
         num, fraction = self.fg_bg_sampler.batch_size_per_image, self.fg_bg_sampler.positive_fraction
+        draws = self._anchor_draws or [None] * len(labels)
+        self._anchor_draws = None  # used once: the next step's targets bring their own
         inds, valid, base = [], [], 0
-        for labels_per_image in labels:
-            sample = balanced_sample(labels_per_image, num, fraction)
+        for labels_per_image, generator in zip(labels, draws):
+            sample = balanced_sample(labels_per_image, num, fraction, generator)
             inds.append(sample.inds + base)
             valid.append(sample.valid)
             base += labels_per_image.numel()

@@ -20,7 +20,7 @@ from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
 from torchvision.ops import boxes as box_ops
 
 from pisa.core.config import BoxLossConfig, ModelConfig
-from pisa.core.sampling import RoIStats, build_sampler
+from pisa.core.sampling import DrawStream, RoIStats, build_sampler, image_generator
 from pisa.models.box_head_reuse import HeadPass, can_reuse, forward_all, reuse_sampled
 from pisa.models.fixed_size import pisa_matcher
 from pisa.models.pisa_loss import PisaLoss, box_loss_fn
@@ -182,7 +182,8 @@ class PisaRoIHeads(RoIHeads):
         parts: dict[str, list[Tensor]] = {k: [] for k in ("labels", "targets", "gt", "gt_inds", "w", "valid", "rows")}
         out_props, out_matched, isr_n = [], [], False
         for i, stat in enumerate(stats):
-            result = self.sampler(labels[i], stat)  # fixed-size slots: no host sync
+            draws = image_generator(targets[i], device, DrawStream.ROIS)  # this image's own draws
+            result = self.sampler(labels[i], stat, draws)  # fixed-size slots: no host sync
             inds = result.inds
             weights = torch.ones(inds.numel(), dtype=torch.float32, device=device)
             if result.weights is not None:

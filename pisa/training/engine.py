@@ -3,10 +3,12 @@
 One epoch = train on this worker's shard, evaluate the val set (sharded, gathered,
 COCOeval on rank 0, broadcast), then report the metrics (`pisa.core.epoch_report.EpochReport`)
 with a checkpoint (model, optimizer, scheduler, scaler, epoch, config and the class names: the
-format of `pisa.core.checkpoint`). RNGs are re-seeded from (seed, epoch, rank) at every epoch
-start, and so are the data order (a DistributedSampler seeded from `train.seed`) and the
-DataLoader workers' augmentation draws (the loader's generator), so a run resumed from the
-epoch-N checkpoint continues exactly like the uninterrupted run.
+format of `pisa.core.checkpoint`). The data order (a DistributedSampler seeded from
+`train.seed` and the epoch) and each image's augmentation and anchor/RoI draws (seeded from
+`train.seed`, the epoch and the image: `pisa.data.draws`) are set at every epoch start, so a
+run resumed from the epoch-N checkpoint continues exactly like the uninterrupted run, and the
+layouts of one global batch (1 worker x 4 images, 2 x 2, 4 x 1) train alike
+(tests/test_layouts.py).
 Device choices (AMP dtype, GradScaler, channels_last, SyncBatchNorm) come from
 `pisa.training.device_plan.plan_for`, the same code on CPU and GPU.
 """
@@ -168,12 +170,16 @@ def build_train_loader(dataset, cfg: ExperimentConfig, rank: int, world: int, pl
 
 def build_train_set(cfg: ExperimentConfig):
     """The training split as the engine trains on it: the `data.augment` preset, masks for
-    Mask R-CNN, and images brought to a fixed-size detector's input in the loader (SSD)."""
+    Mask R-CNN, images brought to a fixed-size detector's input in the loader (SSD), and each
+    image's draws seeded by (train.seed, epoch, image), whatever the layout (`pisa.data.draws`)."""
     from ..data import build_dataset  # pycocotools and torchvision: loaded where a worker trains
+    from ..data.draws import PerImageDraws
     from ..models import fixed_input_size
 
     with_masks = cfg.model.detector == "mask_rcnn"
-    return build_dataset(cfg.data, "train", train=True, with_masks=with_masks, fixed_size=fixed_input_size(cfg.model))
+    fixed_size = fixed_input_size(cfg.model)
+    dataset = build_dataset(cfg.data, "train", train=True, with_masks=with_masks, fixed_size=fixed_size)
+    return PerImageDraws(dataset, cfg.train.seed)
 
 
 def build_val_set(cfg: ExperimentConfig):
@@ -202,8 +208,11 @@ def loader_images_per_sec(loader, batches: int) -> float:
 
 
 def seed_loader_for_epoch(loader, seed: int, epoch: int, rank: int) -> None:
-    """The epoch's data order (sampler) and the loader workers' RNG seeds (generator)."""
+    """The epoch's data order (sampler), its per-image draws (the dataset), and the loader
+    workers' RNG seeds (generator; the per-image draws do not depend on them)."""
     loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
     loader.generator.manual_seed(epoch_seed(seed, epoch, rank))
 
 

@@ -1,0 +1,43 @@
+"""One global batch, three layouts: 1 worker x 4 images, 2 x 2 and 4 x 1 are the same optimisation.
+
+This is what lets a study pack trials onto fewer GPUs (`resources_per_trial: {pack: ...}`)
+and keep the paper's recipe: with frozen BN (no statistics over a worker's images), the same
+seed and the same total batch, the training's losses do not depend on how the batch is split.
+It holds because the data order depends on (seed, epoch) only (DistributedSampler), each image's
+augmentation and anchor/RoI draws on (seed, epoch, image) only (`pisa.data.draws`), and every
+image contributes a fixed number of samples (so a worker's mean loss, averaged over workers by
+DDP, is the global batch's mean). Each layout runs the engine's own loop (`run_worker`) in
+real processes with DDP over gloo, as Ray Train sets it up (benchmarks/bench_layouts.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import bench_layouts  # noqa: E402
+
+STEPS = 20
+
+
+@pytest.mark.slow
+def test_layouts_of_one_global_batch_train_alike(synthetic_dir: Path, tmp_path: Path) -> None:
+    runs = {
+        name: bench_layouts.experiment(synthetic_dir, tmp_path, workers, images, steps=STEPS)
+        for name, (workers, images) in bench_layouts.LAYOUTS.items()
+    }
+    losses = bench_layouts.layout_losses(runs, tmp_path)
+    assert all(loss.shape == (STEPS,) and loss.isfinite().all() for loss in losses.values())
+    gaps = bench_layouts.relative_gaps(losses, "1x4")
+    assert set(gaps) == {"2x2", "4x1"}
+    for name, gap in gaps.items():
+        # The first step differs by fp32 summation order only (~1e-7 relative per op); the 20
+        # SGD steps of a from-scratch detector amplify it (measured on 2 CPUs: <= 2e-7 for 17
+        # steps, then up to 1.1e-4 for 4x1). 1e-3 is 10x that, and far below a real difference:
+        # seed 1 against seed 0 in this set-up differs by up to 18% at a step (bench_layouts).
+        assert gap["first_step"] < 1e-5, (name, gap)
+        assert gap["max"] < 1e-3, (name, gap, losses[name], losses["1x4"])
