@@ -48,7 +48,7 @@ from pisa.data.coco import CocoDetection
 from pisa.data.transforms import build_transforms
 from pisa.models import build_detector
 from pisa.training.device_plan import DevicePlan, apply_channels_last, make_grad_scaler, optimizer_step, plan_for
-from pisa.training.engine import build_train_loader, build_train_set, loader_images_per_sec
+from pisa.training.loaders import build_train_loader, build_train_set, loader_images_per_sec
 
 
 def variants(detector: str, second_pass: bool = False, float_input: bool = False) -> dict[str, dict]:

@@ -77,7 +77,8 @@ def count_engine_syncs(runner: Runner, images, targets, seed: int) -> dict[str, 
     from types import SimpleNamespace
 
     from pisa.core.config import TrainConfig as _Train
-    from pisa.training.engine import LossTally, _check_finite, _train_step, build_optimizer
+    from pisa.training.engine import _check_finite, _train_step, build_optimizer
+    from pisa.training.loss_tally import LossTally
 
     optimizer = build_optimizer(runner.model, _Train(lr=1e-4, base_batch=2, images_per_worker=2, workers=1).resolved())
     t = SimpleNamespace(

@@ -55,7 +55,8 @@ from pisa.training.device_plan import (
     optimizer_step,
     plan_for,
 )
-from pisa.training.engine import build_optimizer, build_train_loader, build_train_set, loader_images_per_sec
+from pisa.training.engine import build_optimizer
+from pisa.training.loaders import build_train_loader, build_train_set, loader_images_per_sec
 
 # detector name -> the paper config it is built from
 DETECTORS = {

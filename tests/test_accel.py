@@ -30,7 +30,7 @@ from pisa.training.device_plan import (
     process_group_backend,
     use_sync_batchnorm,
 )
-from pisa.training.engine import batch_to_device, build_train_loader, seed_loader_for_epoch
+from pisa.training.loaders import batch_to_device, build_train_loader, seed_loader_for_epoch
 
 # ---------------------------------------------------------------- decisions
 
@@ -109,14 +109,15 @@ def _collectives_worker(rank: int, backend: str, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from pisa.evaluation import gather_predictions
-    from pisa.training.engine import LossTally, _all_reduce_mean, _broadcast
+    from pisa.training.collectives import all_reduce_mean, broadcast_object
+    from pisa.training.loss_tally import LossTally
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(backend, rank=rank, world_size=2)
     result: dict = {}
     try:
-        result["mean"] = _all_reduce_mean({"loss": 1.0 + 2 * rank, "n": float(rank)})
-        result["broadcast"] = _broadcast({"bbox_mAP": 0.5} if rank == 0 else None)
+        result["mean"] = all_reduce_mean({"loss": 1.0 + 2 * rank, "n": float(rank)})
+        result["broadcast"] = broadcast_object({"bbox_mAP": 0.5} if rank == 0 else None)
         preds = [
             {
                 "image_id": rank,

@@ -10,7 +10,7 @@ import torch
 from pisa.core.config import DataConfig, ExperimentConfig
 from pisa.core.sampling import DRAW_SEED, DrawStream, RandomSampler, image_generator
 from pisa.data.draws import PerImageDraws, image_seed
-from pisa.training.engine import build_train_set
+from pisa.training.loaders import build_train_set
 
 
 def _flipped_set(synthetic_dir: Path, seed: int) -> PerImageDraws:

@@ -15,7 +15,6 @@ Device choices (AMP dtype, GradScaler, channels_last, SyncBatchNorm) come from
 
 from __future__ import annotations
 
-import random
 import tempfile
 import time
 import warnings
@@ -24,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -34,6 +32,7 @@ from ..core.epoch_report import EpochCounters, EpochReport, epoch_report, with_m
 from ..core.errors import NonFiniteLossError
 from ..core.progress import say
 from ..core.schedule import Schedule, lr_factor
+from .collectives import all_reduce_mean
 from .device_plan import (
     DevicePlan,
     apply_channels_last,
@@ -43,8 +42,19 @@ from .device_plan import (
     plan_for,
 )
 from .faults import with_faults
+from .loaders import (
+    batch_to_device,
+    build_train_loader,
+    build_train_set,
+    build_val_set,
+    epoch_seed,
+    seed_everything,
+    seed_loader_for_epoch,
+)
+from .loss_tally import LossTally
 from .ray_runtime import quiet_ray_train_worker
 from .session import RayTrainSession, TrainSession
+from .validation import evaluate
 
 if TYPE_CHECKING:
     from ..models.pisa_loss import DiagnosticsMixin
@@ -53,7 +63,7 @@ DIAGNOSTICS_FILE = "diagnostics.pt"
 MAX_DIAGNOSTIC_VALUES = 50_000
 
 
-# ---------------------------------------------------------------- optimizer and seeds
+# ---------------------------------------------------------------- optimizer
 
 
 def build_optimizer(model: nn.Module, schedule: Schedule) -> torch.optim.Optimizer:
@@ -75,16 +85,6 @@ def build_optimizer(model: nn.Module, schedule: Schedule) -> torch.optim.Optimiz
     )
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 10_007 + rank) % 2**31
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -92,41 +92,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return cast(nn.Module, model.module) if hasattr(model, "module") else model
 
 
-def batch_to_device(images, targets, device):
-    """Per-image tensors stay 3-D: the model batches them (and sets their memory format).
-    Images travel as the loader made them, uint8: the model scales them on the device."""
-    images = [img.to(device, non_blocking=True) for img in images]
-    targets = [
-        {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets
-    ]
-    return images, targets
-
-
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def _broadcast(obj: Any) -> Any:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
 
 
 def _read_diagnostics(model: nn.Module, into: dict[str, list[torch.Tensor]]) -> None:
@@ -134,126 +102,6 @@ def _read_diagnostics(model: nn.Module, into: dict[str, list[torch.Tensor]]) -> 
     for k, v in cast("DiagnosticsMixin", _unwrap(model)).pisa_diagnostics().items():
         if v.is_floating_point() and sum(x.numel() for x in into[k]) < MAX_DIAGNOSTIC_VALUES:
             into[k].append(v.float().flatten().cpu())
-
-
-# ---------------------------------------------------------------- data
-
-
-def build_train_loader(dataset, cfg: ExperimentConfig, rank: int, world: int, plan: DevicePlan):
-    """This worker's shard of the training set, in an order fixed by (train.seed, epoch).
-
-    The DistributedSampler is built here rather than by Ray's `prepare_data_loader`, which
-    seeds it with 0 whatever `train.seed` says. Loader workers are not persistent: each
-    epoch starts new ones whose seeds come from the generator `seed_loader_for_epoch` sets,
-    so epoch N's augmentation draws do not depend on how many epochs ran before in this
-    process (a resumed run replays them exactly).
-    """
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-
-    from ..data import collate_fn  # pycocotools and torchvision: loaded where a worker trains
-
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=False
-    )
-    return DataLoader(
-        dataset,
-        batch_size=cfg.train.images_per_worker,
-        sampler=sampler,
-        collate_fn=collate_fn,
-        num_workers=cfg.data.num_workers,
-        generator=torch.Generator(),
-        drop_last=False,
-        pin_memory=plan.pin_memory,  # pinned host memory: the non_blocking copies overlap
-    )
-
-
-def build_train_set(cfg: ExperimentConfig):
-    """The training split as the engine trains on it: the `data.augment` preset, masks for
-    Mask R-CNN, images brought to a fixed-size detector's input in the loader (SSD), and each
-    image's draws seeded by (train.seed, epoch, image), whatever the layout (`pisa.data.draws`)."""
-    from ..data import build_dataset  # pycocotools and torchvision: loaded where a worker trains
-    from ..data.draws import PerImageDraws
-    from ..models import fixed_input_size
-
-    with_masks = cfg.model.detector == "mask_rcnn"
-    fixed_size = fixed_input_size(cfg.model)
-    dataset = build_dataset(cfg.data, "train", train=True, with_masks=with_masks, fixed_size=fixed_size)
-    return PerImageDraws(dataset, cfg.train.seed)
-
-
-def build_val_set(cfg: ExperimentConfig):
-    """The val split as `evaluate` reads it (predictions are mapped back to `orig_size`)."""
-    from ..data import build_dataset
-    from ..models import fixed_input_size
-
-    return build_dataset(cfg.data, "val", train=False, fixed_size=fixed_input_size(cfg.model))
-
-
-def loader_images_per_sec(loader, batches: int) -> float:
-    """Images per second `loader` yields on its own over up to `batches` batches. Timed once its
-    workers run and the batches they prefetched are taken: the start-up is paid once per epoch,
-    and a queue of ready batches says nothing of the rate."""
-    it = iter(loader)
-    for _ in range(1 + loader.num_workers * (loader.prefetch_factor or 0)):
-        next(it, None)
-    images, start = 0, time.perf_counter()
-    for _ in range(batches):
-        batch = next(it, None)
-        if batch is None:
-            break
-        images += len(batch[0])
-    elapsed = time.perf_counter() - start
-    return images / elapsed if images and elapsed > 0 else float("nan")
-
-
-def seed_loader_for_epoch(loader, seed: int, epoch: int, rank: int) -> None:
-    """The epoch's data order (sampler), its per-image draws (the dataset), and the loader
-    workers' RNG seeds (generator; the per-image draws do not depend on them)."""
-    loader.sampler.set_epoch(epoch)
-    if hasattr(loader.dataset, "set_epoch"):
-        loader.dataset.set_epoch(epoch)
-    loader.generator.manual_seed(epoch_seed(seed, epoch, rank))
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, dataset, device, rank: int, world: int, batch_size: int, iou_types: tuple[str, ...]
-) -> dict[str, float]:
-    """COCO metrics of the whole val set: each rank predicts a strided shard."""
-    from ..evaluation import (  # pycocotools: where a worker evaluates
-        encode_masks,
-        evaluate_coco,
-        gather_predictions,
-        rescale_prediction,
-    )
-
-    net = _unwrap(model)
-    was_training = net.training
-    net.eval()
-    indices = list(range(rank, len(dataset), world))
-    preds: list[dict[str, Any]] = []
-    for start in range(0, len(indices), batch_size):
-        items = [dataset[i] for i in indices[start : start + batch_size]]
-        images = [img.to(device) for img, _ in items]
-        outputs = net(images)
-        for (image, target), out in zip(items, outputs):
-            if "orig_size" in target:  # the loader resized the image (SSD's fixed input, max_size)
-                out = rescale_prediction(out, image.shape[-2:], target["orig_size"].tolist())
-            out = encode_masks(out)  # masks -> RLEs here, per batch: only RLEs are kept and gathered
-            pred = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in out.items()}
-            pred["image_id"] = int(target["image_id"])
-            preds.append(pred)
-    net.train(was_training)
-    preds = gather_predictions(preds)
-    metrics = None
-    if rank == 0:
-        image_ids = [int(dataset.ids[i]) for i in range(len(dataset))] if hasattr(dataset, "ids") else None
-        metrics = evaluate_coco(dataset.coco, preds, dataset.label_to_cat_id, iou_types, image_ids=image_ids)
-    return _broadcast(metrics)
 
 
 # ---------------------------------------------------------------- the loop
@@ -322,60 +170,6 @@ def stopped_on(result: Any) -> NonFiniteLossError | None:
     """The error a Ray Train run ended on without a restart (its return value), if any."""
     message = getattr(result, "return_value", None)
     return NonFiniteLossError(message) if isinstance(message, str) else None
-
-
-class LossTally:
-    """The epoch's loss sums and its first non-finite step, kept on the device.
-
-    On a GPU each `float(loss)` or finiteness test is a wait for the device; here a step adds
-    its losses and notes whether they are finite without leaving the device, and the host
-    reads everything in one copy (`read`) where it prints or checks: every `log_every` steps
-    and at the epoch's end. Every worker reads at the same steps, so all stop at the same
-    step, and the message still names the first non-finite iteration and its loss terms."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.names: list[str] = []
-        self.sums: torch.Tensor | None = None
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)  # -1: all finite so far
-        self.bad_values: torch.Tensor | None = None
-
-    def add(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-        """Count one step's losses; whether they are all finite (a device tensor)."""
-        if not self.names:
-            self.names = ["loss", *losses]
-        # float64, as the host's sums were: a long epoch's sum keeps its digits
-        values = torch.stack([loss.detach().double(), *(losses[k].detach().double() for k in self.names[1:])])
-        finite = torch.isfinite(values).all()
-        first = (~finite) & (self.bad_step < 0)
-        self.bad_step = torch.where(first, torch.full_like(self.bad_step, step), self.bad_step)
-        self.bad_values = values if self.bad_values is None else torch.where(first, values, self.bad_values)
-        self.sums = values if self.sums is None else self.sums + values
-        return finite
-
-    def read(self) -> tuple[dict[str, float], int | None, bool]:
-        """(sums by name, the first non-finite step on any worker or None, whether it was
-        this worker's), after one all-reduce across workers and one copy to the host."""
-        import torch.distributed as dist
-
-        if self.sums is None:
-            return {}, None, False
-        never = 2**52  # exact as a double, past any step
-        own = torch.where(self.bad_step < 0, torch.full_like(self.bad_step, never), self.bad_step)
-        first = own.clone()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        host = torch.cat([self.sums.double(), own.double().view(1), first.double().view(1)]).tolist()
-        sums = dict(zip(self.names, host[:-2]))
-        mine, any_worker = int(host[-2]), int(host[-1])
-        if any_worker == never:
-            return sums, None, False
-        return sums, any_worker, mine == any_worker
-
-    def bad_detail(self) -> str:
-        """This worker's loss terms at its first non-finite step (read after `read` found one)."""
-        values = cast(torch.Tensor, self.bad_values).tolist()
-        detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.names[1:], values[1:]))
-        return f"total={values[0]} ({detail})"
 
 
 def _non_finite(epoch: int, step: int, first_iteration: int, where: str) -> NonFiniteLossError:
@@ -562,7 +356,7 @@ def _evaluate_epoch(t: _Training, epoch: int, stats: _EpochStats) -> EpochReport
     """The epoch's report, the same on every rank: mean training losses over the workers,
     the val set's COCO AP, and the epoch's throughput."""
     steps = max(1, stats.steps)
-    losses = _all_reduce_mean({f"train_{k}": v / steps for k, v in stats.sums.items()})
+    losses = all_reduce_mean({f"train_{k}": v / steps for k, v in stats.sums.items()})
     iou_types = ("bbox", "segm") if t.cfg.model.detector == "mask_rcnn" else ("bbox",)
     t_eval = time.perf_counter()
     coco = evaluate(t.model, t.val_set, t.device, t.rank, t.world, t.cfg.train.images_per_worker, iou_types)

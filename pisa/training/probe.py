@@ -50,7 +50,7 @@ def probe_rate(cfg: ExperimentConfig, *, warmup: int = 2, steps: int = 5, max_se
     import torch
 
     from ..data import build_dataset, collate_fn  # torchvision, pycocotools: only when probing
-    from .engine import batch_to_device, build_train_set
+    from .loaders import batch_to_device, build_train_set
 
     cuda = cfg.train.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -175,7 +175,7 @@ def probe_gpu_memory(cfg: ExperimentConfig, *, sizes: tuple[int, int] = (2, 4), 
     import torch
 
     from ..data import build_dataset
-    from .engine import batch_to_device
+    from .loaders import batch_to_device
 
     if not torch.cuda.is_available():
         raise RuntimeError("a GPU memory probe needs CUDA")
