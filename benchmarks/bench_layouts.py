@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pisa.training.engine import run_worker
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_study import SMALL_FASTER_RCNN  # noqa: E402
+
+from pisa.training.engine import run_worker  # noqa: E402
 
 LAYOUTS = {"1x4": (1, 4), "2x2": (2, 2), "4x1": (4, 1)}
 
@@ -78,16 +82,8 @@ def experiment(
     return {
         "name": "layouts",
         "model": {
-            "detector": "faster_rcnn",
-            "backbone": "mobilenet_v3_fpn",
+            **SMALL_FASTER_RCNN,
             "norm": "frozen_bn",
-            "min_size": 96,
-            "max_size": 96,
-            "rpn_pre_nms_top_n_train": 150,
-            "rpn_post_nms_top_n_train": 150,
-            "rpn_pre_nms_top_n_test": 100,
-            "rpn_post_nms_top_n_test": 100,
-            "rois_per_image": 32,
             "sampler": "score_hlr" if pisa else "random",
             "isr_p": {"enabled": pisa},
             "carl": {"enabled": pisa},

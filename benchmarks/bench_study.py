@@ -54,6 +54,22 @@ GOAL = 0.15
 # ---------------------------------------------------------------- the built-in study
 
 
+# A from-scratch Faster R-CNN small enough for CPU studies at 96 px (bench_layouts starts from it too)
+SMALL_FASTER_RCNN = {
+    "detector": "faster_rcnn",
+    "backbone": "mobilenet_v3_fpn",
+    "norm": "bn",
+    "min_size": 96,
+    "max_size": 96,
+    "rpn_pre_nms_top_n_train": 150,
+    "rpn_post_nms_top_n_train": 150,
+    "rpn_pre_nms_top_n_test": 100,
+    "rpn_post_nms_top_n_test": 100,
+    "rois_per_image": 32,
+    "sampler": "random",
+}
+
+
 def write_builtin_study(root: Path, epochs: int = 4) -> Path:
     """A small study on a generated shapes set (generated here, once)."""
     from pisa.data import generate_synthetic
@@ -63,21 +79,7 @@ def write_builtin_study(root: Path, epochs: int = 4) -> Path:
         generate_synthetic(data, n_train=16, n_val=8, seed=0, image_size=96)
     base = {
         "name": "bench-small",
-        "model": {
-            "detector": "faster_rcnn",
-            "backbone": "mobilenet_v3_fpn",
-            "norm": "bn",
-            "min_size": 96,
-            "max_size": 96,
-            "rpn_pre_nms_top_n_train": 150,
-            "rpn_post_nms_top_n_train": 150,
-            "rpn_pre_nms_top_n_test": 100,
-            "rpn_post_nms_top_n_test": 100,
-            "rois_per_image": 32,
-            "sampler": "random",
-            "isr_p": {"enabled": True},
-            "carl": {"enabled": True},
-        },
+        "model": {**SMALL_FASTER_RCNN, "isr_p": {"enabled": True}, "carl": {"enabled": True}},
         "data": {
             "train_images": str(data / "train"),
             "train_annotations": str(data / "train.json"),
