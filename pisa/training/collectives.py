@@ -1,10 +1,12 @@
-"""The collectives the loop needs beyond DDP's: no-ops in a process that trains alone."""
+"""What the loop needs of DDP beyond its gradients: the bare model, and a broadcast and a mean
+across workers (no-ops in a process that trains alone)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -27,3 +29,8 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP's wrapper (or `model` itself): what is saved, loaded and evaluated."""
+    return cast(nn.Module, model.module) if hasattr(model, "module") else model

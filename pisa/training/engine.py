@@ -32,7 +32,7 @@ from ..core.epoch_report import EpochCounters, EpochReport, epoch_report, with_m
 from ..core.errors import NonFiniteLossError
 from ..core.progress import say
 from ..core.schedule import Schedule, lr_factor
-from .collectives import all_reduce_mean
+from .collectives import all_reduce_mean, unwrap
 from .device_plan import (
     DevicePlan,
     apply_channels_last,
@@ -88,10 +88,6 @@ def build_optimizer(model: nn.Module, schedule: Schedule) -> torch.optim.Optimiz
 # ---------------------------------------------------------------- helpers
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return cast(nn.Module, model.module) if hasattr(model, "module") else model
-
-
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -99,7 +95,7 @@ def _fmt_eta(seconds: float) -> str:
 
 def _read_diagnostics(model: nn.Module, into: dict[str, list[torch.Tensor]]) -> None:
     """Append the last step's float PISA diagnostics (on the device) to `into`, on the CPU."""
-    for k, v in cast("DiagnosticsMixin", _unwrap(model)).pisa_diagnostics().items():
+    for k, v in cast("DiagnosticsMixin", unwrap(model)).pisa_diagnostics().items():
         if v.is_floating_point() and sum(x.numel() for x in into[k]) < MAX_DIAGNOSTIC_VALUES:
             into[k].append(v.float().flatten().cpu())
 
@@ -247,7 +243,7 @@ def save_checkpoint(directory: Path, t: _Training, epoch: int, metrics: EpochRep
     """`t`'s state after epoch index `epoch` as a checkpoint in `directory` (the format is
     `pisa.core.checkpoint`'s): weights, optimizer, scheduler, scaler, counters, config, classes."""
     payload = Checkpoint(
-        model=_unwrap(t.model).state_dict(),
+        model=unwrap(t.model).state_dict(),
         optimizer=t.optimizer.state_dict(),
         scheduler=t.scheduler.state_dict(),
         scaler=t.scaler.state_dict() if t.scaler is not None else {},
@@ -272,7 +268,7 @@ def _restore(t: _Training, session: TrainSession, resume_from: str | None) -> in
         state = read_checkpoint(resume_from)
     if state is None:
         return 0
-    _unwrap(t.model).load_state_dict(state.model)
+    unwrap(t.model).load_state_dict(state.model)
     t.optimizer.load_state_dict(state.optimizer)
     t.scheduler.load_state_dict(state.scheduler)
     if t.scaler is not None and state.scaler:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
-from .collectives import broadcast_object
+from .collectives import broadcast_object, unwrap
 
 
 @torch.no_grad()
@@ -22,7 +22,7 @@ def evaluate(
         rescale_prediction,
     )
 
-    net = cast(nn.Module, model.module) if hasattr(model, "module") else model  # DDP's or bare
+    net = unwrap(model)
     was_training = net.training
     net.eval()
     indices = list(range(rank, len(dataset), world))
