@@ -12,10 +12,12 @@ from helpers import write_study
 from pisa import cli
 from pisa.core.config import ModelConfig
 from pisa.core.errors import ConfigError
+from pisa.study.cluster_capacity import assumed_cluster
 from pisa.study.loading import Study, load_study
 from pisa.study.packing import GpuMemory, Layout, effective_norm, layout_free_norm, pack
-from pisa.study.plan import Rate, assumed_cluster, make_plan
+from pisa.study.plan import make_plan
 from pisa.study.resources import training_footprint
+from pisa.study.training_rate import Rate
 from pisa.study.trial import trains_in_trial
 from pisa.training import probe
 

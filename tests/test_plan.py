@@ -13,18 +13,10 @@ import pytest
 from helpers import tiny_experiment, write_study
 
 from pisa.core.errors import ConfigError
+from pisa.study.cluster_capacity import Cluster, assumed_cluster
 from pisa.study.loading import load_study
-from pisa.study.plan import (
-    Cluster,
-    Rate,
-    asha_rungs,
-    assumed_cluster,
-    make_plan,
-    plan_study,
-    rate_from_mlflow,
-    rate_params,
-    trials_at_once,
-)
+from pisa.study.plan import asha_rungs, make_plan, plan_study, trials_at_once
+from pisa.study.training_rate import Rate, rate_from_mlflow, rate_params
 
 PISA = [sys.executable, "-m", "pisa.cli"]
 CPUS = Cluster(gpus=0, cpus=16, where="a test cluster")

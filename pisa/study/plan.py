@@ -4,72 +4,27 @@ images an epoch trains on, a training rate, and from those the GPU- (or CPU-) ho
 wall time with FIFO and ASHA's bounds.
 
 The arithmetic (`asha_segments`, `schedule_cost`, `make_plan`) is pure; `plan_study` and
-`plan_at_start` gather its inputs: the cluster (assumed with `--gpus N`, this machine for a
-local cluster, Ray's view of a joined one), the training set's size, and the rate — from a
-probe on this machine's device, else from an earlier run of the same model in the MLflow
-store, else unknown (then everything that needs no rate is still given).
+`plan_at_start` gather its inputs: the cluster (`cluster_capacity`: assumed with `--gpus N`,
+this machine for a local cluster, Ray's view of a joined one), the training set's size, and
+the rate (`training_rate`: a probe on this machine's device, else an earlier run of the same
+model in the MLflow store, else unknown; then everything that needs no rate is still given).
 """
 
 from __future__ import annotations
 
 import io
 import math
-import os
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
+from .cluster_capacity import Cluster, assumed_cluster, local_cluster, ray_cluster
 from .loading import Study
 from .resources import training_footprint
-
-# The logged params that decide how fast a step is: an earlier run's `images_per_sec` prices
-# this study's trials only if it trained the same model on the same layout (keys the study
-# searches are left out: its trials differ there anyway)
-RATE_KEYS = (
-    "model.detector",
-    "model.backbone",
-    "model.norm",
-    "model.min_size",
-    "model.max_size",
-    "model.fpn_channels",
-    "model.box_head_width",
-    "model.rpn_post_nms_top_n_train",
-    "model.rois_per_image",
-    "model.sampler",
-    "train.images_per_worker",
-    "train.workers",
-    "train.use_gpu",
-)
-RATE_METRIC = "images_per_sec"  # per epoch, over all of a training's workers (engine)
-EVAL_METRIC = "time_eval_s"
-
+from .training_rate import Rate, rate_from_mlflow, rate_from_probe
 
 # ---------------------------------------------------------------- the hand-offs
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """What the trials share, and where that count came from."""
-
-    gpus: float
-    cpus: float
-    where: str  # "4 GPUs (--gpus) ...", "this machine ...", "the Ray cluster at ..."
-
-    def total(self, kind: str) -> float:
-        return self.gpus if kind == "GPU" else self.cpus
-
-
-@dataclass(frozen=True)
-class Rate:
-    """One training's throughput (all its workers), and where it was measured."""
-
-    images_per_sec: float
-    source: str
-    eval_s: float | None = None  # evaluation seconds per epoch, when the source measured them
-    run_id: str | None = None  # the MLflow run it came from
-    device: str | None = None  # the device a probe ran on
 
 
 @dataclass(frozen=True)
@@ -357,116 +312,12 @@ def fmt_seconds(seconds: float) -> str:
 # ---------------------------------------------------------------- the inputs
 
 
-def assumed_cluster(gpus: int) -> Cluster:
-    """`--gpus N`: N GPUs and this machine's CPUs, without asking Ray."""
-    cpus = os.cpu_count() or 1
-    return Cluster(float(gpus), float(cpus), f"{gpus} GPU(s) (--gpus) and this machine's {cpus} CPUs")
-
-
-def local_cluster() -> Cluster:
-    """What the local Ray cluster `pisa study run` starts would hold: this machine's CPUs and
-    visible GPUs (no Ray is started to count them)."""
-    import torch
-
-    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
-    return Cluster(float(gpus), float(cpus), f"this machine ({cpus} CPUs, {gpus} GPUs; a local Ray cluster)")
-
-
-def ray_cluster(address: str | None = None) -> Cluster:
-    """The running Ray cluster's totals (joined first when `address` is given)."""
-    import ray
-
-    if not ray.is_initialized():
-        from ..training.ray_runtime import init_ray
-
-        init_ray(address, verbose=False, dashboard=False)
-    total = ray.cluster_resources()
-    gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 0))
-    where = f"the Ray cluster at {address}" if address else "the Ray cluster"
-    return Cluster(gpus, cpus, f"{where} ({cpus:g} CPUs, {gpus:g} GPUs)")
-
-
 def training_images(study: Study) -> int:
     """The images of one epoch: the training set after `data.train_limit` (the train split of
     `training.train.prepare_data_sizes`: a study's start has checked both splits already)."""
     from ..data import build_dataset  # torchvision, pycocotools
 
     return len(build_dataset(study.base_config.data, "train", train=False))
-
-
-def rate_params(study: Study) -> dict[str, str]:
-    """The params (as MLflow holds them) a run must share with this study for its rate to count."""
-    params = study.base_config.flat_params()
-    keys = [k for k in RATE_KEYS if k in params and k not in study.cfg.search_space]
-    keys.append("train.gpus_per_worker" if study.base_config.train.use_gpu else "train.cpus_per_worker")
-    return {k: "None" if params[k] is None else str(params[k]) for k in keys}
-
-
-def rate_from_mlflow(study: Study, uri: str | None = None, max_runs: int = 20) -> tuple[Rate | None, str]:
-    """The latest run of the same model and layout with an `images_per_sec` history: the
-    median over its epochs (and of its evaluation time). (None, why) when there is none."""
-    from .. import tracking
-
-    uri = uri or study.base_config.tracking.resolved_uri()
-    shown = _shown(uri)
-    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///") :].split("?")[0]):
-        return None, f"no MLflow store at {shown} yet"
-    wanted = rate_params(study)
-    where = " and ".join(f"params.`{k}` = '{v.replace(chr(39), chr(39) * 2)}'" for k, v in wanted.items())
-    try:
-        tracking.check_reachable(uri)
-        client = tracking.client(uri)
-        experiments = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(
-            experiments,
-            f"{where} and metrics.{RATE_METRIC} > 0",
-            max_results=max_runs,
-            order_by=["attributes.start_time DESC"],
-        )
-        for run in runs:
-            rates = _finite(client.get_metric_history(run.info.run_id, RATE_METRIC))
-            if not rates:
-                continue
-            evals = _finite(client.get_metric_history(run.info.run_id, EVAL_METRIC))
-            name = run.info.run_name or ""
-            return (
-                Rate(
-                    statistics.median(rates),
-                    f"run {run.info.run_id[:8]} ({name[:40]}; median of {len(rates)} epochs)",
-                    statistics.median(evals) if evals else None,
-                    run.info.run_id,
-                ),
-                "",
-            )
-    except Exception as exc:  # no rate is worth a note, never a failed plan
-        return None, f"MLflow store {shown} not searched: {str(exc).splitlines()[0][:160]}"
-    return None, f"no earlier run of this model and layout in {shown}; `pisa study plan --probe` measures one"
-
-
-def _finite(history) -> list[float]:
-    return [m.value for m in history if math.isfinite(m.value) and m.value > 0]
-
-
-def _shown(uri: str) -> str:
-    from ..core.uris import redact
-
-    return redact(uri)
-
-
-def rate_from_probe(study: Study) -> Rate:
-    """A few steps of the study's base config on this machine, one worker's rate x the workers
-    (linear scaling assumed: a probe has no all-reduce)."""
-    from ..training.probe import probe_rate
-
-    probe = probe_rate(study.base_config)
-    workers = study.base_config.train.workers
-    scaled = f", x {workers} workers" if workers > 1 else ""
-    where = f"{probe.device}, {probe.threads} thread(s)" if probe.device == "cpu" else probe.device
-    source = f"a probe ({probe.steps} steps on {where}, {probe.step_s * 1e3:.0f} ms each{scaled})"
-    # evaluation is sharded over the workers: each runs the detector over its part of the val set
-    eval_s = math.ceil(probe.val_images / workers) * probe.eval_image_s
-    device = "cpu" if probe.device == "cpu" else "cuda"
-    return Rate(probe.images_per_sec * workers, source, eval_s=eval_s, device=device)
 
 
 def plan_study(study: Study, *, gpus: int | None = None, address: str | None = None, probe: bool = False) -> Plan:
