@@ -135,16 +135,17 @@ class GridLogger(TrainingRunsCallback):
         if last is not None:  # survives the driver: a resumed grid does not train it again
             mark = storage.join(exp.storage_path, trial.trial_id, trial_recovery.DONE_MARK)
             trial_recovery.write_done_mark(mark, _json_result(last))
-        self._finished(trial, None)
+        self._finished(trial, trials, None)
         driver_fault("trial_complete")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finished(trial, trial_error(trial))
+        self._finished(trial, trials, trial_error(trial))
 
-    def _finished(self, trial, error: str | None) -> None:
+    def _finished(self, trial, trials, error: str | None) -> None:
         job = self.key(trial)
         self._stop_system_metrics(trial)
-        self.done += 1
+        # over all the grid's trials (Tune's Trial.TERMINATED / ERROR): a resumed grid counts what finished before
+        self.done = 1 + sum(t is not trial and t.status in ("TERMINATED", "ERROR") for t in trials)
         t = self.trainings[job]
         if error is not None:
             shown = f"failed: {error}"
