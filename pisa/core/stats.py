@@ -125,3 +125,17 @@ def within_noise(first: dict[int, float], second: dict[int, float], confidence: 
     if p.difference.ci_low is None:
         return None
     return not p.significant
+
+
+def verdict(p: Paired | None, mode: str) -> str:
+    """What a row's paired difference says: better / worse only when its interval excludes 0
+    (`mode` "min": lower is better); "reference" for the row the others are compared with."""
+    if p is None:
+        return "reference"
+    d = p.difference
+    if d.ci_low is None:
+        return "too few seeds"
+    if not p.significant:
+        return "no significant difference"
+    better = d.ci_low > 0 if mode == "max" else d.ci_high is not None and d.ci_high < 0
+    return "better" if better else "worse"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import tracking
 from ..core.progress import say
-from ..core.stats import Paired, Summary, paired, summarize
+from ..core.stats import Paired, Summary, paired, summarize, verdict
 from ..tracking.tags import RunStatus
 from .training_grid import slug
 
@@ -114,18 +114,6 @@ def _ci(s: Summary | None, signed: bool = False) -> str:
     return f"[{_num(s.ci_low, signed)}, {_num(s.ci_high, signed)}]"
 
 
-def verdict(p: Paired | None, mode: str) -> str:
-    if p is None:
-        return "reference"
-    d = p.difference
-    if d.ci_low is None:
-        return "too few seeds"
-    if not p.significant:
-        return "no significant difference"
-    better = d.ci_low > 0 if mode == "max" else d.ci_high is not None and d.ci_high < 0
-    return "better" if better else "worse"
-
-
 def table_rows(v: Validation) -> list[dict[str, Any]]:
     rows = []
     for r in v.results:
@@ -202,32 +190,51 @@ def format_per_class(v: Validation) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _difference_label(v: Validation, index: int) -> str:
+    """The second line of a variant's tick: its paired difference to its reference."""
+    r = v.results[index]
+    p = r.vs_baseline
+    if p is None:
+        return "reference"
+    d = p.difference
+    if d.mean is None:
+        return "no paired seeds"
+    interval = "" if d.ci_low is None or d.ci_high is None else f" [{d.ci_low:+.3f}, {d.ci_high:+.3f}]"
+    return f"{d.mean:+.3f}{interval}\n{verdict(p, v.mode)}, {p.wins}/{len(p.seeds)} wins"
+
+
 def write_plot(v: Validation, path: Path) -> Path:
-    """Per-seed values per variant: a box per variant with every seed as a point."""
+    """`per_seed.png`: a box per variant (median, quartiles, the mean dashed), each seed a
+    point in its colour, and a line joining each seed's points across the variants: the seeds
+    are paired, and lines that all slope one way are the consistent effect the verdict rests
+    on. Under each variant but the reference: its paired difference, interval and verdict."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r.variant.label for r in v.results]
+    labels = [f"{r.variant.label}\n{_difference_label(v, i)}" for i, r in enumerate(v.results)]
     data = [[r.values[s] for s in sorted(r.values)] for r in v.results]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(labels)), 3.6))
-    ax.boxplot([d if d else [float("nan")] for d in data], widths=0.5, showmeans=True)
+    fig, ax = plt.subplots(figsize=(max(4.5, 2.2 * len(labels)), 4.2))
+    ax.boxplot(
+        [d if d else [float("nan")] for d in data],
+        widths=0.45,
+        showfliers=False,  # every seed is drawn as a point already
+        showmeans=True,
+        meanline=True,
+        meanprops={"color": "black", "linestyle": "--", "linewidth": 1},
+        medianprops={"color": "grey"},
+    )
     cmap = plt.get_cmap("tab10")
-    for i, r in enumerate(v.results, 1):
-        for j, seed in enumerate(v.seeds):
-            if seed in r.values:
-                ax.scatter(
-                    i + (j - (len(v.seeds) - 1) / 2) * 0.05,
-                    r.values[seed],
-                    color=cmap(j % 10),
-                    s=22,
-                    zorder=3,
-                    label=f"seed {seed}" if i == 1 else None,
-                )
-    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=15, ha="right", fontsize=8)
+    for j, seed in enumerate(v.seeds):
+        colour = cmap(j % 10)
+        xs = [i for i, r in enumerate(v.results, 1) if seed in r.values]
+        ys = [r.values[seed] for r in v.results if seed in r.values]
+        ax.plot(xs, ys, color=colour, alpha=0.45, linewidth=1, zorder=2)
+        ax.scatter(xs, ys, color=colour, s=24, zorder=3, label=f"seed {seed}")
+    ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
     ax.set_ylabel(f"final-epoch {v.metric}")
-    ax.set_title(f"{v.study}: {v.metric} per seed")
+    ax.set_title(f"{v.study}: {v.metric} per seed (dashed: mean)", fontsize=10)
     if v.seeds:
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

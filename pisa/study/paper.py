@@ -19,8 +19,9 @@ from typing import Any
 from .. import tracking
 from ..core.config import load_config
 from ..core.errors import ConfigError
+from ..core.stats import verdict
 from .compare import Entry
-from .comparison import Validation, verdict
+from .comparison import Validation
 
 
 @dataclass
