@@ -3,6 +3,7 @@ end-to-end test trains, and a study file around it. (Fixtures live in conftest.p
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import yaml
@@ -10,27 +11,15 @@ import yaml
 from pisa import tracking
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # the tests train the benchmarks' small configs too
+from bench_study import SMALL_FASTER_RCNN  # noqa: E402
 
 
 def tiny_experiment(data_dir: Path, work: Path, **train) -> dict:
     """A training config small enough for a 2-worker CPU run in well under a minute."""
     return {
         "name": "tiny",
-        "model": {
-            "detector": "faster_rcnn",
-            "backbone": "mobilenet_v3_fpn",
-            "norm": "bn",
-            "min_size": 96,
-            "max_size": 96,
-            "rpn_pre_nms_top_n_train": 150,
-            "rpn_post_nms_top_n_train": 150,
-            "rpn_pre_nms_top_n_test": 100,
-            "rpn_post_nms_top_n_test": 100,
-            "rois_per_image": 32,
-            "sampler": "random",
-            "isr_p": {"enabled": True},
-            "carl": {"enabled": True},
-        },
+        "model": {**SMALL_FASTER_RCNN, "isr_p": {"enabled": True}, "carl": {"enabled": True}},
         "data": {
             "train_images": str(data_dir / "train"),
             "train_annotations": str(data_dir / "train.json"),

@@ -91,7 +91,6 @@ class GridLogger(TrainingRunsCallback):
         self.num_classes = num_classes
         self.metric = metric
         self.last: dict[int, dict[str, Any]] = {}
-        self.done = 0
         self.reconciled = True  # until `setup` (a fresh or a resumed grid)
 
     def key(self, trial) -> int:
@@ -145,14 +144,14 @@ class GridLogger(TrainingRunsCallback):
         job = self.key(trial)
         self._stop_system_metrics(trial)
         # over all the grid's trials (Tune's Trial.TERMINATED / ERROR): a resumed grid counts what finished before
-        self.done = 1 + sum(t is not trial and t.status in ("TERMINATED", "ERROR") for t in trials)
+        done = 1 + sum(t is not trial and t.status in ("TERMINATED", "ERROR") for t in trials)
         t = self.trainings[job]
         if error is not None:
             shown = f"failed: {error}"
         else:
             value = self.last.get(job, {}).get(self.metric)
             shown = f"{self.metric} {value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "done"
-        say(f"training {self.done}/{len(self.trainings)}: {t.run_name}: {shown}")
+        say(f"training {done}/{len(self.trainings)}: {t.run_name}: {shown}")
 
 
 def _json_result(result: dict[str, Any]) -> dict[str, Any]:
