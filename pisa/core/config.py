@@ -199,6 +199,11 @@ class DataConfig(StrictModel):
         "+ min-IoU crop + flip",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per Ray worker")
+    group_by_aspect_ratio: bool = Field(
+        True,
+        description="fill each global batch with images of one orientation (width > height or not), "
+        "as mmdetection's group sampler: less padding (pisa.data.grouping)",
+    )
     val_limit: int | None = Field(None, ge=1, description="evaluate on the first N val images only")
     train_limit: int | None = Field(None, ge=1, description="train on the first N train images only")
 

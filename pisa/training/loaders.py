@@ -1,7 +1,8 @@
 """The training data as a worker sees it: its shard, its order and draws per epoch, on its device.
 
-The order is a DistributedSampler's permutation of (train.seed, epoch); each image's
-augmentation and anchor/RoI draws are seeded by (train.seed, epoch, image) (`pisa.data.draws`);
+The order is a DistributedSampler's permutation of (train.seed, epoch), grouped by aspect ratio
+per global batch (`pisa.data.grouping`); each image's augmentation and anchor/RoI draws are
+seeded by (train.seed, epoch, image) (`pisa.data.draws`);
 the process's own RNGs are re-seeded from (seed, epoch, rank) for anything else. All are set at
 every epoch start (`seed_loader_for_epoch`, `seed_everything(epoch_seed(...))`), so an epoch
 trains the same whether the run started at it or resumed into it.
@@ -43,20 +44,28 @@ def batch_to_device(images, targets, device):
 def build_train_loader(dataset, cfg: ExperimentConfig, rank: int, world: int, plan: DevicePlan):
     """This worker's shard of the training set, in an order fixed by (train.seed, epoch).
 
-    The DistributedSampler is built here rather than by Ray's `prepare_data_loader`, which
-    seeds it with 0 whatever `train.seed` says. Loader workers are not persistent: each
-    epoch starts new ones whose seeds come from the generator `seed_loader_for_epoch` sets,
-    so epoch N's augmentation draws do not depend on how many epochs ran before in this
-    process (a resumed run replays them exactly).
+    With `data.group_by_aspect_ratio` each global batch holds images of one orientation
+    (`pisa.data.grouping`: DistributedSampler's permutation, grouped per global batch, so every
+    layout of it trains alike); else the plain DistributedSampler. Either is built here rather
+    than by Ray's `prepare_data_loader`, which seeds it with 0 whatever `train.seed` says.
+    Loader workers are not persistent: each epoch starts new ones whose seeds come from the
+    generator `seed_loader_for_epoch` sets, so epoch N's augmentation draws do not depend on
+    how many epochs ran before in this process (a resumed run replays them exactly).
     """
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
     from ..data import collate_fn  # pycocotools and torchvision: loaded where a worker trains
+    from ..data.grouping import GroupedDistributedSampler, aspect_ratio_groups
 
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=False
-    )
+    sampler: DistributedSampler[Any] | GroupedDistributedSampler
+    if cfg.data.group_by_aspect_ratio:
+        groups = aspect_ratio_groups(dataset)  # the annotation file's sizes: nothing decoded
+        sampler = GroupedDistributedSampler(groups, world, rank, cfg.train.images_per_worker, seed=cfg.train.seed)
+    else:
+        sampler = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=False
+        )
     return DataLoader(
         dataset,
         batch_size=cfg.train.images_per_worker,
