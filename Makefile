@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pisa-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench gpu-check clean
+.PHONY: install lock lock-upgrade demo test test-fast lint bench gpu-check clean
 
 # Byte-compiled once, here, with every core: where PYTHONDONTWRITEBYTECODE is set (many CI
 # images and containers) Python never caches what it compiles on import, and every new
@@ -24,6 +24,26 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# The lock: constraints.txt pins every package the project installs (all extras, every
+# platform), resolved by uv from pyproject.toml with torch/torchvision held at
+# constraints-torch.txt's pair. pip installs from it (`-c constraints.txt` above): pip takes
+# torch from its cache where uv would download it again (3 GB of CUDA wheels). uv lives in a
+# venv of its own, not in .venv. `make lock` after a change to pyproject.toml keeps every pin
+# that still fits; `make lock-upgrade` moves all of them (but torch's) to the newest releases.
+LOCK_VENV  ?= .lock-venv
+UV_VERSION ?= 0.13.9
+UV_COMPILE  = $(LOCK_VENV)/bin/uv pip compile --quiet pyproject.toml --all-extras --universal \
+	-c constraints-torch.txt -o constraints.txt --custom-compile-command "make lock"
+$(LOCK_VENV)/bin/uv:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet uv==$(UV_VERSION)
+
+lock: $(LOCK_VENV)/bin/uv
+	$(UV_COMPILE)
+
+lock-upgrade: $(LOCK_VENV)/bin/uv
+	$(UV_COMPILE) --upgrade
 
 # each demo is a new study (a name with a time stamp); `pisa study best quickstart-...` after
 demo: $(STAMP)
@@ -54,4 +74,4 @@ gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache
