@@ -130,8 +130,8 @@ def write_builtin_study(root: Path, epochs: int = 4) -> Path:
 def child(spec_file: str) -> int:
     """Load and run one study (in a fresh process); write its bookkeeping as JSON."""
     spec = json.loads(Path(spec_file).read_text())
-    from pisa.study.loading import load_study
-    from pisa.study.tuner import run_study
+    from pisa.search.study import load_study
+    from pisa.search.tuner import run_study
 
     # relative paths in the study mean what they mean for `pisa study run` from `load_cwd`
     os.chdir(spec["load_cwd"])
@@ -208,8 +208,8 @@ def run_one(label: str, study_path: Path, overrides: list[str], keep: bool, load
 
 def measure(info: dict) -> dict:
     from pisa import tracking
-    from pisa.study import fidelity
-    from pisa.study.results import collect
+    from pisa.search import fidelity
+    from pisa.search.results import collect
 
     uri = info["uri"]
     c = tracking.client(uri)

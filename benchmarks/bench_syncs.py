@@ -77,7 +77,7 @@ def count_engine_syncs(runner: Runner, images, targets, seed: int) -> dict[str, 
     from types import SimpleNamespace
 
     from pisa.core.config import TrainConfig as _Train
-    from pisa.training.engine import _check_finite, _train_step, build_optimizer
+    from pisa.training.engine import _check_finite, build_optimizer, train_step
     from pisa.training.loss_tally import LossTally
 
     optimizer = build_optimizer(runner.model, _Train(lr=1e-4, base_batch=2, images_per_worker=2, workers=1).resolved())
@@ -92,13 +92,13 @@ def count_engine_syncs(runner: Runner, images, targets, seed: int) -> dict[str, 
         iteration=0,
     )
     tally = LossTally(torch.device("cpu"))
-    _train_step(t, _Passthrough(), tally, images, targets, 0)  # warm-up
+    train_step(t, _Passthrough(), tally, images, targets, 0)  # warm-up
     torch.manual_seed(seed)
     with profile(activities=[ProfilerActivity.CPU]) as plain:
-        _train_step(t, _Passthrough(), tally, images, targets, 1)
+        train_step(t, _Passthrough(), tally, images, targets, 1)
     torch.manual_seed(seed)
     with profile(activities=[ProfilerActivity.CPU]) as logging:
-        _train_step(t, _Passthrough(), tally, images, targets, 2)
+        train_step(t, _Passthrough(), tally, images, targets, 2)
         _check_finite(tally, 0, 0)
     model = sum(count_syncs(runner, images, targets, seed).values())
     step, at_log = sum(_kinds(plain).values()), sum(_kinds(logging).values())

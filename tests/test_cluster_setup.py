@@ -10,7 +10,7 @@ from helpers import tiny_experiment
 from pisa.core import storage
 from pisa.core.config import ConfigError, parse_config
 from pisa.core.uris import public_uri, redact
-from pisa.study.loading import load_study
+from pisa.search.study import load_study
 from pisa.tracking.store import _param_value
 from pisa.training.cluster import check_cluster_setup
 from pisa.training.train import scaling_config

@@ -134,8 +134,8 @@ def _artifact(uri: str, run_id: str, path: str) -> str:
 
 
 def test_compare_refuses_a_name_taken_by_other_configs_before_starting(tmp_path: Path, synthetic_dir: Path, no_ray):
+    from pisa.comparisons.compare import load_entries, run_compare
     from pisa.core.errors import ConfigError
-    from pisa.study.compare import load_entries, run_compare
 
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     for path, k in ((a, 1.0), (b, 2.0)):
@@ -169,8 +169,8 @@ def test_compare_refuses_a_name_taken_by_other_configs_before_starting(tmp_path:
 
 
 def test_paper_names_the_rows_it_knows(tmp_path: Path, synthetic_dir: Path):
+    from pisa.comparisons.paper import paper_entries
     from pisa.core.errors import ConfigError
-    from pisa.study.paper import paper_entries
 
     _pair(tmp_path, synthetic_dir, tmp_path, "tiny_frcnn", "faster_rcnn", (0.3, 0.4))
     with pytest.raises(ConfigError, match="unknown ssd300; the rows in .*: tiny_frcnn"):
@@ -183,7 +183,7 @@ def test_paper_names_the_rows_it_knows(tmp_path: Path, synthetic_dir: Path):
 def test_the_shipped_paper_configs_pair_up_with_their_published_aps():
     from helpers import REPO
 
-    from pisa.study.paper import paper_entries
+    from pisa.comparisons.paper import paper_entries
 
     entries, pairs = paper_entries(REPO / "configs", None)
     table = {

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from pisa.core.config import ExperimentConfig, load_config
-from pisa.study.loading import load_study
-from pisa.study.schema import PAPER_DEFAULTS
+from pisa.search.schema import PAPER_DEFAULTS
+from pisa.search.study import load_study
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

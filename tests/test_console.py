@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from helpers import write_study
 
-from pisa.study.console import StudyConsole
-from pisa.study.loading import load_study
+from pisa.search.console import StudyConsole
+from pisa.search.study import load_study
 
 
 @pytest.mark.parametrize(("scheduler", "bound"), [("asha", "<="), ("fifo", "~")])
@@ -43,9 +43,9 @@ def test_eta_counts_the_epochs_trials_could_still_train_at_the_rate_so_far(tmp_p
 def test_ranking_shows_searched_values_as_their_distributions_read_them():
     from pydantic import TypeAdapter
 
-    from pisa.study.report import format_ranking
-    from pisa.study.results import StudyOutcome, TrialSummary
-    from pisa.study.schema import Distribution
+    from pisa.search.report import format_ranking
+    from pisa.search.results import StudyOutcome, TrialSummary
+    from pisa.search.schema import Distribution
 
     logged = {"model.isr_p.k": "1.8732563742634", "train.epochs": "3", "model.sampler": "1.5"}
     trial = TrialSummary("run", "t1", "t1", "finished", 0.5, 3, params=logged)

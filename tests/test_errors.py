@@ -187,7 +187,7 @@ def test_a_failed_tune_trial_is_explained_by_its_pisa_error(ray_local, tmp_path)
     """The study's MLflow callback reads a failed trial's error as Tune pickled it."""
     from ray import tune
 
-    from pisa.study.trial import trial_error
+    from pisa.trials.fit import trial_error
 
     messages: list[str] = []
 
@@ -205,16 +205,16 @@ def test_a_failed_tune_trial_is_explained_by_its_pisa_error(ray_local, tmp_path)
 
 def _fails_with(errors: dict[int, BaseException], mark: str) -> None:
     """A seeded point whose seeds failed with `errors`, inside the retry guard."""
-    from pisa.study.seeds import _raise_first
-    from pisa.study.trial import failing_at_once_on_retry
+    from pisa.trials.fit import failing_at_once_on_retry
+    from pisa.trials.seeds import _raise_first
 
     with failing_at_once_on_retry(mark):
         _raise_first(errors)
 
 
 def test_a_deterministic_failure_makes_the_retry_fail_at_once_with_it(tmp_path):
-    from pisa.study.seeds import SeedFailed
-    from pisa.study.trial import failing_at_once_on_retry
+    from pisa.trials.fit import failing_at_once_on_retry
+    from pisa.trials.seeds import SeedFailed
 
     mark = str(tmp_path / "failed.json")
     nan = NonFiniteLossError("non-finite loss at epoch 2 iteration 5: total=nan")
@@ -239,7 +239,7 @@ def test_a_deterministic_failure_makes_the_retry_fail_at_once_with_it(tmp_path):
 
 
 def test_a_retry_mark_of_an_earlier_version_fails_the_retry_with_its_text(tmp_path):
-    from pisa.study.trial import failing_at_once_on_retry
+    from pisa.trials.fit import failing_at_once_on_retry
 
     mark = tmp_path / "failed"
     mark.write_text("NonFiniteLossError: non-finite loss at epoch 1 iteration 2")

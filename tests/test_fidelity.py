@@ -14,10 +14,10 @@ from helpers import write_study
 from scipy import stats
 
 from pisa import cli, tracking
-from pisa.study.fidelity import Fidelity, Rung, measure, ranks, rung_epochs, spearman
-from pisa.study.loading import load_study
-from pisa.study.schema import SchedulerConfig
-from pisa.study.state import save_state
+from pisa.search.fidelity import Fidelity, Rung, measure, ranks, rung_epochs, spearman
+from pisa.search.schema import SchedulerConfig
+from pisa.search.state import save_state
+from pisa.search.study import load_study
 from pisa.tracking import tags as tag
 
 # ---------------------------------------------------------------- Spearman
@@ -227,7 +227,7 @@ def test_study_best_warns_when_ashas_grace_period_ranks_poorly(store, tmp_path, 
 
     # the report puts the rungs on the study's run: metrics and a table (its plots are
     # another test's: skipped for time)
-    monkeypatch.setattr("pisa.study.report.write_plots", lambda *args: [])
+    monkeypatch.setattr("pisa.search.report.write_plots", lambda *args: [])
     assert cli.main(["study", "report", name, "--storage-path", storage_path]) == 0
     metrics = tracking.client(store).get_run(parent).data.metrics
     assert metrics["rung_fidelity.epoch_1"] == pytest.approx(rho)

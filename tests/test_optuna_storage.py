@@ -7,7 +7,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pisa.study.optuna_storage import PruningOptunaSearch, default_storage_url, open_storage
+from pisa.search.optuna_storage import PruningOptunaSearch, default_storage_url, open_storage
 
 
 @pytest.fixture

@@ -1,34 +1,73 @@
-"""What earlier versions pickled still loads: a study's Tune state and a registered model
-name their classes by the module paths before the package was split into layers."""
+"""What another pisa release saved is refused in one line, naming both versions: a study's
+Tune state and a registered model pickle pisa's classes by module path, which only the same
+minor release is sure to have."""
 
 from __future__ import annotations
 
-import pickle
+import json
+import time
 
 import pytest
 
-
-@pytest.mark.parametrize(
-    "old,new",
-    [
-        ("pisa.registry\nPisaDetectorModel", "pisa.tracking.registry"),
-        ("pisa.study\nMlflowStudyLogger", "pisa.study.mlflow_logger"),
-        ("pisa.study\nrun_trial", "pisa.study.trial"),
-        ("pisa.console\nStudyConsole", "pisa.study.console"),
-        ("pisa.optuna_storage\nPruningOptunaSearch", "pisa.study.optuna_storage"),
-        ("pisa.study_config\nStudy", "pisa.study.loading"),
-        ("pisa.config\nExperimentConfig", "pisa.core.config"),
-    ],
-)
-def test_a_pickle_naming_an_old_module_path_loads_todays_object(old, new):
-    import importlib
-
-    found = pickle.loads(f"c{old}\n.".encode())  # protocol 0: a global by module and name
-    assert found is getattr(importlib.import_module(new), old.split("\n")[1])
+import pisa
+from pisa.cli import main
+from pisa.core.version import compatible
 
 
-def test_an_unknown_name_of_the_old_study_module_is_an_attribute_error():
-    import pisa.study
+def _write_state(root, name: str, version: str | None) -> None:
+    """A study's `pisa_study.json` as the given release wrote it (None: before versions)."""
+    state = {
+        "name": name,
+        "parent_run_id": "0" * 32,
+        "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+        "experiment": "old",
+        "study_file": str(root / "study.yaml"),
+        "metric": "bbox_mAP",
+        "mode": "max",
+        "created": time.time(),
+        "num_samples": 2,
+    }
+    if version is not None:
+        state["pisa_version"] = version
+    (root / name).mkdir(parents=True)
+    (root / name / "pisa_study.json").write_text(json.dumps(state))
 
-    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        pisa.study.nothing  # noqa: B018
+
+@pytest.mark.parametrize("written,shown", [(None, "pisa < 0.2.0"), ("0.1.0", "pisa 0.1.0"), ("1.0.0", "pisa 1.0.0")])
+def test_resuming_a_study_of_another_release_is_one_line_naming_both(tmp_path, capsys, written, shown):
+    _write_state(tmp_path, "old", written)
+    code = main(["study", "resume", "old", "--storage-path", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert f"written by {shown}" in err and "this is pisa 0.2.0" in err and "resume it with that version" in err
+    assert not (tmp_path / "mlflow.db").exists()  # nothing started: no store was opened
+
+
+def test_the_release_rule():
+    assert pisa.__version__ == "0.2.0"
+    assert compatible("0.2.0") and compatible("0.2.7")
+    assert not compatible(None) and not compatible("0.1.0") and not compatible("0.3.0") and not compatible("1.2.0")
+
+
+@pytest.mark.parametrize("written", ["0.1.0", "0.3.1"])
+def test_loading_a_model_logged_by_another_release_is_one_line(tmp_path, written):
+    import mlflow.pyfunc
+
+    from pisa.tracking.detector import PredictInputError
+    from pisa.tracking.registry import PISA_VERSION_KEY, load_pyfunc
+
+    class Echo(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("old")
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), metadata={PISA_VERSION_KEY: written})
+    with pytest.raises(PredictInputError) as caught:
+        load_pyfunc(info.model_uri, uri)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"written by pisa {written}" in message and "this is pisa 0.2.0" in message

@@ -12,14 +12,13 @@ from helpers import write_study
 from pisa import cli
 from pisa.core.config import ModelConfig
 from pisa.core.errors import ConfigError
-from pisa.study.cluster_capacity import assumed_cluster
-from pisa.study.loading import Study, load_study
-from pisa.study.packing import GpuMemory, Layout, effective_norm, layout_free_norm, pack
-from pisa.study.plan import make_plan
-from pisa.study.resources import training_footprint
-from pisa.study.training_rate import Rate
-from pisa.study.trial import trains_in_trial
+from pisa.planning.cluster_capacity import assumed_cluster
+from pisa.planning.cost_plan import make_plan
+from pisa.planning.packing import GpuMemory, Layout, effective_norm, layout_free_norm, pack
+from pisa.planning.training_rate import Rate
+from pisa.search.study import Study, load_study
 from pisa.training import probe
+from pisa.trials.capacity import footprint
 
 PAPER = Layout(workers=8, images_per_worker=2, gpus_per_worker=1)
 
@@ -144,7 +143,7 @@ def test_a_packed_study_trains_the_same_batch_and_lr_on_one_gpu(tmp_path, synthe
     # 2 trials of 4 GPUs were allowed at once: 8 of 1 GPU on the same GPUs
     assert study.packing is not None and study.packing.trials_per_node == 4
     assert study.cfg.max_concurrent_trials == 8
-    assert training_footprint(study) == ("GPU", 1) and trains_in_trial(study)
+    assert footprint(study.base_config.train) == ("GPU", 1) and study.trains_in_trial()
     # every trial, and a resumed study (rebuilt from its saved state), trains the packed layout
     trial = study.experiment(study.initial_points()[0]).train
     assert (trial.workers, trial.images_per_worker) == (1, 8)
@@ -264,7 +263,7 @@ def test_the_plan_shows_the_packed_layout_and_its_trials_at_once(tmp_path, synth
         max_concurrent_trials=1,
         scheduler={"type": "fifo"},
     )
-    plan = make_plan(study, assumed_cluster(8), images=32, rate=Rate(images_per_sec=16.0, source="test"))
+    plan = make_plan(study.workload(), assumed_cluster(8), images=32, rate=Rate(images_per_sec=16.0, source="test"))
     # 8 trials of 1 GPU, all at once on 8 GPUs: one wave of 2 epochs of 32 images at 16 img/s
     assert (plan.workers, plan.images_per_worker, plan.at_once, plan.iters_per_epoch) == (1, 16, 8, 2)
     assert plan.fifo.trial_epochs == 16 and plan.fifo.wave_epochs == 2
@@ -280,13 +279,13 @@ def test_the_plan_says_why_packing_was_refused(tmp_path, synthetic_dir):
     study = _study(
         tmp_path, synthetic_dir, {"workers": 8, "gpus_per_worker": 1, **H200}, ["model.norm=bn", "train.sync_bn=false"]
     )
-    text = " ".join(make_plan(study, assumed_cluster(8), images=32, rate=None, rate_note="none").text().split())
+    text = " ".join(make_plan(study.workload(), assumed_cluster(8), images=32, rate=None, rate_note="none").text().split())
     assert "8 worker(s) x 2 images = batch 16; 1 GPU(s) per worker; as given (pack: auto kept it" in text
     assert "note: trial layout 8 worker(s) x 2 images on 8 GPU(s) kept: trainable BN" in text
 
 
 def test_the_study_start_prints_the_layout(tmp_path, synthetic_dir, monkeypatch, capsys):
-    from pisa.study import tuner
+    from pisa.search import tuner
 
     study = _study(tmp_path, synthetic_dir, {"workers": 8, "gpus_per_worker": 1, **H200}, FROZEN)
 

@@ -13,10 +13,10 @@ import pytest
 from helpers import tiny_experiment, write_study
 
 from pisa.core.errors import ConfigError
-from pisa.study.cluster_capacity import Cluster, assumed_cluster
-from pisa.study.loading import load_study
-from pisa.study.plan import asha_rungs, make_plan, plan_study, trials_at_once
-from pisa.study.training_rate import Rate, rate_from_mlflow, rate_params
+from pisa.planning.cluster_capacity import Cluster, assumed_cluster
+from pisa.planning.cost_plan import asha_rungs, make_plan, plan_study, trials_at_once
+from pisa.planning.training_rate import Rate, rate_from_mlflow, rate_params
+from pisa.search.study import load_study
 
 PISA = [sys.executable, "-m", "pisa.cli"]
 CPUS = Cluster(gpus=0, cpus=16, where="a test cluster")
@@ -40,7 +40,7 @@ def test_cpu_study_fifo_and_asha_by_hand(tmp_path, synthetic_dir):
         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
     )
     rate = Rate(images_per_sec=2.0, source="test", eval_s=1.0)
-    plan = make_plan(study, CPUS, images=20, rate=rate)
+    plan = make_plan(study.workload(), CPUS, images=20, rate=rate)
     # an epoch: 20 images at 2 img/s + 1 s of evaluation
     epoch_s = 20 / 2.0 + 1.0
     assert plan.epoch_s == pytest.approx(epoch_s)
@@ -73,7 +73,7 @@ def test_gpu_study_with_seeds_by_hand(tmp_path, synthetic_dir):
         resources_per_trial={"workers": 2, "gpus_per_worker": 1},
         scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 3},
     )
-    plan = make_plan(study, assumed_cluster(8), images=25, rate=Rate(images_per_sec=10.0, source="test"))
+    plan = make_plan(study.workload(), assumed_cluster(8), images=25, rate=Rate(images_per_sec=10.0, source="test"))
     # 8 GPUs hold 4 trainings of 2 GPUs: 2 points of 2 seeds at a time
     assert (plan.at_once, plan.kind, plan.batch) == (2, "GPU", 4)
     # each worker trains ceil(25 / 2) = 13 images: 26 at 10 img/s, no evaluation time known
@@ -93,7 +93,7 @@ def test_gpu_study_with_seeds_by_hand(tmp_path, synthetic_dir):
 
 def test_fifo_study_and_unknown_rate(tmp_path, synthetic_dir):
     study = _study(tmp_path, synthetic_dir, ["train.epochs=3"], num_samples=5, scheduler={"type": "fifo"})
-    plan = make_plan(study, CPUS, images=8, rate=None, rate_note="no earlier run")
+    plan = make_plan(study.workload(), CPUS, images=8, rate=None, rate_note="no earlier run")
     assert plan.asha is None and plan.fifo.hours is None and plan.fifo.wall_s is None
     assert plan.fifo.trial_epochs == 15 and plan.fifo.wave_epochs == 3 * 3  # 5 trials, 2 at a time: 3 waves
     assert plan.line().endswith("15 trial-epochs (FIFO); rate unknown (no earlier run)")
@@ -104,7 +104,7 @@ def test_fifo_study_and_unknown_rate(tmp_path, synthetic_dir):
 def test_no_trial_fits_no_wall_time(tmp_path, synthetic_dir):
     # a joined cluster may wait for an autoscaler: the hours are known, the wall time is not
     study = _study(tmp_path, synthetic_dir, resources_per_trial={"workers": 2, "gpus_per_worker": 1})
-    plan = make_plan(study, Cluster(gpus=1, cpus=8, where="test"), images=8, rate=Rate(4.0, "test"))
+    plan = make_plan(study.workload(), Cluster(gpus=1, cpus=8, where="test"), images=8, rate=Rate(4.0, "test"))
     assert plan.at_once == 0 and plan.fifo.wall_s is None
     assert plan.fifo.hours == pytest.approx(4 * 2 * (8 / 4.0) * 2 / 3600)  # 8 trial-epochs of 2 s on 2 GPUs
     assert ", 0 at a time," in plan.line() and "? wall (FIFO)" in plan.line()
@@ -133,11 +133,11 @@ def test_gpus_option_sets_the_concurrency_without_ray(tmp_path, synthetic_dir, n
         max_concurrent_trials=4,
         resources_per_trial={"workers": 2, "gpus_per_worker": 1},
     )
-    assert [trials_at_once(study, assumed_cluster(n)) for n in (2, 3, 4, 8, 64)] == [1, 1, 2, 4, 4]
-    plan = plan_study(study, gpus=5)
+    assert [trials_at_once(study.workload(), assumed_cluster(n)) for n in (2, 3, 4, 8, 64)] == [1, 1, 2, 4, 4]
+    plan = plan_study(study.workload(), gpus=5)
     assert plan.at_once == 2 and plan.cluster.gpus == 5 and "--gpus" in plan.cluster.where
     with pytest.raises(ConfigError, match=r"plan\.yaml: resources_per_trial: a trial needs 2 GPUs"):
-        plan_study(study, gpus=1)
+        plan_study(study.workload(), gpus=1)
 
 
 # ---------------------------------------------------------------- the rate
@@ -162,7 +162,7 @@ def test_rate_from_an_earlier_run_in_mlflow(tmp_path, synthetic_dir):
     study = _study(tmp_path, synthetic_dir)
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()
-    assert rate_from_mlflow(study, uri)[0] is None  # no store yet: none is created
+    assert rate_from_mlflow(study.workload(), uri)[0] is None  # no store yet: none is created
     assert not (tmp_path / "store" / "mlflow.db").exists()
 
     client = MlflowClient(tracking_uri=uri)
@@ -176,9 +176,9 @@ def test_rate_from_an_earlier_run_in_mlflow(tmp_path, synthetic_dir):
     _log_run(client, exp, {**same, "train.images_per_worker": 8}, [100.0], start=4_000)
     _log_run(client, exp, same, [], start=5_000)
     # a searched key is not compared: the trials of a study differ there
-    assert "model.isr_p.k" not in rate_params(study) and rate_params(study)["model.detector"] == "faster_rcnn"
+    assert "model.isr_p.k" not in rate_params(study.workload()) and rate_params(study.workload())["model.detector"] == "faster_rcnn"
 
-    rate, note = rate_from_mlflow(study, uri)
+    rate, note = rate_from_mlflow(study.workload(), uri)
     assert rate is not None and note == ""
     assert rate.run_id == match and rate.run_id != older
     assert rate.images_per_sec == pytest.approx(4.0)  # the median over its epochs
@@ -188,7 +188,7 @@ def test_rate_from_an_earlier_run_in_mlflow(tmp_path, synthetic_dir):
     cpu4 = _study(
         tmp_path, synthetic_dir, resources_per_trial={"workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 4}
     )
-    rate, note = rate_from_mlflow(cpu4, uri)
+    rate, note = rate_from_mlflow(cpu4.workload(), uri)
     assert rate is None and "no earlier run of this model and layout" in note
 
 
@@ -248,8 +248,8 @@ def test_cli_bad_field_exits_2_in_one_line(tmp_path, synthetic_dir):
 
 def test_study_start_prints_and_logs_the_plan(tmp_path, synthetic_dir, monkeypatch, capsys):
     from pisa import tracking
-    from pisa.study import plan as plan_module
-    from pisa.study.tuner import _print_start
+    from pisa.planning import cost_plan as plan_module
+    from pisa.search.tuner import _print_start
 
     study = _study(tmp_path, synthetic_dir)
     uri = study.base_config.tracking.resolved_uri()

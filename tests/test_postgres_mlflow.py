@@ -8,8 +8,8 @@ import pytest
 from helpers import children, write_study
 
 from pisa import tracking
-from pisa.study.loading import load_study
-from pisa.study.tuner import run_study
+from pisa.search.study import load_study
+from pisa.search.tuner import run_study
 
 pytestmark = pytest.mark.slow
 

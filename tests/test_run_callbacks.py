@@ -8,12 +8,12 @@ from types import SimpleNamespace
 from helpers import tiny_experiment, write_study
 
 from pisa import tracking
+from pisa.comparisons.training_grid import GridLogger, GridTraining, _finish
 from pisa.core import storage
 from pisa.core.config import ExperimentConfig
-from pisa.study.layout import done_mark
-from pisa.study.loading import load_study
-from pisa.study.mlflow_logger import MlflowStudyLogger
-from pisa.study.training_grid import GridLogger, GridTraining, _finish
+from pisa.search.mlflow_logger import MlflowStudyLogger
+from pisa.search.paths import done_mark
+from pisa.search.study import load_study
 
 
 def _trial(trial_id: str, status: str = "RUNNING", **config):

@@ -20,12 +20,12 @@ from scipy import stats as sps
 
 from pisa import cli, tracking
 from pisa.core.config import ConfigError
-from pisa.study.loading import load_study
-from pisa.study.resources import concurrent_trials
-from pisa.study.results import collect
-from pisa.study.seeds import mean_report
-from pisa.study.state import load_state
-from pisa.study.tuner import run_study
+from pisa.search.results import collect
+from pisa.search.state import load_state
+from pisa.search.study import load_study
+from pisa.search.tuner import run_study
+from pisa.trials.capacity import cluster_totals
+from pisa.trials.seeds import mean_report
 
 
 def test_mean_report_averages_seeds_and_keeps_each_value():
@@ -60,7 +60,7 @@ def seeded_study(ray_local, synthetic_dir, tmp_path_factory):
     (tmp / "base.yaml").write_text(yaml.safe_dump(base))
     study = load_study(path)
     assert study.seeds() == [7, 8]
-    assert concurrent_trials(study) == 1  # 2 seeds x 1 worker on 2 CPUs: one point at a time
+    assert study.capacity(cluster_totals()).at_once == 1  # 2 seeds x 1 worker on 2 CPUs: one point at a time
     return tmp, study, run_study(study)
 
 
@@ -185,4 +185,4 @@ def test_validate_bad_input_is_one_line_exit_2(seeded_study, monkeypatch, capsys
 def test_seeds_that_cannot_fit_the_cluster_fail_before_any_trial(ray_local, synthetic_dir, tmp_path):
     study = load_study(write_study(tmp_path, synthetic_dir, "toowide", seeds=3))
     with pytest.raises(ConfigError, match="3 seeds x 1 worker"):
-        concurrent_trials(study)
+        study.capacity(cluster_totals())

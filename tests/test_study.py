@@ -14,11 +14,11 @@ import yaml
 from helpers import REPO, children, write_study
 
 from pisa import cli, tracking
-from pisa.study.layout import study_dir
-from pisa.study.loading import load_study
-from pisa.study.schema import PAPER_DEFAULTS
-from pisa.study.state import load_state
-from pisa.study.tuner import run_study
+from pisa.search.paths import study_dir
+from pisa.search.study import load_study
+from pisa.search.schema import PAPER_DEFAULTS
+from pisa.search.state import load_state
+from pisa.search.tuner import run_study
 
 PISA = [sys.executable, "-m", "pisa.cli"]
 
@@ -89,7 +89,7 @@ def test_asha_ranks_and_best_reproduces_exactly(sqlite_study, tmp_path):
     best = outcome.best
     assert f"run_id={best.run_id}" in out.read_text()
 
-    from pisa.study.reproduce import reproduce
+    from pisa.comparisons.reproduce import reproduce
 
     target = finished[0]
     result = reproduce(target.run_id, tracking_uri=outcome.tracking_uri)
@@ -394,7 +394,7 @@ def test_study_whose_trials_all_fail_exits_nonzero_with_the_common_error(ray_loc
 def test_values_logged_to_mlflow_come_back_as_the_search_spaces_values(tmp_path):
     import optuna
 
-    from pisa.study.schema import StudyConfig
+    from pisa.search.schema import StudyConfig
 
     space = StudyConfig.model_validate(
         {

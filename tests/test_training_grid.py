@@ -1,4 +1,4 @@
-"""`pisa.study.training_grid` on the path a multi-worker study takes: each training a `TorchTrainer`
+"""`pisa.comparisons.training_grid` on the path a multi-worker study takes: each training a `TorchTrainer`
 driven from its Tune trial (the in-process path is what `pisa study validate` runs in
 tests/test_seeds.py). Real Ray Tune + Train and MLflow (SQLite); tiny synthetic data."""
 
@@ -8,10 +8,10 @@ import pytest
 from helpers import tiny_experiment
 
 from pisa import tracking
+from pisa.comparisons.training_grid import GridTraining, train_grid
 from pisa.core.config import ExperimentConfig
-from pisa.study.resources import trial_driver_resources
-from pisa.study.training_grid import GridTraining, train_grid
 from pisa.tracking.store import NESTED_TAG
+from pisa.trials.capacity import trial_driver_resources
 
 pytestmark = pytest.mark.slow
 

@@ -79,7 +79,7 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def reproduce(args: argparse.Namespace) -> int:
-    from ..study.reproduce import format_comparison, reproduce
+    from ..comparisons.reproduce import format_comparison, reproduce
 
     result = reproduce(args.source, tracking_uri=args.tracking_uri, address=args.address, overrides=args.overrides)
     print(format_comparison(result))
@@ -87,8 +87,8 @@ def reproduce(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
-    from ..study.compare import load_entries, run_compare, seed_list
-    from ..study.comparison import format_per_class, format_validation
+    from ..comparisons.compare import load_entries, run_compare, seed_list
+    from ..comparisons.table import format_per_class, format_validation
 
     entries = load_entries(args.configs, args.overrides)
     result = run_compare(
@@ -107,8 +107,8 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def paper(args: argparse.Namespace) -> int:
-    from ..study.compare import run_compare, seed_list
-    from ..study.paper import format_paper, log_paper, paper_entries, paper_rows
+    from ..comparisons.compare import run_compare, seed_list
+    from ..comparisons.paper import format_paper, log_paper, paper_entries, paper_rows
 
     detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
     entries, pairs = paper_entries(args.configs, detectors, args.overrides)

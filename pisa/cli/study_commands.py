@@ -11,7 +11,7 @@ from ..training import signals
 
 def finish_study(outcome, storage_path: str | None = None) -> int:
     from ..core.uris import public_uri
-    from ..study.report import format_ranking
+    from ..search.report import format_ranking
 
     print(format_ranking(outcome, outcome.metric, limit=20))
     best = outcome.best
@@ -54,7 +54,7 @@ def print_registered(registered) -> None:
 
 
 def study_list(args: argparse.Namespace) -> int:
-    from ..study.results import list_studies
+    from ..search.results import list_studies
 
     rows = list_studies(args.storage_path)
     if not rows:
@@ -72,8 +72,8 @@ def study_list(args: argparse.Namespace) -> int:
 
 
 def study_run(args: argparse.Namespace) -> int:
-    from ..study.loading import load_study
-    from ..study.tuner import run_study
+    from ..search.study import load_study
+    from ..search.tuner import run_study
 
     study = load_study(args.study, args.overrides)
     return finish_study(run_study(study, address=args.address, verbose=args.verbose), study.base_config.storage_path)
@@ -81,8 +81,8 @@ def study_run(args: argparse.Namespace) -> int:
 
 def study_plan(args: argparse.Namespace) -> int:
     from ..core.errors import ConfigError
-    from ..study.loading import load_study
-    from ..study.plan import plan_study
+    from ..planning.cost_plan import plan_study
+    from ..search.study import load_study
 
     if args.gpus is not None and args.gpus < 0:
         raise ConfigError(f"--gpus: {args.gpus} is not a number of GPUs")
@@ -90,12 +90,12 @@ def study_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--gpu-mem: {args.gpu_mem} is not a GPU's memory in GiB")
     gpu_mem = [] if args.gpu_mem is None else [f"resources_per_trial.gpu_mem_gib={args.gpu_mem}"]
     study = load_study(args.study, [*(args.overrides or []), *gpu_mem])
-    print(plan_study(study, gpus=args.gpus, address=args.address, probe=args.probe).text(), end="")
+    print(plan_study(study.workload(), gpus=args.gpus, address=args.address, probe=args.probe).text(), end="")
     return 0
 
 
 def study_resume(args: argparse.Namespace) -> int:
-    from ..study.tuner import resume_study
+    from ..search.tuner import resume_study
 
     outcome = resume_study(
         args.name,
@@ -108,10 +108,10 @@ def study_resume(args: argparse.Namespace) -> int:
 
 
 def study_best(args: argparse.Namespace) -> int:
-    from ..study.report import format_ranking
-    from ..study.reproduce import write_best
-    from ..study.results import fidelity_from_state, outcome_from_state
-    from ..study.state import load_state
+    from ..comparisons.reproduce import write_best
+    from ..search.report import format_ranking
+    from ..search.results import fidelity_from_state, outcome_from_state
+    from ..search.state import load_state
 
     state = load_state(args.name, args.storage_path)
     outcome = outcome_from_state(args.name, args.storage_path)
@@ -160,8 +160,8 @@ def noise_note(outcome, name: str) -> str:
 
 
 def study_validate(args: argparse.Namespace) -> int:
-    from ..study.comparison import format_validation
-    from ..study.validate import validate_study
+    from ..comparisons.table import format_validation
+    from ..search.validate import validate_study
 
     result = validate_study(
         args.name,
@@ -178,9 +178,9 @@ def study_validate(args: argparse.Namespace) -> int:
 
 
 def study_report(args: argparse.Namespace) -> int:
-    from ..study.report import log_study_report
-    from ..study.results import outcome_from_state
-    from ..study.state import load_state, study_from_state
+    from ..search.report import log_study_report
+    from ..search.results import outcome_from_state
+    from ..search.state import load_state, study_from_state
 
     state = load_state(args.name, args.storage_path)
     outcome = outcome_from_state(args.name, args.storage_path)

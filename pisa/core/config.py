@@ -1,7 +1,7 @@
 """Validated configuration: one pydantic model per concern, defaults from the paper.
 
 A training config (`ExperimentConfig`) is what one Ray Train run needs; a study
-(`pisa.study.loading.Study`) wraps one with a search space. Relative paths are resolved
+(`pisa.search.study.Study`) wraps one with a search space. Relative paths are resolved
 against the directory the YAML file was loaded from's working directory at load time,
 because Ray workers run in other working directories.
 """

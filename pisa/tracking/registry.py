@@ -19,6 +19,7 @@ from typing import Any
 import mlflow.pyfunc
 
 from ..core.checkpoint import CONFIG_FILE, checkpoint_file
+from ..core.version import VERSION, check_written_by
 from .detector import (
     Category,
     PredictInputError,
@@ -36,6 +37,7 @@ ARTIFACT_NAME = "model"
 WEIGHTS_FILE = "weights.pt"  # beside it CONFIG_FILE, the training config, named as in a checkpoint
 CLASSES_FILE = "classes.json"
 IMAGE_COLUMN = "image"
+PISA_VERSION_KEY = "pisa_version"  # in the model's metadata: the release that logged it
 
 
 class PisaDetectorModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]  # mlflow does not type its re-export
@@ -157,7 +159,7 @@ def log_detector_model(uri: str, run_id: str, checkpoint: str | Path, model_name
                 input_example=example,
                 pip_requirements=_requirements(),
                 registered_model_name=model_name or None,
-                metadata={"classes": [c.name for c in detector.categories]},
+                metadata={"classes": [c.name for c in detector.categories], PISA_VERSION_KEY: VERSION},
             )
     if not model_name:
         return None
@@ -217,8 +219,20 @@ def register_run(uri: str, run_id: str, model_name: str) -> RegisteredModel:
 
 
 def load_pyfunc(model_uri: str, uri: str):
+    """The pyfunc model at `model_uri`; one written by another pisa release is a one-line
+    error (its pickled class is named by that release's module path)."""
     with _tracking(uri):
-        return mlflow.pyfunc.load_model(model_uri)
+        written = (mlflow.models.get_model_info(model_uri).metadata or {}).get(PISA_VERSION_KEY)
+        remedy = "load it with that version, or register the run's checkpoint again (`pisa register RUN_ID`)"
+        if written is not None:
+            check_written_by(written, f"model {model_uri}", remedy, PredictInputError)
+        try:
+            return mlflow.pyfunc.load_model(model_uri)
+        except (ModuleNotFoundError, AttributeError) as exc:
+            if "pisa" not in str(exc):
+                raise
+            check_written_by(None, f"model {model_uri}", remedy, PredictInputError)
+            raise
 
 
 def logged_model_uri(uri: str, run_id: str) -> str | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 from ..core import storage
-from ..core.config import ExperimentConfig
+from ..core.config import ExperimentConfig, TrainConfig
 from ..core.errors import ConfigError
 
 LOCAL_TRACKING_SCHEMES = ("sqlite", "file", "")
@@ -43,11 +43,16 @@ def check_cluster_setup(address: str | None, tracking_uri: str, storage_path: st
 
 
 def worker_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What one worker of `cfg` asks Ray for (`worker_resources_of`)."""
+    return worker_resources_of(cfg.train)
+
+
+def worker_resources_of(train: TrainConfig) -> dict[str, float]:
     """What one worker asks Ray for: its CPUs, (a fraction of) a GPU, any custom resources."""
-    resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
-    if cfg.train.use_gpu:
-        resources["GPU"] = cfg.train.gpus_per_worker
-    resources.update(cfg.train.resources_per_worker)
+    resources: dict[str, float] = {"CPU": train.cpus_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = train.gpus_per_worker
+    resources.update(train.resources_per_worker)
     return resources
 
 

@@ -112,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> str | None:
 
 
 @dataclass
-class _Training:
+class Training:
     """What one worker trains with; a checkpoint holds its state."""
 
     cfg: ExperimentConfig
@@ -149,7 +149,7 @@ def run_worker(config: dict[str, Any], session: TrainSession) -> str | None:
     session ends the training without a restart (`TrainSession.stop_on`): a Ray Train
     worker returns its message, which Ray Train would otherwise retry as a failure."""
     session = with_faults(session, config.get("faults"))  # a test's faults, around the session
-    t = _build(ExperimentConfig.model_validate(config["experiment"]), session)
+    t = build_training(ExperimentConfig.model_validate(config["experiment"]), session)
     start_epoch = _restore(t, session, config.get("resume_from"))
     try:
         for epoch in range(start_epoch, t.epochs):
@@ -181,7 +181,9 @@ def _frozen_norms_only(model: nn.Module) -> bool:
     return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _build(cfg: ExperimentConfig, session: TrainSession) -> _Training:
+def build_training(cfg: ExperimentConfig, session: TrainSession, announce: bool = True) -> Training:
+    """Everything one worker trains with, as a training builds it (the rate probe times the
+    same build and step, so its set-up cannot drift from the training's)."""
     # torchvision's detectors and pycocotools: loaded where a worker trains, not by a driver
     # that imports this module for `train_loop_per_worker`
     from ..models import build_detector
@@ -212,7 +214,7 @@ def _build(cfg: ExperimentConfig, session: TrainSession) -> _Training:
         # the scaler skips the first steps while it finds its scale (fp16 gradients overflow);
         # the schedule advances regardless, as mmdetection's does: torch's warning is expected
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-    if rank == 0:
+    if rank == 0 and announce:
         say(
             f"{cfg.model.detector}/{cfg.model.backbone} sampler={cfg.model.sampler} "
             f"isr_p={cfg.model.isr_p.enabled} carl={cfg.model.carl.enabled}: {len(train_set)} train / "
@@ -221,7 +223,7 @@ def _build(cfg: ExperimentConfig, session: TrainSession) -> _Training:
             f"(amp {plan.autocast_dtype or 'off'}, channels_last {plan.channels_last}, "
             f"sync BN {plan.sync_batchnorm}, {cfg.data.num_workers} loader workers)"
         )
-    return _Training(
+    return Training(
         cfg,
         model,
         optimizer,
@@ -239,7 +241,7 @@ def _build(cfg: ExperimentConfig, session: TrainSession) -> _Training:
     )
 
 
-def save_checkpoint(directory: Path, t: _Training, epoch: int, metrics: EpochReport) -> Path:
+def save_checkpoint(directory: Path, t: Training, epoch: int, metrics: EpochReport) -> Path:
     """`t`'s state after epoch index `epoch` as a checkpoint in `directory` (the format is
     `pisa.core.checkpoint`'s): weights, optimizer, scheduler, scaler, counters, config, classes."""
     payload = Checkpoint(
@@ -257,7 +259,7 @@ def save_checkpoint(directory: Path, t: _Training, epoch: int, metrics: EpochRep
     return write_checkpoint(directory, payload)
 
 
-def _restore(t: _Training, session: TrainSession, resume_from: str | None) -> int:
+def _restore(t: Training, session: TrainSession, resume_from: str | None) -> int:
     """The epoch to start at: after the session's checkpoint (a restarted worker or trial),
     else after `resume_from`'s, else 0."""
     state = None
@@ -279,7 +281,7 @@ def _restore(t: _Training, session: TrainSession, resume_from: str | None) -> in
     return start_epoch
 
 
-def _train_epoch(t: _Training, session: TrainSession, epoch: int) -> _EpochStats:
+def _train_epoch(t: Training, session: TrainSession, epoch: int) -> _EpochStats:
     """One epoch on this worker's shard. The host reads the device only every `log_every`
     steps and at the end (`LossTally`); a non-finite step updates nothing (the fused SGD
     skips it on the device), and the training stops at the next read with its message."""
@@ -295,7 +297,7 @@ def _train_epoch(t: _Training, session: TrainSession, epoch: int) -> _EpochStats
     for step, (images, targets) in enumerate(t.loader):
         session.before_step(epoch, step)
         try:
-            _train_step(t, session, tally, images, targets, step)
+            train_step(t, session, tally, images, targets, step)
         except NonFiniteLossError:
             raise
         except Exception:  # after a non-finite step, an op may fail on NaN first
@@ -325,7 +327,7 @@ def _train_epoch(t: _Training, session: TrainSession, epoch: int) -> _EpochStats
     return stats
 
 
-def _train_step(t: _Training, session: TrainSession, tally: LossTally, images, targets, step: int) -> None:
+def train_step(t: Training, session: TrainSession, tally: LossTally, images, targets, step: int) -> None:
     """Forward, backward and update, without a host read."""
     images, targets = batch_to_device(images, targets, t.device)
     with torch.autocast(t.device.type, dtype=t.plan.autocast_dtype, enabled=t.plan.amp):
@@ -348,7 +350,7 @@ def _check_finite(tally: LossTally, epoch: int, first_iteration: int) -> dict[st
     return sums
 
 
-def _evaluate_epoch(t: _Training, epoch: int, stats: _EpochStats) -> EpochReport:
+def _evaluate_epoch(t: Training, epoch: int, stats: _EpochStats) -> EpochReport:
     """The epoch's report, the same on every rank: mean training losses over the workers,
     the val set's COCO AP, and the epoch's throughput."""
     steps = max(1, stats.steps)
@@ -368,7 +370,7 @@ def _evaluate_epoch(t: _Training, epoch: int, stats: _EpochStats) -> EpochReport
 
 
 def _report(
-    t: _Training,
+    t: Training,
     session: TrainSession,
     epoch: int,
     metrics: EpochReport,

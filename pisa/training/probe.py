@@ -11,7 +11,7 @@ seconds, not a benchmark.
 A memory probe (`probe_gpu_memory`, CUDA only) measures the peak GPU memory of the same step
 at two batch sizes: the slope is the memory per image, the intercept what a worker holds
 whatever its batch (weights, gradients, optimizer state, workspaces). `pack: auto` studies
-choose their trials' layout from it (`pisa.study.packing`).
+choose their trials' layout from it (`pisa.planning.packing`).
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ def probe_rate(cfg: ExperimentConfig, *, warmup: int = 2, steps: int = 5, max_se
     size = cfg.train.images_per_worker
     images, targets = batch_to_device(*collate_fn([data[i % len(data)] for i in range(size)]), device)
     # the weights do not change a step's time: none are loaded
-    model_cfg = cfg.model.model_copy(update={"pretrained_backbone": None})
+    unweighted = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained_backbone": None})})
     torch.set_num_threads(threads)
     try:
-        trainer = _Trainer(cfg, model_cfg, data.num_classes, device)
+        trainer = _Trainer(unweighted, device)
 
         def step() -> float:
             if cuda:
@@ -109,34 +109,57 @@ def probe_rate(cfg: ExperimentConfig, *, warmup: int = 2, steps: int = 5, max_se
     )
 
 
+class _ProbeSession:
+    """A one-process `TrainSession` on `device` that reports nothing: a probe's steps are the
+    engine's, outside any Ray session."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, device: Any) -> None:
+        self._device = device
+
+    def device(self) -> Any:
+        return self._device
+
+    def prepare_model(self, model: Any, find_unused_parameters: bool, broadcast_buffers: bool = True) -> Any:
+        return model
+
+    def report(self, metrics: Any, checkpoint_dir: Any) -> None:
+        pass
+
+    def restored_checkpoint(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext(None)
+
+    def stop_on(self, error: Exception) -> None:
+        raise error
+
+    def before_step(self, epoch: int, step: int) -> None:
+        pass
+
+    def step_loss(self, loss: Any, iteration: int) -> Any:
+        return loss
+
+
 class _Trainer:
-    """One worker's model, SGD and loss scaler on `device`, with the device plan a training
-    uses (autocast, channels_last): `step` is a training step on one batch."""
+    """One worker's training as the engine builds it (`engine.build_training`: model, SGD,
+    schedule, scaler, device plan with cuDNN autotuning and SSD's fixed size) and its step
+    (`engine.train_step`): what the probe times is what a training runs."""
 
-    def __init__(self, cfg: ExperimentConfig, model_cfg: Any, num_classes: int, device: Any):
-        import torch
+    def __init__(self, cfg: ExperimentConfig, device: Any):
+        from .engine import build_training
+        from .loss_tally import LossTally
 
-        from ..models import build_detector
-        from .device_plan import apply_channels_last, make_grad_scaler, plan_for
-
-        torch.manual_seed(cfg.train.seed)
-        model = build_detector(model_cfg, num_classes=num_classes).to(device).train()
-        self.plan = plan_for(cfg.train, device.type, 1)
-        self.model = apply_channels_last(model) if self.plan.channels_last else model
-        # a tiny LR: the weights stay near their start, so no step is slowed by a diverging loss
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=1e-5, momentum=0.9)
-        self.scaler = make_grad_scaler(self.plan)
-        self.device, self.grad_clip = device, cfg.train.grad_clip
+        self.session = _ProbeSession(device)
+        self.training = build_training(cfg, self.session, announce=False)
+        self.tally = LossTally(device)
+        self.model, self.plan, self.optimizer = self.training.model, self.training.plan, self.training.optimizer
 
     def step(self, images: list[Any], targets: list[dict[str, Any]]) -> None:
-        import torch
+        from .engine import train_step
 
-        from .device_plan import optimizer_step
-
-        with torch.autocast(self.device.type, dtype=self.plan.autocast_dtype, enabled=self.plan.amp):
-            losses = self.model(images, targets)
-        optimizer_step(sum(losses.values()), self.model, self.optimizer, self.scaler, self.grad_clip)
+        train_step(self.training, self.session, self.tally, images, targets, 0)
 
 
 # ---------------------------------------------------------------- GPU memory
@@ -184,7 +207,7 @@ def probe_gpu_memory(cfg: ExperimentConfig, *, sizes: tuple[int, int] = (2, 4), 
     sample = next((data[i] for i in range(min(len(data), 50)) if len(data[i][1]["boxes"])), data[0])
     short, long = cfg.model.min_size, cfg.model.max_size
     pair = [_resized(*sample, (short, long)), _resized(*sample, (long, short))]
-    peaks = _peaks(cfg, data.num_classes, device, lambda n: batch_to_device(*_mixed(pair, n), device), sizes, steps)
+    peaks = _peaks(cfg, device, lambda n: batch_to_device(*_mixed(pair, n), device), sizes, steps)
     gc.collect()
     torch.cuda.empty_cache()  # the driver keeps no cache the trials' workers could use
     card = torch.cuda.get_device_properties(device).total_memory / GIB
@@ -199,12 +222,12 @@ def probe_gpu_memory(cfg: ExperimentConfig, *, sizes: tuple[int, int] = (2, 4), 
     return MemoryProbe(slope, intercept + CUDA_CONTEXT_GIB, card, where, sizes, tuple(peaks))
 
 
-def _peaks(cfg: ExperimentConfig, num_classes: int, device: Any, batch: Any, sizes: tuple[int, int], steps: int):
+def _peaks(cfg: ExperimentConfig, device: Any, batch: Any, sizes: tuple[int, int], steps: int):
     """Peak reserved GiB per batch size; the list stops at the first size that runs out of memory
     (the tensors of the failed step go with this function's frame)."""
     import torch
 
-    trainer = _Trainer(cfg, cfg.model, num_classes, device)
+    trainer = _Trainer(cfg, device)
     trainer.step(*batch(sizes[0]))  # warm-up: momentum buffers, cuDNN and cuBLAS workspaces
     peaks: list[float] = []
     for n in sizes:

@@ -21,7 +21,7 @@ T = TypeVar("T")
 
 
 # test-only fault injection (JSON, see pisa.training.faults): a trial reads it where it runs
-# (pisa.study.trial), so a driver joining a running cluster hands it over with the workers' environment
+# (pisa.trials.fit), so a driver joining a running cluster hands it over with the workers' environment
 FAULTS_ENV = "PISA_FAULTS"
 _CARRIED_ENV = (FAULTS_ENV,)
 

@@ -18,7 +18,7 @@ from ..core.config import TrackingConfig, apply_overrides, load_config, parse_co
 from ..core.errors import ConfigError
 from ..tracking import tags as tag
 from ..tracking.tags import Kind
-from .seeds import seed_key
+from ..trials.seeds import seed_key
 
 HEADER = re.compile(r"^# pisa-source: run_id=(?P<run>[0-9a-f]+) tracking_uri=(?P<uri>\S+)", re.M)
 COMPARED = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "train_loss")

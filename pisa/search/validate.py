@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import tracking
+from ..comparisons.table import Validation, Variant, VariantResult, compare, log_validation
+from ..comparisons.training_grid import GridTraining, slug, train_grid
 from ..core.errors import ConfigError
 from ..core.progress import say
 from ..core.storage import join
@@ -26,14 +28,11 @@ from ..tracking import tags as tag
 from ..tracking.tags import Kind, RunStatus, Status
 from ..training.cluster import check_cluster_setup
 from ..training.ray_runtime import quiet_libraries
-from .comparison import Validation, Variant, VariantResult, compare, log_validation
-from .layout import study_dir
-from .resources import trainings_that_fit, trial_resources
+from ..trials.capacity import cluster_totals, resolve, trial_resources
+from .paths import study_dir
 from .results import fidelity_of, outcome_from_state
 from .schema import BASELINE, PAPER_DEFAULTS
 from .state import StudyState, load_state, study_from_state
-from .training_grid import GridTraining, slug, train_grid
-from .trial import trains_in_trial
 
 
 def plan(study, outcome, top: int) -> list[Variant]:
@@ -116,7 +115,7 @@ def validate_study(
     name = f"validation-{time.strftime('%Y%m%d-%H%M%S')}"
     trainings_dir = join(study_dir(study), name, "trainings")  # where multi-worker trainings checkpoint
     trainings = [_training(study, r.variant, seed, uri, state.name, trainings_dir) for seed, r in jobs]
-    in_trial = trains_in_trial(study, seeds=1)
+    in_trial = study.trains_in_trial(seeds=1)
     num_classes = start_ray_with_data(study.base_config, uri, address, verbose=verbose, dashboard=not in_trial)
     parallel = trainings_at_once(study, len(jobs))
     say(f"{len(jobs)} trainings, {parallel} at a time")
@@ -127,7 +126,7 @@ def validate_study(
         storage_path=study_dir(study),
         name=name,
         in_trial=in_trial,
-        resources=trial_resources(study, in_trial=in_trial),
+        resources=trial_resources(study.base_config.train, in_trial),
         concurrent=parallel,
         max_failures=study.cfg.max_failures,
         score=(metric, mode),
@@ -184,5 +183,6 @@ def _training(study, variant: Variant, seed: int, uri: str, study_name: str, sto
 
 def trainings_at_once(study, jobs: int) -> int:
     """As many trainings side by side as the study ran at its busiest (points x seeds) and the
-    Ray cluster has CPUs (GPUs) for."""
-    return max(1, min(jobs, trainings_that_fit(study), study.cfg.max_concurrent_trials * study.cfg.seeds))
+    Ray cluster has CPUs (GPUs) for (`trials.capacity`)."""
+    limit = min(jobs, study.cfg.max_concurrent_trials * study.cfg.seeds)
+    return resolve(study.base_config.train, cluster_totals(), limit=limit).at_once

@@ -8,7 +8,7 @@ total batch only (`pisa.core.schedule.Schedule.scaled_lr`). So a trial may use t
 whose memory holds its share of the batch, and one node runs several trials at once.
 
 The arithmetic here is pure: where the memory figures come from (the study file, a probe on
-the GPU) is `pisa.study.loading`'s business.
+the GPU) is `pisa.search.study`'s business.
 """
 
 from __future__ import annotations

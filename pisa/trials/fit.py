@@ -1,6 +1,6 @@
-"""A study's trials as they run: the Tune trainable and what it trains, the marks that make a
-retry fail at once or a finished trial report its end again, the driver's fault hook (tests),
-and a trial's error as the driver's callbacks read it (its metrics: `pisa.core.epoch_report`)."""
+"""One training inside a Tune trial, for a study's point or a grid's training alike: trained
+in the trial's own process or as a `TorchTrainer`, a deterministic failure kept so that
+Tune's retry fails at once, and a trial's error as the driver's callbacks read it."""
 
 from __future__ import annotations
 
@@ -15,31 +15,10 @@ from ..core import storage
 from ..core.config import ExperimentConfig
 from ..core.errors import BackboneLoadError, DataError, NonFiniteLossError, find_pisa_error, one_line
 from ..core.progress import say
-from ..training.ray_runtime import FAULTS_ENV
-from . import trial_recovery
-from .layout import FAILED_MARK, done_mark, trial_storage
-from .loading import Study
-from .seeds import fit_seeds
 
 DRIVER_FAULTS_ENV = "PISA_DRIVER_FAULTS"  # the same for the study's driver (see driver_fault)
 # errors that fail the same way on every restart: the trial is not retried
 DETERMINISTIC_ERRORS = (NonFiniteLossError, DataError, BackboneLoadError)
-
-
-def tune_space(study: Study) -> dict[str, Any]:
-    """The search space as Tune domains: the Tuner's `param_space`."""
-    return {key: dist.tune_domain() for key, dist in study.cfg.search_space.items()}
-
-
-def trial_params(study: Study, config: dict[str, Any]) -> dict[str, Any]:
-    return {k: config[k] for k in study.cfg.search_space if k in config}
-
-
-def trains_in_trial(study: Study, seeds: int | None = None) -> bool:
-    """Whether a trial of `seeds` seeds (default: the study's) trains in the Tune trial's own
-    process: 1 worker and 1 seed; a point with several seeds drives one Ray Train run per seed."""
-    seeds = study.cfg.seeds if seeds is None else seeds
-    return study.cfg.trial_process == "auto" and study.cfg.resources_per_trial.workers == 1 and seeds == 1
 
 
 def fit_in_trial(
@@ -73,31 +52,6 @@ def fit_in_trial(
     error = stopped_on(trainer.fit())
     if error is not None:
         raise error
-
-
-def run_trial(config: dict[str, Any], study: Study) -> None:
-    """Tune function trainable: train one point, reporting every epoch to Tune."""
-    from ray import tune
-
-    params = trial_params(study, config)
-    exp = study.experiment(params)
-    trial_id = tune.get_context().get_trial_id()
-    exp = exp.model_copy(update={"storage_path": trial_storage(study)})
-    final = trial_recovery.read_done_mark(done_mark(study, trial_id))
-    if final is not None:  # it ended before a driver was lost: report its end, train nothing
-        tune.report(final)
-        return
-    with failing_at_once_on_retry(storage.join(trial_storage(study), trial_id, FAILED_MARK)):
-        if study.cfg.seeds > 1:
-            fit_seeds(exp, trial_id, study.seeds(), study.cfg.metric)
-            return
-        fit_in_trial(
-            exp,
-            name=trial_id,
-            in_trial=trains_in_trial(study),
-            checkpoint_score=(study.cfg.metric, study.cfg.mode),
-            faults=json.loads(os.environ.get(FAULTS_ENV) or "null"),
-        )
 
 
 def driver_fault(point: str) -> None:

@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..core import storage
 from ..core.errors import StudyError
 from ..core.uris import public_uri
-from .layout import STATE_FILE, state_path
-from .loading import Study, load_study
+from ..core.version import VERSION, check_written_by
+from .paths import STATE_FILE, state_path
+from .study import Study, load_study
 
 
 class StudyState(BaseModel):
@@ -35,6 +36,7 @@ class StudyState(BaseModel):
     optuna_storage: str | None = None
     storage_path: str | None = None
     resolved: dict[str, Any] | None = None  # absent in states of older versions
+    pisa_version: str | None = None  # the pisa that started it; None: pisa < 0.2.0
     dir: str = Field("", exclude=True)  # where it was found: not saved
 
 
@@ -52,6 +54,7 @@ def save_state(study: Study, parent_run_id: str, uri: str) -> None:
         optuna_storage=public_uri(optuna_url(study, uri) or "") or None,
         storage_path=study.base_config.storage_path,
         resolved=_redacted(study.resolved()),
+        pisa_version=VERSION,
     )
     storage.write_text(state_path(study), state.model_dump_json(indent=2))
 
@@ -74,6 +77,17 @@ def load_state(name_or_dir: str, storage_path: str | Path = "ray_results") -> St
             return state
     raise StudyError(
         f"no study {name_or_dir!r}: looked for {STATE_FILE} in " + ", ".join(storage.display(c) for c in candidates)
+    )
+
+
+def check_resumable(state: StudyState) -> None:
+    """Tune's saved state names pisa's classes by module path: only the release that started
+    a study can continue it (`pisa.core.version`)."""
+    check_written_by(
+        state.pisa_version,
+        f"study {state.name!r} ({storage.display(state.dir)})",
+        "resume it with that version (pip install pisa==<version>), or start it again under a new name; "
+        "`pisa study best` and `validate` still read it",
     )
 
 

@@ -21,7 +21,7 @@ from ..core.config import load_config
 from ..core.errors import ConfigError
 from ..core.stats import verdict
 from .compare import Entry
-from .comparison import Validation
+from .table import Validation
 
 
 @dataclass

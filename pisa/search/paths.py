@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from ..core import storage
 from ..tracking import tags
-from . import trial_recovery
-from .loading import Study
+from ..trials import recovery
+from .study import Study
 
 STATE_FILE = "pisa_study.json"
 TRIAL_TAG = tags.TRIAL
 SEED_VALUES_TAG = tags.SEED_VALUES  # {seed: metric} of a multi-seed trial, at its best epoch
-FAILED_MARK = "pisa_failed.txt"  # a trial that failed for a reason a restart can't fix
 
 
 def study_dir(study: Study) -> str:
@@ -28,4 +27,4 @@ def trial_storage(study: Study) -> str:
 
 
 def done_mark(study: Study, trial_id: str) -> str:
-    return storage.join(trial_storage(study), trial_id, trial_recovery.DONE_MARK)
+    return storage.join(trial_storage(study), trial_id, recovery.DONE_MARK)

@@ -8,6 +8,7 @@ study file and the field named, not in trial 7 an hour later.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from ..core.config import (
 )
 from ..core.errors import ConfigError, one_line
 from ..core.progress import say
-from .packing import (
+from ..planning.packing import (
     WORKER_OVERHEAD_GIB,
     GpuMemory,
     Layout,
@@ -33,6 +34,8 @@ from .packing import (
     pack,
     per_worker_losses,
 )
+from ..planning.workload import Workload
+from ..trials.capacity import Capacity, resolve
 from .schema import BASELINE, PAPER_DEFAULTS, StudyConfig, TrialResources
 
 
@@ -104,6 +107,41 @@ class Study:
         """The seeds every point trains with: the base config's `train.seed` and the next ones."""
         first = self.base_config.train.seed
         return list(range(first, first + self.cfg.seeds))
+
+    def trains_in_trial(self, seeds: int | None = None) -> bool:
+        """Whether a trial of `seeds` seeds (default: the study's) trains in the Tune trial's own
+        process: 1 worker and 1 seed; a point with several seeds drives one Ray Train run per seed."""
+        seeds = self.cfg.seeds if seeds is None else seeds
+        return self.cfg.trial_process == "auto" and self.cfg.resources_per_trial.workers == 1 and seeds == 1
+
+    def workload(self) -> Workload:
+        """What the cost plan prices: this study's trials, without the search."""
+        cfg = self.cfg
+        return Workload(
+            name=self.name,
+            source=self.source,
+            experiment=self.base_config,
+            num_samples=cfg.num_samples,
+            search_keys=tuple(cfg.search_space),
+            seeds=cfg.seeds,
+            max_concurrent_trials=cfg.max_concurrent_trials,
+            scheduler=cfg.scheduler.type,
+            grace_period=cfg.scheduler.grace_period,
+            reduction_factor=cfg.scheduler.reduction_factor,
+            packing=self.packing,
+        )
+
+    def capacity(self, totals: Mapping[str, float]) -> Capacity:
+        """How many of this study's points train at once on a cluster of `totals`: its limit,
+        and no more points of `seeds` trainings than the cluster holds (`trials.capacity`)."""
+        return resolve(
+            self.base_config.train,
+            totals,
+            limit=self.cfg.max_concurrent_trials,
+            group=self.cfg.seeds,
+            source=f"{self.source}: seeds",
+            queue=True,
+        )
 
     def experiment(self, params: dict[str, Any]) -> ExperimentConfig:
         """The training config of one trial: the base with the sampled values set."""
@@ -244,7 +282,7 @@ LAYOUT_KEYS = (
 
 
 def choose_packing(res: TrialResources, exp: ExperimentConfig, searched: set[str] | None = None) -> Packing:
-    """`pack: auto`: the layout the trials train with (`pisa.study.packing`). The given one is
+    """`pack: auto`: the layout the trials train with (`pisa.planning.packing`). The given one is
     kept on CPUs, with a normalisation that depends on the split, when the search varies what
     the layout is decided on, or without memory figures."""
     searched = searched or set()

@@ -13,12 +13,13 @@ from ..core.progress import say
 from ..tracking import tags as tag
 from ..tracking.run_writer import TrainingRun
 from ..tracking.tags import Kind, RunStatus, Status
-from . import trial_recovery
-from .layout import done_mark
-from .loading import Study
-from .run_callback import TrainingRunsCallback
-from .seeds import seed_key
-from .trial import driver_fault, trial_error, trial_params
+from ..trials import recovery as trial_recovery
+from ..trials.fit import driver_fault, trial_error
+from ..trials.run_callback import TrainingRunsCallback
+from ..trials.seeds import seed_key
+from .paths import done_mark
+from .study import Study
+from .trainable import trial_params
 
 
 class MlflowStudyLogger(TrainingRunsCallback):

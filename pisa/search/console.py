@@ -22,8 +22,9 @@ from typing import Any
 from ray.tune import Callback
 
 from ..core.progress import say
-from .loading import Study
-from .trial import trial_error, tune_space
+from ..trials.fit import trial_error
+from .study import Study
+from .trainable import tune_space
 
 
 def _fmt_time(seconds: float) -> str:

@@ -22,20 +22,21 @@ from ..core.config import flatten
 from ..core.errors import StudyError, one_line
 from ..core.progress import say
 from ..core.uris import public_uri, redact
+from ..planning.cost_plan import plan_at_start
 from ..tracking import tags as tag
 from ..tracking.tags import Kind, RunStatus, Status
 from ..training.cluster import check_cluster_setup
 from ..training.ray_runtime import init_ray_alongside, quiet_libraries
+from ..trials.capacity import Capacity, check_training_fits, cluster_totals, trial_resources
+from ..trials.recovery import FAILED_MARK
 from .console import StudyConsole
-from .layout import FAILED_MARK, state_path, study_dir, trial_storage
-from .loading import Study
 from .mlflow_logger import MlflowStudyLogger
-from .plan import plan_at_start
+from .paths import state_path, study_dir, trial_storage
 from .report import log_study_report
-from .resources import check_trial_fits, concurrent_trials, trial_resources
 from .results import StudyOutcome, collect, summarize_parent
-from .state import load_state, optuna_url, save_state, study_from_state
-from .trial import run_trial, trains_in_trial, tune_space
+from .state import check_resumable, load_state, optuna_url, save_state, study_from_state
+from .study import Study
+from .trainable import run_trial, tune_space
 
 STATUS_EVERY_S = 120.0  # Tune's trial table on the console, at most this often
 
@@ -43,10 +44,32 @@ STATUS_EVERY_S = 120.0  # Tune's trial table on the console, at most this often
 def _trainable(study: Study):
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(run_trial, study=study), trial_resources(study))
+    return tune.with_resources(
+        tune.with_parameters(run_trial, study=study), trial_resources(study.base_config.train, study.trains_in_trial())
+    )
 
 
-def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
+def _check_trial_fits(study: Study, address: str | None) -> None:
+    """One trial's training must fit the cluster, or the study would wait forever."""
+    waiting = check_training_fits(
+        study.base_config.train,  # its train.* are the study's resources_per_trial (see loading)
+        address,
+        f"{study.source}: resources_per_trial",
+        hint="on CPUs: gpus_per_worker: 0; fewer workers: workers: N",
+    )
+    if waiting:
+        say(waiting)
+
+
+def _capacity(study: Study) -> Capacity:
+    """The trials at once on the started cluster, said when fewer than the study's limit."""
+    capacity = study.capacity(cluster_totals())
+    if capacity.note:
+        say(capacity.note)
+    return capacity
+
+
+def _tuner(study: Study, capacity: Capacity, uri: str, parent_run_id: str, verbose: bool = False):
     """The study's `Tuner`, read top to bottom as Ray's Tune examples are: searcher,
     scheduler, trainable, then the run's settings (over 60 lines: each setting once, with
     why)."""
@@ -66,7 +89,7 @@ def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
         time_attr="epoch",
         max_t=epochs,
     )
-    searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrent_trials(study))
+    searcher = ConcurrencyLimiter(searcher, max_concurrent=capacity.at_once)
     if cfg.scheduler.type == "asha":
         scheduler: TrialScheduler = ASHAScheduler(
             time_attr="epoch",
@@ -87,7 +110,7 @@ def _tuner(study: Study, uri: str, parent_run_id: str, verbose: bool = False):
             scheduler=scheduler,
             num_samples=cfg.num_samples,
             # a reused trial actor has torch and the data loaded already
-            reuse_actors=trains_in_trial(study),
+            reuse_actors=study.trains_in_trial(),
         ),
         run_config=tune.RunConfig(
             name=study.name,
@@ -126,9 +149,9 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
             f"study {study.name!r} already exists in {storage.display(study_dir(study))}: continue it with "
             f"`pisa study resume {study.name}` or choose another name (--set name=...)"
         )
-    start_ray_with_data(study.base_config, uri, address, verbose=verbose, dashboard=not trains_in_trial(study))
-    check_trial_fits(study, address)
-    concurrent_trials(study)  # a point that cannot fit the cluster fails before any run exists
+    start_ray_with_data(study.base_config, uri, address, verbose=verbose, dashboard=not study.trains_in_trial())
+    _check_trial_fits(study, address)
+    capacity = _capacity(study)  # a point that cannot fit the cluster fails before any run exists
     experiment = study.base_config.tracking.experiment
     parent = tracking.tracker(uri).start_run(
         experiment,
@@ -148,7 +171,7 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
     _print_start(study, uri, parent)
     for note in notes:
         say(f"note: {note}")
-    tuner = _tuner(study, uri, parent, verbose)
+    tuner = _tuner(study, capacity, uri, parent, verbose)
     return _fit_and_finish(study, tuner, uri, parent)
 
 
@@ -166,12 +189,13 @@ def resume_study(
     from ray import tune
 
     state = load_state(name, storage_path)
+    check_resumable(state)
     study = study_from_state(state)
     uri = state.tracking_uri
     check_cluster_setup(address, uri, study.base_config.storage_path, storage.display(state.dir))
     tracking.check_reachable(uri)
-    init_ray_alongside(lambda: tracking.client(uri), address, verbose=verbose, dashboard=not trains_in_trial(study))
-    check_trial_fits(study, address)
+    init_ray_alongside(lambda: tracking.client(uri), address, verbose=verbose, dashboard=not study.trains_in_trial())
+    _check_trial_fits(study, address)
     if retry_failed:  # their errors may have been fixed (data, a node); let them run again
         _clear_failed_marks(study)
     tracking.client(uri).update_run(state.parent_run_id, status=str(RunStatus.RUNNING))
@@ -209,7 +233,7 @@ def _print_start(study: Study, uri: str, parent: str) -> None:
     if study.packing is not None:
         say(study.packing.line())
     try:  # what it will cost, from an earlier run's rate (no probe: it would delay the trials)
-        plan = plan_at_start(study, uri)
+        plan = plan_at_start(study.workload(), uri)
         say(plan.line())
         tracking.tracker(uri).log_text(parent, plan.text(), "plan.txt")
         tracking.tracker(uri).log_text(parent, json.dumps(plan.to_dict(), indent=2, default=str), "plan.json")

@@ -1,10 +1,10 @@
 """`pisa compare`: train any set of configs on the same seeds and say how they differ.
 
-Every config trains on every seed as one training grid (`pisa.study.training_grid`): as
+Every config trains on every seed as one training grid (`pisa.comparisons.training_grid`): as
 many side by side as the Ray cluster holds, each with its own resources. The final-epoch
 metric per config is summarised over the seeds and each config is compared, seed by
 seed, with its reference (by default the first config) in the table `pisa study validate`
-prints (`pisa.study.comparison`). One MLflow run holds the table, per-seed values, per-class
+prints (`pisa.comparisons.table`). One MLflow run holds the table, per-seed values, per-class
 APs and a plot, with the trainings nested under it.
 
 A compare is resumable: its state (`compare.json`) lies in its directory under the storage
@@ -31,8 +31,8 @@ from ..tracking import tags as tag
 from ..tracking.tags import Kind, RunStatus, Status
 from ..training.cluster import check_cluster_setup, check_fits, worker_resources
 from ..training.ray_runtime import init_ray_alongside, quiet_libraries
-from .comparison import Validation, Variant, VariantResult, compare, log_validation
-from .resources import trial_driver_resources
+from ..trials.capacity import cluster_totals, resolve, trial_driver_resources
+from .table import Validation, Variant, VariantResult, compare, log_validation
 from .training_grid import INTERRUPTED, GridTraining, slug, train_grid
 
 STATE_FILE = "compare.json"
@@ -285,11 +285,5 @@ def _training(cfg: ExperimentConfig, entry: Entry, seed: int, name: str, num_cla
 
 def _trainings_at_once(configs: list[ExperimentConfig], jobs: int) -> int:
     """As many trainings side by side as the cluster holds of the largest config."""
-    import ray
-
-    total = ray.cluster_resources()
-    fits = []
-    for cfg in configs:
-        per_worker = {k: v for k, v in worker_resources(cfg).items() if v}
-        fits.append(min(int(total.get(k, 0) // (v * cfg.train.workers)) for k, v in per_worker.items()))
-    return max(1, min(jobs, *fits))
+    totals = cluster_totals()
+    return min(resolve(cfg.train, totals, limit=jobs).at_once for cfg in configs)

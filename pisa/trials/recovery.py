@@ -24,6 +24,7 @@ from typing import Any
 from ..core import storage
 
 DONE_MARK = "pisa_done.json"
+FAILED_MARK = "pisa_failed.txt"  # a trial that failed for a reason a restart can't fix
 CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
 
 

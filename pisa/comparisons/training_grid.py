@@ -1,7 +1,7 @@
 """A list of independent trainings (a variant x seed grid) run as one Ray Tune run.
 
 `pisa study validate` trains every variant on every seed. Each training is a Tune trial of
-the study's trainable path (`pisa.study.trial.fit_in_trial`): a 1-worker study's trainings train
+the study's trainable path (`pisa.trials.fit.fit_in_trial`): a 1-worker study's trainings train
 in the trial's own process and Tune reuses the trial actors, so a training starts in
 seconds instead of paying a Ray Train controller, worker group and process group each; a
 multi-worker study's trainings run as `TorchTrainer`s as its trials did. Tune also brings
@@ -29,11 +29,11 @@ from ..core.storage import location_of
 from ..core.uris import public_uri
 from ..tracking.run_writer import TrainingRun
 from ..tracking.tags import GRID_JOB, RunStatus, Status
-from . import trial_recovery
-from .layout import FAILED_MARK
-from .run_callback import TrainingRunsCallback
-from .seeds import CHECKPOINT_PATH_KEY
-from .trial import driver_fault, failing_at_once_on_retry, fit_in_trial, trial_error
+from ..trials import recovery as trial_recovery
+from ..trials.fit import driver_fault, failing_at_once_on_retry, fit_in_trial, trial_error
+from ..trials.recovery import FAILED_MARK
+from ..trials.run_callback import TrainingRunsCallback
+from ..trials.seeds import CHECKPOINT_PATH_KEY
 
 if TYPE_CHECKING:
     from ..training.train import TrainOutcome

@@ -15,7 +15,7 @@ from ..core.checkpoint import CHECKPOINT_FILE
 from ..core.epoch_report import epoch_metrics
 from ..core.progress import say
 from ..tracking.run_writer import TrainingRun
-from . import trial_recovery
+from . import recovery as trial_recovery
 
 
 class TrainingRunsCallback(Callback):
@@ -61,7 +61,7 @@ class TrainingRunsCallback(Callback):
 
     def on_step_begin(self, iteration, trials, **info):
         """Once, before a resumed experiment starts any trial: every restored trial pointed at
-        a checkpoint that exists (`pisa.study.trial_recovery`)."""
+        a checkpoint that exists (`pisa.trials.recovery`)."""
         if getattr(self, "reconciled", True):
             return
         self.reconciled = True

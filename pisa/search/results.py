@@ -14,10 +14,10 @@ from ..core.errors import PisaError, StudyError
 from ..tracking import tags as tag
 from ..tracking.tags import RunStatus, Status
 from .fidelity import Fidelity, measure
-from .layout import SEED_VALUES_TAG, STATE_FILE, TRIAL_TAG
-from .loading import Study
+from .paths import SEED_VALUES_TAG, STATE_FILE, TRIAL_TAG
 from .schema import Distribution
 from .state import StudyState, load_state, study_from_state
+from .study import Study
 
 
 @dataclass
@@ -194,7 +194,7 @@ def outcome_from_state(name: str, storage_path: str | Path = "ray_results") -> S
 
 
 def fidelity_of(outcome: StudyOutcome, study: Study) -> Fidelity:
-    """The rung fidelity of the study's finished trials (`pisa.study.fidelity`), read from
+    """The rung fidelity of the study's finished trials (`pisa.search.fidelity`), read from
     their MLflow metric histories: only they reached the last epoch."""
     run_ids = [t.run_id for t in outcome.trials if t.status == Status.FINISHED]
     epochs = study.base_config.train.resolved().epochs

@@ -1,5 +1,5 @@
 """Plots and tables of a study: trials table, Optuna parameter importances, k-b contours,
-rung fidelity (`pisa.study.fidelity`).
+rung fidelity (`pisa.search.fidelity`).
 
 The Optuna study is rebuilt from the MLflow trials (their searched params and best
 metric), so a report can be made again at any time, e.g. `pisa study report NAME`.

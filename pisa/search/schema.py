@@ -1,7 +1,7 @@
 """The study file's schema: the search space, the search settings, the trial resources,
 and the points every study evaluates first (the paper's defaults and the baseline).
 
-Loading and checking a study file against its training config is `pisa.study.loading`'s job.
+Loading and checking a study file against its training config is `pisa.search.study`'s job.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ class SchedulerConfig(StrictModel):
 class TrialResources(StrictModel):
     """What one trial trains on. `workers` x `images_per_worker` is the total batch the LR is
     scaled to; `pack: auto` may train it on fewer workers, each with more images
-    (`pisa.study.packing`)."""
+    (`pisa.planning.packing`)."""
 
     workers: int = Field(8, ge=1, description="Ray Train workers per trial")
     images_per_worker: int | None = Field(

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
+from ..trials.capacity import footprint, trainings_that_fit
 from .cluster_capacity import Cluster, assumed_cluster, local_cluster, ray_cluster
-from .loading import Study
-from .resources import training_footprint
 from .training_rate import Rate, rate_from_mlflow, rate_from_probe
+from .workload import Workload
 
 # ---------------------------------------------------------------- the hand-offs
 
@@ -212,16 +212,15 @@ def iterations_per_epoch(images: int, workers: int, images_per_worker: int) -> i
     return math.ceil(math.ceil(images / workers) / images_per_worker)
 
 
-def trials_at_once(study: Study, cluster: Cluster) -> int:
-    """`resources.concurrent_trials` on `cluster`: the study's limit, and no more points
-    (of `seeds` trainings each) than the cluster holds at a time, nor than the study has."""
-    kind, per_training = training_footprint(study)
-    fit = int(cluster.total(kind) // max(per_training, 1e-9))
-    return min(study.cfg.max_concurrent_trials, fit // study.cfg.seeds, study.cfg.num_samples)
+def trials_at_once(work: Workload, cluster: Cluster) -> int:
+    """The study's limit, and no more points (of `seeds` trainings each) than the cluster
+    holds at a time (`trials.capacity`), nor than the study has."""
+    fit = trainings_that_fit(work.experiment.train, {"GPU": cluster.gpus, "CPU": cluster.cpus})
+    return min(work.max_concurrent_trials, fit // work.seeds, work.num_samples)
 
 
 def make_plan(
-    study: Study,
+    work: Workload,
     cluster: Cluster,
     images: int,
     rate: Rate | None,
@@ -229,26 +228,26 @@ def make_plan(
     notes: list[str] | None = None,
 ) -> Plan:
     """The plan of `study` on `cluster`, for a training set of `images` at `rate`."""
-    cfg, exp = study.cfg, study.base_config
-    res = cfg.resources_per_trial
-    kind, per_training = training_footprint(study)
+    cfg, exp = work, work.experiment
+    res = exp.train
+    kind, per_training = footprint(work.experiment.train)
     epochs = exp.train.resolved().epochs
-    at_once = trials_at_once(study, cluster)
+    at_once = trials_at_once(work, cluster)
     workers, ipw = exp.train.workers, exp.train.images_per_worker
     epoch_s = epoch_seconds(images, workers, rate) if rate is not None else None
-    footprint = per_training * cfg.seeds  # a point trains its seeds side by side
-    fifo = schedule_cost("FIFO", [(cfg.num_samples, epochs)], at_once, epoch_s, footprint)
+    point_footprint = per_training * cfg.seeds  # a point trains its seeds side by side
+    fifo = schedule_cost("FIFO", [(cfg.num_samples, epochs)], at_once, epoch_s, point_footprint)
     asha, rungs = None, []
-    if cfg.scheduler.type == "asha":
-        grace, rf = min(cfg.scheduler.grace_period, epochs), cfg.scheduler.reduction_factor
+    if work.scheduler == "asha":
+        grace, rf = min(work.grace_period, epochs), work.reduction_factor
         rungs = asha_rungs(epochs, grace, rf)
         segments = asha_segments(cfg.num_samples, epochs, grace, rf)
-        asha = schedule_cost("ASHA lower bound", segments, at_once, epoch_s, footprint)
+        asha = schedule_cost("ASHA lower bound", segments, at_once, epoch_s, point_footprint)
     return Plan(
-        study=study.name,
-        source=_display_path(study.source),
+        study=work.name,
+        source=_display_path(work.source),
         num_samples=cfg.num_samples,
-        search_keys=list(cfg.search_space),
+        search_keys=list(cfg.search_keys),
         seeds=cfg.seeds,
         workers=workers,
         images_per_worker=ipw,
@@ -259,20 +258,20 @@ def make_plan(
         epochs=epochs,
         images_per_epoch=images,
         iters_per_epoch=iterations_per_epoch(images, workers, ipw),
-        scheduler=cfg.scheduler.type,
+        scheduler=work.scheduler,
         rungs=rungs,
         fifo=fifo,
         asha=asha,
         rate=rate,
         rate_note=rate_note if rate is None else "",
-        notes=[*packing_notes(study), *(notes or [])],
-        layout_note=layout_note(study),
+        notes=[*packing_notes(work), *(notes or [])],
+        layout_note=layout_note(work),
     )
 
 
-def layout_note(study: Study) -> str:
+def layout_note(work: Workload) -> str:
     """The "per trial" row's word on `pack: auto`."""
-    packing = study.packing
+    packing = work.packing
     if packing is None:
         return ""
     if packing.packed:
@@ -280,9 +279,9 @@ def layout_note(study: Study) -> str:
     return "as given (pack: auto kept it, see the notes)"
 
 
-def packing_notes(study: Study) -> list[str]:
+def packing_notes(work: Workload) -> list[str]:
     """`pack: auto`: the layout chosen and why, or why the given one was kept."""
-    return [] if study.packing is None else [study.packing.line()]
+    return [] if work.packing is None else [work.packing.line()]
 
 
 def _display_path(path: Path) -> str:
@@ -312,15 +311,15 @@ def fmt_seconds(seconds: float) -> str:
 # ---------------------------------------------------------------- the inputs
 
 
-def training_images(study: Study) -> int:
+def training_images(work: Workload) -> int:
     """The images of one epoch: the training set after `data.train_limit` (the train split of
     `training.train.prepare_data_sizes`: a study's start has checked both splits already)."""
     from ..data import build_dataset  # torchvision, pycocotools
 
-    return len(build_dataset(study.base_config.data, "train", train=False))
+    return len(build_dataset(work.experiment.data, "train", train=False))
 
 
-def plan_study(study: Study, *, gpus: int | None = None, address: str | None = None, probe: bool = False) -> Plan:
+def plan_study(work: Workload, *, gpus: int | None = None, address: str | None = None, probe: bool = False) -> Plan:
     """`pisa study plan`: the cluster (`--gpus N` assumed, else this machine or the cluster at
     `address`), the training set, and the rate (probed, else from MLflow, else unknown)."""
     if gpus is not None:
@@ -330,12 +329,12 @@ def plan_study(study: Study, *, gpus: int | None = None, address: str | None = N
     else:
         cluster = local_cluster()
     notes: list[str] = []
-    kind, per_training = training_footprint(study)
-    if trials_at_once(study, cluster) < 1:
-        need = per_training * study.cfg.seeds
+    kind, per_training = footprint(work.experiment.train)
+    if trials_at_once(work, cluster) < 1:
+        need = per_training * work.seeds
         message = (
-            f"{study.source}: resources_per_trial: a trial needs {need:g} {kind}s"
-            f"{f' ({study.cfg.seeds} seeds side by side)' if study.cfg.seeds > 1 else ''}; "
+            f"{work.source}: resources_per_trial: a trial needs {need:g} {kind}s"
+            f"{f' ({work.seeds} seeds side by side)' if work.seeds > 1 else ''}; "
             f"{cluster.where} has {cluster.total(kind):g}"
         )
         if address is None:
@@ -343,15 +342,15 @@ def plan_study(study: Study, *, gpus: int | None = None, address: str | None = N
         notes.append(f"{message}: the trials wait for more resources")
     if gpus is not None and kind == "CPU":
         notes.append("the trials train on CPUs: --gpus does not change how many run at once")
-    images = training_images(study)
-    rate, rate_note = (rate_from_probe(study), "") if probe else rate_from_mlflow(study)
+    images = training_images(work)
+    rate, rate_note = (rate_from_probe(work), "") if probe else rate_from_mlflow(work)
     if rate is not None and rate.device == "cpu" and kind == "GPU":
         notes.append("the probe ran on this machine's CPU, the trials train on GPUs: their rate will differ")
-    return make_plan(study, cluster, images, rate, rate_note, notes)
+    return make_plan(work, cluster, images, rate, rate_note, notes)
 
 
-def plan_at_start(study: Study, uri: str) -> Plan:
+def plan_at_start(work: Workload, uri: str) -> Plan:
     """The plan `pisa study run` starts with: Ray's cluster (already started), the rate of an
     earlier run in the study's store; no probe (it would delay the first trial)."""
-    rate, note = rate_from_mlflow(study, uri)
-    return make_plan(study, ray_cluster(), training_images(study), rate, note)
+    rate, note = rate_from_mlflow(work, uri)
+    return make_plan(work, ray_cluster(), training_images(work), rate, note)

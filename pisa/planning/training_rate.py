@@ -8,7 +8,7 @@ import os
 import statistics
 from dataclasses import dataclass
 
-from .loading import Study
+from .workload import Workload
 
 # The logged params that decide how fast a step is: an earlier run's `images_per_sec` prices
 # this study's trials only if it trained the same model on the same layout (keys the study
@@ -43,24 +43,24 @@ class Rate:
     device: str | None = None  # the device a probe ran on
 
 
-def rate_params(study: Study) -> dict[str, str]:
+def rate_params(work: Workload) -> dict[str, str]:
     """The params (as MLflow holds them) a run must share with this study for its rate to count."""
-    params = study.base_config.flat_params()
-    keys = [k for k in RATE_KEYS if k in params and k not in study.cfg.search_space]
-    keys.append("train.gpus_per_worker" if study.base_config.train.use_gpu else "train.cpus_per_worker")
+    params = work.experiment.flat_params()
+    keys = [k for k in RATE_KEYS if k in params and k not in work.search_keys]
+    keys.append("train.gpus_per_worker" if work.experiment.train.use_gpu else "train.cpus_per_worker")
     return {k: "None" if params[k] is None else str(params[k]) for k in keys}
 
 
-def rate_from_mlflow(study: Study, uri: str | None = None, max_runs: int = 20) -> tuple[Rate | None, str]:
+def rate_from_mlflow(work: Workload, uri: str | None = None, max_runs: int = 20) -> tuple[Rate | None, str]:
     """The latest run of the same model and layout with an `images_per_sec` history: the
     median over its epochs (and of its evaluation time). (None, why) when there is none."""
     from .. import tracking
 
-    uri = uri or study.base_config.tracking.resolved_uri()
+    uri = uri or work.experiment.tracking.resolved_uri()
     shown = _shown(uri)
     if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///") :].split("?")[0]):
         return None, f"no MLflow store at {shown} yet"
-    wanted = rate_params(study)
+    wanted = rate_params(work)
     where = " and ".join(f"params.`{k}` = '{v.replace(chr(39), chr(39) * 2)}'" for k, v in wanted.items())
     try:
         tracking.check_reachable(uri)
@@ -102,13 +102,13 @@ def _shown(uri: str) -> str:
     return redact(uri)
 
 
-def rate_from_probe(study: Study) -> Rate:
+def rate_from_probe(work: Workload) -> Rate:
     """A few steps of the study's base config on this machine, one worker's rate x the workers
     (linear scaling assumed: a probe has no all-reduce)."""
     from ..training.probe import probe_rate
 
-    probe = probe_rate(study.base_config)
-    workers = study.base_config.train.workers
+    probe = probe_rate(work.experiment)
+    workers = work.experiment.train.workers
     scaled = f", x {workers} workers" if workers > 1 else ""
     where = f"{probe.device}, {probe.threads} thread(s)" if probe.device == "cpu" else probe.device
     source = f"a probe ({probe.steps} steps on {where}, {probe.step_s * 1e3:.0f} ms each{scaled})"

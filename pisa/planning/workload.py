@@ -1,0 +1,29 @@
+"""What a cost plan prices, handed over by whoever runs the trainings: a search's trials of
+one base config (its layout, seeds, scheduler), without the search itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.config import ExperimentConfig
+from .packing import Packing
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    source: Path  # the file it came from, for messages
+    experiment: ExperimentConfig  # the base config; its `train.*` is one trial's layout and resources
+    num_samples: int
+    search_keys: tuple[str, ...]
+    seeds: int  # trainings per point, side by side
+    max_concurrent_trials: int
+    scheduler: str  # "asha" or "fifo"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    packing: Packing | None = None  # `pack: auto`'s choice, when the study asked for one
+
+    @property
+    def epochs(self) -> int:
+        return self.experiment.train.resolved().epochs
