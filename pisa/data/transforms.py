@@ -8,9 +8,10 @@ normalizes them. The final resize is the detector's too, except for a fixed-size
 never travels. The optional `max_size` cap only saves decode/collate time on large images.
 
 Augmentation presets (`data.augment`): `flip` (horizontal flip only, the two-stage and RetinaNet
-set-ups) and `ssd`, the SSD papers' data set-up as torchvision's SSD reference builds it:
+set-ups) and `ssd`, SSD's data set-up as mmdetection's SSD configs run it (`pisa.data.ssd_augment`):
 photometric distortion, zoom-out onto a mean-coloured canvas (1-4x), a random crop with a
-minimum IoU to the boxes, then flip; boxes the crop removes are dropped with their labels.
+minimum IoU to every box, the fixed-size resize, then flip; boxes the crop removes are dropped
+with their labels.
 """
 
 from __future__ import annotations
@@ -23,29 +24,31 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["AUGMENT_PRESETS", "DetectionTransform", "build_transforms", "collate_fn", "ssd_augmentation"]
+from pisa.data.ssd_augment import draw_ssd, ssd_augment
+
+__all__ = ["AUGMENT_PRESETS", "DetectionTransform", "build_transforms", "collate_fn"]
 
 AUGMENT_PRESETS = ("flip", "ssd")
 _PER_BOX = ("labels", "area", "iscrowd")
-_SSD_FILL = (123, 117, 104)  # ImageNet mean in uint8 units: the zoom-out canvas colour
 
 
-def _per_box_targets(inputs: Any) -> tuple[torch.Tensor, ...]:
-    """The target fields that SanitizeBoundingBoxes must filter along with the boxes."""
-    target = inputs[1] if isinstance(inputs, tuple) else inputs
-    return tuple(target[k] for k in _PER_BOX if k in target)
-
-
-def ssd_augmentation() -> v2.Compose:
-    """Photometric distortion, zoom-out 1-4x, min-IoU crop, and dropping of emptied boxes."""
-    return v2.Compose(
-        [
-            v2.RandomPhotometricDistort(p=0.5),
-            v2.RandomZoomOut(fill={tv_tensors.Image: _SSD_FILL, tv_tensors.Mask: 0}, side_range=(1.0, 4.0), p=0.5),
-            v2.RandomIoUCrop(),
-            v2.SanitizeBoundingBoxes(labels_getter=_per_box_targets),
-        ]
+def _ssd(img: torch.Tensor, target: dict[str, Any], size: int | None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """SSD's augmentation (`pisa.data.ssd_augment`), ending at `size` when given; the per-box
+    fields follow the boxes the crop keeps, `area` is the box's."""
+    if "masks" in target:
+        raise ValueError("data.augment 'ssd' does not transform masks (SSD trains on boxes)")
+    boxes = target["boxes"].as_subclass(torch.Tensor)
+    draws = draw_ssd(img.shape[-2], img.shape[-1], boxes)
+    img, boxes, keep = ssd_augment(img.as_subclass(torch.Tensor), boxes, draws, size)
+    for key in _PER_BOX:
+        if key in target:
+            target[key] = target[key][keep]
+    target["boxes"] = tv_tensors.BoundingBoxes(
+        boxes, format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=(img.shape[-2], img.shape[-1])
     )
+    if "area" in target:  # the boxes were cropped and rescaled: their area is the box's
+        target["area"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return tv_tensors.Image(img), target
 
 
 def _resize(
@@ -86,7 +89,6 @@ class DetectionTransform:
         self.max_size = max_size
         self.flip = v2.RandomHorizontalFlip(p=flip_prob)
         self.augment = augment
-        self.ssd = ssd_augmentation() if augment == "ssd" else None
 
     def __repr__(self) -> str:
         return (
@@ -111,11 +113,8 @@ class DetectionTransform:
             new_size = [max(1, round(height * scale)), max(1, round(width * scale))]
             img, target = _resize(img, target, new_size, antialias=True)
 
-        if self.ssd is not None:
-            img, target = self.ssd(img, target)
-            boxes = target["boxes"].as_subclass(torch.Tensor)
-            if "area" in target:  # the boxes were cropped and rescaled: their area is the box's
-                target["area"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        if self.augment == "ssd":  # its last step is the resize to `fixed_size`
+            img, target = _ssd(img, target, self.fixed_size)
 
         if self.fixed_size is not None:  # no antialiasing: as the detector's resize on the device did
             img, target = _resize(img, target, [self.fixed_size, self.fixed_size], antialias=False)

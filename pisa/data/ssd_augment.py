@@ -1,0 +1,348 @@
+"""SSD's training augmentation as mmdetection's SSD configs (`ssd300_coco.py`, `ssd512_coco.py`) run it.
+
+`PhotoMetricDistortion(brightness_delta=32, contrast_range=(0.5, 1.5), saturation_range=(0.5,
+1.5), hue_delta=18)`, `Expand(mean, ratio_range=(1, 4))` with probability 0.5,
+`MinIoURandomCrop(min_ious=(0.1, 0.3, 0.5, 0.7, 0.9), min_crop_size=0.3)`, then the resize to
+the fixed square (bilinear, no antialiasing); the flip follows in `DetectionTransform`. As there:
+each photometric step has probability 1/2, brightness is additive, contrast a product, saturation
+and hue act in HSV (OpenCV's float formulas, which mmcv's `bgr2hsv`/`hsv2bgr` call), contrast
+comes first or last, the channels may be permuted; pixel values are float32 and unclipped until
+the end; the zoom-out canvas is the mean colour (123.675, 116.28, 103.53); a crop patch is kept
+only if *every* box reaches the drawn IoU with it and at least one box centre lies inside it;
+boxes whose centre is outside are dropped, the others clipped to it. (torchvision's
+`RandomPhotometricDistort`/`RandomIoUCrop`, used before, scale brightness, blend contrast and
+saturation with the grey mean, clamp after every step and accept a patch when *one* box reaches
+the IoU.) One difference remains: the image leaves as uint8 (the detector scales it on its
+device), so the final values are rounded and clipped to [0, 255] where mmdetection normalises
+the float values as they are.
+
+Two implementations of the same draws (`SSDDraws`, drawn from torch's RNG, which `PerImageDraws`
+seeds per image): `reference_ssd_augment`, the straightforward order (distort the whole image,
+build the whole canvas, crop it, resize), and `ssd_augment`, the one the loader runs: it builds
+only the canvas rows and columns that the bilinear resize reads (at most two per output row and
+column, whatever the zoom), distorts only the image pixels among them (every photometric step is
+per pixel) and interpolates with the resize's own taps and weights. Same boxes, same pixels up
+to float rounding (tests/test_ssd_augment.py); a fraction of the work (benchmarks/bench_ssd_transform.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.ops import box_iou
+
+__all__ = [
+    "SSD_MEAN",
+    "Photometric",
+    "SSDDraws",
+    "draw_ssd",
+    "photometric_distort",
+    "reference_ssd_augment",
+    "ssd_augment",
+]
+
+SSD_MEAN = (123.675, 116.28, 103.53)  # RGB: mmdetection's img_norm_cfg mean, the Expand canvas
+BRIGHTNESS_DELTA = 32.0
+CONTRAST_RANGE = (0.5, 1.5)
+SATURATION_RANGE = (0.5, 1.5)
+HUE_DELTA = 18.0
+EXPAND_PROB = 0.5
+EXPAND_RATIO = (1.0, 4.0)
+MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9)
+SAMPLE_MODES = (1.0, *MIN_IOUS, 0.0)  # 1: no crop; 0: any patch holding a box centre
+MIN_CROP_SIZE = 0.3
+CROP_TRIALS = 50
+_FLT_EPSILON = 1.1920929e-07  # OpenCV's FLT_EPSILON in its float HSV conversion
+_HUE_SHIFTS = torch.tensor([0.0, 120.0, 240.0])  # where red, green and blue peak in the hue circle
+
+
+@dataclass(frozen=True)
+class Photometric:
+    """One image's photometric draws; None: the step is skipped."""
+
+    brightness: float | None = None  # added
+    contrast: float | None = None  # multiplied
+    contrast_first: bool = False  # before the HSV steps (mmdetection's mode 1), else after
+    saturation: float | None = None  # multiplies S
+    hue: float | None = None  # degrees added to H
+    permutation: tuple[int, int, int] | None = None  # of the channels
+
+
+@dataclass(frozen=True)
+class SSDDraws:
+    """One image's draws: photometric, the zoom-out canvas and the crop patch."""
+
+    photometric: Photometric
+    canvas: tuple[int, int, int, int] | None  # (height, width, top, left): the image's place on it
+    patch: tuple[int, int, int, int] | None  # (x0, y0, x1, y1) on the canvas (the image if no canvas)
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), dtype=torch.float64))
+
+
+def _coin() -> bool:
+    return bool(torch.randint(2, ()))
+
+
+def _draw_photometric() -> Photometric:
+    """In mmdetection's order: brightness, mode, contrast, saturation, hue, channel swap."""
+    brightness = _uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA) if _coin() else None
+    contrast_first = _coin()
+    contrast = _uniform(*CONTRAST_RANGE) if _coin() else None
+    saturation = _uniform(*SATURATION_RANGE) if _coin() else None
+    hue = _uniform(-HUE_DELTA, HUE_DELTA) if _coin() else None
+    permutation = tuple(torch.randperm(3).tolist()) if _coin() else None
+    return Photometric(brightness, contrast, contrast_first, saturation, hue, permutation)
+
+
+def _centres_inside(boxes: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """(P, N): box n's centre strictly inside patch p (mmdetection's test)."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    return (
+        (centre[None, :, 0] > patches[:, None, 0])
+        & (centre[None, :, 1] > patches[:, None, 1])
+        & (centre[None, :, 0] < patches[:, None, 2])
+        & (centre[None, :, 1] < patches[:, None, 3])
+    )
+
+
+def _draw_patch(height: int, width: int, boxes: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """MinIoURandomCrop's patch on a `height` x `width` image with `boxes` (float64, xyxy).
+
+    A mode (no crop, or a minimum IoU) is drawn; up to 50 patches of 0.3-1 times each side with
+    an aspect ratio in [1/2, 2] are tried, the first with every box at that IoU and a box centre
+    inside is taken; if none is, a new mode is drawn. The 50 trials are drawn at once (the same
+    distribution as drawing them one by one until one passes)."""
+    while True:
+        mode = SAMPLE_MODES[int(torch.randint(len(SAMPLE_MODES), ()))]
+        if mode == 1.0:
+            return None
+        u = torch.rand(CROP_TRIALS, 4, dtype=torch.float64)
+        new_w = MIN_CROP_SIZE * width + (1 - MIN_CROP_SIZE) * width * u[:, 0]
+        new_h = MIN_CROP_SIZE * height + (1 - MIN_CROP_SIZE) * height * u[:, 1]
+        left = u[:, 2] * (width - new_w)
+        top = u[:, 3] * (height - new_h)
+        patches = torch.stack([left, top, left + new_w, top + new_h], dim=1).floor()  # int(), all >= 0
+        ratio = new_h / new_w
+        ok = (ratio >= 0.5) & (ratio <= 2) & (patches[:, 2] != patches[:, 0]) & (patches[:, 3] != patches[:, 1])
+        if len(boxes):
+            ok &= box_iou(patches, boxes).min(dim=1).values >= mode
+            ok &= _centres_inside(boxes, patches).any(dim=1)
+        passed = ok.nonzero()
+        if len(passed):
+            x0, y0, x1, y1 = (int(v) for v in patches[int(passed[0, 0])].tolist())
+            return x0, y0, x1, y1
+
+
+def draw_ssd(height: int, width: int, boxes: torch.Tensor) -> SSDDraws:
+    """One image's draws from torch's RNG: photometric, zoom-out (probability 1/2, 1-4x), crop."""
+    photometric = _draw_photometric()
+    canvas = None
+    boxes = boxes.to(torch.float64)
+    if float(torch.rand((), dtype=torch.float64)) <= EXPAND_PROB:  # mmdetection: skip if u > prob
+        ratio = _uniform(*EXPAND_RATIO)
+        left = int(_uniform(0, width * ratio - width))
+        top = int(_uniform(0, height * ratio - height))
+        canvas = (int(height * ratio), int(width * ratio), top, left)
+        boxes = boxes + torch.tensor([left, top, left, top], dtype=torch.float64)
+        height, width = canvas[0], canvas[1]
+    return SSDDraws(photometric, canvas, _draw_patch(height, width, boxes))
+
+
+# ---------------------------------------------------------------- photometric, per pixel
+
+
+def _saturation_hue(x: torch.Tensor, saturation: float | None, hue: float | None) -> torch.Tensor:
+    """mmcv's `bgr2hsv`, S x `saturation`, H + `hue` (wrapped), `hsv2bgr` on float RGB `x` (3, ...).
+
+    OpenCV's float formulas: V = max, S = (V - min) / (|V| + eps), H from the largest channel
+    (red, then green, then blue on ties), and back each channel is V (1 - S w) with w in [0, 1]
+    the channel's distance in the hue hexagon (OpenCV's sector table, as one expression). Written
+    with arithmetic masks and in-place steps: `where`, `remainder` and `argmax` cost several
+    times an addition on the CPU."""
+    r, g, b = x[0], x[1], x[2]
+    v = x.amax(0)
+    diff = v - x.amin(0)
+    is_r = r == v
+    is_g = (g == v) & ~is_r
+    is_b = ~(is_r | is_g)
+    h = (g - b) * is_r + (b - r) * is_g + (r - g) * is_b
+    h *= 60.0 / (diff + _FLT_EPSILON)
+    h += 120.0 * is_g + 240.0 * is_b
+    h += 360.0 * (h < 0)
+    s = diff.div_(v.abs() + _FLT_EPSILON)
+    if saturation is not None:
+        s *= saturation
+    if hue is not None:
+        h += hue
+        h -= 360.0 * (h > 360)
+        h += 360.0 * (h < 0)
+    w = h.unsqueeze(0) - _HUE_SHIFTS.view(3, *([1] * h.dim()))  # each channel's hue offset
+    w += 360.0 * (w < 0)
+    w -= 180.0
+    w.abs_().mul_(-1.0 / 60.0).add_(2.0).clamp_(0.0, 1.0)
+    return w.mul_(s).neg_().add_(1.0).mul_(v)
+
+
+def _saturation(x: torch.Tensor, saturation: float) -> torch.Tensor:
+    """`_saturation_hue` without a hue step, in closed form: OpenCV's round trip gives each channel
+    c -> V - saturation (V - c) V / (|V| + eps) (H and V unchanged; for V < 0 it is not the identity)."""
+    v = x.amax(0)
+    k = v / (v.abs() + _FLT_EPSILON)
+    k *= saturation
+    return v - (v - x).mul_(k)
+
+
+def photometric_distort(x: torch.Tensor, p: Photometric) -> torch.Tensor:
+    """mmdetection's PhotoMetricDistortion with the draws `p` on float32 RGB `x` (3, ...), unclipped.
+
+    Every step is per pixel. The HSV round trip is skipped when neither saturation nor hue is
+    drawn and no value can be negative: it is then the identity up to rounding (mmdetection runs it
+    always; OpenCV's formulas are not the identity for a pixel whose largest value is negative)."""
+    x = x.clone()
+    if p.brightness is not None:
+        x += p.brightness
+    if p.contrast is not None and p.contrast_first:
+        x *= p.contrast
+    if p.hue is not None:
+        x = _saturation_hue(x, p.saturation, p.hue)
+    elif p.saturation is not None or (p.brightness is not None and p.brightness < 0):
+        x = _saturation(x, 1.0 if p.saturation is None else p.saturation)
+    if p.contrast is not None and not p.contrast_first:
+        x *= p.contrast
+    if p.permutation is not None:
+        x = x[list(p.permutation)]
+    return x
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- the straightforward order
+
+
+def reference_ssd_augment(
+    img: torch.Tensor, boxes: torch.Tensor, draws: SSDDraws, size: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`draws` applied step by step as mmdetection does: (uint8 image, float32 boxes, kept mask).
+
+    The whole image distorted, the whole canvas built, cropped, resized to `size` (if given)."""
+    x = photometric_distort(img.float(), draws.photometric)
+    out = boxes.to(torch.float64)
+    if draws.canvas is not None:
+        height, width, top, left = draws.canvas
+        canvas = torch.tensor(SSD_MEAN, dtype=torch.float32).view(3, 1, 1).repeat(1, height, width)
+        canvas[:, top : top + x.shape[1], left : left + x.shape[2]] = x
+        x = canvas
+        out = out + torch.tensor([left, top, left, top], dtype=torch.float64)
+    keep = torch.ones(len(out), dtype=torch.bool)
+    if draws.patch is not None:
+        x0, y0, x1, y1 = draws.patch
+        patch = torch.tensor([draws.patch], dtype=torch.float64)
+        keep = _centres_inside(out, patch)[0]
+        out = out[keep]
+        out[:, 2:] = torch.minimum(out[:, 2:], patch[:, 2:])
+        out[:, :2] = torch.maximum(out[:, :2], patch[:, :2])
+        out = out - torch.tensor([x0, y0, x0, y0], dtype=torch.float64)
+        x = x[:, y0:y1, x0:x1]
+    if size is not None:
+        height, width = x.shape[-2:]
+        x = torch.nn.functional.interpolate(
+            x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=False
+        )[0]
+        out = out * torch.tensor([size / width, size / height] * 2, dtype=torch.float64)
+        out = out.clamp(0, size)
+    return _to_uint8(x), out.to(torch.float32), keep
+
+
+# ---------------------------------------------------------------- what the loader runs
+
+
+def _taps(out_size: int, in_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two source indices and weights of each output pixel of torch's bilinear resize
+    (align_corners=False, no antialiasing): `upsample_bilinear2d`'s own arithmetic, in float32."""
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    i0 = src.long().clamp_(max=in_size - 1)
+    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+    w1 = (src - i0).clamp_(0, 1)
+    return i0, i1, 1 - w1, w1
+
+
+def _lines(needed: torch.Tensor, offset: int, length: int) -> tuple[torch.Tensor, slice | torch.Tensor, int, int]:
+    """The distinct patch lines (rows or columns) in `needed`, sorted; which image lines they are
+    (a slice when consecutive, as when a resize reads every line); and the first and one past the
+    last of their positions that fall on the image (the image is `offset` lines into the patch's
+    coordinates and `length` long)."""
+    lines = torch.unique(needed)  # sorted
+    on_image = lines + offset
+    inside = (on_image >= 0) & (on_image < length)
+    count = int(inside.sum())
+    first = int(inside.int().argmax()) if count else 0
+    image_lines = on_image[first : first + count]
+    if count and int(image_lines[-1]) - int(image_lines[0]) + 1 == count:
+        return lines, slice(int(image_lines[0]), int(image_lines[0]) + count), first, first + count
+    return lines, image_lines, first, first + count
+
+
+def _take(img: torch.Tensor, dim: int, index: slice | torch.Tensor) -> torch.Tensor:
+    if isinstance(index, slice):
+        return img.narrow(dim, index.start, index.stop - index.start)
+    return img.index_select(dim, index)
+
+
+def ssd_augment(
+    img: torch.Tensor, boxes: torch.Tensor, draws: SSDDraws, size: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `reference_ssd_augment` returns, computing only the pixels the resize reads.
+
+    Boxes: one shift and one scale from the image to the output. Pixels: the patch rows and
+    columns the bilinear resize reads (all of the patch's when `size` is None), the image's
+    pixels among them gathered and distorted, the rest the canvas colour; then the resize's
+    weighted sums over that grid."""
+    height, width = img.shape[-2:]
+    canvas_h, canvas_w, top, left = draws.canvas if draws.canvas is not None else (height, width, 0, 0)
+    x0, y0, x1, y1 = draws.patch if draws.patch is not None else (0, 0, canvas_w, canvas_h)
+    patch_w, patch_h = x1 - x0, y1 - y0
+
+    # boxes: image -> canvas -> patch in one shift, then the resize's scale
+    shift = torch.tensor([left - x0, top - y0] * 2, dtype=torch.float64)
+    out = boxes.to(torch.float64)
+    keep = torch.ones(len(out), dtype=torch.bool)
+    if draws.patch is not None:
+        on_canvas = out + torch.tensor([left, top] * 2, dtype=torch.float64)
+        keep = _centres_inside(on_canvas, torch.tensor([draws.patch], dtype=torch.float64))[0]
+        out = out[keep]
+    out = out + shift
+    out[:, 0::2] = out[:, 0::2].clamp(0, patch_w)
+    out[:, 1::2] = out[:, 1::2].clamp(0, patch_h)
+    out_h, out_w = (size, size) if size is not None else (patch_h, patch_w)
+    if size is not None:
+        out = (out * torch.tensor([size / patch_w, size / patch_h] * 2, dtype=torch.float64)).clamp(0, size)
+
+    # pixels: the grid of patch lines the resize reads (every line without a resize)
+    if size is not None:
+        ry0, ry1, wy0, wy1 = _taps(size, patch_h)
+        rx0, rx1, wx0, wx1 = _taps(size, patch_w)
+        rows, image_rows, ra, rb = _lines(torch.cat([ry0, ry1]), y0 - top, height)
+        cols, image_cols, ca, cb = _lines(torch.cat([rx0, rx1]), x0 - left, width)
+    else:
+        rows, image_rows, ra, rb = _lines(torch.arange(patch_h), y0 - top, height)
+        cols, image_cols, ca, cb = _lines(torch.arange(patch_w), x0 - left, width)
+    grid = torch.tensor(SSD_MEAN, dtype=torch.float32).view(3, 1, 1).repeat(1, len(rows), len(cols))
+    if rb > ra and cb > ca:
+        pixels = _take(_take(img, 1, image_rows), 2, image_cols).float()
+        grid[:, ra:rb, ca:cb] = photometric_distort(pixels, draws.photometric)
+    if size is None:
+        return _to_uint8(grid), out.to(torch.float32), keep
+    # the resize's weighted sums over the grid (each tap pair is two neighbouring grid lines):
+    # along y, then along x on the transposed result, so that both gather whole rows
+    cy0, cy1 = torch.searchsorted(rows, ry0), torch.searchsorted(rows, ry1)
+    cx0, cx1 = torch.searchsorted(cols, rx0), torch.searchsorted(cols, rx1)
+    along_y = grid.index_select(1, cy0).mul_(wy0[:, None]).add_(grid.index_select(1, cy1).mul_(wy1[:, None]))
+    along_y = along_y.transpose(1, 2).contiguous()
+    x = along_y.index_select(1, cx0).mul_(wx0[:, None]).add_(along_y.index_select(1, cx1).mul_(wx1[:, None]))
+    return _to_uint8(x).transpose(1, 2).contiguous(), out.to(torch.float32), keep
