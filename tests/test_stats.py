@@ -65,3 +65,18 @@ def test_paired_removes_the_seed_effect():
     assert unpaired.ci_low < summarize(list(base.values())).mean  # unpaired, the means overlap
     assert within_noise(variant, base) is False
     assert within_noise({0: 0.3}, {0: 0.2}) is None
+
+
+def test_the_objective_decides_better_and_best_in_both_directions():
+    from pisa.core.objective import Objective
+
+    up, down = Objective("bbox_mAP", "max"), Objective("loss", "min")
+    assert up.better(0.3, 0.2) and not up.better(0.2, 0.2) and up.better(0.1, None)
+    assert down.better(0.2, 0.3) and not down.better(0.3, 0.2)
+    values = [0.2, float("nan"), 0.5, 0.1]
+    assert up.best(values) == 0.5 and down.best(values) == 0.1 and up.best([float("nan")]) is None
+    pairs = [("a", 0.5), ("b", 0.5), ("c", 0.1)]  # a tie goes to the first
+    assert up.best_of(pairs, lambda p: p[1]) == ("a", 0.5) and down.best_of(pairs, lambda p: p[1]) == ("c", 0.1)
+    assert sorted([0.2, None, 0.5], key=up.rank_key) == [0.5, 0.2, None]
+    assert sorted([0.2, None, 0.5], key=down.rank_key) == [0.2, 0.5, None]
+    assert (up.direction, down.direction) == ("maximize", "minimize")

@@ -14,6 +14,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .objective import Objective
+
 
 def t_cdf(t: float, df: int) -> float:
     """P(T <= t) for Student's t with an integer number of degrees of freedom."""
@@ -111,9 +113,9 @@ def paired(
     """Paired difference per seed; `mode='min'` counts a lower value as a win."""
     seeds = tuple(sorted(set(variant) & set(baseline)))
     diffs = [variant[s] - baseline[s] for s in seeds]
-    sign = 1 if mode == "max" else -1
-    wins = sum(sign * d > 0 for d in diffs)
-    losses = sum(sign * d < 0 for d in diffs)
+    objective = Objective("difference", "max" if mode == "max" else "min")
+    wins = sum(objective.better(d, 0.0) for d in diffs)
+    losses = sum(objective.better(0.0, d) for d in diffs)
     return Paired(seeds, summarize(diffs, confidence), wins, losses, len(diffs) - wins - losses)
 
 
@@ -137,5 +139,7 @@ def verdict(p: Paired | None, mode: str) -> str:
         return "too few seeds"
     if not p.significant:
         return "no significant difference"
-    better = d.ci_low > 0 if mode == "max" else d.ci_high is not None and d.ci_high < 0
+    objective = Objective("difference", "max" if mode == "max" else "min")
+    bound = d.ci_low if mode == "max" else d.ci_high  # the end of the interval nearest to 0
+    better = bound is not None and objective.better(bound, 0.0)
     return "better" if better else "worse"

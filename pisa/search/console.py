@@ -118,8 +118,7 @@ class StudyConsole(Callback):
         self.epochs[trial.trial_id] = epoch
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
-            sign = 1 if self.study.cfg.mode == "max" else -1
-            if trial.trial_id not in self.best or sign * value > sign * self.best[trial.trial_id]:
+            if self.study.objective.better(value, self.best.get(trial.trial_id)):
                 self.best[trial.trial_id] = float(value)
         shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
         say(

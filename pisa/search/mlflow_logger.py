@@ -82,9 +82,8 @@ class MlflowStudyLogger(TrainingRunsCallback):
         self.last[trial.trial_id] = dict(result)
         value = result.get(self.study.cfg.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
-            sign = 1 if self.study.cfg.mode == "max" else -1
             best = self.best.get(trial.trial_id)
-            if best is None or sign * value > sign * best[0]:
+            if self.study.objective.better(value, None if best is None else best[0]):
                 self.best[trial.trial_id] = (float(value), result.get("checkpoint_path"))
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
@@ -126,8 +125,8 @@ class MlflowStudyLogger(TrainingRunsCallback):
             for m in self.tracker.client.get_metric_history(run.run_id, self.study.cfg.metric)
             if math.isfinite(m.value)
         ]
-        if history:
-            value = max(history) if self.study.cfg.mode == "max" else min(history)
+        value = self.study.objective.best(history)
+        if value is not None:
             tags[tag.best(self.study.cfg.metric)] = f"{value:.6g}"
         if self.study.cfg.seeds > 1:
             tags[tag.SEED_VALUES] = json.dumps(self._seed_values(run.run_id))
@@ -136,11 +135,14 @@ class MlflowStudyLogger(TrainingRunsCallback):
     def _seed_values(self, run_id: str) -> dict[str, float]:
         """Each seed's metric at the epoch where the seed mean was best."""
         client = self.tracker.client
-        metric, sign = self.study.cfg.metric, 1 if self.study.cfg.mode == "max" else -1
-        mean = [m for m in client.get_metric_history(run_id, metric) if math.isfinite(m.value)]
-        if not mean:
+        metric = self.study.cfg.metric
+        # the first epoch where the mean was best
+        best = self.study.objective.best_of(
+            sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step), lambda m: m.value
+        )
+        if best is None:
             return {}
-        step = max(mean, key=lambda m: (sign * m.value, -m.step)).step
+        step = best.step
         out = {}
         for seed in self.study.seeds():
             for m in client.get_metric_history(run_id, seed_key(seed, metric)):

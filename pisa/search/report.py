@@ -74,7 +74,7 @@ def optuna_study(outcome, study):
     space = study.cfg.search_space
     dists = {key: dist.optuna_distribution() for key, dist in space.items()}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ostudy = optuna.create_study(direction="maximize" if study.cfg.mode == "max" else "minimize")
+    ostudy = optuna.create_study(direction=study.objective.direction)
     for t in outcome.trials:
         if t.status == Status.FAILED or t.metric is None or not math.isfinite(t.metric):
             continue

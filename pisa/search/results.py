@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .. import tracking
 from ..core import storage
 from ..core.errors import PisaError, StudyError
+from ..core.objective import Objective
 from ..tracking import tags as tag
 from ..tracking.tags import RunStatus, Status
 from .fidelity import Fidelity, measure
@@ -146,7 +147,7 @@ def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]
     return out
 
 
-def collect(name: str, uri: str, experiment: str, parent: str, metric: str, mode: str) -> StudyOutcome:
+def collect(name: str, uri: str, experiment: str, parent: str, metric: str, mode: Literal["max", "min"]) -> StudyOutcome:
     """The study's trials from MLflow, best first."""
     runs = tracking.tracker(uri).children(experiment, parent)
     trials = []
@@ -169,10 +170,8 @@ def collect(name: str, uri: str, experiment: str, parent: str, metric: str, mode
                 seed_values={int(k): float(v) for k, v in json.loads(tags.get(SEED_VALUES_TAG, "{}")).items()},
             )
         )
-    sign = -1 if mode == "max" else 1
-    trials.sort(
-        key=lambda t: (t.status == Status.FAILED, t.metric is None, sign * (t.metric if t.metric is not None else 0.0))
-    )
+    objective = Objective(metric, mode)
+    trials.sort(key=lambda t: (t.status == Status.FAILED, objective.rank_key(t.metric)))
     return StudyOutcome(name, parent, uri, trials, metric)
 
 

@@ -23,6 +23,7 @@ from ..core.config import (
     set_dotted,
 )
 from ..core.errors import ConfigError, one_line
+from ..core.objective import Objective
 from ..core.progress import say
 from ..planning.packing import (
     WORKER_OVERHEAD_GIB,
@@ -107,6 +108,10 @@ class Study:
         """The seeds every point trains with: the base config's `train.seed` and the next ones."""
         first = self.base_config.train.seed
         return list(range(first, first + self.cfg.seeds))
+
+    @property
+    def objective(self) -> Objective:
+        return Objective(self.cfg.metric, self.cfg.mode)
 
     def trains_in_trial(self, seeds: int | None = None) -> bool:
         """Whether a trial of `seeds` seeds (default: the study's) trains in the Tune trial's own
