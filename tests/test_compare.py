@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import tiny_experiment
+from helpers import mlflow_client, tiny_experiment
 from scipy import stats as sps
 
 from pisa import tracking
@@ -94,7 +94,7 @@ def test_paper_table_resumes_after_a_crash_keeps_a_failed_row_and_matches_mlflow
     assert all(status[("tiny_retina_pisa", s)] == "FAILED" for s in SEEDS)
     assert sum(v == "FINISHED" for v in status.values()) == 6
     # every finished training logged its one epoch once
-    client = tracking.client(uri)
+    client = mlflow_client(uri)
     final: dict[tuple[str, int], float] = {}
     for r in runs:
         if r.info.status == "FINISHED":
@@ -188,16 +188,17 @@ def test_the_shipped_paper_configs_pair_up_with_their_published_aps():
     entries, pairs = paper_entries(REPO / "configs", None)
     table = {
         p.row: (
-            entries[p.baseline].config.reference.metrics["bbox_mAP"],
-            entries[p.pisa].config.reference.metrics["bbox_mAP"],
+            entries[p.baseline].config.reference.metrics.get("bbox_mAP"),
+            entries[p.pisa].config.reference.metrics.get("bbox_mAP"),
         )
         for p in pairs
     }
-    # mmdetection configs/pisa's README table
+    # mmdetection configs/pisa's README table (its Mask R-CNN X-101 PISA row is empty)
     assert table == {
         "faster_rcnn_r50": (0.364, 0.384),
         "faster_rcnn_x101": (0.401, 0.419),
         "mask_rcnn_r50": (0.373, 0.391),
+        "mask_rcnn_x101": (0.411, None),
         "retinanet_r50": (0.356, 0.369),
         "retinanet_x101": (0.390, 0.407),
         "ssd300": (0.256, 0.276),

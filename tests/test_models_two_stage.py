@@ -478,16 +478,22 @@ def test_mixed_precision_training_step():
 
 # bf16 once: emulated bf16 kernels make it minutes on a CPU without bf16 units
 @pytest.mark.parametrize(
-    "sampler, autocast",
-    [("score_hlr", False), ("ohem", False), ("score_hlr", True)],
-    ids=["score_hlr-fp32", "ohem-fp32", "score_hlr-bf16"],
+    "sampler, autocast, roi_align",
+    [
+        ("score_hlr", False, None),
+        ("ohem", False, None),
+        ("score_hlr", True, None),
+        ("score_hlr", False, {"sampling_ratio": 0, "aligned": True}),
+    ],
+    ids=["score_hlr-fp32", "ohem-fp32", "score_hlr-bf16", "score_hlr-aligned"],
 )
-def test_sampled_rois_reuse_the_ranking_pass(sampler, autocast):
+def test_sampled_rois_reuse_the_ranking_pass(sampler, autocast, roi_align):
     """Reusing the ranking pass's pooled features and head outputs for the sampled RoIs gives
-    the losses and gradients of a second forward pass over them."""
+    the losses and gradients of a second forward pass over them (mmdetection 2.x's aligned
+    RoIAlign too)."""
     import copy
 
-    cfg = tiny_cfg(sampler=sampler, isr_p={"enabled": True}, carl={"enabled": True})
+    cfg = tiny_cfg(sampler=sampler, isr_p={"enabled": True}, carl={"enabled": True}, roi_align=roi_align)
     torch.manual_seed(0)
     reused = build_detector(cfg, NUM_CLASSES).train()
     recomputed = copy.deepcopy(reused)

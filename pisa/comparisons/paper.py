@@ -98,6 +98,7 @@ def paper_rows(result: Validation, entries: list[Entry], pairs: list[PaperPair])
                 "verdict": verdict(pisa.vs_baseline, result.mode) if d and d.n else "failed",
                 "reference_baseline": rb,
                 "reference_pisa": rp,
+                "reference_pisa_published": ref_pisa.published if ref_pisa else True,
                 "reference_diff": rp - rb if rb is not None and rp is not None else None,
                 "epochs": epochs,
                 "images": epochs * images if images is not None else None,
@@ -131,7 +132,8 @@ def format_paper(result: Validation, rows: list[dict[str, Any]]) -> str:
             diff = f"{100 * r['diff']:+.2f}"
             if r["diff_ci_low"] is not None:
                 diff += f" [{100 * r['diff_ci_low']:+.2f}, {100 * r['diff_ci_high']:+.2f}]"
-        ref = f"{_ap(r['reference_baseline'])} -> {_ap(r['reference_pisa'])}"
+        published = r.get("reference_pisa_published", True)  # false: the reference has no result
+        ref = f"{_ap(r['reference_baseline'])} -> {_ap(r['reference_pisa']) if published else 'not published'}"
         if r["reference_diff"] is not None:
             ref += f" ({100 * r['reference_diff']:+.1f})"
         trained = f"{r['epochs']} epochs" + (f", {r['images']:,} images" if r["images"] is not None else "")

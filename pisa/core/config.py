@@ -28,6 +28,7 @@ __all__ = [
     "ISRNConfig",
     "CARLConfig",
     "BoxLossConfig",
+    "RoIAlignConfig",
     "ModelConfig",
     "SyntheticConfig",
     "DataConfig",
@@ -91,6 +92,15 @@ class BoxLossConfig(StrictModel):
     beta: float = Field(1.0, gt=0, description="smooth-L1 transition point (unused by l1)")
 
 
+class RoIAlignConfig(StrictModel):
+    """Two-stage RoIAlign sampling. Unset in `model.roi_align`: torchvision's (2 samples per
+    bin, aligned=False, mmdetection 1.x's); mmdetection 2.x's base configs use 0 (adaptive) and
+    aligned=True (half-pixel shift, no 1-pixel minimum RoI size)."""
+
+    sampling_ratio: int = Field(0, ge=0, description="samples per bin side; 0 = adaptive (ceil(roi/bin))")
+    aligned: bool = True
+
+
 TORCHVISION_BOX_HEAD_WIDTH = 1024  # the box head FasterRCNN builds when given none (the paper's)
 TORCHVISION_FPN_CHANNELS = 256  # torchvision's FPN width (mmdetection's FPN out_channels, the paper's)
 
@@ -107,6 +117,12 @@ class ModelConfig(StrictModel):
     )
     norm: Literal["auto", "frozen_bn", "bn", "gn"] = Field(
         "auto", description="auto: frozen BN with pretrained weights, trainable BN from scratch"
+    )
+    frozen_bn_affine: bool = Field(
+        False,
+        description="frozen BN's scale and shift train in the trainable stages (mmdetection's BN with "
+        "norm_eval=True: statistics frozen, affine trained); false: torchvision's FrozenBatchNorm2d, "
+        "both frozen",
     )
     trainable_backbone_layers: int = Field(3, ge=0, le=5)
     min_size: int = Field(800, ge=32)
@@ -127,6 +143,14 @@ class ModelConfig(StrictModel):
     box_loss: BoxLossConfig | None = Field(
         None, description="box regression loss; None keeps the detector's torchvision loss"
     )
+    rpn_box_loss: BoxLossConfig | None = Field(
+        None,
+        description="two-stage: the RPN's box loss; None keeps torchvision's smooth-L1 beta 1/9 "
+        "(mmdetection 1.x's; 2.x's base configs use L1)",
+    )
+    roi_align: RoIAlignConfig | None = Field(
+        None, description="two-stage: RoIAlign sampling of the box and mask heads; None keeps torchvision's"
+    )
     box_head_width: int = Field(
         TORCHVISION_BOX_HEAD_WIDTH,
         ge=16,
@@ -144,6 +168,12 @@ class ModelConfig(StrictModel):
     # inference
     score_thresh: float = Field(0.05, ge=0, lt=1)
     detections_per_img: int = Field(100, ge=1)
+    nms_pre: int | None = Field(
+        None,
+        ge=1,
+        description="SSD test: per feature level, the anchors with the highest foreground score kept "
+        "before NMS (mmdetection's nms_pre); None keeps torchvision's 400 candidates per class",
+    )
     diagnostics: bool = Field(True, description="keep the last step's ISR-P/CARL weights for logging")
 
     @model_validator(mode="after")
@@ -164,6 +194,10 @@ class ModelConfig(StrictModel):
             raise ValueError("backbone 'vgg16' is only for ssd300/ssd512")
         if self.max_size < self.min_size:
             raise ValueError("max_size must be >= min_size")
+        if not two_stage and (self.rpn_box_loss is not None or self.roi_align is not None):
+            raise ValueError(f"rpn_box_loss and roi_align are for two-stage detectors; '{self.detector}' has neither")
+        if self.nms_pre is not None and not self.detector.startswith("ssd"):
+            raise ValueError(f"nms_pre is for ssd300/ssd512; '{self.detector}' keeps torchvision's candidates")
         return self
 
     @property
@@ -206,6 +240,11 @@ class DataConfig(StrictModel):
     )
     val_limit: int | None = Field(None, ge=1, description="evaluate on the first N val images only")
     train_limit: int | None = Field(None, ge=1, description="train on the first N train images only")
+    skip_empty_train: bool = Field(
+        True,
+        description="leave training images without annotations out (mmdetection's filter_empty_gt); "
+        "validation keeps every image",
+    )
 
     @model_validator(mode="after")
     def _fill_from_synthetic(self) -> DataConfig:
@@ -244,6 +283,11 @@ class TrainConfig(StrictModel):
     gamma: float = Field(0.1, gt=0, le=1)
     momentum: float | None = Field(None, ge=0, lt=1)
     weight_decay: float | None = Field(None, ge=0)
+    decay_norm_and_bias: bool = Field(
+        False,
+        description="weight decay on every parameter, biases and norm scales included (mmdetection's "
+        "SGD without paramwise_cfg); false: none on 1-D parameters",
+    )
     warmup_iters: int | None = Field(None, ge=0)
     warmup_ratio: float | None = Field(None, gt=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
@@ -301,7 +345,12 @@ class TrainConfig(StrictModel):
             if value is not None:
                 out[key] = value
         out["milestones"] = tuple(out["milestones"])
-        return Schedule(**out, gamma=self.gamma, total_batch=self.workers * self.images_per_worker)
+        return Schedule(
+            **out,
+            gamma=self.gamma,
+            total_batch=self.workers * self.images_per_worker,
+            decay_norm_and_bias=self.decay_norm_and_bias,
+        )
 
 
 class TrackingConfig(StrictModel):
@@ -325,13 +374,25 @@ class TrackingConfig(StrictModel):
 
 class ReferenceConfig(StrictModel):
     """The published result a config reproduces: `pisa paper` prints it beside what was
-    trained. A PISA config names its baseline config (a file in the same directory)."""
+    trained. A PISA config names its baseline config (a file in the same directory). A set-up
+    the reference ships without a result (Mask R-CNN X-101 PISA) says `published: false`."""
 
     row: str = Field(description="the paper table's row this config belongs to, e.g. faster_rcnn_r50")
     source: str = Field(description="where the numbers and the set-up come from")
-    metrics: dict[str, float] = Field(description="the reference's final metrics, e.g. {bbox_mAP: 0.384}")
+    published: bool = Field(True, description="false: the reference publishes no metrics for this set-up")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="the reference's final metrics, e.g. {bbox_mAP: 0.384}"
+    )
     baseline: str | None = Field(None, description="for a PISA config: its baseline config's file name")
     budget: str = Field("COCO 2017 train, 12 epochs", description="what the reference trained on, for how long")
+
+    @model_validator(mode="after")
+    def _metrics_or_unpublished(self) -> ReferenceConfig:
+        if self.published and not self.metrics:
+            raise ValueError("metrics: give the published metrics, or published: false if there are none")
+        if not self.published and self.metrics:
+            raise ValueError("metrics: a set-up with published: false has no metrics")
+        return self
 
 
 class ExperimentConfig(StrictModel):

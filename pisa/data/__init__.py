@@ -63,7 +63,8 @@ def build_dataset(
 
     `train` switches on the `cfg.augment` preset (random flipping with `cfg.flip_prob`, and
     SSD's photometric distortion, zoom-out and crop for `ssd`); `cfg.train_limit`/`cfg.val_limit`
-    keep the first N images (sorted by image id) of the split. `fixed_size` is the square input
+    keep the first N images (sorted by image id) of the split; the train split leaves images
+    without annotations out with `cfg.skip_empty_train`. `fixed_size` is the square input
     of a fixed-size detector (`pisa.models.fixed_input_size`): images leave the loader at it.
     """
     if split not in ("train", "val"):
@@ -82,4 +83,5 @@ def build_dataset(
         with_masks=with_masks,
         bad_boxes=cfg.bad_boxes,
         limit=limit,
+        skip_empty=split == "train" and cfg.skip_empty_train,
     )

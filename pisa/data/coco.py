@@ -214,7 +214,10 @@ class CocoDetection(Dataset):
         with_masks: bool = False,
         bad_boxes: Literal["error", "skip"] = "error",
         limit: int | None = None,
+        skip_empty: bool = False,
     ) -> None:
+        """`skip_empty` leaves out images without any annotation (crowd ones count), as
+        mmdetection's training sets do (`filter_empty_gt`); `limit` then keeps the first N."""
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
@@ -227,6 +230,9 @@ class CocoDetection(Dataset):
         self.cat_names = [str(self.coco.cats[cid]["name"]) for cid in cat_ids]
 
         ids = sorted(self.coco.imgs)
+        if skip_empty:
+            annotated = {ann["image_id"] for ann in self.coco.anns.values()}
+            ids = [i for i in ids if i in annotated]
         if limit is not None:
             if limit < 1:
                 raise ValueError(f"limit must be >= 1, got {limit}")

@@ -32,7 +32,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from pisa.core.config import TORCHVISION_FPN_CHANNELS, ModelConfig
 from pisa.core.errors import BackboneLoadError
 
-__all__ = ["build_backbone", "resolve_norm", "load_trunk_weights", "BackboneLoadError"]
+__all__ = ["AffineFrozenBatchNorm2d", "build_backbone", "resolve_norm", "load_trunk_weights", "BackboneLoadError"]
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,25 @@ def resolve_norm(cfg: ModelConfig) -> str:
     return cfg.norm
 
 
-def _norm_layers(norm: str, bn_eps: float = 1e-5, bn_momentum: float = 0.1):
-    """(trunk norm layer, FPN norm layer or None) for a norm name."""
+class AffineFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """Frozen statistics, trainable scale and shift: mmdetection's BN with `norm_eval=True` and
+    `requires_grad=True`. Not a `_BatchNorm`, so SyncBatchNorm conversion leaves it alone, and
+    the state-dict keys are FrozenBatchNorm2d's (checkpoints load either way)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__(num_features, eps)
+        weight, bias = self._buffers.pop("weight"), self._buffers.pop("bias")
+        assert weight is not None and bias is not None
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+
+
+def _norm_layers(norm: str, bn_eps: float = 1e-5, bn_momentum: float = 0.1, affine: bool = False):
+    """(trunk norm layer, FPN norm layer or None) for a norm name; `affine`: frozen BN whose
+    scale and shift train."""
     match norm:
         case "frozen_bn":
-            return FrozenBatchNorm2d, None
+            return (AffineFrozenBatchNorm2d if affine else FrozenBatchNorm2d), None
         case "bn":
             return partial(nn.BatchNorm2d, eps=bn_eps, momentum=bn_momentum), None
         case "gn":
@@ -187,8 +201,8 @@ def build_backbone(
     is_mobilenet = cfg.backbone == "mobilenet_v3_fpn"
     # MobileNetV3's own BN settings suit its pretrained statistics; from scratch their slow
     # momentum (0.01) leaves the running statistics far behind the weights in short runs
-    bn_args = dict(bn_eps=0.001, bn_momentum=0.01) if is_mobilenet and cfg.pretrained_backbone else {}
-    trunk_norm, fpn_norm = _norm_layers(norm, **bn_args)
+    eps, momentum = (0.001, 0.01) if is_mobilenet and cfg.pretrained_backbone else (1e-5, 0.1)
+    trunk_norm, fpn_norm = _norm_layers(norm, eps, momentum, affine=cfg.frozen_bn_affine)
     model = _build_trunk(cfg.backbone, trunk_norm)
 
     if cfg.pretrained_backbone:

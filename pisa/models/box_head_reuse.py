@@ -21,6 +21,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input
 
+from pisa.models.roi_align import AlignedMultiScaleRoIAlign
+
 __all__ = ["HeadPass", "can_reuse", "forward_all", "reuse_sampled"]
 
 
@@ -36,7 +38,11 @@ class HeadPass:
 
 
 def can_reuse(pool: nn.Module, head: nn.Module, predictor: nn.Module) -> bool:
-    return type(pool) is MultiScaleRoIAlign and type(head) is TwoMLPHead and type(predictor) is FastRCNNPredictor
+    return (
+        type(pool) in (MultiScaleRoIAlign, AlignedMultiScaleRoIAlign)
+        and type(head) is TwoMLPHead
+        and type(predictor) is FastRCNNPredictor
+    )
 
 
 @torch.no_grad()
@@ -72,7 +78,8 @@ def reuse_sampled(
         if len(maps) > 1
         else torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
     )
-    geometry = (rois, levels, list(pool.scales), pool.output_size, pool.sampling_ratio, cached.x.dtype)
+    aligned = getattr(pool, "aligned", False)  # torchvision's MultiScaleRoIAlign: False
+    geometry = (rois, levels, list(pool.scales), pool.output_size, pool.sampling_ratio, aligned, cached.x.dtype)
     params = (
         head.fc6.weight,
         head.fc6.bias,
@@ -124,7 +131,7 @@ class _ReusedBoxHead(torch.autograd.Function):
         g_z6 = g_h6 * (h6 > 0)
         g_x, g_w6, g_b6 = _linear_grads(g_z6, x, w6)
 
-        rois, levels, scales, output_size, sampling_ratio, _ = ctx.geometry
+        rois, levels, scales, output_size, sampling_ratio, aligned, _ = ctx.geometry
         g_pooled = g_x.float().reshape(g_x.shape[0], -1, *output_size)
         g_maps = []
         for level, ((shape, map_dtype), scale) in enumerate(zip(ctx.map_shapes, scales)):
@@ -141,7 +148,7 @@ class _ReusedBoxHead(torch.autograd.Function):
                 height,
                 width,
                 sampling_ratio,
-                False,
+                aligned,
             )
             g_maps.append(g.to(map_dtype))
         return (None, None, None, None, None, None, g_w6, g_b6, g_w7, g_b7, g_wc, g_bc, g_wb, g_bb, *g_maps)

@@ -9,12 +9,14 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.roi_heads import RoIHeads
 
-from pisa.core.config import TORCHVISION_BOX_HEAD_WIDTH, ModelConfig
+from pisa.core.config import TORCHVISION_BOX_HEAD_WIDTH, ModelConfig, RoIAlignConfig
 from pisa.models.backbones import build_backbone
 from pisa.models.fixed_size import PisaRPN, PisaTransform
-from pisa.models.pisa_loss import DiagnosticsMixin, collect_diagnostics
+from pisa.models.pisa_loss import DiagnosticsMixin, box_loss_fn, collect_diagnostics
 from pisa.models.retinanet import build_retinanet
+from pisa.models.roi_align import AlignedMultiScaleRoIAlign
 from pisa.models.roi_heads import PisaRoIHeads
 from pisa.models.ssd import build_ssd, fixed_input_size
 
@@ -59,11 +61,21 @@ def _two_stage(cls: type[FasterRCNN], cfg: ModelConfig, num_classes: int) -> Fas
         pooled = model.backbone.out_channels * resolution**2
         model.roi_heads.box_head = TwoMLPHead(pooled, cfg.box_head_width)
         model.roi_heads.box_predictor = FastRCNNPredictor(cfg.box_head_width, num_classes + 1)
+    if cfg.roi_align is not None:
+        _set_roi_align(model.roi_heads, cfg.roi_align)
     model.roi_heads = PisaRoIHeads.from_torchvision(model.roi_heads, cfg)
     # the same RPN and transform, selecting with fixed-size ops in training (no host syncs)
-    model.rpn = PisaRPN.from_torchvision(model.rpn)
+    rpn_box_loss = box_loss_fn(cfg.rpn_box_loss, cfg.rpn_box_loss) if cfg.rpn_box_loss else None
+    model.rpn = PisaRPN.from_torchvision(model.rpn, rpn_box_loss)
     model.transform = PisaTransform.from_torchvision(model.transform)
     return model
+
+
+def _set_roi_align(heads: RoIHeads, cfg: RoIAlignConfig) -> None:
+    """The box (and mask) RoI pooling with the configured sampling, levels and sizes kept."""
+    heads.box_roi_pool = AlignedMultiScaleRoIAlign.like(heads.box_roi_pool, cfg.sampling_ratio, cfg.aligned)
+    if heads.mask_roi_pool is not None:
+        heads.mask_roi_pool = AlignedMultiScaleRoIAlign.like(heads.mask_roi_pool, cfg.sampling_ratio, cfg.aligned)
 
 
 def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> nn.Module:

@@ -9,6 +9,8 @@ top-k over random keys with a validity mask, and a masked NMS whose only wait is
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,6 +22,14 @@ from torchvision.ops import nms
 from torchvision.transforms.v2 import functional as TF
 
 from pisa.core.sampling import DrawStream, balanced_sample, image_generator
+
+BoxLossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _torchvision_rpn_box_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """torchvision's RPN box loss, element-wise: smooth-L1 with beta 1/9."""
+    return F.smooth_l1_loss(pred, target, beta=1 / 9, reduction="none")
+
 
 __all__ = ["PisaMatcher", "PisaRPN", "PisaTransform", "level_nms", "pisa_matcher"]
 
@@ -99,9 +109,12 @@ class PisaRPN(RegionProposalNetwork):
 
     _anchor_draws: list[torch.Generator | None] | None = None  # this step's, per image
 
+    box_loss: BoxLossFn | None = None  # None: torchvision's smooth-L1 beta 1/9
+
     @classmethod
-    def from_torchvision(cls, rpn: RegionProposalNetwork) -> PisaRPN:
-        """Wrap the modules and settings of an existing RPN."""
+    def from_torchvision(cls, rpn: RegionProposalNetwork, box_loss: BoxLossFn | None = None) -> PisaRPN:
+        """Wrap the modules and settings of an existing RPN; `box_loss` (element-wise, as
+        `pisa_loss.box_loss_fn` makes) replaces torchvision's smooth-L1 beta 1/9."""
         new = cls(
             rpn.anchor_generator,
             rpn.head,
@@ -117,6 +130,7 @@ class PisaRPN(RegionProposalNetwork):
         new.box_coder = rpn.box_coder
         new.min_size = rpn.min_size
         new.proposal_matcher = pisa_matcher(rpn.proposal_matcher)
+        new.box_loss = box_loss
         return new
 
     def assign_targets_to_anchors(
@@ -205,9 +219,8 @@ class PisaRPN(RegionProposalNetwork):
         sampled_labels = torch.cat(labels)[rows]
         positive = (weight > 0) & (sampled_labels >= 1)
         count = weight.sum().clamp_min(1.0)
-        box_loss = F.smooth_l1_loss(
-            pred_bbox_deltas[rows], torch.cat(regression_targets)[rows], beta=1 / 9, reduction="none"
-        ).sum(1)
+        loss_fn = self.box_loss or _torchvision_rpn_box_loss
+        box_loss = loss_fn(pred_bbox_deltas[rows], torch.cat(regression_targets)[rows]).sum(1)
         # `where`, not a product: a background image's regression targets are infinite
         box_loss = torch.where(positive, box_loss, torch.zeros_like(box_loss))
         objectness_loss = F.binary_cross_entropy_with_logits(

@@ -2,18 +2,20 @@
 
 The head replaces torchvision's per-image loss loops with one pass over the whole batch,
 because ISR-P ranks positives across images (IoU-HLR groups by class over the batch).
-As in the reference PISA RetinaNet, the classification, box and CARL losses are divided by
-the positives of the whole batch averaged over the workers (`num_total_pos`), not per
-image: only then does ISR-P's "keep the positives' total loss" hold for the batch loss.
-Single-stage models get no ISR-N.
+As in the reference PISA RetinaNet (mmdetection's `PISARetinaHead`), the classification, box
+and CARL losses are divided by the positives of this worker's batch (`num_total_pos`, a GPU's
+in the reference), not per image: only then does ISR-P's "keep the positives' total loss" hold
+for the batch loss. P6 is computed from C5 and P7 from P6 without a ReLU between them
+(mmdetection's FPN with `add_extra_convs='on_input'`). Single-stage models get no ISR-N.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.retinanet import (
     RetinaNet,
@@ -21,7 +23,7 @@ from torchvision.models.detection.retinanet import (
     _default_anchorgen,
 )
 from torchvision.ops import sigmoid_focal_loss
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
 from pisa.core.config import BoxLossConfig, ModelConfig
 from pisa.models.backbones import build_backbone, resolve_norm
@@ -31,12 +33,29 @@ from pisa.models.pisa_loss import (
     DiagnosticsMixin,
     PisaLoss,
     box_loss_fn,
-    mean_over_workers,
 )
 
-__all__ = ["PISARetinaNetHead", "PISARetinaNet", "build_retinanet", "TORCHVISION_BOX_LOSS"]
+__all__ = ["P6P7FromC5", "PISARetinaNetHead", "PISARetinaNet", "build_retinanet", "TORCHVISION_BOX_LOSS"]
 
 TORCHVISION_BOX_LOSS = BoxLossConfig(type="l1")  # torchvision's RetinaNet regression loss
+
+
+class P6P7FromC5(ExtraFPNBlock):
+    """P6 = 3x3/2 conv of C5, P7 = 3x3/2 conv of P6, no ReLU between (mmdetection's RetinaNet FPN;
+    torchvision's `LastLevelP6P7` puts a ReLU before P7). Initialised as torchvision's."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
+        self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
+        for module in (self.p6, self.p7):
+            nn.init.kaiming_uniform_(module.weight, a=1)
+            nn.init.zeros_(cast(Tensor, module.bias))
+
+    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        p6 = self.p6(c[-1])
+        p7 = self.p7(p6)
+        return [*p, p6, p7], [*names, "p6", "p7"]
 
 
 class PISARetinaNetHead(RetinaNetHead):
@@ -66,7 +85,7 @@ class PISARetinaNetHead(RetinaNetHead):
         box_coder = self.regression_head.box_coder
         self.pisa.start_step()
         pos = AnchorPositives(targets, matched_idxs)
-        num_total_pos = mean_over_workers(len(pos), cls_logits.device)
+        num_total_pos = max(1, len(pos))  # this worker's positives, as the reference's per GPU
 
         # classification: per-anchor focal loss summed over classes, ignored anchors dropped
         gt_classes_target = torch.zeros_like(cls_logits)
@@ -109,15 +128,14 @@ class PISARetinaNet(DiagnosticsMixin, RetinaNet):
 
 
 def build_retinanet(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """RetinaNet on the configured FPN backbone (P3-P7, as torchvision's retinanet_resnet50_fpn).
+    """RetinaNet on the configured FPN backbone: P3-P5 from C3-C5, P6 and P7 from C5 (`P6P7FromC5`).
 
     `num_classes` counts foreground classes; the head predicts `num_classes + 1` logits so
     that dataset labels 1..K index them directly, as torchvision's COCO RetinaNet does
     (logit 0 is never a positive and never reported as a detection).
     """
-    backbone = build_backbone(
-        cfg, returned_layers=(2, 3, 4), extra_blocks=LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels)
-    )
+    backbone = build_backbone(cfg, returned_layers=(2, 3, 4))
+    backbone.fpn.extra_blocks = P6P7FromC5(backbone.in_channels_list[-1], backbone.out_channels)
     anchor_generator = _default_anchorgen()  # 5 levels x 9 anchors, sizes 32..512
     norm_layer = None if resolve_norm(cfg) == "frozen_bn" else partial(nn.GroupNorm, 32)
     head = PISARetinaNetHead(

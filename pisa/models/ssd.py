@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD, SSDHead, _vgg_extractor, _xavier_init
+from torchvision.ops import boxes as box_ops
 
 from pisa.core.config import BoxLossConfig, ModelConfig
 from pisa.core.errors import BackboneLoadError
@@ -211,12 +212,45 @@ class PISASSDHead(SSDHead):
 
 
 class PISASSD(DiagnosticsMixin, SSD):
-    """torchvision SSD whose loss is computed by the PISA head."""
+    """torchvision SSD whose loss is computed by the PISA head. With `nms_pre` its test-time
+    candidates are mmdetection's: per feature level, the `nms_pre` default boxes of highest
+    foreground score, then every class above `score_thresh` into one class-wise NMS."""
+
+    nms_pre: int | None = None  # None: torchvision's `topk_candidates` per class
+    anchors_per_level: tuple[int, ...] = ()  # default boxes per feature level, in head order
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
         return self.head.compute_loss(
             targets, head_outputs, anchors, matched_idxs, self.box_coder, self.neg_to_pos_ratio
         )
+
+    def postprocess_detections(
+        self, head_outputs: dict[str, Tensor], image_anchors: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        if self.nms_pre is None:
+            return super().postprocess_detections(head_outputs, image_anchors, image_shapes)
+        probs = F.softmax(head_outputs["cls_logits"], dim=-1)[..., 1:]  # (N, A, C) foreground
+        detections = []
+        for deltas, scores, anchors, shape in zip(head_outputs["bbox_regression"], probs, image_anchors, image_shapes):
+            keep = self._candidates(scores.max(dim=1).values)
+            boxes = self.box_coder.decode_single(deltas[keep], anchors[keep])
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)
+            rows, classes = torch.where(scores[keep] > self.score_thresh)
+            box, score, label = boxes[rows], scores[keep][rows, classes], classes + 1
+            final = box_ops.batched_nms(box, score, label, self.nms_thresh)[: self.detections_per_img]
+            detections.append({"boxes": box[final], "scores": score[final], "labels": label[final]})
+        return detections
+
+    def _candidates(self, best: Tensor) -> Tensor:
+        """Indices of the `nms_pre` highest of `best` (A,) within each feature level."""
+        if sum(self.anchors_per_level) != best.numel():
+            raise RuntimeError(f"{best.numel()} default boxes, expected {self.anchors_per_level} per level")
+        assert self.nms_pre is not None
+        out, start = [], 0
+        for level in best.split(list(self.anchors_per_level)):
+            out.append(level.topk(min(self.nms_pre, level.numel())).indices + start)
+            start += level.numel()
+        return torch.cat(out)
 
 
 def fixed_input_size(cfg: ModelConfig) -> int | None:
@@ -264,6 +298,10 @@ def build_ssd(cfg: ModelConfig, num_classes: int) -> nn.Module:
         head=head,
         score_thresh=cfg.score_thresh,
         detections_per_img=cfg.detections_per_img,
+    )
+    model.nms_pre = cfg.nms_pre
+    model.anchors_per_level = tuple(
+        side * side * n for side, n in zip(sizes, anchor_generator.num_anchors_per_location())
     )
     # uint8 inputs, and no resize of an input the loader already brought to the fixed size
     model.transform = PisaTransform.from_torchvision(model.transform)

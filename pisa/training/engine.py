@@ -67,13 +67,14 @@ MAX_DIAGNOSTIC_VALUES = 50_000
 
 
 def build_optimizer(model: nn.Module, schedule: Schedule) -> torch.optim.Optimizer:
-    """SGD as in the paper; no weight decay on norms and biases."""
+    """SGD as in the paper: weight decay on every parameter with `decay_norm_and_bias`
+    (mmdetection's), else none on norms and biases."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
+        (no_decay if p.ndim <= 1 and not schedule.decay_norm_and_bias else decay).append(p)
     # fused: one kernel for all parameters, and it takes the step's non-finite flag on the
     # device (`found_inf`), so a skipped step needs no host read (see `_train_epoch`)
     fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
