@@ -59,7 +59,7 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy pisa
+	$(VENV)/bin/mypy pisa benchmarks
 	$(VENV)/bin/lint-imports
 
 test-fast: $(STAMP)

@@ -22,9 +22,10 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import cast
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from pisa.core.config import ModelConfig
 from pisa.data.grouping import GroupedDistributedSampler
@@ -87,7 +88,11 @@ def main() -> None:
     for workers, images in LAYOUTS:
         plain_pad, plain_px, grouped_pad, grouped_px = [], [], [], []
         for epoch in range(args.epochs):
-            plain = [DistributedSampler(sizes, workers, rank, shuffle=True, seed=args.seed) for rank in range(workers)]
+            # a DistributedSampler reads its dataset's length only
+            dataset = cast("Dataset[tuple[int, int]]", sizes)
+            plain: list[DistributedSampler[tuple[int, int]]] = [
+                DistributedSampler(dataset, workers, rank, shuffle=True, seed=args.seed) for rank in range(workers)
+            ]
             grouped = [
                 GroupedDistributedSampler(groups, workers, rank, images, seed=args.seed) for rank in range(workers)
             ]

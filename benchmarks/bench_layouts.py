@@ -30,10 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_study import SMALL_FASTER_RCNN  # noqa: E402
-
-from pisa.training.engine import run_worker  # noqa: E402
+from pisa.core.small_configs import SMALL_FASTER_RCNN
+from pisa.training.engine import run_worker
 
 LAYOUTS = {"1x4": (1, 4), "2x2": (2, 2), "4x1": (4, 1)}
 
@@ -132,6 +130,11 @@ def layout_losses(runs: dict[str, dict[str, Any]], out: Path) -> dict[str, torch
         for name, cfg in runs.items()
         for rank in range(cfg["train"]["workers"])
     ]
+    # a spawned process imports `_run_process` by its module's name, from this folder when the
+    # module was loaded from its file (tests/test_layouts.py) rather than run as the script
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
     mp.start_processes(_run_process, args=(jobs, str(out)), nprocs=len(jobs), start_method="spawn")
     losses = {}
     for name, cfg in runs.items():

@@ -44,6 +44,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -94,10 +95,10 @@ def epoch_history(uri: str, run_id: str | None) -> dict[str, list[float]]:
         return {}
     from pisa import tracking
 
-    client = tracking.client(uri)
+    tracker = tracking.tracker(uri)
     out = {}
     for key in HISTORY_KEYS:
-        points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        points = sorted(tracker.metric_history(run_id, key), key=lambda m: m.step)
         out[key] = [m.value for m in points]
     return out
 
@@ -182,15 +183,15 @@ def report(runs: list[dict], variants: list[str], seeds: list[int]) -> None:
     for v in variants:
         if v == "baseline":
             continue
-        rows = {r["seed"]: r for r in ok if r["variant"] == v}
-        paired = sorted(set(rows) & set(base))
+        by_seed = {r["seed"]: r for r in ok if r["variant"] == v}
+        paired = sorted(set(by_seed) & set(base))
         for m in METRICS:
             diff_means = None
-            if rows and base:
-                diff_means = statistics.fmean(r["metrics"][m] for r in rows.values()) - statistics.fmean(
+            if by_seed and base:
+                diff_means = statistics.fmean(r["metrics"][m] for r in by_seed.values()) - statistics.fmean(
                     r["metrics"][m] for r in base.values()
                 )
-            diffs = [rows[s]["metrics"][m] - base[s]["metrics"][m] for s in paired]
+            diffs = [by_seed[s]["metrics"][m] - base[s]["metrics"][m] for s in paired]
             wins = sum(d > 0 for d in diffs)
             print(
                 f"{v} - baseline {m}: {fmt(diff_means, None, signed=True)} (difference of the means); "
@@ -298,7 +299,7 @@ def main() -> int:
         t0 = time.time()
         outcome = run_training(cfg, run_name=f"{name}-seed{seed}", tags={"pisa.bench_variant": name})
         wall = time.time() - t0
-        row = {
+        row: dict[str, Any] = {
             "variant": name,
             "seed": seed,
             "status": outcome.status,

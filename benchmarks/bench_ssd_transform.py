@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,11 +75,11 @@ class Reference(DetectionTransform):
     """The loader's transform with the step-by-step implementation swapped in."""
 
     def __call__(self, image: Any, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        transforms_module.ssd_augment = reference_ssd_augment  # type: ignore[assignment]
+        transforms_module.ssd_augment = reference_ssd_augment
         try:
             return super().__call__(image, target)
         finally:
-            transforms_module.ssd_augment = ssd_augment  # type: ignore[assignment]
+            transforms_module.ssd_augment = ssd_augment
 
 
 def data_config(tmp: Path) -> tuple[DataConfig, str]:
@@ -142,4 +141,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -47,6 +47,7 @@ from pisa.data import collate_fn, generate_synthetic
 from pisa.data.coco import CocoDetection
 from pisa.data.transforms import build_transforms
 from pisa.models import build_detector
+from pisa.models.roi_heads import PisaRoIHeads
 from pisa.training.device_plan import DevicePlan, apply_channels_last, make_grad_scaler, optimizer_step, plan_for
 from pisa.training.loaders import build_train_loader, build_train_set, loader_images_per_sec
 
@@ -215,7 +216,9 @@ def main() -> None:
         for name, pisa in variants(args.detector, args.second_pass, args.float_input).items()
     }
     if "isr_n_2nd_pass" in runners:
-        runners["isr_n_2nd_pass"].model.roi_heads.reuse_ranking_pass = False
+        heads = runners["isr_n_2nd_pass"].model.roi_heads
+        assert isinstance(heads, PisaRoIHeads)
+        heads.reuse_ranking_pass = False
 
     for rnd in range(args.warmup + args.steps):
         for name, runner in runners.items():

@@ -43,8 +43,11 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+from pisa.core.small_configs import SMALL_FASTER_RCNN
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "studies" / "quickstart.yaml"
@@ -52,22 +55,6 @@ GOAL = 0.15
 
 
 # ---------------------------------------------------------------- the built-in study
-
-
-# A from-scratch Faster R-CNN small enough for CPU studies at 96 px (bench_layouts starts from it too)
-SMALL_FASTER_RCNN = {
-    "detector": "faster_rcnn",
-    "backbone": "mobilenet_v3_fpn",
-    "norm": "bn",
-    "min_size": 96,
-    "max_size": 96,
-    "rpn_pre_nms_top_n_train": 150,
-    "rpn_post_nms_top_n_train": 150,
-    "rpn_pre_nms_top_n_test": 100,
-    "rpn_post_nms_top_n_test": 100,
-    "rois_per_image": 32,
-    "sampler": "random",
-}
 
 
 def write_builtin_study(root: Path, epochs: int = 4) -> Path:
@@ -167,7 +154,7 @@ def run_one(label: str, study_path: Path, overrides: list[str], keep: bool, load
     workdir = Path(tempfile.mkdtemp(prefix=f"pisa-bench-study-{label}-"))
     base_name = yaml.safe_load(study_path.read_text()).get("name", "study")
     name = f"{base_name}-{label}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    spec = {
+    spec: dict[str, Any] = {
         "study": str(study_path),
         "load_cwd": str(load_cwd),
         "workdir": str(workdir),
@@ -212,13 +199,13 @@ def measure(info: dict) -> dict:
     from pisa.search.results import collect
 
     uri = info["uri"]
-    c = tracking.client(uri)
+    tracker = tracking.tracker(uri)
     outcome = collect(info["name"], uri, info["experiment"], info["parent_run_id"], info["metric"], info["mode"])
     trials = []
     for t in outcome.trials:
-        run = c.get_run(t.run_id)
+        run = tracker.run(t.run_id)
         hist = {
-            key: sorted(c.get_metric_history(t.run_id, key), key=lambda m: (m.step, m.timestamp))
+            key: sorted(tracker.metric_history(t.run_id, key), key=lambda m: (m.step, m.timestamp))
             for key in ("time_train_s", "time_eval_s", "epoch")
         }
         train = sum(m.value for m in hist["time_train_s"])
@@ -249,7 +236,7 @@ def measure(info: dict) -> dict:
     conc = info["concurrency"]
     work = sum(t["train_s"] + t["eval_s"] for t in trials)
     spans = sum(t["span_s"] or 0.0 for t in trials)
-    parent = c.get_run(info["parent_run_id"])
+    parent = tracker.run(info["parent_run_id"])
     first_trial = min((t["start"] for t in trials), default=None)
     # every epoch before the last, whatever the scheduler: a FIFO study is the unbiased pilot
     histories = fidelity.metric_histories(uri, [t.run_id for t in outcome.trials], info["metric"])

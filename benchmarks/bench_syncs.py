@@ -23,6 +23,7 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -54,7 +55,7 @@ def count_syncs(runner: Runner, images, targets, seed: int) -> Counter:
 
 
 class _Passthrough:
-    """The session `_train_step` asks for the step's loss: as it is (no faults)."""
+    """The session `train_step` asks for the step's loss: as it is (no faults)."""
 
     @staticmethod
     def step_loss(loss, iteration: int):
@@ -77,28 +78,35 @@ def count_engine_syncs(runner: Runner, images, targets, seed: int) -> dict[str, 
     from types import SimpleNamespace
 
     from pisa.core.config import TrainConfig as _Train
-    from pisa.training.engine import _check_finite, build_optimizer, train_step
+    from pisa.training.engine import Training, _check_finite, build_optimizer, train_step
     from pisa.training.loss_tally import LossTally
+    from pisa.training.session import TrainSession
 
     optimizer = build_optimizer(runner.model, _Train(lr=1e-4, base_batch=2, images_per_worker=2, workers=1).resolved())
-    t = SimpleNamespace(
-        model=runner.model,
-        device=torch.device("cpu"),
-        plan=runner.plan,
-        optimizer=optimizer,
-        scaler=None,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0),
-        cfg=SimpleNamespace(train=SimpleNamespace(grad_clip=None)),
-        iteration=0,
+    # the fields of a worker's `Training` that `train_step` reads, and a session that only hands
+    # it the step's loss: stand-ins, not the loop's whole state
+    t = cast(
+        Training,
+        SimpleNamespace(
+            model=runner.model,
+            device=torch.device("cpu"),
+            plan=runner.plan,
+            optimizer=optimizer,
+            scaler=None,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0),
+            cfg=SimpleNamespace(train=SimpleNamespace(grad_clip=None)),
+            iteration=0,
+        ),
     )
+    session = cast(TrainSession, _Passthrough())
     tally = LossTally(torch.device("cpu"))
-    train_step(t, _Passthrough(), tally, images, targets, 0)  # warm-up
+    train_step(t, session, tally, images, targets, 0)  # warm-up
     torch.manual_seed(seed)
     with profile(activities=[ProfilerActivity.CPU]) as plain:
-        train_step(t, _Passthrough(), tally, images, targets, 1)
+        train_step(t, session, tally, images, targets, 1)
     torch.manual_seed(seed)
     with profile(activities=[ProfilerActivity.CPU]) as logging:
-        train_step(t, _Passthrough(), tally, images, targets, 2)
+        train_step(t, session, tally, images, targets, 2)
         _check_finite(tally, 0, 0)
     model = sum(count_syncs(runner, images, targets, seed).values())
     step, at_log = sum(_kinds(plain).values()), sum(_kinds(logging).values())

@@ -1,18 +1,34 @@
 """Helpers the test modules share: the repository root, the tiny training config every
-end-to-end test trains, and a study file around it. (Fixtures live in conftest.py.)"""
+end-to-end test trains, and a study file around it; a benchmark script loaded as a module.
+(Fixtures live in conftest.py.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import yaml
 
 from pisa import tracking
+from pisa.core.small_configs import SMALL_FASTER_RCNN
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))  # the tests train the benchmarks' small configs too
-from bench_study import SMALL_FASTER_RCNN  # noqa: E402
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """`benchmarks/<name>.py` as the module `name`, loaded from its file (the tests of a benchmark's
+    own functions): registered in `sys.modules`, where its dataclasses and pickled functions look
+    their module up."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_experiment(data_dir: Path, work: Path, **train) -> dict:

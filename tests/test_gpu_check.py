@@ -53,7 +53,9 @@ def test_gpu_check_fails_loudly(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys; sys.argv[0] = 'gpu_check'; sys.path.insert(0, 'benchmarks'); import gpu_check as g; "
+            "import importlib.util, sys; sys.argv[0] = 'gpu_check'; "
+            "spec = importlib.util.spec_from_file_location('gpu_check', 'benchmarks/gpu_check.py'); "
+            "g = sys.modules['gpu_check'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(g); "
             "g.DRY_RUN_SIZE['ssd300'] = 64; "
             "sys.exit(g.main(['--device', 'cpu', '--dry-run', '--detectors', 'ssd300', '--skip-train']))",
         ],

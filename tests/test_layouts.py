@@ -12,14 +12,12 @@ real processes with DDP over gloo, as Ray Train sets it up (benchmarks/bench_lay
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import load_benchmark
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-import bench_layouts  # noqa: E402
+bench_layouts = load_benchmark("bench_layouts")
 
 # two epochs of 5 steps: the second epoch's data order and draws cross an epoch boundary
 # (DistributedSampler.set_epoch, PerImageDraws.set_epoch); benchmarks/bench_layouts.py runs 20

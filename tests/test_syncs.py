@@ -9,12 +9,8 @@ the reuse backward of ISR-N) and RetinaNet's variable set of positive anchors (o
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-from helpers import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))
+from helpers import load_benchmark
 
 CEILINGS = {
     ("faster_rcnn", "baseline"): 6,
@@ -27,8 +23,7 @@ CEILINGS = {
 
 @pytest.mark.slow
 def test_host_syncs_per_step_stay_under_their_ceilings():
-    import bench_syncs
-
+    bench_syncs = load_benchmark("bench_syncs")
     counts = bench_syncs.measure(bench_syncs.parse_args(["--size", "128", "--proposals", "200", "--rois", "64"]))
     found = {(d, v): c["total"] for d, by_variant in counts.items() for v, c in by_variant.items()}
     assert set(found) == set(CEILINGS)
