@@ -421,6 +421,7 @@ def test_ray_cluster_example_runs_the_image_without_inline_secrets():
 def test_docker_readme_documents_the_workflow():
     readme = (DOCKER / "README.md").read_text()
     for needle in (
+        "Why one pod per node and not one per GPU",
         "docker compose --env-file docker/.env -f docker/compose.yaml up -d\n",
         "pisa study run",
         "--address auto",
@@ -432,3 +433,59 @@ def test_docker_readme_documents_the_workflow():
         "ray-cluster.example.yaml",
     ):
         assert needle in readme, needle
+
+
+def _ray_resources_of(job: dict) -> dict[str, float]:
+    """What Ray would count on the RayJob's cluster: KubeRay starts each pod with `num-gpus`
+    (else its container's nvidia.com/gpu limit) and its container's CPU limit as `num-cpus`."""
+    cluster = job["spec"]["rayClusterSpec"]
+
+    def pod(params: dict, container: dict) -> tuple[float, float]:
+        limits = container["resources"]["limits"]
+        gpus = float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))
+        return gpus, float(params.get("num-cpus", limits["cpu"]))
+
+    head = cluster["headGroupSpec"]
+    gpus, cpus = pod(head["rayStartParams"], head["template"]["spec"]["containers"][0])
+    for group in cluster["workerGroupSpecs"]:
+        g, c = pod(group["rayStartParams"], group["template"]["spec"]["containers"][0])
+        gpus, cpus = gpus + group["replicas"] * g, cpus + group["replicas"] * c
+    return {"GPU": gpus, "CPU": cpus}
+
+
+def test_kuberay_workers_are_one_pod_per_gpu_node_and_the_plan_sees_8_gpus(tmp_path, monkeypatch):
+    """One worker pod per GPU node holding all its GPUs (as compose.yaml's one container per
+    host): a trial's 8 NCCL ranks share one pod's network namespace and /dev/shm, not sockets."""
+    import ray
+
+    from pisa.planning.cost_plan import plan_study
+    from pisa.search.study import load_study
+
+    job = yaml.safe_load(RAYJOB.read_text())
+    groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert len(groups) == 1
+    (group,) = groups
+    spec = group["template"]["spec"]
+    (container,) = spec["containers"]
+    res = container["resources"]
+    assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == 8  # a whole 8-GPU node
+    assert group["rayStartParams"]["num-gpus"] == "8"
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 1
+    # NCCL's shared-memory transport between the pod's ranks: /dev/shm a memory volume, not 64 MiB
+    shm = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    volume = next(v for v in spec["volumes"] if v["name"] == shm["name"])
+    assert volume["emptyDir"]["medium"] == "Memory" and volume["emptyDir"]["sizeLimit"].endswith("Gi")
+    assert int(volume["emptyDir"]["sizeLimit"][:-2]) >= 32
+
+    # `pisa study plan --address` on that cluster: Ray's totals as KubeRay would start it
+    totals = _ray_resources_of(job)
+    assert totals == {"GPU": 8.0, "CPU": 4.0 + 64.0}
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: totals)
+    study = load_study(
+        REPO / "studies" / "faster_rcnn_r50_coco.yaml",
+        ["resources_per_trial.pack=null", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+    )
+    plan = plan_study(study.workload(), address="ray://pisa-study-head-svc:10001", images=1600)
+    assert plan.cluster.gpus == 8 and "8 GPUs" in plan.cluster.where
+    assert plan.at_once == 1  # one trial of 8 workers x 1 GPU at a time, as the study asks

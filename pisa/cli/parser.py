@@ -69,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GIB",
         help="pack: auto: assume GPUs of GIB GiB (resources_per_trial.gpu_mem_gib); default: this machine's GPU",
     )
+    plan.add_argument(
+        "--images",
+        type=int,
+        metavar="N",
+        help="the training set's images (before data.train_limit); default: counted from the train "
+        "annotation file, else the known size of a standard set (COCO 2017); no image file is needed",
+    )
+    plan.add_argument(
+        "--gpu-type",
+        metavar="TYPE",
+        help="price from the measured rate of this GPU type in benchmarks/data/rates.csv (e.g. h200) "
+        "when there is no probe and no earlier run",
+    )
+    plan.add_argument("--price", type=float, metavar="USD", help="USD per GPU-hour (CPU-hour for CPU trials): the bill")
     plan.set_defaults(func=study_commands.study_plan)
     resume = study.add_parser("resume", help="continue an interrupted study")
     resume.add_argument("name", help="study name (or its directory)")

@@ -31,6 +31,12 @@ def finish_study(outcome, storage_path: str | None = None) -> int:
         else f"open {uri}"
     )
     print(f"compare the trials in the MLflow UI:  {ui}")
+    if outcome.validation is not None:
+        from ..comparisons.table import format_validation
+
+        print(format_validation(outcome.validation))
+    if outcome.answer:
+        print(f"answer: {outcome.answer}")
     if outcome.interrupted:
         where = f" --storage-path {storage_path}" if storage_path and storage_path != "ray_results" else ""
         print(f"study interrupted: continue it with `pisa study resume {outcome.name}{where}`")
@@ -88,9 +94,26 @@ def study_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--gpus: {args.gpus} is not a number of GPUs")
     if args.gpu_mem is not None and not args.gpu_mem > 0:
         raise ConfigError(f"--gpu-mem: {args.gpu_mem} is not a GPU's memory in GiB")
+    if args.images is not None and args.images < 1:
+        raise ConfigError(f"--images: {args.images} is not a number of training images")
+    if args.price is not None and not 0 <= args.price < float("inf"):
+        raise ConfigError(f"--price: {args.price:g} is not a price in USD per GPU-hour")
+    if args.gpu_type is not None:  # before the study is read: `pack: auto` may probe this machine's GPU
+        from ..planning.reference_rates import check_gpu_type, read_rows
+
+        check_gpu_type(args.gpu_type, read_rows())
     gpu_mem = [] if args.gpu_mem is None else [f"resources_per_trial.gpu_mem_gib={args.gpu_mem}"]
     study = load_study(args.study, [*(args.overrides or []), *gpu_mem])
-    print(plan_study(study.workload(), gpus=args.gpus, address=args.address, probe=args.probe).text(), end="")
+    plan = plan_study(
+        study.workload(),
+        gpus=args.gpus,
+        address=args.address,
+        probe=args.probe,
+        images=args.images,
+        gpu_type=args.gpu_type,
+        price=args.price,
+    )
+    print(plan.text(), end="")
     return 0
 
 
@@ -111,7 +134,8 @@ def study_best(args: argparse.Namespace) -> int:
     from ..comparisons.reproduce import write_best
     from ..search.report import format_ranking
     from ..search.results import fidelity_from_state, outcome_from_state
-    from ..search.state import load_state
+    from ..search.state import load_state, study_from_state
+    from ..search.validate import validation_answer
 
     state = load_state(args.name, args.storage_path)
     outcome = outcome_from_state(args.name, args.storage_path)
@@ -121,7 +145,8 @@ def study_best(args: argparse.Namespace) -> int:
         print("no trial has finished yet", file=sys.stderr)
         return 1
     print(f"best: {best.trial_id} {state.metric}={best.metric:.4f} run {best.run_id}")
-    print(noise_note(outcome, args.name))
+    answer = validation_answer(study_from_state(state))
+    print(f"answer (validated over fresh seeds): {answer}" if answer else noise_note(outcome, args.name))
     fidelity = fidelity_from_state(state, outcome)  # could ASHA's first rung tell the points apart?
     if fidelity is not None and (warning := fidelity.warning()):
         print(warning, file=sys.stderr)
@@ -172,6 +197,7 @@ def study_validate(args: argparse.Namespace) -> int:
         address=args.address,
         verbose=args.verbose,
     )
+    assert result is not None  # only the study's own stage is skipped when done before
     print(format_validation(result))
     print(f"logged to MLflow run {result.run_id} ({result.tracking_uri})")
     return 0 if result.ok else 1

@@ -7,7 +7,9 @@ The arithmetic (`asha_segments`, `schedule_cost`, `make_plan`) is pure; `plan_st
 `plan_at_start` gather its inputs: the cluster (`cluster_capacity`: assumed with `--gpus N`,
 this machine for a local cluster, Ray's view of a joined one), the training set's size, and
 the rate (`training_rate`: a probe on this machine's device, else an earlier run of the same
-model in the MLflow store, else unknown; then everything that needs no rate is still given).
+model in the MLflow store, else with `--gpu-type` a measured row of `benchmarks/data/rates.csv`
+(`reference_rates`), else unknown; then everything that needs no rate is still given). The
+training set's size comes from the annotation files alone (`dataset_size`): no image is opened.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any
 
 from ..core.errors import ConfigError
 from ..trials.capacity import footprint, trainings_that_fit
+from . import reference_rates
 from .cluster_capacity import Cluster, assumed_cluster, local_cluster, ray_cluster
+from .dataset_size import SetSize, training_set_size
 from .training_rate import Rate, rate_from_mlflow, rate_from_probe
 from .workload import Workload
 
@@ -36,6 +40,7 @@ class Cost:
     wave_epochs: int  # epochs one after the other on the cluster, trials run in waves of `at_once`
     hours: float | None  # GPU- or CPU-hours (the study's kind), all seeds
     wall_s: float | None
+    usd: float | None = None  # hours x `--price` (USD per GPU- or CPU-hour), when a price was given
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class Plan:
     rate_note: str = ""  # why there is no rate
     notes: list[str] = field(default_factory=list)
     layout_note: str = ""  # `pack: auto`: the layout it replaced, or that it kept the given one
+    images_source: str = ""  # where `images_per_epoch` came from (the annotation file, a known set, --images)
+    price: float | None = None  # USD per GPU- (or CPU-) hour, `--price`
 
     @property
     def batch(self) -> int:
@@ -88,10 +95,12 @@ class Plan:
             asha = f", ASHA {self.asha.trial_epochs}-{self.fifo.trial_epochs}" if self.asha else ""
             return f"{head}; {self.fifo.trial_epochs} trial-epochs (FIFO){asha}; rate unknown ({self.rate_note})"
         wall = {c.schedule: "?" if c.wall_s is None else f"~{fmt_wall(c.wall_s)}" for c in (self.fifo, self.asha) if c}
-        cost = f"~{fmt_hours(self.fifo.hours)} {self.kind}-hours, {wall['FIFO']} wall (FIFO)"
+        money = {c.schedule: "" if c.usd is None else f" (~{fmt_usd(c.usd)})" for c in (self.fifo, self.asha) if c}
+        cost = f"~{fmt_hours(self.fifo.hours)} {self.kind}-hours{money['FIFO']}, {wall['FIFO']} wall (FIFO)"
         if self.asha is not None:
+            usd = "" if self.asha.usd is None else f" (~{fmt_usd(self.asha.usd)}-{fmt_usd(self.fifo.usd)})"
             cost += (
-                f", ASHA ~{fmt_hours(self.asha.hours)}-{fmt_hours(self.fifo.hours)} {self.kind}-hours, "
+                f", ASHA ~{fmt_hours(self.asha.hours)}-{fmt_hours(self.fifo.hours)} {self.kind}-hours{usd}, "
                 f"{wall[self.asha.schedule]}-{wall['FIFO']} wall"
             )
         return f"{head}; {cost}; rate {self.rate.images_per_sec:.3g} img/s from {self.rate.source}"
@@ -119,6 +128,8 @@ class Plan:
             f"{self.images_per_epoch} images, {self.iters_per_epoch} iterations per worker; {self.epochs} epochs"
             + (f"; ASHA rungs at epochs {', '.join(map(str, self.rungs))}" if self.scheduler == "asha" else ""),
         )
+        if self.images_source:
+            facts.add_row("images", self.images_source)
         if self.rate is not None and self.epoch_s is not None:
             ev = (
                 "evaluation not included"
@@ -131,14 +142,20 @@ class Plan:
             facts.add_row("rate", f"unknown: {self.rate_note}")
 
         costs = Table(box=box.SIMPLE_HEAD)
-        for name in ("schedule", "trial-epochs", "epochs in a row", f"{self.kind}-hours", "wall"):
+        columns = ["schedule", "trial-epochs", "epochs in a row", f"{self.kind}-hours", "wall"]
+        if self.price is not None:
+            columns.append(f"USD at {self.price:g}/{self.kind}-hour")
+        for name in columns:
             costs.add_column(name, justify="left" if name == "schedule" else "right")
         rows = [self.fifo] if self.asha is None else [self.asha, self.fifo]
         for cost in rows:
             label = "ASHA, upper bound = FIFO" if self.asha is not None and cost is self.fifo else cost.schedule
             hours = "?" if cost.hours is None else f"~{fmt_hours(cost.hours)}"
             wall = "?" if cost.wall_s is None else f"~{fmt_wall(cost.wall_s)}"
-            costs.add_row(label, str(cost.trial_epochs), str(cost.wave_epochs), hours, wall)
+            cells = [label, str(cost.trial_epochs), str(cost.wave_epochs), hours, wall]
+            if self.price is not None:
+                cells.append("?" if cost.usd is None else f"~{fmt_usd(cost.usd)}")
+            costs.add_row(*cells)
 
         buf = io.StringIO()
         console = Console(file=buf, width=120, force_terminal=False, color_system=None)
@@ -190,15 +207,18 @@ def schedule_cost(
     at_once: int,
     epoch_s: float | None,
     trial_footprint: float,
+    price: float | None = None,
 ) -> Cost:
     """The bill of `segments` ((trials, epochs) each) with `at_once` trials at a time, each
-    holding `trial_footprint` GPUs (or CPUs) for `epoch_s` seconds per epoch."""
+    holding `trial_footprint` GPUs (or CPUs) for `epoch_s` seconds per epoch; in USD at
+    `price` per GPU- (or CPU-) hour."""
     trial_epochs = sum(n * e for n, e in segments)
     waves = sum(math.ceil(n / at_once) * e for n, e in segments) if at_once > 0 else 0
     if epoch_s is None:
         return Cost(schedule, trial_epochs, waves, None, None)
     hours = trial_epochs * epoch_s * trial_footprint / 3600
-    return Cost(schedule, trial_epochs, waves, hours, waves * epoch_s if at_once > 0 else None)
+    usd = None if price is None else hours * price
+    return Cost(schedule, trial_epochs, waves, hours, waves * epoch_s if at_once > 0 else None, usd)
 
 
 def epoch_seconds(images: int, workers: int, rate: Rate) -> float:
@@ -226,8 +246,11 @@ def make_plan(
     rate: Rate | None,
     rate_note: str = "",
     notes: list[str] | None = None,
+    price: float | None = None,
+    images_source: str = "",
 ) -> Plan:
-    """The plan of `study` on `cluster`, for a training set of `images` at `rate`."""
+    """The plan of `study` on `cluster`, for a training set of `images` at `rate`; the bill in
+    USD too at `price` per GPU- (or CPU-) hour."""
     cfg, exp = work, work.experiment
     res = exp.train
     kind, per_training = footprint(work.experiment.train)
@@ -236,13 +259,13 @@ def make_plan(
     workers, ipw = exp.train.workers, exp.train.images_per_worker
     epoch_s = epoch_seconds(images, workers, rate) if rate is not None else None
     point_footprint = per_training * cfg.seeds  # a point trains its seeds side by side
-    fifo = schedule_cost("FIFO", [(cfg.num_samples, epochs)], at_once, epoch_s, point_footprint)
+    fifo = schedule_cost("FIFO", [(cfg.num_samples, epochs)], at_once, epoch_s, point_footprint, price)
     asha, rungs = None, []
     if work.scheduler == "asha":
         grace, rf = min(work.grace_period, epochs), work.reduction_factor
         rungs = asha_rungs(epochs, grace, rf)
         segments = asha_segments(cfg.num_samples, epochs, grace, rf)
-        asha = schedule_cost("ASHA lower bound", segments, at_once, epoch_s, point_footprint)
+        asha = schedule_cost("ASHA lower bound", segments, at_once, epoch_s, point_footprint, price)
     return Plan(
         study=work.name,
         source=_display_path(work.source),
@@ -266,6 +289,8 @@ def make_plan(
         rate_note=rate_note if rate is None else "",
         notes=[*packing_notes(work), *(notes or [])],
         layout_note=layout_note(work),
+        images_source=images_source,
+        price=price,
     )
 
 
@@ -298,6 +323,13 @@ def fmt_hours(hours: float | None) -> str:
     return f"{hours:.0f}" if hours >= 10 else f"{hours:.1f}" if hours >= 1 else f"{hours:.2g}"
 
 
+def fmt_usd(usd: float | None) -> str:
+    """$1,072; $9.6; $0.41."""
+    if usd is None:
+        return "?"
+    return f"${usd:,.0f}" if usd >= 100 else f"${usd:.3g}"
+
+
 def fmt_wall(seconds: float) -> str:
     """h:mm, rounded up to the minute (a 20 s study is 0:01, not 0:00)."""
     minutes = math.ceil(seconds / 60)
@@ -311,17 +343,30 @@ def fmt_seconds(seconds: float) -> str:
 # ---------------------------------------------------------------- the inputs
 
 
-def training_images(work: Workload) -> int:
-    """The images of one epoch: the training set after `data.train_limit` (the train split of
-    `training.train.prepare_data_sizes`: a study's start has checked both splits already)."""
-    from ..data import build_dataset  # torchvision, pycocotools
+def training_images(work: Workload, images: int | None = None) -> SetSize:
+    """The images of one epoch (after `data.skip_empty_train` and `data.train_limit`), counted
+    from the train annotation file alone, else a standard set's known size, else `images`
+    (`--images N`, which also overrides both): no image file is opened (`dataset_size`)."""
+    return training_set_size(work.experiment.data, images)
 
-    return len(build_dataset(work.experiment.data, "train", train=False))
 
-
-def plan_study(work: Workload, *, gpus: int | None = None, address: str | None = None, probe: bool = False) -> Plan:
+def plan_study(
+    work: Workload,
+    *,
+    gpus: int | None = None,
+    address: str | None = None,
+    probe: bool = False,
+    images: int | None = None,
+    gpu_type: str | None = None,
+    price: float | None = None,
+) -> Plan:
     """`pisa study plan`: the cluster (`--gpus N` assumed, else this machine or the cluster at
-    `address`), the training set, and the rate (probed, else from MLflow, else unknown)."""
+    `address`), the training set (`images`, else its annotation file, else a known set), and the
+    rate (probed, else from MLflow, else with `gpu_type` the reference table, else unknown); the
+    bill in USD too at `price` per GPU- (or CPU-) hour. Needs neither the images nor a GPU."""
+    rows = reference_rates.read_rows() if gpu_type is not None else []
+    if gpu_type is not None:
+        gpu_type = reference_rates.check_gpu_type(gpu_type, rows)
     if gpus is not None:
         cluster = assumed_cluster(gpus)
     elif address is not None:
@@ -342,15 +387,25 @@ def plan_study(work: Workload, *, gpus: int | None = None, address: str | None =
         notes.append(f"{message}: the trials wait for more resources")
     if gpus is not None and kind == "CPU":
         notes.append("the trials train on CPUs: --gpus does not change how many run at once")
-    images = training_images(work)
+    size = training_images(work, images)
     rate, rate_note = (rate_from_probe(work), "") if probe else rate_from_mlflow(work)
+    if gpu_type is not None:
+        if kind == "CPU":
+            notes.append(f"the trials train on CPUs: --gpu-type {gpu_type} is not used")
+        elif rate is not None:
+            notes.append(f"--gpu-type {gpu_type}: the reference table is not used, the rate comes from {rate.source}")
+        else:
+            rate, table_note, rate_notes = reference_rates.rate_from_table(work, gpu_type, rows)
+            rate_note = f"{rate_note}; {table_note}" if rate is None else ""
+            notes.extend(rate_notes)
     if rate is not None and rate.device == "cpu" and kind == "GPU":
         notes.append("the probe ran on this machine's CPU, the trials train on GPUs: their rate will differ")
-    return make_plan(work, cluster, images, rate, rate_note, notes)
+    return make_plan(work, cluster, size.images, rate, rate_note, notes, price=price, images_source=size.source)
 
 
 def plan_at_start(work: Workload, uri: str) -> Plan:
     """The plan `pisa study run` starts with: Ray's cluster (already started), the rate of an
     earlier run in the study's store; no probe (it would delay the first trial)."""
     rate, note = rate_from_mlflow(work, uri)
-    return make_plan(work, ray_cluster(), training_images(work), rate, note)
+    size = training_images(work)
+    return make_plan(work, ray_cluster(), size.images, rate, note, images_source=size.source)
