@@ -19,6 +19,11 @@
    GPU when there are 2+), 2 short epochs on a generated data set at the paper's image size,
    then a resume from epoch 1's checkpoint.
 
+On a GPU (not `--dry-run`) each detector that passed appends a row to the reference rates
+`pisa study plan --gpu-type` prices from (`benchmarks/data/rates.csv`, `--rates`; `--no-rates`
+leaves it alone): its img/s and peak memory with the GPU type, precision, layout, commit,
+command, date and the training step's source hash (`pisa.planning.reference_rates`).
+
 Anything that raises, a non-finite loss, a GradScaler that never finds a finite step, or a
 training that does not finish makes the check exit 1, naming what failed. A full run on
 8 GPUs takes a few minutes (most of it starting Ray and the detectors' first iterations).
@@ -31,6 +36,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -39,7 +45,6 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
@@ -49,6 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from pisa.core.config import DataConfig, ExperimentConfig, TrainConfig, load_config
 from pisa.models import build_detector, fixed_input_size
+from pisa.planning import reference_rates
 from pisa.training.device_plan import (
     DevicePlan,
     apply_channels_last,
@@ -126,7 +132,7 @@ def _experiment(name: str) -> ExperimentConfig:
 def _model_config(name: str, dry_run: bool):
     cfg = _experiment(name)
     # random init: no download; trainable BN, as from-scratch training uses
-    update: dict[str, Any] = {"pretrained_backbone": None, "norm": "bn"}
+    update = {"pretrained_backbone": None, "norm": "bn"}
     if dry_run:
         size = DRY_RUN_SIZE.get(name, 64)
         update.update(
@@ -353,6 +359,79 @@ def check_training(work: Path, gpus: int, dry_run: bool, timeout: float) -> dict
     return out
 
 
+# ---------------------------------------------------------------- reference rates
+
+
+def gpu_type_of(device_name: str) -> str:
+    """The table's short name of a card: "NVIDIA H200" -> h200, "NVIDIA A100-SXM4-80GB" -> a100."""
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", device_name)
+    if m:
+        return m.group(1).lower()
+    return re.sub(r"[^a-z0-9]+", "-", device_name.lower().removeprefix("nvidia ")).strip("-")
+
+
+def git_commit(repo: Path = REPO) -> str:
+    """The checkout's short commit, `+dirty` when the training step's sources differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "pisa"], cwd=repo).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+MEASURED = (
+    "gpu_check training step only: random init, trainable BN, 80 classes, one synthetic batch "
+    "(noise images, 1-8 random boxes each), img/s over {timed} iterations after {warmup} warm-up; "
+    "no data loading, no evaluation"
+)
+
+
+def rate_rows(
+    report: Report, *, gpu_type: str, commit: str, date: str, command: str, step_hash: str, iters: int, warmup: int
+) -> list[reference_rates.RateRow]:
+    """The reference-rate rows of a check's passed detectors (one GPU each, its img/s and peak memory)."""
+    rows = []
+    for d in report.detectors:
+        if not d.ok or d.img_per_s <= 0:
+            continue
+        model = _experiment(d.name).model
+        if not d.amp:
+            precision = "fp32"
+        elif "float16" in report.plan.get("amp", "") and "bfloat16" not in report.plan.get("amp", ""):
+            precision = "fp16+gradscaler" if report.plan.get("grad_scaler") else "fp16"
+        else:
+            precision = "bf16"
+        size = d.input_size.split("x", 1)[1] if "x" in d.input_size else d.input_size
+        peak = d.peak_mem_gib if d.peak_mem_gib > 0 else None
+        rows.append(
+            reference_rates.RateRow(
+                config=f"configs/{DETECTORS[d.name]}",
+                detector=model.detector,
+                backbone=model.backbone,
+                gpu=gpu_type,
+                device=report.device,
+                precision=precision,
+                gpus=1,
+                images_per_gpu=d.images_per_step,
+                input=f"{size} synthetic",
+                train_img_per_s=d.img_per_s,
+                eval_s_per_image=None,
+                gpu_mem_peak_gib=peak,
+                gpu_mem_per_image_gib=None if peak is None else peak / d.images_per_step,
+                measured=MEASURED.format(timed=iters - warmup, warmup=warmup),
+                torch=report.torch,
+                commit=commit,
+                date=date,
+                command=command,
+                step_hash=step_hash,
+            )
+        )
+    return rows
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -414,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--train-timeout", type=float, default=420.0, help="seconds per `pisa train`")
     parser.add_argument("--out", type=Path, help="also write the report as JSON here")
+    parser.add_argument(
+        "--rates", type=Path, default=reference_rates.RATES_CSV, help="the reference-rate table rows are appended to"
+    )
+    parser.add_argument("--no-rates", action="store_true", help="append no reference-rate rows")
+    parser.add_argument("--gpu-type", help="the rows' GPU type (default: from the card's name, e.g. h200)")
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -454,6 +538,18 @@ def main(argv: list[str] | None = None) -> int:
             report.training = check_training(Path(tmp), gpus, args.dry_run, args.train_timeout)
 
     print_report(report)
+    if device.type == "cuda" and not args.dry_run and not args.no_rates:
+        rows = rate_rows(
+            report,
+            gpu_type=args.gpu_type or gpu_type_of(where),
+            commit=git_commit(),
+            date=time.strftime("%Y-%m-%d"),
+            command=" ".join(["python", "benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]),
+            step_hash=reference_rates.step_hash(),
+            iters=args.iters,
+            warmup=args.warmup,
+        )
+        print(f"appended {reference_rates.append_rows(rows, args.rates)} row(s) to {args.rates}")
     if args.out:
         args.out.write_text(json.dumps({**asdict(report), "failures": report.failures}, indent=2, default=str))
     if report.failures:
