@@ -45,6 +45,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -132,7 +133,7 @@ def _experiment(name: str) -> ExperimentConfig:
 def _model_config(name: str, dry_run: bool):
     cfg = _experiment(name)
     # random init: no download; trainable BN, as from-scratch training uses
-    update = {"pretrained_backbone": None, "norm": "bn"}
+    update: dict[str, Any] = {"pretrained_backbone": None, "norm": "bn"}
     if dry_run:
         size = DRY_RUN_SIZE.get(name, 64)
         update.update(
