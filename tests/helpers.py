@@ -89,3 +89,9 @@ def write_study(tmp: Path, data_dir: Path, name: str, uri: str | None = None, **
 
 def children(uri: str, experiment: str, parent: str):
     return tracking.tracker(uri).children(experiment, parent)
+
+
+def mlflow_client(uri: str):
+    """MLflow's own client of the store at `uri`: the one pisa's tracker writes through (private to
+    `pisa.tracking`), for the tests that read runs, metrics and artifacts the way MLflow has them."""
+    return tracking.tracker(uri)._client

@@ -7,7 +7,7 @@ import json
 import pickle
 
 import torch
-from helpers import tiny_experiment
+from helpers import mlflow_client, tiny_experiment
 
 from pisa import tracking
 from pisa.core.checkpoint import Checkpoint, checkpoint_files, read_checkpoint, write_checkpoint
@@ -98,7 +98,7 @@ def test_a_training_run_logs_its_config_each_epoch_once_its_checkpoint_and_its_e
     assert run.log_checkpoint(tmp_path / "ckpt") and not run.log_checkpoint(tmp_path)
     run.end(RunStatus.FAILED, status=Status.FAILED, error="boom")
 
-    c = tracking.client(uri)
+    c = mlflow_client(uri)
     got = c.get_run(run.run_id)
     assert got.info.status == "FAILED" and got.info.run_name == "child"
     assert got.data.tags["pisa.kind"] == "train" and got.data.tags["mlflow.parentRunId"] == parent

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import tiny_experiment
+from helpers import mlflow_client, tiny_experiment
 from services import (
     RayCluster,
     ensure_ray_token,
@@ -188,7 +188,7 @@ def test_two_node_study_with_login(work, synthetic_dir, mlflow_login, env, clust
     assert state["tracking_uri"] == mlflow_login.uri
     os.environ.update(MLFLOW_TRACKING_USERNAME=mlflow_login.user, MLFLOW_TRACKING_PASSWORD=PASSWORD)
     try:
-        c = tracking.client(mlflow_login.uri)
+        c = mlflow_client(mlflow_login.uri)
         assert c.get_run(state["parent_run_id"]).info.status == "FINISHED"
         runs = tracking.tracker(mlflow_login.uri).children("tests", state["parent_run_id"])
         assert len(runs) == 2

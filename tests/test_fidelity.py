@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers import write_study
+from helpers import mlflow_client, write_study
 from scipy import stats
 
 from pisa import cli, tracking
@@ -229,11 +229,11 @@ def test_study_best_warns_when_ashas_grace_period_ranks_poorly(store, tmp_path, 
     # another test's: skipped for time)
     monkeypatch.setattr("pisa.search.report.write_plots", lambda *args: [])
     assert cli.main(["study", "report", name, "--storage-path", storage_path]) == 0
-    metrics = tracking.client(store).get_run(parent).data.metrics
+    metrics = mlflow_client(store).get_run(parent).data.metrics
     assert metrics["rung_fidelity.epoch_1"] == pytest.approx(rho)
     assert metrics["rung_fidelity.epoch_2"] == pytest.approx(_expected(2))
     assert metrics["rung_fidelity.finished_trials"] == 4
-    arts = {a.path for a in tracking.client(store).list_artifacts(parent, "report")}
+    arts = {a.path for a in mlflow_client(store).list_artifacts(parent, "report")}
     assert "report/rung_fidelity.csv" in arts
 
 

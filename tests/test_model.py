@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_experiment
+from helpers import mlflow_client, tiny_experiment
 
 from pisa import tracking
 from pisa.cli import main
@@ -57,7 +57,7 @@ def reference_outputs(uri: str, run_id: str, work: Path, images: list[Path]) -> 
     from pisa.core.config import parse_config
     from pisa.models import build_detector
 
-    local = Path(tracking.client(uri).download_artifacts(run_id, "checkpoint", str(work / "ref")))
+    local = Path(mlflow_client(uri).download_artifacts(run_id, "checkpoint", str(work / "ref")))
     cfg = parse_config(json.loads((local / "config.json").read_text()))
     state = torch.load(local / "checkpoint.pt", map_location="cpu", weights_only=True)
     categories = json.loads(Path(cfg.data.train_annotations).read_text())["categories"]
@@ -93,7 +93,7 @@ def test_registered_champion_predicts_like_the_trained_weights(trained, syntheti
 @pytest.mark.slow
 def test_registered_package_holds_weights_config_and_classes_only(trained, synthetic_dir):
     uri, run_id, work = trained
-    c = tracking.client(uri)
+    c = mlflow_client(uri)
     version = c.get_model_version_by_alias(MODEL_NAME, "champion")
     assert version.run_id == run_id
     import mlflow
@@ -167,7 +167,7 @@ def test_predict_from_run_id_and_checkpoint_match_the_registered_model(trained, 
     images = [str(p) for p in val_images(synthetic_dir, 2)]
     by_uri = predict_files(f"models:/{MODEL_NAME}@champion", images, score_thr=0.001, tracking_uri=uri).results
     by_run = predict_files(run_id, images, score_thr=0.001, tracking_uri=uri).results
-    ckpt = tracking.client(uri).download_artifacts(run_id, "checkpoint", str(tmp_path))
+    ckpt = mlflow_client(uri).download_artifacts(run_id, "checkpoint", str(tmp_path))
     by_ckpt = predict_files(ckpt, images, score_thr=0.001).results
     assert by_uri and by_uri == by_run == by_ckpt
 
@@ -213,7 +213,7 @@ def test_train_run_has_lineage_tags_dataset_inputs_and_system_metrics(trained, s
     import torchvision
 
     uri, run_id, _ = trained
-    run = tracking.client(uri).get_run(run_id)
+    run = mlflow_client(uri).get_run(run_id)
     tags = run.data.tags
     assert tags["mlflow.user"]
     assert tags["mlflow.source.name"]

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import tiny_experiment, write_study
+from helpers import mlflow_client, tiny_experiment, write_study
 
 from pisa.core.errors import ConfigError
 from pisa.planning.cluster_capacity import Cluster, assumed_cluster
@@ -256,15 +256,15 @@ def test_study_start_prints_and_logs_the_plan(tmp_path, synthetic_dir, monkeypat
     parent = tracking.tracker(uri).start_run("tests", "study plan", tags={"pisa.kind": "study"})
     # an earlier trial of the same model: its rate prices this study
     experiment = tracking.tracker(uri).experiment_id("tests")
-    _log_run(tracking.client(uri), experiment, study.base_config.flat_params(), [4.0], start=1)
+    _log_run(mlflow_client(uri), experiment, study.base_config.flat_params(), [4.0], start=1)
     monkeypatch.setattr(plan_module, "ray_cluster", lambda: CPUS)  # what Ray, started by then, would say
     _print_start(study, uri, parent)
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("[pisa] plan: "))
     assert "4 trials x 2 epochs, 2 at a time, 8 images/epoch" in line and "rate 4 img/s from run" in line
-    artifacts = {a.path for a in tracking.client(uri).list_artifacts(parent)}
+    artifacts = {a.path for a in mlflow_client(uri).list_artifacts(parent)}
     assert {"plan.txt", "plan.json"} <= artifacts
-    logged = json.loads(Path(tracking.client(uri).download_artifacts(parent, "plan.json", str(tmp_path))).read_text())
+    logged = json.loads(Path(mlflow_client(uri).download_artifacts(parent, "plan.json", str(tmp_path))).read_text())
     assert logged["line"] == line.removeprefix("[pisa] ") and logged["fifo"]["trial_epochs"] == 8
 
 

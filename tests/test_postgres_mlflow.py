@@ -5,9 +5,8 @@ diverges."""
 from __future__ import annotations
 
 import pytest
-from helpers import children, write_study
+from helpers import children, mlflow_client, write_study
 
-from pisa import tracking
 from pisa.search.study import load_study
 from pisa.search.tuner import run_study
 
@@ -38,7 +37,7 @@ def test_study_with_a_diverging_trial_is_stored_in_postgres(
     assert "non-finite loss" in diverged.data.tags["pisa.error"]
     assert run.info.status == "FINISHED"
 
-    c = tracking.client(server.uri)
+    c = mlflow_client(server.uri)
     assert c.get_run(outcome.parent_run_id).info.status == "FINISHED"
     assert run.data.params["model.isr_p.enabled"] == "True"
     history = c.get_metric_history(run.info.run_id, "bbox_mAP")

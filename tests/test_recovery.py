@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 import yaml
-from helpers import tiny_experiment
+from helpers import mlflow_client, tiny_experiment
 from services import ensure_ray_token, start_mlflow_server, start_ray_cluster, start_s3, stop_group, stop_ray_cluster
 
 from pisa import tracking
@@ -241,7 +241,7 @@ def test_study_survives_a_crash_at_every_point(synthetic_dir, tmp_path, s3, ray_
         assert "is gone; continuing from scratch" in out, out[-4000:]  # the repair of leg 4's loss
         assert all(r.info.status in ("FINISHED", "KILLED") for r in _runs(uri, parent))
         assert any(r.data.tags["pisa.status"] == "interrupted" for r in _runs(uri, parent))
-        study_run = tracking.client(uri).get_run(parent)
+        study_run = mlflow_client(uri).get_run(parent)
         assert study_run.info.status == "KILLED" and study_run.data.tags["pisa.status"] == "interrupted"
         listed = subprocess.run(
             PISA + ["study", "list", "--storage-path", root], cwd=tmp_path, capture_output=True, text=True, timeout=120
@@ -265,7 +265,7 @@ def test_study_survives_a_crash_at_every_point(synthetic_dir, tmp_path, s3, ray_
 
 
 def _check_everything_logged_once(uri: str, parent: str) -> None:
-    c = tracking.client(uri)
+    c = mlflow_client(uri)
     assert c.get_run(parent).info.status == "FINISHED"
     runs = _runs(uri, parent)
     trial_ids = [r.data.tags["pisa.trial_id"] for r in runs]
@@ -283,5 +283,5 @@ def _check_best_checkpoint(uri: str, study_dir: str, first, tmp_path: Path) -> N
     not prune an attempt's checkpoints after a restart): a set, not a list, is compared."""
     kept = _checkpoint_epochs(study_dir, first.data.tags["pisa.trial_id"])
     assert set(kept) == {0, 1}, kept
-    art = tracking.client(uri).download_artifacts(first.info.run_id, "checkpoint/checkpoint.pt", str(tmp_path))
+    art = mlflow_client(uri).download_artifacts(first.info.run_id, "checkpoint/checkpoint.pt", str(tmp_path))
     assert torch.load(art, weights_only=True)["epoch"] == 0  # the best epoch, not the last

@@ -301,22 +301,25 @@ def test_built_config_matches_the_reference(row: str, kind: str, tmp_path: Path)
 def test_pisa_paper_says_not_published_for_a_row_without_a_reference_result():
     from types import SimpleNamespace
 
-    from pisa.comparisons.paper import format_paper
+    from pisa.comparisons.paper import PaperRow, format_paper
 
-    row = {
-        "detector": "mask_rcnn_x101",
-        "baseline": 0.41,
-        "pisa": 0.42,
-        "diff": None,
-        "verdict": "failed",
-        "failed": "",
-        "reference_baseline": 0.411,
-        "reference_pisa": None,
-        "reference_pisa_published": False,
-        "reference_diff": None,
-        "epochs": 12,
-        "images": None,
-        "reference_budget": "COCO 2017 train, 12 epochs",
-    }
+    row = PaperRow(
+        detector="mask_rcnn_x101",
+        baseline=0.41,
+        pisa=0.42,
+        diff=None,
+        diff_ci_low=None,
+        diff_ci_high=None,
+        seeds=1,
+        verdict="failed",
+        reference_baseline=0.411,
+        reference_pisa=None,
+        reference_pisa_published=False,
+        reference_diff=None,
+        epochs=12,
+        images=None,
+        reference_budget="COCO 2017 train, 12 epochs",
+        failed="",
+    )
     text = format_paper(SimpleNamespace(study="s", metric="bbox_mAP", seeds=[0]), [row])  # type: ignore[arg-type]
     assert "41.1 -> not published" in text

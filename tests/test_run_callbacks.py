@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from helpers import tiny_experiment, write_study
+from helpers import mlflow_client, tiny_experiment, write_study
 
 from pisa import tracking
 from pisa.comparisons.training_grid import GridLogger, GridTraining, _finish
@@ -46,7 +46,7 @@ def test_the_study_logger_writes_each_trials_run_and_resumes_without_logging_an_
     done.status, failed.status = "TERMINATED", "ERROR"
     logger.on_experiment_end([done, failed, cut])
 
-    c = tracking.client(uri)
+    c = mlflow_client(uri)
     runs = {r.data.tags["pisa.trial_id"]: r for r in tracker.children(experiment, parent)}
     assert set(runs) == {"done", "failed", "cut"}  # the ghost, unknown to the search, is removed
     assert c.get_run(ghost).info.lifecycle_stage == "deleted"
@@ -95,7 +95,7 @@ def test_the_grid_logger_writes_each_trainings_run_and_the_grid_ends_it(syntheti
 
     outcome = _finish(SimpleNamespace(error=None, metrics=_result(1, 0.4), checkpoint=None), cfg, uri, run_id)
     assert outcome.status == "FINISHED" and outcome.run_id == run_id
-    run = tracking.client(uri).get_run(run_id)
+    run = mlflow_client(uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["pisa.grid_job"] == "0"
     assert run.data.tags["pisa.kind"] == "validation_training" and run.data.tags["pisa.seed"] == "3"
     assert "pisa.status" not in run.data.tags
@@ -105,10 +105,10 @@ def test_the_grid_logger_writes_each_trainings_run_and_the_grid_ends_it(syntheti
     two_epochs = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2})})
     cut = _finish(SimpleNamespace(error=None, metrics=_result(1, 0.4), checkpoint=None), two_epochs, uri, run_id)
     assert cut.status == "KILLED" and cut.error == "interrupted"
-    run = tracking.client(uri).get_run(run_id)
+    run = mlflow_client(uri).get_run(run_id)
     assert run.info.status == "KILLED" and run.data.tags["pisa.status"] == "interrupted"
 
     failed = _finish(SimpleNamespace(error=RuntimeError("boom"), metrics={}, checkpoint=None), cfg, uri, run_id)
     assert failed.status == "FAILED" and failed.error == "boom"
-    run = tracking.client(uri).get_run(run_id)
+    run = mlflow_client(uri).get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["pisa.error"] == failed.error

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import children, write_study
+from helpers import children, mlflow_client, write_study
 from scipy import stats as sps
 
 from pisa import cli, tracking
@@ -70,7 +70,7 @@ def test_a_point_trains_every_seed_and_ranks_by_their_mean(seeded_study):
     uri = outcome.tracking_uri
     runs = children(uri, "tests", outcome.parent_run_id)
     assert len(runs) == 2
-    client = tracking.client(uri)
+    client = mlflow_client(uri)
     for run in runs:
         run_id = run.info.run_id
         per_seed = {s: [m.value for m in client.get_metric_history(run_id, f"seed_{s}/train_loss")] for s in (7, 8)}
@@ -120,11 +120,11 @@ def test_validate_compares_with_intervals_and_logs_a_linked_run(seeded_study, mo
     assert "paired diff vs baseline" in out and "baseline" in out
     uri = outcome.tracking_uri
     state = load_state("seeded", tmp / "ray_results")
-    parent = tracking.client(uri).get_run(state.parent_run_id)
+    parent = mlflow_client(uri).get_run(state.parent_run_id)
     vid = parent.data.tags["pisa.validation_run_id"]
-    vrun = tracking.client(uri).get_run(vid)
+    vrun = mlflow_client(uri).get_run(vid)
     assert vrun.data.tags["pisa.study_run_id"] == state.parent_run_id and vrun.info.status == "FINISHED"
-    arts = {a.path for a in tracking.client(uri).list_artifacts(vid, "validation")}
+    arts = {a.path for a in mlflow_client(uri).list_artifacts(vid, "validation")}
     assert {
         "validation/validation.txt",
         "validation/validation.csv",
@@ -132,7 +132,7 @@ def test_validate_compares_with_intervals_and_logs_a_linked_run(seeded_study, mo
         "validation/per_seed.png",
     } <= arts
     # fresh seeds (after the study's 7 and 8), the same for every variant
-    client = tracking.client(uri)
+    client = mlflow_client(uri)
     per_seed = json.loads(Path(client.download_artifacts(vid, "validation/per_seed.json", str(tmp))).read_text())
     variants = sorted({r["variant"] for r in per_seed})
     assert "baseline" in variants and any(v.startswith("paper defaults") for v in variants)

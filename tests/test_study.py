@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import REPO, children, write_study
+from helpers import REPO, children, mlflow_client, write_study
 
 from pisa import cli, tracking
 from pisa.search.paths import study_dir
-from pisa.search.study import load_study
 from pisa.search.schema import PAPER_DEFAULTS
 from pisa.search.state import load_state
+from pisa.search.study import load_study
 from pisa.search.tuner import run_study
 
 PISA = [sys.executable, "-m", "pisa.cli"]
@@ -42,16 +42,16 @@ def test_study_logs_one_parent_and_one_child_per_trial(sqlite_study):
     uri = outcome.tracking_uri
     runs = children(uri, "tests", outcome.parent_run_id)
     assert len(runs) == 4
-    parent = tracking.client(uri).get_run(outcome.parent_run_id)
+    parent = mlflow_client(uri).get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["pisa.kind"] == "study"
-    arts = {a.path for a in tracking.client(uri).list_artifacts(outcome.parent_run_id, "report")}
+    arts = {a.path for a in mlflow_client(uri).list_artifacts(outcome.parent_run_id, "report")}
     assert {"report/trials.csv", "report/trials.html", "report/summary.txt"} <= arts
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.tags["pisa.status"] in ("finished", "stopped_early")
         k, b = float(run.data.params["model.isr_p.k"]), float(run.data.params["model.isr_p.bias"])
         assert 0.5 <= k <= 3.0 and 0.0 <= b <= 0.5
-        hist = tracking.client(uri).get_metric_history(run.info.run_id, "bbox_mAP")
+        hist = mlflow_client(uri).get_metric_history(run.info.run_id, "bbox_mAP")
         assert [m.step for m in sorted(hist, key=lambda m: m.step)] == list(range(1, len(hist) + 1))
         assert len(hist) >= 1
         # the whole config is logged with the same names in every trial
@@ -98,7 +98,7 @@ def test_asha_ranks_and_best_reproduces_exactly(sqlite_study, tmp_path):
     old, new = rows["bbox_mAP"]
     assert old is not None and new == pytest.approx(old, abs=1e-9)
     assert rows["train_loss"][1] == pytest.approx(rows["train_loss"][0], rel=1e-6)
-    run = tracking.client(outcome.tracking_uri).get_run(result.run_id)
+    run = mlflow_client(outcome.tracking_uri).get_run(result.run_id)
     assert run.data.tags["pisa.reproduces"] == target.run_id
 
 
@@ -144,7 +144,7 @@ def _one_trial_histories(tmp: Path, data_dir: Path, name: str, trial_process: st
     assert ("checkpoint.pt" in written) == (trial_process == "ray_train"), written
     (trial,) = outcome.trials
     assert trial.status == "finished", trial.error
-    c = tracking.client(outcome.tracking_uri)
+    c = mlflow_client(outcome.tracking_uri)
     return {
         k: [m.value for m in sorted(c.get_metric_history(trial.run_id, k), key=lambda m: m.step)] for k in RECORDED_KEYS
     }
@@ -345,7 +345,7 @@ def test_trial_runs_carry_lineage_datasets_and_system_metrics(sqlite_study, synt
 @pytest.mark.slow
 def test_parent_run_names_the_best_trial(sqlite_study):
     _, outcome = sqlite_study
-    c = tracking.client(outcome.tracking_uri)
+    c = mlflow_client(outcome.tracking_uri)
     best_value, best_run = max(
         (max(m.value for m in c.get_metric_history(r.info.run_id, "bbox_mAP")), r)
         for r in children(outcome.tracking_uri, "tests", outcome.parent_run_id)
@@ -387,7 +387,7 @@ def test_study_whose_trials_all_fail_exits_nonzero_with_the_common_error(ray_loc
     err = capsys.readouterr().err
     assert "all 2 trials of study doomed failed" in err and "non-finite loss" in err
     state = load_state("doomed", tmp_path / "ray_results")
-    parent = tracking.client(state.tracking_uri).get_run(state.parent_run_id)
+    parent = mlflow_client(state.tracking_uri).get_run(state.parent_run_id)
     assert parent.info.status == "FAILED" and "non-finite loss" in parent.data.tags["pisa.error"]
 
 
@@ -420,7 +420,7 @@ def test_values_logged_to_mlflow_come_back_as_the_search_spaces_values(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = tracking.tracker(uri).start_run("tests", "params")
     tracking.tracker(uri).log_params(run_id, values)
-    logged = tracking.client(uri).get_run(run_id).data.params  # MLflow gives strings back
+    logged = mlflow_client(uri).get_run(run_id).data.params  # MLflow gives strings back
     assert {k: space[k].parse_logged(logged[k]) for k in values} == values
     # and Optuna takes them in its own distributions (it refuses a value outside them)
     dists = {k: d.optuna_distribution() for k, d in space.items()}

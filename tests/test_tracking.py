@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
+from helpers import mlflow_client
+
 from pisa import tracking
 
 
@@ -11,15 +13,15 @@ def test_long_tag_values_are_cut_at_mlflows_limit_not_rejected(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = tracking.tracker(uri).start_run("tests", "long-tag")
     tracking.tracker(uri).set_tags(run_id, {"pisa.error": "x" * 9000, "short": "ok"})
-    tags = tracking.client(uri).get_run(run_id).data.tags
+    tags = mlflow_client(uri).get_run(run_id).data.tags
     assert tags["pisa.error"] == "x" * 8000 and tags["short"] == "ok"
 
 
 def test_a_store_is_written_through_one_client_per_process(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     store = tracking.tracker(uri)
-    assert tracking.tracker(uri) is store and tracking.client(uri) is store.client
-    assert tracking.tracker(f"sqlite:///{tmp_path / 'other.db'}").client is not store.client
+    assert tracking.tracker(uri) is store and mlflow_client(uri) is store._client
+    assert tracking.tracker(f"sqlite:///{tmp_path / 'other.db'}")._client is not store._client
 
 
 def test_runs_nest_and_params_lose_credentials_and_length(tmp_path):
@@ -35,7 +37,7 @@ def test_runs_nest_and_params_lose_credentials_and_length(tmp_path):
     )
     store.start_run("tests", "unrelated")
     assert [r.info.run_id for r in store.children("tests", parent)] == [child]
-    params = store.client.get_run(child).data.params
+    params = store._client.get_run(child).data.params
     assert params["tracking.uri"] == "http://mlflow.example:5000"
     assert params["long"] == "y" * MAX_PARAM_VAL_LENGTH
     assert store.find_runs("no such experiment") == []
@@ -65,5 +67,5 @@ def test_processes_that_create_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     for p in procs:
         p.join(timeout=60)
     assert all(len(o) == 32 for o in outcomes), outcomes  # three run ids, no error
-    runs = tracking.client(uri).search_runs([tracking.client(uri).get_experiment_by_name("tests").experiment_id])
+    runs = mlflow_client(uri).search_runs([mlflow_client(uri).get_experiment_by_name("tests").experiment_id])
     assert sorted(r.info.run_id for r in runs) == sorted(outcomes)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import tiny_experiment
+from helpers import mlflow_client, tiny_experiment
 
 from pisa import tracking
 from pisa.core.config import parse_config
@@ -75,7 +75,7 @@ def full_run(ray_local, synthetic_dir, work) -> FullRun:
 
 
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    return [(m.step, m.value) for m in tracking.client(uri).get_metric_history(run_id, key)]
+    return [(m.step, m.value) for m in mlflow_client(uri).get_metric_history(run_id, key)]
 
 
 def test_two_workers_train_on_the_gpu_code_path_and_report_coco_metrics(full_run):
@@ -98,7 +98,7 @@ def test_two_workers_train_on_the_gpu_code_path_and_report_coco_metrics(full_run
 
 def test_mlflow_run_has_params_metrics_and_artifacts(full_run):
     uri, run_id = full_run.uri, full_run.summary["run_id"]
-    c = tracking.client(uri)
+    c = mlflow_client(uri)
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
     params = run.data.params
@@ -149,7 +149,7 @@ def test_non_finite_loss_stops_with_clear_error(ray_local, synthetic_dir, work):
     # both workers hit it once: no restart from a checkpoint (train.max_failures, 3 by
     # default) repeats a divergence that would only come back
     assert sorted(nan_log.read_text().split("\n")[:-1]) == ["rank 0", "rank 1"]
-    run = tracking.client(cfg.tracking.resolved_uri()).get_run(outcome.run_id)
+    run = mlflow_client(cfg.tracking.resolved_uri()).get_run(outcome.run_id)
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags["pisa.error"]
 
 

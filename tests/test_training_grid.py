@@ -5,7 +5,7 @@ tests/test_seeds.py). Real Ray Tune + Train and MLflow (SQLite); tiny synthetic 
 from __future__ import annotations
 
 import pytest
-from helpers import tiny_experiment
+from helpers import mlflow_client, tiny_experiment
 
 from pisa import tracking
 from pisa.comparisons.training_grid import GridTraining, train_grid
@@ -39,7 +39,7 @@ def test_torch_trainer_trainings_are_tracked_and_a_diverging_one_fails_once(ray_
     )
     ok, failed = outcomes
     assert ok.status == "FINISHED", ok.error
-    client = tracking.client(uri)
+    client = mlflow_client(uri)
     run = client.get_run(ok.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags[NESTED_TAG] == parent and run.data.tags["pisa.seed"] == "3"

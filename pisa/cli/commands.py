@@ -12,6 +12,7 @@ from .study_commands import print_registered
 
 def train(args: argparse.Namespace) -> int:
     from ..core.config import load_config
+    from ..tracking.tags import RunStatus
     from ..training.train import run_training
 
     overrides = list(args.overrides)
@@ -29,7 +30,7 @@ def train(args: argparse.Namespace) -> int:
         source=str(args.config),
     )
     print(outcome.to_json())
-    if outcome.status != "FINISHED":
+    if outcome.status != RunStatus.FINISHED:
         return 1
     if args.register is not None and not outcome.checkpoint_dir:
         print("nothing to register: the training left no checkpoint", file=sys.stderr)
@@ -80,10 +81,11 @@ def predict(args: argparse.Namespace) -> int:
 
 def reproduce(args: argparse.Namespace) -> int:
     from ..comparisons.reproduce import format_comparison, reproduce
+    from ..tracking.tags import RunStatus
 
     result = reproduce(args.source, tracking_uri=args.tracking_uri, address=args.address, overrides=args.overrides)
     print(format_comparison(result))
-    return 0 if result.status == "FINISHED" else 1
+    return 0 if result.status == RunStatus.FINISHED else 1
 
 
 def compare(args: argparse.Namespace) -> int:

@@ -122,7 +122,7 @@ def run_compare(
     if state is None:
         state = _start(name, uri, experiment, (metric, mode), seeds, entries, configs, root, title)
     else:
-        tracking.client(uri).update_run(state.run_id, status=str(RunStatus.RUNNING))
+        tracking.tracker(uri).update_status(state.run_id, RunStatus.RUNNING)
         say(f"continuing compare {name} (MLflow run {state.run_id}): finished trainings stay")
     results = [VariantResult(Variant(e.label, {"config": e.source}, reference=e.reference)) for e in entries]
     jobs = [(seed, i) for seed in seeds for i in range(len(entries))]  # seed-major: cut short, pairs stay whole
@@ -219,7 +219,7 @@ def _start_ray(configs: list[ExperimentConfig], uri: str, address: str | None, v
             key = cfg.data.model_dump_json()
             if key not in sizes:
                 sizes[key] = prepare_data_sizes(cfg)
-        tracking.client(uri)
+        tracking.tracker(uri)  # a new SQLite store creates its tables here
         return [sizes[cfg.data.model_dump_json()] for cfg in configs]
 
     return init_ray_alongside(prepare, address, verbose=verbose, dashboard=False)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 from .. import tracking
 from ..core.config import load_config
@@ -70,7 +69,30 @@ def _ap(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
-def paper_rows(result: Validation, entries: list[Entry], pairs: list[PaperPair]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class PaperRow:
+    """One detector's line of the table (`paper.csv`, in this order): metrics as fractions of 1,
+    None where nothing was measured or published."""
+
+    detector: str
+    baseline: float | None  # trained: the mean over seeds
+    pisa: float | None
+    diff: float | None  # the paired difference PISA - baseline
+    diff_ci_low: float | None
+    diff_ci_high: float | None
+    seeds: int  # paired seeds
+    verdict: str
+    reference_baseline: float | None
+    reference_pisa: float | None
+    reference_pisa_published: bool  # false: the reference has no result for PISA
+    reference_diff: float | None
+    epochs: int
+    images: int | None  # trained: epochs x training images
+    reference_budget: str
+    failed: str  # `seed S: error; ...`
+
+
+def paper_rows(result: Validation, entries: list[Entry], pairs: list[PaperPair]) -> list[PaperRow]:
     """The table's rows: trained (mean, interval of the paired difference, verdict), the
     reference's baseline and PISA metric and difference, the budget trained and the reference's."""
     rows = []
@@ -87,29 +109,29 @@ def paper_rows(result: Validation, entries: list[Entry], pairs: list[PaperPair])
         d = pisa.vs_baseline.difference if pisa.vs_baseline else None
         failed = {**{s: e for s, e in base.failed.items()}, **{s: e for s, e in pisa.failed.items()}}
         rows.append(
-            {
-                "detector": pair.row,
-                "baseline": base.summary.mean if base.summary and base.summary.n else None,
-                "pisa": pisa.summary.mean if pisa.summary and pisa.summary.n else None,
-                "diff": d.mean if d and d.n else None,
-                "diff_ci_low": d.ci_low if d else None,
-                "diff_ci_high": d.ci_high if d else None,
-                "seeds": len(pisa.vs_baseline.seeds) if pisa.vs_baseline else 0,
-                "verdict": verdict(pisa.vs_baseline, result.mode) if d and d.n else "failed",
-                "reference_baseline": rb,
-                "reference_pisa": rp,
-                "reference_pisa_published": ref_pisa.published if ref_pisa else True,
-                "reference_diff": rp - rb if rb is not None and rp is not None else None,
-                "epochs": epochs,
-                "images": epochs * images if images is not None else None,
-                "reference_budget": ref_pisa.budget if ref_pisa else "",
-                "failed": "; ".join(f"seed {s}: {e}" for s, e in sorted(failed.items())),
-            }
+            PaperRow(
+                detector=pair.row,
+                baseline=base.summary.mean if base.summary and base.summary.n else None,
+                pisa=pisa.summary.mean if pisa.summary and pisa.summary.n else None,
+                diff=d.mean if d and d.n else None,
+                diff_ci_low=d.ci_low if d else None,
+                diff_ci_high=d.ci_high if d else None,
+                seeds=len(pisa.vs_baseline.seeds) if pisa.vs_baseline else 0,
+                verdict=verdict(pisa.vs_baseline, result.mode) if d and d.n else "failed",
+                reference_baseline=rb,
+                reference_pisa=rp,
+                reference_pisa_published=ref_pisa.published if ref_pisa else True,
+                reference_diff=rp - rb if rb is not None and rp is not None else None,
+                epochs=epochs,
+                images=epochs * images if images is not None else None,
+                reference_budget=ref_pisa.budget if ref_pisa else "",
+                failed="; ".join(f"seed {s}: {e}" for s, e in sorted(failed.items())),
+            )
         )
     return rows
 
 
-def format_paper(result: Validation, rows: list[dict[str, Any]]) -> str:
+def format_paper(result: Validation, rows: list[PaperRow]) -> str:
     """The table `pisa paper` prints: AP points as in the paper (+1.0 AP = +0.010 of the metric)."""
     from rich.console import Console
     from rich.table import Table
@@ -128,24 +150,24 @@ def format_paper(result: Validation, rows: list[dict[str, Any]]) -> str:
         table.add_column(col)
     for r in rows:
         diff = "-"
-        if r["diff"] is not None:
-            diff = f"{100 * r['diff']:+.2f}"
-            if r["diff_ci_low"] is not None:
-                diff += f" [{100 * r['diff_ci_low']:+.2f}, {100 * r['diff_ci_high']:+.2f}]"
-        published = r.get("reference_pisa_published", True)  # false: the reference has no result
-        ref = f"{_ap(r['reference_baseline'])} -> {_ap(r['reference_pisa']) if published else 'not published'}"
-        if r["reference_diff"] is not None:
-            ref += f" ({100 * r['reference_diff']:+.1f})"
-        trained = f"{r['epochs']} epochs" + (f", {r['images']:,} images" if r["images"] is not None else "")
+        if r.diff is not None:
+            diff = f"{100 * r.diff:+.2f}"
+            if r.diff_ci_low is not None and r.diff_ci_high is not None:
+                diff += f" [{100 * r.diff_ci_low:+.2f}, {100 * r.diff_ci_high:+.2f}]"
+        pisa = _ap(r.reference_pisa) if r.reference_pisa_published else "not published"
+        ref = f"{_ap(r.reference_baseline)} -> {pisa}"
+        if r.reference_diff is not None:
+            ref += f" ({100 * r.reference_diff:+.1f})"
+        trained = f"{r.epochs} epochs" + (f", {r.images:,} images" if r.images is not None else "")
         table.add_row(
-            r["detector"],
-            _ap(r["baseline"]),
-            _ap(r["pisa"]),
+            r.detector,
+            _ap(r.baseline),
+            _ap(r.pisa),
             diff,
-            r["verdict"] + (f" ({r['failed']})" if r["failed"] else ""),
+            r.verdict + (f" ({r.failed})" if r.failed else ""),
             ref,
             trained,
-            r["reference_budget"],
+            r.reference_budget,
         )
     buf = io.StringIO()
     Console(file=buf, width=220, force_terminal=False, color_system=None).print(table)
@@ -156,7 +178,7 @@ def format_paper(result: Validation, rows: list[dict[str, Any]]) -> str:
     return buf.getvalue() + note + "\n"
 
 
-def log_paper(result: Validation, rows: list[dict[str, Any]]) -> None:
+def log_paper(result: Validation, rows: list[PaperRow]) -> None:
     """The table as `paper.txt` and `paper.csv` on the compare's MLflow run."""
     if not result.run_id or not result.tracking_uri:
         return
@@ -164,9 +186,9 @@ def log_paper(result: Validation, rows: list[dict[str, Any]]) -> None:
         out = Path(tmp)
         (out / "paper.txt").write_text(format_paper(result, rows))
         with (out / "paper.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=[c.name for c in fields(PaperRow)])
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(asdict(row) for row in rows)
         tracking.tracker(result.tracking_uri).log_artifacts(
             result.run_id, [out / "paper.txt", out / "paper.csv"], "paper"
         )

@@ -52,7 +52,7 @@ class ReproduceOutcome:
 def run_config_text(uri: str, run_id: str) -> str:
     with tempfile.TemporaryDirectory(prefix="pisa-cfg-") as tmp:
         try:
-            path = tracking.client(uri).download_artifacts(run_id, "config.yaml", tmp)
+            path = tracking.tracker(uri).download_artifact(run_id, "config.yaml", tmp)
         except Exception as exc:
             raise ConfigError(f"run {run_id} in {uri} has no config.yaml artifact ({exc})") from None
         return Path(path).read_text()
@@ -71,7 +71,7 @@ def write_best(uri: str, run_id: str, out: str | Path, metric: str, value: float
 
 
 def _history_at(uri: str, run_id: str, key: str, step: int | None) -> float | None:
-    hist = tracking.client(uri).get_metric_history(run_id, key)
+    hist = tracking.tracker(uri).metric_history(run_id, key)
     if not hist:
         return None
     if step is None:
@@ -106,12 +106,12 @@ def reproduce(
     new_uri = cfg.tracking.resolved_uri()
     epochs_orig = None
     if original and uri:
-        run = tracking.client(uri).get_run(original)
+        run = tracking.tracker(uri).run(original)
         epochs_orig = int(run.data.metrics.get("epoch", 0)) or None
     # a multi-seed trial logs the seed mean; its own value for this seed is `seed_<S>/<key>`
     # (the study metric only): compare with that, and not with means of other metrics
     multi_seed = bool(
-        original and uri and [k for k in tracking.client(uri).get_run(original).data.metrics if k.startswith("seed_")]
+        original and uri and [k for k in tracking.tracker(uri).run(original).data.metrics if k.startswith("seed_")]
     )
     for key in COMPARED:
         new = _history_at(new_uri, outcome.run_id, key, epochs_orig) if outcome.run_id else None

@@ -12,7 +12,7 @@ import csv
 import json
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,30 +114,57 @@ def _ci(s: Summary | None, signed: bool = False) -> str:
     return f"[{_num(s.ci_low, signed)}, {_num(s.ci_high, signed)}]"
 
 
-def table_rows(v: Validation) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class TableRow:
+    """One variant's line of the comparison (`<kind>.csv`, in this order): its summary over
+    seeds and its paired difference to its reference (None: nothing to pair)."""
+
+    variant: str
+    reference: str  # the reference variant's label
+    seeds: int
+    mean: float | None
+    std: float | None
+    ci_low: float | None
+    ci_high: float | None
+    diff_mean: float | None
+    diff_std: float | None
+    diff_ci_low: float | None
+    diff_ci_high: float | None
+    paired_seeds: int | None
+    wins: int | None
+    losses: int | None
+    verdict: str
+    failed_seeds: str  # comma separated
+    params: str  # the variant's params, JSON
+
+    # logged as `<variant>.<field>` metrics on the comparison's run
+    METRICS = ("mean", "std", "ci_low", "ci_high", "diff_mean", "diff_ci_low", "diff_ci_high", "wins")
+
+
+def table_rows(v: Validation) -> list[TableRow]:
     rows = []
     for r in v.results:
         s, p = r.summary, r.vs_baseline
         rows.append(
-            {
-                "variant": r.variant.label,
-                "reference": v.results[r.variant.reference].variant.label,
-                "seeds": s.n if s else 0,
-                "mean": s.mean if s else None,
-                "std": s.std if s else None,
-                "ci_low": s.ci_low if s else None,
-                "ci_high": s.ci_high if s else None,
-                "diff_mean": p.difference.mean if p else None,
-                "diff_std": p.difference.std if p else None,
-                "diff_ci_low": p.difference.ci_low if p else None,
-                "diff_ci_high": p.difference.ci_high if p else None,
-                "paired_seeds": len(p.seeds) if p else None,
-                "wins": p.wins if p else None,
-                "losses": p.losses if p else None,
-                "verdict": verdict(p, v.mode),
-                "failed_seeds": ",".join(map(str, sorted(r.failed))),
-                "params": json.dumps(r.variant.params, sort_keys=True, default=str),
-            }
+            TableRow(
+                variant=r.variant.label,
+                reference=v.results[r.variant.reference].variant.label,
+                seeds=s.n if s else 0,
+                mean=s.mean if s else None,
+                std=s.std if s else None,
+                ci_low=s.ci_low if s else None,
+                ci_high=s.ci_high if s else None,
+                diff_mean=p.difference.mean if p else None,
+                diff_std=p.difference.std if p else None,
+                diff_ci_low=p.difference.ci_low if p else None,
+                diff_ci_high=p.difference.ci_high if p else None,
+                paired_seeds=len(p.seeds) if p else None,
+                wins=p.wins if p else None,
+                losses=p.losses if p else None,
+                verdict=verdict(p, v.mode),
+                failed_seeds=",".join(map(str, sorted(r.failed))),
+                params=json.dumps(r.variant.params, sort_keys=True, default=str),
+            )
         )
     return rows
 
@@ -250,9 +277,9 @@ def write_files(v: Validation, out: Path) -> list[Path]:
     files = [out / f"{v.kind}.txt", out / f"{v.kind}.csv", out / "per_seed.json"]
     files[0].write_text(text)
     with files[1].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=[c.name for c in fields(TableRow)])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(asdict(row) for row in rows)
     per_seed = [
         {
             "variant": r.variant.label,
@@ -280,9 +307,10 @@ def log_validation(v: Validation) -> None:
     metrics: dict[str, float] = {}
     for r, row in zip(v.results, table_rows(v)):
         name = slug(r.variant.label.split(" = ")[0])
-        for key in ("mean", "std", "ci_low", "ci_high", "diff_mean", "diff_ci_low", "diff_ci_high", "wins"):
-            if row[key] is not None:
-                metrics[f"{name}.{key}"] = row[key]
+        for key in TableRow.METRICS:
+            value = getattr(row, key)
+            if value is not None:
+                metrics[f"{name}.{key}"] = value
     tracking.tracker(v.tracking_uri).log_metrics(v.run_id, metrics, step=0)
     with tempfile.TemporaryDirectory(prefix=f"pisa-{v.kind}-") as tmp:
         files = write_files(v, Path(tmp))

@@ -32,7 +32,7 @@ from ..tracking.tags import GRID_JOB, RunStatus, Status
 from ..trials import recovery as trial_recovery
 from ..trials.fit import driver_fault, failing_at_once_on_retry, fit_in_trial, trial_error
 from ..trials.recovery import FAILED_MARK
-from ..trials.run_callback import TrainingRunsCallback
+from ..trials.run_callback import ENDED, TrainingRunsCallback
 from ..trials.seeds import CHECKPOINT_PATH_KEY
 
 if TYPE_CHECKING:
@@ -143,8 +143,8 @@ class GridLogger(TrainingRunsCallback):
     def _finished(self, trial, trials, error: str | None) -> None:
         job = self.key(trial)
         self._stop_system_metrics(trial)
-        # over all the grid's trials (Tune's Trial.TERMINATED / ERROR): a resumed grid counts what finished before
-        done = 1 + sum(t is not trial and t.status in ("TERMINATED", "ERROR") for t in trials)
+        # over all the grid's trials: a resumed grid counts what finished before
+        done = 1 + sum(t is not trial and t.status in ENDED for t in trials)
         t = self.trainings[job]
         if error is not None:
             shown = f"failed: {error}"

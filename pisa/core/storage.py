@@ -65,6 +65,18 @@ def exists(location: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def list_dirs(location: str) -> list[str]:
+    """The names of the folders directly inside `location`, a folder that exists."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(location)
+    return [
+        info.base_name
+        for info in fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        if info.type == pafs.FileType.Directory
+    ]
+
+
 def read_text(location: str) -> str:
     fs, path = _fs(location)
     with fs.open_input_stream(path) as f:

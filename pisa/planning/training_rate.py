@@ -64,19 +64,12 @@ def rate_from_mlflow(work: Workload, uri: str | None = None, max_runs: int = 20)
     where = " and ".join(f"params.`{k}` = '{v.replace(chr(39), chr(39) * 2)}'" for k, v in wanted.items())
     try:
         tracking.check_reachable(uri)
-        client = tracking.client(uri)
-        experiments = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(
-            experiments,
-            f"{where} and metrics.{RATE_METRIC} > 0",
-            max_results=max_runs,
-            order_by=["attributes.start_time DESC"],
-        )
-        for run in runs:
-            rates = _finite(client.get_metric_history(run.info.run_id, RATE_METRIC))
+        store = tracking.tracker(uri)
+        for run in store.newest_runs(f"{where} and metrics.{RATE_METRIC} > 0", max_results=max_runs):
+            rates = _finite(store.metric_history(run.info.run_id, RATE_METRIC))
             if not rates:
                 continue
-            evals = _finite(client.get_metric_history(run.info.run_id, EVAL_METRIC))
+            evals = _finite(store.metric_history(run.info.run_id, EVAL_METRIC))
             name = run.info.run_name or ""
             return (
                 Rate(

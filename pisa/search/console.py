@@ -20,8 +20,10 @@ import time
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 
 from ..core.progress import say
+from ..trials import ray_private
 from ..trials.fit import trial_error
 from .study import Study
 from .trainable import tune_space
@@ -65,7 +67,7 @@ class StudyConsole(Callback):
         early = sum(o == "stopped early" for o in self.outcomes.values())
         failed = sum(o == "failed" for o in self.outcomes.values())
         # a trial whose end is being reported still shows RUNNING in Tune's list
-        running = sum(t.status == "RUNNING" and t.trial_id not in self.outcomes for t in trials)
+        running = sum(t.status == Trial.RUNNING and t.trial_id not in self.outcomes for t in trials)
         elapsed = time.time() - self.start
         say(
             f"progress: {done}/{self.total} trials done ({early} stopped early, {failed} failed), "
@@ -102,8 +104,8 @@ class StudyConsole(Callback):
                 config=tune_space(self.study),
             )
             table.setup(start_time=self.start, total_samples=self.total)
-            table._heartbeat_freq = 0  # this callback keeps the interval
-            table._inferred_metric = ["epoch", self.metric, "train_loss"]  # not the first 4 keys
+            # this callback keeps the interval; the columns are not a result's first 4 keys
+            ray_private.calm_trial_table(table, ["epoch", self.metric, "train_loss"])
             self.table = table
         except Exception:  # an internal Ray API: without it the progress lines remain
             self.table = None

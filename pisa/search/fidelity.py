@@ -175,10 +175,10 @@ def correlations(histories: Mapping[str, Mapping[int, float]], rungs: Iterable[i
 
 def metric_histories(uri: str, run_ids: Iterable[str], metric: str) -> dict[str, dict[int, float]]:
     """Each run's `metric` by epoch (MLflow's step), the latest value where one was logged twice."""
-    c = tracking.client(uri)
+    store = tracking.tracker(uri)
     out = {}
     for run_id in run_ids:
-        history = sorted(c.get_metric_history(run_id, metric), key=lambda m: m.timestamp)
+        history = sorted(store.metric_history(run_id, metric), key=lambda m: m.timestamp)
         out[run_id] = {int(m.step): float(m.value) for m in history}
     return out
 

@@ -107,7 +107,7 @@ class MlflowStudyLogger(TrainingRunsCallback):
         run.stop_system_metrics()
         # before the run is closed: a driver lost after this point resumes without training
         # this trial again, whatever Tune's last snapshot says of it
-        final = epoch_metrics(last) or epoch_metrics(dict(self.tracker.client.get_run(run.run_id).data.metrics))
+        final = epoch_metrics(last) or epoch_metrics(dict(self.tracker.run(run.run_id).data.metrics))
         trial_recovery.write_done_mark(done_mark(self.study, trial.trial_id), dict(final))
         run.end(RunStatus.FINISHED)
         driver_fault("trial_complete")
@@ -121,9 +121,7 @@ class MlflowStudyLogger(TrainingRunsCallback):
             tags[tag.STOPPED_BY] = f"{self.study.cfg.scheduler.type} scheduler after epoch {epochs}"
         # the best epoch from MLflow's history: also right for a trial resumed mid-way
         history = [
-            m.value
-            for m in self.tracker.client.get_metric_history(run.run_id, self.study.cfg.metric)
-            if math.isfinite(m.value)
+            m.value for m in self.tracker.metric_history(run.run_id, self.study.cfg.metric) if math.isfinite(m.value)
         ]
         value = self.study.objective.best(history)
         if value is not None:
@@ -134,18 +132,17 @@ class MlflowStudyLogger(TrainingRunsCallback):
 
     def _seed_values(self, run_id: str) -> dict[str, float]:
         """Each seed's metric at the epoch where the seed mean was best."""
-        client = self.tracker.client
         metric = self.study.cfg.metric
         # the first epoch where the mean was best
         best = self.study.objective.best_of(
-            sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step), lambda m: m.value
+            sorted(self.tracker.metric_history(run_id, metric), key=lambda m: m.step), lambda m: m.value
         )
         if best is None:
             return {}
         step = best.step
         out = {}
         for seed in self.study.seeds():
-            for m in client.get_metric_history(run_id, seed_key(seed, metric)):
+            for m in self.tracker.metric_history(run_id, seed_key(seed, metric)):
                 if m.step == step:
                     out[str(seed)] = m.value
         return out
@@ -156,12 +153,11 @@ class MlflowStudyLogger(TrainingRunsCallback):
         one child run per trial."""
         super().on_experiment_end(trials, **info)
         known = {t.trial_id for t in trials}
-        c = self.tracker.client
         for trial in trials:  # stopped by Ctrl-C or SIGTERM: not left RUNNING in MLflow
             # (a trial that ended has its run ended already; Tune calls a trial it stopped
             # on Ctrl-C TERMINATED too, so MLflow's status is what tells them apart)
             run = self.runs.get(trial.trial_id)
-            if run is not None and c.get_run(run.run_id).info.status == RunStatus.RUNNING:
+            if run is not None and self.tracker.run(run.run_id).info.status == RunStatus.RUNNING:
                 run.end(RunStatus.KILLED, status=Status.INTERRUPTED)
         for found in self.tracker.children(self.study.base_config.tracking.experiment, self.parent_run_id):
             trial_id = found.data.tags.get(tag.TRIAL)
@@ -170,7 +166,7 @@ class MlflowStudyLogger(TrainingRunsCallback):
                     f"removing MLflow run {found.info.run_id} of trial {trial_id}, lost with "
                     f"the previous driver before it was saved (restarted as a new trial)"
                 )
-                c.delete_run(found.info.run_id)
+                self.tracker.delete_run(found.info.run_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._run_for(trial).end(RunStatus.FAILED, status=Status.FAILED, error=trial_error(trial))

@@ -71,8 +71,7 @@ def summarize_parent(uri: str, parent: str, outcome: StudyOutcome) -> None:
     best = outcome.best
     if best is None:
         return
-    c = tracking.client(uri)
-    experiment_id = c.get_run(parent).info.experiment_id
+    experiment_id = tracking.tracker(uri).experiment_of(parent)
     tracking.tracker(uri).log_metrics(parent, {f"best_{outcome.metric}": best.metric}, step=0)
     tags = {
         tag.BEST_RUN_ID: best.run_id,
@@ -111,16 +110,13 @@ class StudyListing:
 def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]:
     """The studies under `storage_path` (one directory each; a local path or a URI such as
     `s3://bucket/pisa`), newest first, read from MLflow."""
-    import pyarrow.fs as pafs
-
     root = storage.normalize(storage_path)
     if not storage.exists(root):
         raise StudyError(f"no study storage at {storage_path}")
-    fs, path = storage._fs(root)
     states: list[StudyState] = []
-    for info in fs.get_file_info(pafs.FileSelector(path)):
-        state_file = storage.join(root, info.base_name, STATE_FILE)
-        if info.type != pafs.FileType.Directory or not storage.exists(state_file):
+    for folder in storage.list_dirs(root):
+        state_file = storage.join(root, folder, STATE_FILE)
+        if not storage.exists(state_file):
             continue
         try:
             states.append(StudyState.model_validate_json(storage.read_text(state_file)))
@@ -131,7 +127,7 @@ def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]
     for st in states:
         uri, parent = st.tracking_uri, st.parent_run_id
         try:
-            run = tracking.client(uri).get_run(parent)
+            run = tracking.tracker(uri).run(parent)
             status = (
                 str(Status.RUNNING)
                 if run.info.status == RunStatus.RUNNING

@@ -194,11 +194,11 @@ def resume_study(
     uri = state.tracking_uri
     check_cluster_setup(address, uri, study.base_config.storage_path, storage.display(state.dir))
     tracking.check_reachable(uri)
-    init_ray_alongside(lambda: tracking.client(uri), address, verbose=verbose, dashboard=not study.trains_in_trial())
+    init_ray_alongside(lambda: tracking.tracker(uri), address, verbose=verbose, dashboard=not study.trains_in_trial())
     _check_trial_fits(study, address)
     if retry_failed:  # their errors may have been fixed (data, a node); let them run again
         _clear_failed_marks(study)
-    tracking.client(uri).update_run(state.parent_run_id, status=str(RunStatus.RUNNING))
+    tracking.tracker(uri).update_status(state.parent_run_id, RunStatus.RUNNING)
     trainable = _trainable(study)
     tuner = tune.Tuner.restore(
         state.dir, trainable=trainable, resume_unfinished=True, resume_errored=retry_failed, restart_errored=False
@@ -211,15 +211,11 @@ def resume_study(
 
 
 def _clear_failed_marks(study: Study) -> None:
-    import pyarrow.fs as pafs
-
     root = trial_storage(study)
     if not storage.exists(root):
         return
-    fs, path = storage._fs(root)
-    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
-        if info.type == pafs.FileType.Directory:
-            storage.delete(storage.join(root, info.base_name, FAILED_MARK))
+    for trial_dir in storage.list_dirs(root):
+        storage.delete(storage.join(root, trial_dir, FAILED_MARK))
 
 
 def _print_start(study: Study, uri: str, parent: str) -> None:

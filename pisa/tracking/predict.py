@@ -22,7 +22,7 @@ import torch
 from ..core.config import TrackingConfig
 from ..core.uris import redact
 from .detector import Detections, Detector, PredictInputError, load_checkpoint_dir, read_image
-from .store import client
+from .store import tracker
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -68,7 +68,7 @@ def _load_run(run_id: str, tracking_uri: str | None) -> Detector:
 
     uri = _resolved_uri(tracking_uri, run_id)
     try:
-        client(uri).get_run(run_id)
+        tracker(uri).run(run_id)
     except Exception:
         raise PredictInputError(f"model {run_id!r}: no such MLflow run in {redact(uri)}") from None
     model_uri = logged_model_uri(uri, run_id)
@@ -76,7 +76,7 @@ def _load_run(run_id: str, tracking_uri: str | None) -> Detector:
         return _load_pyfunc(model_uri, uri)
     with tempfile.TemporaryDirectory(prefix="pisa-model-") as tmp:
         try:
-            local = client(uri).download_artifacts(run_id, "checkpoint", tmp)
+            local = tracker(uri).download_artifact(run_id, "checkpoint", tmp)
         except Exception:
             raise PredictInputError(f"run {run_id}: has neither a logged model nor a checkpoint/ artifact") from None
         return load_checkpoint_dir(local)

@@ -29,7 +29,7 @@ from .detector import (
     read_config,
     read_image,
 )
-from .store import client
+from .store import tracker
 from .tags import SOURCE_RUN_ID
 
 ALIAS = "champion"
@@ -163,10 +163,8 @@ def log_detector_model(uri: str, run_id: str, checkpoint: str | Path, model_name
             )
     if not model_name:
         return None
-    c = client(uri)
     version = str(info.registered_model_version)
-    c.set_registered_model_alias(model_name, ALIAS, version)
-    c.set_model_version_tag(model_name, version, SOURCE_RUN_ID, run_id)
+    tracker(uri).alias_model_version(model_name, version, ALIAS, {SOURCE_RUN_ID: run_id})
     return RegisteredModel(model_name, version, ALIAS, f"models:/{model_name}@{ALIAS}", run_id)
 
 
@@ -208,7 +206,7 @@ def register_run(uri: str, run_id: str, model_name: str) -> RegisteredModel:
     """Register a finished run's best checkpoint (its `checkpoint/` artifact)."""
     with tempfile.TemporaryDirectory(prefix="pisa-ckpt-") as tmp:
         try:
-            local = client(uri).download_artifacts(run_id, "checkpoint", tmp)
+            local = tracker(uri).download_artifact(run_id, "checkpoint", tmp)
         except Exception:
             raise PredictInputError(
                 f"run {run_id}: no checkpoint/ artifact to register (was tracking.log_checkpoint off?)"
@@ -239,7 +237,7 @@ def logged_model_uri(uri: str, run_id: str) -> str | None:
     """The `models:/` URI of the pisa model logged in a run, if there is one."""
     with _tracking(uri):
         try:
-            experiment_id = client(uri).get_run(run_id).info.experiment_id
+            experiment_id = tracker(uri).experiment_of(run_id)
             models = mlflow.search_logged_models(
                 experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
             )

@@ -86,14 +86,14 @@ class TrainingRun:
     def reopen(self, *, status_tag: bool) -> None:
         """RUNNING again in MLflow (a retried or resumed training). With `status_tag` (a
         study's trial) its `pisa.status` says running again and a failed try's error goes."""
-        c = self.tracker.client
+        t = self.tracker
         if status_tag:
-            tags = c.get_run(self.run_id).data.tags
+            tags = t.run(self.run_id).data.tags
             if ERROR in tags:  # a failed trial, retried
-                c.delete_tag(self.run_id, ERROR)
+                t.delete_tag(self.run_id, ERROR)
             if tags.get(STATUS) != Status.RUNNING:  # retried, or resumed after an interruption
-                c.set_tag(self.run_id, STATUS, str(Status.RUNNING))
-        c.update_run(self.run_id, status=str(RunStatus.RUNNING))
+                t.set_tags(self.run_id, {STATUS: Status.RUNNING})
+        t.update_status(self.run_id, RunStatus.RUNNING)
 
     def start_system_metrics(self, interval_s: float | None, *, resume: bool = False) -> None:
         """Sample this machine into the run's `system/*` metrics every `interval_s` seconds

@@ -118,13 +118,6 @@ def _check_login(uri: str, timeout: float) -> None:
         pass  # reachability was checked above; older servers may lack this endpoint
 
 
-def client(uri: str):
-    """The process's client of the store at `uri` (one per store), whose model registry is that
-    store too: without it MLflow falls back to the process-wide registry URI, which may be
-    another database."""
-    return tracker(uri).client
-
-
 def tracker(uri: str) -> Tracker:
     """The process's `Tracker` of the store at `uri`: one per store, so one client and one
     database connection pool however many runs a process writes."""
@@ -167,15 +160,20 @@ class Tracker:
 
     Get it with `tracker(uri)`. What it writes follows MLflow's own limits: params and tags
     are cut at MLflow's maximum lengths, batches are split by MLflow's client, params that
-    are URIs lose their credentials."""
+    are URIs lose their credentials.
+
+    The only door to MLflow above `pisa.tracking`: the layers above read and write runs through
+    these methods, never through MLflow's client (`_client`, private to this package), whose
+    model registry is this store too (without that MLflow falls back to the process-wide
+    registry URI, which may be another database)."""
 
     def __init__(self, uri: str, mlflow_client: Any):
         self.uri = uri
-        self.client = mlflow_client
+        self._client = mlflow_client
 
     def experiment_id(self, name: str) -> str:
         """The id of experiment `name`, created (or restored from deletion) as needed."""
-        c = self.client
+        c = self._client
         exp = c.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
@@ -205,7 +203,7 @@ class Tracker:
         run_tags = {**lineage_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
         if parent_run_id:
             run_tags[NESTED_TAG] = parent_run_id
-        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=run_tags)
+        run = self._client.create_run(self.experiment_id(experiment), run_name=run_name, tags=run_tags)
         if params:
             self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -214,7 +212,7 @@ class Tracker:
         from mlflow.entities import Param
 
         # MLflow's client splits a batch into the chunks its stores accept
-        self.client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in sorted(params.items())])
+        self._client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in sorted(params.items())])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
         """Log the numeric, finite-or-not entries of `metrics` at `step`."""
@@ -228,50 +226,91 @@ class Tracker:
             for k, v in sorted(metrics.items())
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
-        self.client.log_batch(run_id, metrics=items)
+        self._client.log_batch(run_id, metrics=items)
 
     def log_datasets(self, run_id: str, data_cfg) -> list[DatasetSummary]:
         """Log the train and val annotation files of a `DataConfig` as the run's dataset inputs."""
         summaries, inputs = dataset_inputs(data_cfg)
         if inputs:
             try:
-                self.client.log_inputs(run_id, datasets=inputs)
+                self._client.log_inputs(run_id, datasets=inputs)
             except Exception as exc:  # lineage is worth a warning, never a lost run
                 log.warning("dataset inputs not logged for run %s: %s", run_id, exc)
         return summaries
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+        self._client.log_text(run_id, text, artifact_file)
 
     def log_artifacts(self, run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
         """Log each file or folder of `paths` that exists."""
         for p in map(Path, paths):
             if p.is_dir():
-                self.client.log_artifacts(run_id, str(p), artifact_path)
+                self._client.log_artifacts(run_id, str(p), artifact_path)
             elif p.exists():
-                self.client.log_artifact(run_id, str(p), artifact_path)
+                self._client.log_artifact(run_id, str(p), artifact_path)
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         """Tag values cut at MLflow's own limit (a longer one would fail the whole call)."""
         from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
         for k, v in tags.items():
-            self.client.set_tag(run_id, k, str(v)[:MAX_TAG_VAL_LENGTH])
+            self._client.set_tag(run_id, k, str(v)[:MAX_TAG_VAL_LENGTH])
 
     def end_run(self, run_id: str, status: str = RunStatus.FINISHED) -> None:
         """status: FINISHED, FAILED or KILLED (MLflow's terminal states)."""
-        self.client.set_terminated(run_id, str(status))
+        self._client.set_terminated(run_id, str(status))
 
     def find_runs(self, experiment: str, filter_string: str = "", max_results: int = 1000) -> list:
         """The runs of experiment `experiment` that match `filter_string` (none if it doesn't exist)."""
-        exp = self.client.get_experiment_by_name(experiment)
+        exp = self._client.get_experiment_by_name(experiment)
         if exp is None:
             return []
-        return self.client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=max_results)
+        return self._client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=max_results)
 
     def children(self, experiment: str, parent_run_id: str) -> list:
         """The runs nested under `parent_run_id`."""
         return self.find_runs(experiment, f"tags.`{NESTED_TAG}` = '{parent_run_id}'")
+
+    def run(self, run_id: str) -> Any:
+        """The run `run_id` as MLflow has it: `.info` (id, name, status, experiment) and `.data`
+        (params, latest metrics, tags)."""
+        return self._client.get_run(run_id)
+
+    def experiment_of(self, run_id: str) -> str:
+        """The id of the experiment that holds run `run_id`."""
+        return self.run(run_id).info.experiment_id
+
+    def metric_history(self, run_id: str, key: str) -> list:
+        """Every value run `run_id` logged of `key`, in the order MLflow keeps them (`.value`,
+        `.step`, `.timestamp`)."""
+        return list(self._client.get_metric_history(run_id, key))
+
+    def update_status(self, run_id: str, status: RunStatus) -> None:
+        """Set the run's MLflow status without ending it (RUNNING again: a resumed run)."""
+        self._client.update_run(run_id, status=str(status))
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self._client.delete_tag(run_id, key)
+
+    def delete_run(self, run_id: str) -> None:
+        self._client.delete_run(run_id)
+
+    def download_artifact(self, run_id: str, path: str, dst_dir: str | Path) -> str:
+        """Copy the run's artifact `path` (a file or a folder) into `dst_dir`; its local path."""
+        return self._client.download_artifacts(run_id, path, str(dst_dir))
+
+    def newest_runs(self, filter_string: str, max_results: int) -> list:
+        """The runs of every experiment that match `filter_string`, newest first."""
+        experiments = [e.experiment_id for e in self._client.search_experiments()]
+        return self._client.search_runs(
+            experiments, filter_string, max_results=max_results, order_by=["attributes.start_time DESC"]
+        )
+
+    def alias_model_version(self, model_name: str, version: str, alias: str, tags: Mapping[str, str]) -> None:
+        """Point the registered model's `alias` at `version`, and tag that version."""
+        self._client.set_registered_model_alias(model_name, alias, version)
+        for k, v in tags.items():
+            self._client.set_model_version_tag(model_name, version, k, v)
 
 
 def _param_value(value: Any) -> str:

@@ -75,7 +75,7 @@ def start_ray_with_data(cfg: ExperimentConfig, uri: str, address: str | None, **
 
     def prepare() -> int:
         num_classes = prepare_data(cfg)
-        tracking.client(uri)
+        tracking.tracker(uri)  # a new SQLite store creates its tables here
         return num_classes
 
     return init_ray_alongside(prepare, address, **init_kwargs)

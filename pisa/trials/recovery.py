@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core import storage
+from . import ray_private
 
 DONE_MARK = "pisa_done.json"
 FAILED_MARK = "pisa_failed.txt"  # a trial that failed for a reason a restart can't fix
@@ -94,28 +95,23 @@ def repair_restored_trial(trial, checkpoint_file: str, logged_epochs: int | None
     Works on Tune's trial object before the trial starts (Tune's own restore would try the
     recorded path and fail). Reaches into Tune's checkpoint bookkeeping, which has no
     public setter: a Tune without it leaves the trial as it is."""
-    manager = getattr(getattr(trial, "run_metadata", None), "checkpoint_manager", None)
-    latest = getattr(manager, "_latest_checkpoint_result", None)
-    if manager is None or latest is None or latest.checkpoint is None:
+    latest = ray_private.latest_checkpoint_result(trial)
+    if latest is None or latest.checkpoint is None:
         return None
     checkpoint = latest.checkpoint
     fs = checkpoint.filesystem
     if _intact(fs, checkpoint.path, checkpoint_file):
         return None
-    from ray.train._internal.session import _TrainingResult
-
     max_index = None if logged_epochs is None else logged_epochs - 1
     newest = newest_intact_checkpoint(fs, trial.storage.trial_fs_path, checkpoint_file, max_index)
-    kept = [r for r in manager._checkpoint_results if _intact(fs, r.checkpoint.path, checkpoint_file)]
+    kept = [r for r in ray_private.checkpoint_results(trial) if _intact(fs, r.checkpoint.path, checkpoint_file)]
     replacement = None
     if newest is not None:
         replacement = next((r for r in kept if r.checkpoint.path == newest), None)
         if replacement is None:
-            replacement = _TrainingResult(checkpoint=type(checkpoint)(newest, filesystem=fs), metrics={})
+            replacement = ray_private.checkpoint_result(type(checkpoint)(newest, filesystem=fs))
             kept.append(replacement)
-    manager._checkpoint_results = kept
-    manager._latest_checkpoint_result = replacement
-    trial.run_metadata.invalidate_cache()
+    ray_private.replace_checkpoint_results(trial, kept, replacement)
     return Repair(
         trial.trial_id,
         checkpoint.path.rstrip("/").rsplit("/", 1)[-1],

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 
 from .. import tracking
 from ..core.checkpoint import CHECKPOINT_FILE
@@ -16,6 +17,9 @@ from ..core.epoch_report import epoch_metrics
 from ..core.progress import say
 from ..tracking.run_writer import TrainingRun
 from . import recovery as trial_recovery
+
+# the Tune statuses of a trial that has ended: it won't train again in this run
+ENDED = (Trial.TERMINATED, Trial.ERROR)
 
 
 class TrainingRunsCallback(Callback):
@@ -66,7 +70,7 @@ class TrainingRunsCallback(Callback):
             return
         self.reconciled = True
         for trial in trials:
-            if trial.status in ("TERMINATED", "ERROR"):
+            if trial.status in ENDED:
                 continue
             known = self.runs.get(self.key(trial))
             repair = trial_recovery.repair_restored_trial(
