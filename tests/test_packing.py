@@ -279,7 +279,9 @@ def test_the_plan_says_why_packing_was_refused(tmp_path, synthetic_dir):
     study = _study(
         tmp_path, synthetic_dir, {"workers": 8, "gpus_per_worker": 1, **H200}, ["model.norm=bn", "train.sync_bn=false"]
     )
-    text = " ".join(make_plan(study.workload(), assumed_cluster(8), images=32, rate=None, rate_note="none").text().split())
+    text = " ".join(
+        make_plan(study.workload(), assumed_cluster(8), images=32, rate=None, rate_note="none").text().split()
+    )
     assert "8 worker(s) x 2 images = batch 16; 1 GPU(s) per worker; as given (pack: auto kept it" in text
     assert "note: trial layout 8 worker(s) x 2 images on 8 GPU(s) kept: trainable BN" in text
 

@@ -176,7 +176,10 @@ def test_rate_from_an_earlier_run_in_mlflow(tmp_path, synthetic_dir):
     _log_run(client, exp, {**same, "train.images_per_worker": 8}, [100.0], start=4_000)
     _log_run(client, exp, same, [], start=5_000)
     # a searched key is not compared: the trials of a study differ there
-    assert "model.isr_p.k" not in rate_params(study.workload()) and rate_params(study.workload())["model.detector"] == "faster_rcnn"
+    assert (
+        "model.isr_p.k" not in rate_params(study.workload())
+        and rate_params(study.workload())["model.detector"] == "faster_rcnn"
+    )
 
     rate, note = rate_from_mlflow(study.workload(), uri)
     assert rate is not None and note == ""

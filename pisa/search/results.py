@@ -47,6 +47,9 @@ class StudyOutcome:
     search_space: dict[str, Distribution] = field(default_factory=dict)
     # how well the scheduler's rungs ranked the finished trials (`fidelity_of`); None until measured
     fidelity: Fidelity | None = None
+    # the validation stage's table and its one-line answer, when the study has one
+    validation: Any = None
+    answer: str = ""
 
     @property
     def all_failed(self) -> bool:
@@ -143,7 +146,9 @@ def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]
     return out
 
 
-def collect(name: str, uri: str, experiment: str, parent: str, metric: str, mode: Literal["max", "min"]) -> StudyOutcome:
+def collect(
+    name: str, uri: str, experiment: str, parent: str, metric: str, mode: Literal["max", "min"]
+) -> StudyOutcome:
     """The study's trials from MLflow, best first."""
     runs = tracking.tracker(uri).children(experiment, parent)
     trials = []

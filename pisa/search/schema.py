@@ -190,6 +190,24 @@ class SchedulerConfig(StrictModel):
     reduction_factor: float = Field(2.0, gt=1)
 
 
+class SearcherConfig(StrictModel):
+    """How Optuna proposes points (`pisa.search.samplers`). A sampler learns only after its
+    start-up points: Optuna's TPE default (10) is more than a small study's whole budget."""
+
+    sampler: Literal["tpe", "gp", "qmc", "random"] = "tpe"
+    startup_trials: int | None = Field(
+        None, ge=0, description="random points before the model proposes (None: a quarter of num_samples, at least 2)"
+    )
+
+
+class ValidationStage(StrictModel):
+    """The study's last stage: its top points, the paper's defaults and the baseline trained
+    again on fresh seeds, and the verdict against the paper's defaults."""
+
+    top: int = Field(1, ge=1, description="the study's best points to train again")
+    seeds: int = Field(3, ge=2, description="fresh seeds each (2 or more: an interval needs them)")
+
+
 class TrialResources(StrictModel):
     """What one trial trains on. `workers` x `images_per_worker` is the total batch the LR is
     scaled to; `pack: auto` may train it on fewer workers, each with more images
@@ -230,6 +248,8 @@ class StudyConfig(StrictModel):
     max_concurrent_trials: int = Field(1, ge=1)
     resources_per_trial: TrialResources = TrialResources()
     scheduler: SchedulerConfig = SchedulerConfig()
+    searcher: SearcherConfig = SearcherConfig()
+    validation: ValidationStage | None = Field(None, description="after the search: its answer over fresh seeds")
     seed: int = 0
     points_to_evaluate: Literal["paper", "paper+baseline", "none"] | list[dict[str, Any]] = "paper"
     max_failures: int = Field(3, ge=0, description="retries of a crashed trial, from its last checkpoint")

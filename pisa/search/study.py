@@ -203,6 +203,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     resolved = parse_config(base, source=f"{path} (experiment)")
     study = Study(cfg, resolved.model_dump(mode="json"), path, overrides)
     _check_search_space(study)
+    _check_stages(study)
     if cfg.resources_per_trial.pack == "auto":  # after the checks: it may probe the GPU
         packing = choose_packing(cfg.resources_per_trial, study.base_config, set(cfg.search_space))
         cfg = _packed_study(cfg, packing)
@@ -210,6 +211,25 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         resolved = parse_config(base, source=f"{path} (experiment)")
         study = Study(cfg, resolved.model_dump(mode="json"), path, overrides, packing)
     return study
+
+
+def _check_stages(study: Study) -> None:
+    """The scheduler's rungs and the validation stage must fit the study's schedule and budget."""
+    cfg, path = study.cfg, study.source
+    epochs = study.base_config.train.resolved().epochs
+    if cfg.scheduler.type == "asha" and cfg.scheduler.grace_period > epochs:
+        raise ConfigError(
+            f"{path}: scheduler.grace_period: {cfg.scheduler.grace_period} is past the last epoch ({epochs}): "
+            "no rung fits the schedule (fifo runs every trial to the end)"
+        )
+    if cfg.validation is not None and cfg.validation.top > cfg.num_samples:
+        raise ConfigError(f"{path}: validation.top: {cfg.validation.top} is more than num_samples ({cfg.num_samples})")
+    startup = cfg.searcher.startup_trials
+    if startup is not None and startup > cfg.num_samples:
+        raise ConfigError(
+            f"{path}: searcher.startup_trials: {startup} is more than num_samples ({cfg.num_samples}): "
+            "the sampler would never propose a point"
+        )
 
 
 def _check_search_space(study: Study) -> None:

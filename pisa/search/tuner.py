@@ -34,6 +34,7 @@ from .mlflow_logger import MlflowStudyLogger
 from .paths import state_path, study_dir, trial_storage
 from .report import log_study_report
 from .results import StudyOutcome, collect, summarize_parent
+from .samplers import build_sampler
 from .state import check_resumable, load_state, optuna_url, save_state, study_from_state
 from .study import Study
 from .trainable import run_trial, tune_space
@@ -83,7 +84,7 @@ def _tuner(study: Study, capacity: Capacity, uri: str, parent_run_id: str, verbo
     epochs = study.base_config.train.resolved().epochs
     searcher: Searcher = PruningOptunaSearch(
         points_to_evaluate=study.initial_points() or None,
-        seed=cfg.seed,
+        sampler=build_sampler(cfg.searcher, num_samples=cfg.num_samples, parallel=capacity.at_once, seed=cfg.seed),
         study_name=study.name,
         storage=open_storage(optuna_url(study, uri)),
         time_attr="epoch",
@@ -274,4 +275,28 @@ def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
         tags, status = {tag.STATUS: Status.FINISHED}, RunStatus.FINISHED
     tracking.tracker(uri).set_tags(parent, tags)
     tracking.tracker(uri).end_run(parent, status)
+    if not interrupted and not outcome.all_failed and study.cfg.validation is not None:
+        _validation_stage(study, outcome)
     return outcome
+
+
+def _validation_stage(study: Study, outcome: StudyOutcome) -> None:
+    """The study's answer: its top points, the paper's defaults and the baseline over fresh
+    seeds (`validate.validate_study`); a kill here is continued by `pisa study resume`."""
+    from .validate import validate_study, validation_answer
+
+    stage = study.cfg.validation
+    assert stage is not None
+    say(
+        f"validating the answer: top {stage.top} point(s), the paper's defaults and the baseline "
+        f"over {stage.seeds} fresh seeds"
+    )
+    try:
+        outcome.validation = validate_study(
+            study.name, top=stage.top, seeds=stage.seeds, storage_path=study.base_config.storage_path, stage=True
+        )
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+        say(f"validation interrupted: continue it with `pisa study resume {study.name}` (finished trainings stay)")
+        return
+    outcome.answer = validation_answer(study)
