@@ -330,3 +330,20 @@ def test_the_bccd_search_loads_with_the_command_in_its_header(monkeypatch):
     assert base.train.warmup_iters == 100 and base.data.val_limit is None
     assert base.model.sampler == "score_hlr" and base.model.isr_p.enabled and base.model.carl.enabled
     assert study.initial_points() == []  # the baseline and paper defaults are measured already
+
+
+def test_detector_kinds_are_properties_of_the_model_config():
+    from pisa.core.config import ModelConfig
+
+    kinds = {
+        d: (m.two_stage, m.fixed_size, m.has_masks)
+        for d in ("faster_rcnn", "mask_rcnn", "retinanet", "ssd300", "ssd512")
+        for m in [ModelConfig(detector=d, backbone="vgg16" if d.startswith("ssd") else "resnet50_fpn")]
+    }
+    assert kinds == {
+        "faster_rcnn": (True, False, False),
+        "mask_rcnn": (True, False, True),
+        "retinanet": (False, False, False),
+        "ssd300": (False, True, False),
+        "ssd512": (False, True, False),
+    }

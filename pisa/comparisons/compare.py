@@ -28,9 +28,9 @@ from ..core.config import ExperimentConfig, load_config
 from ..core.errors import ConfigError
 from ..core.progress import say
 from ..tracking import tags as tag
-from ..tracking.tags import Kind, RunStatus, Status
-from ..training.cluster import check_cluster_setup, check_fits, worker_resources
-from ..training.ray_runtime import init_ray_alongside, quiet_libraries
+from ..tracking.tags import Kind, RunStatus
+from ..training.cluster import check_fits, worker_resources
+from ..training.driver import DriverSession
 from ..trials.capacity import cluster_totals, resolve, trial_driver_resources
 from .table import Validation, Variant, VariantResult, compare, log_validation
 from .training_grid import INTERRUPTED, GridTraining, slug, train_grid
@@ -103,11 +103,8 @@ def run_compare(
     experiment = entries[0].config.tracking.experiment
     configs = [_training_config(e.config, uri, experiment, storage.join(root, "runs")) for e in entries]
     state = _existing_state(root, name, configs, entries, seeds, metric)
-    check_cluster_setup(address, uri, root, f"compare {name}")
-    tracking.check_reachable(uri)
-    if not verbose:
-        quiet_libraries()
-    sizes = _start_ray(configs, uri, address, verbose)
+    driver = DriverSession(uri, address=address, storage_path=root, source=f"compare {name}", verbose=verbose)
+    sizes = _start_ray(configs, uri, driver)
     for entry, config, (_, images) in zip(entries, configs, sizes):
         entry.train_images = images
         check_fits(
@@ -147,7 +144,7 @@ def run_compare(
     except KeyboardInterrupt:
         outcomes = None
     if outcomes is None or any(out.error == INTERRUPTED for out in outcomes):
-        _interrupted(state, name, uri)
+        _interrupted(state, name, driver)
     for (seed, i), out in zip(jobs, outcomes):
         results[i].add(seed, out, metric)
     compare(results, mode)
@@ -158,10 +155,9 @@ def run_compare(
     return result
 
 
-def _interrupted(state: CompareState, name: str, uri: str) -> NoReturn:
+def _interrupted(state: CompareState, name: str, driver: DriverSession) -> NoReturn:
     """Ctrl-C or SIGTERM: the compare's run KILLED, its state left unfinished, and how to go on."""
-    tracking.tracker(uri).set_tags(state.run_id, {tag.STATUS: Status.INTERRUPTED})
-    tracking.tracker(uri).end_run(state.run_id, RunStatus.KILLED)
+    driver.interrupted(state.run_id)
     say(f"compare {name} interrupted: continue it with the same command (finished trainings stay)")
     raise KeyboardInterrupt
 
@@ -204,11 +200,11 @@ def _existing_state(
     return state
 
 
-def _start_ray(configs: list[ExperimentConfig], uri: str, address: str | None, verbose: bool) -> list[tuple[int, int]]:
+def _start_ray(configs: list[ExperimentConfig], uri: str, driver: DriverSession) -> list[tuple[int, int]]:
     """Ray started (or joined) while every config's data is checked and prepared; per config
     its (classes, training images)."""
     from ..data import check_data_files  # torchvision, pycocotools: where the data is prepared
-    from ..training.train import prepare_data_sizes
+    from ..training.driver import prepare_data_sizes
 
     for cfg in configs:
         check_data_files(cfg.data)
@@ -222,7 +218,7 @@ def _start_ray(configs: list[ExperimentConfig], uri: str, address: str | None, v
         tracking.tracker(uri)  # a new SQLite store creates its tables here
         return [sizes[cfg.data.model_dump_json()] for cfg in configs]
 
-    return init_ray_alongside(prepare, address, verbose=verbose, dashboard=False)
+    return driver.start_with(prepare, dashboard=False)
 
 
 def _start(

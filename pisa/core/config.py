@@ -176,9 +176,24 @@ class ModelConfig(StrictModel):
     )
     diagnostics: bool = Field(True, description="keep the last step's ISR-P/CARL weights for logging")
 
+    @property
+    def two_stage(self) -> bool:
+        """An RPN and RoI heads (Faster/Mask R-CNN): RoI sampling, ISR-N, RoIAlign apply."""
+        return self.detector in ("faster_rcnn", "mask_rcnn")
+
+    @property
+    def fixed_size(self) -> bool:
+        """SSD: every image is resized to one square input, so a batch has one shape."""
+        return self.detector in ("ssd300", "ssd512")
+
+    @property
+    def has_masks(self) -> bool:
+        """Mask R-CNN: trains on masks and is evaluated on segm too."""
+        return self.detector == "mask_rcnn"
+
     @model_validator(mode="after")
     def _check_combinations(self) -> ModelConfig:
-        two_stage = self.detector in ("faster_rcnn", "mask_rcnn")
+        two_stage = self.two_stage
         if not two_stage and self.sampler != "random":
             raise ValueError(
                 f"sampler '{self.sampler}' needs a two-stage detector (faster_rcnn, mask_rcnn); "
@@ -186,17 +201,17 @@ class ModelConfig(StrictModel):
             )
         if not two_stage and self.box_head_width != TORCHVISION_BOX_HEAD_WIDTH:
             raise ValueError(f"box_head_width is for two-stage detectors; '{self.detector}' has no box head")
-        if self.detector.startswith("ssd") and self.fpn_channels != TORCHVISION_FPN_CHANNELS:
+        if self.fixed_size and self.fpn_channels != TORCHVISION_FPN_CHANNELS:
             raise ValueError(f"fpn_channels is for FPN backbones; '{self.detector}' uses VGG16 without an FPN")
-        if self.detector.startswith("ssd") and self.backbone != "vgg16":
+        if self.fixed_size and self.backbone != "vgg16":
             raise ValueError(f"detector '{self.detector}' needs backbone 'vgg16'")
-        if self.backbone == "vgg16" and not self.detector.startswith("ssd"):
+        if self.backbone == "vgg16" and not self.fixed_size:
             raise ValueError("backbone 'vgg16' is only for ssd300/ssd512")
         if self.max_size < self.min_size:
             raise ValueError("max_size must be >= min_size")
         if not two_stage and (self.rpn_box_loss is not None or self.roi_align is not None):
             raise ValueError(f"rpn_box_loss and roi_align are for two-stage detectors; '{self.detector}' has neither")
-        if self.nms_pre is not None and not self.detector.startswith("ssd"):
+        if self.nms_pre is not None and not self.fixed_size:
             raise ValueError(f"nms_pre is for ssd300/ssd512; '{self.detector}' keeps torchvision's candidates")
         return self
 

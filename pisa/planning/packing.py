@@ -98,7 +98,7 @@ def effective_norm(model: ModelConfig) -> str:
 
 def layout_free_norm(model: ModelConfig, sync_bn: bool) -> tuple[bool, str]:
     """Whether the model normalises the same way however the batch is split, and why (not)."""
-    if model.detector.startswith("ssd"):
+    if model.fixed_size:
         return True, "VGG16 has no normalisation layers"
     norm = effective_norm(model)
     if norm == "frozen_bn":
@@ -121,7 +121,7 @@ def per_worker_losses(model: ModelConfig, searched: Collection[str] = ()) -> lis
         ("CARL", model.carl.enabled, "model.carl.enabled"),
     )
     parts = [name for name, on, key in switches if on or key in searched]
-    if model.detector.startswith("ssd"):
+    if model.fixed_size:
         parts.append("SSD's loss (by the positives of the batch)")
     return parts
 

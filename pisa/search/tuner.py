@@ -25,8 +25,7 @@ from ..core.uris import public_uri, redact
 from ..planning.cost_plan import plan_at_start
 from ..tracking import tags as tag
 from ..tracking.tags import Kind, RunStatus, Status
-from ..training.cluster import check_cluster_setup
-from ..training.ray_runtime import init_ray_alongside, quiet_libraries
+from ..training.driver import DriverSession
 from ..trials.capacity import Capacity, check_training_fits, cluster_totals, trial_resources
 from ..trials.recovery import FAILED_MARK
 from .console import StudyConsole
@@ -138,19 +137,16 @@ def _tuner(study: Study, capacity: Capacity, uri: str, parent_run_id: str, verbo
 
 def run_study(study: Study, *, address: str | None = None, verbose: bool = False) -> StudyOutcome:
     """Run a study from the start; the tracking store is checked before any trial."""
-    from ..training.train import start_ray_with_data  # torch: the training's entry points
-
-    if not verbose:
-        quiet_libraries()
     uri = study.base_config.tracking.resolved_uri()
-    notes = check_cluster_setup(address, uri, study.base_config.storage_path, str(study.source))
-    tracking.check_reachable(uri)
+    driver = DriverSession(
+        uri, address=address, storage_path=study.base_config.storage_path, source=str(study.source), verbose=verbose
+    )
     if storage.exists(state_path(study)) and storage.exists(storage.join(study_dir(study), "tuner.pkl")):
         raise StudyError(
             f"study {study.name!r} already exists in {storage.display(study_dir(study))}: continue it with "
             f"`pisa study resume {study.name}` or choose another name (--set name=...)"
         )
-    start_ray_with_data(study.base_config, uri, address, verbose=verbose, dashboard=not study.trains_in_trial())
+    driver.start(study.base_config, dashboard=not study.trains_in_trial())
     _check_trial_fits(study, address)
     capacity = _capacity(study)  # a point that cannot fit the cluster fails before any run exists
     experiment = study.base_config.tracking.experiment
@@ -170,7 +166,7 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
     tracking.tracker(uri).log_text(parent, study.base_config.to_yaml(), "base_config.yaml")
     save_state(study, parent, uri)
     _print_start(study, uri, parent)
-    for note in notes:
+    for note in driver.notes:
         say(f"note: {note}")
     tuner = _tuner(study, capacity, uri, parent, verbose)
     return _fit_and_finish(study, tuner, uri, parent)
@@ -193,9 +189,14 @@ def resume_study(
     check_resumable(state)
     study = study_from_state(state)
     uri = state.tracking_uri
-    check_cluster_setup(address, uri, study.base_config.storage_path, storage.display(state.dir))
-    tracking.check_reachable(uri)
-    init_ray_alongside(lambda: tracking.tracker(uri), address, verbose=verbose, dashboard=not study.trains_in_trial())
+    driver = DriverSession(
+        uri,
+        address=address,
+        storage_path=study.base_config.storage_path,
+        source=storage.display(state.dir),
+        verbose=verbose,
+    )
+    driver.start_with(lambda: tracking.tracker(uri), dashboard=not study.trains_in_trial())
     _check_trial_fits(study, address)
     if retry_failed:  # their errors may have been fixed (data, a node); let them run again
         _clear_failed_marks(study)

@@ -30,8 +30,7 @@ from ..core.stats import verdict
 from ..core.storage import join
 from ..tracking import tags as tag
 from ..tracking.tags import Kind, RunStatus, Status
-from ..training.cluster import check_cluster_setup
-from ..training.ray_runtime import quiet_libraries
+from ..training.driver import DriverSession
 from ..trials.capacity import cluster_totals, resolve, trial_resources
 from .paths import study_dir
 from .results import fidelity_of, outcome_from_state
@@ -118,10 +117,9 @@ def validate_study(
     variants = plan(study, outcome, top, against_paper=stage)
     seed_list = validation_seeds(study, seeds, first_seed)
     uri = state.tracking_uri
-    check_cluster_setup(address, uri, study.base_config.storage_path, "study")
-    tracking.check_reachable(uri)
-    if not verbose:
-        quiet_libraries()
+    driver = DriverSession(
+        uri, address=address, storage_path=study.base_config.storage_path, source="study", verbose=verbose
+    )
     grid = STAGE_DIR if stage else f"validation-{time.strftime('%Y%m%d-%H%M%S')}"
     root = join(study_dir(study), grid)
     kept = _kept_state(root) if stage else None
@@ -141,7 +139,7 @@ def validate_study(
     else:
         tracking.tracker(uri).update_status(kept.run_id, RunStatus.RUNNING)
         say(f"continuing the validation of {study.name} (MLflow run {kept.run_id}): finished trainings stay")
-    validation = _train_and_compare(study, state, variants, kept, root, address, verbose)
+    validation = _train_and_compare(study, state, variants, kept, root, driver)
     if stage:
         kept.finished, kept.answer = True, answer(validation)
         storage.write_text(join(root, STATE_FILE), kept.model_dump_json(indent=2))
@@ -166,12 +164,10 @@ def _kept_state(root: str) -> ValidationState | None:
 
 
 def _train_and_compare(
-    study, state: StudyState, variants: list[Variant], kept: ValidationState, root: str, address, verbose: bool
+    study, state: StudyState, variants: list[Variant], kept: ValidationState, root: str, driver: DriverSession
 ) -> Validation:
     """The variants x seeds as one training grid (continued when its Tune run exists), the
     comparison logged on the validation's run and that run ended."""
-    from ..training.train import start_ray_with_data  # torch: the training's entry points
-
     uri, metric, mode = state.tracking_uri, state.metric, state.mode
     results = [VariantResult(v) for v in variants]
     # seed-major: a validation cut short leaves complete pairs
@@ -179,7 +175,7 @@ def _train_and_compare(
     trainings_dir = join(root, "trainings")  # where multi-worker trainings checkpoint
     trainings = [_training(study, r.variant, seed, uri, state.name, trainings_dir) for seed, r in jobs]
     in_trial = study.trains_in_trial(seeds=1)
-    num_classes = start_ray_with_data(study.base_config, uri, address, verbose=verbose, dashboard=not in_trial)
+    num_classes = driver.start(study.base_config, dashboard=not in_trial)
     parallel = trainings_at_once(study, len(jobs))
     say(f"{len(jobs)} trainings, {parallel} at a time")
     outcomes = train_grid(
@@ -197,8 +193,7 @@ def _train_and_compare(
         resume=storage.exists(join(root, "grid", "tuner.pkl")),
     )
     if any(out.error == INTERRUPTED for out in outcomes):
-        tracking.tracker(uri).set_tags(kept.run_id, {tag.STATUS: Status.INTERRUPTED})
-        tracking.tracker(uri).end_run(kept.run_id, RunStatus.KILLED)
+        driver.interrupted(kept.run_id)
         raise KeyboardInterrupt
     for (seed, r), out in zip(jobs, outcomes):
         r.add(seed, out, metric)

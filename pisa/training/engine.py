@@ -191,7 +191,7 @@ def build_training(cfg: ExperimentConfig, session: TrainSession, announce: bool 
 
     rank, world = session.rank, session.world_size
     device = session.device()
-    plan = plan_for(cfg.train, device.type, world, fixed_size=cfg.model.detector in ("ssd300", "ssd512"))
+    plan = plan_for(cfg.train, device.type, world, fixed_size=cfg.model.fixed_size)
     torch.backends.cudnn.benchmark = plan.cudnn_benchmark
     seed_everything(cfg.train.seed)
 
@@ -356,7 +356,7 @@ def _evaluate_epoch(t: Training, epoch: int, stats: _EpochStats) -> EpochReport:
     the val set's COCO AP, and the epoch's throughput."""
     steps = max(1, stats.steps)
     losses = all_reduce_mean({f"train_{k}": v / steps for k, v in stats.sums.items()})
-    iou_types = ("bbox", "segm") if t.cfg.model.detector == "mask_rcnn" else ("bbox",)
+    iou_types = ("bbox", "segm") if t.cfg.model.has_masks else ("bbox",)
     t_eval = time.perf_counter()
     coco = evaluate(t.model, t.val_set, t.device, t.rank, t.world, t.cfg.train.images_per_worker, iou_types)
     counters = EpochCounters(

@@ -86,7 +86,7 @@ def build_train_set(cfg: ExperimentConfig):
     from ..data.draws import PerImageDraws
     from ..models import fixed_input_size
 
-    with_masks = cfg.model.detector == "mask_rcnn"
+    with_masks = cfg.model.has_masks
     fixed_size = fixed_input_size(cfg.model)
     dataset = build_dataset(cfg.data, "train", train=True, with_masks=with_masks, fixed_size=fixed_size)
     return PerImageDraws(dataset, cfg.train.seed)

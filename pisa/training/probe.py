@@ -203,7 +203,7 @@ def probe_gpu_memory(cfg: ExperimentConfig, *, sizes: tuple[int, int] = (2, 4), 
     if not torch.cuda.is_available():
         raise RuntimeError("a GPU memory probe needs CUDA")
     device = torch.device("cuda", torch.cuda.current_device())
-    data = build_dataset(cfg.data, "val", train=False, with_masks=cfg.model.detector == "mask_rcnn")
+    data = build_dataset(cfg.data, "val", train=False, with_masks=cfg.model.has_masks)
     sample = next((data[i] for i in range(min(len(data), 50)) if len(data[i][1]["boxes"])), data[0])
     short, long = cfg.model.min_size, cfg.model.max_size
     pair = [_resized(*sample, (short, long)), _resized(*sample, (long, short))]

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import tracking
 from ..core import storage
 from ..core.config import ExperimentConfig
 from ..core.errors import one_line
@@ -24,10 +23,11 @@ from ..core.uris import redact
 from ..tracking.run_writer import TrainingRun
 from ..tracking.tags import Kind, RunStatus, Status
 from . import signals
-from .cluster import check_cluster_setup, check_fits, worker_resources
+from .cluster import check_fits, worker_resources
 from .device_plan import process_group_backend
+from .driver import DriverSession
 from .engine import DIAGNOSTICS_FILE, stopped_on, train_loop_per_worker
-from .ray_runtime import forward_only_worker_output, init_ray_alongside, quiet_libraries
+from .ray_runtime import forward_only_worker_output
 
 
 @dataclass
@@ -46,39 +46,6 @@ class TrainOutcome:
             indent=2,
             default=str,
         )
-
-
-def prepare_data(cfg: ExperimentConfig) -> int:
-    """Generate the synthetic set if asked, and validate the annotations once on the driver,
-    so a corrupt file fails before any worker starts. Returns the number of classes."""
-    return prepare_data_sizes(cfg)[0]
-
-
-def prepare_data_sizes(cfg: ExperimentConfig) -> tuple[int, int]:
-    """`prepare_data`, returning (classes, training images): what an epoch of it trains on."""
-    from ..data import build_dataset, ensure_synthetic  # torchvision, pycocotools: where the data is prepared
-
-    if cfg.data.synthetic is not None:
-        ensure_synthetic(cfg.data.synthetic)
-    train = build_dataset(cfg.data, "train", train=False)
-    build_dataset(cfg.data, "val", train=False)
-    return train.num_classes, len(train)
-
-
-def start_ray_with_data(cfg: ExperimentConfig, uri: str, address: str | None, **init_kwargs: Any) -> int:
-    """Start (or join) Ray while the data is prepared and the tracking store set up (a new
-    SQLite store creates its tables); the number of classes. A missing data file fails
-    before Ray starts; any other data error once it has started, which stops it again."""
-    from ..data import check_data_files  # torchvision, pycocotools: where the data is prepared
-
-    check_data_files(cfg.data)
-
-    def prepare() -> int:
-        num_classes = prepare_data(cfg)
-        tracking.tracker(uri)  # a new SQLite store creates its tables here
-        return num_classes
-
-    return init_ray_alongside(prepare, address, **init_kwargs)
 
 
 def scaling_config(cfg: ExperimentConfig):
@@ -174,12 +141,9 @@ def run_training(
     The console shows pisa's progress lines; `verbose` adds Ray's own. `source` names the
     config in errors (its file); `tags` are the run's (they may name another `pisa.kind`)."""
     uri = cfg.tracking.resolved_uri()
-    check_cluster_setup(address, uri, cfg.storage_path, source)
-    tracking.check_reachable(uri)
-    if not verbose:
-        quiet_libraries()
+    driver = DriverSession(uri, address=address, storage_path=cfg.storage_path, source=source, verbose=verbose)
     # the workers' progress lines reach the console (forwarded by Ray), Ray's own INFO does not
-    num_classes = start_ray_with_data(cfg, uri, address, verbose=verbose, log_to_driver=True)
+    num_classes = driver.start(cfg, log_to_driver=True)
     waiting = check_fits(
         cfg.train.workers,
         worker_resources(cfg),
