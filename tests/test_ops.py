@@ -269,3 +269,31 @@ def test_compiled_torchvision_ops_run():
     # an aligned RoI average of a linear ramp equals the ramp at the bin centre
     # (aligned: the first bin spans [-0.5, 3.5] in x and y, centre 1.5 -> 1.5 * 16 + 1.5)
     assert float(out[0, 0, 0, 0]) == pytest.approx(25.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("k,bias", [(1.0, 0.2), (2.0, 0.0), (0.5, 0.5)])
+def test_masked_carl_gradient_matches_appendix_a_with_an_inf_in_a_padded_slot(k, bias):
+    """Fixed-size slots (the two-stage heads): n and S run over the valid slots alone, a padded
+    slot gets no gradient, and its loss, inf here, reaches neither the loss nor a gradient."""
+    g = torch.Generator().manual_seed(4)
+    slots = 48
+    p = torch.rand(slots, generator=g, dtype=torch.float64).requires_grad_()
+    reg = torch.rand(slots, 4, generator=g, dtype=torch.float64) * 3
+    valid = torch.rand(slots, generator=g) < 0.6
+    valid[:2] = torch.tensor([True, False])
+    reg[1, 2] = float("inf")  # a padded slot's regression loss (a degenerate box's target)
+    loss = pisa_math.carl_loss(p, reg, k=k, bias=bias, avg_factor=1.0, valid=valid)
+    (grad,) = torch.autograd.grad(loss, p)
+    with torch.no_grad():
+        pv, lv = p[valid], reg[valid].sum(1)  # L(d_i, d^_i) of the valid slots
+        n = int(valid.sum())
+        v = (bias + (1 - bias) * pv) ** k
+        s = v.sum()
+        c = n * v / s
+        dv = (1 - bias) * k * (bias + (1 - bias) * pv) ** (k - 1)  # eq. (6)
+        # eq. (2)-(4) with every c_j's dependence on S: n/S * dv_i * (L_i - sum_j c_j L_j / n)
+        exact = torch.zeros_like(p)
+        exact[valid] = n / s * dv * (lv - (c * lv).sum() / n)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.detach(), (c * lv).sum())
+    torch.testing.assert_close(grad, exact, atol=1e-10, rtol=1e-8)

@@ -201,8 +201,9 @@ def carl_loss(
         c = c.reshape(-1, *([1] * (reg_loss.dim() - 1)))
     if avg_factor is None:
         avg_factor = n if valid is None else valid.sum().clamp_min(1)
-    if valid is not None:  # zero, not 0 * loss: an unused slot's loss may be inf
-        return torch.where(c > 0, c * reg_loss, torch.zeros_like(reg_loss)).sum() / avg_factor
+    if valid is not None:  # an unused slot's loss may be inf: zeroed first, since 0 * inf is NaN (in the backward too)
+        keep = valid.reshape(-1, *([1] * (reg_loss.dim() - 1)))
+        return (c * torch.where(keep, reg_loss, torch.zeros_like(reg_loss))).sum() / avg_factor
     return (c * reg_loss).sum() / avg_factor
 
 
