@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -110,7 +111,8 @@ def test_asha_ranks_and_best_reproduces_exactly(sqlite_study, tmp_path):
 # in other orders, and two epochs of a from-scratch detector amplify it). Recorded again
 # whenever the numbers change by design (the last time: per-image draws, `pisa.data.draws`,
 # 2026-12-03), on the machine at hand. On a CPU without a recording the two paths must still
-# agree exactly; the test says how to record it.
+# agree exactly and the test says how to record it: it warns on a developer's machine and fails
+# under CI (`CI=true`, as CI runners set it), where it would otherwise check nothing more.
 RECORDINGS = {
     "AMD EPYC / AVX512": {  # 2 cores, 2026-12-03
         "train_loss": [3.898046135902405, 3.560943841934204],
@@ -166,9 +168,32 @@ def test_in_trial_and_ray_train_paths_give_the_recorded_metrics(ray_local, synth
     assert in_trial == ray_train
     recorded = RECORDINGS.get(_cpu_key())
     if recorded is None:
-        warnings.warn(f"no recording for CPU {_cpu_key()!r}: add it to RECORDINGS: {in_trial}", stacklevel=1)
+        no_recording(_cpu_key(), in_trial)
         return
     assert in_trial == {k: pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in recorded.items()}, in_trial
+
+
+def no_recording(cpu: str, metrics: dict[str, list[float]]) -> None:
+    """A CPU without recorded metrics: a warning on a developer's machine, a failure under CI."""
+    message = f"no recording for CPU {cpu!r}: add this run's metrics to tests/test_study.py's RECORDINGS: {metrics}"
+    if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+        pytest.fail(message + " (CI=true: a run without a recording checks only that the two paths agree)")
+    warnings.warn(message, stacklevel=2)
+
+
+@pytest.mark.parametrize("ci, fails", [("true", True), ("1", True), ("", False), (None, False), ("false", False)])
+def test_a_cpu_without_a_recording_fails_under_ci_and_warns_elsewhere(monkeypatch, ci, fails):
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    metrics = {"train_loss": [3.9, 3.5]}
+    if fails:
+        with pytest.raises(pytest.fail.Exception, match="no recording for CPU 'Some CPU / AVX2'.*CI=true"):
+            no_recording("Some CPU / AVX2", metrics)
+    else:
+        with pytest.warns(UserWarning, match=r"no recording for CPU 'Some CPU / AVX2'.*\[3\.9, 3\.5\]"):
+            no_recording("Some CPU / AVX2", metrics)
 
 
 def _cpu_key() -> str:
