@@ -115,8 +115,11 @@ def test_mlflow_run_has_params_metrics_and_artifacts(full_run):
     }
 
 
-def test_resumed_and_killed_worker_continue_exactly_as_uninterrupted(full_run, synthetic_dir, work, tmp_path):
-    """`pisa train --resume` from epoch 1's checkpoint; in epoch 3 a worker is killed and Ray
+def test_resumed_and_killed_worker_continue_exactly_as_uninterrupted(
+    full_run, synthetic_dir, work, tmp_path, monkeypatch
+):
+    """`pisa train --resume` from epoch 1's checkpoint, named relative to the user's directory
+    (the Ray Train workers run in another one); in epoch 3 a worker is killed and Ray
     Train restarts the group, which continues from this run's own epoch 2 (not from the
     resumed-from checkpoint). With 2 Ray workers x 2 loader workers, the data order and the
     augmentation draws of epochs 2 and 3 must be the uninterrupted run's, and each epoch is
@@ -127,7 +130,8 @@ def test_resumed_and_killed_worker_continue_exactly_as_uninterrupted(full_run, s
     assert torch.load(epoch1 / "checkpoint.pt", weights_only=True)["epoch"] == 0
     marker = tmp_path / "killed"
     cfg = parse_config(gpu_path_experiment(synthetic_dir, work, max_failures=1))
-    resumed = run_training(cfg, run_name="resumed", resume_from=str(epoch1), faults={"kill_at": f"2:1:{marker}"})
+    monkeypatch.chdir(epoch1.parent)
+    resumed = run_training(cfg, run_name="resumed", resume_from=epoch1.name, faults={"kill_at": f"2:1:{marker}"})
     assert marker.exists(), "the fault was not injected"
     assert resumed.status == "FINISHED", resumed.error
     assert resumed.metrics["epoch"] == 3

@@ -49,8 +49,16 @@ def train(args: argparse.Namespace) -> int:
 
 
 def data_synth(args: argparse.Namespace) -> int:
-    from ..data.synthetic import synth_command
+    from ..core.errors import ConfigError
+    from ..data.synthetic import MIN_IMAGE_SIZE, synth_command
 
+    for option, value, least in (
+        ("--train", args.train, 1),
+        ("--val", args.val, 1),
+        ("--image-size", args.image_size, MIN_IMAGE_SIZE),
+    ):
+        if value < least:
+            raise ConfigError(f"{option} {value}: must be at least {least}")
     synth_command(args.out, args.train, args.val, args.seed, args.image_size)
     return 0
 

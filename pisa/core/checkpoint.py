@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import CheckpointError
+
 if TYPE_CHECKING:
     from .config import ExperimentConfig
 
@@ -120,6 +122,30 @@ def read_checkpoint(path: str | Path, *, with_config: bool = False) -> Checkpoin
     if with_config:
         checkpoint.config = read_config(checkpoint_file(path).parent / CONFIG_FILE)
     return checkpoint
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """A checkpoint the user named (`pisa train --resume PATH`), checked where they named it,
+    before anything starts: its absolute path (a relative one is from the user's working
+    directory, which a Ray worker does not share) once its `checkpoint.pt` reads as a training
+    checkpoint. Raises `CheckpointError`, one line naming the file, for a missing, empty,
+    cut or otherwise unreadable one."""
+    given = Path(path).expanduser().absolute()
+    file = checkpoint_file(given)
+    if not file.is_file():
+        raise CheckpointError(f"--resume {file}: {'not a file' if file.exists() else 'no such file'}")
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"--resume {file}: an empty file, not a training checkpoint")
+    try:
+        read_checkpoint(file)
+    except Exception as exc:  # whatever reading raises (OSError, EOFError, pickle, torch), it is unusable
+        lines = str(exc).strip().splitlines()
+        first = lines[0] if lines else ""
+        if first.startswith(f"{file}: "):  # read_checkpoint's own verdict: a file that is no checkpoint
+            raise CheckpointError(f"--resume {first}") from None
+        reason = first or type(exc).__name__
+        raise CheckpointError(f"--resume {file}: not a readable training checkpoint ({reason})") from None
+    return given
 
 
 def is_checkpoint_state(state: Any) -> bool:

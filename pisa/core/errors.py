@@ -38,6 +38,13 @@ class BackboneLoadError(PisaError, RuntimeError):
     exit_code = EXIT_BAD_INPUT
 
 
+class CheckpointError(PisaError, ValueError):
+    """A checkpoint the user named (`pisa train --resume`) is missing or unreadable; the
+    message names the file. Checked before anything starts, never retried."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
 class StudyError(PisaError):
     """A study name that does not exist (or already does): nothing was started."""
 

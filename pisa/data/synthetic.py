@@ -32,6 +32,7 @@ CLASSES = ("circle", "square", "triangle")
 _COLORS = np.array([(225, 45, 45), (40, 190, 60), (45, 85, 235)], dtype=np.float64)
 _META = "synthetic.json"
 _FORMAT_VERSION = 1
+MIN_IMAGE_SIZE = 32  # pixels: the smallest image the shapes' size range fits in
 
 
 def _shape_polygon(kind: str, cx: float, cy: float, size: float, angle: float) -> np.ndarray:
@@ -164,8 +165,8 @@ def generate_synthetic(
     """
     if n_train < 1 or n_val < 1:
         raise ValueError("n_train and n_val must be >= 1")
-    if image_size < 32:
-        raise ValueError(f"image_size must be >= 32, got {image_size}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_rng, val_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import storage
+from ..core.checkpoint import check_checkpoint
 from ..core.config import ExperimentConfig
 from ..core.errors import one_line
 from ..core.progress import say
@@ -140,6 +141,8 @@ def run_training(
     """Train one config end to end and track it in MLflow; never raises for a failed fit.
     The console shows pisa's progress lines; `verbose` adds Ray's own. `source` names the
     config in errors (its file); `tags` are the run's (they may name another `pisa.kind`)."""
+    if resume_from:  # here, not in a worker: another working directory, and a retry reads it again
+        resume_from = str(check_checkpoint(resume_from))
     uri = cfg.tracking.resolved_uri()
     driver = DriverSession(uri, address=address, storage_path=cfg.storage_path, source=source, verbose=verbose)
     # the workers' progress lines reach the console (forwarded by Ray), Ray's own INFO does not
