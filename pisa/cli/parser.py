@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show Ray's own output (worker logs, Tune's result tables) on the console",
     )
+    run.add_argument(
+        "--warm-start",
+        metavar="STUDY",
+        help="seed the searcher with this study's finished trials (same search space; e.g. a pilot at "
+        "fewer epochs): its best point first, then the sampler's model",
+    )
     run.set_defaults(func=study_commands.study_run)
     plan = study.add_parser("plan", help="what a study will cost (GPU-hours, wall time) before it starts")
     plan.add_argument("study", help="study YAML (see studies/)")
@@ -93,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resume.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output on the console")
     resume.set_defaults(func=study_commands.study_resume)
+    extend = study.add_parser(
+        "extend", help="add trials to a finished or interrupted study (same Optuna study and MLflow run)"
+    )
+    extend.add_argument("name", help="study name (or its directory)")
+    extend.add_argument("--add", type=int, required=True, metavar="N", help="trials to add")
+    extend.add_argument("--storage-path", default="ray_results")
+    extend.add_argument("--address")
+    extend.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output on the console")
+    extend.set_defaults(func=study_commands.study_extend)
     best = study.add_parser("best", help="rank the trials; write the best trial's config")
     best.add_argument("name")
     best.add_argument("--storage-path", default="ray_results")

@@ -31,6 +31,8 @@ def finish_study(outcome, storage_path: str | None = None) -> int:
         else f"open {uri}"
     )
     print(f"compare the trials in the MLflow UI:  {ui}")
+    if outcome.budget:
+        print(outcome.budget)
     if outcome.validation is not None:
         from ..comparisons.table import format_validation
 
@@ -82,7 +84,18 @@ def study_run(args: argparse.Namespace) -> int:
     from ..search.tuner import run_study
 
     study = load_study(args.study, args.overrides)
-    return finish_study(run_study(study, address=args.address, verbose=args.verbose), study.base_config.storage_path)
+    outcome = run_study(study, address=args.address, verbose=args.verbose, warm_start=args.warm_start)
+    return finish_study(outcome, study.base_config.storage_path)
+
+
+def study_extend(args: argparse.Namespace) -> int:
+    from ..search.extend import check_add, extend_study
+
+    check_add(args.add)  # before anything is read or started
+    outcome = extend_study(
+        args.name, args.add, storage_path=args.storage_path, address=args.address, verbose=args.verbose
+    )
+    return finish_study(outcome, args.storage_path)
 
 
 def study_plan(args: argparse.Namespace) -> int:

@@ -28,6 +28,20 @@ from .dataset_size import SetSize, training_set_size
 from .training_rate import Rate, rate_from_mlflow, rate_from_probe
 from .workload import Workload
 
+# What the epochs leave out, as a share of a study's wall time x its slots: each trial's
+# start-up (its actor, data and model built), the checkpoints taken in, the driver's start and
+# the slots left empty while the last trials end. Measured on the quickstart by bench_study
+# (benchmarks/RESULTS.md): 13% (FIFO, 5 s epochs and more) to 24% (ASHA, whose trials end
+# early and leave more start-ups and empty slots per epoch).
+OVERHEAD = (0.13, 0.24)
+OVERHEAD_SOURCE = "measured on the quickstart, benchmarks/RESULTS.md bench_study"
+
+
+def with_overhead(wall_s: float, share: float) -> float:
+    """A wall time of epochs alone, with the overhead's share of the whole added."""
+    return wall_s / (1.0 - share)
+
+
 # ---------------------------------------------------------------- the hand-offs
 
 
@@ -71,6 +85,15 @@ class Plan:
     layout_note: str = ""  # `pack: auto`: the layout it replaced, or that it kept the given one
     images_source: str = ""  # where `images_per_epoch` came from (the annotation file, a known set, --images)
     price: float | None = None  # USD per GPU- (or CPU-) hour, `--price`
+    overhead: tuple[float, float] = OVERHEAD  # share of the wall not in the epochs (`OVERHEAD`)
+
+    def wall_range(self) -> tuple[float, float] | None:
+        """The wall time the study should take, overhead included: from ASHA's lower bound (FIFO
+        without ASHA) at the lower overhead to FIFO at the higher; None without a rate."""
+        low = self.asha if self.asha is not None else self.fifo
+        if low.wall_s is None or self.fifo.wall_s is None:
+            return None
+        return with_overhead(low.wall_s, self.overhead[0]), with_overhead(self.fifo.wall_s, self.overhead[1])
 
     @property
     def batch(self) -> int:
@@ -161,9 +184,13 @@ class Plan:
         console = Console(file=buf, width=120, force_terminal=False, color_system=None)
         console.print(facts)
         console.print(costs)
+        lo, hi = self.overhead
+        with_it = self.wall_range()
         notes = [
             f"wall = epochs in a row (the trials run in waves of {self.at_once}) x the epoch time; "
-            "trial start-up and checkpoints are not included",
+            f"trial start-up, checkpoints and the driver are the overhead term, {lo:.0%}-{hi:.0%} of a study's "
+            f"wall ({OVERHEAD_SOURCE})"
+            + (f", ~{fmt_wall(with_it[0])}-{fmt_wall(with_it[1])} in all" if with_it else ""),
             *self.notes,
         ]
         if self.asha is not None:
@@ -172,7 +199,7 @@ class Plan:
         return table + "".join(f"note: {n}\n" for n in notes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "line": self.line(), "epoch_s": self.epoch_s}
+        return {**asdict(self), "line": self.line(), "epoch_s": self.epoch_s, "wall_range_s": self.wall_range()}
 
 
 # ---------------------------------------------------------------- the arithmetic

@@ -17,6 +17,7 @@ from ..trials import recovery as trial_recovery
 from ..trials.fit import driver_fault, trial_error
 from ..trials.run_callback import TrainingRunsCallback
 from ..trials.seeds import seed_key
+from .budget import stopped_by_budget
 from .paths import done_mark
 from .study import Study
 from .trainable import trial_params
@@ -99,7 +100,7 @@ class MlflowStudyLogger(TrainingRunsCallback):
         run = self._run_for(trial)
         last = self.last.get(trial.trial_id, {})
         epochs = max(int(last.get("epoch", 0)), run.logged_epoch)
-        tags = self._final_tags(run, epochs)
+        tags = self._final_tags(run, epochs, trial.trial_id)
         best = self.best.get(trial.trial_id)
         if best is not None:
             self._log_checkpoint(run, best[1])
@@ -112,13 +113,17 @@ class MlflowStudyLogger(TrainingRunsCallback):
         run.end(RunStatus.FINISHED)
         driver_fault("trial_complete")
 
-    def _final_tags(self, run: TrainingRun, epochs: int) -> dict[str, Any]:
+    def _final_tags(self, run: TrainingRun, epochs: int, trial_id: str = "") -> dict[str, Any]:
         """A completed trial's status (finished, or stopped early by the scheduler), epochs,
         best value and, over several seeds, each seed's value at the best epoch."""
         status = Status.FINISHED if epochs >= self.max_epochs else Status.STOPPED_EARLY
         tags: dict[str, Any] = {tag.STATUS: status, tag.EPOCHS: epochs}
         if status == Status.STOPPED_EARLY:
-            tags[tag.STOPPED_BY] = f"{self.study.cfg.scheduler.type} scheduler after epoch {epochs}"
+            tags[tag.STOPPED_BY] = (
+                f"budget spent after epoch {epochs}"
+                if stopped_by_budget(self.parent_run_id, trial_id)
+                else f"{self.study.cfg.scheduler.type} scheduler after epoch {epochs}"
+            )
         # the best epoch from MLflow's history: also right for a trial resumed mid-way
         history = [
             m.value for m in self.tracker.metric_history(run.run_id, self.study.cfg.metric) if math.isfinite(m.value)

@@ -103,3 +103,22 @@ class PruningOptunaSearch(OptunaSearch):
         except Exception as exc:  # e.g. a NaN intermediate value: Optuna's bookkeeping only
             log.warning("Optuna trial of %s not marked pruned: %s", trial_id, exc)
         self._completed_trials.add(trial_id)
+
+
+def fail_stale_trials(url: str | None, study_name: str) -> int:
+    """Trials left RUNNING in the Optuna study by a driver that is gone, told FAIL (a new Tune
+    run of the study would otherwise see them running for ever); how many."""
+    if not url:
+        return 0
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = open_storage(url)
+    try:
+        ot_study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:  # no Optuna study yet
+        return 0
+    stale = ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in stale:
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    return len(stale)

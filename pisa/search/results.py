@@ -50,6 +50,8 @@ class StudyOutcome:
     # the validation stage's table and its one-line answer, when the study has one
     validation: Any = None
     answer: str = ""
+    # `budget:`'s planned vs spent line, when the study has a budget
+    budget: str = ""
 
     @property
     def all_failed(self) -> bool:

@@ -208,6 +208,15 @@ class ValidationStage(StrictModel):
     seeds: int = Field(3, ge=2, description="fresh seeds each (2 or more: an interval needs them)")
 
 
+class Budget(StrictModel):
+    """What the study may spend (`pisa.search.budget`): no trial starts that it cannot pay to
+    `max_t` at the plan's rate, and running trials stop once it is spent."""
+
+    hours: float = Field(
+        gt=0, allow_inf_nan=False, description="GPU-hours (CPU-hours for CPU trials): epoch times x resources"
+    )
+
+
 class TrialResources(StrictModel):
     """What one trial trains on. `workers` x `images_per_worker` is the total batch the LR is
     scaled to; `pack: auto` may train it on fewer workers, each with more images
@@ -250,6 +259,7 @@ class StudyConfig(StrictModel):
     scheduler: SchedulerConfig = SchedulerConfig()
     searcher: SearcherConfig = SearcherConfig()
     validation: ValidationStage | None = Field(None, description="after the search: its answer over fresh seeds")
+    budget: Budget | None = Field(None, description="GPU- (CPU-) hours the study may spend")
     seed: int = 0
     points_to_evaluate: Literal["paper", "paper+baseline", "none"] | list[dict[str, Any]] = "paper"
     max_failures: int = Field(3, ge=0, description="retries of a crashed trial, from its last checkpoint")

@@ -37,10 +37,14 @@ class StudyState(BaseModel):
     storage_path: str | None = None
     resolved: dict[str, Any] | None = None  # absent in states of older versions
     pisa_version: str | None = None  # the pisa that started it; None: pisa < 0.2.0
+    # the Tune runs `pisa study extend` added in the study's directory (`extend-1`, ...): a
+    # resume continues the last one; empty: the study's own run, in the directory itself
+    tune_runs: list[str] = Field(default_factory=list)
+    warm_start_from: str | None = None  # `pisa study run --warm-start`: the study it started from
     dir: str = Field("", exclude=True)  # where it was found: not saved
 
 
-def save_state(study: Study, parent_run_id: str, uri: str) -> None:
+def save_state(study: Study, parent_run_id: str, uri: str, warm_start_from: str | None = None) -> None:
     state = StudyState(
         name=study.name,
         parent_run_id=parent_run_id,
@@ -55,8 +59,18 @@ def save_state(study: Study, parent_run_id: str, uri: str) -> None:
         storage_path=study.base_config.storage_path,
         resolved=_redacted(study.resolved()),
         pisa_version=VERSION,
+        warm_start_from=warm_start_from,
     )
-    storage.write_text(state_path(study), state.model_dump_json(indent=2))
+    write_state(state, state_path(study))
+
+
+def write_state(state: StudyState, path: str) -> None:
+    storage.write_text(path, state.model_dump_json(indent=2))
+
+
+def tune_dir(state: StudyState) -> str:
+    """The Tune run a resume continues: the last one `pisa study extend` added, else the study's."""
+    return storage.join(state.dir, state.tune_runs[-1]) if state.tune_runs else state.dir
 
 
 def _redacted(data: Any) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from .. import tracking
@@ -28,15 +29,21 @@ from ..tracking.tags import Kind, RunStatus, Status
 from ..training.driver import DriverSession
 from ..trials.capacity import Capacity, check_training_fits, cluster_totals, trial_resources
 from ..trials.recovery import FAILED_MARK
+from .budget import BudgetLimiter, BudgetSpec, BudgetStopper
+from .budget import finish as finish_budget
 from .console import StudyConsole
 from .mlflow_logger import MlflowStudyLogger
 from .paths import state_path, study_dir, trial_storage
+from .plan_actual import compare as plan_vs_actual
 from .report import log_study_report
 from .results import StudyOutcome, collect, summarize_parent
 from .samplers import build_sampler
-from .state import check_resumable, load_state, optuna_url, save_state, study_from_state
+from .schema import SearcherConfig
+from .state import check_resumable, load_state, optuna_url, save_state, study_from_state, tune_dir
 from .study import Study
 from .trainable import run_trial, tune_space
+from .warm_start import read_pilot
+from .warm_start import seed as seed_warm_start
 
 STATUS_EVERY_S = 120.0  # Tune's trial table on the console, at most this often
 
@@ -69,10 +76,35 @@ def _capacity(study: Study) -> Capacity:
     return capacity
 
 
-def _tuner(study: Study, capacity: Capacity, uri: str, parent_run_id: str, verbose: bool = False):
+def _budget_spec(study: Study, uri: str, parent_run_id: str) -> BudgetSpec | None:
+    """The study's budget (None without one), priced at the plan's rate when it has one."""
+    if study.cfg.budget is None:
+        return None
+    try:
+        epoch_s = plan_at_start(study.workload(), uri).epoch_s
+    except Exception:  # priced at the study's own epochs instead
+        epoch_s = None
+    return BudgetSpec.of(study, uri, parent_run_id, epoch_s)
+
+
+def _tuner(
+    study: Study,
+    capacity: Capacity,
+    uri: str,
+    parent_run_id: str,
+    verbose: bool = False,
+    budget: BudgetSpec | None = None,
+    *,
+    points: list[dict] | None = None,
+    samples: int | None = None,
+    run_dir: str | None = None,
+    searcher_cfg: SearcherConfig | None = None,
+):
     """The study's `Tuner`, read top to bottom as Ray's Tune examples are: searcher,
     scheduler, trainable, then the run's settings (over 60 lines: each setting once, with
-    why)."""
+    why). `points` (the study's initial points), `samples` (its num_samples), `run_dir`
+    (a Tune run in the study's directory, `pisa study extend`) and `searcher_cfg` replace
+    the study's own."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
     from ray.tune.search import ConcurrencyLimiter, Searcher
@@ -81,15 +113,20 @@ def _tuner(study: Study, capacity: Capacity, uri: str, parent_run_id: str, verbo
 
     cfg = study.cfg
     epochs = study.base_config.train.resolved().epochs
+    points = study.initial_points() if points is None else points
+    sampler_cfg = cfg.searcher if searcher_cfg is None else searcher_cfg
     searcher: Searcher = PruningOptunaSearch(
-        points_to_evaluate=study.initial_points() or None,
-        sampler=build_sampler(cfg.searcher, num_samples=cfg.num_samples, parallel=capacity.at_once, seed=cfg.seed),
+        points_to_evaluate=points or None,
+        sampler=build_sampler(sampler_cfg, num_samples=cfg.num_samples, parallel=capacity.at_once, seed=cfg.seed),
         study_name=study.name,
         storage=open_storage(optuna_url(study, uri)),
         time_attr="epoch",
         max_t=epochs,
     )
-    searcher = ConcurrencyLimiter(searcher, max_concurrent=capacity.at_once)
+    if budget is not None:  # no trial the budget cannot pay to max_t (`budget`)
+        searcher = BudgetLimiter(searcher, capacity.at_once, budget)
+    else:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=capacity.at_once)
     if cfg.scheduler.type == "asha":
         scheduler: TrialScheduler = ASHAScheduler(
             time_attr="epoch",
@@ -108,19 +145,21 @@ def _tuner(study: Study, capacity: Capacity, uri: str, parent_run_id: str, verbo
             mode=cfg.mode,
             search_alg=searcher,
             scheduler=scheduler,
-            num_samples=cfg.num_samples,
+            num_samples=samples or cfg.num_samples,
             # a reused trial actor has torch and the data loaded already
             reuse_actors=study.trains_in_trial(),
         ),
         run_config=tune.RunConfig(
-            name=study.name,
-            storage_path=study.base_config.storage_path,
+            name=run_dir or study.name,
+            storage_path=study_dir(study) if run_dir else study.base_config.storage_path,
             # the logger is saved with the experiment: no credentials in it (they're in the env)
             callbacks=[
                 MlflowStudyLogger(study, public_uri(uri), parent_run_id),
                 StudyConsole(study, status_every_s=math.inf if verbose else STATUS_EVERY_S),
             ],
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            # a spent budget stops the running trials at their epoch's end
+            stop=BudgetStopper(budget) if budget is not None else None,
             # the best `keep_checkpoints` by the study's metric (and the latest, which Tune never
             # deletes): the best epoch's checkpoint is what MLflow and `--register` get
             checkpoint_config=tune.CheckpointConfig(
@@ -135,8 +174,12 @@ def _tuner(study: Study, capacity: Capacity, uri: str, parent_run_id: str, verbo
     )
 
 
-def run_study(study: Study, *, address: str | None = None, verbose: bool = False) -> StudyOutcome:
-    """Run a study from the start; the tracking store is checked before any trial."""
+def run_study(
+    study: Study, *, address: str | None = None, verbose: bool = False, warm_start: str | None = None
+) -> StudyOutcome:
+    """Run a study from the start; the tracking store is checked before any trial. `warm_start`:
+    another study whose finished trials seed the searcher (`warm_start`)."""
+    started = time.time()
     uri = study.base_config.tracking.resolved_uri()
     driver = DriverSession(
         uri, address=address, storage_path=study.base_config.storage_path, source=str(study.source), verbose=verbose
@@ -146,6 +189,7 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
             f"study {study.name!r} already exists in {storage.display(study_dir(study))}: continue it with "
             f"`pisa study resume {study.name}` or choose another name (--set name=...)"
         )
+    warm = read_pilot(study, warm_start) if warm_start else None  # a bad one: nothing started
     driver.start(study.base_config, dashboard=not study.trains_in_trial())
     _check_trial_fits(study, address)
     capacity = _capacity(study)  # a point that cannot fit the cluster fails before any run exists
@@ -164,12 +208,20 @@ def run_study(study: Study, *, address: str | None = None, verbose: bool = False
         parent, json.dumps(study.cfg.model_dump(mode="json")["search_space"], indent=2), "search_space.json"
     )
     tracking.tracker(uri).log_text(parent, study.base_config.to_yaml(), "base_config.yaml")
-    save_state(study, parent, uri)
+    save_state(study, parent, uri, warm_start_from=warm.source if warm else None)
     _print_start(study, uri, parent)
     for note in driver.notes:
         say(f"note: {note}")
-    tuner = _tuner(study, capacity, uri, parent, verbose)
-    return _fit_and_finish(study, tuner, uri, parent)
+    budget = _budget_spec(study, uri, parent)
+    if warm is not None:
+        seed_warm_start(study, optuna_url(study, uri), warm, uri, parent)
+        say(warm.line(study.name))
+        points = [warm.best] if warm.best else []
+        searcher_cfg = warm.searcher(study.cfg.searcher, study.cfg.num_samples)
+        tuner = _tuner(study, capacity, uri, parent, verbose, budget, points=points, searcher_cfg=searcher_cfg)
+    else:
+        tuner = _tuner(study, capacity, uri, parent, verbose, budget)
+    return _fit_and_finish(study, tuner, uri, parent, budget, started)
 
 
 def resume_study(
@@ -185,6 +237,7 @@ def resume_study(
     stay failed unless `retry_failed` (then they continue from their last checkpoint)."""
     from ray import tune
 
+    started = time.time()
     state = load_state(name, storage_path)
     check_resumable(state)
     study = study_from_state(state)
@@ -203,13 +256,15 @@ def resume_study(
     tracking.tracker(uri).update_status(state.parent_run_id, RunStatus.RUNNING)
     trainable = _trainable(study)
     tuner = tune.Tuner.restore(
-        state.dir, trainable=trainable, resume_unfinished=True, resume_errored=retry_failed, restart_errored=False
+        tune_dir(state), trainable=trainable, resume_unfinished=True, resume_errored=retry_failed, restart_errored=False
     )
     say(
         f"resuming study {study.name} from {storage.display(state.dir)}"
         + (" (retrying failed trials)" if retry_failed else "")
     )
-    return _fit_and_finish(study, tuner, uri, state.parent_run_id)
+    return _fit_and_finish(
+        study, tuner, uri, state.parent_run_id, _budget_spec(study, uri, state.parent_run_id), started
+    )
 
 
 def _clear_failed_marks(study: Study) -> None:
@@ -245,7 +300,10 @@ def _print_start(study: Study, uri: str, parent: str) -> None:
         say(f"Optuna: {shown}  (see it with `optuna-dashboard {shown}`)")
 
 
-def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
+def _fit_and_finish(
+    study: Study, tuner, uri: str, parent: str, budget: BudgetSpec | None = None, started: float | None = None
+) -> StudyOutcome:
+    started = time.time() if started is None else started
     interrupted = False
     try:
         tuner.fit()
@@ -255,13 +313,24 @@ def _fit_and_finish(study: Study, tuner, uri: str, parent: str) -> StudyOutcome:
     outcome.search_space = dict(study.cfg.search_space)
     expected = study.cfg.num_samples
     done = [t for t in outcome.trials if t.status in tag.DONE]
-    interrupted = interrupted or len(done) < expected
+    on_budget = False
+    if budget is not None:  # planned vs spent, from what MLflow recorded
+        try:
+            on_budget, outcome.budget = finish_budget(budget, len(done), expected)
+            say(outcome.budget)
+        except Exception as exc:  # the report must never cost the study's results
+            say(f"budget report skipped: {one_line(exc)}")
+    interrupted = interrupted or (len(done) < expected and not on_budget)
     outcome.interrupted = interrupted
     try:
         log_study_report(outcome, study)
     except Exception as exc:  # a plot must never cost the study's results
         say(f"report skipped: {exc}")
     summarize_parent(uri, parent, outcome)
+    try:  # the plan it started with against what it did
+        say(plan_vs_actual(uri, parent, outcome, time.time() - started))
+    except Exception as exc:
+        say(f"plan vs actual skipped: {one_line(exc)}")
     tags: dict[str, str]
     if interrupted:
         tags, status = {tag.STATUS: Status.INTERRUPTED}, RunStatus.KILLED

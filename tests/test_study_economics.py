@@ -1,0 +1,139 @@
+"""Study economics without training: the budget's arithmetic (what may start, when the running
+trials stop), the plan's overhead term, and the bad inputs of `budget:`, `extend --add` and
+`--warm-start`, each one line and exit 2 with nothing started."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import write_study
+
+from pisa import cli
+from pisa.planning.cluster_capacity import Cluster
+from pisa.planning.cost_plan import make_plan
+from pisa.planning.training_rate import Rate
+from pisa.search.budget import _LEDGERS, BudgetLimiter, BudgetSpec, BudgetStopper, Ledger
+from pisa.search.state import save_state
+from pisa.search.study import load_study
+
+CPUS = Cluster(gpus=0, cpus=16, where="a test cluster")
+
+
+def _spec(plan_epoch_s: float | None = 900.0, hours: float = 5.0) -> BudgetSpec:
+    # a point holds 2 GPUs, trains 4 epochs; at 900 s an epoch costs 900 x 2 / 3600 = 0.5 GPU-hours
+    return BudgetSpec("sqlite:///unused.db", "tests", "parent", hours, "GPU", 2.0, 4, plan_epoch_s)
+
+
+def test_a_trial_starts_only_when_the_budget_pays_it_to_max_t():
+    book = Ledger(_spec())
+    assert book.trial_cost() == pytest.approx(2.0)  # 4 epochs x 0.5
+    assert book.can_launch()  # 5 left
+    book.running.add("a")
+    book.record("a", {"epoch": 1, "time_train_s": 800.0, "time_eval_s": 100.0})
+    # spent 0.5; a's last 3 epochs committed: 1.5; left 5 - 0.5 - 1.5 = 3 >= 2
+    assert book.spent == pytest.approx(0.5) and book.committed() == pytest.approx(1.5)
+    assert book.can_launch()
+    book.running.add("b")  # b committed to 4 epochs: 2.0; left 5 - 0.5 - 3.5 = 1 < 2
+    assert not book.can_launch() and not book.ended()
+    book.running.discard("b")  # b stopped by ASHA before an epoch: its share is free again
+    assert book.can_launch()
+    # a logs epoch 1 again (a resumed trial) and epoch 2: counted once each -> 1.0 spent
+    book.record("a", {"epoch": 1, "time_train_s": 800.0, "time_eval_s": 100.0})
+    book.record("a", {"epoch": 2, "time_train_s": 900.0, "time_eval_s": 0.0})
+    assert book.spent == pytest.approx(1.0) and book.committed() == pytest.approx(1.0)
+    book.running.clear()
+    for trial, epoch in [("c", 1), ("c", 2), ("c", 3), ("c", 4), ("d", 1)]:
+        book.record(trial, {"epoch": epoch, "time_train_s": 900.0, "time_eval_s": 0.0})
+    book.running.clear()
+    # 1.0 + 5 x 0.5 = 3.5 spent, 1.5 left < 2: nothing more starts, and nothing runs: the end
+    assert book.spent == pytest.approx(3.5) and not book.can_launch() and book.ended()
+
+
+def test_without_a_rate_one_trial_measures_it():
+    book = Ledger(_spec(plan_epoch_s=None))
+    assert book.trial_cost() is None and book.can_launch()
+    book.running.add("a")
+    assert not book.can_launch()  # a second would be priced at nothing
+    book.record("a", {"epoch": 1, "time_train_s": 450.0, "time_eval_s": 0.0})
+    # the measured epoch prices the rest: 4 x 450 s x 2 GPUs = 1 GPU-hour; left 5 - 0.25 - 0.75 = 4
+    assert book.trial_cost() == pytest.approx(1.0) and book.can_launch()
+
+
+def test_a_spent_budget_stops_running_trials_and_the_search():
+    from ray.tune.search import Searcher
+
+    spec = _spec(hours=1.0)
+    _LEDGERS[spec] = book = Ledger(spec)
+    try:
+        stopper = BudgetStopper(spec)
+        assert not stopper("a", {"epoch": 1, "time_train_s": 900.0, "time_eval_s": 0.0})  # 0.5 of 1
+        assert stopper("a", {"epoch": 2, "time_train_s": 900.0, "time_eval_s": 0.0})  # 1.0: spent
+        assert book.stopped == {"a"}
+        assert stopper("b", {"epoch": 4, "time_train_s": 900.0, "time_eval_s": 0.0})  # at max_t: not "stopped"
+        assert book.stopped == {"a"}
+
+        class Never(Searcher):
+            def suggest(self, trial_id):
+                raise AssertionError("asked for a point past the budget")
+
+        book.running.clear()
+        assert BudgetLimiter(Never(metric="m", mode="max"), 2, spec).suggest("c") == Searcher.FINISHED
+    finally:
+        _LEDGERS.pop(spec, None)
+
+
+@pytest.mark.parametrize("hours", [0, -1.5])
+def test_a_budget_of_no_hours_is_one_line(tmp_path, synthetic_dir, capsys, hours):
+    path = write_study(tmp_path, synthetic_dir, "broke", budget={"hours": hours})
+    assert cli.main(["study", "run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {path}: budget.hours: Input should be greater than 0"
+    assert not (tmp_path / "ray_results").exists()
+
+
+def test_extend_by_nothing_is_one_line(tmp_path, capsys):
+    assert cli.main(["study", "extend", "anything", "--add", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --add: 0 is not a number of trials to add (1 or more)"
+
+
+def test_warm_start_from_another_search_space_names_the_fields(tmp_path, synthetic_dir, capsys):
+    pilot_dir = tmp_path / "pilot"
+    pilot_dir.mkdir()
+    # the pilot searched carl.k instead of isr_p.bias, and isr_p.k over another range
+    pilot = write_study(
+        pilot_dir,
+        synthetic_dir,
+        "pilot",
+        search_space={
+            "model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 2.0},
+            "model.carl.k": {"type": "uniform", "low": 0.5, "high": 2.0},
+        },
+    )
+    study = load_study(pilot)
+    # the pilot's state where the new study looks for it: its storage path
+    study.base["storage_path"] = str(tmp_path / "ray_results")
+    from pisa.search.study import Study
+
+    save_state(Study(study.cfg, study.base, study.source), "a-parent-run", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    path = write_study(tmp_path, synthetic_dir, "seeded")
+    assert cli.main(["study", "run", str(path), "--warm-start", "pilot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: {path}: --warm-start pilot: another search space; these fields differ: "
+        "search_space.model.carl.k, search_space.model.isr_p.bias, search_space.model.isr_p.k"
+    )
+    assert not (tmp_path / "ray_results" / "seeded").exists()  # nothing started
+
+
+def test_the_plan_counts_its_overhead(tmp_path, synthetic_dir):
+    path = write_study(tmp_path, synthetic_dir, "overhead", num_samples=4, max_concurrent_trials=2)
+    rate = Rate(images_per_sec=2.0, source="a test")  # 8 images: 4 s an epoch
+    plan = make_plan(load_study(path).workload(), CPUS, images=8, rate=rate)
+    # FIFO: 2 waves x 2 epochs x 4 s = 16 s; ASHA (rung at 1): 4 trials 1 epoch in 2 waves, then
+    # 2 trials 1 more epoch in 1: 3 epochs in a row -> 12 s. With 13% and 24% overhead: 12 / 0.87
+    # and 16 / 0.76
+    assert plan.fifo.wall_s == pytest.approx(16.0) and plan.asha is not None and plan.asha.wall_s == pytest.approx(12.0)
+    low, high = plan.wall_range() or (0, 0)
+    assert low == pytest.approx(12 / 0.87) and high == pytest.approx(16 / 0.76)
+    text = " ".join(plan.text().split())
+    assert "trial start-up, checkpoints and the driver are the overhead term, 13%-24% of a study's wall" in text
+    assert plan.to_dict()["wall_range_s"] == (low, high)
