@@ -137,3 +137,17 @@ def test_the_plan_counts_its_overhead(tmp_path, synthetic_dir):
     text = " ".join(plan.text().split())
     assert "trial start-up, checkpoints and the driver are the overhead term, 13%-24% of a study's wall" in text
     assert plan.to_dict()["wall_range_s"] == (low, high)
+
+
+def test_extend_fails_the_trials_a_lost_driver_left_running_in_optuna(tmp_path):
+    import optuna
+
+    from pisa.search.optuna_storage import fail_stale_trials
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="cut", storage=url, direction="maximize")
+    study.tell(study.ask(), 0.5)
+    study.ask()  # the trial a killed driver was running
+    assert fail_stale_trials(url, "cut") == 1
+    assert [t.state.name for t in optuna.load_study(study_name="cut", storage=url).trials] == ["COMPLETE", "FAIL"]
+    assert fail_stale_trials(url, "no-such-study") == 0 and fail_stale_trials(None, "cut") == 0
