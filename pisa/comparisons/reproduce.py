@@ -94,6 +94,9 @@ def reproduce(
     else:
         original = source
         uri = tracking_uri or TrackingConfig().resolved_uri()
+        db = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else None
+        if db is not None and not Path(db).exists():  # asking a missing SQLite store would make one
+            raise ConfigError(f"run {original}: no MLflow store at {db} (give --tracking-uri or MLFLOW_TRACKING_URI)")
         data = apply_overrides(yaml.safe_load(run_config_text(uri, original)), overrides)
         cfg = parse_config(data, source=f"run {original}")
     tags: dict[str, str] = {tag.KIND: Kind.REPRODUCE}
