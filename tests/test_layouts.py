@@ -8,6 +8,8 @@ augmentation and anchor/RoI draws on (seed, epoch, image) only (`pisa.data.draws
 image contributes a fixed number of samples (so a worker's mean loss, averaged over workers by
 DDP, is the global batch's mean). Each layout runs the engine's own loop (`run_worker`) in
 real processes with DDP over gloo, as Ray Train sets it up (benchmarks/bench_layouts.py).
+PISA's layouts are close, not equal (its weights are normalised over a worker's images): held
+within a bound from the measured gap, far below another seed's distance.
 """
 
 from __future__ import annotations
@@ -24,21 +26,31 @@ bench_layouts = load_benchmark("bench_layouts")
 STEPS = 10
 
 
+# The largest relative gap to 1x4 each variant may show, at the first step and over the
+# STEPS steps. The baseline: the first step differs by fp32 summation order only (~1e-7
+# relative per op); SGD steps of a from-scratch detector amplify it (measured on 2 CPUs over
+# 20 steps: <= 2e-7 for 17 steps, then up to 1.1e-4 for 4x1); 1e-3 is 10x the worst of 20
+# steps. PISA: ISR-P and CARL normalise their weights over a worker's images, so a split batch
+# is not the same step (benchmarks/bench_layouts.py --pisa --steps 10, 2-core AMD EPYC,
+# 2026-12-06: step 1 4.4e-6 for 2x2 and 1.8e-4 for 4x1, all 10 steps 1.2e-2 and 3.0e-2; 6.4e-2
+# over 20 steps, RESULTS.md); 1e-3 and 0.1 hold it to that scale. Both far below a real
+# difference: seed 1 against seed 0 differs by 2e-2 (baseline) and 7e-2 (PISA) at step 1 and
+# by 0.20-0.25 at some step.
+BOUNDS = {"baseline": (1e-5, 1e-3), "pisa": (1e-3, 0.1)}
+
+
 @pytest.mark.slow
-def test_layouts_of_one_global_batch_train_alike(synthetic_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", list(BOUNDS))
+def test_layouts_of_one_global_batch_train_alike(synthetic_dir: Path, tmp_path: Path, variant: str) -> None:
     runs = {
-        name: bench_layouts.experiment(synthetic_dir, tmp_path, workers, images, steps=STEPS)
+        name: bench_layouts.experiment(synthetic_dir, tmp_path, workers, images, steps=STEPS, pisa=variant == "pisa")
         for name, (workers, images) in bench_layouts.LAYOUTS.items()
     }
     losses = bench_layouts.layout_losses(runs, tmp_path)
     assert all(loss.shape == (STEPS,) and loss.isfinite().all() for loss in losses.values())
     gaps = bench_layouts.relative_gaps(losses, "1x4")
     assert set(gaps) == {"2x2", "4x1"}
+    first_step, every_step = BOUNDS[variant]
     for name, gap in gaps.items():
-        # The first step differs by fp32 summation order only (~1e-7 relative per op); SGD
-        # steps of a from-scratch detector amplify it (measured on 2 CPUs over 20 steps: <= 2e-7
-        # for 17 steps, then up to 1.1e-4 for 4x1). 1e-3 is 10x the worst of 20 steps, and far
-        # below a real difference: seed 1 against seed 0 in this set-up differs by up to 25% at
-        # a step (bench_layouts).
-        assert gap["first_step"] < 1e-5, (name, gap)
-        assert gap["max"] < 1e-3, (name, gap, losses[name], losses["1x4"])
+        assert gap["first_step"] < first_step, (name, gap)
+        assert gap["max"] < every_step, (name, gap, losses[name], losses["1x4"])
