@@ -116,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     listing = study.add_parser("list", help="the studies under a storage path: status, trials, best metric")
     listing.add_argument("--storage-path", default="ray_results")
     listing.set_defaults(func=study_commands.study_list)
+    repair = study.add_parser(
+        "repair", help="rebuild a damaged or missing study state (pisa_study.json) from the study's MLflow run"
+    )
+    repair.add_argument("name", help="study name (or its directory)")
+    repair.add_argument("--storage-path", default="ray_results")
+    repair.add_argument(
+        "--tracking-uri", help="the study's MLflow store, when neither the file nor Tune's state names it"
+    )
+    repair.add_argument("--run-id", help="the study's own MLflow run, when several runs carry its name")
+    repair.set_defaults(func=study_commands.study_repair)
     best.set_defaults(func=study_commands.study_best)
     val = study.add_parser(
         "validate",

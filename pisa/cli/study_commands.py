@@ -62,7 +62,7 @@ def print_registered(registered) -> None:
 
 
 def study_list(args: argparse.Namespace) -> int:
-    from ..search.results import list_studies
+    from ..search.results import DAMAGED, list_studies
 
     rows = list_studies(args.storage_path)
     if not rows:
@@ -75,7 +75,21 @@ def study_list(args: argparse.Namespace) -> int:
         best = f"{r.best:.4f}" if r.best is not None else "-"
         print(
             f"{r.name:<32} {r.status:<14} {f'{r.trials_done}/{total}':>9} {r.trials_failed:>6}  {best:>8}  {r.metric}"
+            + (f"  ({r.reason})" if r.reason else "")
         )
+    if any(r.status == DAMAGED for r in rows):
+        print(f"rebuild a damaged study's state with `pisa study repair NAME --storage-path {args.storage_path}`")
+    return 0
+
+
+def study_repair(args: argparse.Namespace) -> int:
+    from ..search.repair import repair_study
+
+    repaired = repair_study(args.name, args.storage_path, tracking_uri=args.tracking_uri, run_id=args.run_id)
+    if repaired is None:
+        print(f"study {args.name}: its state reads; nothing to repair")
+        return 0
+    print(repaired.line())
     return 0
 
 

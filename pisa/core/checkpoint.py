@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import CheckpointError
 
@@ -95,12 +95,34 @@ def write_checkpoint(directory: str | Path, payload: Checkpoint) -> Path:
     config); the path of `checkpoint.pt`."""
     import torch
 
+    from .storage import atomic_path
+
     directory = Path(directory)
     path = directory / CHECKPOINT_FILE
-    torch.save(payload.state(), path)
+    with atomic_path(path) as tmp:  # whole or not at all: a crash never leaves half a checkpoint
+        torch.save(payload.state(), tmp)
     if payload.config is not None:
-        (directory / CONFIG_FILE).write_text(payload.config.model_dump_json(indent=2))
+        with atomic_path(directory / CONFIG_FILE) as tmp:
+            tmp.write_text(payload.config.model_dump_json(indent=2))
     return path
+
+
+def unreadable_reason(f: BinaryIO) -> str | None:
+    """Why an open `checkpoint.pt` (a seekable binary file: local or a pyarrow input file) cannot
+    be read, None if it looks whole. Reads its zip directory and checks its pickle's CRC, not
+    the tensors: a file cut short (a full disk, a copy interrupted) or overwritten fails, at the
+    cost of a few reads at its end."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(f) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if not pickles:
+                return "not a torch checkpoint (no data.pkl)"
+            archive.read(pickles[0])  # checks the entry's CRC
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
 
 
 def read_state(path: str | Path) -> Any:

@@ -77,24 +77,77 @@ def list_dirs(location: str) -> list[str]:
     ]
 
 
-def read_text(location: str) -> str:
+def read_bytes(location: str) -> bytes:
     fs, path = _fs(location)
     with fs.open_input_stream(path) as f:
-        return f.read().decode()
+        return f.read()
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode()
+
+
+# object stores: an object appears whole when its upload completes, or not at all
+_WHOLE_OBJECT_STORES = ("S3FileSystem", "GcsFileSystem", "AzureFileSystem")
 
 
 def write_text(location: str, text: str) -> None:
-    """Write a small file whole (local: via a temporary file and a rename)."""
+    """Write a small file whole: a reader sees the old content or the new, never a part.
+
+    Local (and `file://`): a temporary file beside it, flushed to disk (fsync), renamed over
+    it, and the folder synced so the rename survives a power loss. S3, GCS and Azure: one
+    upload, which the store makes visible only once complete. Other file systems (HDFS): a
+    temporary file moved over it."""
+    import pyarrow.fs as pafs
+
+    data = text.encode()
     fs, path = _fs(location)
-    if not is_uri(location):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(path).with_name(Path(path).name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
         return
     fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
+    if type(fs).__name__ in _WHOLE_OBJECT_STORES:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    tmp_path = f"{path}.{os.getpid()}.tmp"
+    with fs.open_output_stream(tmp_path) as f:
+        f.write(data)
+    fs.move(tmp_path, path)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside local file `path` to write to; once the block ends without an
+    error it is synced to disk and renamed over `path` (a crash leaves the old file or the
+    new, never half of one); on an error it is removed and `path` is untouched."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_dir(target.parent)
+
+
+def _sync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the OS lets a folder be opened: not Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def delete(location: str) -> None:

@@ -12,12 +12,13 @@ from .. import tracking
 from ..core import storage
 from ..core.errors import PisaError, StudyError
 from ..core.objective import Objective
+from ..core.uris import public_uri
 from ..tracking import tags as tag
 from ..tracking.tags import RunStatus, Status
 from .fidelity import Fidelity, measure
 from .paths import SEED_VALUES_TAG, STATE_FILE, TRIAL_TAG
 from .schema import Distribution
-from .state import StudyState, load_state, study_from_state
+from .state import DamagedStateError, StudyState, load_state, read_state, study_from_state
 from .study import Study
 
 
@@ -110,6 +111,7 @@ class StudyListing:
     metric: str
     best: float | None
     tracking_uri: str
+    reason: str = ""  # why a `damaged` study's state cannot be read
 
 
 def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]:
@@ -119,20 +121,25 @@ def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]
     if not storage.exists(root):
         raise StudyError(f"no study storage at {storage_path}")
     states: list[StudyState] = []
+    damaged: list[StudyListing] = []
     for folder in storage.list_dirs(root):
-        state_file = storage.join(root, folder, STATE_FILE)
-        if not storage.exists(state_file):
+        if not storage.exists(storage.join(root, folder, STATE_FILE)):
             continue
         try:
-            states.append(StudyState.model_validate_json(storage.read_text(state_file)))
-        except (OSError, ValueError):  # not a study's state (pydantic's errors are ValueErrors)
-            continue
+            states.append(read_state(storage.join(root, folder)))
+        except DamagedStateError as exc:  # shown, not hidden: `pisa study repair` rebuilds it
+            damaged.append(StudyListing(folder, DAMAGED, 0, 0, None, "?", None, "", exc.reason))
     states.sort(key=lambda st: st.created, reverse=True)
     out = []
     for st in states:
         uri, parent = st.tracking_uri, st.parent_run_id
         try:
-            run = tracking.tracker(uri).run(parent)
+            run = tracking.tracker(uri).find_run(parent)
+            if run is None or run.info.lifecycle_stage == "deleted":
+                out.append(
+                    StudyListing(st.name, "no MLflow run", 0, 0, st.num_samples, st.metric, None, uri, _gone(st, run))
+                )
+                continue
             status = (
                 str(Status.RUNNING)
                 if run.info.status == RunStatus.RUNNING
@@ -145,7 +152,30 @@ def list_studies(storage_path: str | Path = "ray_results") -> list[StudyListing]
         except Exception as exc:  # an unreachable store must not hide the other studies
             status, done, failed, best = f"unknown ({type(exc).__name__})", [], 0, None
         out.append(StudyListing(st.name, status, len(done), failed, st.num_samples, st.metric, best, uri))
-    return out
+    return out + damaged
+
+
+DAMAGED = "damaged"  # `pisa study list`'s status of a study whose state cannot be read
+
+
+def _gone(state: StudyState, run) -> str:
+    where = f"MLflow run {state.parent_run_id} in {public_uri(state.tracking_uri)}"
+    return f"its {where} was deleted" if run is not None else f"its {where} does not exist"
+
+
+def check_parent_run(state: StudyState) -> None:
+    """The study's own MLflow run must be there: a deleted (or purged) one is one line saying
+    so, before anything reads or writes the study's runs."""
+    run = tracking.tracker(state.tracking_uri).find_run(state.parent_run_id)
+    if run is not None and run.info.lifecycle_stage != "deleted":
+        return
+    hint = (
+        f"restore it with `mlflow runs restore --run-id {state.parent_run_id}` (with MLFLOW_TRACKING_URI set to "
+        "the store)"
+        if run is not None
+        else "the study's runs are gone"
+    )
+    raise StudyError(f"study {state.name!r}: {_gone(state, run)}; {hint}, or start the study again under a new name")
 
 
 def collect(
@@ -180,6 +210,7 @@ def collect(
 
 def outcome_from_state(name: str, storage_path: str | Path = "ray_results") -> StudyOutcome:
     state = load_state(name, storage_path)
+    check_parent_run(state)
     outcome = collect(
         state.name,
         state.tracking_uri,

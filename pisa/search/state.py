@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..core import storage
 from ..core.errors import StudyError
@@ -86,12 +86,42 @@ def load_state(name_or_dir: str, storage_path: str | Path = "ray_results") -> St
     candidates = [storage.normalize(name_or_dir), storage.join(storage.normalize(storage_path), name_or_dir)]
     for c in candidates:
         if storage.exists(storage.join(c, STATE_FILE)):
-            state = StudyState.model_validate_json(storage.read_text(storage.join(c, STATE_FILE)))
+            state = read_state(c)
             state.dir = c
             return state
     raise StudyError(
         f"no study {name_or_dir!r}: looked for {STATE_FILE} in " + ", ".join(storage.display(c) for c in candidates)
     )
+
+
+class DamagedStateError(StudyError):
+    """A study's state file that is there but cannot be read (cut short, overwritten, not
+    readable): the one line names the file, says why, and how to rebuild it."""
+
+    def __init__(self, folder: str, reason: str):
+        self.folder, self.reason = folder, reason
+        name = folder.rstrip("/").rsplit("/", 1)[-1]
+        super().__init__(
+            f"study {name!r}: its state {storage.display(storage.join(folder, STATE_FILE))} is damaged ({reason}); "
+            f"rebuild it from MLflow with `pisa study repair {name}`"
+        )
+
+
+def read_state(folder: str) -> StudyState:
+    """The state in a study's folder; `DamagedStateError` when its file cannot be read."""
+    try:
+        return StudyState.model_validate_json(storage.read_text(storage.join(folder, STATE_FILE)))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DamagedStateError(folder, _first_line(exc)) from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise DamagedStateError(folder, f"{where + ': ' if where else ''}{first['msg']}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_resumable(state: StudyState) -> None:

@@ -36,7 +36,7 @@ from .mlflow_logger import MlflowStudyLogger
 from .paths import state_path, study_dir, trial_storage
 from .plan_actual import compare as plan_vs_actual
 from .report import log_study_report
-from .results import StudyOutcome, collect, summarize_parent
+from .results import StudyOutcome, check_parent_run, collect, summarize_parent
 from .samplers import build_sampler
 from .schema import SearcherConfig
 from .state import check_resumable, load_state, optuna_url, save_state, study_from_state, tune_dir
@@ -250,6 +250,7 @@ def resume_study(
         verbose=verbose,
     )
     driver.start_with(lambda: tracking.tracker(uri), dashboard=not study.trains_in_trial())
+    check_parent_run(state)  # a deleted MLflow run: one line, before a trial restarts
     _check_trial_fits(study, address)
     if retry_failed:  # their errors may have been fixed (data, a node); let them run again
         _clear_failed_marks(study)

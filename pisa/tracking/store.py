@@ -276,6 +276,18 @@ class Tracker:
         (params, latest metrics, tags)."""
         return self._client.get_run(run_id)
 
+    def find_run(self, run_id: str) -> Any | None:
+        """The run `run_id` (deleted ones too: `.info.lifecycle_stage`), None if the store has
+        no such run (never created, or purged after its deletion)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+
     def experiment_of(self, run_id: str) -> str:
         """The id of the experiment that holds run `run_id`."""
         return self.run(run_id).info.experiment_id

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core import storage
+from ..core.checkpoint import unreadable_reason
 from . import ray_private
 
 DONE_MARK = "pisa_done.json"
@@ -49,19 +50,35 @@ class Repair:
     trial_id: str
     gone: str
     continue_from: str | None  # the checkpoint directory's name, None: from scratch
+    damage: str | None = None  # why the recorded checkpoint is unusable, None: it is gone
 
     def line(self) -> str:
-        start = f"from {self.continue_from}" if self.continue_from else "from scratch (no intact checkpoint left)"
-        return f"trial {self.trial_id}: its last recorded checkpoint {self.gone} is gone; continuing {start}"
+        start = f"from {self.continue_from}" if self.continue_from else "from scratch (no usable checkpoint left)"
+        what = f"is unreadable ({self.damage})" if self.damage else "is gone"
+        return f"warning: trial {self.trial_id}: its last recorded checkpoint {self.gone} {what}; continuing {start}"
+
+
+def _damage(fs, path: str, checkpoint_file: str) -> str | None:
+    """Why a checkpoint directory cannot be continued from, None if it can: its weights file
+    missing or empty (cut short while written: it is written whole, then renamed), or present
+    but unreadable (a full disk, a copy interrupted: `unreadable_reason`)."""
+    import pyarrow.fs as pafs
+
+    file = f"{path.rstrip('/')}/{checkpoint_file}"
+    info = fs.get_file_info(file)
+    if info.type != pafs.FileType.File:
+        return "missing"
+    if not info.size:
+        return "empty"
+    try:
+        with fs.open_input_file(file) as f:
+            return unreadable_reason(f)
+    except OSError as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _intact(fs, path: str, checkpoint_file: str) -> bool:
-    """A checkpoint directory whose weights file is there and not empty. A checkpoint cut
-    short while written has no file yet (it is written whole, then renamed) or none at all."""
-    import pyarrow.fs as pafs
-
-    info = fs.get_file_info(f"{path.rstrip('/')}/{checkpoint_file}")
-    return info.type == pafs.FileType.File and (info.size or 0) > 0
+    return _damage(fs, path, checkpoint_file) is None
 
 
 def newest_intact_checkpoint(fs, trial_dir: str, checkpoint_file: str, max_index: int | None = None) -> str | None:
@@ -100,7 +117,8 @@ def repair_restored_trial(trial, checkpoint_file: str, logged_epochs: int | None
         return None
     checkpoint = latest.checkpoint
     fs = checkpoint.filesystem
-    if _intact(fs, checkpoint.path, checkpoint_file):
+    damage = _damage(fs, checkpoint.path, checkpoint_file)
+    if damage is None:
         return None
     max_index = None if logged_epochs is None else logged_epochs - 1
     newest = newest_intact_checkpoint(fs, trial.storage.trial_fs_path, checkpoint_file, max_index)
@@ -116,4 +134,5 @@ def repair_restored_trial(trial, checkpoint_file: str, logged_epochs: int | None
         trial.trial_id,
         checkpoint.path.rstrip("/").rsplit("/", 1)[-1],
         newest.rstrip("/").rsplit("/", 1)[-1] if newest else None,
+        None if damage == "missing" else damage,
     )
