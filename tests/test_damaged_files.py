@@ -25,7 +25,8 @@ from pisa.search.state import load_state, save_state
 from pisa.search.study import Study, load_study
 from pisa.tracking import tags as tag
 from pisa.tracking.tags import Kind
-from pisa.trials import ray_private, recovery
+from pisa.training import ray_private
+from pisa.trials import recovery
 
 # ---------------------------------------------------------------- atomic writes
 

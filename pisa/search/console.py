@@ -23,7 +23,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from ..core.progress import say
-from ..trials import ray_private
+from ..training import ray_private
 from ..trials.fit import trial_error
 from .study import Study
 from .trainable import tune_space

@@ -12,16 +12,69 @@ Optuna pruner would have done.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlparse
 
 from ray.tune.search.optuna import OptunaSearch
 
+from ..core.private_api import PrivateApi
+
 if TYPE_CHECKING:
     import optuna
 
 log = logging.getLogger(__name__)
+
+# The private API of Optuna and of Ray's Optuna searcher, touched here alone (ruff's SLF001 is
+# off for this module): checked against these versions (the lock, constraints.txt), each use
+# listed below and resolved on the installed libraries by tests/test_private_apis.py.
+CHECKED_AGAINST = {"optuna": "5.1.0", "ray": "2.60.0"}
+
+
+def _searcher() -> Any:
+    return OptunaSearch(metric="m", mode="max")
+
+
+PRIVATE_APIS = [
+    PrivateApi(
+        "optuna",
+        "optuna.trial",
+        "Trial",
+        "a trial read back from its storage (its id, not its number)",
+        lambda: _optuna_trial(),
+        ("_trial_id",),
+    ),
+    PrivateApi(
+        "optuna",
+        "optuna.trial",
+        "FrozenTrial",
+        "a stale RUNNING trial told FAIL by its storage id",
+        lambda: _frozen_trial(),
+        ("_trial_id",),
+    ),
+    PrivateApi(
+        "ray",
+        "ray.tune.search.optuna",
+        "OptunaSearch",
+        "the Optuna trial and study behind a Tune trial",
+        _searcher,
+        ("_ot_trials", "_ot_study", "_completed_trials", "_metric", "_setup_study"),
+    ),
+]
+
+
+def _frozen_trial() -> Any:
+    import optuna
+
+    return optuna.trial.create_trial(value=0.0)
+
+
+def _optuna_trial() -> Any:
+    import optuna
+
+    return optuna.create_study().ask()
+
 
 STORAGE_FILE = "optuna.db"
 
@@ -57,6 +110,20 @@ class PruningOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._time_attr = time_attr
         self._max_t = int(max_t)
+
+    def _setup_study(self, mode):
+        """Ray's study set-up, and the metric named in the Optuna study (optuna-dashboard shows
+        it instead of "Objective 0")."""
+        super()._setup_study(mode)
+        if self._ot_study is None or not isinstance(self._metric, str):
+            return
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an Optuna that calls the call experimental
+                if self._ot_study.metric_names != [self._metric]:
+                    self._ot_study.set_metric_names([self._metric])
+        except Exception as exc:  # a name is a label: never worth a study
+            log.warning("Optuna study's metric not named: %s", exc)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self._report_intermediate(trial_id, result)

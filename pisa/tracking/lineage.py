@@ -42,10 +42,10 @@ def library_versions() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def _context_tags() -> dict[str, str]:
-    from mlflow.tracking.context.registry import resolve_tags
+    from .mlflow_private import context_tags
 
     try:
-        tags = resolve_tags()
+        tags = context_tags()
     except Exception as exc:  # a context provider must never cost a run
         log.warning("MLflow run context not resolved: %s", exc)
         tags = {}
@@ -167,10 +167,10 @@ class SystemMetrics:
         if interval <= 0:
             return
         try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            from .mlflow_private import system_metrics_monitor
 
             logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
-            self.monitor = SystemMetricsMonitor(
+            self.monitor = system_metrics_monitor(
                 run_id, sampling_interval=interval, samples_before_logging=1, resume_logging=resume, tracking_uri=uri
             )
             self.monitor.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import mlflow.pyfunc
 
 from ..core.checkpoint import CONFIG_FILE, checkpoint_file
 from ..core.version import VERSION, check_written_by
+from . import tags
 from .detector import (
     Category,
     PredictInputError,
@@ -31,6 +33,8 @@ from .detector import (
 )
 from .store import tracker
 from .tags import SOURCE_RUN_ID
+
+log = logging.getLogger(__name__)
 
 ALIAS = "champion"
 ARTIFACT_NAME = "model"
@@ -165,6 +169,10 @@ def log_detector_model(uri: str, run_id: str, checkpoint: str | Path, model_name
         return None
     version = str(info.registered_model_version)
     tracker(uri).alias_model_version(model_name, version, ALIAS, {SOURCE_RUN_ID: run_id})
+    try:  # which study, trial, metric and value: shown beside the version in MLflow's UI
+        tracker(uri).describe_model_version(model_name, version, version_description(tracker(uri).run(run_id)))
+    except Exception as exc:  # a description must never cost the registration
+        log.warning("model %s version %s left without a description: %s", model_name, version, exc)
     return RegisteredModel(model_name, version, ALIAS, f"models:/{model_name}@{ALIAS}", run_id)
 
 
@@ -200,6 +208,24 @@ def _requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def version_description(run) -> str:
+    """A registered version's description from its run: the study and trial it came from (if
+    any) and its best value of each metric it has one of (`pisa.best_<metric>` tags)."""
+    run_tags = run.data.tags
+    parts = [f"run {run.info.run_id}" + (f" ({run.info.run_name})" if run.info.run_name else "")]
+    if run_tags.get(tags.STUDY):
+        parts.append(f"study {run_tags[tags.STUDY]}")
+    if run_tags.get(tags.TRIAL):
+        parts.append(f"trial {run_tags[tags.TRIAL]}")
+    best = {k[len(tags.BEST_PREFIX) :]: v for k, v in sorted(run_tags.items()) if k.startswith(tags.BEST_PREFIX)}
+    for own in ("run_id", "trial"):  # the study run's pisa.best_run_id and pisa.best_trial
+        best.pop(own, None)
+    values = [f"{metric} {value}" for metric, value in best.items()]
+    if not values:
+        values = [f"{k} {v:.4g}" for k, v in sorted(run.data.metrics.items()) if k.startswith("bbox_mAP")]
+    return "; ".join(parts) + (f"; best {', '.join(values)}" if values else "")
 
 
 def register_run(uri: str, run_id: str, model_name: str) -> RegisteredModel:

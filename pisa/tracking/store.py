@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 from ..core.errors import TrackingError
 from ..core.uris import public_uri, redact
 from .lineage import DatasetSummary, dataset_inputs, lineage_tags
+from .mlflow_private import max_param_length, max_tag_length
 from .tags import PARENT_RUN_ID, RunStatus
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ def tracker(uri: str) -> Tracker:
 def _tracker_of(uri: str) -> Tracker:
     from mlflow.tracking import MlflowClient
 
+    # no "Downloading artifacts" progress bars on pisa's console (`pisa study best`, predict)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with _one_process_at_a_time(uri):
         # the first client of a new SQLite file creates its tables and runs MLflow's
         # migrations; two processes doing that at once (two `pisa train`s on a new store)
@@ -251,10 +254,9 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         """Tag values cut at MLflow's own limit (a longer one would fail the whole call)."""
-        from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
-
+        limit = max_tag_length()
         for k, v in tags.items():
-            self._client.set_tag(run_id, k, str(v)[:MAX_TAG_VAL_LENGTH])
+            self._client.set_tag(run_id, k, str(v)[:limit])
 
     def end_run(self, run_id: str, status: str = RunStatus.FINISHED) -> None:
         """status: FINISHED, FAILED or KILLED (MLflow's terminal states)."""
@@ -318,6 +320,9 @@ class Tracker:
             experiments, filter_string, max_results=max_results, order_by=["attributes.start_time DESC"]
         )
 
+    def describe_model_version(self, model_name: str, version: str, description: str) -> None:
+        self._client.update_model_version(model_name, version, description=description)
+
     def alias_model_version(self, model_name: str, version: str, alias: str, tags: Mapping[str, str]) -> None:
         """Point the registered model's `alias` at `version`, and tag that version."""
         self._client.set_registered_model_alias(model_name, alias, version)
@@ -327,9 +332,7 @@ class Tracker:
 
 def _param_value(value: Any) -> str:
     """A param value MLflow accepts: URIs without credentials, cut at MLflow's own limit."""
-    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
-
     text = "None" if value is None else str(value)
     if "://" in text:
         text = public_uri(text)
-    return text[:MAX_PARAM_VAL_LENGTH]
+    return text[: max_param_length()]

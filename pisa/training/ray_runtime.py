@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from ..core.errors import ClusterError
 from ..core.progress import say
-from . import signals
+from . import ray_private, signals
 
 DRIVER_RESOURCE = "pisa_trial_driver"
 
@@ -134,12 +134,7 @@ def use_auth_token_if_found(address: str) -> None:
         return
     os.environ["RAY_AUTH_MODE"] = "token"
     logging.getLogger(__name__).info("joining %s with the Ray auth token from %s", address, where)
-    try:  # Ray reads the mode once per process: make it read it again
-        from ray._raylet import Config  # type: ignore[attr-defined]  # compiled, no stubs
-
-        Config.initialize("")
-    except (ImportError, AttributeError):
-        pass
+    ray_private.reread_auth_mode()  # Ray reads the mode once per process
 
 
 @contextlib.contextmanager
@@ -162,12 +157,11 @@ def check_gcs_reachable(address: str) -> None:
     from ray.exceptions import AuthenticationError
 
     try:
-        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # compiled, no stubs
-    except ImportError:  # a Ray without it: ray.init reports what it finds
-        return
-    try:
         with _stderr_silenced():  # Ray's C++ client logs the refusal there as well
-            GcsClient(address=address).internal_kv_get(b"session_name", namespace=None, timeout=10)
+            client = ray_private.gcs_client(address)
+            if client is None:  # a Ray without it: ray.init reports what it finds
+                return
+            client.internal_kv_get(b"session_name", namespace=None, timeout=10)
     except AuthenticationError:
         token = find_auth_token()
         fix = (
@@ -227,9 +221,8 @@ def forward_only_worker_output(actor_prefix: str = "RayTrainWorker") -> None:
     but not the output of Ray's own actors (the Train controller's retries and resource
     requests, "safe to ignore" tracebacks): it stays in the session's log files. Replaces
     the handler Ray's `log_to_driver` installs; a Ray without it is left as it is."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
+    dispatcher = ray_private.worker_output_dispatcher()
+    if dispatcher is None:
         return
     names = [name for name, _ in dispatcher.handlers]
     if "ray_print_logs" not in names:

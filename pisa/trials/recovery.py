@@ -23,7 +23,7 @@ from typing import Any
 
 from ..core import storage
 from ..core.checkpoint import unreadable_reason
-from . import ray_private
+from ..training import ray_private
 
 DONE_MARK = "pisa_done.json"
 FAILED_MARK = "pisa_failed.txt"  # a trial that failed for a reason a restart can't fix
