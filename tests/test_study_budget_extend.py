@@ -139,6 +139,7 @@ def test_extend_adds_trials_to_the_same_searches_and_runs_across_a_kill(pilot):
     first = _pisa(pilot, ["study", "extend", "pilot", "--add", "2"], kill_at="trial_complete:1")
     out = _ok(first, -9)
     assert "extending study pilot: 2 more trial(s), 2 done before, 4 in all" in out
+    assert "trial 3/4 started" in out and "trial 1/4 started" not in out  # counted on from the pilot's 2
     out = _ok(_pisa(pilot, ["study", "resume", "pilot"]))
     assert "plan vs actual: 8 trial-epochs, planned 8 (FIFO)" in out, out[-3000:]
 

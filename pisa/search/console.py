@@ -41,10 +41,11 @@ def _short(v: Any) -> str:
 class StudyConsole(Callback):
     """Tune callback on the driver: the study's console output."""
 
-    def __init__(self, study: Study, status_every_s: float = 120.0):
+    def __init__(self, study: Study, status_every_s: float = 120.0, done_before: int = 0):
         self.study = study
         self.metric = study.cfg.metric
         self.total = study.cfg.num_samples
+        self.done_before = done_before  # `pisa study extend`: the trials an earlier run finished
         self.max_epochs = study.base_config.train.resolved().epochs
         self.status_every_s = status_every_s
         self.start = time.time()
@@ -59,11 +60,11 @@ class StudyConsole(Callback):
 
     def _label(self, trial) -> str:
         if trial.trial_id not in self.numbers:
-            self.numbers[trial.trial_id] = len(self.numbers) + 1
+            self.numbers[trial.trial_id] = len(self.numbers) + 1 + getattr(self, "done_before", 0)
         return f"trial {self.numbers[trial.trial_id]}/{self.total}"
 
     def _progress(self, trials) -> None:
-        done = len(self.outcomes)
+        done = len(self.outcomes) + getattr(self, "done_before", 0)
         early = sum(o == "stopped early" for o in self.outcomes.values())
         failed = sum(o == "failed" for o in self.outcomes.values())
         # a trial whose end is being reported still shows RUNNING in Tune's list
@@ -85,7 +86,8 @@ class StudyConsole(Callback):
             return "unknown"
         unfinished = [t for t in self.numbers if t not in self.outcomes]
         left = sum(self.max_epochs - self.epochs.get(t, 0) for t in unfinished)
-        left += (self.total - len(self.numbers)) * self.max_epochs  # trials not started yet
+        started = len(self.numbers) + getattr(self, "done_before", 0)
+        left += (self.total - started) * self.max_epochs  # trials not started yet
         bound = "~" if self.study.cfg.scheduler.type == "fifo" else "<="
         return bound + _fmt_time(elapsed / epochs * left)
 

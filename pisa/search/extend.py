@@ -81,7 +81,16 @@ def extend_study(
     capacity = _capacity(study)
     budget = _budget_spec(study, uri, state.parent_run_id)
     tuner = _tuner(
-        study, capacity, uri, state.parent_run_id, verbose, budget, points=[], samples=samples, run_dir=run_dir
+        study,
+        capacity,
+        uri,
+        state.parent_run_id,
+        verbose,
+        budget,
+        points=[],
+        samples=samples,
+        run_dir=run_dir,
+        done_before=len(done),
     )
     return _fit_and_finish(study, tuner, uri, state.parent_run_id, budget, started)
 

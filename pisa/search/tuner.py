@@ -99,12 +99,13 @@ def _tuner(
     samples: int | None = None,
     run_dir: str | None = None,
     searcher_cfg: SearcherConfig | None = None,
+    done_before: int = 0,
 ):
     """The study's `Tuner`, read top to bottom as Ray's Tune examples are: searcher,
     scheduler, trainable, then the run's settings (over 60 lines: each setting once, with
     why). `points` (the study's initial points), `samples` (its num_samples), `run_dir`
     (a Tune run in the study's directory, `pisa study extend`) and `searcher_cfg` replace
-    the study's own."""
+    the study's own; `done_before`: trials an earlier run finished (the console counts on)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
     from ray.tune.search import ConcurrencyLimiter, Searcher
@@ -155,7 +156,7 @@ def _tuner(
             # the logger is saved with the experiment: no credentials in it (they're in the env)
             callbacks=[
                 MlflowStudyLogger(study, public_uri(uri), parent_run_id),
-                StudyConsole(study, status_every_s=math.inf if verbose else STATUS_EVERY_S),
+                StudyConsole(study, status_every_s=math.inf if verbose else STATUS_EVERY_S, done_before=done_before),
             ],
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             # a spent budget stops the running trials at their epoch's end
