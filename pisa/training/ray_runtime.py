@@ -69,6 +69,12 @@ def init_ray(
         ignore_reinit_error=True,
         logging_level=logging.INFO if verbose else logging.WARNING,
     )
+    if address is not None and not address.startswith("ray://") and ":" in address:
+        # a joined cluster's GCS told to every worker too: Ray Train's placement-group cleaner
+        # finds its cluster by address, and a node running another Ray instance (as a local
+        # one below) would leave it guessing; a killed trial's workers' CPUs then stay
+        # reserved and its restart waits for ever
+        kwargs["runtime_env"] = {"env_vars": {**env, "RAY_ADDRESS": address}}
     if address is None:
         # Ray Train's placement-group cleanup uses the state API, served by the dashboard
         # process; it listens on 127.0.0.1 only.
