@@ -62,12 +62,8 @@ class RecordingSession:
     def stop_on(self, error) -> None:
         raise error
 
-    def before_step(self, epoch: int, step: int) -> None:
-        pass
-
-    def step_loss(self, loss: torch.Tensor, iteration: int) -> torch.Tensor:
+    def record_loss(self, loss: torch.Tensor, iteration: int) -> None:
         self.losses.append(loss.detach().clone())
-        return loss
 
 
 def experiment(
@@ -113,7 +109,7 @@ def _run_process(index: int, jobs: list[tuple[str, int, int, dict]], out: str) -
         dist.init_process_group("gloo", init_method=f"file://{Path(out) / f'{name}.init'}", rank=rank, world_size=world)
     session = RecordingSession(rank, world)
     try:
-        error = run_worker({"experiment": config}, session)
+        error = run_worker({"experiment": config}, session, observe_loss=session.record_loss)
         if error is not None:
             raise RuntimeError(error)
         torch.save(torch.stack(session.losses), Path(out) / f"{name}-{rank}.pt")

@@ -54,14 +54,6 @@ def count_syncs(runner: Runner, images, targets, seed: int) -> Counter:
     return _kinds(prof)
 
 
-class _Passthrough:
-    """The session `train_step` asks for the step's loss: as it is (no faults)."""
-
-    @staticmethod
-    def step_loss(loss, iteration: int):
-        return loss
-
-
 def _kinds(prof) -> Counter:
     """The host-sync ops a profile saw, by kind."""
     counts: Counter = Counter()
@@ -79,12 +71,11 @@ def count_engine_syncs(runner: Runner, images, targets, seed: int) -> dict[str, 
 
     from pisa.core.config import TrainConfig as _Train
     from pisa.training.engine import Training, _check_finite, build_optimizer, train_step
+    from pisa.training.faults import Faults
     from pisa.training.loss_tally import LossTally
-    from pisa.training.session import TrainSession
 
     optimizer = build_optimizer(runner.model, _Train(lr=1e-4, base_batch=2, images_per_worker=2, workers=1).resolved())
-    # the fields of a worker's `Training` that `train_step` reads, and a session that only hands
-    # it the step's loss: stand-ins, not the loop's whole state
+    # the fields of a worker's `Training` that `train_step` reads: stand-ins, not the loop's whole state
     t = cast(
         Training,
         SimpleNamespace(
@@ -96,17 +87,19 @@ def count_engine_syncs(runner: Runner, images, targets, seed: int) -> dict[str, 
             scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0),
             cfg=SimpleNamespace(train=SimpleNamespace(grad_clip=None)),
             iteration=0,
+            rank=0,
+            faults=Faults(),
+            observe_loss=None,
         ),
     )
-    session = cast(TrainSession, _Passthrough())
     tally = LossTally(torch.device("cpu"))
-    train_step(t, session, tally, images, targets, 0)  # warm-up
+    train_step(t, tally, images, targets, 0)  # warm-up
     torch.manual_seed(seed)
     with profile(activities=[ProfilerActivity.CPU]) as plain:
-        train_step(t, session, tally, images, targets, 1)
+        train_step(t, tally, images, targets, 1)
     torch.manual_seed(seed)
     with profile(activities=[ProfilerActivity.CPU]) as logging:
-        train_step(t, session, tally, images, targets, 2)
+        train_step(t, tally, images, targets, 2)
         _check_finite(tally, 0, 0)
     model = sum(count_syncs(runner, images, targets, seed).values())
     step, at_log = sum(_kinds(plain).values()), sum(_kinds(logging).values())

@@ -104,12 +104,6 @@ class _Recorder:
     def stop_on(self, error) -> None:
         raise error
 
-    def before_step(self, epoch: int, step: int) -> None:
-        pass
-
-    def step_loss(self, loss, iteration: int):
-        return loss
-
 
 def _train(job: tuple[dict[str, Any], int, str, str]) -> list[dict[str, Any]]:
     point, seed, schedule, work = job

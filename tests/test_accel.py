@@ -339,24 +339,21 @@ def test_train_seed_changes_the_data_order(tmp_path):
     assert sorted(orders[0] + [x for x, _ in _epoch(other)]) == [float(i) for i in range(12)]
 
 
-def test_faults_come_as_a_session_wrapper_and_leave_the_session_alone_otherwise(tmp_path):
-    """A test's faults wrap the worker's session: the loss is NaN exactly at the asked global
-    iteration (and each NaN noted), every other step and call goes to the real session."""
+def test_faults_poison_exactly_the_asked_iteration_and_do_nothing_otherwise(tmp_path):
+    """A test's faults (`config["faults"]`): the loss is NaN exactly at the asked global
+    iteration (and each NaN noted); without a spec nothing changes."""
     import math
 
-    from pisa.training.faults import FaultInjectingSession, with_faults
-    from pisa.training.session import TuneTrialSession
+    from pisa.training.faults import from_config
 
-    real = TuneTrialSession(use_gpu=False)
-    assert with_faults(real, None) is real and with_faults(real, {}) is real
+    none = from_config(None)
+    assert float(none.poisoned(torch.tensor(2.0), 3, 0)) == 2.0
     log = tmp_path / "nan.log"
-    session = with_faults(real, {"nan_at": 3, "nan_log": str(log)})
-    assert isinstance(session, FaultInjectingSession) and session.rank == 0 and session.world_size == 1
-    assert session.device() == torch.device("cpu")
-    losses = [float(session.step_loss(torch.tensor(2.0), i)) for i in range(5)]
+    faults = from_config({"nan_at": 3, "nan_log": str(log)})
+    losses = [float(faults.poisoned(torch.tensor(2.0), i, 0)) for i in range(5)]
     assert [math.isnan(v) for v in losses] == [False, False, False, True, False]
     assert losses[0] == 2.0 and log.read_text() == "rank 0\n"
-    session.before_step(0, 0)  # no kill or stall asked: returns
+    faults.at_step(0, 0, 0)  # no kill or stall asked: returns
 
 
 @pytest.mark.parametrize("detector", ["faster_rcnn", "mask_rcnn"])

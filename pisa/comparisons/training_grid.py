@@ -29,8 +29,9 @@ from ..core.storage import location_of
 from ..core.uris import public_uri
 from ..tracking.run_writer import TrainingRun
 from ..tracking.tags import GRID_JOB, RunStatus, Status
+from ..training.faults import driver_fault
 from ..trials import recovery as trial_recovery
-from ..trials.fit import driver_fault, failing_at_once_on_retry, fit_in_trial, trial_error
+from ..trials.fit import failing_at_once_on_retry, fit_in_trial, trial_error
 from ..trials.recovery import FAILED_MARK
 from ..trials.run_callback import ENDED, TrainingRunsCallback
 from ..trials.seeds import CHECKPOINT_PATH_KEY

@@ -13,8 +13,9 @@ from ..core.progress import say
 from ..tracking import tags as tag
 from ..tracking.run_writer import TrainingRun
 from ..tracking.tags import Kind, RunStatus, Status
+from ..training.faults import driver_fault
 from ..trials import recovery as trial_recovery
-from ..trials.fit import driver_fault, trial_error
+from ..trials.fit import trial_error
 from ..trials.run_callback import TrainingRunsCallback
 from ..trials.seeds import seed_key
 from .budget import stopped_by_budget

@@ -19,7 +19,8 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -41,7 +42,7 @@ from .device_plan import (
     optimizer_step,
     plan_for,
 )
-from .faults import with_faults
+from .faults import Faults, from_config
 from .loaders import (
     batch_to_device,
     build_train_loader,
@@ -131,6 +132,8 @@ class Training:
     class_names: list[str]  # the training set's categories, in the model's label order 1..C
     category_ids: list[int]  # their COCO ids
     iteration: int = 0  # global, across epochs
+    faults: Faults = field(default_factory=Faults)  # a test's (`pisa.training.faults`), else none
+    observe_loss: Callable[[torch.Tensor, int], None] | None = None
 
 
 @dataclass
@@ -142,15 +145,18 @@ class _EpochStats:
     diagnostics: dict[str, list[torch.Tensor]]
 
 
-def run_worker(config: dict[str, Any], session: TrainSession) -> str | None:
+def run_worker(
+    config: dict[str, Any], session: TrainSession, observe_loss: Callable[[torch.Tensor, int], None] | None = None
+) -> str | None:
     """One worker's training: on a Ray Train worker or in a Tune trial's own process.
 
     A non-finite loss is deterministic: a restart from the last checkpoint would diverge at
     the same step again. Every worker sees it at the same step (`LossTally`) and the
     session ends the training without a restart (`TrainSession.stop_on`): a Ray Train
     worker returns its message, which Ray Train would otherwise retry as a failure."""
-    session = with_faults(session, config.get("faults"))  # a test's faults, around the session
     t = build_training(ExperimentConfig.model_validate(config["experiment"]), session)
+    t.faults = from_config(config.get("faults"))  # a test's, else none
+    t.observe_loss = observe_loss  # a benchmark's record of every step's loss
     start_epoch = _restore(t, session, config.get("resume_from"))
     try:
         for epoch in range(start_epoch, t.epochs):
@@ -296,9 +302,9 @@ def _train_epoch(t: Training, session: TrainSession, epoch: int) -> _EpochStats:
     first_iteration = t.iteration
     t_epoch = time.perf_counter()
     for step, (images, targets) in enumerate(t.loader):
-        session.before_step(epoch, step)
+        t.faults.at_step(epoch, step, t.rank)
         try:
-            train_step(t, session, tally, images, targets, step)
+            train_step(t, tally, images, targets, step)
         except NonFiniteLossError:
             raise
         except Exception:  # after a non-finite step, an op may fail on NaN first
@@ -328,12 +334,14 @@ def _train_epoch(t: Training, session: TrainSession, epoch: int) -> _EpochStats:
     return stats
 
 
-def train_step(t: Training, session: TrainSession, tally: LossTally, images, targets, step: int) -> None:
+def train_step(t: Training, tally: LossTally, images, targets, step: int) -> None:
     """Forward, backward and update, without a host read."""
     images, targets = batch_to_device(images, targets, t.device)
     with torch.autocast(t.device.type, dtype=t.plan.autocast_dtype, enabled=t.plan.amp):
         losses = t.model(images, targets)
-    loss = session.step_loss(sum(losses.values()), t.iteration)
+    loss = t.faults.poisoned(sum(losses.values()), t.iteration, t.rank)
+    if t.observe_loss is not None:
+        t.observe_loss(loss, t.iteration)
     finite = tally.add(loss, losses, step)
     if getattr(t.optimizer, "_step_supports_amp_scaling", False) and t.scaler is None:
         t.optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]  # fused SGD skips on the device

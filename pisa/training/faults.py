@@ -1,19 +1,26 @@
-"""Faults a test injects into a training (`config["faults"]`): a NaN loss at a global
-iteration, a worker killed or stalled mid-epoch. They come in as a session wrapper
-(`with_faults`) around the worker's real session: the train loop knows nothing of them,
-and nothing here runs unless a test asks."""
+"""Every fault a test injects, from one place: into a training's workers (`config["faults"]`,
+which the driver fills from `PISA_FAULTS`: a NaN loss at a global iteration, a worker killed
+or stalled mid-epoch) and into a study's driver (`PISA_DRIVER_FAULTS`: the driver killed the
+Nth time it passes a named point). The training loop asks its `Faults` at two places of a
+step and the driver's callbacks call `driver_fault` at theirs; without a test's variable
+both do nothing. No session or callback has a fault method of its own."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..core.progress import say
+
+if TYPE_CHECKING:
+    import torch
+
+DRIVER_FAULTS_ENV = "PISA_DRIVER_FAULTS"  # the study driver's faults (see driver_fault)
 
 
 @dataclass
@@ -61,25 +68,25 @@ def maybe_inject_failure(spec: str | None, epoch: int, iteration: int, rank: int
         os._exit(1)
 
 
-class FaultInjectingSession:
-    """A `TrainSession` that passes everything to `inner` and injects `faults` at its
-    per-step hooks: the kill or stall before a step, the NaN in a step's loss."""
-
-    def __init__(self, inner: Any, faults: Faults):
-        self.inner, self.faults = inner, faults
-        self.rank, self.world_size = inner.rank, inner.world_size
-
-    def __getattr__(self, name: str) -> Any:  # device, prepare_model, report, ...: the inner's
-        return getattr(self.inner, name)
-
-    def before_step(self, epoch: int, step: int) -> None:
-        self.faults.at_step(epoch, step, self.rank)
-        self.inner.before_step(epoch, step)
-
-    def step_loss(self, loss: torch.Tensor, iteration: int) -> torch.Tensor:
-        return self.inner.step_loss(self.faults.poisoned(loss, iteration, self.rank), iteration)
+def from_config(spec: dict[str, Any] | None) -> Faults:
+    """The faults a test's `config["faults"]` asks for (none: a `Faults` that does nothing)."""
+    return Faults(**spec) if spec else Faults()
 
 
-def with_faults(session: Any, spec: dict[str, Any] | None) -> Any:
-    """`session` itself, or wrapped in the faults a test's `config["faults"]` asks for."""
-    return FaultInjectingSession(session, Faults(**spec)) if spec else session
+def driver_fault(point: str) -> None:
+    """`PISA_DRIVER_FAULTS={"kill_at": "POINT:N"}` kills this driver with SIGKILL the Nth time
+    it passes POINT (trial_complete, checkpoint, mlflow_write): a crash at a known place for
+    the recovery tests."""
+    spec = os.environ.get(DRIVER_FAULTS_ENV)
+    if not spec:
+        return
+    where, _, count = json.loads(spec).get("kill_at", "").partition(":")
+    if where != point:
+        return
+    _DRIVER_FAULT_COUNTS[point] = _DRIVER_FAULT_COUNTS.get(point, 0) + 1
+    if _DRIVER_FAULT_COUNTS[point] == int(count or 1):
+        say(f"fault injection: killing the driver at {point} #{count or 1}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_DRIVER_FAULT_COUNTS: dict[str, int] = {}

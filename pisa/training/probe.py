@@ -135,12 +135,6 @@ class _ProbeSession:
     def stop_on(self, error: Exception) -> None:
         raise error
 
-    def before_step(self, epoch: int, step: int) -> None:
-        pass
-
-    def step_loss(self, loss: Any, iteration: int) -> Any:
-        return loss
-
 
 class _Trainer:
     """One worker's training as the engine builds it (`engine.build_training`: model, SGD,
@@ -159,7 +153,7 @@ class _Trainer:
     def step(self, images: list[Any], targets: list[dict[str, Any]]) -> None:
         from .engine import train_step
 
-        train_step(self.training, self.session, self.tally, images, targets, 0)
+        train_step(self.training, self.tally, images, targets, 0)
 
 
 # ---------------------------------------------------------------- GPU memory

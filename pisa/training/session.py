@@ -51,14 +51,6 @@ class TrainSession(Protocol):
         """End the training on a deterministic error, without a restart."""
         ...
 
-    def before_step(self, epoch: int, step: int) -> None:
-        """Called before each training step (a fault-injecting session acts here)."""
-        ...
-
-    def step_loss(self, loss: torch.Tensor, iteration: int) -> torch.Tensor:
-        """The step's loss as the session lets it through (unchanged but under fault injection)."""
-        ...
-
 
 @contextlib.contextmanager
 def _checkpoint_dir(checkpoint) -> Iterator[Path | None]:
@@ -112,12 +104,6 @@ class RayTrainSession:
         whatever the error: every worker returns instead, and the driver reads the error from
         the run's return value (`pisa.training.engine.stopped_on`)."""
 
-    def before_step(self, epoch: int, step: int) -> None:
-        pass
-
-    def step_loss(self, loss: torch.Tensor, iteration: int) -> torch.Tensor:
-        return loss
-
 
 class TuneTrialSession:
     """A 1-worker training inside a Tune function trainable: reports go straight to Tune."""
@@ -154,9 +140,3 @@ class TuneTrialSession:
     def stop_on(self, error: NonFiniteLossError) -> None:
         """The trial fails with the error; the study marks it so a retry fails at once."""
         raise error
-
-    def before_step(self, epoch: int, step: int) -> None:
-        pass
-
-    def step_loss(self, loss: torch.Tensor, iteration: int) -> torch.Tensor:
-        return loss

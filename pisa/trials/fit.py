@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,7 @@ from typing import Any
 from ..core import storage
 from ..core.config import ExperimentConfig
 from ..core.errors import BackboneLoadError, DataError, NonFiniteLossError, find_pisa_error, one_line
-from ..core.progress import say
 
-DRIVER_FAULTS_ENV = "PISA_DRIVER_FAULTS"  # the same for the study's driver (see driver_fault)
 # errors that fail the same way on every restart: the trial is not retried
 DETERMINISTIC_ERRORS = (NonFiniteLossError, DataError, BackboneLoadError)
 
@@ -41,38 +38,37 @@ def fit_in_trial(
             {"experiment": exp.model_dump(mode="json"), "faults": faults or {}}, TuneTrialSession(exp.train.use_gpu)
         )
         return
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from ..training.engine import stopped_on
     from ..training.train import build_trainer
 
     trainer = build_trainer(
-        exp, name=name, callbacks=[TuneReportCallback()], faults=faults, checkpoint_score=checkpoint_score
+        exp, name=name, callbacks=[_tune_report_callback()], faults=faults, checkpoint_score=checkpoint_score
     )
     error = stopped_on(trainer.fit())
     if error is not None:
         raise error
 
 
-def driver_fault(point: str) -> None:
-    """Test-only: `PISA_DRIVER_FAULTS={"kill_at": "POINT:N"}` kills this driver with SIGKILL
-    the Nth time it passes POINT (trial_complete, checkpoint, mlflow_write), a crash at a
-    known place for the recovery tests."""
-    spec = os.environ.get(DRIVER_FAULTS_ENV)
-    if not spec:
-        return
-    where, _, count = json.loads(spec).get("kill_at", "").partition(":")
-    if where != point:
-        return
-    _DRIVER_FAULT_COUNTS[point] = _DRIVER_FAULT_COUNTS.get(point, 0) + 1
-    if _DRIVER_FAULT_COUNTS[point] == int(count or 1):
-        import signal
+def _tune_report_callback() -> Any:
+    """Ray's `TuneReportCallback`, each result waited on until the trial's Tune side took it.
 
-        say(f"fault injection: killing the driver at {point} #{count or 1}")
-        os.kill(os.getpid(), signal.SIGKILL)
+    Ray 2.60 passes a Train run's results to its Tune trial through a queue of one; when the
+    run ends (its last epoch reported) before the trial's main thread took that last result, as
+    when the driver is slow with the previous one (an MLflow store down for seconds), the
+    function's end reaches Tune's own one-slot queue first and the main thread's put of the last
+    result blocks for ever: the trial hangs RUNNING with its workers gone (benchmarks/chaos.py
+    found it). Waiting here keeps the run from ending first."""
+    import time
 
+    from ray.tune.integration.ray_train import TuneReportCallback
 
-_DRIVER_FAULT_COUNTS: dict[str, int] = {}
+    class ReportTakenCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            super().after_report(run_context, metrics, checkpoint)
+            while not self._training_actor_item_queue.empty():
+                time.sleep(0.05)
+
+    return ReportTakenCallback()
 
 
 @contextlib.contextmanager
