@@ -12,7 +12,7 @@ from types import ModuleType
 import yaml
 
 from pisa import tracking
-from pisa.core.small_configs import SMALL_FASTER_RCNN
+from pisa.core.small_configs import tiny_experiment  # the tiny training config, shared with benchmarks/
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,38 +29,6 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def tiny_experiment(data_dir: Path, work: Path, **train) -> dict:
-    """A training config small enough for a 2-worker CPU run in well under a minute."""
-    return {
-        "name": "tiny",
-        "model": {**SMALL_FASTER_RCNN, "isr_p": {"enabled": True}, "carl": {"enabled": True}},
-        "data": {
-            "train_images": str(data_dir / "train"),
-            "train_annotations": str(data_dir / "train.json"),
-            "val_images": str(data_dir / "val"),
-            "val_annotations": str(data_dir / "val.json"),
-            "train_limit": 8,
-            "val_limit": 4,
-        },
-        "train": {
-            "schedule": "custom",
-            "epochs": 2,
-            "lr": 0.02,
-            "base_batch": 16,
-            "milestones": [],
-            "warmup_iters": 2,
-            "workers": 2,
-            "use_gpu": False,
-            "images_per_worker": 2,
-            "log_every": 1,
-            "seed": 0,
-            **train,
-        },
-        "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "tests"},
-        "storage_path": str(work / "ray_results"),
-    }
 
 
 def write_study(tmp: Path, data_dir: Path, name: str, uri: str | None = None, **study) -> Path:
