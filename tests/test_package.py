@@ -71,3 +71,27 @@ def test_loading_a_model_logged_by_another_release_is_one_line(tmp_path, written
     message = str(caught.value)
     assert "\n" not in message
     assert f"written by pisa {written}" in message and "this is pisa 0.2.0" in message
+
+
+def test_a_study_callback_pickles_ids_and_paths_and_reloads_its_study(tmp_path, synthetic_dir):
+    """Tune pickles a study's callbacks with its state: they carry the study's directory, not
+    its classes, and a resume reloads the study from its state file."""
+    import pickle
+
+    from helpers import write_study
+
+    from pisa.search.console import StudyConsole
+    from pisa.search.mlflow_logger import MlflowStudyLogger
+    from pisa.search.state import save_state
+    from pisa.search.study import load_study
+
+    study = load_study(write_study(tmp_path, synthetic_dir, "pickled"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    save_state(study, "0" * 32, uri)
+    for callback in (MlflowStudyLogger(study, uri, "0" * 32), StudyConsole(study)):
+        payload = pickle.dumps(callback)
+        assert b"pisa.search.schema" not in payload and b"StudyConfig" not in payload
+        assert b"ExperimentConfig" not in payload and b"TuneTerminalReporter" not in payload
+        back = pickle.loads(payload)
+        assert back.study.name == "pickled" and back.study.cfg == study.cfg
+        assert back.study.base_config.model == study.base_config.model

@@ -25,6 +25,7 @@ from ray.tune.experiment import Trial
 from ..core.progress import say
 from ..training import ray_private
 from ..trials.fit import trial_error
+from .state import PickledByStudyDir
 from .study import Study
 from .trainable import tune_space
 
@@ -38,8 +39,10 @@ def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-class StudyConsole(Callback):
+class StudyConsole(PickledByStudyDir, Callback):
     """Tune callback on the driver: the study's console output."""
+
+    _transient = ("table",)  # Ray's own table class: rebuilt when a resumed study sets up
 
     def __init__(self, study: Study, status_every_s: float = 120.0, done_before: int = 0):
         self.study = study

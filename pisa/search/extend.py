@@ -22,13 +22,12 @@ from ..core.progress import say
 from ..planning.cost_plan import plan_at_start
 from ..tracking import tags as tag
 from ..tracking.tags import RunStatus, Status
-from ..training.driver import DriverSession
 from .optuna_storage import fail_stale_trials
 from .paths import state_path
-from .results import StudyOutcome, check_parent_run, collect
-from .state import check_resumable, load_state, optuna_url, study_from_state, write_state
+from .results import StudyOutcome, collect
+from .state import optuna_url, write_state
 from .study import Study
-from .tuner import _budget_spec, _capacity, _check_trial_fits, _fit_and_finish, _tuner
+from .tuner import _budget_spec, _capacity, _fit_and_finish, _tuner, reopen_study
 
 
 def check_add(add: int) -> None:
@@ -46,16 +45,8 @@ def extend_study(
 ) -> StudyOutcome:
     check_add(add)
     started = time.time()
-    state = load_state(name, storage_path)
-    check_resumable(state)
-    old = study_from_state(state)
+    state, old = reopen_study(name, storage_path, address, verbose)
     uri = state.tracking_uri
-    driver = DriverSession(
-        uri, address=address, storage_path=old.base_config.storage_path, source=storage.display(state.dir)
-    )
-    driver.start_with(lambda: tracking.tracker(uri), dashboard=not old.trains_in_trial())
-    check_parent_run(state)  # a deleted MLflow run: one line, before anything is added
-    _check_trial_fits(old, address)
     before = collect(state.name, uri, state.experiment, state.parent_run_id, state.metric, state.mode)
     done = [t for t in before.trials if t.status in tag.DONE]
     total = state.num_samples + add

@@ -20,11 +20,12 @@ from ..trials.run_callback import TrainingRunsCallback
 from ..trials.seeds import seed_key
 from .budget import stopped_by_budget
 from .paths import done_mark
+from .state import PickledByStudyDir
 from .study import Study
 from .trainable import trial_params
 
 
-class MlflowStudyLogger(TrainingRunsCallback):
+class MlflowStudyLogger(PickledByStudyDir, TrainingRunsCallback):
     """Tune callback: a nested MLflow run per trial (params, per-epoch metrics, status,
     config, best checkpoint). Runs on the driver: the only MLflow writer of the study.
 

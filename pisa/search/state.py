@@ -13,7 +13,7 @@ from ..core import storage
 from ..core.errors import StudyError
 from ..core.uris import public_uri
 from ..core.version import VERSION, check_written_by
-from .paths import STATE_FILE, state_path
+from .paths import STATE_FILE, state_path, study_dir
 from .study import Study, load_study
 
 
@@ -148,3 +148,23 @@ def study_from_state(state: StudyState) -> Study:
         # the store it started with, not today's default
         return Study.from_resolved(state.resolved).with_tracking_uri(state.tracking_uri)
     return load_study(state.study_file)
+
+
+class PickledByStudyDir:
+    """A Tune callback of a study, pickled with the experiment's state by its study's directory
+    alone: the resume that unpickles it reloads the study from its state file (the study's
+    own classes are never in Tune's pickle). Transient attributes (`_transient`) are dropped."""
+
+    study: Study
+    _transient: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k != "study" and k not in self._transient}
+        state["_study_dir"] = study_dir(self.study)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        where = state.pop("_study_dir")
+        self.__dict__.update(state)
+        self.__dict__.update(dict.fromkeys(self._transient))
+        self.study = study_from_state(load_state(where))

@@ -39,7 +39,7 @@ from .report import log_study_report
 from .results import StudyOutcome, check_parent_run, collect, summarize_parent
 from .samplers import build_sampler
 from .schema import SearcherConfig
-from .state import check_resumable, load_state, optuna_url, save_state, study_from_state, tune_dir
+from .state import StudyState, check_resumable, load_state, optuna_url, save_state, study_from_state, tune_dir
 from .study import Study
 from .trainable import run_trial, tune_space
 from .warm_start import read_pilot
@@ -239,20 +239,8 @@ def resume_study(
     from ray import tune
 
     started = time.time()
-    state = load_state(name, storage_path)
-    check_resumable(state)
-    study = study_from_state(state)
+    state, study = reopen_study(name, storage_path, address, verbose)
     uri = state.tracking_uri
-    driver = DriverSession(
-        uri,
-        address=address,
-        storage_path=study.base_config.storage_path,
-        source=storage.display(state.dir),
-        verbose=verbose,
-    )
-    driver.start_with(lambda: tracking.tracker(uri), dashboard=not study.trains_in_trial())
-    check_parent_run(state)  # a deleted MLflow run: one line, before a trial restarts
-    _check_trial_fits(study, address)
     if retry_failed:  # their errors may have been fixed (data, a node); let them run again
         _clear_failed_marks(study)
     tracking.tracker(uri).update_status(state.parent_run_id, RunStatus.RUNNING)
@@ -267,6 +255,26 @@ def resume_study(
     return _fit_and_finish(
         study, tuner, uri, state.parent_run_id, _budget_spec(study, uri, state.parent_run_id), started
     )
+
+
+def reopen_study(name: str, storage_path: str | Path, address: str | None, verbose: bool) -> tuple[StudyState, Study]:
+    """A study that ran before, made ready to go on (`resume`, `extend`): its state read and
+    checked (the release that wrote it, its MLflow run), Ray started, a trial's fit checked."""
+    state = load_state(name, storage_path)
+    check_resumable(state)
+    study = study_from_state(state)
+    uri = state.tracking_uri
+    driver = DriverSession(
+        uri,
+        address=address,
+        storage_path=study.base_config.storage_path,
+        source=storage.display(state.dir),
+        verbose=verbose,
+    )
+    driver.start_with(lambda: tracking.tracker(uri), dashboard=not study.trains_in_trial())
+    check_parent_run(state)  # a deleted MLflow run: one line, before a trial restarts
+    _check_trial_fits(study, address)
+    return state, study
 
 
 def _clear_failed_marks(study: Study) -> None:
