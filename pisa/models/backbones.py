@@ -29,8 +29,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from pisa.core.config import TORCHVISION_FPN_CHANNELS, ModelConfig
 from pisa.core.errors import BackboneLoadError
+from pisa.core.model_config import TORCHVISION_FPN_CHANNELS, ModelConfig
 
 __all__ = ["AffineFrozenBatchNorm2d", "build_backbone", "resolve_norm", "load_trunk_weights", "BackboneLoadError"]
 

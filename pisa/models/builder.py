@@ -11,7 +11,7 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from pisa.core.config import TORCHVISION_BOX_HEAD_WIDTH, ModelConfig, RoIAlignConfig
+from pisa.core.model_config import TORCHVISION_BOX_HEAD_WIDTH, ModelConfig, RoIAlignConfig
 from pisa.models.backbones import build_backbone
 from pisa.models.fixed_size import PisaRPN, PisaTransform
 from pisa.models.pisa_loss import DiagnosticsMixin, box_loss_fn, collect_diagnostics
