@@ -17,8 +17,8 @@ from pisa.core.config import DataConfig, ExperimentConfig, ModelConfig
 from pisa.data import CocoDetection, build_transforms, collate_fn
 from pisa.evaluation import rescale_prediction
 from pisa.models import build_detector, fixed_input_size
+from pisa.training.epoch_eval import evaluate
 from pisa.training.loaders import build_train_set, build_val_set, loader_images_per_sec
-from pisa.training.validation import evaluate
 
 SSD_SIDE = 268  # the smallest input SSD300's feature maps allow: the quickest SSD on a CPU
 

@@ -38,7 +38,7 @@ from .schema import BASELINE, PAPER_DEFAULTS
 from .state import StudyState, load_state, study_from_state
 
 
-def plan(study, outcome, top: int, against_paper: bool = False) -> list[Variant]:
+def variants_to_validate(study, outcome, top: int, against_paper: bool = False) -> list[Variant]:
     """Baseline, paper defaults, then the top `top` trials; a trial whose training config
     equals the baseline's or the paper's is trained once, under both labels. `against_paper`
     (the study's own stage): the paper's defaults and the top trials only, compared with the
@@ -114,7 +114,7 @@ def validate_study(
     state = load_state(name, storage_path)
     study = study_from_state(state)
     outcome = outcome_from_state(name, storage_path)
-    variants = plan(study, outcome, top, against_paper=stage)
+    variants = variants_to_validate(study, outcome, top, against_paper=stage)
     seed_list = validation_seeds(study, seeds, first_seed)
     uri = state.tracking_uri
     driver = DriverSession(

@@ -42,6 +42,7 @@ from .device_plan import (
     optimizer_step,
     plan_for,
 )
+from .epoch_eval import evaluate
 from .faults import Faults, from_config
 from .loaders import (
     batch_to_device,
@@ -55,7 +56,6 @@ from .loaders import (
 from .loss_tally import LossTally
 from .ray_runtime import quiet_ray_train_worker
 from .session import RayTrainSession, TrainSession
-from .validation import evaluate
 
 if TYPE_CHECKING:
     from ..models.pisa_loss import DiagnosticsMixin
