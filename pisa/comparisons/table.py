@@ -179,7 +179,8 @@ def format_validation(v: Validation) -> str:
     what = "study " if v.kind == "validation" else ""
     table = Table(title=f"{what}{v.study}: final-epoch {v.metric} over seeds {v.seeds} (95% t-intervals)")
     references = {r.variant.reference for r in v.results}
-    against = "baseline" if references == {0} else "its reference"
+    # the reference row's own label ("baseline", "paper defaults"), or each row's reference
+    against = v.results[0].variant.label.split(" = ")[0] if references == {0} else "its reference"
     for col in ("variant", "n", "mean", "std", "95% CI", f"paired diff vs {against}", "95% CI of diff", "wins"):
         table.add_column(col)
     table.add_column("verdict")

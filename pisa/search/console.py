@@ -55,7 +55,6 @@ class StudyConsole(PickledByStudyDir, Callback):
         self.last_status = time.time()
         self.numbers: dict[str, int] = {}
         self.epochs: dict[str, int] = {}
-        self.best: dict[str, float] = {}
         self.outcomes: dict[str, str] = {}  # trial id -> finished | stopped early | failed
         self.table: Any = None  # Tune's trial table (an internal Ray class), when it could be built
 
@@ -115,6 +114,13 @@ class StudyConsole(PickledByStudyDir, Callback):
         except Exception:  # an internal Ray API: without it the progress lines remain
             self.table = None
 
+    def _best(self, trial) -> float | None:
+        """The trial's best value, as Tune keeps it over its results (the trial logger keeps the
+        best with its checkpoint; this console keeps nothing of its own)."""
+        analysis = (getattr(trial, "metric_analysis", None) or {}).get(self.metric) or {}
+        value = analysis.get(self.study.cfg.mode)
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
     def on_trial_start(self, iteration, trials, trial, **info):
         params = {k: trial.config[k] for k in self.study.cfg.search_space if k in trial.config}
         shown = ", ".join(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in params.items())
@@ -124,9 +130,6 @@ class StudyConsole(PickledByStudyDir, Callback):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         self.epochs[trial.trial_id] = epoch
         value = result.get(self.metric)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            if self.study.objective.better(value, self.best.get(trial.trial_id)):
-                self.best[trial.trial_id] = float(value)
         shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
         say(
             f"{self._label(trial)} epoch {epoch}/{self.max_epochs}: {self.metric} {shown} "
@@ -135,7 +138,7 @@ class StudyConsole(PickledByStudyDir, Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         epochs = self.epochs.get(trial.trial_id, 0)
-        best = self.best.get(trial.trial_id)
+        best = self._best(trial)
         best_text = f"best {self.metric} {best:.4f}" if best is not None else f"no {self.metric}"
         if epochs >= self.max_epochs:
             self.outcomes[trial.trial_id] = "finished"

@@ -367,10 +367,7 @@ def _validation_stage(study: Study, outcome: StudyOutcome) -> None:
 
     stage = study.cfg.validation
     assert stage is not None
-    say(
-        f"validating the answer: top {stage.top} point(s), the paper's defaults and the baseline "
-        f"over {stage.seeds} fresh seeds"
-    )
+    say(f"validating the answer: the top {stage.top} point(s) and the paper's defaults over {stage.seeds} fresh seeds")
     try:
         outcome.validation = validate_study(
             study.name, top=stage.top, seeds=stage.seeds, storage_path=study.base_config.storage_path, stage=True

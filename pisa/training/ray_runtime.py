@@ -247,6 +247,9 @@ def quiet_libraries() -> None:
     """Warnings only from the libraries a study drives (Ray, MLflow's store migrations)."""
     # MLflow sets its logger's level from this when it is first imported, over any set here
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Tune's experiment banner and TensorBoard hint: its new output engine prints them even
+    # at verbose=0; the old one at verbosity 0 prints nothing (pisa's console says what runs)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     for name in ("ray", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # "Token authentication is enabled for this Ray cluster": said at every start where a
