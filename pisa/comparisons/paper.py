@@ -10,7 +10,6 @@ shortened run is never read as the paper's.
 from __future__ import annotations
 
 import csv
-import io
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,7 +19,7 @@ from ..core.config import load_config
 from ..core.errors import ConfigError
 from ..core.stats import verdict
 from .compare import Entry
-from .table import Validation
+from .table import Validation, rendered
 
 
 @dataclass
@@ -133,7 +132,6 @@ def paper_rows(result: Validation, entries: list[Entry], pairs: list[PaperPair])
 
 def format_paper(result: Validation, rows: list[PaperRow]) -> str:
     """The table `pisa paper` prints: AP points as in the paper (+1.0 AP = +0.010 of the metric)."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{result.study}: final-epoch {result.metric} in AP points, seeds {result.seeds}")
@@ -169,13 +167,12 @@ def format_paper(result: Validation, rows: list[PaperRow]) -> str:
             trained,
             r.reference_budget,
         )
-    buf = io.StringIO()
-    Console(file=buf, width=220, force_terminal=False, color_system=None).print(table)
-    note = (
+    return rendered(
+        table,
+        220,
         "Trained and reference numbers are comparable only at the reference's budget; "
-        "a difference is significant only when its interval excludes 0."
+        "a difference is significant only when its interval excludes 0.",
     )
-    return buf.getvalue() + note + "\n"
 
 
 def log_paper(result: Validation, rows: list[PaperRow]) -> None:

@@ -171,9 +171,6 @@ def table_rows(v: Validation) -> list[TableRow]:
 
 def format_validation(v: Validation) -> str:
     """The comparison as a plain-text table (what `validate` and `compare` print)."""
-    import io
-
-    from rich.console import Console
     from rich.table import Table
 
     what = "study " if v.kind == "validation" else ""
@@ -197,12 +194,22 @@ def format_validation(v: Validation) -> str:
             f"{p.wins}/{len(p.seeds)}" if p else "-",
             verdict(p, v.mode),
         )
-    buf = io.StringIO()
-    Console(file=buf, width=200, force_terminal=False, color_system=None).print(table)
-    note = (
+    return rendered(
+        table,
+        200,
         "A variant is better or worse only when the interval of its paired difference excludes 0; "
-        "otherwise the gap is within the seed-to-seed noise at this budget."
+        "otherwise the gap is within the seed-to-seed noise at this budget.",
     )
+
+
+def rendered(table: Any, width: int, note: str) -> str:
+    """A rich table as plain text `width` wide, with a note under it."""
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
     return buf.getvalue() + note + "\n"
 
 
