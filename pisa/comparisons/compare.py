@@ -29,7 +29,7 @@ from ..core.errors import ConfigError
 from ..core.progress import say
 from ..tracking import tags as tag
 from ..tracking.tags import Kind, RunStatus
-from ..training.cluster import check_fits, worker_resources
+from ..training.cluster import check_training_fits, worker_resources
 from ..training.driver import DriverSession
 from ..trials.capacity import cluster_totals, resolve, trial_driver_resources
 from .table import Validation, Variant, VariantResult, compare, log_validation
@@ -107,9 +107,8 @@ def run_compare(
     sizes = _start_ray(configs, uri, driver)
     for entry, config, (_, images) in zip(entries, configs, sizes):
         entry.train_images = images
-        check_fits(
-            config.train.workers,
-            worker_resources(config),
+        check_training_fits(
+            config.train,
             address,
             f"{entry.source or entry.label}: train",
             hint="on CPUs: --set train.use_gpu=false; fewer workers: --set train.workers=N",

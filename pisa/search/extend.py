@@ -11,15 +11,13 @@ the last run, as after `run`.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from .. import tracking
 from ..core import storage
-from ..core.errors import ConfigError, one_line
+from ..core.errors import ConfigError
 from ..core.progress import say
-from ..planning.cost_plan import plan_at_start
 from ..tracking import tags as tag
 from ..tracking.tags import RunStatus, Status
 from .optuna_storage import fail_stale_trials
@@ -27,7 +25,7 @@ from .paths import state_path
 from .results import StudyOutcome, collect
 from .state import optuna_url, write_state
 from .study import Study
-from .tuner import _budget_spec, _capacity, _fit_and_finish, _tuner, reopen_study
+from .tuner import _budget_spec, _capacity, _fit_and_finish, _tuner, log_plan, reopen_study
 
 
 def check_add(add: int) -> None:
@@ -68,9 +66,10 @@ def extend_study(
         f"MLflow run {state.parent_run_id}"
         + (f"; {stale} trial(s) the interrupted run left in Optuna marked failed" if stale else "")
     )
-    _log_plan(study, uri, state.parent_run_id)
+    # the extended study's plan (all its trials) replaces the one it started with
+    plan = log_plan(study, uri, state.parent_run_id)
     capacity = _capacity(study)
-    budget = _budget_spec(study, uri, state.parent_run_id)
+    budget = _budget_spec(study, uri, state.parent_run_id, plan)
     tuner = _tuner(
         study,
         capacity,
@@ -84,18 +83,6 @@ def extend_study(
         done_before=len(done),
     )
     return _fit_and_finish(study, tuner, uri, state.parent_run_id, budget, started)
-
-
-def _log_plan(study: Study, uri: str, parent: str) -> None:
-    """The extended study's plan (all its trials) replaces the one it started with."""
-    try:
-        plan = plan_at_start(study.workload(), uri)
-    except Exception as exc:  # a forecast never stops a study
-        say(f"plan skipped: {one_line(exc)}")
-        return
-    say(plan.line())
-    tracking.tracker(uri).log_text(parent, plan.text(), "plan.txt")
-    tracking.tracker(uri).log_text(parent, json.dumps(plan.to_dict(), indent=2, default=str), "plan.json")
 
 
 def _close_unfinished(uri: str, experiment: str, parent: str) -> None:

@@ -220,9 +220,8 @@ def validate(point: str, used: set[int], grid: Grid, n: int, rng: random.Random)
     paper = {s: grid.values[("full", PAPER, s)][-1] for s in seeds}
     said = verdict(paired(mine, paper, mode="max"), "max")
     cost = 2 * len(seeds) * len(grid.values[("full", PAPER, seeds[0])])
-    wall = math.ceil(2 * len(seeds) / 2) * statistics.fmean(
-        sum(grid.seconds[("full", p, s)]) for p in (point, PAPER) for s in seeds
-    )
+    # 2 x len(seeds) trainings, two side by side: len(seeds) waves of a mean training each
+    wall = len(seeds) * statistics.fmean(sum(grid.seconds[("full", p, s)]) for p in (point, PAPER) for s in seeds)
     return (point if said == "better" else PAPER), said == "better", cost, wall
 
 
@@ -282,7 +281,7 @@ def run_racing(strategy: Strategy, grid: Grid, rep: int) -> Outcome:
             finished[point] = values if point not in finished or len(values) > len(finished[point]) else finished[point]
     best = max(finished, key=lambda p: statistics.fmean(finished[p].values()))
     if best == PAPER or PAPER not in finished:
-        return Outcome(best if PAPER in finished else best, False, cost, wall)
+        return Outcome(best, False, cost, wall)
     said = verdict(paired(finished[best], finished[PAPER], mode="max"), "max")
     return Outcome(best if said == "better" else PAPER, said == "better", cost, wall)
 

@@ -23,11 +23,13 @@ from ..core.config import flatten
 from ..core.errors import StudyError, one_line
 from ..core.progress import say
 from ..core.uris import public_uri, redact
+from ..planning.cost_plan import Plan as CostPlan
 from ..planning.cost_plan import plan_at_start
 from ..tracking import tags as tag
 from ..tracking.tags import Kind, RunStatus, Status
+from ..training.cluster import check_training_fits
 from ..training.driver import DriverSession
-from ..trials.capacity import Capacity, check_training_fits, cluster_totals, trial_resources
+from ..trials.capacity import Capacity, cluster_totals, trial_resources
 from ..trials.recovery import FAILED_MARK
 from .budget import BudgetLimiter, BudgetSpec, BudgetStopper
 from .budget import finish as finish_budget
@@ -76,15 +78,31 @@ def _capacity(study: Study) -> Capacity:
     return capacity
 
 
-def _budget_spec(study: Study, uri: str, parent_run_id: str) -> BudgetSpec | None:
-    """The study's budget (None without one), priced at the plan's rate when it has one."""
+def _budget_spec(study: Study, uri: str, parent_run_id: str, plan: CostPlan | None = None) -> BudgetSpec | None:
+    """The study's budget (None without one), priced at the plan's rate when it has one
+    (`plan`: the one this start logged; else made here)."""
     if study.cfg.budget is None:
         return None
+    if plan is None:
+        try:
+            plan = plan_at_start(study.workload(), uri)
+        except Exception:  # priced at the study's own epochs instead
+            plan = None
+    return BudgetSpec.of(study, uri, parent_run_id, plan.epoch_s if plan is not None else None)
+
+
+def log_plan(study: Study, uri: str, parent: str) -> CostPlan | None:
+    """What the study will cost, from an earlier run's rate (no probe: it would delay the
+    trials), said in one line and logged to its run; None when it cannot be made."""
     try:
-        epoch_s = plan_at_start(study.workload(), uri).epoch_s
-    except Exception:  # priced at the study's own epochs instead
-        epoch_s = None
-    return BudgetSpec.of(study, uri, parent_run_id, epoch_s)
+        plan = plan_at_start(study.workload(), uri)
+    except Exception as exc:  # a forecast never stops a study
+        say(f"plan skipped: {one_line(exc)}")
+        return None
+    say(plan.line())
+    tracking.tracker(uri).log_text(parent, plan.text(), "plan.txt")
+    tracking.tracker(uri).log_text(parent, json.dumps(plan.to_dict(), indent=2, default=str), "plan.json")
+    return plan
 
 
 def _tuner(
@@ -210,10 +228,10 @@ def run_study(
     )
     tracking.tracker(uri).log_text(parent, study.base_config.to_yaml(), "base_config.yaml")
     save_state(study, parent, uri, warm_start_from=warm.source if warm else None)
-    _print_start(study, uri, parent)
+    plan = _print_start(study, uri, parent)
     for note in driver.notes:
         say(f"note: {note}")
-    budget = _budget_spec(study, uri, parent)
+    budget = _budget_spec(study, uri, parent, plan)
     if warm is not None:
         seed_warm_start(study, optuna_url(study, uri), warm, uri, parent)
         say(warm.line(study.name))
@@ -285,7 +303,8 @@ def _clear_failed_marks(study: Study) -> None:
         storage.delete(storage.join(root, trial_dir, FAILED_MARK))
 
 
-def _print_start(study: Study, uri: str, parent: str) -> None:
+def _print_start(study: Study, uri: str, parent: str) -> CostPlan | None:
+    """The study's first lines, its plan among them (returned, for the budget)."""
     cfg = study.cfg
     say(
         f"study {study.name}: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at a time, "
@@ -295,19 +314,14 @@ def _print_start(study: Study, uri: str, parent: str) -> None:
     )
     if study.packing is not None:
         say(study.packing.line())
-    try:  # what it will cost, from an earlier run's rate (no probe: it would delay the trials)
-        plan = plan_at_start(study.workload(), uri)
-        say(plan.line())
-        tracking.tracker(uri).log_text(parent, plan.text(), "plan.txt")
-        tracking.tracker(uri).log_text(parent, json.dumps(plan.to_dict(), indent=2, default=str), "plan.json")
-    except Exception as exc:  # a forecast never stops a study
-        say(f"plan skipped: {one_line(exc)}")
+    plan = log_plan(study, uri, parent)
     say(f"MLflow: {redact(uri)}")
     say(f"storage: {storage.display(study_dir(study))}")
     url = optuna_url(study, uri)
     if url:
         shown = redact(url)
         say(f"Optuna: {shown}  (see it with `optuna-dashboard {shown}`)")
+    return plan
 
 
 def _fit_and_finish(
@@ -361,8 +375,8 @@ def _fit_and_finish(
 
 
 def _validation_stage(study: Study, outcome: StudyOutcome) -> None:
-    """The study's answer: its top points, the paper's defaults and the baseline over fresh
-    seeds (`validate.validate_study`); a kill here is continued by `pisa study resume`."""
+    """The study's answer: its top points and the paper's defaults over fresh seeds
+    (`validate.validate_study`); a kill here is continued by `pisa study resume`."""
     from .validate import validate_study, validation_answer
 
     stage = study.cfg.validation

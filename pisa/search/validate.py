@@ -129,9 +129,10 @@ def validate_study(
     if kept is None:
         fidelity = fidelity_of(outcome, study)  # how far the study's own ranking can be trusted
         run_id = _start_run(state, top, seed_list, variants)
-        say(fidelity.text())
-        if warning := fidelity.warning():
-            say(warning)
+        if not stage:  # the study's own end says it
+            say(fidelity.text())
+            if warning := fidelity.warning():
+                say(warning)
         tracking.tracker(uri).log_metrics(run_id, fidelity.metrics(), 0)
         kept = ValidationState(run_id=run_id, seeds=seed_list, labels=[v.label for v in variants])
         if stage:

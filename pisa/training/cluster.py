@@ -56,6 +56,11 @@ def worker_resources_of(train: TrainConfig) -> dict[str, float]:
     return resources
 
 
+def check_training_fits(train: TrainConfig, address: str | None, source: str, hint: str) -> str | None:
+    """`check_fits` for one training of `train`'s layout: its workers, each with its resources."""
+    return check_fits(train.workers, worker_resources_of(train), address, source, hint=hint)
+
+
 def _fmt(resources: dict[str, float], zeros: bool = False) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if v or zeros) or "nothing"
 

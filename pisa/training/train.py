@@ -24,7 +24,7 @@ from ..core.uris import redact
 from ..tracking.run_writer import TrainingRun
 from ..tracking.tags import Kind, RunStatus, Status
 from . import signals
-from .cluster import check_fits, worker_resources
+from .cluster import check_training_fits, worker_resources
 from .device_plan import process_group_backend
 from .driver import DriverSession
 from .engine import DIAGNOSTICS_FILE, stopped_on, train_loop_per_worker
@@ -147,13 +147,7 @@ def run_training(
     driver = DriverSession(uri, address=address, storage_path=cfg.storage_path, source=source, verbose=verbose)
     # the workers' progress lines reach the console (forwarded by Ray), Ray's own INFO does not
     num_classes = driver.start(cfg, log_to_driver=True)
-    waiting = check_fits(
-        cfg.train.workers,
-        worker_resources(cfg),
-        address,
-        source,
-        hint="on CPUs: --cpu; fewer workers: --workers N",
-    )
+    waiting = check_training_fits(cfg.train, address, source, hint="on CPUs: --cpu; fewer workers: --workers N")
     if waiting:
         say(waiting)
     if not verbose:  # the workers' progress lines, not Ray's own (they are in its session logs)

@@ -8,25 +8,17 @@ from dataclasses import dataclass
 
 from ..core.config import TrainConfig
 from ..core.errors import ConfigError
-from ..training.cluster import check_fits, worker_resources_of
+from ..training.cluster import worker_resources_of
 from ..training.ray_runtime import DRIVER_RESOURCE
 
 
 @dataclass(frozen=True)
 class Capacity:
-    """`at_once` units (a point's `group` seeds, or one training) side by side; `note` says
-    why fewer than asked ran, "" when the limit stood."""
+    """`at_once` units (a point's seeds, or one training) side by side; `note` says why fewer
+    than asked run, "" when the limit stood."""
 
     at_once: int
-    group: int
-    fit: int  # trainings the resources hold at once
-    kind: str  # "GPU" or "CPU": what one training is counted in
-    per_training: float
     note: str = ""
-
-    @property
-    def trainings(self) -> int:
-        return self.at_once * self.group
 
 
 def footprint(train: TrainConfig) -> tuple[str, float]:
@@ -60,7 +52,7 @@ def resolve(
     kind, per_training = footprint(train)
     fit = trainings_that_fit(train, totals)
     if group == 1 and queue:
-        return Capacity(limit, 1, fit, kind, per_training)
+        return Capacity(limit)
     if group > 1 and fit < group:
         raise ConfigError(
             f"{source}: {group} seeds x {train.workers} worker(s) train at once and need "
@@ -73,7 +65,7 @@ def resolve(
             f"{at_once} trial(s) at a time, not {limit}: each trains {group} seeds "
             f"at once ({group * per_training:g} {kind}s) and the cluster fits {fit} trainings"
         )
-    return Capacity(at_once, group, fit, kind, per_training, note)
+    return Capacity(at_once, note)
 
 
 def cluster_totals() -> dict[str, float]:
@@ -99,8 +91,3 @@ def trial_resources(train: TrainConfig, in_trial: bool) -> dict[str, float]:
     if not in_trial:
         return trial_driver_resources()
     return worker_resources_of(train)
-
-
-def check_training_fits(train: TrainConfig, address: str | None, source: str, hint: str) -> str | None:
-    """One training must fit the cluster, or it would wait forever (see `check_fits`)."""
-    return check_fits(train.workers, worker_resources_of(train), address, source, hint=hint)
