@@ -141,6 +141,21 @@ def test_isr_p_edge_cases():
     assert torch.isfinite(pisa_math.isr_p_weights(ious, labels, gts, torch.zeros(3))).all()
 
 
+def test_masked_isr_p_equals_isr_p_over_the_valid_slots_with_an_inf_in_a_padded_slot():
+    """Fixed-size slots (the two-stage heads): the valid slots get the weights ISR-P gives the
+    positives alone, the padded ones 1, and a padded slot's loss (inf here) changes nothing."""
+    ious, labels, gt_inds, cls_loss = random_positives(60, 4, 12, 7)
+    valid = torch.rand(60, generator=torch.Generator().manual_seed(1)) < 0.5
+    valid[:2] = torch.tensor([True, False])
+    padded_loss = cls_loss.clone()
+    padded_loss[1] = float("inf")
+    got = pisa_math.isr_p_weights(ious, labels, gt_inds, padded_loss, k=2.0, bias=0.1, valid=valid)
+    alone = loop_isr_p(ious[valid], labels[valid], gt_inds[valid], cls_loss[valid], 2.0, 0.1)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[valid].double(), alone, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[~valid], torch.ones(int((~valid).sum())))
+
+
 def test_isr_p_prime_samples_get_more_weight():
     ious, labels, gt_inds, cls_loss = random_positives(100, 3, 20, 9)
     w = pisa_math.isr_p_weights(ious, labels, gt_inds, cls_loss)

@@ -151,7 +151,8 @@ def isr_p_weights(
     loss = cls_loss.detach().float()
     if loss.dim() > 1:
         loss = loss.sum(dim=tuple(range(1, loss.dim())))
-    loss = loss * mask
+    if valid is not None:  # a padded slot's loss may be inf: zeroed, since 0 * inf is NaN
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
     original = (label_weights * loss).sum()
     reweighted = (weights * loss).sum()
     ratio = torch.where(reweighted > 0, original / reweighted.clamp_min(1e-12), torch.ones_like(original))
