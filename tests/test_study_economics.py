@@ -151,3 +151,61 @@ def test_extend_fails_the_trials_a_lost_driver_left_running_in_optuna(tmp_path):
     assert fail_stale_trials(url, "cut") == 1
     assert [t.state.name for t in optuna.load_study(study_name="cut", storage=url).trials] == ["COMPLETE", "FAIL"]
     assert fail_stale_trials(url, "no-such-study") == 0 and fail_stale_trials(None, "cut") == 0
+
+
+def test_the_plan_prices_the_validation_stage(tmp_path, synthetic_dir):
+    path = write_study(
+        tmp_path, synthetic_dir, "validated", num_samples=4, max_concurrent_trials=2, validation={"top": 2, "seeds": 3}
+    )
+    rate = Rate(images_per_sec=2.0, source="a test")  # 8 images: 4 s an epoch, 1 CPU a training
+    plan = make_plan(load_study(path).workload(), CPUS, images=8, rate=rate)
+    # top 2 + the paper's defaults = 3 points x 3 seeds = 9 trainings x 2 epochs = 18 training-epochs,
+    # 2 at a time (as many as the search ran): 5 waves x 2 epochs x 4 s = 40 s; 18 x 4 s x 1 CPU = 72 s
+    assert plan.validation is not None
+    assert plan.validation.trial_epochs == 18 and plan.validation.wave_epochs == 10
+    assert plan.validation.wall_s == pytest.approx(40.0)
+    assert plan.validation.hours == pytest.approx(72 / 3600)
+    # the search: FIFO 4 x 2 x 4 s = 32 s of CPU, ASHA's least 6 trial-epochs = 24 s
+    assert plan.total_hours() == pytest.approx(((24 + 72) / 3600, (32 + 72) / 3600))
+    assert "then validation <= 9 trainings" in plan.line()
+    assert "then validation, <= 3 points x 3 seeds" in plan.text()
+
+
+def test_the_budget_keeps_the_validation_stages_share():
+    # 4 epochs of 900 s, 2 GPUs a point, 1 GPU a training; 6 validation trainings x 4 x 900 s x 1
+    # GPU = 6 GPU-hours kept out of 10: the search may spend 4, a trial costs 2
+    spec = BudgetSpec("sqlite:///unused.db", "tests", "parent", 10.0, "GPU", 2.0, 4, 900.0, 6, 1.0)
+    book = Ledger(spec)
+    assert book.reserved() == pytest.approx(6.0) and book.search_hours == pytest.approx(4.0)
+    book.running.add("a")
+    assert book.can_launch()  # 4 - 2 committed = 2 left
+    book.running.add("b")
+    assert not book.can_launch()  # 4 - 4 committed: no room, though 10 - 4 would leave 6
+    for epoch in range(1, 5):
+        book.record("a", {"epoch": epoch, "time_train_s": 900.0, "time_eval_s": 0.0})
+    assert book.spent == pytest.approx(2.0) and not book.exhausted
+    for epoch in range(1, 5):
+        book.record("b", {"epoch": epoch, "time_train_s": 900.0, "time_eval_s": 0.0})
+    assert book.exhausted  # 4 of the search's 4 spent, the stage's 6 untouched
+
+
+def test_a_validation_the_budget_cannot_pay_is_one_line_before_anything_starts(tmp_path, synthetic_dir, monkeypatch):
+    from pisa.core.errors import ConfigError
+    from pisa.search import tuner
+
+    path = write_study(
+        tmp_path, synthetic_dir, "short", num_samples=4, validation={"top": 1, "seeds": 3}, budget={"hours": 0.01}
+    )
+    study = load_study(path)
+    rate = Rate(images_per_sec=2.0, source="run abc")  # 8 images: 4 s an epoch
+    plan = make_plan(study.workload(), CPUS, images=8, rate=rate)
+    # the stage: 2 points x 3 seeds x 2 epochs x 4 s = 48 s; a trial 2 x 4 s = 8 s: 56 s > 36 s
+    with pytest.raises(ConfigError) as err:
+        tuner.check_budget_room(study, plan)
+    assert str(err.value) == (
+        f"{path}: validation.seeds: the validation stage (~0.0133) and one search trial (~0.00222) need "
+        "~0.0156 CPU-hours at the plan's rate (run abc), more than budget.hours 0.01: raise budget.hours "
+        "or lower validation.seeds / validation.top"
+    )
+    study.cfg.budget.hours = 0.02  # 72 s: room for both
+    tuner.check_budget_room(study, plan)

@@ -86,6 +86,11 @@ class Plan:
     images_source: str = ""  # where `images_per_epoch` came from (the annotation file, a known set, --images)
     price: float | None = None  # USD per GPU- (or CPU-) hour, `--price`
     overhead: tuple[float, float] = OVERHEAD  # share of the wall not in the epochs (`OVERHEAD`)
+    # the validation stage after the search: at most `validation_points` x `validation_seeds`
+    # trainings of every epoch, one training each (None: the study has none)
+    validation: Cost | None = None
+    validation_points: int = 0
+    validation_seeds: int = 0
 
     def wall_range(self) -> tuple[float, float] | None:
         """The wall time the study should take, overhead included: from ASHA's lower bound (FIFO
@@ -94,6 +99,24 @@ class Plan:
         if low.wall_s is None or self.fifo.wall_s is None:
             return None
         return with_overhead(low.wall_s, self.overhead[0]), with_overhead(self.fifo.wall_s, self.overhead[1])
+
+    def total_hours(self) -> tuple[float, float] | None:
+        """GPU- (CPU-) hours of the search (ASHA's lower bound to FIFO) and its validation stage."""
+        low = self.asha if self.asha is not None else self.fifo
+        if low.hours is None or self.fifo.hours is None:
+            return None
+        extra = (self.validation.hours or 0.0) if self.validation is not None else 0.0
+        return low.hours + extra, self.fifo.hours + extra
+
+    def total_wall_range(self) -> tuple[float, float] | None:
+        """`wall_range` with the validation stage's wall (and the same overhead) added."""
+        search = self.wall_range()
+        if search is None or self.validation is None or self.validation.wall_s is None:
+            return search
+        lo, hi = self.overhead
+        return search[0] + with_overhead(self.validation.wall_s, lo), search[1] + with_overhead(
+            self.validation.wall_s, hi
+        )
 
     @property
     def batch(self) -> int:
@@ -116,7 +139,10 @@ class Plan:
         )
         if self.rate is None:
             asha = f", ASHA {self.asha.trial_epochs}-{self.fifo.trial_epochs}" if self.asha else ""
-            return f"{head}; {self.fifo.trial_epochs} trial-epochs (FIFO){asha}; rate unknown ({self.rate_note})"
+            return (
+                f"{head}; {self.fifo.trial_epochs} trial-epochs (FIFO){asha}{self._validation_words()}; "
+                f"rate unknown ({self.rate_note})"
+            )
         wall = {c.schedule: "?" if c.wall_s is None else f"~{fmt_wall(c.wall_s)}" for c in (self.fifo, self.asha) if c}
         money = {c.schedule: "" if c.usd is None else f" (~{fmt_usd(c.usd)})" for c in (self.fifo, self.asha) if c}
         cost = f"~{fmt_hours(self.fifo.hours)} {self.kind}-hours{money['FIFO']}, {wall['FIFO']} wall (FIFO)"
@@ -126,7 +152,17 @@ class Plan:
                 f", ASHA ~{fmt_hours(self.asha.hours)}-{fmt_hours(self.fifo.hours)} {self.kind}-hours{usd}, "
                 f"{wall[self.asha.schedule]}-{wall['FIFO']} wall"
             )
-        return f"{head}; {cost}; rate {self.rate.images_per_sec:.3g} img/s from {self.rate.source}"
+        rate = f"rate {self.rate.images_per_sec:.3g} img/s from {self.rate.source}"
+        return f"{head}; {cost}{self._validation_words()}; {rate}"
+
+    def _validation_words(self) -> str:
+        v = self.validation
+        if v is None:
+            return ""
+        bill = "" if v.hours is None else f", ~{fmt_hours(v.hours)} {self.kind}-hours"
+        wall = "" if v.wall_s is None else f", ~{fmt_wall(v.wall_s)} wall"
+        usd = "" if v.usd is None else f" (~{fmt_usd(v.usd)})"
+        return f"; then validation <= {v.trial_epochs // max(self.epochs, 1)} trainings{bill}{usd}{wall}"
 
     def text(self) -> str:
         """The plan as a short block of two plain-text tables (what `pisa study plan` prints)."""
@@ -171,8 +207,12 @@ class Plan:
         for name in columns:
             costs.add_column(name, justify="left" if name == "schedule" else "right")
         rows = [self.fifo] if self.asha is None else [self.asha, self.fifo]
+        if self.validation is not None:
+            rows.append(self.validation)
         for cost in rows:
             label = "ASHA, upper bound = FIFO" if self.asha is not None and cost is self.fifo else cost.schedule
+            if cost is self.validation:
+                label = f"then validation, <= {self.validation_points} points x {self.validation_seeds} seeds"
             hours = "?" if cost.hours is None else f"~{fmt_hours(cost.hours)}"
             wall = "?" if cost.wall_s is None else f"~{fmt_wall(cost.wall_s)}"
             cells = [label, str(cost.trial_epochs), str(cost.wave_epochs), hours, wall]
@@ -190,9 +230,23 @@ class Plan:
             f"wall = epochs in a row (the trials run in waves of {self.at_once}) x the epoch time; "
             f"trial start-up, checkpoints and the driver are the overhead term, {lo:.0%}-{hi:.0%} of a study's "
             f"wall ({OVERHEAD_SOURCE})"
-            + (f", ~{fmt_wall(with_it[0])}-{fmt_wall(with_it[1])} in all" if with_it else ""),
+            + (f", ~{fmt_wall(with_it[0])}-{fmt_wall(with_it[1])} for the search" if with_it else ""),
             *self.notes,
         ]
+        if self.validation is not None:
+            total, walls = self.total_hours(), self.total_wall_range()
+            in_all = []
+            if total is not None:
+                in_all.append(f"~{fmt_range(total, fmt_hours)} {self.kind}-hours")
+            if walls is not None:
+                in_all.append(f"~{fmt_range(walls, fmt_wall)} wall with the overhead")
+            notes.insert(
+                0,
+                f"validation: after the search, its top {self.validation_points - 1} point(s) and the paper's "
+                f"defaults train again on {self.validation_seeds} fresh seeds, one training each, every epoch "
+                f"(fewer when the best point is the paper's defaults)"
+                + (f"; search + validation {', '.join(in_all)}" if in_all else ""),
+            )
         if self.asha is not None:
             notes.insert(0, "ASHA lower bound: every rung keeps only 1/reduction_factor of the trials reaching it")
         table = "".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines())
@@ -293,6 +347,12 @@ def make_plan(
         rungs = asha_rungs(epochs, grace, rf)
         segments = asha_segments(cfg.num_samples, epochs, grace, rf)
         asha = schedule_cost("ASHA lower bound", segments, at_once, epoch_s, point_footprint, price)
+    validation = None
+    if work.validation_trainings > 0:  # one training per (point, seed), as many at once as the search ran
+        fit = trainings_that_fit(exp.train, {"GPU": cluster.gpus, "CPU": cluster.cpus})
+        v_at_once = max(1, min(work.validation_trainings, work.max_concurrent_trials * work.seeds, fit))
+        v_jobs = [(work.validation_trainings, epochs)]
+        validation = schedule_cost("validation", v_jobs, v_at_once, epoch_s, per_training, price)
     return Plan(
         study=work.name,
         source=_display_path(work.source),
@@ -318,6 +378,9 @@ def make_plan(
         layout_note=layout_note(work),
         images_source=images_source,
         price=price,
+        validation=validation,
+        validation_points=work.validation_points,
+        validation_seeds=work.validation_seeds,
     )
 
 
@@ -348,6 +411,12 @@ def fmt_hours(hours: float | None) -> str:
     if hours is None:
         return "?"
     return f"{hours:.0f}" if hours >= 10 else f"{hours:.1f}" if hours >= 1 else f"{hours:.2g}"
+
+
+def fmt_range(bounds: tuple[float, float], fmt) -> str:
+    """ "a-b", or "a" when both ends print alike."""
+    low, high = fmt(bounds[0]), fmt(bounds[1])
+    return low if low == high else f"{low}-{high}"
 
 
 def fmt_usd(usd: float | None) -> str:

@@ -23,6 +23,15 @@ class Workload:
     grace_period: int = 1
     reduction_factor: float = 2.0
     packing: Packing | None = None  # `pack: auto`'s choice, when the study asked for one
+    # the validation stage after the search (`validation:`): its points (the top ones and the
+    # paper's defaults) trained again on fresh seeds, one training each, full schedule; 0: none
+    validation_points: int = 0
+    validation_seeds: int = 0
+
+    @property
+    def validation_trainings(self) -> int:
+        """At most this many: fewer when a top point is the paper's defaults."""
+        return self.validation_points * self.validation_seeds
 
     @property
     def epochs(self) -> int:

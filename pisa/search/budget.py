@@ -52,6 +52,9 @@ class BudgetSpec:
     point_footprint: float  # GPUs (CPUs) one point holds: a training's x its seeds
     max_t: int
     plan_epoch_s: float | None  # one epoch of a trial at the plan's rate; None: unknown
+    # kept for the validation stage after the search: its trainings to max_t, one training each
+    validation_trainings: int = 0
+    training_footprint: float = 0.0  # GPUs (CPUs) one training holds
 
     @classmethod
     def of(cls, study: Study, uri: str, parent_run_id: str, plan_epoch_s: float | None) -> BudgetSpec:
@@ -66,6 +69,8 @@ class BudgetSpec:
             per_training * study.cfg.seeds,
             study.base_config.train.resolved().epochs,
             plan_epoch_s,
+            study.workload().validation_trainings,
+            per_training,
         )
 
 
@@ -134,6 +139,17 @@ class Ledger:
         epoch_s = self.epoch_s
         return None if epoch_s is None else self.hours(self.spec.max_t * epoch_s)
 
+    def reserved(self) -> float:
+        """What the validation stage will cost (at most), kept out of the search's share."""
+        epoch_s = self.epoch_s or 0.0
+        spec = self.spec
+        return spec.validation_trainings * spec.max_t * epoch_s * spec.training_footprint / 3600
+
+    @property
+    def search_hours(self) -> float:
+        """The budget less the validation stage's share: what the search trials may spend."""
+        return self.spec.hours - self.reserved()
+
     def committed(self) -> float:
         """What the running trials would still cost to max_t."""
         epoch_s = self.epoch_s or 0.0
@@ -142,7 +158,7 @@ class Ledger:
 
     @property
     def exhausted(self) -> bool:
-        return self.spent >= self.spec.hours
+        return self.spent >= self.search_hours
 
     def can_launch(self) -> bool:
         if self.exhausted:
@@ -150,7 +166,7 @@ class Ledger:
         cost = self.trial_cost()
         if cost is None:  # no rate yet: one trial at a time measures it
             return not self.running
-        return cost <= self.spec.hours - self.spent - self.committed() + 1e-12
+        return cost <= self.search_hours - self.spent - self.committed() + 1e-12
 
     def ended(self) -> bool:
         """Nothing runs and no new trial fits what is left."""
@@ -230,6 +246,8 @@ def budget_line(book: Ledger, why: str = "") -> str:
         else "no rate yet"
     )
     head = f"budget {spec.hours:g} {spec.kind}-hours: spent {book.spent:.3g} over {len(book.epochs)} trial-epochs"
+    if spec.validation_trainings and epoch_s is not None:
+        head += f", ~{book.reserved():.3g} kept for the validation stage"
     return f"{head}; {priced}" + (f"; {why}" if why else "")
 
 

@@ -134,6 +134,8 @@ class Study:
             grace_period=cfg.scheduler.grace_period,
             reduction_factor=cfg.scheduler.reduction_factor,
             packing=self.packing,
+            validation_points=cfg.validation.top + 1 if cfg.validation is not None else 0,
+            validation_seeds=cfg.validation.seeds if cfg.validation is not None else 0,
         )
 
     def capacity(self, totals: Mapping[str, float]) -> Capacity:

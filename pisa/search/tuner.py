@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import tracking
 from ..core import storage
 from ..core.config import flatten
-from ..core.errors import StudyError, one_line
+from ..core.errors import ConfigError, StudyError, one_line
 from ..core.progress import say
 from ..core.uris import public_uri, redact
 from ..planning.cost_plan import Plan as CostPlan
@@ -91,13 +91,40 @@ def _budget_spec(study: Study, uri: str, parent_run_id: str, plan: CostPlan | No
     return BudgetSpec.of(study, uri, parent_run_id, plan.epoch_s if plan is not None else None)
 
 
-def log_plan(study: Study, uri: str, parent: str) -> CostPlan | None:
+def start_plan(study: Study, uri: str) -> CostPlan | None:
     """What the study will cost, from an earlier run's rate (no probe: it would delay the
-    trials), said in one line and logged to its run; None when it cannot be made."""
+    trials); None, said in one line, when it cannot be made."""
     try:
-        plan = plan_at_start(study.workload(), uri)
+        return plan_at_start(study.workload(), uri)
     except Exception as exc:  # a forecast never stops a study
         say(f"plan skipped: {one_line(exc)}")
+        return None
+
+
+def check_budget_room(study: Study, plan: CostPlan | None) -> None:
+    """A budget that cannot pay the validation stage and one search trial at the plan's rate:
+    one line naming the study file's field, before anything starts. Without a rate the budget
+    keeps the stage's share once the first epochs have measured one (`budget.Ledger.reserved`)."""
+    budget = study.cfg.budget
+    if budget is None or plan is None or plan.fifo.hours is None:
+        return
+    trial = plan.fifo.hours / max(plan.num_samples, 1)
+    stage = (plan.validation.hours or 0.0) if plan.validation is not None else 0.0
+    if stage + trial <= budget.hours:
+        return
+    field = "validation.seeds" if stage > 0 else "budget.hours"
+    what = f"the validation stage (~{stage:.3g}) and one search trial (~{trial:.3g})" if stage else "one trial"
+    raise ConfigError(
+        f"{study.source}: {field}: {what} need ~{stage + trial:.3g} {plan.kind}-hours at the plan's rate "
+        f"({plan.rate.source if plan.rate else 'unknown'}), more than budget.hours {budget.hours:g}: "
+        "raise budget.hours or lower validation.seeds / validation.top"
+    )
+
+
+def log_plan(study: Study, uri: str, parent: str, plan: CostPlan | None = None) -> CostPlan | None:
+    """The study's plan (`plan`, else made here) said in one line and logged to its run."""
+    plan = plan if plan is not None else start_plan(study, uri)
+    if plan is None:
         return None
     say(plan.line())
     tracking.tracker(uri).log_text(parent, plan.text(), "plan.txt")
@@ -212,6 +239,8 @@ def run_study(
     driver.start(study.base_config, dashboard=not study.trains_in_trial())
     _check_trial_fits(study, address)
     capacity = _capacity(study)  # a point that cannot fit the cluster fails before any run exists
+    plan = start_plan(study, uri)
+    check_budget_room(study, plan)  # nor one the budget cannot pay
     experiment = study.base_config.tracking.experiment
     parent = tracking.tracker(uri).start_run(
         experiment,
@@ -228,7 +257,7 @@ def run_study(
     )
     tracking.tracker(uri).log_text(parent, study.base_config.to_yaml(), "base_config.yaml")
     save_state(study, parent, uri, warm_start_from=warm.source if warm else None)
-    plan = _print_start(study, uri, parent)
+    _print_start(study, uri, parent, plan)
     for note in driver.notes:
         say(f"note: {note}")
     budget = _budget_spec(study, uri, parent, plan)
@@ -303,8 +332,8 @@ def _clear_failed_marks(study: Study) -> None:
         storage.delete(storage.join(root, trial_dir, FAILED_MARK))
 
 
-def _print_start(study: Study, uri: str, parent: str) -> CostPlan | None:
-    """The study's first lines, its plan among them (returned, for the budget)."""
+def _print_start(study: Study, uri: str, parent: str, plan: CostPlan | None = None) -> None:
+    """The study's first lines, its plan among them (`plan`, else made here)."""
     cfg = study.cfg
     say(
         f"study {study.name}: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at a time, "
@@ -314,14 +343,13 @@ def _print_start(study: Study, uri: str, parent: str) -> CostPlan | None:
     )
     if study.packing is not None:
         say(study.packing.line())
-    plan = log_plan(study, uri, parent)
+    log_plan(study, uri, parent, plan)
     say(f"MLflow: {redact(uri)}")
     say(f"storage: {storage.display(study_dir(study))}")
     url = optuna_url(study, uri)
     if url:
         shown = redact(url)
         say(f"Optuna: {shown}  (see it with `optuna-dashboard {shown}`)")
-    return plan
 
 
 def _fit_and_finish(
