@@ -209,3 +209,32 @@ def test_a_validation_the_budget_cannot_pay_is_one_line_before_anything_starts(t
     )
     study.cfg.budget.hours = 0.02  # 72 s: room for both
     tuner.check_budget_room(study, plan)
+
+
+def test_the_validation_stage_is_compared_with_its_plan(tmp_path, synthetic_dir):
+    import json
+
+    from pisa import tracking
+    from pisa.search.plan_actual import compare_validation
+
+    path = write_study(tmp_path, synthetic_dir, "billed", num_samples=4, validation={"top": 1, "seeds": 3})
+    plan = make_plan(load_study(path).workload(), CPUS, images=8, rate=Rate(images_per_sec=2.0, source="a test"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = tracking.tracker(uri)
+    parent = store.start_run("tests", "study billed")
+    store.log_text(parent, json.dumps(plan.to_dict(), default=str), "plan.json")
+    stage = store.start_run("tests", "validation")
+    # planned: 2 points x 3 seeds = 6 trainings x 2 epochs, 2 at a time: 3 waves x 2 x 4 s = 24 s.
+    # Only 3 trainings ran (the best point was the paper's defaults): half of it, 12 s, with 13%
+    # and 24% overhead 12 / 0.87 = 13.8 s and 12 / 0.76 = 15.8 s; 17 s is within 25% of those
+    line = compare_validation(uri, parent, stage, trainings=3, wall_s=17.0)
+    assert line == (
+        "validation plan vs actual: 3 trainings, planned <= 6; 0:00:17 wall, planned 0:00:14-0:00:16 for 3 "
+        "with the overhead, within ±25%"
+    )
+    logged = tracking.tracker(uri).run(stage).data.metrics
+    assert logged["validation_planned_wall_s_low"] == pytest.approx(12 / 0.87)
+    assert logged["validation_planned_wall_s_high"] == pytest.approx(12 / 0.76)
+    assert tracking.tracker(uri).run(parent).data.tags["pisa.validation_plan_vs_actual"] == line
+    # 40 s is more than 1.25 x 15.8 s
+    assert compare_validation(uri, parent, stage, trainings=3, wall_s=40.0).endswith("outside ±25%")

@@ -37,6 +37,7 @@ from .console import StudyConsole
 from .mlflow_logger import MlflowStudyLogger
 from .paths import state_path, study_dir, trial_storage
 from .plan_actual import compare as plan_vs_actual
+from .plan_actual import compare_validation
 from .report import log_study_report
 from .results import StudyOutcome, check_parent_run, collect, summarize_parent
 from .samplers import build_sampler
@@ -410,6 +411,7 @@ def _validation_stage(study: Study, outcome: StudyOutcome) -> None:
     stage = study.cfg.validation
     assert stage is not None
     say(f"validating the answer: the top {stage.top} point(s) and the paper's defaults over {stage.seeds} fresh seeds")
+    started = time.time()
     try:
         outcome.validation = validate_study(
             study.name, top=stage.top, seeds=stage.seeds, storage_path=study.base_config.storage_path, stage=True
@@ -418,4 +420,10 @@ def _validation_stage(study: Study, outcome: StudyOutcome) -> None:
         outcome.interrupted = True
         say(f"validation interrupted: continue it with `pisa study resume {study.name}` (finished trainings stay)")
         return
+    if (done := outcome.validation) is not None:
+        try:  # the stage's bill against the plan's
+            trainings, wall = len(done.seeds) * len(done.results), time.time() - started
+            say(compare_validation(outcome.tracking_uri, outcome.parent_run_id, done.run_id, trainings, wall))
+        except Exception as exc:  # a report never fails a study
+            say(f"validation plan vs actual skipped: {one_line(exc)}")
     outcome.answer = validation_answer(study)
