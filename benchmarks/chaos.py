@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from typing import Any
 import yaml
 
 from pisa import tracking
+from pisa.core.service_wait import ServiceDown, wait_for_http
 from pisa.core.small_configs import tiny_experiment
 from pisa.training.ray_runtime import DRIVER_RESOURCE, free_port
 
@@ -108,20 +108,10 @@ class Group:
 
 
 def _wait_http(url: str, group: Group, what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if group.proc.poll() is not None:
-            raise ChaosError(f"{what} exited ({group.proc.returncode}):\n{group.tail()}")
-        try:
-            with urllib.request.urlopen(url, timeout=3):
-                return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise ChaosError(f"{what} not up after {timeout:.0f} s:\n{group.tail()}")
-        time.sleep(0.3)
+    try:
+        wait_for_http(url, group.proc.poll, what, timeout, interval=0.3)
+    except ServiceDown as exc:
+        raise ChaosError(f"{exc}:\n{group.tail()}") from None
 
 
 class MlflowServer:

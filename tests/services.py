@@ -13,12 +13,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from pisa.core.service_wait import ServiceDown, wait_for_http
 from pisa.training.ray_runtime import free_port  # the product's: outside Ray's worker port range
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -50,20 +50,10 @@ def stop_groups(procs: list[subprocess.Popen], grace: float = 20) -> None:
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited ({proc.returncode}):\n{log.read_text()[-4000:]}", pytrace=False)
-        try:
-            with urllib.request.urlopen(url, timeout=3):
-                return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not up after {timeout:.0f} s:\n{log.read_text()[-4000:]}", pytrace=False)
-        time.sleep(0.5)
+    try:
+        wait_for_http(url, proc.poll, what, timeout, interval=0.5)
+    except ServiceDown as exc:
+        pytest.fail(f"{exc}:\n{log.read_text()[-4000:]}", pytrace=False)
 
 
 def start(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
