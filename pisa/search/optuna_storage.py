@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 from ray.tune.search.optuna import OptunaSearch
 
 from ..core.private_api import PrivateApi
+from .distinct import earlier_same_point, grid_size, settle_duplicate
 
 if TYPE_CHECKING:
     import optuna
@@ -124,6 +125,26 @@ class PruningOptunaSearch(OptunaSearch):
                     self._ot_study.set_metric_names([self._metric])
         except Exception as exc:  # a name is a label: never worth a study
             log.warning("Optuna study's metric not named: %s", exc)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        """Ray's suggestion, asked again while it repeats a point of a discrete space that a
+        trial has trained or is training (`distinct`: told to Optuna without a training)."""
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        size = grid_size(self._space) if isinstance(self._space, dict) else None
+        study = self._ot_study
+        if config is None or ot_trial is None or size is None or study is None:
+            return config
+        for _ in range(size):
+            same = earlier_same_point(study, ot_trial)
+            if same is None:
+                break
+            settle_duplicate(study, ot_trial, same)
+            log.info("the sampler proposed Optuna trial %s's point again; asking for another", same.number)
+            del self._ot_trials[trial_id]
+            config = super().suggest(trial_id)
+            ot_trial = self._ot_trials[trial_id]
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self._report_intermediate(trial_id, result)

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..core.objective import Objective
 from ..core.stats import paired, verdict
+from .distinct import ask_distinct
 from .racing import RacingRule
 from .samplers import build_sampler
 from .schema import Choice, SearcherConfig
@@ -175,7 +176,7 @@ def search_with_trials(strategy: Strategy, grid: Grid, rep: int, schedule: str =
 
     def launch() -> None:
         nonlocal launched, counter
-        trial = study.ask(dists)
+        trial = ask_distinct(study, dists)
         run = _Running(trial, _point(trial, grid), rng.choice(grid.seeds))
         run.ns.trial_id = str(trial.number)
         if scheduler is not None:
@@ -259,7 +260,7 @@ def run_racing(strategy: Strategy, grid: Grid, rep: int) -> Outcome:
     cost, wall = 0, 0.0
     epochs = len(grid.values[("full", PAPER, order[0])])
     for _ in range(strategy.num_samples):
-        trial = study.ask(dists)
+        trial = ask_distinct(study, dists)
         point = _point(trial, grid)
         values: dict[int, float] = {}
         incumbent = max(finished.values(), key=statistics.fmean) if finished else None
