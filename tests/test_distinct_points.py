@@ -78,3 +78,14 @@ def test_ray_optuna_search_suggests_a_new_point_instead_of_a_trained_one():
     assert [t.state for t in trials.values()] == [TrialState.COMPLETE] * 3
     assert trials[1].params == PAPER and trials[1].value == 0.3 and trials[1].user_attrs[DUPLICATE_ATTR] == 0
     assert trials[2].params == config and trials[2].value == 0.1  # "b" was told to the trial it trained
+
+
+def test_a_pilots_point_copied_in_by_a_warm_start_is_trained_again():
+    from pisa.search.distinct import WARM_ATTR
+
+    study = _study()
+    study.add_trial(
+        optuna.trial.create_trial(params=PAPER, distributions=GRID, value=0.2, user_attrs={WARM_ATTR: "pilot"})
+    )
+    study.enqueue_trial(PAPER)  # the pilot's best, evaluated first at this study's fidelity
+    assert ask_distinct(study, GRID).params == PAPER

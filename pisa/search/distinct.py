@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     import optuna
 
 DUPLICATE_ATTR = "pisa:duplicate_of"  # the Optuna trial number a duplicate repeated
+# a trial a warm start copied in from a pilot (`warm_start.WARM_ATTR`): trained at another
+# fidelity, so its point is still worth training here (the pilot's best is, first)
+WARM_ATTR = "warm_start_from"
 
 
 def grid_size(distributions: dict[str, optuna.distributions.BaseDistribution]) -> int | None:
@@ -34,11 +37,12 @@ def grid_size(distributions: dict[str, optuna.distributions.BaseDistribution]) -
 
 def earlier_same_point(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
     """Another trial of `study` at `trial`'s point that is finished with a value or still
-    running (a FAIL or PRUNED one does not count: its point may be tried again)."""
+    running (a FAIL or PRUNED one does not count: its point may be tried again, nor does a
+    pilot's, copied in by a warm start)."""
     from optuna.trial import TrialState
 
     for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-        if other.number != trial.number and other.params == trial.params:
+        if other.number != trial.number and other.params == trial.params and WARM_ATTR not in other.user_attrs:
             return other
     return None
 

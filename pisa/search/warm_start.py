@@ -19,13 +19,13 @@ from typing import Any
 
 from .. import tracking
 from ..core.errors import ConfigError
+from .distinct import WARM_ATTR
 from .optuna_storage import open_storage
 from .samplers import startup_trials
 from .schema import SearcherConfig
 from .state import StudyState, load_state
 from .study import Study
 
-WARM_ATTR = "warm_start_from"
 WARM_TAG = "pisa.warm_start_from"
 
 
