@@ -46,8 +46,14 @@ GRID_CSV = REPO / "benchmarks" / "data" / "search_grid.csv"
 STRATEGIES = [
     # what the quickstart ran before: Optuna's TPE with its own defaults (10 random start-up
     # points), ASHA stopping at epoch 2 of 4, one seed per point, the best trial as the answer
-    Strategy("old default: TPE(defaults) + ASHA, 8 trials", sampler="tpe-default", scheduler="asha"),
-    Strategy("old default: TPE(defaults) + ASHA, 16 trials", sampler="tpe-default", scheduler="asha", num_samples=16),
+    Strategy("old default: TPE(defaults) + ASHA, 8 trials", sampler="tpe-default", scheduler="asha", distinct=False),
+    Strategy(
+        "old default: TPE(defaults) + ASHA, 16 trials",
+        sampler="tpe-default",
+        scheduler="asha",
+        num_samples=16,
+        distinct=False,
+    ),
     # samplers alone (FIFO, no validation): which finds good points
     Strategy("TPE (start-up 2, multivariate, liar), FIFO, 8 trials", sampler="tpe"),
     Strategy("GP (noisy), FIFO, 8 trials", sampler="gp"),

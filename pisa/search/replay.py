@@ -106,6 +106,12 @@ class Strategy:
     racing: RacingRule | None = None
     screen_short: bool = False  # screen every point on the short (decaying) schedule first
     promote: int = 2  # points promoted to the full schedule after screening
+    # a repeat of a trained point in the discrete space asked again (`distinct`), as studies do
+    # now; False: kept and trained on another recorded seed, as the old default did
+    distinct: bool = True
+
+    def ask(self, study, dists):
+        return ask_distinct(study, dists) if self.distinct else study.ask(dists)
 
 
 @dataclass
@@ -176,7 +182,7 @@ def search_with_trials(strategy: Strategy, grid: Grid, rep: int, schedule: str =
 
     def launch() -> None:
         nonlocal launched, counter
-        trial = ask_distinct(study, dists)
+        trial = strategy.ask(study, dists)
         run = _Running(trial, _point(trial, grid), rng.choice(grid.seeds))
         run.ns.trial_id = str(trial.number)
         if scheduler is not None:
@@ -260,7 +266,7 @@ def run_racing(strategy: Strategy, grid: Grid, rep: int) -> Outcome:
     cost, wall = 0, 0.0
     epochs = len(grid.values[("full", PAPER, order[0])])
     for _ in range(strategy.num_samples):
-        trial = ask_distinct(study, dists)
+        trial = strategy.ask(study, dists)
         point = _point(trial, grid)
         values: dict[int, float] = {}
         incumbent = max(finished.values(), key=statistics.fmean) if finished else None
