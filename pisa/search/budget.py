@@ -255,7 +255,10 @@ def finish(spec: BudgetSpec, done: int, planned: int) -> tuple[bool, str]:
     """At the study's end, from MLflow: whether it ended on its budget, and the report's line
     (also on the study's run: planned vs spent)."""
     book = ledger(spec).load()  # what is recorded, not what this process saw
-    ended = book.ended() and done < planned
+    # or what the searcher and the stopper decided in this process (a restored searcher's
+    # ledger may be priced apart from this one)
+    decided = any(b.said_finished or b.stopped for s, b in _LEDGERS.items() if s.parent_run_id == spec.parent_run_id)
+    ended = (book.ended() or book.exhausted or decided) and done < planned
     line = budget_line(book) + (f"; stopped on budget after {done} of {planned} trials" if ended else "")
     store = tracking.tracker(spec.uri)
     store.log_metrics(spec.parent_run_id, {BUDGET_METRIC: spec.hours, SPENT_METRIC: book.spent}, step=0)

@@ -37,7 +37,7 @@ from .console import StudyConsole
 from .mlflow_logger import MlflowStudyLogger
 from .paths import state_path, study_dir, trial_storage
 from .plan_actual import compare as plan_vs_actual
-from .plan_actual import compare_validation
+from .plan_actual import compare_validation, logged_plan
 from .report import log_study_report
 from .results import StudyOutcome, check_parent_run, collect, summarize_parent
 from .samplers import build_sampler
@@ -81,10 +81,13 @@ def _capacity(study: Study) -> Capacity:
 
 def _budget_spec(study: Study, uri: str, parent_run_id: str, plan: CostPlan | None = None) -> BudgetSpec | None:
     """The study's budget (None without one), priced at the plan's rate when it has one
-    (`plan`: the one this start logged; else made here)."""
+    (`plan`: the one this start logged; a resumed study's is the one it started with, else made here)."""
     if study.cfg.budget is None:
         return None
-    if plan is None:
+    if plan is None:  # a resumed study: priced as it started (the searcher Tune restores was)
+        logged = logged_plan(uri, parent_run_id)
+        if logged is not None:
+            return BudgetSpec.of(study, uri, parent_run_id, logged.get("epoch_s"))
         try:
             plan = plan_at_start(study.workload(), uri)
         except Exception:  # priced at the study's own epochs instead
