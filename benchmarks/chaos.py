@@ -54,6 +54,7 @@ import yaml
 from pisa import tracking
 from pisa.core.service_wait import ServiceDown, wait_for_http
 from pisa.core.small_configs import tiny_experiment
+from pisa.tracking.sqlite_template import seed_store
 from pisa.training.ray_runtime import DRIVER_RESOURCE, free_port
 
 PISA = [sys.executable, "-m", "pisa.cli"]
@@ -131,6 +132,7 @@ class MlflowServer:
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job consumers taking CPU
+        seed_store(self.work / "server.db")  # a new store: a copy of an empty one (no migrations)
         cmd = [
             sys.executable,
             "-m",

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pisa.core.service_wait import ServiceDown, wait_for_http
+from pisa.tracking.sqlite_template import seed_store
 from pisa.training.ray_runtime import free_port  # the product's: outside Ray's worker port range
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -140,6 +141,8 @@ def start_mlflow_server(
     # no job runner: its consumer processes (several, each importing MLflow) serve MLflow's
     # server-side jobs, which pisa does not use, and would take CPU from the tests
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    if backend_store_uri is None:  # a copy of an empty store: MLflow's migrations, skipped
+        seed_store(work / "server.db")
     login: list[str] = []
     if admin_password is not None:
         env.update(MLFLOW_AUTH_ADMIN_PASSWORD=admin_password, MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())

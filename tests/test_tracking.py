@@ -53,9 +53,11 @@ def _first_run_on(uri: str, barrier, results) -> None:
         results.put(f"{type(exc).__name__}: {exc}")
 
 
-def test_processes_that_create_a_new_sqlite_store_at_once_all_succeed(tmp_path):
+def test_processes_that_create_a_new_sqlite_store_at_once_all_succeed(tmp_path, monkeypatch):
     # two `pisa train`s started together on a new store: MLflow's table creation and
-    # migrations, run by both at once, used to fail one ("duplicate column name: step")
+    # migrations, run by both at once, used to fail one ("duplicate column name: step"); with
+    # an empty cache, the first of them has MLflow make the empty store the others copy
+    monkeypatch.setenv("PISA_CACHE_DIR", str(tmp_path / "cache"))
     ctx = mp.get_context("spawn")
     n = 3
     barrier, results = ctx.Barrier(n), ctx.Queue()
@@ -69,3 +71,37 @@ def test_processes_that_create_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     assert all(len(o) == 32 for o in outcomes), outcomes  # three run ids, no error
     runs = mlflow_client(uri).search_runs([mlflow_client(uri).get_experiment_by_name("tests").experiment_id])
     assert sorted(r.info.run_id for r in runs) == sorted(outcomes)
+
+
+def _schema_and_rows(db) -> tuple[list, list, list]:
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        schema = sorted(con.execute("SELECT type, name, sql FROM sqlite_master").fetchall(), key=str)
+        version = con.execute("SELECT version_num FROM alembic_version").fetchall()
+        experiments = con.execute("SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments")
+        return schema, version, experiments.fetchall()
+
+
+def test_a_new_store_copied_from_the_cache_is_the_store_mlflow_makes(tmp_path, monkeypatch):
+    monkeypatch.setenv("PISA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # the Default experiment's artifacts: <cwd>/mlruns/0
+    for name in ("made", "copied", "copied-again"):
+        (tmp_path / name).mkdir()
+    mlflow_client(f"sqlite:///{tmp_path / 'made' / 'mlflow.db'}").search_experiments()  # MLflow alone
+    for name in ("copied", "copied-again"):
+        tracking.tracker(f"sqlite:///{tmp_path / name / 'mlflow.db'}").start_run("tests", "a run")
+    made = _schema_and_rows(tmp_path / "made" / "mlflow.db")
+    for name in ("copied", "copied-again"):
+        schema, version, experiments = _schema_and_rows(tmp_path / name / "mlflow.db")
+        assert (schema, version) == made[:2]
+        assert experiments[0] == made[2][0] == (0, "Default", str(tmp_path / "mlruns" / "0"), "active")
+        assert [e[1] for e in experiments[1:]] == ["tests"]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"mlflow-{_mlflow_version()}-empty.db"]
+
+
+def _mlflow_version() -> str:
+    from importlib.metadata import version
+
+    return version("mlflow")

@@ -22,6 +22,7 @@ from ..core.errors import TrackingError
 from ..core.uris import public_uri, redact
 from .lineage import DatasetSummary, dataset_inputs, lineage_tags
 from .mlflow_private import max_param_length, max_tag_length
+from .sqlite_template import seed_store
 from .tags import PARENT_RUN_ID, RunStatus
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,9 @@ def _tracker_of(uri: str) -> Tracker:
     with _one_process_at_a_time(uri):
         # the first client of a new SQLite file creates its tables and runs MLflow's
         # migrations; two processes doing that at once (two `pisa train`s on a new store)
-        # break each other's ("duplicate column name")
+        # break each other's ("duplicate column name"). A new one is a copy of an empty one
+        if uri.startswith("sqlite:///"):
+            seed_store(Path(uri[len("sqlite:///") :].split("?")[0]))
         c = MlflowClient(tracking_uri=uri, registry_uri=uri)
         c.search_experiments(max_results=1)
     return Tracker(uri, c)
