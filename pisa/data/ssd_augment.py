@@ -32,8 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torchvision.ops import box_iou
 
 __all__ = [
     "SSD_MEAN",
@@ -118,24 +118,41 @@ def _draw_patch(height: int, width: int, boxes: torch.Tensor) -> tuple[int, int,
     an aspect ratio in [1/2, 2] are tried, the first with every box at that IoU and a box centre
     inside is taken; if none is, a new mode is drawn. The 50 trials are drawn at once (the same
     distribution as drawing them one by one until one passes)."""
+    b = boxes.numpy()
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    centre = (b[:, :2] + b[:, 2:]) / 2
     while True:
         mode = SAMPLE_MODES[int(torch.randint(len(SAMPLE_MODES), ()))]
         if mode == 1.0:
             return None
-        u = torch.rand(CROP_TRIALS, 4, dtype=torch.float64)
+        # in numpy: the same float64 arithmetic as torch's and torchvision's box_iou, without
+        # a tensor op's overhead on these 50 x N values
+        u = torch.rand(CROP_TRIALS, 4, dtype=torch.float64).numpy()
         new_w = MIN_CROP_SIZE * width + (1 - MIN_CROP_SIZE) * width * u[:, 0]
         new_h = MIN_CROP_SIZE * height + (1 - MIN_CROP_SIZE) * height * u[:, 1]
         left = u[:, 2] * (width - new_w)
         top = u[:, 3] * (height - new_h)
-        patches = torch.stack([left, top, left + new_w, top + new_h], dim=1).floor()  # int(), all >= 0
+        patches = np.floor(np.stack([left, top, left + new_w, top + new_h], axis=1))  # int(), all >= 0
         ratio = new_h / new_w
         ok = (ratio >= 0.5) & (ratio <= 2) & (patches[:, 2] != patches[:, 0]) & (patches[:, 3] != patches[:, 1])
-        if len(boxes):
-            ok &= box_iou(patches, boxes).min(dim=1).values >= mode
-            ok &= _centres_inside(boxes, patches).any(dim=1)
-        passed = ok.nonzero()
+        if len(b) and ok.any():
+            lt = np.maximum(patches[:, None, :2], b[:, :2])
+            rb = np.minimum(patches[:, None, 2:], b[:, 2:])
+            wh = np.clip(rb - lt, 0, None)
+            inter = wh[:, :, 0] * wh[:, :, 1]
+            patch_area = (patches[:, 2] - patches[:, 0]) * (patches[:, 3] - patches[:, 1])
+            iou = inter / (patch_area[:, None] + area - inter)
+            ok &= iou.min(axis=1) >= mode
+            inside = (
+                (centre[None, :, 0] > patches[:, None, 0])
+                & (centre[None, :, 1] > patches[:, None, 1])
+                & (centre[None, :, 0] < patches[:, None, 2])
+                & (centre[None, :, 1] < patches[:, None, 3])
+            )
+            ok &= inside.any(axis=1)
+        passed = np.flatnonzero(ok)
         if len(passed):
-            x0, y0, x1, y1 = (int(v) for v in patches[int(passed[0, 0])].tolist())
+            x0, y0, x1, y1 = (int(v) for v in patches[passed[0]])
             return x0, y0, x1, y1
 
 
@@ -410,12 +427,12 @@ def ssd_augment(
     out[:, 1::2] = out[:, 1::2].clamp(0, patch_h)
     if size is not None:
         out = (out * torch.tensor([size / patch_w, size / patch_h] * 2, dtype=torch.float64)).clamp(0, size)
-        ry0, ry1, wy0, wy1 = _taps(size, patch_h)
-        rx0, rx1, wx0, wx1 = _taps(size, patch_w)
+        ry0, ry1, _, wy1 = _taps(size, patch_h)
+        rx0, rx1, _, wx1 = _taps(size, patch_w)
     else:  # every patch line, as it is
         ry0 = ry1 = torch.arange(patch_h)
         rx0 = rx1 = torch.arange(patch_w)
-        wy0, wy1, wx0, wx1 = torch.ones(patch_h), torch.zeros(patch_h), torch.ones(patch_w), torch.zeros(patch_w)
+        wy1, wx1 = torch.zeros(patch_h), torch.zeros(patch_w)
 
     # pixels: the image lines the resize reads, distorted, plus one canvas row and column
     rows, gy0, gy1 = _grid_taps(ry0, ry1, y0 - top, height, dense=1.0)  # a row gather is a copy
@@ -437,9 +454,9 @@ def ssd_augment(
                 chunk = hwc.index_select(0, rows[start:stop])
             chunk = chunk.narrow(1, cols.start, n_cols) if isinstance(cols, slice) else chunk.index_select(1, cols)
             _distort_chunk(chunk, grid[:, start:stop, :n_cols], draws.photometric)
-    # the resize's weighted sums over the grid: along y, then along x on the transposed result,
-    # so that both gather whole rows
-    along_y = grid.index_select(1, gy0).mul_(wy0[:, None]).addcmul_(grid.index_select(1, gy1), wy1[:, None])
+    # the resize's weighted sums over the grid (as lerps): along y, then along x on the transposed
+    # result, so that both gather whole rows
+    along_y = grid.index_select(1, gy0).lerp_(grid.index_select(1, gy1), wy1[:, None])
     along_y = along_y.transpose(1, 2).contiguous()
-    x = along_y.index_select(1, gx0).mul_(wx0[:, None]).addcmul_(along_y.index_select(1, gx1), wx1[:, None])
+    x = along_y.index_select(1, gx0).lerp_(along_y.index_select(1, gx1), wx1[:, None])
     return _to_uint8(x).transpose(1, 2).contiguous(), out.to(torch.float32), keep
