@@ -18,19 +18,22 @@ the float values as they are.
 
 Two implementations of the same draws (`SSDDraws`, drawn from torch's RNG, which `PerImageDraws`
 seeds per image): `reference_ssd_augment`, the straightforward order (distort the whole image,
-build the whole canvas, crop it, resize), and `ssd_augment`, the one the loader runs: it builds
-only the canvas rows and columns that the bilinear resize reads (at most two per output row and
-column, whatever the zoom), distorts only the image pixels among them (every photometric step is
-per pixel) and interpolates with the resize's own taps and weights. Same boxes, same pixels up
-to float rounding (tests/test_ssd_augment.py); a fraction of the work (benchmarks/bench_ssd_transform.py).
+build the whole canvas, crop it, resize), and `ssd_augment`, the one the loader runs: it takes
+only the image rows and columns that the bilinear resize reads (at most two per output row and
+column, whatever the zoom; a column range whole when most of it is read), as uint8 in the decoded
+pixel order, and distorts them (every photometric step is per pixel) in cache-sized chunks with
+the steps folded into a few passes over the raw values (`_distort_chunk`); the canvas is one more
+row and column of its colour; then it interpolates with the resize's own taps and weights. Same
+boxes, same pixels up to float rounding (tests/test_ssd_augment.py); a fraction of the work
+(benchmarks/bench_ssd_transform.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torchvision.ops import box_iou
 
 __all__ = [
     "SSD_MEAN",
@@ -115,24 +118,41 @@ def _draw_patch(height: int, width: int, boxes: torch.Tensor) -> tuple[int, int,
     an aspect ratio in [1/2, 2] are tried, the first with every box at that IoU and a box centre
     inside is taken; if none is, a new mode is drawn. The 50 trials are drawn at once (the same
     distribution as drawing them one by one until one passes)."""
+    b = boxes.numpy()
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    centre = (b[:, :2] + b[:, 2:]) / 2
     while True:
         mode = SAMPLE_MODES[int(torch.randint(len(SAMPLE_MODES), ()))]
         if mode == 1.0:
             return None
-        u = torch.rand(CROP_TRIALS, 4, dtype=torch.float64)
+        # in numpy: the same float64 arithmetic as torch's and torchvision's box_iou, without
+        # a tensor op's overhead on these 50 x N values
+        u = torch.rand(CROP_TRIALS, 4, dtype=torch.float64).numpy()
         new_w = MIN_CROP_SIZE * width + (1 - MIN_CROP_SIZE) * width * u[:, 0]
         new_h = MIN_CROP_SIZE * height + (1 - MIN_CROP_SIZE) * height * u[:, 1]
         left = u[:, 2] * (width - new_w)
         top = u[:, 3] * (height - new_h)
-        patches = torch.stack([left, top, left + new_w, top + new_h], dim=1).floor()  # int(), all >= 0
+        patches = np.floor(np.stack([left, top, left + new_w, top + new_h], axis=1))  # int(), all >= 0
         ratio = new_h / new_w
         ok = (ratio >= 0.5) & (ratio <= 2) & (patches[:, 2] != patches[:, 0]) & (patches[:, 3] != patches[:, 1])
-        if len(boxes):
-            ok &= box_iou(patches, boxes).min(dim=1).values >= mode
-            ok &= _centres_inside(boxes, patches).any(dim=1)
-        passed = ok.nonzero()
+        if len(b) and ok.any():
+            lt = np.maximum(patches[:, None, :2], b[:, :2])
+            rb = np.minimum(patches[:, None, 2:], b[:, 2:])
+            wh = np.clip(rb - lt, 0, None)
+            inter = wh[:, :, 0] * wh[:, :, 1]
+            patch_area = (patches[:, 2] - patches[:, 0]) * (patches[:, 3] - patches[:, 1])
+            iou = inter / (patch_area[:, None] + area - inter)
+            ok &= iou.min(axis=1) >= mode
+            inside = (
+                (centre[None, :, 0] > patches[:, None, 0])
+                & (centre[None, :, 1] > patches[:, None, 1])
+                & (centre[None, :, 0] < patches[:, None, 2])
+                & (centre[None, :, 1] < patches[:, None, 3])
+            )
+            ok &= inside.any(axis=1)
+        passed = np.flatnonzero(ok)
         if len(passed):
-            x0, y0, x1, y1 = (int(v) for v in patches[int(passed[0, 0])].tolist())
+            x0, y0, x1, y1 = (int(v) for v in patches[passed[0]])
             return x0, y0, x1, y1
 
 
@@ -260,6 +280,89 @@ def reference_ssd_augment(
 
 # ---------------------------------------------------------------- what the loader runs
 
+_CHUNK = 1 << 15  # pixels per photometric chunk: its temporaries stay in a core's cache
+_PEAKS = (0.0, 2.0, 4.0)  # where red, green and blue peak in the hue hexagon, in 60-degree units
+
+
+def _distort_chunk(hwc: torch.Tensor, out: torch.Tensor, p: Photometric) -> None:
+    """`photometric_distort` of the uint8 pixels `hwc` (rows, cols, 3) into the float view `out`
+    (3, rows, cols), up to float rounding, in few passes that each vectorise.
+
+    The steps folded: brightness and the first contrast are per channel, so V and the minimum
+    are the raw ones mapped; the second contrast scales V and S V; the channel permutation picks
+    each output channel's input plane (or its hue peak). Hue (in 60-degree units) is found from
+    the raw integer values (brightness cancels in it, contrast only moves OpenCV's epsilon), with
+    0/1 masks from clamps instead of comparisons; each channel's weight in the hexagon is a
+    triangle wave of the shifted hue, |(|H - peak| - 3)| clamped to [1, 2] (minus 1: 0 on the
+    channel's peak side, 1 opposite), so no remainder or wrap is needed."""
+    bright = p.brightness
+    c1 = p.contrast if p.contrast is not None and p.contrast_first else None
+    c2 = p.contrast if p.contrast is not None and not p.contrast_first else None
+    perm = p.permutation if p.permutation is not None else (0, 1, 2)
+    planes = hwc.permute(2, 0, 1)
+    if p.hue is None and p.saturation is None and (bright is None or bright >= 0):  # per channel: affine
+        if perm == (0, 1, 2):
+            out.copy_(planes)
+        else:
+            for j, c in enumerate(perm):
+                out[j].copy_(planes[c])
+        if bright is not None:
+            out.add_(bright)
+        if p.contrast is not None:
+            out.mul_(p.contrast)
+        return
+    if p.hue is None:  # saturation (or the round trip after a negative brightness): per (V, channel)
+        if perm == (0, 1, 2):
+            out.copy_(planes)
+        else:
+            for j, c in enumerate(perm):
+                out[j].copy_(planes[c])
+        if bright is not None:
+            out.add_(bright)
+        if c1 is not None:
+            out.mul_(c1)
+        v = out.amax(0)
+        k = v.abs().add_(_FLT_EPSILON)
+        k = torch.div(v, k).mul_(1.0 if p.saturation is None else p.saturation)
+        if c2 is not None:
+            k.mul_(c2)
+            out.sub_(v).mul_(k).add_(v.mul_(c2))
+        else:
+            out.sub_(v).mul_(k).add_(v)
+        return
+    x = torch.empty(out.shape, dtype=torch.float32)
+    x.copy_(planes)
+    r, g, b = x[0], x[1], x[2]
+    v = x.amax(0)
+    mn = x.amin(0)
+    is_r = torch.sub(r, v).add_(1.0).clamp_(0.0, 1.0)  # 1 where red is the largest (integers)
+    is_g = torch.sub(g, v).add_(1.0).clamp_(0.0, 1.0).mul_(torch.sub(1.0, is_r))  # green, not red
+    # H = the largest channel's offset (0, 2, 4) + (next - next but one) / (V - min)
+    gb = torch.sub(g, b)
+    rg = torch.sub(r, g)
+    num = torch.sub(gb, rg).mul_(is_r).add_(rg)
+    num.addcmul_(is_g, torch.add(gb, rg, alpha=2.0), value=-1.0)  # b - r - (r - g) = -(g - b) - 2 (r - g)
+    hue = num.div_(torch.sub(v, mn).add_(_FLT_EPSILON))
+    hue.add_(is_r, alpha=-4.0).add_(is_g, alpha=-2.0).add_(4.0 + p.hue / 60.0)
+    if bright is not None:
+        v.add_(bright)
+        mn.add_(bright)
+    if c1 is not None:
+        v.mul_(c1)
+        mn.mul_(c1)
+    diff = mn.neg_().add_(v)  # V - min, as mapped
+    # S V: the saturation's V / (|V| + eps) is 1 up to rounding unless V can be <= 0
+    sv = diff.mul_(1.0 if p.saturation is None else p.saturation)
+    if bright is not None and bright < 0:
+        sv.mul_(torch.div(v, v.abs().add_(_FLT_EPSILON)))
+    if c2 is not None:
+        v.mul_(c2)
+        sv.mul_(c2)
+    base = v.sub_(sv, alpha=2.0)  # out = V - S V w = (V - 2 S V) + S V clamp(|(|H - peak| - 3)|, 1, 2)
+    peaks = torch.tensor([_PEAKS[c] for c in perm], dtype=torch.float32).view(3, 1, 1)
+    w = torch.sub(hue, peaks, out=x).abs_().sub_(3.0).abs_().clamp_(1.0, 2.0)
+    torch.addcmul(base, sv, w, out=out)
+
 
 def _taps(out_size: int, in_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The two source indices and weights of each output pixel of torch's bilinear resize
@@ -272,26 +375,29 @@ def _taps(out_size: int, in_size: int) -> tuple[torch.Tensor, torch.Tensor, torc
     return i0, i1, 1 - w1, w1
 
 
-def _lines(needed: torch.Tensor, offset: int, length: int) -> tuple[torch.Tensor, slice | torch.Tensor, int, int]:
-    """The distinct patch lines (rows or columns) in `needed`, sorted; which image lines they are
-    (a slice when consecutive, as when a resize reads every line); and the first and one past the
-    last of their positions that fall on the image (the image is `offset` lines into the patch's
-    coordinates and `length` long)."""
-    lines = torch.unique(needed)  # sorted
-    on_image = lines + offset
-    inside = (on_image >= 0) & (on_image < length)
-    count = int(inside.sum())
-    first = int(inside.int().argmax()) if count else 0
-    image_lines = on_image[first : first + count]
-    if count and int(image_lines[-1]) - int(image_lines[0]) + 1 == count:
-        return lines, slice(int(image_lines[0]), int(image_lines[0]) + count), first, first + count
-    return lines, image_lines, first, first + count
-
-
-def _take(img: torch.Tensor, dim: int, index: slice | torch.Tensor) -> torch.Tensor:
-    if isinstance(index, slice):
-        return img.narrow(dim, index.start, index.stop - index.start)
-    return img.index_select(dim, index)
+def _grid_taps(
+    i0: torch.Tensor, i1: torch.Tensor, offset: int, length: int, dense: float
+) -> tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The image lines to distort for the taps `i0`, `i1` (patch lines; the image is `offset`
+    lines into the patch and `length` long) and the taps as indices into them, those on the
+    canvas pointing one past the last. The lines are the distinct ones read, sorted, or the whole
+    range between the first and the last when they fill at least `dense` of it (a slice: no
+    gather, the few lines not read distorted for nothing)."""
+    a0, a1 = i0 + offset, i1 + offset
+    lines = torch.unique(torch.cat([a0, a1]))  # sorted
+    inside = lines[(lines >= 0) & (lines < length)]
+    if not len(inside):
+        return inside, torch.zeros_like(a0), torch.zeros_like(a1)
+    lo, hi = int(inside[0]), int(inside[-1])
+    if len(inside) >= dense * (hi - lo + 1):
+        index: slice | torch.Tensor = slice(lo, hi + 1)
+        g0, g1, count = a0 - lo, a1 - lo, hi - lo + 1
+    else:
+        index, count = inside, len(inside)
+        g0, g1 = torch.searchsorted(inside, a0), torch.searchsorted(inside, a1)
+    g0[(a0 < lo) | (a0 > hi)] = count
+    g1[(a1 < lo) | (a1 > hi)] = count
+    return index, g0, g1
 
 
 def ssd_augment(
@@ -299,10 +405,10 @@ def ssd_augment(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `reference_ssd_augment` returns, computing only the pixels the resize reads.
 
-    Boxes: one shift and one scale from the image to the output. Pixels: the patch rows and
-    columns the bilinear resize reads (all of the patch's when `size` is None), the image's
-    pixels among them gathered and distorted, the rest the canvas colour; then the resize's
-    weighted sums over that grid."""
+    Boxes: one shift and one scale from the image to the output. Pixels: the image rows and
+    columns the bilinear resize reads (every patch line when `size` is None) gathered as uint8
+    and distorted in cache-sized chunks, one more row and column of the canvas colour for the
+    taps that fall on the canvas; then the resize's weighted sums over that grid."""
     height, width = img.shape[-2:]
     canvas_h, canvas_w, top, left = draws.canvas if draws.canvas is not None else (height, width, 0, 0)
     x0, y0, x1, y1 = draws.patch if draws.patch is not None else (0, 0, canvas_w, canvas_h)
@@ -319,30 +425,38 @@ def ssd_augment(
     out = out + shift
     out[:, 0::2] = out[:, 0::2].clamp(0, patch_w)
     out[:, 1::2] = out[:, 1::2].clamp(0, patch_h)
-    out_h, out_w = (size, size) if size is not None else (patch_h, patch_w)
     if size is not None:
         out = (out * torch.tensor([size / patch_w, size / patch_h] * 2, dtype=torch.float64)).clamp(0, size)
+        ry0, ry1, _, wy1 = _taps(size, patch_h)
+        rx0, rx1, _, wx1 = _taps(size, patch_w)
+    else:  # every patch line, as it is
+        ry0 = ry1 = torch.arange(patch_h)
+        rx0 = rx1 = torch.arange(patch_w)
+        wy1, wx1 = torch.zeros(patch_h), torch.zeros(patch_w)
 
-    # pixels: the grid of patch lines the resize reads (every line without a resize)
-    if size is not None:
-        ry0, ry1, wy0, wy1 = _taps(size, patch_h)
-        rx0, rx1, wx0, wx1 = _taps(size, patch_w)
-        rows, image_rows, ra, rb = _lines(torch.cat([ry0, ry1]), y0 - top, height)
-        cols, image_cols, ca, cb = _lines(torch.cat([rx0, rx1]), x0 - left, width)
-    else:
-        rows, image_rows, ra, rb = _lines(torch.arange(patch_h), y0 - top, height)
-        cols, image_cols, ca, cb = _lines(torch.arange(patch_w), x0 - left, width)
-    grid = torch.tensor(SSD_MEAN, dtype=torch.float32).view(3, 1, 1).repeat(1, len(rows), len(cols))
-    if rb > ra and cb > ca:
-        pixels = _take(_take(img, 1, image_rows), 2, image_cols).float()
-        grid[:, ra:rb, ca:cb] = photometric_distort(pixels, draws.photometric)
-    if size is None:
-        return _to_uint8(grid), out.to(torch.float32), keep
-    # the resize's weighted sums over the grid (each tap pair is two neighbouring grid lines):
-    # along y, then along x on the transposed result, so that both gather whole rows
-    cy0, cy1 = torch.searchsorted(rows, ry0), torch.searchsorted(rows, ry1)
-    cx0, cx1 = torch.searchsorted(cols, rx0), torch.searchsorted(cols, rx1)
-    along_y = grid.index_select(1, cy0).mul_(wy0[:, None]).add_(grid.index_select(1, cy1).mul_(wy1[:, None]))
+    # pixels: the image lines the resize reads, distorted, plus one canvas row and column
+    rows, gy0, gy1 = _grid_taps(ry0, ry1, y0 - top, height, dense=1.0)  # a row gather is a copy
+    cols, gx0, gx1 = _grid_taps(rx0, rx1, x0 - left, width, dense=0.5)  # a column gather is slower
+    n_rows = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+    n_cols = cols.stop - cols.start if isinstance(cols, slice) else len(cols)
+    grid = torch.empty(3, n_rows + 1, n_cols + 1)
+    mean = torch.tensor(SSD_MEAN, dtype=torch.float32).view(3, 1)
+    grid[:, n_rows] = mean
+    grid[:, :, n_cols] = mean
+    if n_rows and n_cols:
+        hwc = img.permute(1, 2, 0)  # a decoded image's memory order: pixel by pixel
+        step = max(1, _CHUNK // n_cols)
+        for start in range(0, n_rows, step):
+            stop = min(start + step, n_rows)
+            if isinstance(rows, slice):
+                chunk = hwc.narrow(0, rows.start + start, stop - start)
+            else:
+                chunk = hwc.index_select(0, rows[start:stop])
+            chunk = chunk.narrow(1, cols.start, n_cols) if isinstance(cols, slice) else chunk.index_select(1, cols)
+            _distort_chunk(chunk, grid[:, start:stop, :n_cols], draws.photometric)
+    # the resize's weighted sums over the grid (as lerps): along y, then along x on the transposed
+    # result, so that both gather whole rows
+    along_y = grid.index_select(1, gy0).lerp_(grid.index_select(1, gy1), wy1[:, None])
     along_y = along_y.transpose(1, 2).contiguous()
-    x = along_y.index_select(1, cx0).mul_(wx0[:, None]).add_(along_y.index_select(1, cx1).mul_(wx1[:, None]))
+    x = along_y.index_select(1, gx0).lerp_(along_y.index_select(1, gx1), wx1[:, None])
     return _to_uint8(x).transpose(1, 2).contiguous(), out.to(torch.float32), keep
