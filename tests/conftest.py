@@ -34,6 +34,7 @@ FILE_SECONDS = {
     "test_study.py": 280,
     "test_seeds.py": 255,
     "test_compare.py": 200,
+    "test_paper_all_detectors.py": 180,  # 16 trainings, 2 at a time: 154-164 s at load 7-10 (2026-12-06)
     "test_model.py": 125,
     "test_models_two_stage.py": 105,
     "test_training_grid.py": 95,
