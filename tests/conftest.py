@@ -23,28 +23,30 @@ def find_bccd() -> Path:
 
 # Seconds per file on a worker (benchmarks/RESULTS.md, "The suite on two workers"). `make test`
 # runs the files on 2 pytest-xdist workers, a file per worker at a time (`--dist loadfile`),
-# handed out longest first, so that no long file starts last and runs alone. test_train,
-# test_learning and test_postgres_mlflow: their new content measured alone (2026-12-02, idle
-# AMD EPYC: 164, 171, 46 s), raised for the other worker's load.
-FILE_SECONDS = {
-    "test_recovery.py": 500,
-    "test_cluster.py": 355,
-    "test_train.py": 200,
-    "test_learning.py": 210,
-    "test_study.py": 280,
-    "test_seeds.py": 255,
-    "test_compare.py": 200,
-    "test_paper_all_detectors.py": 180,  # 16 trainings, 2 at a time: 154-164 s at load 7-10 (2026-12-06)
-    "test_model.py": 125,
-    "test_models_two_stage.py": 105,
-    "test_training_grid.py": 95,
-    "test_chaos.py": 250,  # 4 kills, measured at load 5 (2026-12-06)
-    "test_optuna_postgres.py": 150,
-    "test_postgres_mlflow.py": 60,
-    "test_accel.py": 50,
-    "test_layouts.py": 100,  # the baseline and PISA, 50 s each
-    "test_tracking.py": 45,
-    "test_plan.py": 40,
+# handed out longest first, so that no long file starts last and runs alone.
+FILE_SECONDS = {  # the full suite on 2 workers, 2026-12-06, the machine shared (load 8-12)
+    "test_chaos.py": 385,
+    "test_recovery.py": 380,
+    "test_cluster.py": 300,
+    "test_study_budget_extend.py": 270,
+    "test_train.py": 195,
+    "test_model.py": 190,
+    "test_paper_all_detectors.py": 180,  # 16 trainings, 2 at a time: 154-164 s at load 7-10
+    "test_study.py": 170,
+    "test_optuna_postgres.py": 165,
+    "test_learning.py": 150,
+    "test_seeds.py": 140,
+    "test_validation_stage.py": 135,
+    "test_layouts.py": 125,
+    "test_compare.py": 110,
+    "test_gpu_check.py": 105,
+    "test_models_single_stage.py": 75,
+    "test_models_two_stage.py": 70,
+    "test_accel.py": 65,
+    "test_training_grid.py": 47,
+    "test_postgres_mlflow.py": 46,
+    "test_damaged_files.py": 34,
+    "test_tracking.py": 28,
 }
 
 
