@@ -105,3 +105,11 @@ def _mlflow_version() -> str:
     from importlib.metadata import version
 
     return version("mlflow")
+
+
+def test_a_relative_sqlite_uri_keeps_its_artifacts_beside_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stores").mkdir()
+    tracking.tracker("sqlite:///stores/rel.db").start_run("tests", "a run")  # relative to the cwd
+    location = mlflow_client(f"sqlite:///{tmp_path / 'stores' / 'rel.db'}").get_experiment_by_name("tests")
+    assert location.artifact_location == (tmp_path / "stores" / "mlartifacts").as_uri()

@@ -188,7 +188,9 @@ class Tracker:
         artifact_location = None
         if self.uri.startswith("sqlite:///"):
             # keep artifacts next to the SQLite file, not in whatever directory a process runs in
-            artifact_location = (Path(self.uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+            artifact_location = (
+                Path(self.uri[len("sqlite:///") :].split("?")[0]).resolve().parent / "mlartifacts"
+            ).as_uri()
         try:
             return c.create_experiment(name, artifact_location=artifact_location)
         except Exception:  # created concurrently
