@@ -38,7 +38,6 @@ FILE_SECONDS = {
     "test_models_two_stage.py": 105,
     "test_training_grid.py": 95,
     "test_chaos.py": 250,  # 4 kills, measured at load 5 (2026-12-06)
-    "test_optuna_postgres.py": 150,
     "test_postgres_mlflow.py": 60,
     "test_accel.py": 50,
     "test_layouts.py": 100,  # the baseline and PISA, 50 s each
