@@ -26,14 +26,13 @@ def find_bccd() -> Path:
 # handed out longest first, so that no long file starts last and runs alone.
 FILE_SECONDS = {  # the full suite on 2 workers, 2026-12-06, the machine shared (load 8-12)
     "test_chaos.py": 385,
-    "test_recovery.py": 380,
+    "test_recovery.py": 400,  # with the Optuna record on PostgreSQL (was test_optuna_postgres.py)
     "test_cluster.py": 300,
     "test_study_budget_extend.py": 270,
     "test_train.py": 195,
     "test_model.py": 190,
     "test_paper_all_detectors.py": 180,  # 16 trainings, 2 at a time: 154-164 s at load 7-10
     "test_study.py": 170,
-    "test_optuna_postgres.py": 165,
     "test_learning.py": 150,
     "test_seeds.py": 140,
     "test_validation_stage.py": 135,

@@ -76,17 +76,23 @@ class S3Server:
     @property
     def env(self) -> dict[str, str]:
         """pyarrow's (and boto's) settings for this server, as on every node of a cluster."""
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": "pisa-test",
-            "AWS_SECRET_ACCESS_KEY": "pisa-test-secret",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
+        return s3_env(self.endpoint)
 
 
-def start_s3(work: Path, bucket: str = "pisa") -> S3Server:
-    port = free_port()
+def s3_env(endpoint: str) -> dict[str, str]:
+    """pyarrow's (and boto's) settings for the moto server at `endpoint`."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "pisa-test",
+        "AWS_SECRET_ACCESS_KEY": "pisa-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+def start_s3(work: Path, bucket: str = "pisa", port: int | None = None) -> S3Server:
+    """A moto server on 127.0.0.1:`port` (a free one by default) with `bucket` made."""
+    port = port or free_port()
     proc = start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], work / "moto.log")
     endpoint = f"http://127.0.0.1:{port}"
     _wait_http(endpoint + "/moto-api/", proc, work / "moto.log", "moto server")

@@ -18,40 +18,72 @@ joins one running Ray cluster (`--address`), as on a cluster whose driver dies: 
 dead driver's trials, and no leg pays for starting Ray. The kills happen at fixed points
 (crash hooks, or a trial paused at a known iteration), not after sleeps. At the end:
 exactly the study's trials, one MLflow run each, every epoch of each logged once, the
-study's run FINISHED, exit 0."""
+study's run FINISHED, exit 0.
+
+The study's Optuna record is on PostgreSQL (the README's recommendation; the password from
+libpq's environment, PGPASSWORD, never in the study file), and after the last leg it is what
+Tune did: every trial Tune ran is in Optuna once, in the state Tune ended it with (the study is
+FIFO, so every trial runs its epochs and ends COMPLETE: `stopped_early` would be PRUNED), with
+each epoch's value once as an intermediate value, none left RUNNING or FAIL, and one database
+row per trial and epoch. Leg 1's driver dies right after a trial's end was handled, before
+Tune saved its state: the resume reports that end again and must leave the Optuna trial as it
+was told; the other legs die mid-trial."""
 
 from __future__ import annotations
 
+import importlib
+import io
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import pyarrow.fs as pafs
 import pytest
 import torch
 import yaml
 from helpers import mlflow_client, tiny_experiment
-from services import ensure_ray_token, start_mlflow_server, start_ray_cluster, start_s3, stop_group, stop_ray_cluster
+from optuna.trial import TrialState
+from services import (
+    MlflowServer,
+    RayCluster,
+    S3Server,
+    ensure_ray_token,
+    s3_env,
+    start_mlflow_server,
+    start_ray_cluster,
+    start_s3,
+    stop_groups,
+    stop_ray_cluster,
+)
 
 from pisa import tracking
 from pisa.core import storage
+from pisa.core.checkpoint import CHECKPOINT_FILE
+from pisa.training.ray_runtime import free_port
 
 PISA = [sys.executable, "-m", "pisa.cli"]
 NAME = "crashes"
 TRIALS = 3
 EPOCHS = 2
+SEARCHED = "model.isr_p.k"
+METRIC = "epoch"  # the study's metric (below): what Optuna gets per epoch
 # what every resume must keep: the name, the number of trials, FIFO, and `epoch` (min) as
 # the metric, which makes a trial's best checkpoint its oldest one
-OVERRIDES = [f"name={NAME}", f"num_samples={TRIALS}", "scheduler.type=fifo", "metric=epoch", "mode=min"]
+OVERRIDES = [f"name={NAME}", f"num_samples={TRIALS}", "scheduler.type=fifo", f"metric={METRIC}", "mode=min"]
 
 pytestmark = pytest.mark.slow
 
 
-def _study(tmp_path: Path, synthetic_dir: Path, uri: str, root: str) -> Path:
+def _study(tmp_path: Path, synthetic_dir: Path, uri: str, root: str, optuna_url: str) -> Path:
     base = tiny_experiment(synthetic_dir, tmp_path, keep_checkpoints=1, epochs=EPOCHS)
     base["tracking"]["uri"] = uri
     base["storage_path"] = root
@@ -61,11 +93,12 @@ def _study(tmp_path: Path, synthetic_dir: Path, uri: str, root: str) -> Path:
         "base": "base.yaml",
         "num_samples": 4,
         "max_concurrent_trials": 1,
-        "search_space": {"model.isr_p.k": {"type": "uniform", "low": 0.5, "high": 3.0}},
+        "search_space": {SEARCHED: {"type": "uniform", "low": 0.5, "high": 3.0}},
         # one worker: the trial trains in its own process (the default), what a cluster
         # loses with a node; `pisa train`'s Ray Train worker restart is tested in test_train
         "resources_per_trial": {"workers": 1, "gpus_per_worker": 0},
         "scheduler": {"type": "asha"},
+        "optuna_storage": optuna_url,  # no password in it: PGPASSWORD
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -164,104 +197,161 @@ def _checkpoint_epochs(study_dir: str, trial_id: str) -> list[int]:
     epochs = []
     for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
         if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
-            with storage.local_copy(storage.join(study_dir, trial_dir.rsplit("/", 1)[-1], info.base_name)) as local:
-                epochs.append(torch.load(local / "checkpoint.pt", weights_only=True)["epoch"])
+            with fs.open_input_file(f"{info.path}/{CHECKPOINT_FILE}") as f:
+                epochs.append(_pickled_state(f)["epoch"])
     return sorted(epochs)
 
 
-@pytest.fixture
-def s3(tmp_path, monkeypatch):
-    server = start_s3(tmp_path)
-    for key, value in server.env.items():
-        monkeypatch.setenv(key, value)
-    yield server
-    stop_group(server.process)
+class _Stub:
+    """Whatever a checkpoint's pickle builds besides plain data (its tensors, above all)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+class _StateUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module in ("builtins", "collections"):  # dicts, OrderedDicts (a state dict), lists
+            return getattr(importlib.import_module(module), name)
+        return _Stub
+
+    def persistent_load(self, pid):
+        return None  # a tensor's storage: a record of the zip, not read
+
+
+def _pickled_state(f) -> dict:
+    """A `checkpoint.pt`'s plain values (epoch, counters, metrics) from its pickle alone, read
+    at random from the open file `f`: not its tensors (the weights and optimizer state, over a
+    hundred MB a checkpoint, which the S3 server took over half a minute to serve)."""
+    with zipfile.ZipFile(f) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        return _StateUnpickler(io.BytesIO(archive.read(name))).load()
+
+
+@dataclass
+class Services:
+    s3: S3Server
+    ray_address: str
+    mlflow: MlflowServer
 
 
 @pytest.fixture
-def ray_head(tmp_path):
-    """One Ray node (2 CPUs) for every leg, with token auth as `ray start` turns it on."""
+def services(tmp_path, monkeypatch):
+    """S3 (moto), one Ray node (2 CPUs, with token auth as `ray start` turns it on) and an
+    `mlflow server`, started side by side: each start waits on its own process alone, and the
+    node needs no more of S3 than its address, which is chosen first."""
+    port = free_port()
+    for key, value in s3_env(f"http://127.0.0.1:{port}").items():
+        monkeypatch.setenv(key, value)  # every leg's, and the Ray node's (its trials write to S3)
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    ensure_ray_token(env)
-    cluster = start_ray_cluster(tmp_path, env, None, nodes=1, cpus_per_node=2)
-    yield cluster.gcs_address
-    stop_ray_cluster(cluster)
+    (tmp_path / "server").mkdir()
+
+    def ray_node() -> RayCluster:
+        ensure_ray_token(env)
+        return start_ray_cluster(tmp_path, env, None, nodes=1, cpus_per_node=2)
+
+    with ThreadPoolExecutor(3) as pool:
+        s3 = pool.submit(start_s3, tmp_path, port=port)
+        ray = pool.submit(ray_node)
+        mlflow = pool.submit(start_mlflow_server, tmp_path / "server")
+    started: Services | None = None
+    try:
+        started = Services(s3.result(), ray.result().gcs_address, mlflow.result())
+        yield started  # a test that starts the MLflow server again puts the new one here
+    finally:  # whatever runs, side by side
+        if ray.exception() is None:
+            stop_ray_cluster(ray.result())
+        running = [f.result() for f in (s3, mlflow) if f.exception() is None]
+        if started is not None:
+            running.append(started.mlflow)
+        stop_groups([server.process for server in running])
 
 
-def test_study_survives_a_crash_at_every_point(synthetic_dir, tmp_path, s3, ray_head):
-    server_dir = tmp_path / "server"
-    server_dir.mkdir()
-    server = start_mlflow_server(server_dir)
+@pytest.fixture
+def optuna_db(postgres_server, monkeypatch):
+    """A database of its own on the session's PostgreSQL server: the Optuna storage URL, its
+    password in the environment every leg inherits."""
+    database = postgres_server.create_database("optuna_crashes")
+    monkeypatch.setenv("PGPASSWORD", postgres_server.password)
+    pg = postgres_server
+    return f"postgresql+psycopg://{pg.user}@{pg.host}:{pg.port}/{database}", database
+
+
+def test_study_survives_a_crash_at_every_point(synthetic_dir, tmp_path, services, optuna_db, postgres_server):
+    optuna_url, database = optuna_db
+    s3, ray_head, server = services.s3, services.ray_address, services.mlflow
+    server_dir = server.work
     port = int(server.uri.rsplit(":", 1)[1])
     uri = server.uri
     root = f"s3://{s3.bucket}/studies"
     study_dir = storage.join(root, NAME)
-    path = _study(tmp_path, synthetic_dir, uri, root)
+    path = _study(tmp_path, synthetic_dir, uri, root, optuna_url)
     resume = ["study", "resume", NAME, "--storage-path", root, "--address", ray_head]
-    try:
-        # 1. a trial process lost mid-epoch (OOM killer, a pre-empted node): Tune restarts it
-        # from its checkpoint; the driver dies right after that trial ends
-        worker_pid = tmp_path / "worker.pid"
-        run = ["study", "run", str(path), "-v", "--address", ray_head] + [x for o in OVERRIDES for x in ("--set", o)]
-        leg = Leg(tmp_path, run, 1, stall_at=f"1:1:{worker_pid}", kill_at="trial_complete:1")
-        os.kill(leg.wait_for(worker_pid), signal.SIGKILL)
-        _crashed(leg, "trial_complete")
-        assert "fault injection: worker" in leg.output()
-        assert not (tmp_path / "ray_results").exists()  # the study's state is only in the bucket
-        parent = json.loads(storage.read_text(storage.join(study_dir, "pisa_study.json")))["parent_run_id"]
-        (first,) = _runs(uri, parent)
-        assert first.info.status == "FINISHED"
+    # 1. a trial process lost mid-epoch (OOM killer, a pre-empted node): Tune restarts it
+    # from its checkpoint; the driver dies right after that trial ends
+    worker_pid = tmp_path / "worker.pid"
+    run = ["study", "run", str(path), "-v", "--address", ray_head] + [x for o in OVERRIDES for x in ("--set", o)]
+    leg = Leg(tmp_path, run, 1, stall_at=f"1:1:{worker_pid}", kill_at="trial_complete:1")
+    os.kill(leg.wait_for(worker_pid), signal.SIGKILL)
+    _crashed(leg, "trial_complete")
+    assert "fault injection: worker" in leg.output()
+    assert not (tmp_path / "ray_results").exists()  # the study's state is only in the bucket
+    parent = json.loads(storage.read_text(storage.join(study_dir, "pisa_study.json")))["parent_run_id"]
+    (first,) = _runs(uri, parent)
+    assert first.info.status == "FINISHED"
 
-        # 2. while a checkpoint is taken in (the first trial is not trained again)
-        leg = Leg(tmp_path, resume, 2, kill_at="checkpoint:1")
-        _crashed(leg, "checkpoint")
-        assert "resuming study crashes" in leg.output() and "from-file" not in leg.output()
+    # 2. while a checkpoint is taken in (the first trial is not trained again)
+    leg = Leg(tmp_path, resume, 2, kill_at="checkpoint:1")
+    _crashed(leg, "checkpoint")
+    assert "resuming study crashes" in leg.output() and "from-file" not in leg.output()
 
-        # 3. right after an MLflow write of an epoch's results
-        leg = Leg(tmp_path, resume, 3, kill_at="mlflow_write:1")
-        _crashed(leg, "mlflow_write")
+    # 3. right after an MLflow write of an epoch's results
+    leg = Leg(tmp_path, resume, 3, kill_at="mlflow_write:1")
+    _crashed(leg, "mlflow_write")
 
-        # 4. mid-epoch; then the checkpoint the snapshot names is lost
-        pause = tmp_path / "pause-kill.pid"
-        leg = Leg(tmp_path, resume, 4, stall_at=f"1:1:{pause}")
-        leg.wait_for(pause)
-        os.kill(leg.proc.pid, signal.SIGKILL)
-        leg.kill()
-        _delete_checkpoints_of_running_trial(study_dir, uri, parent)
+    # 4. mid-epoch; then the checkpoint the snapshot names is lost
+    pause = tmp_path / "pause-kill.pid"
+    leg = Leg(tmp_path, resume, 4, stall_at=f"1:1:{pause}")
+    leg.wait_for(pause)
+    os.kill(leg.proc.pid, signal.SIGKILL)
+    leg.kill()
+    _delete_checkpoints_of_running_trial(study_dir, uri, parent)
 
-        # 5. SIGTERM mid-epoch: handled as Ctrl-C
-        pause = tmp_path / "pause-term.pid"
-        leg = Leg(tmp_path, resume, 5, stall_at=f"1:1:{pause}")
-        leg.wait_for(pause)
-        os.kill(leg.proc.pid, signal.SIGTERM)  # to the driver alone, as Kubernetes does
-        code = leg.wait()
-        leg.kill()
-        out = leg.output()
-        assert code == 143, out[-4000:]
-        assert "is gone; continuing from scratch" in out, out[-4000:]  # the repair of leg 4's loss
-        assert all(r.info.status in ("FINISHED", "KILLED") for r in _runs(uri, parent))
-        assert any(r.data.tags["pisa.status"] == "interrupted" for r in _runs(uri, parent))
-        study_run = mlflow_client(uri).get_run(parent)
-        assert study_run.info.status == "KILLED" and study_run.data.tags["pisa.status"] == "interrupted"
-        listed = subprocess.run(
-            PISA + ["study", "list", "--storage-path", root], cwd=tmp_path, capture_output=True, text=True, timeout=120
-        )
-        assert f"{NAME} " in listed.stdout and "interrupted" in listed.stdout, listed.stdout + listed.stderr
+    # 5. SIGTERM mid-epoch: handled as Ctrl-C
+    pause = tmp_path / "pause-term.pid"
+    leg = Leg(tmp_path, resume, 5, stall_at=f"1:1:{pause}")
+    leg.wait_for(pause)
+    os.kill(leg.proc.pid, signal.SIGTERM)  # to the driver alone, as Kubernetes does
+    code = leg.wait()
+    leg.kill()
+    out = leg.output()
+    assert code == 143, out[-4000:]
+    assert "is gone; continuing from scratch" in out, out[-4000:]  # the repair of leg 4's loss
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in _runs(uri, parent))
+    assert any(r.data.tags["pisa.status"] == "interrupted" for r in _runs(uri, parent))
+    study_run = mlflow_client(uri).get_run(parent)
+    assert study_run.info.status == "KILLED" and study_run.data.tags["pisa.status"] == "interrupted"
+    listed = subprocess.run(
+        PISA + ["study", "list", "--storage-path", root], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert f"{NAME} " in listed.stdout and "interrupted" in listed.stdout, listed.stdout + listed.stderr
 
-        # 6. the MLflow server goes away while an epoch's results are written, and comes back
-        pause = tmp_path / "pause-store.pid"
-        leg = Leg(tmp_path, resume, 6, stall_at=f"1:1:{pause}")
-        leg.wait_for(pause)
-        server.stop()
-        Path(str(pause) + ".go").touch()  # the epoch ends and its results wait for the store
-        time.sleep(10)
-        server = start_mlflow_server(server_dir, port=port)
-        code = leg.wait()
-        assert code == 0, leg.output()[-4000:]
-        _check_everything_logged_once(uri, parent)
-        _check_best_checkpoint(uri, study_dir, first, tmp_path)
-    finally:
-        server.stop()
+    # 6. the MLflow server goes away while an epoch's results are written, and comes back
+    pause = tmp_path / "pause-store.pid"
+    leg = Leg(tmp_path, resume, 6, stall_at=f"1:1:{pause}")
+    leg.wait_for(pause)
+    server.stop()
+    Path(str(pause) + ".go").touch()  # the epoch ends and its results wait for the store
+    time.sleep(10)
+    server = services.mlflow = start_mlflow_server(server_dir, port=port)
+    code = leg.wait()
+    assert code == 0, leg.output()[-4000:]
+    _check_everything_logged_once(uri, parent)
+    _check_best_checkpoint(uri, study_dir, first, tmp_path)
+    _check_optuna_record(uri, parent, optuna_url, postgres_server, database)
 
 
 def _check_everything_logged_once(uri: str, parent: str) -> None:
@@ -285,3 +375,29 @@ def _check_best_checkpoint(uri: str, study_dir: str, first, tmp_path: Path) -> N
     assert set(kept) == {0, 1}, kept
     art = mlflow_client(uri).download_artifacts(first.info.run_id, "checkpoint/checkpoint.pt", str(tmp_path))
     assert torch.load(art, weights_only=True)["epoch"] == 0  # the best epoch, not the last
+
+
+def _check_optuna_record(uri: str, parent: str, url: str, postgres_server, database: str) -> None:
+    """The Optuna study on PostgreSQL against what Tune ran (MLflow's runs): each point once,
+    COMPLETE (finished) or PRUNED (stopped early) as Tune ended it, the study metric's
+    per-epoch history as its intermediate values; one row per trial and epoch in the database."""
+    client = mlflow_client(uri)
+    ended = {}  # by point: (Optuna's state as Tune ended the trial, the per-epoch values)
+    for run in _runs(uri, parent):
+        status = run.data.tags["pisa.status"]
+        assert status in ("finished", "stopped_early"), status
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, METRIC)}
+        assert sorted(history) == list(range(1, EPOCHS + 1)), history
+        point = round(float(run.data.params[SEARCHED]), 9)
+        ended[point] = (TrialState.COMPLETE if status == "finished" else TrialState.PRUNED, history)
+    assert len(ended) == TRIALS, ended
+    stored = {}
+    for trial in optuna.load_study(study_name=NAME, storage=url).trials:
+        point = round(float(trial.params[SEARCHED]), 9)
+        assert point not in stored, f"one point told to Optuna twice: {point}"
+        stored[point] = (trial.state, trial.intermediate_values)
+    assert stored == ended, json.dumps({"optuna": str(stored), "tune": str(ended)})
+    rows = postgres_server.query(
+        "SELECT trial_id, step, count(*) FROM trial_intermediate_values GROUP BY trial_id, step", (), database
+    )
+    assert len(rows) == TRIALS * EPOCHS and all(n == 1 for _, _, n in rows), rows
