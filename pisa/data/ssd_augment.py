@@ -284,6 +284,18 @@ _CHUNK = 1 << 15  # pixels per photometric chunk: its temporaries stay in a core
 _PEAKS = (0.0, 2.0, 4.0)  # where red, green and blue peak in the hue hexagon, in 60-degree units
 
 
+def _permuted_brightened(planes: torch.Tensor, perm: tuple[int, ...], bright: float | None, out: torch.Tensor) -> None:
+    """`out` = the uint8 `planes` in the permutation's channel order, plus the brightness: the
+    per-channel steps every branch of `_distort_chunk` but the hue one starts with."""
+    if perm == (0, 1, 2):
+        out.copy_(planes)
+    else:
+        for j, c in enumerate(perm):
+            out[j].copy_(planes[c])
+    if bright is not None:
+        out.add_(bright)
+
+
 def _distort_chunk(hwc: torch.Tensor, out: torch.Tensor, p: Photometric) -> None:
     """`photometric_distort` of the uint8 pixels `hwc` (rows, cols, 3) into the float view `out`
     (3, rows, cols), up to float rounding, in few passes that each vectorise.
@@ -301,24 +313,12 @@ def _distort_chunk(hwc: torch.Tensor, out: torch.Tensor, p: Photometric) -> None
     perm = p.permutation if p.permutation is not None else (0, 1, 2)
     planes = hwc.permute(2, 0, 1)
     if p.hue is None and p.saturation is None and (bright is None or bright >= 0):  # per channel: affine
-        if perm == (0, 1, 2):
-            out.copy_(planes)
-        else:
-            for j, c in enumerate(perm):
-                out[j].copy_(planes[c])
-        if bright is not None:
-            out.add_(bright)
+        _permuted_brightened(planes, perm, bright, out)
         if p.contrast is not None:
             out.mul_(p.contrast)
         return
     if p.hue is None:  # saturation (or the round trip after a negative brightness): per (V, channel)
-        if perm == (0, 1, 2):
-            out.copy_(planes)
-        else:
-            for j, c in enumerate(perm):
-                out[j].copy_(planes[c])
-        if bright is not None:
-            out.add_(bright)
+        _permuted_brightened(planes, perm, bright, out)
         if c1 is not None:
             out.mul_(c1)
         v = out.amax(0)
