@@ -12,10 +12,13 @@ there is a coincidence of measure zero.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import optuna
+
+log = logging.getLogger(__name__)
 
 DUPLICATE_ATTR = "pisa:duplicate_of"  # the Optuna trial number a duplicate repeated
 # a trial a warm start copied in from a pilot (`warm_start.WARM_ATTR`): trained at another
@@ -58,17 +61,22 @@ def settle_duplicate(study: optuna.Study, trial: optuna.Trial, same: optuna.tria
         study.tell(trial, state=TrialState.FAIL)
 
 
-def ask_distinct(study: optuna.Study, distributions: dict) -> optuna.Trial:
-    """`study.ask(distributions)`, asked again while it repeats a trained or running point of a
-    discrete space, until every point of the grid has been proposed (then a repeat is kept)."""
-    size = grid_size(distributions)
-    trial = study.ask(distributions)
-    if size is None:
-        return trial
+def until_distinct(study: optuna.Study, trial: optuna.Trial, ask_again, size: int) -> optuna.Trial:
+    """`trial`, or while it repeats a trained or running point, each repeat told to Optuna and
+    `ask_again()`'s trial instead, until every point of the grid of `size` has been proposed
+    (then a repeat is kept)."""
     for _ in range(size):
         same = earlier_same_point(study, trial)
         if same is None:
             return trial
         settle_duplicate(study, trial, same)
-        trial = study.ask(distributions)
+        log.info("the sampler proposed Optuna trial %s's point again; asking for another", same.number)
+        trial = ask_again()
     return trial
+
+
+def ask_distinct(study: optuna.Study, distributions: dict) -> optuna.Trial:
+    """`study.ask(distributions)`, asked again while it repeats a point of a discrete space."""
+    size = grid_size(distributions)
+    trial = study.ask(distributions)
+    return trial if size is None else until_distinct(study, trial, lambda: study.ask(distributions), size)

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 from ray.tune.search.optuna import OptunaSearch
 
 from ..core.private_api import PrivateApi
-from .distinct import earlier_same_point, grid_size, settle_duplicate
+from .distinct import grid_size, until_distinct
 
 if TYPE_CHECKING:
     import optuna
@@ -135,16 +135,15 @@ class PruningOptunaSearch(OptunaSearch):
         study = self._ot_study
         if config is None or ot_trial is None or size is None or study is None:
             return config
-        for _ in range(size):
-            same = earlier_same_point(study, ot_trial)
-            if same is None:
-                break
-            settle_duplicate(study, ot_trial, same)
-            log.info("the sampler proposed Optuna trial %s's point again; asking for another", same.number)
-            del self._ot_trials[trial_id]
-            config = super().suggest(trial_id)
-            ot_trial = self._ot_trials[trial_id]
-        return config
+
+        def ask_again() -> optuna.Trial:
+            del self._ot_trials[trial_id]  # Ray asks Optuna again for a trial id it has no trial of
+            OptunaSearch.suggest(self, trial_id)
+            return self._ot_trials[trial_id]
+
+        if until_distinct(study, ot_trial, ask_again, size) is ot_trial:
+            return config
+        return super().suggest(trial_id)  # the kept trial's point, as Ray hands it over
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self._report_intermediate(trial_id, result)
