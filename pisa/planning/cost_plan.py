@@ -100,6 +100,11 @@ class Plan:
             return None
         return with_overhead(low.wall_s, self.overhead[0]), with_overhead(self.fifo.wall_s, self.overhead[1])
 
+    @property
+    def validation_trainings(self) -> int:
+        """The validation stage's trainings, at most (fewer when the best point is the paper's defaults)."""
+        return self.validation_points * self.validation_seeds
+
     def total_hours(self) -> tuple[float, float] | None:
         """GPU- (CPU-) hours of the search (ASHA's lower bound to FIFO) and its validation stage."""
         low = self.asha if self.asha is not None else self.fifo
@@ -162,7 +167,7 @@ class Plan:
         bill = "" if v.hours is None else f", ~{fmt_hours(v.hours)} {self.kind}-hours"
         wall = "" if v.wall_s is None else f", ~{fmt_wall(v.wall_s)} wall"
         usd = "" if v.usd is None else f" (~{fmt_usd(v.usd)})"
-        return f"; then validation <= {v.trial_epochs // max(self.epochs, 1)} trainings{bill}{usd}{wall}"
+        return f"; then validation <= {self.validation_trainings} trainings{bill}{usd}{wall}"
 
     def text(self) -> str:
         """The plan as a short block of two plain-text tables (what `pisa study plan` prints)."""
@@ -253,7 +258,13 @@ class Plan:
         return table + "".join(f"note: {n}\n" for n in notes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "line": self.line(), "epoch_s": self.epoch_s, "wall_range_s": self.wall_range()}
+        return {
+            **asdict(self),
+            "line": self.line(),
+            "epoch_s": self.epoch_s,
+            "wall_range_s": self.wall_range(),
+            "validation_trainings": self.validation_trainings,
+        }
 
 
 # ---------------------------------------------------------------- the arithmetic

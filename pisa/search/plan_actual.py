@@ -79,21 +79,16 @@ def compare_validation(uri: str, parent: str, run_id: str | None, trainings: int
     """The validation stage's trainings and this leg's wall against the plan's stage (the plan
     logged at the study's start), on the stage's run and the study's; the one line to print."""
     plan = logged_plan(uri, parent)
-    stage = (plan or {}).get("validation")
     line = f"validation plan vs actual: {trainings} trainings, {fmt_wall(wall_s)} wall"
-    if not stage:
+    if plan is None or not plan.get("validation"):
         return line + " (no validation stage in the logged plan)"
-    epochs = max(int(plan["epochs"]), 1)  # type: ignore[index]
-    line = (
-        f"validation plan vs actual: {trainings} trainings, planned <= {stage['trial_epochs'] // epochs}; "
-        f"{fmt_wall(wall_s)} wall"
-    )
+    stage, planned = plan["validation"], max(int(plan["validation_trainings"]), 1)
+    line = f"validation plan vs actual: {trainings} trainings, planned <= {planned}; {fmt_wall(wall_s)} wall"
     metrics: dict[str, float] = {"validation_actual_wall_s": wall_s, "validation_trainings": trainings}
     if stage.get("wall_s") is not None:
-        lo_share, hi_share = plan.get("overhead") or OVERHEAD  # type: ignore[union-attr]
+        lo_share, hi_share = plan.get("overhead") or OVERHEAD
         # the plan priced its upper bound; a stage of fewer trainings takes their share of it
-        share = trainings / max(stage["trial_epochs"] // epochs, 1)
-        lo, hi = (with_overhead(stage["wall_s"] * share, s) for s in (lo_share, hi_share))
+        lo, hi = (with_overhead(stage["wall_s"] * trainings / planned, s) for s in (lo_share, hi_share))
         where = "within" if lo * 0.75 <= wall_s <= hi * 1.25 else "outside"
         line += f", planned {fmt_wall(lo)}-{fmt_wall(hi)} for {trainings} with the overhead, {where} ±25%"
         metrics.update(validation_planned_wall_s_low=lo, validation_planned_wall_s_high=hi)
