@@ -170,6 +170,10 @@ def test_samplers_are_built_with_explicit_options():
         ({"validation": {"top": 5}}, "validation.top: 5 is more than num_samples (4)"),
         ({"validation": {"seeds": 1}}, "validation.seeds"),
         ({"scheduler": {"type": "asha", "grace_period": 3}}, "scheduler.grace_period: 3 is past the last epoch (2)"),
+        ({"scheduler": {"type": "fifo"}, "racing": {"min_seeds": 3, "max_seeds": 2}}, "racing.max_seeds: "),
+        ({"racing": {"min_seeds": 2}}, "scheduler.type: racing stops points by their seeds"),
+        ({"scheduler": {"type": "fifo"}, "racing": {}, "seeds": 2}, "seeds: 2 with racing"),
+        ({"scheduler": {"type": "fifo"}, "racing": {}, "budget": {"hours": 1}}, "budget: a budget counts"),
     ],
 )
 def test_bad_search_settings_are_one_line_naming_the_file_and_field(tmp_path, synthetic_dir, capsys, extra, message):
@@ -186,3 +190,119 @@ def test_bad_search_settings_are_one_line_naming_the_file_and_field(tmp_path, sy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and str(path.name) in err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
+
+
+# ---------------------------------------------------------------- racing in a real Tune run
+# Each point's final value per seed (2 epochs; epoch 1 is half of it). Raced with min 2, max 4
+# seeds at 80%, one trial at a time in this order, the incumbent is always "first" (the one
+# point before "better" to finish all its seeds). By hand, against "first" (0.50 .52 .51 .53):
+# - "worse": diffs -0.20, -0.21: the one-sided bound is far below 0: stopped after 2 seeds;
+# - "close": diffs +0.01, -0.03: mean -0.010, sd 0.0283, bound -0.010 + 1.376 x 0.0283 / sqrt 2
+#   = +0.018: one more seed; with -0.03: mean -0.0167, sd 0.0231, bound -0.0167 + 1.061 x
+#   0.0231 / sqrt 3 = -0.0025 < 0: stopped after 3 seeds;
+# - "better": diffs +0.10 and up: every seed.
+RACE_VALUES = {
+    "first": [0.50, 0.52, 0.51, 0.53],
+    "worse": [0.30, 0.31, 0.29, 0.30],
+    "close": [0.51, 0.49, 0.48, 0.60],
+    "better": [0.60, 0.61, 0.62, 0.63],
+}
+RACE_EPOCHS = 2
+
+
+def _lookup_race_trial(config, log_dir: str) -> None:
+    """A Tune trainable that races a point's recorded seeds through `race_point` (each seed's
+    epoch values from RACE_VALUES; each training recorded in `log_dir`)."""
+    from ray import tune
+
+    from pisa.trials.race import race_point
+    from pisa.trials.seeds import mean_report
+
+    point = config["x"]
+
+    def train(batch, report_epochs, on_report):
+        for seed in batch:
+            with open(Path(log_dir) / "trained.txt", "a") as f:
+                f.write(f"{point} {seed}\n")
+        for epoch in range(1, RACE_EPOCHS + 1):
+            items = {s: {"epoch": epoch, "m": RACE_VALUES[point][s] * epoch / RACE_EPOCHS} for s in batch}
+            for seed, item in items.items():
+                on_report(seed, item)
+            if report_epochs:
+                tune.report(mean_report(items, "m"))
+
+    race_file = str(Path(log_dir) / point / "race.json")
+    race_point([0, 1, 2, 3], 2, RACE_EPOCHS, "m", race_file, train, tune.report)
+
+
+def test_racing_stops_the_points_the_rule_says_in_a_real_tune_run_and_tells_optuna_pruned(ray_local, tmp_path):
+    import sys
+
+    import optuna
+    from ray import cloudpickle, tune
+
+    from pisa.search.optuna_storage import PruningOptunaSearch
+    from pisa.search.race_scheduler import RacingScheduler
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the trials' processes lack tests/
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = PruningOptunaSearch(
+        space={"x": optuna.distributions.CategoricalDistribution(list(RACE_VALUES))},
+        points_to_evaluate=[{"x": x} for x in RACE_VALUES],
+        study_name="race",
+        storage=optuna.storages.RDBStorage(url),
+        metric="m",
+        mode="max",
+        max_t=RACE_EPOCHS,
+        max_seeds=4,
+    )
+    tuner = tune.Tuner(
+        tune.with_parameters(_lookup_race_trial, log_dir=str(tmp_path)),
+        tune_config=tune.TuneConfig(
+            search_alg=tune.search.ConcurrencyLimiter(searcher, max_concurrent=1),
+            scheduler=RacingScheduler(RacingRule(2, 4, 0.8), Objective("m", "max"), RACE_EPOCHS),
+            num_samples=len(RACE_VALUES),
+        ),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="race", verbose=0),
+    )
+    results = tuner.fit()
+    assert not results.errors
+
+    trained: dict[str, list[int]] = {}
+    for line in (tmp_path / "trained.txt").read_text().splitlines():
+        point, seed = line.split()
+        trained.setdefault(point, []).append(int(seed))
+    # a stopped point never starts its next seed: Tune hands over a result only after the decision
+    assert trained == {"first": [0, 1, 2, 3], "worse": [0, 1], "close": [0, 1, 2], "better": [0, 1, 2, 3]}
+
+    record = {t.params["x"]: t for t in optuna.load_study(study_name="race", storage=url).trials}
+    state = optuna.trial.TrialState
+    assert record["first"].state == state.COMPLETE and record["first"].value == pytest.approx(0.515)
+    assert record["better"].state == state.COMPLETE and record["better"].value == pytest.approx(0.615)
+    assert record["worse"].state == state.PRUNED and record["worse"].user_attrs["stopped_at_seeds"] == 2
+    assert record["close"].state == state.PRUNED and record["close"].user_attrs["stopped_at_seeds"] == 3
+    # every epoch of the first batch once, as an intermediate value (the batch ends repeat the last)
+    assert record["worse"].intermediate_values == pytest.approx({1: 0.1525, 2: 0.305})
+
+
+def test_a_restarted_race_trains_only_the_seeds_without_a_result(tmp_path):
+    """A race killed after seed 2's training: seeds 0-2 are in its race file, so the restarted
+    trial trains seed 3 alone, after reporting the first batches again for the scheduler."""
+    import json
+
+    from pisa.trials.race import RACE_KEY, race_point
+
+    race_file = tmp_path / "race.json"
+    race_file.write_text(json.dumps({str(s): {"epoch": 2, "m": 0.1 * (s + 1)} for s in range(3)}))
+    trained, reports = [], []
+
+    def train(batch, report_epochs, on_report):
+        trained.append((batch, report_epochs))
+        for seed in batch:
+            on_report(seed, {"epoch": 2, "m": 0.4})
+
+    race_point([0, 1, 2, 3], 2, 2, "m", str(race_file), train, reports.append)
+    assert trained == [([3], False)]
+    assert [r[RACE_KEY] for r in reports] == [2, 3, 4]
+    assert reports[-1]["m"] == pytest.approx(0.25) and reports[-1]["seed_3/m"] == 0.4
+    assert json.loads(race_file.read_text())["3"]["m"] == 0.4

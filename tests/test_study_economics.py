@@ -171,6 +171,27 @@ def test_the_plan_prices_the_validation_stage(tmp_path, synthetic_dir):
     assert "then validation, <= 3 points x 3 seeds" in plan.text()
 
 
+def test_the_plan_prices_a_raced_point_at_its_last_seed(tmp_path, synthetic_dir):
+    path = write_study(
+        tmp_path,
+        synthetic_dir,
+        "raced",
+        num_samples=4,
+        max_concurrent_trials=2,
+        scheduler={"type": "fifo"},
+        racing={"min_seeds": 2, "max_seeds": 4},
+    )
+    cpus4 = Cluster(gpus=0, cpus=4, where="4 CPUs")
+    rate = Rate(images_per_sec=2.0, source="a test")  # 8 images: 4 s an epoch, 1 CPU a training
+    plan = make_plan(load_study(path).workload(), cpus4, images=8, rate=rate)
+    # 2 seeds side by side need 2 CPUs: 2 points at a time on 4. Each point at most: 2 epochs of
+    # its first 2 seeds, then seeds 3 and 4 one after the other (4 epochs); 4 points in 2 waves:
+    # 2 x (2 + 4) = 12 epochs in a row = 48 s; CPU: 4 points x 4 seeds x 2 epochs x 4 s = 128 s
+    assert plan.at_once == 2 and plan.fifo.trial_epochs == 8 and plan.fifo.wave_epochs == 12
+    assert plan.fifo.wall_s == pytest.approx(48.0) and plan.fifo.hours == pytest.approx(128 / 3600)
+    assert "x 2-4 seeds (raced; priced at 4)" in plan.line()
+
+
 def test_the_budget_keeps_the_validation_stages_share():
     # 4 epochs of 900 s, 2 GPUs a point, 1 GPU a training; 6 validation trainings x 4 x 900 s x 1
     # GPU = 6 GPU-hours kept out of 10: the search may spend 4, a trial costs 2

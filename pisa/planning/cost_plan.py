@@ -91,6 +91,7 @@ class Plan:
     validation: Cost | None = None
     validation_points: int = 0
     validation_seeds: int = 0
+    race_seeds: int = 0  # racing: a point's seeds at most (`seeds` of them side by side); 0: none
 
     def wall_range(self) -> tuple[float, float] | None:
         """The wall time the study should take, overhead included: from ASHA's lower bound (FIFO
@@ -135,11 +136,16 @@ class Plan:
             return None
         return epoch_seconds(self.images_per_epoch, self.workers, self.rate)
 
+    def _seed_words(self) -> str:
+        if self.race_seeds > self.seeds:
+            return f" x {self.seeds}-{self.race_seeds} seeds (raced; priced at {self.race_seeds})"
+        return f" x {self.seeds} seeds" if self.seeds > 1 else ""
+
     def line(self) -> str:
         """The plan in one line (what `pisa study run` prints and logs)."""
         head = (
             f"plan: {self.num_samples} trials x {self.epochs} epochs"
-            f"{f' x {self.seeds} seeds' if self.seeds > 1 else ''}, {self.at_once} at a time, "
+            f"{self._seed_words()}, {self.at_once} at a time, "
             f"{self.images_per_epoch} images/epoch ({self.iters_per_epoch} iters)"
         )
         if self.rate is None:
@@ -179,7 +185,7 @@ class Plan:
         facts = Table(title=f"study {self.study} ({self.source})", show_header=False, box=None, title_justify="left")
         facts.add_column(style="bold")
         facts.add_column()
-        seeds = f" x {self.seeds} seeds each" if self.seeds > 1 else ""
+        seeds = f"{self._seed_words()} each" if self.seeds > 1 or self.race_seeds else ""
         facts.add_row("trials", f"{self.num_samples}{seeds}; searching {', '.join(self.search_keys)}")
         facts.add_row(
             "per trial",
@@ -313,6 +319,22 @@ def schedule_cost(
     return Cost(schedule, trial_epochs, waves, hours, waves * epoch_s if at_once > 0 else None, usd)
 
 
+def _plus(first: Cost, then: Cost) -> Cost:
+    """Two bills one after the other: `first`'s trial-epochs (a point's epochs), the sum of the rest."""
+
+    def add(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a + b
+
+    return Cost(
+        first.schedule,
+        first.trial_epochs,
+        first.wave_epochs + then.wave_epochs,
+        add(first.hours, then.hours),
+        add(first.wall_s, then.wall_s),
+        add(first.usd, then.usd),
+    )
+
+
 def epoch_seconds(images: int, workers: int, rate: Rate) -> float:
     """A training's epoch: every worker trains ceil(images / workers) images (the sampler pads
     the shards), at `rate` over all workers; plus evaluation when the rate's source timed it."""
@@ -352,6 +374,9 @@ def make_plan(
     epoch_s = epoch_seconds(images, workers, rate) if rate is not None else None
     point_footprint = per_training * cfg.seeds  # a point trains its seeds side by side
     fifo = schedule_cost("FIFO", [(cfg.num_samples, epochs)], at_once, epoch_s, point_footprint, price)
+    if work.race_seeds > work.seeds:  # every point raced to its last seed: the most it can cost
+        later = [(cfg.num_samples, epochs * (work.race_seeds - work.seeds))]
+        fifo = _plus(fifo, schedule_cost("FIFO", later, at_once, epoch_s, per_training, price))
     asha, rungs = None, []
     if work.scheduler == "asha":
         grace, rf = min(work.grace_period, epochs), work.reduction_factor
@@ -370,6 +395,7 @@ def make_plan(
         num_samples=cfg.num_samples,
         search_keys=list(cfg.search_keys),
         seeds=cfg.seeds,
+        race_seeds=work.race_seeds,
         workers=workers,
         images_per_worker=ipw,
         kind=kind,

@@ -27,6 +27,9 @@ class Workload:
     # paper's defaults) trained again on fresh seeds, one training each, full schedule; 0: none
     validation_points: int = 0
     validation_seeds: int = 0
+    # racing (`racing:`): a point's seeds at most; the first `seeds` train side by side, the
+    # others one at a time. 0: no racing, a point trains `seeds`
+    race_seeds: int = 0
 
     @property
     def validation_trainings(self) -> int:

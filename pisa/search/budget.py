@@ -66,7 +66,7 @@ class BudgetSpec:
             parent_run_id,
             study.cfg.budget.hours,
             kind,
-            per_training * study.cfg.seeds,
+            per_training * study.seeds_at_once(),
             study.base_config.train.resolved().epochs,
             plan_epoch_s,
             study.workload().validation_trainings,

@@ -25,6 +25,7 @@ from ray.tune.experiment import Trial
 from ..core.progress import say
 from ..training import ray_private
 from ..trials.fit import trial_error
+from ..trials.race import RACE_KEY
 from .state import PickledByStudyDir
 from .study import Study
 from .trainable import tune_space
@@ -131,6 +132,9 @@ class StudyConsole(PickledByStudyDir, Callback):
         self.epochs[trial.trial_id] = epoch
         value = result.get(self.metric)
         shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+        if RACE_KEY in result:  # a racing point's batch: its mean over the seeds trained so far
+            say(f"{self._label(trial)} {result[RACE_KEY]} seeds: {self.metric} {shown} (mean at epoch {epoch})")
+            return
         say(
             f"{self._label(trial)} epoch {epoch}/{self.max_epochs}: {self.metric} {shown} "
             f"(train {result.get('time_train_s', 0.0):.1f} s, eval {result.get('time_eval_s', 0.0):.1f} s)"
@@ -140,7 +144,15 @@ class StudyConsole(PickledByStudyDir, Callback):
         epochs = self.epochs.get(trial.trial_id, 0)
         best = self._best(trial)
         best_text = f"best {self.metric} {best:.4f}" if best is not None else f"no {self.metric}"
-        if epochs >= self.max_epochs:
+        racing, last = self.study.cfg.racing, trial.last_result or {}
+        raced = last.get(RACE_KEY, last.get("seeds"))  # stopped at its first batch's last epoch: "seeds"
+        if racing is not None and raced is not None and epochs >= self.max_epochs:
+            raced, value = int(raced), last.get(self.metric)
+            mean = f"{self.metric} {value:.4f} over {raced} seeds" if isinstance(value, (int, float)) else "-"
+            stopped = raced < racing.max_seeds
+            self.outcomes[trial.trial_id] = "stopped early" if stopped else "finished"
+            say(f"{self._label(trial)} {'stopped by racing' if stopped else 'finished'} after {raced} seeds: {mean}")
+        elif epochs >= self.max_epochs:
             self.outcomes[trial.trial_id] = "finished"
             say(f"{self._label(trial)} finished {epochs} epochs: {best_text}")
         else:

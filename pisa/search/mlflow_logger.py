@@ -17,7 +17,7 @@ from ..training.faults import driver_fault
 from ..trials import recovery as trial_recovery
 from ..trials.fit import trial_error
 from ..trials.run_callback import TrainingRunsCallback
-from ..trials.seeds import seed_key
+from ..trials.seeds import seed_key, seed_values
 from .budget import stopped_by_budget
 from .paths import done_mark
 from .state import PickledByStudyDir
@@ -103,6 +103,8 @@ class MlflowStudyLogger(PickledByStudyDir, TrainingRunsCallback):
         last = self.last.get(trial.trial_id, {})
         epochs = max(int(last.get("epoch", 0)), run.logged_epoch)
         tags = self._final_tags(run, epochs, trial.trial_id)
+        if self.study.cfg.racing is not None:
+            tags.update(self._race_tags(last))
         best = self.best.get(trial.trial_id)
         if best is not None:
             self._log_checkpoint(run, best[1])
@@ -135,6 +137,23 @@ class MlflowStudyLogger(PickledByStudyDir, TrainingRunsCallback):
             tags[tag.best(self.study.cfg.metric)] = f"{value:.6g}"
         if self.study.cfg.seeds > 1:
             tags[tag.SEED_VALUES] = json.dumps(self._seed_values(run.run_id))
+        return tags
+
+    def _race_tags(self, last: dict[str, Any]) -> dict[str, Any]:
+        """A raced point's value: its final-epoch mean over the seeds it trained (what the race
+        compared), each seed's value, and, stopped before its last seed, that it was."""
+        racing, metric = self.study.cfg.racing, self.study.cfg.metric
+        assert racing is not None
+        values = seed_values(last, metric)
+        if not values:
+            return {}
+        tags: dict[str, Any] = {
+            tag.best(metric): f"{sum(values.values()) / len(values):.6g}",
+            tag.SEED_VALUES: json.dumps({str(s): v for s, v in sorted(values.items())}),
+        }
+        if len(values) < racing.max_seeds and int(last.get("epoch", 0)) >= self.max_epochs:
+            tags[tag.STATUS] = Status.STOPPED_EARLY
+            tags[tag.STOPPED_BY] = f"racing after {len(values)} of {racing.max_seeds} seeds"
         return tags
 
     def _seed_values(self, run_id: str) -> dict[str, float]:

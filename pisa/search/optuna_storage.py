@@ -105,12 +105,14 @@ def open_storage(url: str | None):
 
 
 class PruningOptunaSearch(OptunaSearch):
-    """`OptunaSearch` that tells Optuna PRUNED for trials a scheduler stopped before `max_t`."""
+    """`OptunaSearch` that tells Optuna PRUNED for trials a scheduler stopped before `max_t`,
+    or, racing (`max_seeds`), before their last seed."""
 
-    def __init__(self, *args, time_attr: str = "epoch", max_t: int, **kwargs):
+    def __init__(self, *args, time_attr: str = "epoch", max_t: int, max_seeds: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._time_attr = time_attr
         self._max_t = int(max_t)
+        self._max_seeds = max_seeds
 
     def _setup_study(self, mode):
         """Ray's study set-up, and the metric named in the Optuna study (optuna-dashboard shows
@@ -174,10 +176,12 @@ class PruningOptunaSearch(OptunaSearch):
             self._report_intermediate(trial_id, result)
 
         stopped_at = (result or {}).get(self._time_attr)
+        seeds = (result or {}).get("seeds")
+        raced_out = self._max_seeds is not None and seeds is not None and int(seeds) < self._max_seeds
         early = (
             not error
             and stopped_at is not None
-            and int(stopped_at) < self._max_t
+            and (int(stopped_at) < self._max_t or raced_out)
             and trial_id in self._ot_trials
             and trial_id not in self._completed_trials
         )
@@ -186,6 +190,8 @@ class PruningOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         try:
             ot_trial.set_user_attr("stopped_at_" + self._time_attr, int(cast(float, stopped_at)))
+            if raced_out:
+                ot_trial.set_user_attr("stopped_at_seeds", int(cast(float, seeds)))
             cast("optuna.Study", self._ot_study).tell(ot_trial, state=TrialState.PRUNED)
         except Exception as exc:  # e.g. a NaN intermediate value: Optuna's bookkeeping only
             log.warning("Optuna trial of %s not marked pruned: %s", trial_id, exc)

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..core.config import StrictModel
 
@@ -208,6 +208,24 @@ class ValidationStage(StrictModel):
     seeds: int = Field(3, ge=2, description="fresh seeds each (2 or more: an interval needs them)")
 
 
+class Racing(StrictModel):
+    """Seed racing (`pisa.search.racing`): a point trains `min_seeds` seeds side by side, then
+    one more at a time while it can still beat the best finished point on the seeds both
+    trained (a one-sided paired t-test at `confidence`), up to `max_seeds`."""
+
+    min_seeds: int = Field(2, ge=2, description="the first batch (2 or more: a paired test needs them)")
+    max_seeds: int = Field(4, ge=2, description="seeds of a point that is never behind")
+    confidence: float = Field(0.8, gt=0.5, lt=1.0, description="one-sided: a point is stopped when worse at this level")
+
+    @field_validator("max_seeds")
+    @classmethod
+    def _at_least_min(cls, v: int, info: ValidationInfo) -> int:
+        first = info.data.get("min_seeds")
+        if first is not None and v < first:
+            raise ValueError(f"{v} is less than min_seeds ({first})")
+        return v
+
+
 class Budget(StrictModel):
     """What the study may spend (`pisa.search.budget`): no trial starts that it cannot pay to
     `max_t` at the plan's rate, and running trials stop once it is spent."""
@@ -259,6 +277,7 @@ class StudyConfig(StrictModel):
     scheduler: SchedulerConfig = SchedulerConfig()
     searcher: SearcherConfig = SearcherConfig()
     validation: ValidationStage | None = Field(None, description="after the search: its answer over fresh seeds")
+    racing: Racing | None = Field(None, description="seeds per point raced against the best finished point")
     budget: Budget | None = Field(None, description="GPU- (CPU-) hours the study may spend")
     seed: int = 0
     points_to_evaluate: Literal["paper", "paper+baseline", "none"] | list[dict[str, Any]] = "paper"

@@ -105,9 +105,18 @@ class Study:
         return self.cfg.name
 
     def seeds(self) -> list[int]:
-        """The seeds every point trains with: the base config's `train.seed` and the next ones."""
+        """The seeds every point trains with (racing: may train), in order: the base config's
+        `train.seed` and the next ones."""
         first = self.base_config.train.seed
-        return list(range(first, first + self.cfg.seeds))
+        return list(range(first, first + self.max_seeds()))
+
+    def max_seeds(self) -> int:
+        """Trainings of a point at most: `seeds`, or racing's `max_seeds`."""
+        return self.cfg.racing.max_seeds if self.cfg.racing is not None else self.cfg.seeds
+
+    def seeds_at_once(self) -> int:
+        """Trainings of a point side by side: `seeds`, or racing's first batch."""
+        return self.cfg.racing.min_seeds if self.cfg.racing is not None else self.cfg.seeds
 
     @property
     def objective(self) -> Objective:
@@ -116,7 +125,7 @@ class Study:
     def trains_in_trial(self, seeds: int | None = None) -> bool:
         """Whether a trial of `seeds` seeds (default: the study's) trains in the Tune trial's own
         process: 1 worker and 1 seed; a point with several seeds drives one Ray Train run per seed."""
-        seeds = self.cfg.seeds if seeds is None else seeds
+        seeds = self.max_seeds() if seeds is None else seeds
         return self.cfg.trial_process == "auto" and self.cfg.resources_per_trial.workers == 1 and seeds == 1
 
     def workload(self) -> Workload:
@@ -128,7 +137,8 @@ class Study:
             experiment=self.base_config,
             num_samples=cfg.num_samples,
             search_keys=tuple(cfg.search_space),
-            seeds=cfg.seeds,
+            seeds=self.seeds_at_once(),
+            race_seeds=self.cfg.racing.max_seeds if self.cfg.racing is not None else 0,
             max_concurrent_trials=cfg.max_concurrent_trials,
             scheduler=cfg.scheduler.type,
             grace_period=cfg.scheduler.grace_period,
@@ -145,8 +155,8 @@ class Study:
             self.base_config.train,
             totals,
             limit=self.cfg.max_concurrent_trials,
-            group=self.cfg.seeds,
-            source=f"{self.source}: seeds",
+            group=self.seeds_at_once(),
+            source=f"{self.source}: {'racing.min_seeds' if self.cfg.racing is not None else 'seeds'}",
             queue=True,
         )
 
@@ -226,6 +236,21 @@ def _check_stages(study: Study) -> None:
         )
     if cfg.validation is not None and cfg.validation.top > cfg.num_samples:
         raise ConfigError(f"{path}: validation.top: {cfg.validation.top} is more than num_samples ({cfg.num_samples})")
+    if cfg.racing is not None and cfg.scheduler.type != "fifo":
+        raise ConfigError(
+            f"{path}: scheduler.type: racing stops points by their seeds, at the schedule's end; "
+            f"{cfg.scheduler.type} stops them by epoch before it: use fifo with racing"
+        )
+    if cfg.racing is not None and cfg.seeds != 1:
+        raise ConfigError(
+            f"{path}: seeds: {cfg.seeds} with racing, which decides each point's seeds "
+            f"(racing.min_seeds to racing.max_seeds): leave seeds at 1"
+        )
+    if cfg.racing is not None and cfg.budget is not None:
+        raise ConfigError(
+            f"{path}: budget: a budget counts the epochs MLflow records, and racing trains its later "
+            "seeds without epoch reports: give one of budget and racing"
+        )
     startup = cfg.searcher.startup_trials
     if startup is not None and startup > cfg.num_samples:
         raise ConfigError(

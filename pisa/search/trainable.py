@@ -10,6 +10,7 @@ from ..core import storage
 from ..training.ray_runtime import FAULTS_ENV
 from ..trials import recovery
 from ..trials.fit import failing_at_once_on_retry, fit_in_trial
+from ..trials.race import RACE_FILE, fit_race
 from ..trials.seeds import fit_seeds
 from .paths import done_mark, trial_storage
 from .study import Study
@@ -37,6 +38,10 @@ def run_trial(config: dict[str, Any], study: Study) -> None:
         tune.report(final)
         return
     with failing_at_once_on_retry(storage.join(trial_storage(study), trial_id, recovery.FAILED_MARK)):
+        if (racing := study.cfg.racing) is not None:
+            race_file = storage.join(trial_storage(study), trial_id, RACE_FILE)
+            fit_race(exp, trial_id, study.seeds(), racing.min_seeds, study.cfg.metric, race_file)
+            return
         if study.cfg.seeds > 1:
             fit_seeds(exp, trial_id, study.seeds(), study.cfg.metric)
             return

@@ -172,6 +172,7 @@ def _tuner(
         storage=open_storage(optuna_url(study, uri)),
         time_attr="epoch",
         max_t=epochs,
+        max_seeds=cfg.racing.max_seeds if cfg.racing is not None else None,
     )
     if budget is not None:  # no trial the budget cannot pay to max_t (`budget`)
         searcher = BudgetLimiter(searcher, capacity.at_once, budget)
@@ -184,6 +185,12 @@ def _tuner(
             grace_period=min(cfg.scheduler.grace_period, epochs),
             reduction_factor=cfg.scheduler.reduction_factor,
         )
+    elif cfg.racing is not None:
+        from .race_scheduler import RacingScheduler
+        from .racing import RacingRule
+
+        rule = RacingRule(cfg.racing.min_seeds, cfg.racing.max_seeds, cfg.racing.confidence)
+        scheduler = RacingScheduler(rule, study.objective, epochs)
     else:
         scheduler = FIFOScheduler()
     trainable = _trainable(study)
@@ -342,7 +349,8 @@ def _print_start(study: Study, uri: str, parent: str, plan: CostPlan | None = No
     say(
         f"study {study.name}: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at a time, "
         f"{cfg.scheduler.type} scheduler, metric {cfg.metric} ({cfg.mode})"
-        f"{f' = mean over seeds {study.seeds()}' if cfg.seeds > 1 else ''}; "
+        f"{f' = mean over seeds {study.seeds()}' if cfg.seeds > 1 else ''}"
+        f"{_racing_words(study)}; "
         f"searching {', '.join(cfg.search_space)}"
     )
     if study.packing is not None:
@@ -354,6 +362,16 @@ def _print_start(study: Study, uri: str, parent: str, plan: CostPlan | None = No
     if url:
         shown = redact(url)
         say(f"Optuna: {shown}  (see it with `optuna-dashboard {shown}`)")
+
+
+def _racing_words(study: Study) -> str:
+    racing = study.cfg.racing
+    if racing is None:
+        return ""
+    return (
+        f" = mean over seeds {study.seeds()[0]}.. raced: {racing.min_seeds} at first, one more while "
+        f"not behind the best finished point (one-sided {racing.confidence:.0%}), up to {racing.max_seeds}"
+    )
 
 
 def _fit_and_finish(

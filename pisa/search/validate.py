@@ -282,5 +282,5 @@ def _training(study, variant: Variant, seed: int, uri: str, study_name: str, sto
 def trainings_at_once(study, jobs: int) -> int:
     """As many trainings side by side as the study ran at its busiest (points x seeds) and the
     Ray cluster has CPUs (GPUs) for (`trials.capacity`)."""
-    limit = min(jobs, study.cfg.max_concurrent_trials * study.cfg.seeds)
+    limit = min(jobs, study.cfg.max_concurrent_trials * study.seeds_at_once())
     return resolve(study.base_config.train, cluster_totals(), limit=limit).at_once

@@ -25,6 +25,16 @@ def seed_key(seed: int, metric: str) -> str:
     return f"{SEED_PREFIX}{seed}/{metric}"
 
 
+def seed_values(result: dict[str, Any], metric: str) -> dict[int, float]:
+    """Seed -> value of `metric` in a trial's result (`seed_<S>/<metric>` keys)."""
+    out = {}
+    for key, value in result.items():
+        head, _, name = key.partition("/")
+        if name == metric and head.startswith(SEED_PREFIX) and head[len(SEED_PREFIX) :].isdigit():
+            out[int(head[len(SEED_PREFIX) :])] = float(value)
+    return out
+
+
 def mean_report(reports: dict[int, dict[str, Any]], metric: str) -> dict[str, Any]:
     """The Tune result of one epoch: numeric metrics averaged over seeds, the study metric
     also per seed and as a standard deviation; the first seed's checkpoint path."""
@@ -76,8 +86,9 @@ def _raise_first(errors: dict[int, BaseException]) -> None:
     raise SeedFailed(f"seed {seed}: {one_line(errors[seed])}") from errors[seed]
 
 
-def fit_seeds(exp, name: str, seeds: list[int], metric: str) -> None:
-    """Train `exp` once per seed at the same time; report per-epoch seed means to Tune."""
+def fit_seeds(exp, name: str, seeds: list[int], metric: str, *, report_epochs: bool = True, on_report=None) -> None:
+    """Train `exp` once per seed at the same time; report per-epoch seed means to Tune
+    (unless not `report_epochs`). `on_report(seed, metrics)`: each seed's every report."""
     from ray import tune
     from ray.util.queue import Empty, Queue
 
@@ -108,7 +119,10 @@ def fit_seeds(exp, name: str, seeds: list[int], metric: str) -> None:
     while True:
         try:
             seed, item = queue.get(timeout=1.0)
-            pending.setdefault(int(item.get("epoch", 0)), {})[seed] = item
+            if on_report is not None:
+                on_report(seed, item)
+            if report_epochs:
+                pending.setdefault(int(item.get("epoch", 0)), {})[seed] = item
         except Empty:
             pass
         if errors:
