@@ -24,28 +24,27 @@ def find_bccd() -> Path:
 # Seconds per file on a worker (benchmarks/RESULTS.md, "The suite on two workers"). `make test`
 # runs the files on 2 pytest-xdist workers, a file per worker at a time (`--dist loadfile`),
 # handed out longest first, so that no long file starts last and runs alone.
-FILE_SECONDS = {  # the full suite on 2 workers, 2026-12-06, the machine shared (load 8-12)
-    "test_chaos.py": 385,
-    "test_recovery.py": 400,  # with the Optuna record on PostgreSQL (was test_optuna_postgres.py)
-    "test_cluster.py": 300,
-    "test_study_budget_extend.py": 270,
-    "test_train.py": 195,
-    "test_model.py": 190,
-    "test_paper_all_detectors.py": 180,  # 16 trainings, 2 at a time: 154-164 s at load 7-10
-    "test_study.py": 170,
-    "test_learning.py": 150,
-    "test_seeds.py": 140,
-    "test_validation_stage.py": 135,
-    "test_layouts.py": 125,
-    "test_compare.py": 110,
-    "test_gpu_check.py": 105,
-    "test_models_single_stage.py": 75,
-    "test_models_two_stage.py": 70,
-    "test_accel.py": 65,
-    "test_training_grid.py": 47,
+FILE_SECONDS = {  # the full suite on 2 workers, idle, 2026-12-06 at 4a4e115 (benchmarks/RESULTS.md)
+    "test_recovery.py": 319,  # with the Optuna record on PostgreSQL
+    "test_chaos.py": 279,
+    "test_study_budget_extend.py": 247,
+    "test_compare.py": 244,
+    "test_train.py": 216,
+    "test_cluster.py": 199,
+    "test_learning.py": 190,
+    "test_validation_stage.py": 182,
+    "test_study.py": 158,
+    "test_seeds.py": 101,
+    "test_paper_all_detectors.py": 99,  # 16 trainings, 2 at a time
+    "test_training_grid.py": 92,
+    "test_layouts.py": 90,
+    "test_model.py": 73,
     "test_postgres_mlflow.py": 46,
-    "test_damaged_files.py": 34,
-    "test_tracking.py": 28,
+    "test_models_two_stage.py": 46,
+    "test_accel.py": 37,
+    "test_gpu_check.py": 35,
+    "test_tracking.py": 20,
+    "test_models_single_stage.py": 20,
 }
 
 
