@@ -9,6 +9,12 @@ from pathlib import Path
 # session, into "[repeated Nx across cluster]": a test reading its own training's progress
 # lines must see them all (read when Ray is first imported, so before any test module)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# One torch thread in the test processes and what they start outside Ray (whose workers get one
+# per CPU they hold): two workers on two cores, each with torch's default of a thread per core,
+# oversubscribe the machine, and OpenMP's threads spin while they wait. tests/test_models_two_stage.py
+# beside a busy process took 276 CPU-seconds with the default and 46 with one thread
+# (benchmarks/RESULTS.md, "The suite at one torch thread per process"). Read when torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 from helpers import REPO
