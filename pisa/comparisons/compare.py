@@ -202,7 +202,7 @@ def _existing_state(
 def _start_ray(configs: list[ExperimentConfig], uri: str, driver: DriverSession) -> list[tuple[int, int]]:
     """Ray started (or joined) while every config's data is checked and prepared; per config
     its (classes, training images)."""
-    from ..data import check_data_files
+    from ..data import check_data_files  # torchvision, pycocotools: where the data is prepared
     from ..training.driver import prepare_data_sizes
 
     for cfg in configs:

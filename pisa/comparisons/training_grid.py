@@ -35,7 +35,6 @@ from ..trials.fit import failing_at_once_on_retry, fit_in_trial, trial_error
 from ..trials.recovery import FAILED_MARK
 from ..trials.run_callback import ENDED, TrainingRunsCallback
 from ..trials.seeds import CHECKPOINT_PATH_KEY
-from ..trials.tune_files import result_files
 
 if TYPE_CHECKING:
     from ..training.train import TrainOutcome
@@ -216,10 +215,7 @@ def train_grid(
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=storage_path,
-                callbacks=[
-                    GridLogger(public_uri(uri), parent_run_id, trainings, num_classes, score[0]),
-                    *result_files(),
-                ],
+                callbacks=[GridLogger(public_uri(uri), parent_run_id, trainings, num_classes, score[0])],
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=trainings[0].experiment.train.keep_checkpoints,

@@ -7,39 +7,21 @@ builds its data the same way from a `DataConfig`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-from pisa.data.coco_json import (
+from pisa.data.coco import (
     BOX_TOLERANCE,
+    CocoDetection,
     DataError,
     load_coco_json,
     require_annotation_file,
     require_image_dir,
-    selected_ids,
 )
 from pisa.data.synthetic import CLASSES, ensure_synthetic, generate_synthetic, synth_command
+from pisa.data.transforms import DetectionTransform, build_transforms, collate_fn
 
 if TYPE_CHECKING:
     from pisa.core.config import DataConfig
-    from pisa.data.coco import CocoDetection
-    from pisa.data.transforms import DetectionTransform, build_transforms, collate_fn
-
-# torch and torchvision only where a dataset is built: a driver checks the data without them
-_LAZY = {
-    "CocoDetection": "pisa.data.coco",
-    "DetectionTransform": "pisa.data.transforms",
-    "build_transforms": "pisa.data.transforms",
-    "collate_fn": "pisa.data.transforms",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = [
     "BOX_TOLERANCE",
@@ -54,7 +36,6 @@ __all__ = [
     "ensure_synthetic",
     "generate_synthetic",
     "load_coco_json",
-    "split_size",
     "synth_command",
 ]
 
@@ -86,9 +67,6 @@ def build_dataset(
     without annotations out with `cfg.skip_empty_train`. `fixed_size` is the square input
     of a fixed-size detector (`pisa.models.fixed_input_size`): images leave the loader at it.
     """
-    from pisa.data.coco import CocoDetection
-    from pisa.data.transforms import build_transforms
-
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if cfg.synthetic is not None:
@@ -107,16 +85,3 @@ def build_dataset(
         limit=limit,
         skip_empty=split == "train" and cfg.skip_empty_train,
     )
-
-
-def split_size(cfg: DataConfig, split: Literal["train", "val"]) -> tuple[int, int]:
-    """(classes, images) of the `split` `build_dataset` would build, its annotations validated
-    the same way, without torch: what a driver checks before Ray's workers start."""
-    if cfg.synthetic is not None:
-        ensure_synthetic(cfg.synthetic)
-    images: Path = getattr(cfg, f"{split}_images")
-    annotations: Path = getattr(cfg, f"{split}_annotations")
-    coco = load_coco_json(annotations, images, bad_boxes=cfg.bad_boxes)
-    limit = cfg.train_limit if split == "train" else cfg.val_limit
-    ids = selected_ids(coco, skip_empty=split == "train" and cfg.skip_empty_train, limit=limit)
-    return len(coco.cats), len(ids)

@@ -31,7 +31,6 @@ from ..training.cluster import check_training_fits
 from ..training.driver import DriverSession
 from ..trials.capacity import Capacity, cluster_totals, trial_resources
 from ..trials.recovery import FAILED_MARK
-from ..trials.tune_files import result_files
 from .budget import BudgetLimiter, BudgetSpec, BudgetStopper
 from .budget import finish as finish_budget
 from .console import StudyConsole
@@ -214,7 +213,6 @@ def _tuner(
             callbacks=[
                 MlflowStudyLogger(study, public_uri(uri), parent_run_id),
                 StudyConsole(study, status_every_s=math.inf if verbose else STATUS_EVERY_S, done_before=done_before),
-                *result_files(),
             ],
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             # a spent budget stops the running trials at their epoch's end

@@ -27,45 +27,17 @@ SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
 def library_versions() -> dict[str, str]:
-    """pisa, torch, torchvision, Ray, MLflow and Optuna versions as `pisa.version.*` tags, as each
-    module's `__version__` says (torch's carries its build, `2.14.1+cu130`), read without importing
-    a library the process has not imported: a study's driver never needs torch (3 CPU-seconds)."""
+    """pisa, torch, torchvision, Ray, MLflow and Optuna versions as `pisa.version.*` tags; the
+    module's own `__version__`, so torch's carries its build (`2.14.1+cu130`)."""
+    import importlib
+
     out = {f"{VERSION_PREFIX}pisa": __version__}
     for name in ("torch", "torchvision", "ray", "mlflow", "optuna"):
-        version = _module_version(name)
-        if version is not None:
-            out[f"{VERSION_PREFIX}{name}"] = version
+        try:
+            out[f"{VERSION_PREFIX}{name}"] = str(importlib.import_module(name).__version__)
+        except ImportError:
+            continue
     return out
-
-
-def _module_version(name: str) -> str | None:
-    """`name.__version__`: from the module when imported; else torch's and torchvision's from their
-    `version.py` (the build is only there, not in the package metadata), the others' metadata."""
-    import ast
-    import importlib.metadata
-    import importlib.util
-    import sys
-
-    if name in sys.modules:
-        return str(getattr(sys.modules[name], "__version__", None) or "") or None
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        return None
-    version_file = Path(spec.origin).parent / "version.py"
-    if version_file.is_file():
-        for node in ast.parse(version_file.read_text()).body:
-            if isinstance(node, ast.Assign) and len(node.targets) == 1:
-                target, value = node.targets[0], node.value
-            elif isinstance(node, ast.AnnAssign) and node.value is not None:
-                target, value = node.target, node.value
-            else:
-                continue
-            if isinstance(target, ast.Name) and target.id == "__version__":
-                return str(ast.literal_eval(value))
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 @functools.lru_cache(maxsize=1)

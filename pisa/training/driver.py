@@ -35,7 +35,7 @@ class DriverSession:
     def start(self, cfg: ExperimentConfig, **init_kwargs: Any) -> int:
         """Ray started while `cfg`'s data is checked and prepared and the store set up; the
         number of classes. A missing data file fails before Ray starts."""
-        from ..data import check_data_files
+        from ..data import check_data_files  # torchvision, pycocotools: where the data is prepared
 
         check_data_files(cfg.data)
 
@@ -65,8 +65,10 @@ def prepare_data(cfg: ExperimentConfig) -> int:
 
 def prepare_data_sizes(cfg: ExperimentConfig) -> tuple[int, int]:
     """`prepare_data`, returning (classes, training images): what an epoch of it trains on."""
-    from ..data import split_size  # pycocotools; not torch, which the driver never needs
+    from ..data import build_dataset, ensure_synthetic  # torchvision, pycocotools: where the data is prepared
 
-    classes, images = split_size(cfg.data, "train")
-    split_size(cfg.data, "val")
-    return classes, images
+    if cfg.data.synthetic is not None:
+        ensure_synthetic(cfg.data.synthetic)
+    train = build_dataset(cfg.data, "train", train=False)
+    build_dataset(cfg.data, "val", train=False)
+    return train.num_classes, len(train)

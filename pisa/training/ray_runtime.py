@@ -250,10 +250,6 @@ def quiet_libraries() -> None:
     # Tune's experiment banner and TensorBoard hint: its new output engine prints them even
     # at verbose=0; the old one at verbosity 0 prints nothing (pisa's console says what runs)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # no TensorboardX logger: its import brings torch into the driver (some 3 CPU-seconds at every
-    # start on 2 cores) for event files pisa never reads (MLflow has every metric); the Tuners
-    # add Tune's CSV and JSON result files themselves (`trials.tune_files.result_files`)
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     for name in ("ray", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # "Token authentication is enabled for this Ray cluster": said at every start where a
