@@ -14,10 +14,18 @@ PYTEST_ARGS ?=
 # are not Python 3 (test data, templates): compileall's complaint about them is
 # expected; it is counted and kept in .venv/compileall.log, not hidden.
 SITE = $(VENV)/lib/python3*/site-packages
+# A package index that drops connections (a 79 MB Ray wheel cut at 40 MB ended a CI run after
+# pip's 5 resumes) costs a retry, not the run: more resumes and retries per download, and the
+# whole install tried 3 times (pip's cache keeps the wheels already downloaded).
+PIP_NETWORK = --retries 10 --timeout 60 --resume-retries 30
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet --retries 10 --upgrade pip
+	@for attempt in 1 2 3; do \
+	  $(PY) -m pip install --quiet --no-compile $(PIP_NETWORK) -c constraints.txt -e ".[dev]" && break; \
+	  test $$attempt = 3 && exit 1; \
+	  echo "install: attempt $$attempt of 3 failed (see above); again in 30 s, with what was downloaded kept"; sleep 30; \
+	done
 	@echo "byte-compiling the installed packages (once)..."
 	@$(PY) -m compileall -q -j 0 $(SITE) pisa > $(VENV)/compileall.log 2>&1 \
 	  || echo "byte-compiling: $$(grep -c '^\*\*\* Error' $(VENV)/compileall.log) files are not Python 3 (expected: package test data); details in $(VENV)/compileall.log"
