@@ -105,7 +105,13 @@ def _stand_in(backend: str) -> str:
     return backend.replace("nccl", "gloo")
 
 
-def _collectives_worker(rank: int, backend: str, port: int, out: str) -> None:
+def _collectives_worker(rank: int, backends: list[str], ports: list[int], out: str) -> None:
+    """One process group after another, one per backend, in the same two processes."""
+    for i, (backend, port) in enumerate(zip(backends, ports)):
+        _collectives_in_group(rank, backend, port, Path(out, f"{i}-{rank}.json"))
+
+
+def _collectives_in_group(rank: int, backend: str, port: int, out: Path) -> None:
     import torch.distributed as dist
 
     from pisa.evaluation import gather_predictions
@@ -143,29 +149,30 @@ def _collectives_worker(rank: int, backend: str, port: int, out: str) -> None:
         result["error"] = str(exc)
     finally:
         dist.destroy_process_group()
-    Path(out, f"{rank}.json").write_text(json.dumps(result))
+    out.write_text(json.dumps(result))
 
 
-def _run_collectives(backend: str, tmp_path: Path) -> list[dict]:
+def _run_collectives(backends: list[str], tmp_path: Path) -> list[list[dict]]:
+    """Per backend, both ranks' results: two spawned processes (torch and pisa imported once)."""
     import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp_path.mkdir(parents=True)
-    mp.spawn(_collectives_worker, args=(backend, port, str(tmp_path)), nprocs=2, join=True)
-    return [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    ports = []
+    for _ in backends:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    mp.spawn(_collectives_worker, args=(backends, ports, str(tmp_path)), nprocs=2, join=True)
+    return [[json.loads((tmp_path / f"{i}-{r}.json").read_text()) for r in range(2)] for i in range(len(backends))]
 
 
 @pytest.mark.slow
 def test_engine_collectives_work_under_the_gpu_backend_device_rule(tmp_path):
     # the stand-in is faithful: a CUDA-only group refuses the engine's CPU collectives,
     # which is how plain NCCL failed at the end of epoch 1
-    old = _run_collectives(_stand_in("nccl"), tmp_path / "nccl")
+    old, results = _run_collectives([_stand_in("nccl"), _stand_in(process_group_backend(use_gpu=True))], tmp_path)
     assert "No backend type associated with device type cpu" in old[0].get("error", "")
-    results = _run_collectives(_stand_in(process_group_backend(use_gpu=True)), tmp_path / "gpu")
     for r in results:
         assert "error" not in r, r
         assert r["mean"] == {"loss": 2.0, "n": 0.5}
@@ -261,6 +268,10 @@ def test_float16_grad_scaler_steps_and_skips_an_overflow():
     # (the scaler then backs off for a few steps, as it does on a GPU)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
     model = _tiny_model()
+    # CPUs have no fast float16 convolution backward (the backbone's took 14 s a step, the
+    # RPN's 5): the scaler needs gradients, not theirs, so they are frozen (the box head trains)
+    model.backbone.requires_grad_(False)
+    model.rpn.requires_grad_(False)
     images, targets = _batch()
     weight = model.roi_heads.box_predictor.cls_score.weight
     before = weight.detach().clone()

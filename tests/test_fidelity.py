@@ -226,7 +226,7 @@ def test_study_best_warns_when_ashas_grace_period_ranks_poorly(store, tmp_path, 
     ) in err.splitlines()
 
     # the report puts the rungs on the study's run: metrics and a table (its plots are
-    # another test's: skipped for time)
+    # tests/test_study.py's: skipped for time)
     monkeypatch.setattr("pisa.search.report.write_plots", lambda *args: [])
     assert cli.main(["study", "report", name, "--storage-path", storage_path]) == 0
     metrics = mlflow_client(store).get_run(parent).data.metrics

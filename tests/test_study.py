@@ -47,6 +47,8 @@ def test_study_logs_one_parent_and_one_child_per_trial(sqlite_study):
     assert parent.info.status == "FINISHED" and parent.data.tags["pisa.kind"] == "study"
     arts = {a.path for a in mlflow_client(uri).list_artifacts(outcome.parent_run_id, "report")}
     assert {"report/trials.csv", "report/trials.html", "report/summary.txt"} <= arts
+    # Optuna's plots of the 4 trials: PED-ANOVA importances and the ISR-P k-b contour
+    assert {"report/param_importances.png", "report/contour_isr_p.png"} <= arts
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.tags["pisa.status"] in ("finished", "stopped_early")
