@@ -16,13 +16,15 @@ PYTEST_ARGS ?=
 SITE = $(VENV)/lib/python3*/site-packages
 # A package index that drops connections (a 79 MB Ray wheel cut at 40 MB ended a CI run after
 # pip's 5 resumes) costs a retry, not the run: more resumes and retries per download, and the
-# whole install tried 3 times (pip's cache keeps the wheels already downloaded).
-PIP_NETWORK = --retries 10 --timeout 60 --resume-retries 30
+# whole install tried 3 times (pip's cache keeps the wheels already downloaded). As pip's
+# environment variables: the recipe's arguments stay the Dockerfile's (tests/test_docker.py).
+export PIP_RETRIES ?= 10
+export PIP_RESUME_RETRIES ?= 30
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --retries 10 --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip
 	@for attempt in 1 2 3; do \
-	  $(PY) -m pip install --quiet --no-compile $(PIP_NETWORK) -c constraints.txt -e ".[dev]" && break; \
+	  $(PY) -m pip install --quiet --no-compile -c constraints.txt -e ".[dev]" && break; \
 	  test $$attempt = 3 && exit 1; \
 	  echo "install: attempt $$attempt of 3 failed (see above); again in 30 s, with what was downloaded kept"; sleep 30; \
 	done
