@@ -63,3 +63,20 @@ def test_ranking_shows_searched_values_as_their_distributions_read_them():
     }
     cells = [c.strip() for c in format_ranking(outcome, "bbox_mAP").splitlines()[-2].split("│")]
     assert "1.873" in cells and "3" in cells and "1.5" in cells
+
+
+def test_a_resumed_study_numbers_its_trials_as_the_run_before(tmp_path, synthetic_dir, capsys):
+    """Tune's list holds a resumed study's trials in the order they were created: a new driver
+    that starts the third one first calls it trial 3, as the driver before it did."""
+    from types import SimpleNamespace
+
+    study = load_study(write_study(tmp_path, synthetic_dir, "numbers", num_samples=4))
+    trials = [SimpleNamespace(trial_id=i, config={"model.isr_p.k": 1.0 + n}) for n, i in enumerate("abc")]
+    console = StudyConsole(study)
+    console.on_trial_start(0, trials, trials[2])
+    console.on_trial_start(0, trials, trials[0])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["[pisa] trial 3/4 started: isr_p.k=3", "[pisa] trial 1/4 started: isr_p.k=1"]
+    # a trial the list does not hold: after the highest number given
+    console.on_trial_start(0, trials, SimpleNamespace(trial_id="d", config={"model.isr_p.k": 0.5}))
+    assert capsys.readouterr().out.splitlines() == ["[pisa] trial 4/4 started: isr_p.k=0.5"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from ray.tune import Callback
@@ -61,9 +62,18 @@ class StudyConsole(PickledByStudyDir, Callback):
 
     # ------------------------------------------------------------ helpers
 
-    def _label(self, trial) -> str:
+    def _label(self, trial, trials: Sequence[Any] = ()) -> str:
+        """`trial N/M`, N the trial's place in Tune's list of the study's trials (in the order they
+        were created; a resumed study's list holds the trials of its earlier runs first), so a
+        trial keeps its number across `pisa study resume`."""
         if trial.trial_id not in self.numbers:
-            self.numbers[trial.trial_id] = len(self.numbers) + 1 + getattr(self, "done_before", 0)
+            ids = [t.trial_id for t in trials]
+            before = getattr(self, "done_before", 0)
+            self.numbers[trial.trial_id] = (
+                ids.index(trial.trial_id) + 1 + before
+                if trial.trial_id in ids
+                else max(self.numbers.values(), default=before) + 1
+            )
         return f"trial {self.numbers[trial.trial_id]}/{self.total}"
 
     def _progress(self, trials) -> None:
@@ -125,7 +135,7 @@ class StudyConsole(PickledByStudyDir, Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         params = {k: trial.config[k] for k in self.study.cfg.search_space if k in trial.config}
         shown = ", ".join(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in params.items())
-        say(f"{self._label(trial)} started: {shown}")
+        say(f"{self._label(trial, trials)} started: {shown}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
@@ -133,10 +143,10 @@ class StudyConsole(PickledByStudyDir, Callback):
         value = result.get(self.metric)
         shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
         if RACE_KEY in result:  # a racing point's batch: its mean over the seeds trained so far
-            say(f"{self._label(trial)} {result[RACE_KEY]} seeds: {self.metric} {shown} (mean at epoch {epoch})")
+            say(f"{self._label(trial, trials)} {result[RACE_KEY]} seeds: {self.metric} {shown} (mean at epoch {epoch})")
             return
         say(
-            f"{self._label(trial)} epoch {epoch}/{self.max_epochs}: {self.metric} {shown} "
+            f"{self._label(trial, trials)} epoch {epoch}/{self.max_epochs}: {self.metric} {shown} "
             f"(train {result.get('time_train_s', 0.0):.1f} s, eval {result.get('time_eval_s', 0.0):.1f} s)"
         )
 
@@ -151,21 +161,23 @@ class StudyConsole(PickledByStudyDir, Callback):
             mean = f"{self.metric} {value:.4f} over {raced} seeds" if isinstance(value, (int, float)) else "-"
             stopped = raced < racing.max_seeds
             self.outcomes[trial.trial_id] = "stopped early" if stopped else "finished"
-            say(f"{self._label(trial)} {'stopped by racing' if stopped else 'finished'} after {raced} seeds: {mean}")
+            ended = "stopped by racing" if stopped else "finished"
+            say(f"{self._label(trial, trials)} {ended} after {raced} seeds: {mean}")
         elif epochs >= self.max_epochs:
             self.outcomes[trial.trial_id] = "finished"
-            say(f"{self._label(trial)} finished {epochs} epochs: {best_text}")
+            say(f"{self._label(trial, trials)} finished {epochs} epochs: {best_text}")
         else:
             self.outcomes[trial.trial_id] = "stopped early"
             say(
-                f"{self._label(trial)} stopped early by {self.study.cfg.scheduler.type} after epoch "
+                f"{self._label(trial, trials)} stopped early by {self.study.cfg.scheduler.type} after epoch "
                 f"{epochs}: {best_text}"
             )
         self._progress(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.outcomes[trial.trial_id] = "failed"
-        say(f"{self._label(trial)} failed after epoch {self.epochs.get(trial.trial_id, 0)}: {trial_error(trial)}")
+        epoch = self.epochs.get(trial.trial_id, 0)
+        say(f"{self._label(trial, trials)} failed after epoch {epoch}: {trial_error(trial)}")
         self._progress(trials)
 
     def on_step_end(self, iteration, trials, **info):
