@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from pisa.core.service_wait import ServiceDown, wait_for_http
 from pisa.tracking.sqlite_template import seed_store
@@ -151,7 +152,11 @@ def start_mlflow_server(
         seed_store(work / "server.db")
     login: list[str] = []
     if admin_password is not None:
-        env.update(MLFLOW_AUTH_ADMIN_PASSWORD=admin_password, MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())
+        env.update(
+            MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+            MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex(),
+            MLFLOW_AUTH_CONFIG_PATH=str(REPO / "docker" / "mlflow-auth.ini"),  # compose's login settings
+        )
         login = ["--app-name", "basic-auth"]
     cmd = [
         sys.executable,

@@ -32,6 +32,7 @@ def _pair(folder: Path, data: Path, work: Path, row: str, detector: str, ref: tu
     base["model"].update(detector=detector, sampler="random", isr_p={"enabled": False}, carl={"enabled": False})
     if detector == "retinanet":
         base["model"].update(backbone="resnet18_fpn", norm="bn")
+        del base["model"]["box_head_width"]  # a two-stage detector's
     pisa = json.loads(json.dumps(base))
     pisa["model"].update(isr_p={"enabled": True}, carl={"enabled": True})
     pisa["train"].update(pisa_train)

@@ -7,6 +7,7 @@ Fast, engine-free checks: the files parse, reference what exists, publish nothin
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
 import shlex
@@ -235,6 +236,30 @@ def test_services_are_wired_together(services):
     for name in ("ray-head", "ray-worker"):
         env = _environment(services[name])
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?")
+
+
+def test_the_mlflow_login_caches_its_password_checks_and_keeps_its_users_in_the_volume(services, monkeypatch):
+    """The login's settings file is the repository's (copied into the image's WORKDIR), MLflow
+    reads it, and it turns the credential cache on (off in MLflow's defaults: every request's
+    password checked against its scrypt hash) with the user store in the mlflow-auth volume."""
+    from mlflow.server.auth.config import read_auth_config
+
+    mlflow = services["mlflow"]
+    in_image = _environment(mlflow)["MLFLOW_AUTH_CONFIG_PATH"]
+    workdir = re.search(r"^WORKDIR (\S+)$", (DOCKER / "Dockerfile").read_text(), re.M).group(1)
+    assert in_image.startswith(workdir + "/")
+    local = REPO / in_image.removeprefix(workdir + "/")
+    assert local == DOCKER / "mlflow-auth.ini" and local.is_file()
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(local))
+    config = read_auth_config()
+    assert config.auth_cache_ttl_seconds > 0 and config.admin_username == "admin"
+    assert config.default_permission == "READ"
+    # a relative SQLite path: the user store is in the server's working directory, the volume
+    assert config.database_uri == "sqlite:///basic_auth.db"
+    assert f"{mlflow['working_dir']}" in [v.split(":")[1] for v in mlflow["volumes"]]
+    settings = configparser.ConfigParser()
+    settings.read(local)
+    assert not settings.has_option("mlflow", "admin_password")  # from the environment only
 
 
 def test_one_gpu_worker_container_per_host_holds_every_gpu(services):

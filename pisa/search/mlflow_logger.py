@@ -134,7 +134,7 @@ class MlflowStudyLogger(PickledByStudyDir, TrainingRunsCallback):
         ]
         value = self.study.objective.best(history)
         if value is not None:
-            tags[tag.best(self.study.cfg.metric)] = f"{value:.6g}"
+            tags[tag.best(self.study.cfg.metric)] = tag.number(value)
         if self.study.cfg.seeds > 1:
             tags[tag.SEED_VALUES] = json.dumps(self._seed_values(run.run_id))
         return tags
@@ -148,7 +148,7 @@ class MlflowStudyLogger(PickledByStudyDir, TrainingRunsCallback):
         if not values:
             return {}
         tags: dict[str, Any] = {
-            tag.best(metric): f"{sum(values.values()) / len(values):.6g}",
+            tag.best(metric): tag.number(sum(values.values()) / len(values)),
             tag.SEED_VALUES: json.dumps({str(s): v for s, v in sorted(values.items())}),
         }
         if len(values) < racing.max_seeds and int(last.get("epoch", 0)) >= self.max_epochs:

@@ -82,7 +82,7 @@ def summarize_parent(uri: str, parent: str, outcome: StudyOutcome) -> None:
     tags = {
         tag.BEST_RUN_ID: best.run_id,
         tag.BEST_TRIAL: best.trial_id,
-        tag.best(outcome.metric): f"{best.metric:.6g}",
+        tag.best(outcome.metric): tag.number(best.metric),
         **{f"best.{k}": v for k, v in best.params.items()},
     }
     params = ", ".join(f"`{k}` = {v}" for k, v in best.params.items())

@@ -210,6 +210,14 @@ def _requirements() -> list[str]:
     return out
 
 
+def _short(value: str) -> str:
+    """A tag's number as a reader wants it (the tag keeps every digit)."""
+    try:
+        return f"{float(value):.4g}"
+    except ValueError:
+        return value
+
+
 def version_description(run) -> str:
     """A registered version's description from its run: the study and trial it came from (if
     any) and its best value of each metric it has one of (`pisa.best_<metric>` tags)."""
@@ -222,7 +230,7 @@ def version_description(run) -> str:
     best = {k[len(tags.BEST_PREFIX) :]: v for k, v in sorted(run_tags.items()) if k.startswith(tags.BEST_PREFIX)}
     for own in ("run_id", "trial"):  # the study run's pisa.best_run_id and pisa.best_trial
         best.pop(own, None)
-    values = [f"{metric} {value}" for metric, value in best.items()]
+    values = [f"{metric} {_short(value)}" for metric, value in best.items()]
     if not values:
         values = [f"{k} {v:.4g}" for k, v in sorted(run.data.metrics.items()) if k.startswith("bbox_mAP")]
     return "; ".join(parts) + (f"; best {', '.join(values)}" if values else "")

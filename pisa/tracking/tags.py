@@ -48,6 +48,13 @@ def best(metric: str) -> str:
     return f"{BEST_PREFIX}{metric}"
 
 
+def number(value: float) -> str:
+    """A value as a tag, every digit kept (the shortest text that reads back as the same
+    float): the study ranks its trials by these tags, and 6 significant digits tie trials
+    that differ further down (two APs of 0.0014346 apart by 4e-9)."""
+    return repr(float(value))
+
+
 class Kind(StrEnum):
     """`pisa.kind`: what made a run."""
 
