@@ -75,7 +75,7 @@ def summarize_parent(uri: str, parent: str, outcome: StudyOutcome) -> None:
     """Put "what won" on the study's own run: the best value as a metric, the best trial's
     params as `best.*` tags, its run id as a tag, and a note linking to it."""
     best = outcome.best
-    if best is None:
+    if best is None or best.metric is None:  # `best` has a value; the check tells mypy
         return
     experiment_id = tracking.tracker(uri).experiment_of(parent)
     tracking.tracker(uri).log_metrics(parent, {f"best_{outcome.metric}": best.metric}, step=0)
