@@ -30,27 +30,29 @@ def find_bccd() -> Path:
 # Seconds per file on a worker (benchmarks/RESULTS.md, "The suite on two workers"). `make test`
 # runs the files on 2 pytest-xdist workers, a file per worker at a time (`--dist loadfile`),
 # handed out longest first, so that no long file starts last and runs alone.
-FILE_SECONDS = {  # the full suite on 2 workers, idle, 2026-12-06 at 4a4e115 (benchmarks/RESULTS.md)
-    "test_recovery.py": 319,  # with the Optuna record on PostgreSQL
-    "test_chaos.py": 279,
-    "test_study_budget_extend.py": 247,
-    "test_compare.py": 244,
-    "test_train.py": 216,
-    "test_cluster.py": 199,
-    "test_learning.py": 190,
-    "test_validation_stage.py": 182,
-    "test_study.py": 158,
-    "test_seeds.py": 101,
-    "test_paper_all_detectors.py": 99,  # 16 trainings, 2 at a time
-    "test_training_grid.py": 92,
-    "test_layouts.py": 90,
-    "test_model.py": 73,
-    "test_postgres_mlflow.py": 46,
-    "test_models_two_stage.py": 46,
-    "test_accel.py": 37,
-    "test_gpu_check.py": 35,
-    "test_tracking.py": 20,
-    "test_models_single_stage.py": 20,
+FILE_SECONDS = {  # the full suite on 2 workers, idle, 2026-12-06 at c94f62e (benchmarks/RESULTS.md)
+    "test_chaos.py": 231,
+    "test_study_budget_extend.py": 221,
+    "test_train.py": 215,
+    "test_recovery.py": 207,  # with the Optuna record on PostgreSQL
+    "test_cluster.py": 186,
+    "test_learning.py": 162,
+    "test_validation_stage.py": 111,
+    "test_seeds.py": 107,
+    "test_study.py": 93,
+    "test_paper_all_detectors.py": 79,  # 16 trainings, 2 at a time
+    "test_model.py": 74,
+    "test_compare.py": 73,
+    "test_training_grid.py": 58,
+    "test_models_two_stage.py": 48,
+    "test_layouts.py": 41,
+    "test_models_single_stage.py": 34,
+    "test_gpu_check.py": 33,
+    "test_postgres_mlflow.py": 32,
+    "test_tracking.py": 29,
+    "test_reference_table.py": 19,
+    "test_accel.py": 17,
+    "test_syncs.py": 16,
 }
 
 

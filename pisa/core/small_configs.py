@@ -11,7 +11,7 @@ from typing import Any
 # a 64-channel FPN and a 128-wide box head. With torchvision's 256 channels and 1024-wide head,
 # the head's first layer (256 x 7 x 7 -> 1024) held 13 of the 18 million parameters: a 145 MB
 # checkpoint per epoch and 318 ms per 2-image step on one thread; here 1.9 million, 15 MB and
-# 81 ms (benchmarks/RESULTS.md, "The tests' small detector, smaller").
+# 81 ms (benchmarks/RESULTS.md, "The suite's CPU by process").
 SMALL_FASTER_RCNN: dict[str, Any] = {
     "detector": "faster_rcnn",
     "backbone": "mobilenet_v3_fpn",

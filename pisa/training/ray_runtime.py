@@ -76,6 +76,11 @@ def init_ray(
         # reserved and its restart waits for ever
         kwargs["runtime_env"] = {"env_vars": {**env, "RAY_ADDRESS": address}}
     if address is None:
+        # No idle workers started with the node: Ray starts one per CPU for the first driver,
+        # with no runtime environment, and pisa's jobs carry one (`env_vars` above), so none is
+        # ever used: each imports Ray and is ended (1-2 CPU-seconds a worker, 57 in the test
+        # suite: benchmarks/RESULTS.md, "The suite's CPU by process"). Read by the raylet.
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         # Ray Train's placement-group cleanup uses the state API, served by the dashboard
         # process; it listens on 127.0.0.1 only.
         kwargs["include_dashboard"] = dashboard
