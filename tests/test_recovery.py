@@ -113,6 +113,14 @@ class Leg:
         # MLflow's client retries an unreachable store after 1, 2, 4, 8 ... s (factor 1; its
         # default 2 waits twice as long): leg 6's store comes back after 10 s
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+        # Tune saves the study's trials at most every 10 s by default ("auto"): a trial started
+        # less than that before the driver dies is not in the snapshot a resume restores, and
+        # starts again as a new trial (its first run is deleted at the study's end, its Optuna
+        # trial told FAIL). Legs 2-4 kill the driver a few seconds into each resume, about as
+        # soon as the next trial has started: whether it was saved then depended on how fast
+        # the machine trained. A snapshot at most every second saves every started trial
+        # before its first epoch ends (a trial process takes longer than that to start).
+        env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
         if "kill_at" in faults:
             env["PISA_DRIVER_FAULTS"] = json.dumps({"kill_at": faults["kill_at"]})
         if "stall_at" in faults:
