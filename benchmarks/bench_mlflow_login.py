@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,17 +26,16 @@ from typing import Any
 
 import psutil
 
-from pisa.core.service_wait import wait_for_http
-from pisa.tracking.sqlite_template import seed_store
-from pisa.training.ray_runtime import free_port
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chaos import MlflowServer  # noqa: E402  (the benchmarks' MLflow server)
 
 REPO = Path(__file__).resolve().parents[1]
 CACHED_CONFIG = REPO / "docker" / "mlflow-auth.ini"
 
 
-def _server_cpu(proc: subprocess.Popen) -> float:
+def _server_cpu(pid: int) -> float:
     """CPU seconds of the server and its workers so far."""
-    root = psutil.Process(proc.pid)
+    root = psutil.Process(pid)
     total = 0.0
     for p in [root, *root.children(recursive=True)]:
         try:
@@ -52,43 +50,30 @@ def measure(config: Path | None, requests: int, work: Path) -> dict[str, float]:
     """Start a basic-auth server (with `config`, or MLflow's defaults), do the client work,
     and return the server's CPU seconds for it."""
     work.mkdir(parents=True)
-    seed_store(work / "server.db")
     password = "Pw-" + secrets.token_hex(8)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(
-        MLFLOW_AUTH_ADMIN_PASSWORD=password,
-        MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
-        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-    )
+    env = {"MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
     if config is not None:
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(config)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth"]
-    cmd += ["--backend-store-uri", f"sqlite:///{work / 'server.db'}", "--artifacts-destination", str(work / "art")]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with open(work / "server.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    server = MlflowServer(work, args=["--app-name", "basic-auth"], env=env)
+    assert server.group is not None
     try:
-        wait_for_http(uri + "/health", proc.poll, "mlflow server", timeout=300, interval=0.5)
         os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password)
         from mlflow import MlflowClient
 
-        client = MlflowClient(uri)
+        client = MlflowClient(server.uri)
         experiment = client.create_experiment("login")  # the first authenticated request
         time.sleep(1.0)  # the server settles after start-up
-        before, started = _server_cpu(proc), time.perf_counter()
+        before, started = _server_cpu(server.group.pid), time.perf_counter()
         run = client.create_run(experiment)
         for step in range(requests):
             client.log_metric(run.info.run_id, "loss", 1.0 / (step + 1), step=step)
         client.set_terminated(run.info.run_id)
         wall = time.perf_counter() - started
-        cpu = _server_cpu(proc) - before
+        cpu = _server_cpu(server.group.pid) - before
     finally:
         os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
         os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
-        proc.terminate()
-        proc.wait(timeout=60)
+        server.stop()
     return {"server_cpu_s": round(cpu, 3), "wall_s": round(wall, 3), "requests": requests + 2}
 
 

@@ -117,11 +117,14 @@ def _wait_http(url: str, group: Group, what: str, timeout: float = 300) -> None:
 
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (SQLite store and proxied artifacts in `work`), as
-    tests/services.py starts one; `restart` starts it again on the same port and store."""
+    tests/services.py starts one; `restart` starts it again on the same port and store. `args`
+    go to the server (`--app-name basic-auth`), `env` to its environment."""
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, args: list[str] | None = None, env: dict[str, str] | None = None):
         self.work = work
         self.port = free_port()
+        self.args = args or []
+        self.env = env or {}
         self.group: Group | None = None
         self.start()
 
@@ -132,12 +135,14 @@ class MlflowServer:
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job consumers taking CPU
+        env.update(self.env)
         seed_store(self.work / "server.db")  # a new store: a copy of an empty one (no migrations)
         cmd = [
             sys.executable,
             "-m",
             "mlflow",
             "server",
+            *self.args,
             "--backend-store-uri",
             f"sqlite:///{self.work / 'server.db'}",
             "--artifacts-destination",
